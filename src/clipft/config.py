@@ -1,0 +1,255 @@
+"""Typed configuration: nested dataclasses, YAML files and `section.key=value` overrides.
+
+Every key has a default whose type is the contract: a YAML file or an override that names an
+unknown key, or gives a value that does not parse as the default's type, is a `ConfigError`.
+The resolved config is written as JSON into every run directory (`to_dict`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+@dataclass
+class DataConfig:
+    format: str = "auto"  # auto | coco  (the format is detected from what --data points at)
+    train_split: str = "train"
+    val_split: str = "val"
+    image_size: int = 224
+    train_images: int = 0  # 0 = the whole split; else a seeded random subset of images
+    val_images: int = 0
+    subset_seed: int = 0
+    augment: bool = False  # random resized crop + horizontal flip on train images
+    num_workers: int = 4
+    # CLIP's own normalisation (the text tower was trained against images normalised like this).
+    mean: tuple[float, ...] = (0.48145466, 0.4578275, 0.40821073)
+    std: tuple[float, ...] = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class TextConfig:
+    encoder: str = "openai/clip-vit-base-patch32"  # HF hub name or local dir (CLIP or sentence-transformers)
+    max_length: int = 77
+    batch_size: int = 256
+    cache_dir: str = ""  # "" = <data root>/cache
+    on_mismatch: str = "rebuild"  # rebuild | error: what to do with a cache built from other captions/encoder
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet50"  # resnet18 | resnet34 | resnet50 | resnet101
+    image_weights: str = "imagenet"  # imagenet | none
+    head_hidden: int = 1024
+    temperature: float = 0.07
+    learnable_temperature: bool = False
+    max_logit_scale: float = 100.0  # clamp: 1/tau never exceeds this
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 15
+    batch_size: int = 128
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    warmup_steps: int = 200
+    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
+    grad_clip: float = 1.0  # 0 disables clipping
+    amp: bool = True  # CUDA only: bf16 where supported, else fp16 with a GradScaler; ignored on CPU
+    channels_last: bool = True  # CUDA only
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = 0
+    max_bad_steps: int = 20  # consecutive non-finite losses before the run stops
+    log_every: int = 20  # steps between metrics.jsonl step records
+    max_steps_per_epoch: int = 0  # 0 = full epochs; >0 truncates (smoke runs)
+
+
+@dataclass
+class EvalConfig:
+    ks: tuple[int, ...] = (1, 5, 10)
+    batch_size: int = 256
+    every: int = 1  # evaluate recall every N epochs (and always after the last)
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# --------------------------------------------------------------------------- conversion
+
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Convert `value` (from YAML or a command-line string) to type `tp`, or raise ConfigError."""
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        (elem, _ellipsis) = typing.get_args(tp)
+        if isinstance(value, str):
+            parsed = yaml.safe_load(value) if value.strip().startswith("[") else value.split(",")
+            value = parsed
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return tuple(_coerce(v, elem, where) for v in value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+            return value.strip().lower() in _TRUE
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value.strip())
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    raise ConfigError(f"{where}: unsupported type {tp!r}")  # pragma: no cover - schema bug
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _sections() -> dict[str, type]:
+    return {name: tp for name, tp in _field_types(Config).items()}
+
+
+def set_value(cfg: Config, dotted: str, value: Any) -> None:
+    """Set `section.key` on cfg to `value`, converted to the default's type."""
+    parts = dotted.split(".")
+    if len(parts) != 2:
+        raise ConfigError(f"config key {dotted!r}: expected section.key (e.g. train.lr)")
+    section, key = parts
+    sections = _sections()
+    if section not in sections:
+        raise ConfigError(f"unknown config section {section!r} (known: {', '.join(sections)})")
+    types = _field_types(sections[section])
+    if key not in types:
+        raise ConfigError(f"unknown config key {dotted!r} (known in {section}: {', '.join(types)})")
+    setattr(getattr(cfg, section), key, _coerce(value, types[key], dotted))
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply `section.key=value` strings in order (later ones win)."""
+    for item in overrides:
+        item = item[2:] if item.startswith("--") else item
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected section.key=value")
+        key, value = item.split("=", 1)
+        set_value(cfg, key.strip(), value)
+    return cfg
+
+
+def update_from_dict(cfg: Config, data: dict[str, Any], source: str = "config") -> Config:
+    """Merge a nested mapping (e.g. parsed YAML) into cfg, strictly."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(data).__name__}")
+    for section, values in data.items():
+        if section not in _sections():
+            raise ConfigError(f"{source}: unknown config section {section!r}")
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: section {section!r} must be a mapping")
+        for key, value in values.items():
+            try:
+                set_value(cfg, f"{section}.{key}", value)
+            except ConfigError as e:
+                raise ConfigError(f"{source}: {e}") from None
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                base: Config | None = None) -> Config:
+    """Defaults (or `base`), then a YAML/JSON file, then overrides."""
+    cfg = base if base is not None else Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({e.__class__.__name__})") from None
+        update_from_dict(cfg, data, source=str(path))
+    return apply_overrides(cfg, overrides or [])
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """Plain nested dict (tuples become lists), JSON/YAML serialisable."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    """Inverse of `to_dict` (strict)."""
+    return update_from_dict(Config(), data, source="saved config")
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+
+
+# --------------------------------------------------------------------------- presets (data, not code)
+# Each preset is a nested mapping of overrides on the defaults; configs/<name>.yaml mirrors it
+# (a test keeps them equal) so users can copy a file and edit it.
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    # The paper-style run: ResNet50 (ImageNet) vs frozen CLIP ViT-B/32 text on COCO 2014, one GPU.
+    "coco-rn50": {
+        "data": {"train_images": 0, "val_images": 5000, "num_workers": 8},
+        "text": {"encoder": "openai/clip-vit-base-patch32"},
+        "model": {"backbone": "resnet50", "image_weights": "imagenet"},
+        "train": {"epochs": 15, "batch_size": 128, "lr": 1e-4, "warmup_steps": 500},
+    },
+    # The embedded demo: synthetic shapes, offline MiniLM text encoder, small tower from scratch, CPU.
+    "demo": {
+        "data": {"image_size": 64, "train_images": 2000, "val_images": 500, "num_workers": 0},
+        "text": {"encoder": "sentence-transformers/all-MiniLM-L6-v2", "batch_size": 256},
+        "model": {"backbone": "resnet18", "image_weights": "none", "head_hidden": 512},
+        "train": {"epochs": 8, "batch_size": 128, "lr": 1e-3, "warmup_steps": 30, "weight_decay": 0.05,
+                  "device": "cpu"},
+    },
+}
+
+
+def preset_config(name: str) -> Config:
+    """Defaults updated with the named preset."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r} (known: {', '.join(PRESETS)})")
+    return update_from_dict(Config(), PRESETS[name], source=f"preset {name}")

@@ -1,0 +1,111 @@
+import math
+
+import pytest
+import torch
+
+from clipft.evaluate import mean_recall, retrieval_ranks, retrieval_recall, format_recall_table
+
+
+def naive_recall(image_emb, text_emb, text_to_image, ks=(1, 5, 10)):
+    """Reference: full score matrix, full argsort, explicit loops (the obvious implementation)."""
+    s = image_emb @ text_emb.T  # [N, M]
+    n, m = s.shape
+    i2t = {k: 0 for k in ks}
+    queries = 0
+    for i in range(n):
+        own = {j for j in range(m) if int(text_to_image[j]) == i}
+        if not own:
+            continue
+        queries += 1
+        order = torch.argsort(s[i], descending=True).tolist()
+        for k in ks:
+            i2t[k] += any(j in own for j in order[:k])
+    t2i = {k: 0 for k in ks}
+    for j in range(m):
+        order = torch.argsort(s[:, j], descending=True).tolist()
+        for k in ks:
+            t2i[k] += int(text_to_image[j]) in order[:k]
+    return {"image_to_text": {f"R@{k}": 100 * v / queries for k, v in i2t.items()},
+            "text_to_image": {f"R@{k}": 100 * v / m for k, v in t2i.items()}}
+
+
+def test_hand_written_two_captions_per_image():
+    # 3 images, 6 captions (2 each). Scores chosen so the rank of every query is known by hand.
+    img = torch.eye(3)
+    # caption rows: c0,c1 -> img0; c2,c3 -> img1; c4,c5 -> img2
+    txt = torch.tensor([
+        [0.9, 0.1, 0.0],   # c0: img0 best -> t2i rank 0
+        [0.2, 0.8, 0.0],   # c1: belongs to img0 but img1 scores higher -> rank 1
+        [0.0, 0.7, 0.1],   # c2: img1 best -> rank 0
+        [0.0, 0.6, 0.0],   # c3: rank 0
+        [0.5, 0.0, 0.3],   # c4: img2 (0.3) beaten by img0 (0.5) -> rank 1
+        [0.6, 0.4, 0.2],   # c5: beaten by img0, img1 -> rank 2
+    ])
+    t2i = torch.tensor([0, 0, 1, 1, 2, 2])
+    image_rank, text_rank = retrieval_ranks(img, txt, t2i)
+    assert text_rank.tolist() == [0, 1, 0, 0, 1, 2]
+    # img0 row: c0 .9 c1 .2 c2 0 c3 0 c4 .5 c5 .6 -> best own .9 -> rank 0
+    # img1 row: c0 .1 c1 .8 c2 .7 c3 .6 c4 0 c5 .4 -> best own .7, beaten by c1 (.8) -> rank 1
+    # img2 row: c0 0 c1 0 c2 .1 c3 0 c4 .3 c5 .2 -> best own .3 -> rank 0
+    assert image_rank.tolist() == [0, 1, 0]
+    r = retrieval_recall(img, txt, t2i, ks=(1, 2))
+    assert r["image_to_text"] == pytest.approx({"R@1": 200 / 3, "R@2": 100.0})
+    assert r["text_to_image"] == pytest.approx({"R@1": 50.0, "R@2": 500 / 6})
+
+
+def test_any_caption_counts_for_image_query():
+    # The image's second caption is its best: image->text must count it (COCO protocol), where a
+    # 1:1 "diagonal" implementation would only look at the first caption.
+    img = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    txt = torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])  # img0 owns c0 (bad) and c1 (good)
+    r = retrieval_recall(img, txt, torch.tensor([0, 0, 1]), ks=(1,))
+    assert r["image_to_text"]["R@1"] == 100.0
+
+
+@pytest.mark.parametrize("n,per,d,chunk", [(7, 5, 8, 3), (20, 3, 4, 1), (33, 5, 16, None), (5, 1, 3, 100)])
+def test_matches_naive_reference(n, per, d, chunk):
+    g = torch.Generator().manual_seed(n * 31 + per)
+    img = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=-1)
+    t2i = torch.arange(n).repeat_interleave(per)
+    txt = torch.nn.functional.normalize(img[t2i] + 0.8 * torch.randn(n * per, d, generator=g), dim=-1)
+    ks = (1, 2, 5, 10)
+    got = retrieval_recall(img, txt, t2i, ks=ks, chunk_size=chunk)
+    want = naive_recall(img, txt, t2i, ks=ks)
+    for direction in want:
+        assert got[direction] == pytest.approx(want[direction])
+
+
+def test_uneven_captions_and_caption_less_image():
+    g = torch.Generator().manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(6, 5, generator=g), dim=-1)
+    t2i = torch.tensor([0, 0, 0, 1, 2, 2, 4, 4, 4, 4, 4])  # images 3 and 5 own no caption
+    txt = torch.nn.functional.normalize(torch.randn(len(t2i), 5, generator=g), dim=-1)
+    got = retrieval_recall(img, txt, t2i, ks=(1, 3), chunk_size=2)
+    want = naive_recall(img, txt, t2i, ks=(1, 3))
+    for direction in want:
+        assert got[direction] == pytest.approx(want[direction])
+
+
+def test_perfect_and_chance():
+    img = torch.eye(4)
+    r = retrieval_recall(img, img.clone(), torch.arange(4), ks=(1,))
+    assert r == {"image_to_text": {"R@1": 100.0}, "text_to_image": {"R@1": 100.0}}
+    assert mean_recall(r) == 100.0
+    # Reversed matching: every query's positive is last.
+    txt = torch.tensor([[-1.0, 0.0], [1.0, 0.0]])
+    r = retrieval_recall(torch.tensor([[1.0, 0.0], [-1.0, 0.0]]), txt, torch.tensor([0, 1]), ks=(1, 2))
+    assert r["image_to_text"] == {"R@1": 0.0, "R@2": 100.0}
+    assert "R@1" in format_recall_table(r)
+
+
+def test_bad_shapes_rejected():
+    with pytest.raises(ValueError):
+        retrieval_recall(torch.zeros(3, 4), torch.zeros(5, 3), torch.zeros(5, dtype=torch.long))
+    with pytest.raises(ValueError):
+        retrieval_recall(torch.zeros(3, 4), torch.zeros(5, 4), torch.tensor([0, 1, 2, 3, 4]))
+
+
+def test_mean_recall_k():
+    r = {"image_to_text": {"R@1": 10.0, "R@5": 30.0}, "text_to_image": {"R@1": 20.0, "R@5": 50.0}}
+    assert mean_recall(r, 5) == 40.0
+    assert math.isclose(mean_recall(r), 27.5)
