@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .config import Config
-from .data import CaptionedImages, EvalImageDataset, build_transform, collate_skip
+from .data import CaptionedImages, EvalImageDataset, build_transform, collate_eval
 from .loss import clip_loss
 from .model import ImageTower
 
@@ -123,8 +123,8 @@ def embed_images(model: ImageTower, split: CaptionedImages, cfg: Config, device:
     """Embed every image of a split: returns (emb [N_ok, D] fp32 on CPU, rows [N_ok] of the images
     that decoded; unreadable images are left out and counted by the caller)."""
     tf = build_transform(cfg.data.image_size, cfg.data.mean, cfg.data.std, train=False)
-    loader = DataLoader(EvalImageDataset(split, tf), batch_size=cfg.eval.batch_size, shuffle=False,
-                        num_workers=cfg.data.num_workers, collate_fn=collate_skip,
+    loader = DataLoader(EvalImageDataset(split, tf, draft_size=cfg.data.image_size), batch_size=cfg.eval.batch_size,
+                        shuffle=False, num_workers=cfg.data.num_workers, collate_fn=collate_eval,
                         pin_memory=device.type == "cuda")
     was_training = model.training
     model.eval()

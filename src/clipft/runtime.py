@@ -35,13 +35,19 @@ def amp_dtype_for(device: torch.device, enabled: bool) -> torch.dtype | None:
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    """Write to a temp file beside `path`, fsync, then rename: a crash never leaves a half file."""
+    """Write to a temp file beside `path`, fsync, then rename: a crash never leaves a half file,
+    and a failed save leaves the previous file untouched (and no temp file behind)."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def rng_state() -> dict:

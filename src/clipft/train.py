@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 from tqdm.auto import tqdm
 
 from .config import Config, from_dict, load_config, save_config, to_dict
-from .data import CaptionedImages, TrainDataset, build_transform, collate_skip, load_split
+from .data import CaptionedImages, TrainDataset, build_transform, collate_train, load_split
 from .evaluate import embed_images, evaluate_split, mean_recall
 from .loss import chance_loss, clip_loss
 from .model import ImageTower, build_image_tower, count_parameters, tower_state
@@ -151,7 +151,7 @@ def make_train_loader(ds: TrainDataset, cfg: Config, epoch: int, device: torch.d
     ds.set_epoch(epoch)
     g = torch.Generator().manual_seed(cfg.train.seed * 100_003 + epoch)
     return DataLoader(ds, batch_size=cfg.train.batch_size, sampler=RandomSampler(ds, generator=g),
-                      num_workers=cfg.data.num_workers, collate_fn=collate_skip,
+                      num_workers=cfg.data.num_workers, collate_fn=collate_train,
                       pin_memory=device.type == "cuda", drop_last=len(ds) > cfg.train.batch_size)
 
 
@@ -230,7 +230,9 @@ def train(cfg: Config, data_root: str | Path, out_dir: str | Path, resume: bool 
 
     transform = build_transform(cfg.data.image_size, cfg.data.mean, cfg.data.std, train=True,
                                 augment=cfg.data.augment)
-    train_ds = TrainDataset(data.train, data.train_text, transform, seed=cfg.train.seed)
+    # draft_size: large JPEGs are DCT-downscaled while decoding (never below image_size).
+    train_ds = TrainDataset(data.train, data.train_text, transform, seed=cfg.train.seed,
+                            draft_size=cfg.data.image_size)
     n_batches = len(train_ds) // cfg.train.batch_size if len(train_ds) > cfg.train.batch_size else 1
     steps_per_epoch = min(n_batches, cfg.train.max_steps_per_epoch) if cfg.train.max_steps_per_epoch > 0 else n_batches
     total_steps = steps_per_epoch * cfg.train.epochs

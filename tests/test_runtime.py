@@ -1,0 +1,61 @@
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from clipft.config import ConfigError
+from clipft.runtime import (amp_dtype_for, atomic_torch_save, hardware_info, resolve_device, rng_state,
+                            seed_everything, set_rng_state)
+
+
+def test_device_and_amp_on_cpu():
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type in ("cpu", "cuda")
+    # AMP is a CUDA-only feature here: CPU training runs fp32.
+    assert amp_dtype_for(torch.device("cpu"), True) is None
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            resolve_device("cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_amp_dtype_on_cuda():
+    want = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    assert amp_dtype_for(torch.device("cuda"), True) == want
+    assert amp_dtype_for(torch.device("cuda"), False) is None
+
+
+def test_rng_round_trip():
+    seed_everything(3)
+    state = rng_state()
+    a = (random.random(), np.random.rand(), torch.rand(1).item())
+    set_rng_state(state)
+    b = (random.random(), np.random.rand(), torch.rand(1).item())
+    assert a == b
+
+
+def test_atomic_save_replaces_and_leaves_no_temp(tmp_path):
+    p = tmp_path / "last.pt"
+    atomic_torch_save({"v": 1}, p)
+    atomic_torch_save({"v": 2}, p)
+    assert torch.load(p)["v"] == 2
+    assert [f.name for f in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_atomic_save_failure_keeps_previous_file(tmp_path):
+    p = tmp_path / "last.pt"
+    atomic_torch_save({"v": 1}, p)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"):
+        atomic_torch_save({"v": Unpicklable()}, p)
+    assert torch.load(p)["v"] == 1
+    assert [f.name for f in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_hardware_info():
+    info = hardware_info(torch.device("cpu"))
+    assert info["cpu"] and info["cpu_count"] >= 1 and info["torch"] == torch.__version__

@@ -1,0 +1,150 @@
+"""End-to-end through the real CLI (`main([...])`) on a tiny synthetic COCO folder, plus resume,
+the NaN guard, and the pure pieces of the training loop."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from clipft import train as train_mod
+from clipft.cli import main
+from clipft.config import Config, apply_overrides
+from clipft.model import load_image_tower
+from clipft.train import build_optimizer, cosine_with_warmup, read_records
+
+
+def small_args(text_dir, epochs=2, extra=()):
+    return ["--set", f"text.encoder={text_dir}", "--set", f"train.epochs={epochs}",
+            "--set", "train.batch_size=8", "--set", "train.lr=1e-3", "--set", "train.warmup_steps=2",
+            "--set", "model.backbone=resnet18", "--set", "model.image_weights=none",
+            "--set", "model.head_hidden=32", "--set", "data.image_size=32", "--set", "data.num_workers=0",
+            "--set", "train.device=cpu", "--set", "train.log_every=1", "--quiet", *extra]
+
+
+def test_cosine_with_warmup():
+    total, warm = 100, 10
+    assert cosine_with_warmup(0, total, warm) == pytest.approx(0.1)
+    assert cosine_with_warmup(9, total, warm) == pytest.approx(1.0)
+    assert cosine_with_warmup(10, total, warm) == pytest.approx(1.0)
+    assert cosine_with_warmup(55, total, warm) == pytest.approx(0.5)
+    assert cosine_with_warmup(100, total, warm) == pytest.approx(0.0, abs=1e-12)
+    assert cosine_with_warmup(100, total, warm, min_ratio=0.1) == pytest.approx(0.1)
+    vals = [cosine_with_warmup(s, total, warm) for s in range(warm, total)]
+    assert all(a >= b for a, b in zip(vals, vals[1:]))  # monotone decay after warmup
+
+
+def test_optimizer_groups_skip_decay_on_1d_params():
+    from clipft.model import build_image_tower
+    cfg = apply_overrides(Config(), ["model.backbone=resnet18", "model.image_weights=none",
+                                     "model.learnable_temperature=true"])
+    m = build_image_tower(cfg.model, 8)
+    opt = build_optimizer(m, 1e-3, 0.1)
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert any(p is m.logit_scale for p in no_decay["params"])
+    assert all(p.ndim >= 2 for p in decay["params"])
+    n = sum(p.numel() for g in opt.param_groups for p in g["params"])
+    assert n == sum(p.numel() for p in m.parameters() if p.requires_grad)
+
+
+def test_end_to_end_train_evaluate_report(coco_root, tiny_clip_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(coco_root), "--out", str(run), *small_args(tiny_clip_dir)]) == 0
+    for name in ("config.json", "metrics.jsonl", "epochs.csv", "last.pt", "best.pt", "loss_curves.png", "summary.json"):
+        assert (run / name).is_file(), name
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["train"]["epochs"] == 2 and cfg["text"]["encoder"] == str(tiny_clip_dir)
+    epochs = read_records(run / "metrics.jsonl", "epoch")
+    assert [r["epoch"] for r in epochs] == [1, 2]
+    assert all(math.isfinite(r["train_loss"]) and "R@5" in r["val"]["image_to_text"] for r in epochs)
+    steps = read_records(run / "metrics.jsonl", "step")
+    assert steps and {"loss", "lr", "logit_scale", "grad_norm", "images_per_s", "chance_loss"} <= set(steps[0])
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["hardware"]["cpu"] and summary["train_seconds"] > 0
+    assert summary["dataset"]["val_images"] > 0 and summary["skipped_images"] == 0
+    ckpt = torch.load(run / "last.pt", weights_only=False)
+    assert {"model", "optimizer", "scheduler", "scaler", "epoch", "step", "rng", "config"} <= set(ckpt)
+    # The text cache was built once under the data root and reused.
+    assert list((coco_root / "cache").glob("*.safetensors"))
+
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", str(run / "best.pt"), "--data", str(coco_root), "--quiet"]) == 0
+    m = json.loads((run / "metrics.json").read_text())
+    assert set(m["image_to_text"]) == {"R@1", "R@5", "R@10"} and m["num_images"] > 0
+    assert m["num_captions"] == 5 * m["num_images"]
+    assert "R@10" in capsys.readouterr().out
+
+    assert main(["report", str(run)]) == 0
+    report = (run / "report.md").read_text()
+    assert "Recall@K" in report and "loss_curves.png" in report and "AdamW" in report
+
+
+def _final_state(run):
+    return torch.load(run / "last.pt", weights_only=False)["model"]
+
+
+def test_resume_continues_exactly(coco_root, tiny_clip_dir, tmp_path, monkeypatch):
+    # Uninterrupted 3 epochs.
+    a = tmp_path / "a"
+    assert main(["train", "--data", str(coco_root), "--out", str(a), *small_args(tiny_clip_dir, 3)]) == 0
+    # Same run killed at the start of epoch 2 (after epoch 1's checkpoint), then rerun.
+    b = tmp_path / "b"
+    real = train_mod.make_train_loader
+
+    def crash_at_epoch_2(ds, cfg, epoch, device):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return real(ds, cfg, epoch, device)
+    monkeypatch.setattr(train_mod, "make_train_loader", crash_at_epoch_2)
+    assert main(["train", "--data", str(coco_root), "--out", str(b), *small_args(tiny_clip_dir, 3)]) == 130
+    assert torch.load(b / "last.pt", weights_only=False)["epoch"] == 1
+    monkeypatch.setattr(train_mod, "make_train_loader", real)
+    # Rerun into the same directory with no overrides at all: config.json is the base.
+    assert main(["train", "--data", str(coco_root), "--out", str(b), "--quiet"]) == 0
+    sa, sb = _final_state(a), _final_state(b)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    ea = read_records(a / "metrics.jsonl", "epoch")
+    eb = read_records(b / "metrics.jsonl", "epoch")
+    assert [r["epoch"] for r in eb] == [1, 2, 3]
+    assert [r["train_loss"] for r in ea] == pytest.approx([r["train_loss"] for r in eb], rel=1e-6)
+
+
+def test_nan_guard_stops_and_keeps_last_checkpoint(coco_root, tiny_clip_dir, tmp_path, monkeypatch, capsys):
+    run = tmp_path / "nan"
+    real_loss = train_mod.clip_loss
+    state = {"calls": 0}
+
+    def nan_after_first_epoch(img, txt, scale):
+        out = real_loss(img, txt, scale)
+        state["calls"] += 1
+        if state["calls"] > 2:  # the first epoch has 2 steps at this size
+            out = {k: v * float("nan") for k, v in out.items()}
+        return out
+    monkeypatch.setattr(train_mod, "clip_loss", nan_after_first_epoch)
+    args = small_args(tiny_clip_dir, 3, ["--set", "train.max_bad_steps=2", "--set", "train.max_steps_per_epoch=2"])
+    assert main(["train", "--data", str(coco_root), "--out", str(run), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "diverged" in err[0] and "last.pt" in err[0]
+    ckpt = torch.load(run / "last.pt", weights_only=False)
+    assert ckpt["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    load_image_tower(run / "last.pt")  # still a usable checkpoint
+
+
+def test_malformed_annotations_refused_before_training(coco_root, tiny_clip_dir, tmp_path, capsys):
+    import shutil
+    bad = tmp_path / "bad"
+    shutil.copytree(coco_root, bad, ignore=shutil.ignore_patterns("cache"))
+    (bad / "annotations" / "captions_val2014.json").write_text('{"images": [], "annotations": [')
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(bad), "--out", str(run), *small_args(tiny_clip_dir)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "captions_val2014.json" in err[0] and "Traceback" not in err[0]
+    assert not (run / "last.pt").exists()
+
+
+def test_unknown_override_is_an_error(coco_root, tmp_path, capsys):
+    assert main(["train", "--data", str(coco_root), "--out", str(tmp_path / "r"), "--set", "train.nope=1"]) == 2
+    assert "unknown config key 'train.nope'" in capsys.readouterr().err
+    assert main(["train", "--data", str(coco_root), "--out", str(tmp_path / "r"), "--train.epochs=x"]) == 2
