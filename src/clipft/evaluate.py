@@ -129,7 +129,7 @@ def embed_images(model: ImageTower, split: CaptionedImages, cfg: Config, device:
     was_training = model.training
     model.eval()
     embs, rows = [], []
-    for images, idx, _skipped in tqdm(loader, desc="embed images", disable=not progress, leave=False):
+    for images, idx, _skipped in tqdm(loader, desc="embed images", disable=None if progress else True, leave=False):
         if images.shape[0] == 0:
             continue
         images = images.to(device, non_blocking=True)

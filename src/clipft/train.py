@@ -275,8 +275,9 @@ def train(cfg: Config, data_root: str | Path, out_dir: str | Path, resume: bool 
     for epoch in range(start_epoch + 1, cfg.train.epochs + 1):
         model.train()
         loader = make_train_loader(train_ds, cfg, epoch, device)
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{cfg.train.epochs}", disable=not progress,
-                   dynamic_ncols=True, leave=False)
+        # disable=None: bars only on a terminal, so logs redirected to a file stay readable.
+        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{cfg.train.epochs}",
+                   disable=None if progress else True, dynamic_ncols=True, leave=False)
         ep_loss, ep_steps, ep_skipped_img, ep_skipped_steps, t_ep = 0.0, 0, 0, 0, time.time()
         t_log, n_img_log = time.time(), 0
         for images, texts, _idx, n_skipped in loader:
@@ -358,8 +359,6 @@ def train(cfg: Config, data_root: str | Path, out_dir: str | Path, resume: bool 
                     + "/".join(f"{x:.1f}" for x in v["image_to_text"].values())
                     + ", t2i R@1/5/10 " + "/".join(f"{x:.1f}" for x in v["text_to_image"].values()))
         log.info(msg)
-        if progress:
-            tqdm.write(msg)
     metrics_f.close()
 
     summary = {
