@@ -134,7 +134,7 @@ def test_missing_annotation_file_and_unknown_layout(tmp_path):
     with pytest.raises(DataError, match="not found"):
         detect_format(tmp_path / "nope")
     with pytest.raises(DataError, match="unknown data format"):
-        load_split(tmp_path, "train", DataConfig(format="csv"))
+        load_split(tmp_path, "train", DataConfig(format="parquet"))
 
 
 def test_missing_image_directory(tmp_path):

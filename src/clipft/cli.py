@@ -69,10 +69,22 @@ def cmd_make_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_val_data(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--val-data", metavar="PATH",
+                   help="validation data: a second CSV/TSV/JSONL file or folder (same as --set data.val_path=PATH)")
+
+
+def _val_data_override(args: argparse.Namespace) -> None:
+    """--val-data PATH is a shortcut for the override data.val_path=PATH."""
+    if getattr(args, "val_data", None):
+        args.overrides = list(args.overrides) + [f"data.val_path={args.val_data}"]
+
+
 def cmd_cache_text(args: argparse.Namespace) -> int:
-    from .data import load_split
+    from .data import load_split, text_cache_file
     from .runtime import resolve_device
-    from .text import get_text_embeddings, text_cache_path
+    from .text import get_text_embeddings
+    _val_data_override(args)
     cfg = _build_config(args)
     if args.text_encoder:
         cfg.text.encoder = args.text_encoder
@@ -80,8 +92,7 @@ def cmd_cache_text(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     for split in args.split:
         data = load_split(root, split, cfg.data)
-        cache_dir = Path(cfg.text.cache_dir) if cfg.text.cache_dir else root / "cache"
-        emb, info = get_text_embeddings(data.captions, cfg.text.encoder, text_cache_path(cache_dir, split, cfg.text.encoder),
+        emb, info = get_text_embeddings(data.captions, cfg.text.encoder, text_cache_file(root, split, cfg),
                                         device=device, batch_size=cfg.text.batch_size,
                                         max_length=cfg.text.max_length, on_mismatch=cfg.text.on_mismatch)
         state = f"built in {info['seconds']:.1f}s" if info["built"] else "up to date (fingerprint matches)"
@@ -89,8 +100,22 @@ def cmd_cache_text(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_validate(args: argparse.Namespace) -> int:
+    from .validate import default_report_path, format_report, validate_data, write_report_json
+    cfg = _build_config(args)
+    if args.text_encoder:
+        cfg.text.encoder = args.text_encoder
+    report = validate_data(args.data, cfg, val_data=args.val_data, check_tokens=not args.no_tokens,
+                           progress=not args.quiet)
+    print(format_report(report))
+    out = write_report_json(report, args.out or default_report_path(args.data))
+    print(f"wrote {out}")
+    return 0 if report["ok"] else 1
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .train import resolve_run_config, train
+    _val_data_override(args)
     overrides = list(args.overrides) + list(args.extra_overrides)
     base = preset_config(args.config) if args.config in PRESETS and not Path(args.config).exists() else None
     cfg_file = None if base is not None else args.config
@@ -105,6 +130,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .config import from_dict
     from .evaluate import evaluate_checkpoint, format_recall_table
     from .model import read_checkpoint
+    _val_data_override(args)
     cfg = None
     if args.overrides or args.extra_overrides:
         cfg = from_dict(read_checkpoint(args.checkpoint)["config"])
@@ -172,11 +198,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--split", nargs="+", default=["train", "val"])
     s.add_argument("--text-encoder", help="HF name or local dir (default: text.encoder of the config)")
     s.add_argument("--device", default="auto")
+    _add_val_data(s)
     _add_config_args(s)
     s.set_defaults(func=cmd_cache_text)
 
+    s = sub.add_parser("validate", help="check a dataset before training (report printed and written as JSON; "
+                                        "exit 1 if training would be spoiled)")
+    s.add_argument("--data", required=True, help="COCO root, CSV/TSV/JSONL file, or image folder")
+    _add_val_data(s)
+    s.add_argument("--out", help="report JSON (default: DATA/validate_report.json, or <stem>.validate.json "
+                                 "beside a data file)")
+    s.add_argument("--text-encoder", help="tokenizer for the token-length check (default: text.encoder)")
+    s.add_argument("--no-tokens", action="store_true", help="skip the token-length check (no text encoder load)")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_config_args(s)
+    s.set_defaults(func=cmd_validate)
+
     s = sub.add_parser("train", help="train the image tower (resumes a run already in --out)")
-    s.add_argument("--data", required=True, help="dataset root (COCO 2014 layout)")
+    s.add_argument("--data", required=True, help="COCO root, CSV/TSV/JSONL file, or image folder")
+    _add_val_data(s)
     s.add_argument("--out", required=True, help="run directory")
     s.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                    help="continue from OUT/last.pt if present (default); --no-resume starts over")
@@ -187,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("evaluate", help="Recall@K of a checkpoint on a split")
     s.add_argument("--checkpoint", required=True)
     s.add_argument("--data", required=True)
-    s.add_argument("--split", default="val")
+    s.add_argument("--split", default="val", help="split name (CSV/JSONL/folder data: train, val or all)")
+    _add_val_data(s)
     s.add_argument("--out", help="metrics JSON path (default: metrics.json beside the checkpoint)")
     s.add_argument("--device", default="auto")
     s.add_argument("--quiet", action="store_true")

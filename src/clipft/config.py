@@ -23,9 +23,18 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    format: str = "auto"  # auto | coco  (the format is detected from what --data points at)
+    format: str = "auto"  # auto | coco | csv (also TSV) | jsonl | folder  (auto: detected from what --data is)
     train_split: str = "train"
     val_split: str = "val"
+    # CSV/TSV/JSONL column (key) names; "" = auto: the first of filepath/image/file_name/... and
+    # caption/text/captions/... present in the header (see data.IMAGE_COLUMNS / CAPTION_COLUMNS).
+    image_column: str = ""
+    caption_column: str = ""
+    val_path: str = ""  # a second file/folder holding the validation data ("" = split --data itself)
+    # CSV/JSONL/folder data without val_path: this fraction of the IMAGES (never single captions)
+    # becomes the validation split, drawn with subset_seed. COCO keeps its own train/val layout.
+    val_fraction: float = 0.1
+    leak_check: str = "error"  # error | warn | off: images in both train and val (by content hash)
     image_size: int = 224
     train_images: int = 0  # 0 = the whole split; else a seeded random subset of images
     val_images: int = 0

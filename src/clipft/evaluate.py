@@ -184,9 +184,9 @@ def evaluate_checkpoint(checkpoint: str | Path, data_root: str | Path, split: st
     (or to `out`). `cfg` defaults to the config saved in the checkpoint (data subset, image size,
     text encoder), so the protocol matches training unless overridden."""
     from .config import from_dict
-    from .data import load_split
+    from .data import load_split, text_cache_file
     from .model import read_checkpoint, tower_from_checkpoint
-    from .text import get_text_embeddings, text_cache_path
+    from .text import get_text_embeddings
     from .runtime import amp_dtype_for, resolve_device
 
     checkpoint = Path(checkpoint)
@@ -197,8 +197,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data_root: str | Path, split: st
     dev = resolve_device(device if device != "auto" else cfg.train.device)
     data_root = Path(data_root)
     data = load_split(data_root, split, cfg.data)
-    cache_dir = Path(cfg.text.cache_dir) if cfg.text.cache_dir else data_root / "cache"
-    text_emb, _ = get_text_embeddings(data.captions, cfg.text.encoder, text_cache_path(cache_dir, split, cfg.text.encoder),
+    text_emb, _ = get_text_embeddings(data.captions, cfg.text.encoder, text_cache_file(data_root, split, cfg),
                                       device=dev, batch_size=cfg.text.batch_size, max_length=cfg.text.max_length,
                                       on_mismatch=cfg.text.on_mismatch)
     if text_emb.shape[1] != model.embed_dim:

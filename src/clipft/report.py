@@ -51,6 +51,16 @@ def stability_notes(epochs: list[dict], batch_size: int) -> list[str]:
     return notes
 
 
+def health_lines(warnings: list[dict]) -> list[str]:
+    """Markdown bullets for the "warning" records of metrics.jsonl (see clipft.health)."""
+    if not warnings:
+        return ["- None raised. Checked during training: loss within 2% of chance after warmup, embedding "
+                "collapse (mean pairwise cosine > 0.95), logit scale pinned at its clamp, validation recall "
+                "falling while train loss falls."]
+    return [f"- **{w.get('kind')}** (epoch {w.get('epoch')}, step {w.get('step')}): {w.get('message')}"
+            for w in warnings]
+
+
 def write_report(run_dir: str | Path) -> Path:
     """Write RUN/report.md: hyperparameters, hardware and time, data sizes, Recall@K, curves."""
     run = RunFiles(Path(run_dir))
@@ -95,6 +105,7 @@ def write_report(run_dir: str | Path) -> Path:
     if run.curves.is_file():
         lines += ["## Training curves", "", f"![training curves]({run.curves.name})", ""]
     lines += ["## Training stability", ""] + [f"- {n}" for n in stability_notes(epochs, t.get("batch_size", 1))]
+    lines += ["", "## Health warnings", ""] + health_lines(read_records(run.metrics, "warning"))
     lines += ["", "## How it works", "",
               "The text encoder is frozen: every caption is embedded once and cached. Only the image "
               "tower (CNN backbone + MLP head) is trained, with a symmetric InfoNCE loss that pulls each "

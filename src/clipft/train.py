@@ -25,13 +25,15 @@ from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 from tqdm.auto import tqdm
 
 from .config import Config, from_dict, load_config, save_config, to_dict
-from .data import CaptionedImages, TrainDataset, build_transform, collate_train, load_split
+from .data import CaptionedImages, TrainDataset, build_transform, collate_train, load_split, text_cache_file
 from .evaluate import embed_images, evaluate_split, mean_recall
+from .health import HealthMonitor, mean_pairwise_cosine
 from .loss import chance_loss, clip_loss
 from .model import ImageTower, build_image_tower, count_parameters, tower_state
 from .runtime import (amp_dtype_for, atomic_torch_save, hardware_info, resolve_device, rng_state,
                       seed_everything, set_rng_state)
-from .text import get_text_embeddings, load_text_encoder, text_cache_path
+from .text import get_text_embeddings, load_text_encoder
+from .validate import preflight
 
 log = logging.getLogger(__name__)
 
@@ -120,20 +122,21 @@ class PreparedData:
 
 
 def prepare_data(cfg: Config, data_root: str | Path, device: torch.device) -> PreparedData:
-    """Load and validate both splits (refusing bad annotation files before anything trains), then
-    load or build the cached caption embeddings; the text encoder is freed afterwards."""
+    """Load and validate both splits (refusing bad annotation files, missing images and a train/val
+    leak before anything trains: `validate.preflight`), then load or build the cached caption
+    embeddings; the text encoder is freed afterwards."""
     data_root = Path(data_root)
     train = load_split(data_root, cfg.data.train_split, cfg.data)
     val = load_split(data_root, cfg.data.val_split, cfg.data)
     if len(train) == 0 or len(val) == 0:
         raise TrainingError(f"{data_root}: no captioned images in split "
                             f"{cfg.data.train_split if len(train) == 0 else cfg.data.val_split!r}")
-    cache_dir = Path(cfg.text.cache_dir) if cfg.text.cache_dir else data_root / "cache"
+    preflight(train, val, cfg.data)
     encoder = load_text_encoder(cfg.text.encoder, device=device, max_length=cfg.text.max_length)
     embeds, infos = [], {}
     for name, split in ((cfg.data.train_split, train), (cfg.data.val_split, val)):
         emb, info = get_text_embeddings(
-            split.captions, cfg.text.encoder, text_cache_path(cache_dir, name, cfg.text.encoder),
+            split.captions, cfg.text.encoder, text_cache_file(data_root, name, cfg),
             device=device, batch_size=cfg.text.batch_size, max_length=cfg.text.max_length,
             on_mismatch=cfg.text.on_mismatch, encoder=encoder)
         embeds.append(emb)
@@ -162,8 +165,9 @@ def train_step(model: ImageTower, images: torch.Tensor, texts: torch.Tensor,
                scaler: torch.amp.GradScaler, amp_dtype: torch.dtype | None, grad_clip: float) -> dict:
     """One optimisation step. images [B, 3, H, W] on device, texts [B, D] cached caption embeddings.
 
-    Returns {"loss", "loss_i2t", "loss_t2i", "grad_norm", "logit_scale", "skipped"}: a non-finite
-    loss (or, without a scaler, non-finite gradients) skips the update and reports skipped=True.
+    Returns {"loss", "loss_i2t", "loss_t2i", "grad_norm", "logit_scale", "embed_cos", "skipped"}: a
+    non-finite loss (or, without a scaler, non-finite gradients) skips the update and reports
+    skipped=True. embed_cos: mean pairwise cosine of the batch's image embeddings (collapse check).
     """
     device_type = images.device.type
     # Forward under autocast (bf16/fp16 on CUDA, off on CPU); the loss itself runs in fp32.
@@ -176,7 +180,8 @@ def train_step(model: ImageTower, images: torch.Tensor, texts: torch.Tensor,
     # NaN guard: never back-propagate a non-finite loss (one .item() sync per step; we log it anyway).
     loss_value = float(loss.detach())
     out = {k: float(v.detach()) for k, v in terms.items()}
-    out.update(logit_scale=float(logit_scale.detach()), grad_norm=float("nan"), skipped=False)
+    out.update(logit_scale=float(logit_scale.detach()), grad_norm=float("nan"), skipped=False,
+               embed_cos=mean_pairwise_cosine(image_emb))
     if not math.isfinite(loss_value):
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()  # the schedule follows attempted steps, so the planned length holds
@@ -271,6 +276,13 @@ def train(cfg: Config, data_root: str | Path, out_dir: str | Path, resume: bool 
         metrics_f.flush()
 
     consecutive_bad = 0
+    health = HealthMonitor(cfg.train.warmup_steps, cfg.model.max_logit_scale, cfg.model.learnable_temperature)
+
+    def log_warnings(records: list[dict]) -> None:
+        for w in records:
+            log.warning("health: %s", w["message"])
+            log_record(w)
+
     t_train = time.time()
     for epoch in range(start_epoch + 1, cfg.train.epochs + 1):
         model.train()
@@ -279,7 +291,7 @@ def train(cfg: Config, data_root: str | Path, out_dir: str | Path, resume: bool 
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{cfg.train.epochs}",
                    disable=None if progress else True, dynamic_ncols=True, leave=False)
         ep_loss, ep_steps, ep_skipped_img, ep_skipped_steps, t_ep = 0.0, 0, 0, 0, time.time()
-        t_log, n_img_log = time.time(), 0
+        t_log, n_img_log, win_loss, win_steps = time.time(), 0, 0.0, 0
         for images, texts, _idx, n_skipped in loader:
             if ep_steps + ep_skipped_steps >= steps_per_epoch:
                 break
@@ -311,15 +323,22 @@ def train(cfg: Config, data_root: str | Path, out_dir: str | Path, resume: bool 
             consecutive_bad = 0
             ep_loss += out["loss"]
             ep_steps += 1
+            win_loss, win_steps = win_loss + out["loss"], win_steps + 1
+            chance = chance_loss(images.shape[0])
+            skipped_so_far = totals["skipped_steps"] + ep_skipped_steps
             bar.update(1)
-            bar.set_postfix(loss=f"{out['loss']:.3f}", scale=f"{out['logit_scale']:.1f}")
+            bar.set_postfix(loss=f"{out['loss']:.3f}", chance=f"{chance:.2f}", scale=f"{out['logit_scale']:.1f}",
+                            skipped=skipped_so_far)
             if global_step % cfg.train.log_every == 0:
                 now = time.time()
                 log_record({"type": "step", "epoch": epoch, "step": global_step, "loss": out["loss"],
-                            "chance_loss": chance_loss(images.shape[0]), "lr": scheduler.get_last_lr()[0],
+                            "chance_loss": chance, "lr": scheduler.get_last_lr()[0],
                             "logit_scale": out["logit_scale"], "grad_norm": out["grad_norm"],
-                            "images_per_s": n_img_log / max(1e-9, now - t_log)})
-                t_log, n_img_log = now, 0
+                            "images_per_s": n_img_log / max(1e-9, now - t_log),
+                            "skipped_steps": skipped_so_far, "embed_cos": out["embed_cos"]})
+                log_warnings(health.step(epoch, global_step, win_loss / win_steps, chance, out["embed_cos"],
+                                         out["logit_scale"]))
+                t_log, n_img_log, win_loss, win_steps = now, 0, 0.0, 0
         bar.close()
         totals["skipped_images"] += ep_skipped_img
         totals["skipped_steps"] += ep_skipped_steps
@@ -339,6 +358,7 @@ def train(cfg: Config, data_root: str | Path, out_dir: str | Path, resume: bool 
             record["mean_R@5"] = mean_recall(val, 5)
         log_record(record)
         _write_epochs_csv(run.epochs_csv, read_records(run.metrics, "epoch"))
+        log_warnings(health.epoch(epoch, global_step, read_records(run.metrics, "epoch")))
 
         is_best = "mean_R@5" in record and record["mean_R@5"] > best_metric
         if is_best:
@@ -368,8 +388,9 @@ def train(cfg: Config, data_root: str | Path, out_dir: str | Path, resume: bool 
         "hardware": hardware_info(device), "parameters": count_parameters(model),
         "dataset": {"train_images": len(data.train), "train_captions": len(data.train.captions),
                     "val_images": len(data.val), "val_captions": len(data.val.captions),
-                    "source": data.train.name},
+                    "source": data.train.name, "val_source": data.val.name},
         "text": data.text_info, **totals,
+        "health_warnings": [w["kind"] for w in read_records(run.metrics, "warning")],
     }
     epochs = read_records(run.metrics, "epoch")
     if epochs and "val" in epochs[-1]:
