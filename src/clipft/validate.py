@@ -39,6 +39,15 @@ TINY_SIDE = 32  # images with a side below this many pixels are reported as odd
 _EXT_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP", ".bmp": "BMP",
                 ".gif": "GIF", ".tif": "TIFF", ".tiff": "TIFF"}
 _EXIF_ORIENTATION = 0x0112
+# Dropped-caption reasons (CaptionedImages.caption_problems keys) in words.
+REASON_WORDS = {"empty": "empty", "whitespace": "whitespace-only", "placeholder": "placeholder (None/NA/nan...)",
+                "missing": "missing (absent cell or null)", "not_text": "not text", "malformed_row": "in malformed rows",
+                "no_image_path": "without an image path", "no_image": "in .txt files without an image",
+                "not_utf8": "in .txt files that are not UTF-8"}
+
+
+def _reasons(dropped: dict[str, int]) -> str:
+    return ", ".join(f"{n} {REASON_WORDS.get(r, r)}" for r, n in dropped.items())
 
 
 # --------------------------------------------------------------------------- leak (content hash)
@@ -311,8 +320,7 @@ def _findings(name: str, rep: dict, errors: list[str], warnings: list[str]) -> N
     if im["without_captions"]["count"]:
         warnings.append(f"{name}: {im['without_captions']['count']} image(s) without a usable caption (left out)")
     if cap["dropped"]:
-        reasons = ", ".join(f"{n} {r}" for r, n in cap["dropped"].items())
-        warnings.append(f"{name}: {sum(cap['dropped'].values())} caption(s) dropped ({reasons})")
+        warnings.append(f"{name}: {sum(cap['dropped'].values())} caption(s) dropped ({_reasons(cap['dropped'])})")
     dup = cap["duplicates"]
     if dup["across_images"]:
         warnings.append(f"{name}: {dup['across_images']} caption text(s) shared by different images "
@@ -408,12 +416,13 @@ def format_report(report: dict) -> str:
                   f"  images: {im['listed']} listed, {im['with_captions']} with captions, {im['found']} found, "
                   f"{im['readable']} readable; {im['missing']['count']} missing, {im['unreadable']['count']} "
                   f"unreadable, {im['odd']['count']} oddly encoded, {im['without_captions']['count']} without captions"]
-        for ex in im["unreadable"]["examples"] + im["odd"]["examples"]:
+        for ex in (im["missing"]["examples"][:3] + im["unreadable"]["examples"] + im["odd"]["examples"]
+                   + [f"{p}: no usable caption" for p in im["without_captions"]["examples"][:3]]):
             lines.append(f"    {ex}")
         pi = cap["per_image"]
         lines.append(f"  captions: {cap['kept']} kept, per image min/median/max {pi['min']}/{pi['median']:g}/{pi['max']}")
         if cap["dropped"]:
-            lines.append("  dropped captions: " + ", ".join(f"{n} {r}" for r, n in cap["dropped"].items()))
+            lines.append("  dropped captions: " + _reasons(cap["dropped"]))
             for exs in cap["dropped_examples"].values():
                 for ex in exs[:2]:
                     lines.append(f"    {ex}")
