@@ -113,7 +113,7 @@ def crafted_run(coco_root, tiny_clip_dir, tmp_path_factory):
     mp.setattr(train_mod, "clip_loss", shrinking_loss)
     mp.setattr(train_mod, "mean_recall", lambda val, k: next(recalls))
     args = ["--set", f"text.encoder={tiny_clip_dir}", "--set", "train.epochs=4", "--set", "train.batch_size=8",
-            "--set", "train.max_steps_per_epoch=2", "--set", "train.warmup_steps=1", "--set", "train.log_every=1",
+            "--set", "train.max_steps_per_epoch=1", "--set", "train.warmup_steps=1", "--set", "train.log_every=1",
             "--set", "model.backbone=resnet18", "--set", "model.image_weights=none", "--set", "model.head_hidden=16",
             "--set", "model.learnable_temperature=true", "--set", "model.max_logit_scale=10",
             "--set", "data.image_size=32", "--set", "data.num_workers=0", "--set", "data.val_images=8",
