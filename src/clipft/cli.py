@@ -89,6 +89,21 @@ def cmd_cache_text(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare_images(args: argparse.Namespace) -> int:
+    from .data import load_split
+    from .prepare import prepare_images, prepared_dir
+    cfg = _build_config(args)
+    root = Path(args.data)
+    cache_dir = Path(cfg.text.cache_dir) if cfg.text.cache_dir else root / "cache"
+    for split in args.split:
+        data = load_split(root, split, cfg.data)
+        out = prepared_dir(cache_dir, split, args.size)
+        info = prepare_images(data, out, size=args.size, workers=args.workers, progress=not args.quiet)
+        print(f"{split}: {info['images']} images ({info['bad']} unreadable, skipped) -> {out} "
+              f"in {info['seconds']:.1f}s")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .train import resolve_run_config, train
     overrides = list(args.overrides) + list(args.extra_overrides)
@@ -174,6 +189,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto")
     _add_config_args(s)
     s.set_defaults(func=cmd_cache_text)
+
+    s = sub.add_parser("prepare-images", help="decode every image once into a uint8 cache that training reads")
+    s.add_argument("--data", required=True)
+    s.add_argument("--split", nargs="+", default=["train", "val"])
+    s.add_argument("--size", type=int, default=256, help="stored square side (short side resized, centre kept)")
+    s.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    s.add_argument("--quiet", action="store_true")
+    _add_config_args(s)
+    s.set_defaults(func=cmd_prepare_images)
 
     s = sub.add_parser("train", help="train the image tower (resumes a run already in --out)")
     s.add_argument("--data", required=True, help="dataset root (COCO 2014 layout)")
