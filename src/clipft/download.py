@@ -145,9 +145,9 @@ def parse_content_range(value: str | None) -> tuple[int | None, int | None, int 
 def _reason(exc: BaseException) -> str:
     """The short cause inside requests' long ConnectionError text ('[Errno 111] Connection refused')."""
     text = str(exc)
-    for pat in (r"\[Errno -?\d+\] [^'\")]+", r"(Read timed out|timed out|Connection refused|"
-                r"Name or service not known|Temporary failure in name resolution|IncompleteRead\([^)]*\)|"
-                r"Connection broken: [^'\")]+)"):
+    for pat in (r"\[Errno -?\d+\] [^'\")]+", r"IncompleteRead\([^)]*\)", r"Connection reset by peer",
+                r"Connection refused", r"Read timed out", r"timed out", r"Name or service not known",
+                r"Temporary failure in name resolution", r"Connection broken: [^'\"]+"):
         m = re.search(pat, text)
         if m:
             return m.group(0).strip()
