@@ -20,10 +20,11 @@ EXIT_USAGE = 2
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
     from .data import DataError
+    from .download import DownloadError
     from .model import ModelError
     from .text import TextEncoderError
     from .train import TrainingError
-    return (ConfigError, DataError, ModelError, TextEncoderError, TrainingError)
+    return (ConfigError, DataError, DownloadError, ModelError, TextEncoderError, TrainingError)
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -139,6 +140,16 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_download(args: argparse.Namespace) -> int:
+    from .download import download_coco, next_steps
+    results = download_coco(args.out, splits=args.splits, karpathy=args.karpathy, mirror=args.mirror,
+                            keep_archives=args.keep_archives, retries=args.retries, progress=not args.quiet)
+    for r in results:
+        print(f"{r['archive']}: {r['status']} -> {', '.join(r['targets'])}")
+    print("\n".join(next_steps(args.out)))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """The embedded end-to-end demo: shapes data -> MiniLM text cache -> train -> evaluate -> report."""
     from .evaluate import evaluate_checkpoint, format_recall_table
@@ -222,6 +233,19 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("report", help="write RUN/report.md from a run directory")
     s.add_argument("run")
     s.set_defaults(func=cmd_report)
+
+    s = sub.add_parser("download", help="fetch MS COCO 2014 into the loader's layout (resumable, verified)")
+    s.add_argument("dataset", choices=["coco"])
+    s.add_argument("--out", required=True, help="dataset root (gets train2014/, val2014/, annotations/)")
+    s.add_argument("--splits", nargs="*", choices=["train", "val", "annotations"],
+                   default=["train", "val", "annotations"], help="archives to fetch (default: all three)")
+    s.add_argument("--karpathy", action="store_true", help="also fetch Karpathy's split file -> OUT/dataset_coco.json")
+    s.add_argument("--mirror", metavar="URL", help="base URL serving zips/train2014.zip, zips/val2014.zip, "
+                   "annotations/annotations_trainval2014.zip, caption_datasets.zip (default: the official hosts)")
+    s.add_argument("--keep-archives", action="store_true", help="keep the zips in OUT/downloads/ after extracting")
+    s.add_argument("--retries", type=int, default=3, help="resume a lost connection this many times (default 3)")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.set_defaults(func=cmd_download)
 
     s = sub.add_parser("demo", help="embedded end-to-end demo on synthetic data, CPU, offline")
     s.add_argument("--out", default="runs/demo")
