@@ -12,7 +12,7 @@ from PIL import Image
 
 from clipft.cli import main
 from clipft.config import Config, DataConfig
-from clipft.data import (DataError, caption_problem, detect_format, load_csv_captions, load_dataset,
+from clipft.data import (DataError, cache_location, caption_problem, detect_format, load_csv_captions, load_dataset,
                          load_folder_captions, load_jsonl_captions, load_split, sniff_delimiter,
                          split_source, text_cache_file)
 from clipft.train import read_records
@@ -281,6 +281,7 @@ def test_text_cache_files_do_not_collide(tmp_path, coco_root):
     paths = {text_cache_file(f, s, cfg) for f in (a, b) for s in ("train", "val")}
     assert len(paths) == 4 and all(p.parent == tmp_path / "cache" for p in paths)
     assert text_cache_file(a, "val", cfg).name == "a-val_text_embeds_my_enc.safetensors"
+    assert cache_location(a, "val", cfg) == (tmp_path / "cache", "a-val")  # also for prepare-images
     cfg.data.val_path = str(b)
     assert text_cache_file(a, "train", cfg).name.startswith("a-all_")
     assert text_cache_file(a, "val", cfg).name.startswith("b-all_")

@@ -20,10 +20,11 @@ EXIT_USAGE = 2
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
     from .data import DataError
+    from .download import DownloadError
     from .model import ModelError
     from .text import TextEncoderError
     from .train import TrainingError
-    return (ConfigError, DataError, ModelError, TextEncoderError, TrainingError)
+    return (ConfigError, DataError, DownloadError, ModelError, TextEncoderError, TrainingError)
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -113,6 +114,22 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0 if report["ok"] else 1
 
 
+def cmd_prepare_images(args: argparse.Namespace) -> int:
+    from .data import cache_location, load_split
+    from .prepare import prepare_images, prepared_dir
+    _val_data_override(args)
+    cfg = _build_config(args)
+    root = Path(args.data)
+    for split in args.split:
+        data = load_split(root, split, cfg.data)
+        cache_dir, name = cache_location(root, split, cfg)  # COCO: (ROOT/cache, split)
+        out = prepared_dir(cache_dir, name, args.size)
+        info = prepare_images(data, out, size=args.size, workers=args.workers, progress=not args.quiet)
+        print(f"{split}: {info['images']} images ({info['bad']} unreadable, skipped) -> {out} "
+              f"in {info['seconds']:.1f}s")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .train import resolve_run_config, train
     _val_data_override(args)
@@ -147,6 +164,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import write_report
     print(f"wrote {write_report(args.run)}")
+    return 0
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from .download import download_coco, next_steps
+    results = download_coco(args.out, splits=args.splits, karpathy=args.karpathy, mirror=args.mirror,
+                            keep_archives=args.keep_archives, retries=args.retries, progress=not args.quiet)
+    for r in results:
+        print(f"{r['archive']}: {r['status']} -> {', '.join(r['targets'])}")
+    print("\n".join(next_steps(args.out)))
     return 0
 
 
@@ -214,6 +241,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(s)
     s.set_defaults(func=cmd_validate)
 
+    s = sub.add_parser("prepare-images", help="decode every image once into a uint8 cache that training reads")
+    s.add_argument("--data", required=True)
+    _add_val_data(s)
+    s.add_argument("--split", nargs="+", default=["train", "val"])
+    s.add_argument("--size", type=int, default=256, help="stored square side (short side resized, centre kept)")
+    s.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    s.add_argument("--quiet", action="store_true")
+    _add_config_args(s)
+    s.set_defaults(func=cmd_prepare_images)
+
     s = sub.add_parser("train", help="train the image tower (resumes a run already in --out)")
     s.add_argument("--data", required=True, help="COCO root, CSV/TSV/JSONL file, or image folder")
     _add_val_data(s)
@@ -239,6 +276,19 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("report", help="write RUN/report.md from a run directory")
     s.add_argument("run")
     s.set_defaults(func=cmd_report)
+
+    s = sub.add_parser("download", help="fetch MS COCO 2014 into the loader's layout (resumable, verified)")
+    s.add_argument("dataset", choices=["coco"])
+    s.add_argument("--out", required=True, help="dataset root (gets train2014/, val2014/, annotations/)")
+    s.add_argument("--splits", nargs="*", choices=["train", "val", "annotations"],
+                   default=["train", "val", "annotations"], help="archives to fetch (default: all three)")
+    s.add_argument("--karpathy", action="store_true", help="also fetch Karpathy's split file -> OUT/dataset_coco.json")
+    s.add_argument("--mirror", metavar="URL", help="base URL serving zips/train2014.zip, zips/val2014.zip, "
+                   "annotations/annotations_trainval2014.zip, caption_datasets.zip (default: the official hosts)")
+    s.add_argument("--keep-archives", action="store_true", help="keep the zips in OUT/downloads/ after extracting")
+    s.add_argument("--retries", type=int, default=3, help="resume a lost connection this many times (default 3)")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.set_defaults(func=cmd_download)
 
     s = sub.add_parser("demo", help="embedded end-to-end demo on synthetic data, CPU, offline")
     s.add_argument("--out", default="runs/demo")

@@ -670,12 +670,13 @@ def load_split(root: str | Path, split: str, cfg: DataConfig) -> CaptionedImages
     return out
 
 
-def text_cache_file(root: str | Path, split: str, cfg: Config) -> Path:
-    """The text-embedding cache file of a split: in text.cache_dir, by default ROOT/cache for a
-    COCO or folder dataset and <directory of the file>/cache for a CSV/JSONL file; named after the
-    split (COCO) or '<file stem>-<part>' (so two files in one folder never share a cache). The
-    cache's fingerprint covers the captions, so a changed file or split is re-embedded."""
-    from .text import text_cache_path
+def cache_location(root: str | Path, split: str, cfg: Config) -> tuple[Path, str]:
+    """(cache directory, name) for the caches of a split (text embeddings, prepared images).
+
+    The directory is text.cache_dir, by default ROOT/cache for a COCO or folder dataset and
+    <directory of the file>/cache for a CSV/JSONL file. The name is the split (COCO) or
+    '<file stem>-<part>', part = train / val / all, so two files in one folder never share a cache.
+    """
     src = split_source(root, split, cfg.data)
     if src.format == "coco":
         default_dir, name = src.path / "cache", split
@@ -683,7 +684,14 @@ def text_cache_file(root: str | Path, split: str, cfg: Config) -> Path:
         is_dir = src.path.is_dir()
         default_dir = (src.path if is_dir else src.path.parent) / "cache"
         name = f"{src.path.name if is_dir else src.path.stem}-{src.part}"
-    cache_dir = Path(cfg.text.cache_dir) if cfg.text.cache_dir else default_dir
+    return (Path(cfg.text.cache_dir) if cfg.text.cache_dir else default_dir), name
+
+
+def text_cache_file(root: str | Path, split: str, cfg: Config) -> Path:
+    """The text-embedding cache file of a split (see `cache_location`). Its fingerprint covers the
+    captions, so a changed file or split is re-embedded."""
+    from .text import text_cache_path
+    cache_dir, name = cache_location(root, split, cfg)
     return text_cache_path(cache_dir, name, cfg.text.encoder)
 
 

@@ -1,0 +1,124 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, SequentialSampler, BatchSampler
+
+from clipft import prepare as prep
+from clipft.config import DataConfig
+from clipft.data import TrainDataset, build_transform, load_coco_captions, load_image
+from clipft.prepare import (DeviceTransform, PreparedDataset, PreparedImages, identity_collate, prepare_images,
+                            prepared_dir)
+from clipft.shapes import make_shapes_dataset
+
+MEAN, STD = DataConfig().mean, DataConfig().std
+
+
+@pytest.fixture()
+def split(tmp_path):
+    root = make_shapes_dataset(tmp_path / "coco", n_train=10, n_val=2, seed=1, image_size=80)
+    s = load_coco_captions(root, "train")
+    s.images[3].path.write_bytes(b"not a jpeg")  # one unreadable image
+    return s
+
+
+def test_prepare_writes_squares_and_counts_bad(split, tmp_path):
+    out = prepared_dir(tmp_path / "cache", "train", 48)
+    info = prepare_images(split, out, size=48, workers=1, progress=False)
+    assert info["images"] == 10 and info["bad"] == 1
+    p = PreparedImages.open(out)
+    assert p.array.shape == (10, 48, 48, 3) and p.ok.tolist() == [i != 3 for i in range(10)]
+    want = prep._square(load_image(split.images[0].path)[0], 48)
+    assert np.array_equal(p.array[0], want)
+    assert not p.array[3].any()
+    assert json.loads((out / "index.json").read_text())["bad"]
+    assert not (out / "done.json").exists()
+    # A complete cache for the same images is not rebuilt.
+    assert prepare_images(split, out, size=48, workers=1, progress=False)["seconds"] == 0.0
+
+
+def test_prepare_resumes_after_a_kill(split, tmp_path, monkeypatch):
+    monkeypatch.setattr(prep, "CHUNK", 3)  # 10 images -> chunks 0..3
+    out = tmp_path / "p"
+    real, calls = prep._work, []
+
+    def dies_on_chunk_2(job):
+        if job[0] == 2:
+            raise KeyboardInterrupt
+        calls.append(job[0])
+        return real(job)
+    monkeypatch.setattr(prep, "_work", dies_on_chunk_2)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_images(split, out, size=32, workers=1, progress=False)
+    assert calls == [0, 1] and PreparedImages.open(out) is None
+    monkeypatch.setattr(prep, "_work", lambda job: calls.append(job[0]) or real(job))
+    info = prepare_images(split, out, size=32, workers=1, progress=False)
+    assert calls == [0, 1, 2, 3]  # chunks 0 and 1 were not decoded again
+    assert info["bad"] == 1
+    fresh = tmp_path / "fresh"
+    prepare_images(split, fresh, size=32, workers=1, progress=False)
+    assert np.array_equal(PreparedImages.open(out).array, PreparedImages.open(fresh).array)
+
+
+def test_parallel_equals_serial(split, tmp_path, monkeypatch):
+    monkeypatch.setattr(prep, "CHUNK", 4)
+    prepare_images(split, tmp_path / "a", size=32, workers=1, progress=False)
+    prepare_images(split, tmp_path / "b", size=32, workers=2, progress=False)
+    assert np.array_equal(PreparedImages.open(tmp_path / "a").array, PreparedImages.open(tmp_path / "b").array)
+
+
+def test_rows_for_subset_and_missing(split, tmp_path):
+    prepare_images(split, tmp_path / "p", size=32, workers=1, progress=False)
+    p = PreparedImages.open(tmp_path / "p")
+    sub = split.subset(4, seed=0)
+    rows = p.rows_for(sub)
+    assert [p.paths[r] for r in rows] == [str(r.path) for r in sub.images]
+    other = load_coco_captions(split.images[0].path.parents[1], "val")
+    assert p.rows_for(other) is None
+
+
+def test_prepared_dataset_batches_and_caption_rule(split, tmp_path):
+    prepare_images(split, tmp_path / "p", size=32, workers=1, progress=False)
+    p = PreparedImages.open(tmp_path / "p")
+    text = torch.randn(len(split.captions), 8)
+    ds = PreparedDataset(p, p.rows_for(split), text, split.caption_offsets().tolist(), seed=5)
+    ds.set_epoch(2)
+    loader = DataLoader(ds, batch_size=4, collate_fn=identity_collate)
+    batches = list(loader)
+    images, texts, idx, skipped = batches[0]
+    assert images.dtype == torch.uint8 and images.shape == (3, 32, 32, 3)  # row 3 is unreadable
+    assert skipped == 1 and batches[1][0].shape == (4, 32, 32, 3)
+    assert sum(b[3] for b in batches) == 1 and sum(len(b[2]) for b in batches) == 9
+    # Same caption per (seed, epoch, image) as the JPEG dataset: switching loaders changes nothing.
+    jpeg = TrainDataset(split, text, build_transform(32, MEAN, STD), seed=5)
+    jpeg.set_epoch(2)
+    for b in batches:
+        for t, i in zip(b[1], b[2].tolist()):
+            assert torch.equal(t, text[jpeg.caption_index(i)])
+
+
+def test_device_transform_eval_matches_jpeg_path(split, tmp_path):
+    prepare_images(split, tmp_path / "p", size=64, workers=1, progress=False)
+    p = PreparedImages.open(tmp_path / "p")
+    tf = DeviceTransform(48, MEAN, STD)
+    x = tf(torch.from_numpy(np.array(p.array[:2])))
+    assert x.shape == (2, 3, 48, 48) and x.dtype == torch.float32
+    ref = torch.stack([build_transform(48, MEAN, STD)(load_image(split.images[i].path)[0]) for i in range(2)])
+    # Different resampling order (square first), same picture: small mean difference.
+    assert (x - ref).abs().mean() < 0.08
+
+
+def test_device_transform_normalises_and_augments():
+    mean_colour = torch.tensor([round(m * 255) for m in MEAN], dtype=torch.uint8)
+    img = mean_colour.view(1, 1, 1, 3).expand(2, 40, 40, 3).contiguous()
+    assert DeviceTransform(32, MEAN, STD)(img).abs().max() < 0.02
+    # A left/right asymmetric image: augmentation crops and flips per sample, reproducibly.
+    asym = torch.zeros(8, 40, 40, 3, dtype=torch.uint8)
+    asym[:, :, :20] = 255
+    aug = DeviceTransform(32, MEAN, STD, augment=True, scale=(0.9, 1.0))
+    a = aug(asym, torch.Generator().manual_seed(0))
+    b = aug(asym, torch.Generator().manual_seed(0))
+    assert a.shape == (8, 3, 32, 32) and torch.equal(a, b)
+    left_bright = a[:, 0, :, :8].mean((1, 2)) > a[:, 0, :, -8:].mean((1, 2))
+    assert 0 < int(left_bright.sum()) < 8  # some samples flipped, some not
