@@ -328,6 +328,8 @@ def train(cfg: Config, data_root: str | Path, out_dir: str | Path, resume: bool 
             skipped_so_far = totals["skipped_steps"] + ep_skipped_steps
             bar.update(1)
             bar.set_postfix(loss=f"{out['loss']:.3f}", chance=f"{chance:.2f}", scale=f"{out['logit_scale']:.1f}",
+                            gnorm=f"{out['grad_norm']:.2f}",
+                            img_s=f"{ep_steps * images.shape[0] / max(1e-9, time.time() - t_ep):.0f}",
                             skipped=skipped_so_far)
             if global_step % cfg.train.log_every == 0:
                 now = time.time()
