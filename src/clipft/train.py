@@ -33,7 +33,7 @@ from .config import Config, ConfigError, from_dict, load_config, save_config, to
 from .data import CaptionedImages, TrainDataset, build_transform, collate_train, load_split
 from .evaluate import evaluate_split, mean_recall
 from .loss import chance_loss, clip_loss
-from .model import ImageTower, build_image_tower, count_parameters, tower_state
+from .model import build_image_tower, count_parameters, tower_state
 from .runtime import amp_dtype_for, atomic_torch_save, hardware_info, rng_state, seed_everything, set_rng_state
 from .text import get_text_embeddings, load_text_encoder, text_cache_path
 
