@@ -104,9 +104,9 @@ def crafted_run(coco_root, tiny_clip_dir, tmp_path_factory):
 
     calls = itertools.count()
 
-    def shrinking_loss(img, txt, scale):  # the train loss falls step after step, by construction
+    def shrinking_loss(img, txt, scale, **kw):  # the train loss falls step after step, by construction
         factor = 1.0 / (1 + next(calls))
-        return {k: v * factor for k, v in real_loss(img, txt, scale).items()}
+        return {k: v * factor for k, v in real_loss(img, txt, scale, **kw).items()}
 
     recalls = iter([40.0, 30.0, 20.0, 10.0])
     mp.setattr(train_mod, "build_image_tower", constant_tower)

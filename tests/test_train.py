@@ -115,8 +115,8 @@ def test_nan_guard_stops_and_keeps_last_checkpoint(coco_root, tiny_clip_dir, tmp
     real_loss = train_mod.clip_loss
     state = {"calls": 0}
 
-    def nan_after_first_epoch(img, txt, scale):
-        out = real_loss(img, txt, scale)
+    def nan_after_first_epoch(img, txt, scale, **kw):
+        out = real_loss(img, txt, scale, **kw)
         state["calls"] += 1
         if state["calls"] > 2:  # the first epoch has 2 steps at this size
             out = {k: v * float("nan") for k, v in out.items()}

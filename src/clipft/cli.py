@@ -20,11 +20,12 @@ EXIT_USAGE = 2
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
     from .data import DataError
+    from .distributed import DistributedError
     from .download import DownloadError
     from .model import ModelError
     from .text import TextEncoderError
     from .train import TrainingError
-    return (ConfigError, DataError, DownloadError, ModelError, TextEncoderError, TrainingError)
+    return (ConfigError, DataError, DistributedError, DownloadError, ModelError, TextEncoderError, TrainingError)
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -131,6 +132,8 @@ def cmd_prepare_images(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    """Also the entry point of every process under `torchrun ... -m clipft train` (see distributed.py)."""
+    from .distributed import is_main
     from .train import resolve_run_config, train
     _val_data_override(args)
     overrides = list(args.overrides) + list(args.extra_overrides)
@@ -138,6 +141,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg_file = None if base is not None else args.config
     cfg = resolve_run_config(args.out, cfg_file, overrides, base=base, resume=args.resume)
     summary = train(cfg, args.data, args.out, resume=args.resume, progress=not args.quiet)
+    if not is_main():  # under torchrun: one line per job, from rank 0
+        return 0
     print(f"done: {summary['epochs']} epochs, best mean R@5 {summary['best_mean_R@5']:.2f}% "
           f"(epoch {summary['best_epoch']}); checkpoints in {args.out}")
     return 0

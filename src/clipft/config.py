@@ -68,7 +68,7 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 15
-    batch_size: int = 128
+    batch_size: int = 128  # per process: under torchrun the global batch (the negatives) is batch_size x processes
     lr: float = 1e-4
     weight_decay: float = 0.05
     warmup_steps: int = 200
@@ -81,6 +81,10 @@ class TrainConfig:
     max_bad_steps: int = 20  # consecutive non-finite losses before the run stops
     log_every: int = 20  # steps between metrics.jsonl step records
     max_steps_per_epoch: int = 0  # 0 = full epochs; >0 truncates (smoke runs)
+    # K micro-batches per optimizer step: the gradient of a K x larger batch at the memory cost of one, but
+    # NOT more negatives (each micro-batch's loss only sees its own batch_size x processes captions).
+    grad_accum_steps: int = 1
+    sync_batchnorm: bool = False  # multi-GPU: BatchNorm statistics over the global batch (SyncBatchNorm, CUDA only)
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Where and how a run executes: device, precision, seeds and RNG state, atomic writes, hardware.
 
-Kept apart from the training loop so evaluation, export and (later) distributed launch share it.
+Kept apart from the training loop so evaluation, export and distributed launch (distributed.py) share it.
 """
 
 from __future__ import annotations

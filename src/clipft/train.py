@@ -7,31 +7,35 @@ Layout of a run directory (RUN):
   last.pt / best.pt atomic checkpoints (best by mean validation Recall@5 over both directions)
   loss_curves.png   loss and Recall@K per epoch
   summary.json      wall time, hardware, dataset sizes, best epoch, skipped images/steps
+
+Under torchrun every process runs `train`; rank 0 alone writes these files (see distributed.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import itertools
 import json
 import logging
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
-from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .config import Config, from_dict, load_config, save_config, to_dict
+from . import distributed
+from .config import Config, ConfigError, from_dict, load_config, save_config, to_dict
 from .data import CaptionedImages, TrainDataset, build_transform, collate_train, load_split, text_cache_file
-from .evaluate import embed_images, evaluate_split, mean_recall
+from .evaluate import evaluate_split, mean_recall
 from .health import HealthMonitor, mean_pairwise_cosine
 from .loss import chance_loss, clip_loss
-from .model import ImageTower, build_image_tower, count_parameters, tower_state
-from .runtime import (amp_dtype_for, atomic_torch_save, hardware_info, resolve_device, rng_state,
-                      seed_everything, set_rng_state)
+from .model import build_image_tower, count_parameters, tower_state
+from .runtime import amp_dtype_for, atomic_torch_save, hardware_info, rng_state, seed_everything, set_rng_state
 from .text import get_text_embeddings, load_text_encoder
 from .validate import preflight
 
@@ -150,45 +154,91 @@ def prepare_data(cfg: Config, data_root: str | Path, device: torch.device) -> Pr
 
 def make_train_loader(ds: TrainDataset, cfg: Config, epoch: int, device: torch.device) -> DataLoader:
     """A fresh loader per epoch: the shuffle order and each image's caption depend only on
-    (seed, epoch), so a resumed run sees exactly the batches an uninterrupted one would."""
+    (seed, epoch), so a resumed run sees exactly the batches an uninterrupted one would. Under
+    torchrun this process reads its slice of every global batch (`distributed.shard_train_indices`)."""
     ds.set_epoch(epoch)
-    g = torch.Generator().manual_seed(cfg.train.seed * 100_003 + epoch)
-    return DataLoader(ds, batch_size=cfg.train.batch_size, sampler=RandomSampler(ds, generator=g),
-                      num_workers=cfg.data.num_workers, collate_fn=collate_train,
-                      pin_memory=device.type == "cuda", drop_last=len(ds) > cfg.train.batch_size)
+    indices = distributed.shard_train_indices(len(ds), cfg.train.batch_size, cfg.train.seed, epoch,
+                                              distributed.get_rank(), distributed.get_world_size())
+    return DataLoader(ds, batch_size=cfg.train.batch_size, sampler=indices, num_workers=cfg.data.num_workers,
+                      collate_fn=collate_train, pin_memory=device.type == "cuda")
+
+
+def micro_batch_groups(loader: DataLoader, k: int, counts: dict) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """The loader's (images, texts) batches grouped k at a time, one group per optimizer step (the
+    last group of an epoch may be shorter). A batch is left out, by every rank alike, when some rank
+    holds fewer than 2 readable images (the loss needs negatives). Updates counts (all ranks
+    summed): "skipped_images" (unreadable), "images" (in kept batches), "batch" (last kept global batch)."""
+    group = []
+    for images, texts, _idx, n_skipped in loader:
+        per_rank = distributed.all_gather_ints([images.shape[0], n_skipped])  # [[B_r, skipped_r], ...]
+        counts["skipped_images"] += sum(r[1] for r in per_rank)
+        if min(r[0] for r in per_rank) < 2:
+            continue
+        counts["batch"] = sum(r[0] for r in per_rank)
+        counts["images"] += counts["batch"]
+        group.append((images, texts))
+        if len(group) == k:
+            yield group
+            group = []
+    if group:
+        yield group
 
 
 # --------------------------------------------------------------------------- the training step
 
-def train_step(model: ImageTower, images: torch.Tensor, texts: torch.Tensor,
+def train_step(model: torch.nn.Module, micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
                optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
-               scaler: torch.amp.GradScaler, amp_dtype: torch.dtype | None, grad_clip: float) -> dict:
-    """One optimisation step. images [B, 3, H, W] on device, texts [B, D] cached caption embeddings.
+               scaler: torch.amp.GradScaler, amp_dtype: torch.dtype | None, grad_clip: float,
+               gather: bool = False, channels_last: bool = False) -> dict:
+    """One optimisation step over K micro-batches [(images [B, 3, H, W], texts [B, D] cached caption
+    embeddings), ...] (K = 1 without gradient accumulation); tensors are moved to the model's device here.
+    `model` is the ImageTower or its DDP wrapper; gather=True (DDP): the loss uses every process's
+    batch as negatives (`clip_loss`), and DDP averages the gradients on the last micro-batch.
 
-    Returns {"loss", "loss_i2t", "loss_t2i", "grad_norm", "logit_scale", "embed_cos", "skipped"}: a
-    non-finite loss (or, without a scaler, non-finite gradients) skips the update and reports
-    skipped=True. embed_cos: mean pairwise cosine of the batch's image embeddings (collapse check).
+    Returns {"loss", "loss_i2t", "loss_t2i", "grad_norm", "logit_scale", "embed_cos", "skipped"}, the
+    loss terms averaged over the micro-batches. A non-finite loss (or, without a scaler, non-finite
+    gradients) skips the update and reports skipped=True. embed_cos: mean pairwise cosine of the last
+    micro-batch's image embeddings (the collapse check in `health`).
     """
-    device_type = images.device.type
-    # Forward under autocast (bf16/fp16 on CUDA, off on CPU); the loss itself runs in fp32.
-    with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-        image_emb = model(images)  # [B, D], L2-normalised fp32
-    logit_scale = model.logit_scale.exp()  # 1/tau, scalar
-    terms = clip_loss(image_emb, texts, logit_scale)
-    loss = terms["loss"]
+    tower = distributed.unwrap(model)  # the ImageTower: logit_scale, clamp
+    device = tower.logit_scale.device
+    k = len(micro_batches)
+    terms_sum: dict[str, float] = {}
+    for i, (images, texts) in enumerate(micro_batches):
+        images = images.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        texts = texts.to(device, non_blocking=True)
+        # Gradients accumulate locally; DDP all-reduces them only in the last micro-batch's backward.
+        no_sync = model.no_sync() if i < k - 1 and hasattr(model, "no_sync") else contextlib.nullcontext()
+        with no_sync:
+            # Forward under autocast (bf16/fp16 on CUDA, off on CPU); the loss itself runs in fp32.
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                image_emb = model(images)  # [B, D], L2-normalised fp32
+            logit_scale = tower.logit_scale.exp()  # 1/tau, scalar
+            terms = clip_loss(image_emb, texts, logit_scale, gather=gather)
+            loss = terms["loss"]
 
-    # NaN guard: never back-propagate a non-finite loss (one .item() sync per step; we log it anyway).
-    loss_value = float(loss.detach())
-    out = {k: float(v.detach()) for k, v in terms.items()}
-    out.update(logit_scale=float(logit_scale.detach()), grad_norm=float("nan"), skipped=False,
-               embed_cos=mean_pairwise_cosine(image_emb))
-    if not math.isfinite(loss_value):
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()  # the schedule follows attempted steps, so the planned length holds
-        out["skipped"] = True
-        return out
+            # NaN guard: never back-propagate a non-finite loss (one .item() sync per micro-batch; we
+            # log it anyway). The verdict is all-reduced: if one rank skipped the backward (and its
+            # collectives) while the others did not, the processes would deadlock. A bad micro-batch
+            # drops the whole step, including the gradients accumulated so far: a non-finite loss
+            # says the weights or the data are broken, and a step from the surviving micro-batches
+            # would not be the planned average anyway.
+            if not distributed.all_ranks(math.isfinite(float(loss.detach()))):
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()  # the schedule follows attempted steps, so the planned length holds
+                return {**{name: float("nan") for name in terms}, "logit_scale": float(logit_scale.detach()),
+                        "grad_norm": float("nan"), "skipped": True}
 
-    scaler.scale(loss).backward()
+            # / k: the accumulated gradient is the mean over micro-batches (each one's loss only has
+            # its own batch as negatives: accumulation enlarges the gradient's batch, not the softmax).
+            scaler.scale(loss / k).backward()
+        for name, v in terms.items():
+            terms_sum[name] = terms_sum.get(name, 0.0) + float(v.detach()) / k
+    out = {**terms_sum, "logit_scale": float(logit_scale.detach()), "grad_norm": float("nan"), "skipped": False,
+           "embed_cos": mean_pairwise_cosine(image_emb)}
+
     scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
     params = [p for p in model.parameters() if p.requires_grad]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
@@ -200,7 +250,7 @@ def train_step(model: ImageTower, images: torch.Tensor, texts: torch.Tensor,
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     scheduler.step()
-    model.clamp_logit_scale_()  # keep 1/tau <= max_logit_scale (only moves if learnable)
+    tower.clamp_logit_scale_()  # keep 1/tau <= max_logit_scale (only moves if learnable)
     return out
 
 
@@ -212,24 +262,43 @@ def train(cfg: Config, data_root: str | Path, out_dir: str | Path, resume: bool 
 
     With resume=True and RUN/last.pt present, continues from it exactly (model, optimizer,
     scheduler, scaler, RNG states, epoch), appending to the same logs.
+
+    Under torchrun (WORLD_SIZE > 1) every process calls this: it joins the process group
+    (`distributed.setup`), trains its shard of every global batch under DDP with global negatives,
+    and rank 0 alone logs and writes RUN/; the group is left again at the end.
     """
+    ctx = distributed.setup(cfg.train.device)
+    try:
+        return _train(cfg, data_root, out_dir, resume, progress, ctx)
+    finally:
+        distributed.teardown(ctx)
+
+
+def _train(cfg: Config, data_root: str | Path, out_dir: str | Path, resume: bool, progress: bool,
+           ctx: distributed.DistContext) -> dict:
     t_start = time.time()
+    if cfg.train.grad_accum_steps < 1:
+        raise ConfigError(f"train.grad_accum_steps must be >= 1, got {cfg.train.grad_accum_steps}")
     run = RunFiles(Path(out_dir))
     run.root.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.train.device)
-    seed_everything(cfg.train.seed)
+    device, world, main = ctx.device, ctx.world_size, ctx.is_main
+    seed_everything(cfg.train.seed + ctx.rank)  # rank 0 = the single-process seed; others differ (augmentation)
     amp_dtype = amp_dtype_for(device, cfg.train.amp)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
 
-    data = prepare_data(cfg, data_root, device)
-    save_config(cfg, run.config)
+    with distributed.main_process_first("data preparation"):  # rank 0 builds the text cache, the others read it
+        data = prepare_data(cfg, data_root, device)
+    if main:
+        save_config(cfg, run.config)
 
-    model = build_image_tower(cfg.model, embed_dim=data.train_text.shape[1]).to(device)
+    with distributed.main_process_first("model construction"):  # one download of the ImageNet weights
+        model = build_image_tower(cfg.model, embed_dim=data.train_text.shape[1]).to(device)
     if device.type == "cuda" and cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)  # NHWC convs: ~1.5x on tensor cores
+    model = distributed.convert_to_sync_batchnorm(model, ctx, cfg.train.sync_batchnorm)
     optimizer = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
@@ -238,7 +307,12 @@ def train(cfg: Config, data_root: str | Path, out_dir: str | Path, resume: bool 
     # draft_size: large JPEGs are DCT-downscaled while decoding (never below image_size).
     train_ds = TrainDataset(data.train, data.train_text, transform, seed=cfg.train.seed,
                             draft_size=cfg.data.image_size)
-    n_batches = len(train_ds) // cfg.train.batch_size if len(train_ds) > cfg.train.batch_size else 1
+    if len(train_ds) < 2 * world:
+        raise TrainingError(f"{data_root}: {len(train_ds)} training images cannot feed {world} processes "
+                            "(each needs at least 2 per batch)")
+    accum = cfg.train.grad_accum_steps
+    # One optimizer step = accum loader batches per rank (a partial group only when an epoch is shorter).
+    n_batches = max(1, distributed.micro_batches_per_epoch(len(train_ds), cfg.train.batch_size, world) // accum)
     steps_per_epoch = min(n_batches, cfg.train.max_steps_per_epoch) if cfg.train.max_steps_per_epoch > 0 else n_batches
     total_steps = steps_per_epoch * cfg.train.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -247,71 +321,89 @@ def train(cfg: Config, data_root: str | Path, out_dir: str | Path, resume: bool 
     start_epoch, global_step, best_metric, best_epoch = 0, 0, -1.0, -1
     totals = {"skipped_images": 0, "skipped_steps": 0}
     prior_seconds = 0.0
-    if resume and run.last.is_file():
+    has_last = resume and run.last.is_file()
+    if world > 1 and len(set(distributed.all_gather_objects(has_last))) > 1:
+        raise distributed.DistributedError(f"{run.last} is visible to some processes and not to others: the run "
+                                           "directory must be on a filesystem shared by all nodes")
+    if has_last:
         ckpt = torch.load(run.last, map_location=device, weights_only=False)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         if scaler.is_enabled() and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
-        set_rng_state(ckpt["rng"])
+        # Each rank continues its own RNG stream; with another number of processes the data order
+        # and global batch change anyway, so rank 0's state (reseeded per rank) is the best there is.
+        rngs = ckpt.get("rng_per_rank") or [ckpt["rng"]]
+        if len(rngs) == world:
+            set_rng_state(rngs[ctx.rank])
+        else:
+            log.warning("%s was written by %d process(es), this run has %d: the global batch and data order "
+                        "change from here on", run.last, len(rngs), world)
+            set_rng_state(rngs[0])
+            seed_everything(cfg.train.seed + 1000 * ckpt["epoch"] + ctx.rank)
         start_epoch, global_step = ckpt["epoch"], ckpt["step"]
         best_metric, best_epoch = ckpt["best_metric"], ckpt["best_epoch"]
         totals, prior_seconds = ckpt["totals"], ckpt.get("train_seconds", 0.0)
-        # Drop log records written after that checkpoint (a crash mid-epoch), so logs == checkpoint.
-        kept = [r for r in read_records(run.metrics) if r.get("epoch", 0) <= start_epoch]
-        run.metrics.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        del ckpt
+        if main:
+            # Drop log records written after that checkpoint (a crash mid-epoch), so logs == checkpoint.
+            kept = [r for r in read_records(run.metrics) if r.get("epoch", 0) <= start_epoch]
+            run.metrics.write_text("".join(json.dumps(r) + "\n" for r in kept))
         log.info("resuming %s from epoch %d (step %d)", run.root, start_epoch, global_step)
-    elif run.metrics.exists():
+    elif main and run.metrics.exists():
         run.metrics.unlink()  # a fresh run into an old directory starts fresh logs
+    # DDP after loading: it broadcasts rank 0's weights so every rank starts identical. `model` stays
+    # the bare ImageTower (evaluation, checkpoints); `ddp_model` is what train_step runs.
+    ddp_model = distributed.wrap_model(model, ctx)
 
     params = count_parameters(model)
     log.info("image tower %s: %d trainable / %d parameters; %d train / %d val images; device %s",
              cfg.model.backbone, params["trainable"], params["total"], len(data.train), len(data.val), device)
+    global_batch = cfg.train.batch_size * world
+    if world > 1 or accum > 1:
+        log.info("%d process(es) x batch %d = %d negatives per loss; x %d accumulated micro-batches = %d images "
+                 "per optimizer step", world, cfg.train.batch_size, global_batch, accum, global_batch * accum)
 
-    metrics_f = open(run.metrics, "a")
+    metrics_f = open(run.metrics, "a") if main else None
 
     def log_record(rec: dict) -> None:
-        metrics_f.write(json.dumps(rec) + "\n")
-        metrics_f.flush()
+        if metrics_f is not None:  # rank 0 only
+            metrics_f.write(json.dumps(rec) + "\n")
+            metrics_f.flush()
 
     consecutive_bad = 0
     health = HealthMonitor(cfg.train.warmup_steps, cfg.model.max_logit_scale, cfg.model.learnable_temperature)
 
     def log_warnings(records: list[dict]) -> None:
         for w in records:
-            log.warning("health: %s", w["message"])
+            if main:
+                log.warning("health: %s", w["message"])
             log_record(w)
 
     t_train = time.time()
     for epoch in range(start_epoch + 1, cfg.train.epochs + 1):
-        model.train()
+        ddp_model.train()
         loader = make_train_loader(train_ds, cfg, epoch, device)
         # disable=None: bars only on a terminal, so logs redirected to a file stay readable.
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{cfg.train.epochs}",
-                   disable=None if progress else True, dynamic_ncols=True, leave=False)
-        ep_loss, ep_steps, ep_skipped_img, ep_skipped_steps, t_ep = 0.0, 0, 0, 0, time.time()
-        t_log, n_img_log, win_loss, win_steps = time.time(), 0, 0.0, 0
-        for images, texts, _idx, n_skipped in loader:
-            if ep_steps + ep_skipped_steps >= steps_per_epoch:
-                break
-            ep_skipped_img += n_skipped
-            if images.shape[0] < 2:  # contrastive loss needs negatives
-                continue
-            images = images.to(device, non_blocking=True)
-            if device.type == "cuda" and cfg.train.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            texts = texts.to(device, non_blocking=True)
-            out = train_step(model, images, texts, optimizer, scheduler, scaler, amp_dtype, cfg.train.grad_clip)
+                   disable=None if progress and main else True, dynamic_ncols=True, leave=False)
+        ep_loss, ep_steps, ep_skipped_steps, t_ep = 0.0, 0, 0, time.time()
+        counts = {"skipped_images": 0, "images": 0, "batch": 0}  # summed over ranks
+        t_log, n_img_logged, win_loss, win_steps = time.time(), 0, 0.0, 0
+        groups = micro_batch_groups(loader, accum, counts)
+        for micro in itertools.islice(groups, steps_per_epoch):  # one group = one attempted step
+            out = train_step(ddp_model, micro, optimizer, scheduler, scaler, amp_dtype, cfg.train.grad_clip,
+                             gather=world > 1, channels_last=device.type == "cuda" and cfg.train.channels_last)
             global_step += 1
-            n_img_log += images.shape[0]
-            if out["skipped"]:
+            if out["skipped"]:  # the same verdict on every rank (train_step all-reduces it)
                 ep_skipped_steps += 1
                 consecutive_bad += 1
                 log.warning("step %d: non-finite loss/gradients, update skipped (%d in a row)",
                             global_step, consecutive_bad)
                 if consecutive_bad >= cfg.train.max_bad_steps:
-                    metrics_f.close()
+                    if metrics_f is not None:
+                        metrics_f.close()
                     last = f"{run.last} (epoch {start_epoch if epoch == start_epoch + 1 else epoch - 1})" \
                         if run.last.exists() else "no checkpoint yet"
                     raise TrainingError(
@@ -324,24 +416,25 @@ def train(cfg: Config, data_root: str | Path, out_dir: str | Path, resume: bool 
             ep_loss += out["loss"]
             ep_steps += 1
             win_loss, win_steps = win_loss + out["loss"], win_steps + 1
-            chance = chance_loss(images.shape[0])
+            chance = chance_loss(counts["batch"])  # ln(global batch): the loss of a model that guesses
             skipped_so_far = totals["skipped_steps"] + ep_skipped_steps
             bar.update(1)
             bar.set_postfix(loss=f"{out['loss']:.3f}", chance=f"{chance:.2f}", scale=f"{out['logit_scale']:.1f}",
                             gnorm=f"{out['grad_norm']:.2f}",
-                            img_s=f"{ep_steps * images.shape[0] / max(1e-9, time.time() - t_ep):.0f}",
-                            skipped=skipped_so_far)
+                            img_s=f"{counts['images'] / max(1e-9, time.time() - t_ep):.0f}", skipped=skipped_so_far)
             if global_step % cfg.train.log_every == 0:
                 now = time.time()
                 log_record({"type": "step", "epoch": epoch, "step": global_step, "loss": out["loss"],
                             "chance_loss": chance, "lr": scheduler.get_last_lr()[0],
                             "logit_scale": out["logit_scale"], "grad_norm": out["grad_norm"],
-                            "images_per_s": n_img_log / max(1e-9, now - t_log),
+                            "images_per_s": (counts["images"] - n_img_logged) / max(1e-9, now - t_log),
                             "skipped_steps": skipped_so_far, "embed_cos": out["embed_cos"]})
                 log_warnings(health.step(epoch, global_step, win_loss / win_steps, chance, out["embed_cos"],
                                          out["logit_scale"]))
-                t_log, n_img_log, win_loss, win_steps = now, 0, 0.0, 0
+                t_log, n_img_logged, win_loss, win_steps = now, counts["images"], 0.0, 0
         bar.close()
+        groups.close()  # also closes the loader (its workers) when the epoch stopped early
+        ep_skipped_img = counts["skipped_images"]
         totals["skipped_images"] += ep_skipped_img
         totals["skipped_steps"] += ep_skipped_steps
         train_seconds = time.time() - t_ep
@@ -352,28 +445,40 @@ def train(cfg: Config, data_root: str | Path, out_dir: str | Path, resume: bool 
                                   "lr": scheduler.get_last_lr()[0],
                                   "logit_scale": model.logit_scale.exp().item(),
                                   "train_seconds": train_seconds}
+        # One set of BatchNorm running statistics (rank 0's) for evaluation and the checkpoint.
+        distributed.broadcast_buffers(model)
         if epoch % cfg.eval.every == 0 or epoch == cfg.train.epochs:
-            emb, rows = embed_images(model, data.val, cfg, device, amp_dtype)
-            val = evaluate_split(emb, rows, data.val, data.val_text, cfg.eval.ks,
-                                 logit_scale=model.logit_scale.exp().item(), batch_size=cfg.train.batch_size)
-            record.update(val_loss=val.get("val_loss"), val=val, val_skipped_images=len(data.val) - val["num_images"])
-            record["mean_R@5"] = mean_recall(val, 5)
+            # Every rank embeds a shard of the images; rank 0 scores the gathered set (= single process).
+            emb, rows = distributed.sharded_embed_images(model, data.val, cfg, device, amp_dtype)
+            if main:
+                # val loss in batches of the global batch: the negatives the train loss has.
+                val = evaluate_split(emb, rows, data.val, data.val_text, cfg.eval.ks,
+                                     logit_scale=model.logit_scale.exp().item(), batch_size=global_batch)
+                record.update(val_loss=val.get("val_loss"), val=val,
+                              val_skipped_images=len(data.val) - val["num_images"])
+                record["mean_R@5"] = mean_recall(val, 5)
+        if world > 1:
+            record = distributed.all_gather_objects(record)[0]  # rank 0's: the same best/early decisions everywhere
         log_record(record)
-        _write_epochs_csv(run.epochs_csv, read_records(run.metrics, "epoch"))
-        log_warnings(health.epoch(epoch, global_step, read_records(run.metrics, "epoch")))
+        if main:
+            _write_epochs_csv(run.epochs_csv, read_records(run.metrics, "epoch"))
+            log_warnings(health.epoch(epoch, global_step, read_records(run.metrics, "epoch")))
 
         is_best = "mean_R@5" in record and record["mean_R@5"] > best_metric
         if is_best:
             best_metric, best_epoch = record["mean_R@5"], epoch
-        ckpt = {**tower_state(model), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "epoch": epoch, "step": global_step, "rng": rng_state(),
-                "config": to_dict(cfg), "best_metric": best_metric, "best_epoch": best_epoch,
-                "totals": totals, "text": data.text_info,
-                "train_seconds": prior_seconds + (time.time() - t_train)}
-        atomic_torch_save(ckpt, run.last)
-        if is_best:
-            atomic_torch_save(ckpt, run.best)
-        _plot_curves(run)
+        rngs = distributed.all_gather_objects(rng_state())  # every rank's stream, for an exact resume
+        if main:
+            ckpt = {**tower_state(model), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(), "epoch": epoch, "step": global_step, "rng": rngs[0],
+                    "rng_per_rank": rngs, "world_size": world,
+                    "config": to_dict(cfg), "best_metric": best_metric, "best_epoch": best_epoch,
+                    "totals": totals, "text": data.text_info,
+                    "train_seconds": prior_seconds + (time.time() - t_train)}
+            atomic_torch_save(ckpt, run.last)
+            if is_best:
+                atomic_torch_save(ckpt, run.best)
+            _plot_curves(run)
         msg = f"epoch {epoch}: train loss {record['train_loss']:.4f}"
         if "val" in record:
             v = record["val"]
@@ -381,7 +486,8 @@ def train(cfg: Config, data_root: str | Path, out_dir: str | Path, resume: bool 
                     + "/".join(f"{x:.1f}" for x in v["image_to_text"].values())
                     + ", t2i R@1/5/10 " + "/".join(f"{x:.1f}" for x in v["text_to_image"].values()))
         log.info(msg)
-    metrics_f.close()
+    if metrics_f is not None:
+        metrics_f.close()
 
     summary = {
         "run_dir": str(run.root), "data_root": str(data_root), "epochs": cfg.train.epochs, "steps": global_step,
@@ -393,11 +499,16 @@ def train(cfg: Config, data_root: str | Path, out_dir: str | Path, resume: bool 
                     "source": data.train.name, "val_source": data.val.name},
         "text": data.text_info, **totals,
         "health_warnings": [w["kind"] for w in read_records(run.metrics, "warning")],
+        "distributed": {"processes": world, "backend": ctx.backend, "batch_per_process": cfg.train.batch_size,
+                        "global_batch": global_batch, "grad_accum_steps": accum,
+                        "images_per_step": global_batch * accum, "sync_batchnorm": cfg.train.sync_batchnorm},
     }
-    epochs = read_records(run.metrics, "epoch")
-    if epochs and "val" in epochs[-1]:
-        summary["final_val"] = epochs[-1]["val"]
-    run.summary.write_text(json.dumps(summary, indent=2) + "\n")
+    if main:
+        epochs = read_records(run.metrics, "epoch")
+        if epochs and "val" in epochs[-1]:
+            summary["final_val"] = epochs[-1]["val"]
+        run.summary.write_text(json.dumps(summary, indent=2) + "\n")
+    distributed.barrier()  # every process returns once rank 0 has written everything
     return summary
 
 
