@@ -66,14 +66,16 @@ def retrieval_ranks(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_ima
     image_rank = torch.zeros(n, dtype=torch.long, device=image_emb.device)
     text_rank = torch.zeros(m, dtype=torch.long, device=image_emb.device)
     cols = torch.arange(m, device=image_emb.device)
+    above = torch.empty(min(n, chunk_size), m, dtype=torch.bool, device=image_emb.device)  # reused [c, M]
     for start in range(0, n, chunk_size):
         stop = min(n, start + chunk_size)
         s = image_emb[start:stop] @ text_emb.T  # [c, M]
         # Mask each caption's own image row inside this chunk (positives never count as negatives).
         own = (text_to_image >= start) & (text_to_image < stop)
         s[text_to_image[own] - start, cols[own]] = float("-inf")
-        image_rank[start:stop] = (s > best_pos[start:stop, None]).sum(1)
-        text_rank += (s > pos[None, :]).sum(0)
+        buf = above[:stop - start]
+        image_rank[start:stop] = torch.gt(s, best_pos[start:stop, None], out=buf).sum(1)
+        text_rank += torch.gt(s, pos[None, :], out=buf).sum(0)
         del s
     return image_rank, text_rank
 
