@@ -79,6 +79,10 @@ class EvalConfig:
     ks: tuple[int, ...] = (1, 5, 10)
     batch_size: int = 256
     every: int = 1  # evaluate recall every N epochs (and always after the last)
+    # Zero-shot classification prompts: "{}" is the class name ("a {}" becomes "an {}" before a
+    # vowel); a class's text embedding is the normalised mean over these templates.
+    zeroshot_templates: tuple[str, ...] = ("a photo of a {}.", "a picture of a {}.", "an image showing a {}.",
+                                           "a drawing of a {}.")
 
 
 @dataclass
