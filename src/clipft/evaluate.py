@@ -266,16 +266,57 @@ def save_split_embeddings(path: str | Path, emb: SplitEmbeddings, meta: dict | N
     return path
 
 
+EMBEDDING_KEYS = ("image_emb", "text_emb", "image_ids", "caption_ids", "caption_to_image")
+
+
 def load_split_embeddings(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, metadata) of a file written by `save_split_embeddings`."""
+    """(tensors, metadata) of a file written by `save_split_embeddings`; DataError if it is not one."""
     from safetensors import safe_open
+
+    from .data import DataError
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: embeddings file not found")
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        meta = dict(f.metadata() or {})
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        raise DataError(f"{path}: embeddings file not found")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own types for garbled files
+        raise DataError(f"{path}: not a readable safetensors file ({type(e).__name__})") from None
+    missing = [k for k in EMBEDDING_KEYS if k not in tensors]
+    if missing:
+        raise DataError(f"{path}: not a clipft embeddings file (missing {', '.join(missing)})")
     return tensors, meta
+
+
+def split_embeddings_from_file(path: str | Path, checkpoint: str | Path, data_root: str | Path, split: str = "val",
+                               cfg: Config | None = None, karpathy: str | Path | None = None
+                               ) -> tuple[SplitEmbeddings, Config]:
+    """Rebuild SplitEmbeddings from a `--save-embeddings` file and the split it was made from
+    (matched by image and caption ids), without running any model."""
+    from .config import from_dict
+    from .data import DataError
+    from .model import read_checkpoint
+    from .protocols import resolve_eval_split
+    tensors, meta = load_split_embeddings(path)
+    if cfg is None:
+        cfg = from_dict(read_checkpoint(checkpoint)["config"])
+    es = resolve_eval_split(data_root, split, cfg, karpathy)
+    if meta.get("split") not in (None, split):
+        raise DataError(f"{path}: embeddings of split {meta.get('split')!r}, not {split!r}")
+    row_of_image = {i: r for r, i in enumerate(es.data.image_ids)}
+    try:
+        rows = torch.tensor([row_of_image[int(i)] for i in tensors["image_ids"]], dtype=torch.long)
+    except KeyError as e:
+        raise DataError(f"{path}: image id {e.args[0]} is not in split {split!r} of {data_root}") from None
+    pos_of_caption = {c: j for j, c in enumerate(es.data.caption_ids)}
+    text = torch.zeros(len(es.data.caption_ids), tensors["text_emb"].shape[1])
+    for c, e in zip(tensors["caption_ids"].tolist(), tensors["text_emb"]):
+        if c not in pos_of_caption:
+            raise DataError(f"{path}: caption id {c} is not in split {split!r} of {data_root}")
+        text[pos_of_caption[c]] = e
+    scale = float(meta.get("logit_scale", 1.0 / cfg.model.temperature))
+    return SplitEmbeddings(es, tensors["image_emb"], rows, text, logit_scale=scale), cfg
 
 
 def metrics_csv_rows(metrics: dict, model: str = "fine-tuned") -> list[dict]:

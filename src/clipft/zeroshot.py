@@ -28,6 +28,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from .config import ConfigError
 from .data import DataError, _read_json
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ SHAPES_FIELDS = ("color-shape", "shape", "color")
 def fill_template(template: str, label: str) -> str:
     """template.format(label), with "a {}" turned into "an {}" before a vowel ("an orange star")."""
     if "{}" not in template:
-        raise ValueError(f"zero-shot template {template!r} has no '{{}}' for the class name")
+        raise ConfigError(f"zero-shot template {template!r} has no '{{}}' for the class name")
     if label[:1].lower() in "aeiou":
         template = re.sub(r"\b([Aa]) \{\}", r"\1n {}", template)
     return template.format(label)
@@ -49,9 +50,9 @@ def fill_template(template: str, label: str) -> str:
 def class_prompts(labels: Sequence[str], templates: Sequence[str]) -> list[list[str]]:
     """[C][T] prompts: every template filled with every class name."""
     if not labels:
-        raise ValueError("zero-shot needs at least one class label")
+        raise ConfigError("zero-shot needs at least one class label")
     if not templates:
-        raise ValueError("zero-shot needs at least one prompt template")
+        raise ConfigError("zero-shot needs at least one prompt template")
     return [[fill_template(t, lab) for t in templates] for lab in labels]
 
 
