@@ -395,10 +395,11 @@ def evaluate_checkpoint(checkpoint: str | Path, data_root: str | Path, split: st
             "checkpoint": checkpoint, "text_encoder": cfg.text.encoder}))
     write_metrics(json_path, metrics)
     write_metrics_csv(csv_path, metrics)
+    metrics["files"] = [str(json_path), str(csv_path)]
     legacy = checkpoint.parent / "metrics.json"
     if emb.split.name == "val" and json_path != legacy and not out:
-        write_metrics(legacy, metrics)  # the name the report, the demo and older scripts read
-    metrics["files"] = [str(json_path), str(csv_path)]
+        write_metrics(legacy, {k: v for k, v in metrics.items() if k != "files"})  # what older readers use
+        metrics["files"].append(str(legacy))
     return metrics
 
 
