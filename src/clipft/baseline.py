@@ -60,20 +60,15 @@ def load_clip_vision(name: str, device: torch.device) -> tuple[torch.nn.Module, 
     return model.float().eval().to(device), processor
 
 
-def _processor_side(processor: Any) -> int | None:
-    size = getattr(processor, "size", None) or {}
-    if isinstance(size, dict):
-        return size.get("shortest_edge") or size.get("height")
-    return int(size) if isinstance(size, int) else None
-
-
 @torch.inference_mode()
 def clip_image_embeddings(model: torch.nn.Module, processor: Any, data: CaptionedImages, device: torch.device,
                           batch_size: int = 256, num_workers: int = 0, amp_dtype: torch.dtype | None = None,
                           progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """CLIP image embeddings of a split: (emb [N_ok, D] L2-normalised fp32 CPU, rows [N_ok]),
     unreadable images left out exactly like `evaluate.embed_images` does."""
-    ds = EvalImageDataset(data, _ProcessorTransform(processor), draft_size=_processor_side(processor))
+    # No JPEG draft decoding: the processor gets the fully decoded image, exactly as in HF's own usage,
+    # so the baseline's numbers are CLIP's and not those of a different downsampling path.
+    ds = EvalImageDataset(data, _ProcessorTransform(processor), draft_size=None)
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         collate_fn=collate_eval, pin_memory=device.type == "cuda")
     embs, rows = [], []

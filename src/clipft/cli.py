@@ -207,12 +207,16 @@ def cmd_visualize(args: argparse.Namespace) -> int:
     if args.kind in ("heatmap", "all"):
         sim, labels, owner = P.heatmap_data(emb, args.heatmap_images, args.seed)
         written.append(V.plot_similarity_heatmap(sim, labels, owner, _out(args, out_dir / P.HEATMAP_PNG)))
-    if args.kind in ("zero-shot", "all"):
+    ds_split = cfg.data.val_split if args.split in ("val", "val-full") else args.split
+    shapes_labels = Path(args.data) / "annotations" / f"shapes_labels_{ds_split}2014.json"
+    if args.kind == "all" and not args.labels_from and not shapes_labels.is_file():
+        print("zero-shot picture skipped: no --labels-from and the dataset has no shapes labels")
+    elif args.kind in ("zero-shot", "all"):
         from .zeroshot import zeroshot_dataset
         labels_from = args.labels_from or "shapes"
         r = zeroshot_dataset(args.checkpoint, args.data, labels_from=labels_from, labels=args.labels,
                              templates=args.template, cfg=cfg, device=args.device, embeddings=emb,
-                             out_dir=_out(args, out_dir / "x").parent, n_examples=args.n * 2 if args.n < 4 else 6,
+                             out_dir=_out(args, out_dir / "x").parent, n_examples=2 * args.n,
                              seed=args.seed)
         written += [Path(r["examples_png"]), Path(r["confusion_png"])]
     for w in written:
@@ -376,7 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_split_args(s)
     s.add_argument("--queries", nargs="+", metavar="TEXT",
                    help="text-to-image: free-text queries (default: random captions of the split)")
-    s.add_argument("--n", type=int, default=4, help="queries / images per picture (default 4)")
+    s.add_argument("--n", type=int, default=4, help="rows per picture: queries / images (zero-shot: 2 images "
+                                                    "per row) (default 4)")
     s.add_argument("--heatmap-images", type=int, default=10, help="images in the heatmap (default 10)")
     s.add_argument("--labels", nargs="+", metavar="NAME", help="zero-shot: class names")
     s.add_argument("--labels-from", metavar="SOURCE", help="zero-shot: ground truth (default shapes)")
