@@ -107,3 +107,10 @@ def test_zero_shot_after_demo_style_training_is_well_above_chance(demo_run, caps
     assert r["num_images"] >= 30
     assert r["top1"] >= 2 * r["chance_top1"], r["top1"]
     print(capsys.readouterr().out)
+
+
+def test_learned_temperature_reports_its_final_value():
+    cfg = {"train": {"batch_size": 8}, "model": {"temperature": 0.07, "learnable_temperature": True,
+                                                 "max_logit_scale": 100.0}}
+    text = "\n".join(loss_explanation(cfg, final_logit_scale=25.0))
+    assert "learned from this initial value" in text and "ended at 1/tau = 25.0, tau = 0.0400" in text

@@ -198,7 +198,9 @@ def cmd_visualize(args: argparse.Namespace) -> int:
     out_dir = Path(args.checkpoint).parent
     written = []
     if args.kind in ("text-to-image", "all"):
-        q_emb = P.embed_queries(cfg, args.queries) if args.queries else None
+        from .runtime import resolve_device
+        dev = resolve_device(args.device if args.device != "auto" else cfg.train.device)
+        q_emb = P.embed_queries(cfg, args.queries, dev) if args.queries else None
         rows = P.text_to_image_results(emb, args.queries, q_emb, n=args.n, seed=args.seed)
         written.append(V.plot_text_to_image(rows, _out(args, out_dir / P.TEXT_TO_IMAGE_PNG)))
     if args.kind in ("image-to-text", "all"):

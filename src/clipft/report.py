@@ -100,7 +100,7 @@ def write_report(run_dir: str | Path) -> Path:
         lines += ["## Training curves", "", f"![training curves]({run.curves.name})", ""]
     lines += ["## Training stability", ""] + [f"- {n}" for n in stability_notes(epochs, t.get("batch_size", 1))]
     lines += [f"- {n}" for n in log_observations(read_records(run.metrics, "step"), epochs, t.get("log_every"))]
-    lines += [""] + loss_explanation(cfg)
+    lines += [""] + loss_explanation(cfg, epochs[-1].get("logit_scale") if epochs else None)
     lines += config_dump(cfg)
     out = run.root / "report.md"
     out.write_text("\n".join(lines))
@@ -274,15 +274,19 @@ def log_observations(steps: list[dict], epochs: list[dict], log_every: int | Non
     return notes
 
 
-def loss_explanation(cfg: dict) -> list[str]:
-    """The contrastive loss in words, with this run's batch size and temperature."""
+def loss_explanation(cfg: dict, final_logit_scale: float | None = None) -> list[str]:
+    """The contrastive loss in words, with this run's batch size and temperature (and, for a learned
+    temperature, the value it ended at: `final_logit_scale` = 1/tau of the last epoch)."""
     t, m = cfg.get("train", {}), cfg.get("model", {})
     b = t.get("batch_size", "B")
     tau = m.get("temperature", 0.07)
     neg = b - 1 if isinstance(b, int) else "B-1"
     chance = f"{chance_loss(b):.2f}" if isinstance(b, int) else "ln B"
-    learn = ("learned (initialised at this value, 1/tau clamped to at most "
-             f"{m.get('max_logit_scale')})" if m.get("learnable_temperature") else "fixed")
+    learn = "fixed"
+    if m.get("learnable_temperature"):
+        learn = f"learned from this initial value, 1/tau clamped to at most {m.get('max_logit_scale')}"
+        if final_logit_scale:
+            learn += f"; it ended at 1/tau = {final_logit_scale:.1f}, tau = {1 / final_logit_scale:.4f}"
     return ["## How it works", "",
             "The text encoder is frozen: every caption is embedded once and cached. Only the image tower "
             "(CNN backbone + MLP head) is trained, so the image embeddings learn to live in the text encoder's "
