@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from clipft.evaluate import mean_recall, retrieval_ranks, retrieval_recall, format_recall_table
+from clipft.evaluate import DIRECTIONS, format_recall_table, mean_recall, retrieval_ranks, retrieval_recall
 
 
 def naive_recall(image_emb, text_emb, text_to_image, ks=(1, 5, 10)):
@@ -109,3 +109,85 @@ def test_mean_recall_k():
     r = {"image_to_text": {"R@1": 10.0, "R@5": 30.0}, "text_to_image": {"R@1": 20.0, "R@5": 50.0}}
     assert mean_recall(r, 5) == 40.0
     assert math.isclose(mean_recall(r), 27.5)
+
+
+# --------------------------------------------------------------------------- checkpoint evaluation files
+
+def test_evaluate_writes_metrics_by_split_csv_and_embeddings(coco_root, trained_run, capsys):
+    import csv
+    import json
+
+    from clipft.cli import main
+    from clipft.evaluate import load_split_embeddings
+
+    ckpt = trained_run / "best.pt"
+    for f in ("metrics.json", "metrics_val.json", "metrics_val.csv", "embeddings_val.safetensors"):
+        (trained_run / f).unlink(missing_ok=True)
+    assert main(["evaluate", "--checkpoint", str(ckpt), "--data", str(coco_root), "--save-embeddings",
+                 "--quiet"]) == 0
+    m = json.loads((trained_run / "metrics_val.json").read_text())
+    # The default val protocol also keeps writing metrics.json (what older readers use).
+    assert json.loads((trained_run / "metrics.json").read_text()) == m
+    assert m["split"] == "val" and "validation" in m["protocol"]
+    rows = list(csv.DictReader(open(trained_run / "metrics_val.csv")))
+    assert [(r["direction"], r["k"]) for r in rows] == [(d, k) for d in DIRECTIONS for k in ("1", "5", "10")]
+    for r in rows:
+        assert float(r["recall"]) == pytest.approx(m[r["direction"]][f"R@{r['k']}"], abs=1e-4)
+        assert r["model"] == "fine-tuned" and int(r["num_images"]) == m["num_images"]
+
+    t, meta = load_split_embeddings(trained_run / "embeddings_val.safetensors")
+    assert set(t) == {"image_emb", "text_emb", "image_ids", "caption_ids", "caption_to_image"}
+    n, mcap = m["num_images"], m["num_captions"]
+    assert t["image_emb"].shape[0] == n and t["text_emb"].shape[0] == mcap
+    assert t["image_ids"].shape == (n,) and t["caption_ids"].shape == (mcap,)
+    assert meta["split"] == "val" and meta["checkpoint"] == str(ckpt)
+    # The file alone reproduces the reported recall.
+    again = retrieval_recall(t["image_emb"], t["text_emb"], t["caption_to_image"])
+    for d in DIRECTIONS:
+        assert again[d] == pytest.approx(m[d])
+    # caption_to_image pairs each caption id with its image id, as in the annotations.
+    ann = json.loads((coco_root / "annotations" / "captions_val2014.json").read_text())["annotations"]
+    owner = {a["id"]: a["image_id"] for a in ann}
+    for c, r in zip(t["caption_ids"].tolist(), t["caption_to_image"].tolist()):
+        assert owner[c] == int(t["image_ids"][r])
+    assert "metrics_val.csv" in capsys.readouterr().out
+
+
+def test_split_embeddings_round_trip_through_the_file(coco_root, trained_run, tmp_path):
+    import torch
+
+    from clipft.evaluate import checkpoint_embeddings, save_split_embeddings, split_embeddings_from_file
+    emb, cfg = checkpoint_embeddings(trained_run / "best.pt", coco_root, "val")
+    save_split_embeddings(tmp_path / "e.safetensors", emb)
+    back, _ = split_embeddings_from_file(tmp_path / "e.safetensors", trained_run / "best.pt", coco_root, "val")
+    assert torch.equal(back.rows, emb.rows) and torch.equal(back.image_emb, emb.image_emb)
+    assert torch.equal(back.text_emb, emb.text_emb) and back.logit_scale == pytest.approx(emb.logit_scale)
+
+
+def test_compare_zero_shot_clip_side_by_side(coco_root, trained_run, tmp_path, capsys):
+    import csv
+    import json
+
+    from clipft.baseline import save_tiny_clip_model
+    from clipft.cli import main
+
+    clip_dir = save_tiny_clip_model(tmp_path / "tiny-clip-full", image_size=32)
+    out = tmp_path / "m.json"
+    assert main(["evaluate", "--checkpoint", str(trained_run / "best.pt"), "--data", str(coco_root),
+                 "--compare-zero-shot", str(clip_dir), "--out", str(out), "--quiet"]) == 0
+    m = json.loads(out.read_text())
+    zs = m["zero_shot"]
+    assert zs["model"] == str(clip_dir) and zs["num_images"] == m["num_images"]
+    assert zs["num_captions"] == m["num_captions"] and set(zs["image_to_text"]) == {"R@1", "R@5", "R@10"}
+    rows = list(csv.DictReader(open(tmp_path / "m.csv")))
+    assert len(rows) == 12 and {r["model"] for r in rows} == {"fine-tuned", f"zero-shot {clip_dir}"}
+    printed = capsys.readouterr().out
+    assert "fine-tuned" in printed and "zero-shot" in printed and "delta" in printed
+    # Its captions were cached under the CLIP model's own name, not the checkpoint's encoder.
+    assert any("tiny-clip-full" in p.name for p in (coco_root / "cache").glob("val_text_embeds_*"))
+
+    # A directory that is not a full CLIP model: one line, exit 2.
+    assert main(["evaluate", "--checkpoint", str(trained_run / "best.pt"), "--data", str(coco_root),
+                 "--compare-zero-shot", str(tmp_path), "--out", str(tmp_path / "x.json"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--compare-zero-shot" in err[0]

@@ -61,6 +61,13 @@ def _split_extra(extra: list[str]) -> list[str]:
     return out
 
 
+def _add_split_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--split", default="val",
+                   help="protocol: val (the configured subset, default), val-full (whole val2014), "
+                        "karpathy-test / karpathy-val (with --karpathy), or any split name")
+    p.add_argument("--karpathy", metavar="JSON", help="Karpathy's dataset_coco.json (for --split karpathy-test)")
+
+
 # --------------------------------------------------------------------------- commands
 
 def cmd_make_data(args: argparse.Namespace) -> int:
@@ -149,20 +156,146 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .config import from_dict
-    from .evaluate import evaluate_checkpoint, format_recall_table
-    from .model import read_checkpoint
+    from .evaluate import evaluate_checkpoint, format_comparison_table, format_recall_table
     _val_data_override(args)
-    cfg = None
-    if args.overrides or args.extra_overrides:
-        cfg = from_dict(read_checkpoint(args.checkpoint)["config"])
-        cfg = load_config(None, list(args.overrides) + list(args.extra_overrides), base=cfg)
-    out = args.out or str(Path(args.checkpoint).parent / "metrics.json")
-    m = evaluate_checkpoint(args.checkpoint, args.data, split=args.split, cfg=cfg, out=out,
-                            device=args.device, progress=not args.quiet)
+    cfg = _checkpoint_config(args)
+    save = args.save_embeddings
+    if save == "auto":
+        save = str(Path(args.checkpoint).parent / f"embeddings_{args.split}.safetensors")
+    m = evaluate_checkpoint(args.checkpoint, args.data, split=args.split, cfg=cfg, out=args.out,
+                            device=args.device, progress=not args.quiet, karpathy=args.karpathy,
+                            compare_zero_shot=args.compare_zero_shot, save_embeddings=save)
     print(f"{m['protocol']}")
-    print(format_recall_table(m))
-    print(f"wrote {out}")
+    print(format_comparison_table(m) if "zero_shot" in m else format_recall_table(m))
+    if m.get("skipped_images"):
+        print(f"{m['skipped_images']} unreadable image(s) left out (with their captions)")
+    for f in m["files"] + ([m["embeddings"]] if "embeddings" in m else []):
+        print(f"wrote {f}")
+    return 0
+
+
+def _checkpoint_config(args: argparse.Namespace) -> Config | None:
+    """The checkpoint's saved config with --set overrides applied (None without overrides)."""
+    from .config import from_dict
+    from .model import read_checkpoint
+    overrides = list(getattr(args, "overrides", [])) + list(getattr(args, "extra_overrides", []))
+    if not overrides:
+        return None
+    return load_config(None, overrides, base=from_dict(read_checkpoint(args.checkpoint)["config"]))
+
+
+def cmd_zeroshot(args: argparse.Namespace) -> int:
+    from .zeroshot import zeroshot_dataset, zeroshot_images
+    if bool(args.image) == bool(args.data):
+        raise ConfigError("zeroshot: give either --image PATH ... or --data ROOT")
+    if args.image:
+        if not args.labels:
+            raise ConfigError("zeroshot --image: give the class names with --labels")
+        results = zeroshot_images(args.checkpoint, args.image, args.labels, templates=args.template,
+                                  device=args.device, k=args.top_k, plot=args.plot)
+        for r in results:
+            print(r["path"])
+            for label, p in r["top"]:
+                print(f"  {p:6.3f}  {label}")
+        if args.plot:
+            print(f"wrote {args.plot}")
+        return 0
+    if not args.labels_from:
+        raise ConfigError("zeroshot --data: say where the ground truth comes from with --labels-from "
+                          "(shapes, shapes:shape, shapes:color, or a COCO instances_*.json)")
+    cfg = _checkpoint_config(args)
+    r = zeroshot_dataset(args.checkpoint, args.data, split=args.split, labels_from=args.labels_from,
+                         labels=args.labels, templates=args.template, cfg=cfg, device=args.device,
+                         out_dir=args.out, karpathy=args.karpathy, n_examples=args.examples, seed=args.seed,
+                         progress=not args.quiet)
+    print(f"{r['protocol']}")
+    print(f"labels: {r['rule']} ({len(r['classes'])} classes; {r['num_images']} images scored, "
+          f"{r['unlabelled_images']} without a single label left out)")
+    print(f"top-1 {r['top1']:.2f}%  top-5 {r['top5']:.2f}%  (chance {r['chance_top1']:.2f}% / {r['chance_top5']:.2f}%)")
+    for key in ("json", "confusion_png", "examples_png"):
+        if key in r:
+            print(f"wrote {r[key]}")
+    return 0
+
+
+def cmd_visualize(args: argparse.Namespace) -> int:
+    from . import pictures as P
+    from . import visualize as V
+    if args.kind == "curves":
+        from .train import RunFiles, read_records
+        if not args.run:
+            raise ConfigError("visualize curves: give the run directory with --run RUN")
+        run = RunFiles(Path(args.run))
+        if not run.metrics.is_file():
+            raise ConfigError(f"{run.metrics}: not found (is {args.run} a run directory?)")
+        out = V.plot_training_curves(read_records(run.metrics, "epoch"), args.out or run.curves)
+        if out is None:
+            raise ConfigError(f"{run.metrics}: no completed epoch logged yet")
+        print(f"wrote {out}")
+        return 0
+    if not args.checkpoint or not args.data:
+        raise ConfigError(f"visualize {args.kind}: needs --checkpoint CKPT and --data ROOT")
+    from .evaluate import checkpoint_embeddings, split_embeddings_from_file
+    cfg = _checkpoint_config(args)
+    if args.embeddings:
+        emb, cfg = split_embeddings_from_file(args.embeddings, args.checkpoint, args.data, args.split, cfg,
+                                              args.karpathy)
+    else:
+        emb, cfg = checkpoint_embeddings(args.checkpoint, args.data, args.split, cfg, args.device, args.karpathy,
+                                         progress=not args.quiet)
+    out_dir = Path(args.checkpoint).parent
+    written = []
+    if args.kind in ("text-to-image", "all"):
+        from .runtime import resolve_device
+        dev = resolve_device(args.device if args.device != "auto" else cfg.train.device)
+        q_emb = P.embed_queries(cfg, args.queries, dev) if args.queries else None
+        rows = P.text_to_image_results(emb, args.queries, q_emb, n=args.n, seed=args.seed)
+        written.append(V.plot_text_to_image(rows, _out(args, out_dir / P.TEXT_TO_IMAGE_PNG)))
+    if args.kind in ("image-to-text", "all"):
+        written.append(V.plot_image_to_text(P.image_to_text_results(emb, n=args.n, seed=args.seed),
+                                            _out(args, out_dir / P.IMAGE_TO_TEXT_PNG)))
+    if args.kind in ("heatmap", "all"):
+        sim, labels, owner = P.heatmap_data(emb, args.heatmap_images, args.seed)
+        written.append(V.plot_similarity_heatmap(sim, labels, owner, _out(args, out_dir / P.HEATMAP_PNG)))
+    ds_split = cfg.data.val_split if args.split in ("val", "val-full") else args.split
+    shapes_labels = Path(args.data) / "annotations" / f"shapes_labels_{ds_split}2014.json"
+    if args.kind == "all" and not args.labels_from and not shapes_labels.is_file():
+        print("zero-shot picture skipped: no --labels-from and the dataset has no shapes labels")
+    elif args.kind in ("zero-shot", "all"):
+        from .zeroshot import zeroshot_dataset
+        labels_from = args.labels_from or "shapes"
+        r = zeroshot_dataset(args.checkpoint, args.data, labels_from=labels_from, labels=args.labels,
+                             templates=args.template, cfg=cfg, device=args.device, embeddings=emb,
+                             out_dir=_out(args, out_dir / "x").parent, n_examples=2 * args.n,
+                             seed=args.seed)
+        written += [Path(r["examples_png"]), Path(r["confusion_png"])]
+    for w in written:
+        print(f"wrote {w}")
+    return 0
+
+
+def _out(args: argparse.Namespace, default: Path) -> Path:
+    """--out is a file for one picture, a directory for `all` (and for zero-shot's two files)."""
+    if not args.out:
+        return default
+    out = Path(args.out)
+    return out / default.name if args.kind in ("all", "zero-shot") else out
+
+
+def cmd_inspect_data(args: argparse.Namespace) -> int:
+    from .data import load_split
+    from .pictures import data_samples
+    from .visualize import plot_data_samples
+    cfg = _build_config(args)
+    data = load_split(Path(args.data), args.split, cfg.data)
+    out = Path(args.out) if args.out else Path(f"data_samples_{args.split}.png")
+    samples = data_samples(data, args.n, args.seed)
+    plot_data_samples(samples, out, title=f"{args.n} random image-caption pairs of {data.name}")
+    for s in samples:
+        print(f"{s['image_id']}: {s['path']}")
+        for c in s["captions"]:
+            print(f"    {c}")
+    print(f"{len(data)} images, {len(data.caption_ids)} captions; wrote {out}")
     return 0
 
 
@@ -183,29 +316,46 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The embedded end-to-end demo: shapes data -> MiniLM text cache -> train -> evaluate -> report."""
-    from .evaluate import evaluate_checkpoint, format_recall_table
+    """The embedded end-to-end demo: shapes data -> MiniLM text cache -> train -> evaluate ->
+    zero-shot -> pictures -> report."""
+    from .data import load_split
+    from .evaluate import checkpoint_embeddings, evaluate_checkpoint, format_recall_table
+    from .pictures import DATA_SAMPLES_PNG, data_samples, write_pictures
     from .report import write_report
     from .shapes import make_shapes_dataset
     from .train import resolve_run_config, train
+    from .visualize import plot_data_samples
+    from .zeroshot import zeroshot_dataset
 
     out = Path(args.out)
     data = Path(args.data) if args.data else out / "data"
     if not (data / "annotations" / "captions_val2014.json").is_file():
-        print(f"[1/4] writing the synthetic shapes dataset to {data}")
+        print(f"[1/6] writing the synthetic shapes dataset to {data}")
         make_shapes_dataset(data, n_train=args.train_images, n_val=args.val_images, seed=0)
     else:
-        print(f"[1/4] using the dataset already in {data}")
+        print(f"[1/6] using the dataset already in {data}")
     cfg = resolve_run_config(out, None, list(args.overrides) + list(args.extra_overrides),
                              base=preset_config("demo"), resume=True)
-    print(f"[2/4] training {cfg.model.backbone} against frozen {cfg.text.encoder} for {cfg.train.epochs} epochs")
+    train_split = load_split(data, cfg.data.train_split, cfg.data)
+    plot_data_samples(data_samples(train_split, 4), out / DATA_SAMPLES_PNG,
+                      title=f"4 random image-caption pairs of the training split ({train_split.name})")
+    print(f"[2/6] training {cfg.model.backbone} against frozen {cfg.text.encoder} for {cfg.train.epochs} epochs")
     train(cfg, data, out, resume=True, progress=not args.quiet)
-    print("[3/4] evaluating best.pt on the validation split")
-    m = evaluate_checkpoint(out / "best.pt", data, split=cfg.data.val_split, out=out / "metrics.json",
-                            progress=not args.quiet)
+    print("[3/6] evaluating best.pt on the validation split")
+    emb, _ = checkpoint_embeddings(out / "best.pt", data, cfg.data.val_split, progress=not args.quiet)
+    m = evaluate_checkpoint(out / "best.pt", data, split=cfg.data.val_split, embeddings=emb)
     print(m["protocol"])
     print(format_recall_table(m))
-    print(f"[4/4] wrote {write_report(out)}")
+    print("[4/6] zero-shot classification of the validation images (colour + shape of the largest object)")
+    if (data / "annotations" / f"shapes_labels_{cfg.data.val_split}2014.json").is_file():
+        z = zeroshot_dataset(out / "best.pt", data, split=cfg.data.val_split, labels_from="shapes", embeddings=emb)
+        print(f"top-1 {z['top1']:.1f}%, top-5 {z['top5']:.1f}% over {len(z['classes'])} classes "
+              f"(chance {z['chance_top1']:.1f}%), {z['num_images']} images")
+    else:
+        print(f"skipped: {data} has no shapes labels")
+    print("[5/6] retrieval pictures")
+    write_pictures(emb, out)
+    print(f"[6/6] wrote {write_report(out)}")
     return 0
 
 
@@ -266,17 +416,77 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(s)
     s.set_defaults(func=cmd_train)
 
-    s = sub.add_parser("evaluate", help="Recall@K of a checkpoint on a split")
+    s = sub.add_parser("evaluate", help="Recall@K of a checkpoint under a protocol (val, val-full, karpathy-test)")
     s.add_argument("--checkpoint", required=True)
-    s.add_argument("--data", required=True)
-    s.add_argument("--split", default="val", help="split name (CSV/JSONL/folder data: train, val or all)")
+    s.add_argument("--data", required=True, help="dataset root or file (for Karpathy: the folder with train2014/ and val2014/)")
+    _add_split_args(s)
     _add_val_data(s)
-    s.add_argument("--out", help="metrics JSON path (default: metrics.json beside the checkpoint)")
+    s.add_argument("--out", help="metrics JSON path (default: metrics_<split>.json beside the checkpoint; "
+                                 "the CSV goes beside it)")
+    s.add_argument("--compare-zero-shot", metavar="MODEL",
+                   help="also run the protocol on a full HF CLIP model (hub name or local dir), side by side")
+    s.add_argument("--save-embeddings", nargs="?", const="auto", metavar="PATH",
+                   help="write the split's embeddings as safetensors (default PATH: "
+                        "embeddings_<split>.safetensors beside the checkpoint)")
     s.add_argument("--device", default="auto")
     s.add_argument("--quiet", action="store_true")
     s.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override the checkpoint's saved config (e.g. data.val_images=0 for the full split)")
+                   help="override the checkpoint's saved config")
     s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("zeroshot", help="zero-shot classification with class-name prompts")
+    s.add_argument("--checkpoint", required=True)
+    s.add_argument("--labels", nargs="+", metavar="NAME", help="class names (with --image: required; with "
+                                                             "--data: restricts the label source's classes)")
+    s.add_argument("--image", nargs="+", metavar="PATH", help="classify these image files")
+    s.add_argument("--data", help="classify a labelled split of this dataset root")
+    _add_split_args(s)
+    s.add_argument("--labels-from", metavar="SOURCE",
+                   help="ground truth: shapes (colour + shape of the largest object), shapes:shape, shapes:color, "
+                        "or a COCO instances_<split>2014.json (category of the largest annotation)")
+    s.add_argument("--template", action="append", metavar="TEXT",
+                   help='prompt template with {} for the class name, repeatable (default: eval.zeroshot_templates, '
+                        'e.g. "a photo of a {}.")')
+    s.add_argument("--top-k", type=int, default=5, help="classes printed per --image (default 5)")
+    s.add_argument("--plot", metavar="PNG", help="with --image: the images beside their probability bars")
+    s.add_argument("--out", metavar="DIR", help="with --data: output folder (default: the checkpoint's folder)")
+    s.add_argument("--examples", type=int, default=6, help="images in the examples picture (default 6)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--device", default="auto")
+    s.add_argument("--quiet", action="store_true")
+    s.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    s.set_defaults(func=cmd_zeroshot)
+
+    s = sub.add_parser("visualize", help="retrieval / zero-shot / heatmap / training-curve pictures (PNG)")
+    s.add_argument("kind", choices=["text-to-image", "image-to-text", "heatmap", "zero-shot", "curves", "all"])
+    s.add_argument("--checkpoint", help="trained checkpoint (all kinds but curves)")
+    s.add_argument("--data", help="dataset root (all kinds but curves)")
+    s.add_argument("--run", help="run directory (curves)")
+    _add_split_args(s)
+    s.add_argument("--queries", nargs="+", metavar="TEXT",
+                   help="text-to-image: free-text queries (default: random captions of the split)")
+    s.add_argument("--n", type=int, default=4, help="rows per picture: queries / images (zero-shot: 2 images "
+                                                    "per row) (default 4)")
+    s.add_argument("--heatmap-images", type=int, default=10, help="images in the heatmap (default 10)")
+    s.add_argument("--labels", nargs="+", metavar="NAME", help="zero-shot: class names")
+    s.add_argument("--labels-from", metavar="SOURCE", help="zero-shot: ground truth (default shapes)")
+    s.add_argument("--template", action="append", metavar="TEXT", help="zero-shot: prompt template(s)")
+    s.add_argument("--embeddings", metavar="FILE", help="reuse a file written by evaluate --save-embeddings")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", help="PNG path (for all and zero-shot: a folder); default: the checkpoint's folder")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--quiet", action="store_true")
+    s.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    s.set_defaults(func=cmd_visualize)
+
+    s = sub.add_parser("inspect-data", help="picture of random image-caption pairs (integrity check)")
+    s.add_argument("--data", required=True)
+    s.add_argument("--split", default="train")
+    s.add_argument("--n", type=int, default=6)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", help="PNG path (default: data_samples_<split>.png in the current folder)")
+    _add_config_args(s)
+    s.set_defaults(func=cmd_inspect_data)
 
     s = sub.add_parser("report", help="write RUN/report.md from a run directory")
     s.add_argument("run")

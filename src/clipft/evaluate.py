@@ -6,8 +6,10 @@ COCO has ~5 captions per image, so every metric takes an explicit caption->image
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -19,6 +21,7 @@ from .config import Config
 from .data import CaptionedImages, EvalImageDataset, build_transform, collate_eval
 from .loss import clip_loss
 from .model import ImageTower
+from .protocols import EvalSplit
 
 log = logging.getLogger(__name__)
 
@@ -179,17 +182,62 @@ def write_metrics(path: str | Path, metrics: dict) -> None:
     Path(path).write_text(json.dumps(metrics, indent=2) + "\n")
 
 
-def evaluate_checkpoint(checkpoint: str | Path, data_root: str | Path, split: str = "val",
-                        cfg: Config | None = None, out: str | Path | None = None,
-                        device: str = "auto", progress: bool = True) -> dict:
-    """Recall@K of a trained checkpoint on a split; writes metrics.json beside the checkpoint
-    (or to `out`). `cfg` defaults to the config saved in the checkpoint (data subset, image size,
-    text encoder), so the protocol matches training unless overridden."""
+# --------------------------------------------------------------------------- protocols on a checkpoint
+
+@dataclass
+class SplitEmbeddings:
+    """Everything a split's retrieval needs, computed once and shared by recall, pictures and zero-shot.
+
+    image_emb [N_ok, D] for the images that decoded (rows [N_ok] = their index in split.data.images);
+    text_emb [M, D] for every caption of split.data (flat caption order), both L2-normalised fp32 CPU.
+    """
+    split: EvalSplit
+    image_emb: torch.Tensor
+    rows: torch.Tensor
+    text_emb: torch.Tensor | None
+    logit_scale: float = 1.0 / 0.07  # 1/tau of the model (zero-shot probabilities)
+
+    @property
+    def data(self) -> CaptionedImages:
+        return self.split.data
+
+    def kept_captions(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(keep [M] bool: caption's image decoded, caption_to_row [M_kept]: its row in image_emb)."""
+        row_of = torch.full((len(self.data),), -1, dtype=torch.long)
+        row_of[self.rows] = torch.arange(self.rows.numel())
+        c2r = row_of[self.data.caption_to_image]  # [M]
+        keep = c2r >= 0
+        return keep, c2r[keep]
+
+
+def text_cache_dir(cfg: Config, data_root: str | Path) -> Path:
+    """Where a dataset's caches live (format-aware, see `data.cache_location`)."""
+    from .data import cache_location
+    return cache_location(data_root, cfg.data.val_split, cfg)[0]
+
+
+def eval_text_cache_file(data_root: str | Path, split_name: str, cfg: Config) -> Path:
+    """Caption cache of an evaluation split: the training split caches are shared (same file, same
+    fingerprint); other protocols (val-full, karpathy-*) get their own file under the cache dir."""
+    from .data import text_cache_file
+    from .text import text_cache_path
+    if split_name in (cfg.data.train_split, cfg.data.val_split, "all"):
+        return text_cache_file(data_root, split_name, cfg)
+    return text_cache_path(text_cache_dir(cfg, data_root), split_name, cfg.text.encoder)
+
+
+def checkpoint_embeddings(checkpoint: str | Path, data_root: str | Path, split: str = "val",
+                          cfg: Config | None = None, device: str = "auto", karpathy: str | Path | None = None,
+                          progress: bool = False, with_text: bool = True) -> tuple[SplitEmbeddings, Config]:
+    """Resolve the protocol `split` (see clipft.protocols), embed its captions with the checkpoint's
+    frozen text encoder (cached under the protocol's name) and its images with the trained tower.
+    `cfg` defaults to the config saved in the checkpoint. Returns (embeddings, config used).
+    with_text=False skips the captions (text_emb is then None): zero-shot needs images only."""
     from .config import from_dict
-    from .data import load_split, text_cache_file
-    from .model import read_checkpoint, tower_from_checkpoint
-    from .text import get_text_embeddings
+    from .model import ModelError, read_checkpoint, tower_from_checkpoint
+    from .protocols import resolve_eval_split
     from .runtime import amp_dtype_for, resolve_device
+    from .text import get_text_embeddings, text_cache_path
 
     checkpoint = Path(checkpoint)
     ckpt = read_checkpoint(checkpoint)
@@ -197,19 +245,188 @@ def evaluate_checkpoint(checkpoint: str | Path, data_root: str | Path, split: st
     cfg = cfg if cfg is not None else from_dict(ckpt["config"])
     del ckpt  # optimizer state is not needed for evaluation
     dev = resolve_device(device if device != "auto" else cfg.train.device)
-    data_root = Path(data_root)
-    data = load_split(data_root, split, cfg.data)
-    text_emb, _ = get_text_embeddings(data.captions, cfg.text.encoder, text_cache_file(data_root, split, cfg),
-                                      device=dev, batch_size=cfg.text.batch_size, max_length=cfg.text.max_length,
-                                      on_mismatch=cfg.text.on_mismatch)
-    if text_emb.shape[1] != model.embed_dim:
-        raise ValueError(f"{checkpoint}: image tower outputs {model.embed_dim}-d embeddings but text encoder "
+    es = resolve_eval_split(data_root, split, cfg, karpathy)
+    text_emb = None
+    if with_text:
+        text_emb, _ = get_text_embeddings(es.data.captions, cfg.text.encoder,
+                                          eval_text_cache_file(data_root, es.name, cfg),
+                                          device=dev, batch_size=cfg.text.batch_size, max_length=cfg.text.max_length,
+                                          on_mismatch=cfg.text.on_mismatch)
+    if text_emb is not None and text_emb.shape[1] != model.embed_dim:
+        raise ModelError(f"{checkpoint}: image tower outputs {model.embed_dim}-d embeddings but text encoder "
                          f"{cfg.text.encoder!r} gives {text_emb.shape[1]}-d")
     model = model.to(dev)
-    emb, rows = embed_images(model, data, cfg, dev, amp_dtype_for(dev, cfg.train.amp), progress=progress)
-    metrics = evaluate_split(emb, rows, data, text_emb, cfg.eval.ks)
-    metrics.update(split=split, skipped_images=len(data) - int(rows.numel()), checkpoint=str(checkpoint),
-                   protocol=f"{data.name}: {metrics['num_images']} images x {metrics['num_captions']} captions, "
-                            "all captions per image")
-    write_metrics(Path(out) if out else checkpoint.parent / "metrics.json", metrics)
+    emb, rows = embed_images(model, es.data, cfg, dev, amp_dtype_for(dev, cfg.train.amp), progress=progress)
+    return SplitEmbeddings(es, emb, rows, text_emb, logit_scale=float(model.logit_scale.exp())), cfg
+
+
+def save_split_embeddings(path: str | Path, emb: SplitEmbeddings, meta: dict | None = None) -> Path:
+    """Safetensors with image_emb [N, D], text_emb [M, D], image_ids [N], caption_ids [M] and
+    caption_to_image [M] (row of image_emb); only images that decoded and their captions.
+    String metadata: split, protocol, plus `meta`."""
+    from safetensors.torch import save_file
+    path = Path(path)
+    keep, c2r = emb.kept_captions()
+    image_ids = torch.tensor(emb.data.image_ids, dtype=torch.long)[emb.rows]
+    caption_ids = torch.tensor(emb.data.caption_ids, dtype=torch.long)[keep]
+    tensors = {"image_emb": emb.image_emb.contiguous(), "text_emb": emb.text_emb[keep].contiguous(),
+               "image_ids": image_ids.contiguous(), "caption_ids": caption_ids.contiguous(),
+               "caption_to_image": c2r.contiguous()}
+    metadata = {"format": "clipft-embeddings-v1", "split": emb.split.name, "protocol": emb.split.protocol,
+                "logit_scale": str(emb.logit_scale)}
+    metadata.update({k: str(v) for k, v in (meta or {}).items()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+EMBEDDING_KEYS = ("image_emb", "text_emb", "image_ids", "caption_ids", "caption_to_image")
+
+
+def load_split_embeddings(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a file written by `save_split_embeddings`; DataError if it is not one."""
+    from safetensors import safe_open
+
+    from .data import DataError
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: embeddings file not found")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own types for garbled files
+        raise DataError(f"{path}: not a readable safetensors file ({type(e).__name__})") from None
+    missing = [k for k in EMBEDDING_KEYS if k not in tensors]
+    if missing:
+        raise DataError(f"{path}: not a clipft embeddings file (missing {', '.join(missing)})")
+    return tensors, meta
+
+
+def split_embeddings_from_file(path: str | Path, checkpoint: str | Path, data_root: str | Path, split: str = "val",
+                               cfg: Config | None = None, karpathy: str | Path | None = None
+                               ) -> tuple[SplitEmbeddings, Config]:
+    """Rebuild SplitEmbeddings from a `--save-embeddings` file and the split it was made from
+    (matched by image and caption ids), without running any model."""
+    from .config import from_dict
+    from .data import DataError
+    from .model import read_checkpoint
+    from .protocols import resolve_eval_split
+    tensors, meta = load_split_embeddings(path)
+    if cfg is None:
+        cfg = from_dict(read_checkpoint(checkpoint)["config"])
+    es = resolve_eval_split(data_root, split, cfg, karpathy)
+    if meta.get("split") not in (None, split):
+        raise DataError(f"{path}: embeddings of split {meta.get('split')!r}, not {split!r}")
+    row_of_image = {i: r for r, i in enumerate(es.data.image_ids)}
+    try:
+        rows = torch.tensor([row_of_image[int(i)] for i in tensors["image_ids"]], dtype=torch.long)
+    except KeyError as e:
+        raise DataError(f"{path}: image id {e.args[0]} is not in split {split!r} of {data_root}") from None
+    pos_of_caption = {c: j for j, c in enumerate(es.data.caption_ids)}
+    text = torch.zeros(len(es.data.caption_ids), tensors["text_emb"].shape[1])
+    for c, e in zip(tensors["caption_ids"].tolist(), tensors["text_emb"]):
+        if c not in pos_of_caption:
+            raise DataError(f"{path}: caption id {c} is not in split {split!r} of {data_root}")
+        text[pos_of_caption[c]] = e
+    scale = float(meta.get("logit_scale", 1.0 / cfg.model.temperature))
+    return SplitEmbeddings(es, tensors["image_emb"], rows, text, logit_scale=scale), cfg
+
+
+def metrics_csv_rows(metrics: dict, model: str = "fine-tuned") -> list[dict]:
+    """One row per (direction, K): model, split, direction, k, recall, num_images, num_captions."""
+    return [{"model": model, "split": metrics.get("split", ""), "direction": d, "k": int(k.split("@")[1]),
+             "recall": round(float(v), 4), "num_images": metrics.get("num_images"),
+             "num_captions": metrics.get("num_captions")}
+            for d in DIRECTIONS for k, v in metrics[d].items()]
+
+
+def write_metrics_csv(path: str | Path, metrics: dict) -> Path:
+    """metrics_<split>.csv: rows for the fine-tune and, if present, the zero-shot CLIP baseline."""
+    rows = metrics_csv_rows(metrics, "fine-tuned")
+    if "zero_shot" in metrics:
+        zs = {**metrics["zero_shot"], "split": metrics.get("split", "")}
+        rows += metrics_csv_rows(zs, f"zero-shot {zs['model']}")
+    path = Path(path)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def format_comparison_table(metrics: dict) -> str:
+    """Fine-tune vs zero-shot CLIP, side by side: one row per direction and K."""
+    zs = metrics["zero_shot"]
+    lines = [f"{'direction':<15}{'K':>4}{'fine-tuned':>12}{'zero-shot':>12}{'delta':>9}"]
+    for d in DIRECTIONS:
+        for k, v in metrics[d].items():
+            z = zs[d][k]
+            lines.append(f"{d:<15}{k.split('@')[1]:>4}{v:12.2f}{z:12.2f}{v - z:+9.2f}")
+    return "\n".join(lines)
+
+
+def metrics_paths(checkpoint: str | Path, split: str) -> tuple[Path, Path]:
+    """Default (json, csv) paths beside the checkpoint: metrics_<split>.json / .csv."""
+    root = Path(checkpoint).parent
+    return root / f"metrics_{split}.json", root / f"metrics_{split}.csv"
+
+
+def evaluate_checkpoint(checkpoint: str | Path, data_root: str | Path, split: str = "val",
+                        cfg: Config | None = None, out: str | Path | None = None,
+                        device: str = "auto", progress: bool = True, karpathy: str | Path | None = None,
+                        compare_zero_shot: str | None = None, save_embeddings: str | Path | None = None,
+                        embeddings: SplitEmbeddings | None = None) -> dict:
+    """Recall@K of a trained checkpoint under a protocol (`split`: val, val-full, karpathy-test, ...).
+
+    Writes metrics_<split>.json and metrics_<split>.csv beside the checkpoint (or `out` and
+    `out` with .csv), and also metrics.json for the default `val` protocol (what older readers
+    expect). `cfg` defaults to the config saved in the checkpoint. With `compare_zero_shot` (a full
+    HF CLIP model), the same protocol is run on that model's own towers and stored under
+    "zero_shot". With `save_embeddings` (a path), the split's embeddings are written as safetensors.
+    Pass precomputed `embeddings` to skip embedding (the demo reuses them for its pictures).
+    """
+    checkpoint = Path(checkpoint)
+    emb = embeddings
+    if emb is None:
+        emb, cfg = checkpoint_embeddings(checkpoint, data_root, split, cfg, device, karpathy, progress)
+    elif cfg is None:
+        from .config import from_dict
+        from .model import read_checkpoint
+        cfg = from_dict(read_checkpoint(checkpoint)["config"])
+    data = emb.data
+    metrics = evaluate_split(emb.image_emb, emb.rows, data, emb.text_emb, cfg.eval.ks)
+    metrics.update(split=emb.split.name, skipped_images=len(data) - int(emb.rows.numel()), checkpoint=str(checkpoint),
+                   protocol=emb.split.protocol, text_encoder=cfg.text.encoder)
+    if compare_zero_shot:
+        metrics["zero_shot"] = zero_shot_clip_metrics(compare_zero_shot, emb.split, cfg, data_root, device, progress)
+    json_path, csv_path = metrics_paths(checkpoint, emb.split.name)
+    if out:
+        json_path = Path(out)
+        csv_path = json_path.with_suffix(".csv")
+    if save_embeddings:
+        metrics["embeddings"] = str(save_split_embeddings(save_embeddings, emb, {
+            "checkpoint": checkpoint, "text_encoder": cfg.text.encoder}))
+    write_metrics(json_path, metrics)
+    write_metrics_csv(csv_path, metrics)
+    metrics["files"] = [str(json_path), str(csv_path)]
+    legacy = checkpoint.parent / "metrics.json"
+    if emb.split.name == "val" and json_path != legacy and not out:
+        write_metrics(legacy, {k: v for k, v in metrics.items() if k != "files"})  # what older readers use
+        metrics["files"].append(str(legacy))
     return metrics
+
+
+def zero_shot_clip_metrics(model_name: str, split: "EvalSplit", cfg: Config, data_root: str | Path,
+                           device: str = "auto", progress: bool = False) -> dict:
+    """Recall@K of a full HF CLIP model (its own image and text towers) under the same protocol."""
+    from .baseline import clip_baseline_embeddings
+    from .runtime import amp_dtype_for, resolve_device
+    from .text import text_cache_path
+    dev = resolve_device(device if device != "auto" else cfg.train.device)
+    cache = text_cache_path(text_cache_dir(cfg, data_root), split.name, model_name)
+    image_emb, rows, text_emb = clip_baseline_embeddings(
+        model_name, split.data, cache, dev, batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers,
+        max_length=cfg.text.max_length, amp_dtype=amp_dtype_for(dev, cfg.train.amp), progress=progress)
+    m = evaluate_split(image_emb, rows, split.data, text_emb, cfg.eval.ks)
+    return {"model": model_name, **m, "skipped_images": len(split.data) - int(rows.numel())}

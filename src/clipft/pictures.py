@@ -1,0 +1,131 @@
+"""Qualitative pictures of a checkpoint on a split: the data side of `clipft visualize`.
+
+Each function turns a split's embeddings (`evaluate.SplitEmbeddings`: computed once, or loaded)
+into the rows a plotting function of `clipft.visualize` draws. Samples are drawn with a seeded
+generator, so the same command gives the same picture.
+
+Default file names inside a run directory (what `clipft report` embeds):
+  retrieval_text_to_image.png, retrieval_image_to_text.png, similarity_heatmap.png,
+  data_samples.png, and zero-shot's zeroshot_<split>_examples.png / _confusion.png.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .data import CaptionedImages
+from .evaluate import SplitEmbeddings
+
+TEXT_TO_IMAGE_PNG = "retrieval_text_to_image.png"
+IMAGE_TO_TEXT_PNG = "retrieval_image_to_text.png"
+HEATMAP_PNG = "similarity_heatmap.png"
+DATA_SAMPLES_PNG = "data_samples.png"
+CURVES_PNG = "loss_curves.png"
+
+
+def _sample(n_total: int, n: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return sorted(torch.randperm(n_total, generator=g)[:n].tolist())
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def text_to_image_results(emb: SplitEmbeddings, queries: Sequence[str] | None = None, query_emb: torch.Tensor | None = None,
+                          n: int = 4, seed: int = 0, k: int = 5) -> list[dict]:
+    """Rows for `visualize.plot_text_to_image`.
+
+    Without queries: n random dataset captions (one per random image) embedded from the cache.
+    With queries (and their embeddings query_emb [Q, D] from the frozen text encoder): a query
+    that is one of the split's captions (case and spacing ignored) has its correct image marked.
+    """
+    keep, c2r = emb.kept_captions()
+    captions = [c for c, kp in zip(emb.data.captions, keep.tolist()) if kp]
+    text = emb.text_emb[keep]  # [M_kept, D]
+    if queries is None:
+        rows = _sample(emb.rows.numel(), n, seed)
+        g = torch.Generator().manual_seed(seed + 1)
+        picks = []
+        for r in rows:
+            own = torch.nonzero(c2r == r).flatten()
+            picks.append(int(own[torch.randint(own.numel(), (1,), generator=g)]))
+        queries = [captions[j] for j in picks]
+        q = text[picks]
+        correct = [int(c2r[j]) for j in picks]
+    else:
+        if query_emb is None or query_emb.shape[0] != len(queries):
+            raise ValueError("query_emb [Q, D] is required with queries")
+        q = query_emb
+        owner = {_norm(c): int(r) for c, r in zip(captions, c2r.tolist())}
+        correct = [owner.get(_norm(t)) for t in queries]
+    scores = q @ emb.image_emb.T  # [Q, N_ok]
+    out = []
+    for i, query in enumerate(queries):
+        order = scores[i].argsort(descending=True)
+        top = [(emb.data.images[int(emb.rows[j])].path, float(scores[i, j]), correct[i] == int(j))
+               for j in order[:k].tolist()]
+        rank = None if correct[i] is None else int((order == correct[i]).nonzero()[0, 0])
+        out.append({"query": query, "top": top, "correct_rank": rank})
+    return out
+
+
+def image_to_text_results(emb: SplitEmbeddings, n: int = 4, seed: int = 0, k: int = 5) -> list[dict]:
+    """Rows for `visualize.plot_image_to_text`: n random images, their top-k captions of the split."""
+    keep, c2r = emb.kept_captions()
+    captions = [c for c, kp in zip(emb.data.captions, keep.tolist()) if kp]
+    text = emb.text_emb[keep]
+    out = []
+    for r in _sample(emb.rows.numel(), n, seed):
+        s = text @ emb.image_emb[r]  # [M_kept]
+        order = s.argsort(descending=True)
+        own = c2r[order] == r
+        top = [(captions[j], float(s[j]), bool(own[p])) for p, j in enumerate(order[:k].tolist())]
+        out.append({"path": emb.data.images[int(emb.rows[r])].path, "top": top,
+                    "gt_rank": int(own.nonzero()[0, 0])})
+    return out
+
+
+def heatmap_data(emb: SplitEmbeddings, n: int = 10, seed: int = 0) -> tuple[torch.Tensor, list[str], list[int]]:
+    """(sim [n, M_n], image labels [n], caption owner [M_n]) for n random images and their captions."""
+    keep, c2r = emb.kept_captions()
+    text = emb.text_emb[keep]
+    rows = _sample(emb.rows.numel(), n, seed)
+    cols, owner = [], []
+    for i, r in enumerate(rows):
+        own = torch.nonzero(c2r == r).flatten().tolist()
+        cols += own
+        owner += [i] * len(own)
+    sim = emb.image_emb[rows] @ text[cols].T  # [n, M_n]
+    labels = [f"img {i + 1} (id {emb.data.images[int(emb.rows[r])].image_id})" for i, r in enumerate(rows)]
+    return sim, labels, owner
+
+
+def data_samples(data: CaptionedImages, n: int = 6, seed: int = 0) -> list[dict]:
+    """n random images of a split with all their captions (for `clipft inspect-data`)."""
+    return [{"path": data.images[i].path, "captions": data.images[i].captions, "image_id": data.images[i].image_id}
+            for i in _sample(len(data), n, seed)]
+
+
+def embed_queries(cfg, queries: Sequence[str], device: str = "cpu") -> torch.Tensor:
+    """Free-text queries -> [Q, D] with the checkpoint's frozen text encoder (no cache: a handful)."""
+    from .text import load_text_encoder
+    enc = load_text_encoder(cfg.text.encoder, device=device, max_length=cfg.text.max_length)
+    return enc.encode(list(queries))
+
+
+def write_pictures(emb: SplitEmbeddings, out_dir: str | Path, n: int = 4, seed: int = 0,
+                   heatmap_images: int = 10) -> dict[str, Path]:
+    """The three retrieval pictures of a split into out_dir (default names above): text->image for
+    n dataset captions, image->text for n images, and the similarity heatmap."""
+    from .visualize import plot_image_to_text, plot_similarity_heatmap, plot_text_to_image
+    out_dir = Path(out_dir)
+    sim, labels, owner = heatmap_data(emb, heatmap_images, seed)
+    return {
+        "text_to_image": plot_text_to_image(text_to_image_results(emb, n=n, seed=seed), out_dir / TEXT_TO_IMAGE_PNG),
+        "image_to_text": plot_image_to_text(image_to_text_results(emb, n=n, seed=seed), out_dir / IMAGE_TO_TEXT_PNG),
+        "heatmap": plot_similarity_heatmap(sim, labels, owner, out_dir / HEATMAP_PNG),
+    }

@@ -1,0 +1,143 @@
+"""Evaluation protocols: which images and captions a Recall@K figure is computed on.
+
+Published COCO retrieval numbers use Karpathy's 5k test split; the validation subset used during
+training is only comparable with itself. Every protocol resolves to a `CaptionedImages`, so the
+whole pipeline (text cache, image embedding, chunked recall) runs unchanged:
+
+  val            the configured validation subset (data.val_images, data.subset_seed): the
+                 protocol of the per-epoch numbers in metrics.jsonl
+  val-full       the whole val2014 split (40,504 images, ~202k captions on real COCO)
+  karpathy-test  Karpathy's COCO test split (5,000 images, 25,010 captions) from
+                 `dataset_coco.json` (--karpathy PATH); images from ROOT/train2014 + ROOT/val2014
+  karpathy-val   the same file's 5k validation split
+  <other>        any split name of the dataset (e.g. train), loaded like training does
+
+Each protocol caches its caption embeddings under its own split name, so switching protocols
+never invalidates another protocol's cache.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import Config
+from .data import CaptionedImages, DataError, ImageRecord, _is_int, _read_json, load_split
+
+log = logging.getLogger(__name__)
+
+KARPATHY_PREFIX = "karpathy-"
+KARPATHY_SPLITS = ("test", "val", "train", "restval")  # the values of `split` in dataset_coco.json
+
+
+@dataclass
+class EvalSplit:
+    """A resolved protocol: the data, the split name for caches/files, and a one-line description."""
+    data: CaptionedImages
+    name: str  # "val", "val-full", "karpathy-test", ...: names metrics_<name>.json and the text cache
+    protocol: str  # human description, written into metrics files and the report
+
+
+def load_karpathy_split(split_file: str | Path, image_root: str | Path, split: str = "test") -> CaptionedImages:
+    """Karpathy's `dataset_coco.json` -> the images of one split (`split` field), as CaptionedImages.
+
+    Format: {"images": [{"filepath": "val2014", "filename": "COCO_val2014_...jpg", "cocoid": 391895,
+    "split": "test", "sentences": [{"raw": "A man ...", "sentid": 770337, ...}, ...]}, ...]}.
+    Image path = image_root / filepath / filename. Images are ordered by cocoid, captions keep the
+    file's order; caption ids are `sentid` when present (else cocoid * 100 + position).
+    Whitespace is stripped; empty captions and images left without captions are dropped and counted.
+    Image files are not opened (unreadable ones are skipped later and counted), but every
+    `filepath` directory must exist, so a wrong --data fails here and not as 5,000 warnings.
+    """
+    split_file, image_root = Path(split_file), Path(image_root)
+    if split not in KARPATHY_SPLITS:
+        raise DataError(f"{split_file}: unknown Karpathy split {split!r} (known: {', '.join(KARPATHY_SPLITS)})")
+    data = _read_json(split_file)
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise DataError(f"{split_file}: expected an object with an 'images' list (Karpathy's dataset_coco.json)")
+    images: list[ImageRecord] = []
+    seen: set[int] = set()
+    dirs: set[str] = set()
+    dropped_images = dropped_captions = 0
+    for k, entry in enumerate(data["images"]):
+        if not isinstance(entry, dict):
+            raise DataError(f"{split_file}: images[{k}] is not an object")
+        if entry.get("split") != split:
+            continue
+        for key in ("filepath", "filename"):
+            if not isinstance(entry.get(key), str) or not entry[key]:
+                raise DataError(f"{split_file}: images[{k}] has no string '{key}'")
+        cocoid = entry.get("cocoid", entry.get("imgid"))
+        if not _is_int(cocoid):
+            raise DataError(f"{split_file}: images[{k}] ({entry['filename']}) has no integer 'cocoid'")
+        if cocoid in seen:
+            raise DataError(f"{split_file}: images[{k}]: duplicate cocoid {cocoid}")
+        seen.add(cocoid)
+        sentences = entry.get("sentences")
+        if not isinstance(sentences, list):
+            raise DataError(f"{split_file}: images[{k}] (cocoid {cocoid}) has no 'sentences' list")
+        caps, ids = [], []
+        for j, s in enumerate(sentences):
+            if not isinstance(s, dict) or not isinstance(s.get("raw"), str):
+                raise DataError(f"{split_file}: images[{k}].sentences[{j}] (cocoid {cocoid}) has no string 'raw'")
+            raw = s["raw"].strip()
+            if not raw:
+                dropped_captions += 1
+                continue
+            caps.append(raw)
+            ids.append(s["sentid"] if _is_int(s.get("sentid")) else cocoid * 100 + j)
+        if not caps:
+            dropped_images += 1
+            continue
+        dirs.add(entry["filepath"])
+        images.append(ImageRecord(image_id=cocoid, path=image_root / entry["filepath"] / entry["filename"],
+                                  captions=caps, caption_ids=ids))
+    if not images:
+        raise DataError(f"{split_file}: no image with split == {split!r} and a caption")
+    for d in sorted(dirs):
+        if not (image_root / d).is_dir():
+            raise DataError(f"{image_root / d}: image directory not found (named by 'filepath' in {split_file}; "
+                            "--data must be the folder that holds train2014/ and val2014/)")
+    images.sort(key=lambda r: r.image_id)
+    if dropped_images or dropped_captions:
+        log.warning("%s: dropped %d image(s) without captions and %d empty caption(s)",
+                    split_file, dropped_images, dropped_captions)
+    return CaptionedImages(images=images, name=f"karpathy:{split_file}:{split}",
+                           dropped_images=dropped_images, dropped_captions=dropped_captions)
+
+
+def protocol_description(name: str, data: CaptionedImages) -> str:
+    """One line naming the protocol and its size, e.g. for the report's Recall@K table."""
+    n, m = len(data), len(data.caption_ids)
+    subset = ":subset=" in data.name
+    kind = {
+        "val": "validation subset (as during training)" if subset else "full validation split (as during training)",
+        "val-full": "full validation split",
+        "karpathy-test": "Karpathy COCO 5k test split (the split published COCO numbers use)",
+        "karpathy-val": "Karpathy COCO 5k validation split",
+    }.get(name, f"split {name!r}")
+    return f"{kind}: {n} images x {m} captions, all captions per image ({data.name})"
+
+
+def resolve_eval_split(data_root: str | Path, split: str, cfg: Config, karpathy: str | Path | None = None) -> EvalSplit:
+    """Resolve a protocol name (see the module docstring) to its data."""
+    data_root = Path(data_root)
+    if split.startswith(KARPATHY_PREFIX):
+        if karpathy is None:
+            raise DataError(f"--split {split} needs --karpathy PATH/dataset_coco.json (Karpathy's split file)")
+        data = load_karpathy_split(karpathy, data_root, split[len(KARPATHY_PREFIX):])
+    elif karpathy is not None:
+        raise DataError(f"{karpathy}: --karpathy is only used with --split karpathy-test (or karpathy-val)")
+    elif split == "val-full":
+        data = load_split(data_root, cfg.data.val_split, _without_val_subset(cfg).data)
+    else:
+        data = load_split(data_root, split, cfg.data)
+    return EvalSplit(data=data, name=split, protocol=protocol_description(split, data))
+
+
+def _without_val_subset(cfg: Config) -> Config:
+    from copy import deepcopy
+    full = deepcopy(cfg)
+    full.data.val_images = 0
+    return full

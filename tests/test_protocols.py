@@ -1,0 +1,119 @@
+"""Evaluation protocols: the Karpathy split loader (real file format), val vs val-full, and
+`clipft evaluate --split karpathy-test` end to end."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from clipft.cli import main
+from clipft.config import Config, apply_overrides
+from clipft.data import DataError, load_coco_captions
+from clipft.protocols import load_karpathy_split, resolve_eval_split
+
+
+def write_karpathy(root: Path, path: Path) -> dict:
+    """A dataset_coco.json in Karpathy's format over the shapes images of `root`: 4 train2014 and
+    3 val2014 images in 'test', 2 in 'val', the rest 'train'/'restval'. One test image has an
+    all-whitespace extra caption (dropped), one has only an empty caption (image dropped)."""
+    train = load_coco_captions(root, "train")
+    val = load_coco_captions(root, "val")
+    images, sentid = [], 0
+    plan = [(r, "train2014", "test") for r in train.images[:4]] + [(r, "val2014", "test") for r in val.images[:3]]
+    plan += [(r, "val2014", "val") for r in val.images[3:5]] + [(r, "train2014", "train") for r in train.images[4:8]]
+    plan += [(r, "train2014", "restval") for r in train.images[8:9]]
+    for k, (rec, folder, split) in enumerate(plan):
+        sents = []
+        for c in rec.captions:
+            sents.append({"tokens": c.lower().split(), "raw": "  " + c + " ", "imgid": k, "sentid": sentid})
+            sentid += 1
+        images.append({"filepath": folder, "sentids": [s["sentid"] for s in sents], "filename": rec.path.name,
+                       "imgid": k, "split": split, "sentences": sents, "cocoid": rec.image_id})
+    images[0]["sentences"].append({"tokens": [], "raw": "   ", "imgid": 0, "sentid": 99999})
+    # One more test image whose only caption is empty: dropped and counted.
+    extra = train.images[9]
+    images.append({"filepath": "train2014", "filename": extra.path.name, "imgid": 99, "split": "test",
+                   "sentences": [{"tokens": [], "raw": "", "imgid": 99, "sentid": 100000}], "cocoid": extra.image_id})
+    images.reverse()  # file order must not matter: images come out sorted by cocoid
+    path.write_text(json.dumps({"images": images, "dataset": "coco"}))
+    return {"train": train, "val": val, "plan": plan}
+
+
+@pytest.fixture()
+def karpathy_file(coco_root, tmp_path):
+    path = tmp_path / "dataset_coco.json"
+    info = write_karpathy(coco_root, path)
+    return path, info
+
+
+def test_karpathy_loader_reads_the_real_format(coco_root, karpathy_file):
+    path, info = karpathy_file
+    test = load_karpathy_split(path, coco_root, "test")
+    expected = sorted([r for r, _f, s in info["plan"] if s == "test"], key=lambda r: r.image_id)
+    assert [r.image_id for r in test.images] == [r.image_id for r in expected]
+    assert test.dropped_images == 1 and test.dropped_captions == 2
+    for got, want in zip(test.images, expected):
+        assert got.path.is_file() and got.path.name == want.path.name
+        assert got.path.parent.name in ("train2014", "val2014")
+        assert got.captions == want.captions  # raw text, whitespace stripped, file order
+    # Images come from both folders, and caption ids are the file's sentids.
+    assert {r.path.parent.name for r in test.images} == {"train2014", "val2014"}
+    assert len(set(test.caption_ids)) == len(test.caption_ids) == 35
+    assert 99999 not in test.caption_ids
+    assert len(load_karpathy_split(path, coco_root, "val")) == 2
+    assert len(load_karpathy_split(path, coco_root, "restval")) == 1
+
+
+@pytest.mark.parametrize("mutate,needle", [
+    (lambda d: d.pop("images"), "'images' list"),
+    (lambda d: d["images"][0].pop("filename"), "has no string 'filename'"),
+    (lambda d: d["images"][0].update(cocoid="x"), "integer 'cocoid'"),
+    (lambda d: d["images"][0]["sentences"][0].pop("raw"), "has no string 'raw'"),
+    (lambda d: d["images"][0].update(filepath="nope2014"), "nope2014: image directory not found"),
+    (lambda d: [im.update(split="train") for im in d["images"]], "no image with split == 'test'"),
+])
+def test_karpathy_loader_errors_name_the_file(coco_root, karpathy_file, mutate, needle):
+    path, _ = karpathy_file
+    data = json.loads(path.read_text())
+    data["images"].reverse()  # put a 'test' image first (the extra one)
+    mutate(data)
+    path.write_text(json.dumps(data))
+    with pytest.raises(DataError, match="dataset_coco.json|nope2014") as e:
+        load_karpathy_split(path, coco_root, "test")
+    assert needle in str(e.value)
+
+
+def test_val_is_the_configured_subset_and_val_full_is_everything(coco_root):
+    cfg = apply_overrides(Config(), ["data.val_images=5"])
+    val = resolve_eval_split(coco_root, "val", cfg)
+    full = resolve_eval_split(coco_root, "val-full", cfg)
+    assert len(val.data) == 5 and len(full.data) == 12
+    assert "subset" in val.protocol and "full validation split" in full.protocol
+    assert cfg.data.val_images == 5  # the caller's config is not modified
+    with pytest.raises(DataError, match="needs --karpathy"):
+        resolve_eval_split(coco_root, "karpathy-test", cfg)
+    with pytest.raises(DataError, match="only used with --split karpathy"):
+        resolve_eval_split(coco_root, "val", cfg, karpathy="x.json")
+
+
+def test_evaluate_karpathy_test_end_to_end(coco_root, trained_run, karpathy_file, tmp_path, capsys):
+    path, info = karpathy_file
+    out = tmp_path / "k.json"
+    assert main(["evaluate", "--checkpoint", str(trained_run / "best.pt"), "--data", str(coco_root),
+                 "--split", "karpathy-test", "--karpathy", str(path), "--out", str(out), "--quiet"]) == 0
+    m = json.loads(out.read_text())
+    assert m["split"] == "karpathy-test" and m["num_images"] == 7 and m["num_captions"] == 35
+    assert "Karpathy COCO 5k test split" in m["protocol"]
+    rows = list(csv.DictReader(open(tmp_path / "k.csv")))
+    assert len(rows) == 6 and {r["split"] for r in rows} == {"karpathy-test"}
+    # Its caption cache has its own name, next to (not replacing) the val cache.
+    assert list((coco_root / "cache").glob("karpathy-test_text_embeds_*.safetensors"))
+    assert "Karpathy" in capsys.readouterr().out
+    # Missing --karpathy: one line, exit 2.
+    assert main(["evaluate", "--checkpoint", str(trained_run / "best.pt"), "--data", str(coco_root),
+                 "--split", "karpathy-test", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--karpathy" in err[0]
