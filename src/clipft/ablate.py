@@ -32,8 +32,8 @@ import torch
 import yaml
 
 from . import train as trainer
-from .config import (PRESETS, Config, ConfigError, from_dict, load_config, preset_config, to_dict,
-                     update_from_dict)
+from .config import (PRESETS, Config, ConfigError, from_dict, load_config, preset_config, save_config,
+                     to_dict, update_from_dict)
 
 log = logging.getLogger(__name__)
 
@@ -286,6 +286,9 @@ def run_study(out_dir: str | Path, data_root: str | Path | None = None, names: S
         try:
             trainer.train(run.cfg, data_root, run.dir, resume=True, progress=progress)
         except trainer.TrainingError as e:
+            run.dir.mkdir(parents=True, exist_ok=True)
+            if not (run.dir / "config.json").is_file():  # keep the config check working for it
+                save_config(run.cfg, run.dir / "config.json")
             (run.dir / FAILED_MARK).write_text(f"{e}\n")
             log.error("%s failed: %s", tag, e)
     study = collect_study(runs, configs, base, data_root, seeds, base_config=base_config or "demo",
@@ -480,30 +483,39 @@ def write_markdown(path: Path, study: dict) -> Path:
     return path
 
 
+def recall_delta_bars(study: dict) -> dict:
+    """What ablation_recall.png draws: configs (x, baseline excluded), metrics (one bar each),
+    values[metric][config] = change against the baseline, errors = std of the per-seed changes."""
+    ms = [n for n in study["metric_names"] if n != "mean_recall"]
+    rows = [r for r in study["rows"] if r["config"] != "baseline" and ms and r.get(f"delta_{ms[0]}") is not None]
+    return {"configs": [r["config"] for r in rows], "metrics": ms,
+            "values": [[r[f"delta_{m}"] for r in rows] for m in ms],
+            "errors": [[r.get(f"delta_{m}_std") or 0.0 for r in rows] for m in ms]}
+
+
 def plot_recall_deltas(path: Path, study: dict) -> Path:
     """Grouped bars: per configuration (x), the change of each Recall@K against the baseline
     (percentage points), error bars = std of the per-seed differences."""
     from .visualize import plt
-    ms = [n for n in study["metric_names"] if n != "mean_recall"]
-    rows = [r for r in study["rows"] if r["config"] != "baseline" and ms and r.get(f"delta_{ms[0]}") is not None]
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(rows) + 3), 4.8))
+    bars = recall_delta_bars(study)
+    configs, ms = bars["configs"], bars["metrics"]
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(configs) + 3), 4.8))
     width = 0.8 / max(1, len(ms))
     colors = plt.get_cmap("tab20c")
     for j, mname in enumerate(ms):
-        xs = [i + (j - (len(ms) - 1) / 2) * width for i in range(len(rows))]
-        ys = [r[f"delta_{mname}"] for r in rows]
-        err = [r.get(f"delta_{mname}_std") or 0.0 for r in rows]
+        xs = [i + (j - (len(ms) - 1) / 2) * width for i in range(len(configs))]
+        err = bars["errors"][j]
         label = mname.replace("image_to_text_", "image->text ").replace("text_to_image_", "text->image ")
-        ax.bar(xs, ys, width, yerr=err if any(err) else None, capsize=2, label=label,
+        ax.bar(xs, bars["values"][j], width, yerr=err if any(err) else None, capsize=2, label=label,
                color=colors(j if j < 3 else j + 1))
     ax.axhline(0, color="black", lw=0.8)
-    ax.set_xticks(range(len(rows)))
-    ax.set_xticklabels([r["config"] for r in rows], rotation=30, ha="right")
+    ax.set_xticks(range(len(configs)))
+    ax.set_xticklabels(configs, rotation=30, ha="right")
     ax.set_ylabel("Recall@K change vs baseline (points)")
     n = len(study["seeds"])
     ax.set_title("Recall@K change against the baseline" + (f" (mean of {n} seeds, ± std)" if n > 1 else " (1 seed)"))
     ax.grid(axis="y", alpha=0.3)
-    if rows:
+    if configs:
         ax.legend(fontsize=8, ncol=2)
     else:
         ax.text(0.5, 0.5, "no modification with results", ha="center", va="center", transform=ax.transAxes)
@@ -513,6 +525,26 @@ def plot_recall_deltas(path: Path, study: dict) -> Path:
     return path
 
 
+def recall_curves(study: dict) -> dict[str, dict[str, list[dict]]]:
+    """What ablation_curves.png draws: config -> direction -> [{epoch, mean, min, max}] of the
+    validation R@5 over the configuration's successful seeds."""
+    ok = [r for r in study["runs"] if r["status"] == "ok"]
+    out: dict[str, dict[str, list[dict]]] = {}
+    for name in study["configs"]:
+        curves = [r["curve"] for r in ok if r["config"] == name]
+        if not curves:
+            continue
+        out[name] = {}
+        for d in ("image_to_text", "text_to_image"):
+            points = []
+            for e in sorted({p["epoch"] for c in curves for p in c}):
+                v = [p[f"{d}_R@5"] for c in curves for p in c if p["epoch"] == e and p.get(f"{d}_R@5") is not None]
+                if v:
+                    points.append({"epoch": e, "mean": sum(v) / len(v), "min": min(v), "max": max(v), "n": len(v)})
+            out[name][d] = points
+    return out
+
+
 def plot_recall_curves(path: Path, study: dict) -> Path:
     """Validation Recall@5 per epoch for every configuration (mean over seeds, band = min..max),
     one panel per direction."""
@@ -520,19 +552,15 @@ def plot_recall_curves(path: Path, study: dict) -> Path:
 
     from .visualize import plt
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
-    ok = [r for r in study["runs"] if r["status"] == "ok"]
+    curves = recall_curves(study)
     for ax, (d, title) in zip(axes, (("image_to_text", "image->text R@5"), ("text_to_image", "text->image R@5"))):
-        for name in study["configs"]:
-            curves = [r["curve"] for r in ok if r["config"] == name]
-            if not curves:
-                continue
-            epochs = sorted({p["epoch"] for c in curves for p in c})
-            per_epoch = [[p[f"{d}_R@5"] for c in curves for p in c if p["epoch"] == e] for e in epochs]
-            mean = [sum(v) / len(v) for v in per_epoch]
+        for name, per_dir in curves.items():
+            pts = per_dir[d]
+            epochs = [p["epoch"] for p in pts]
             style = dict(color="black", lw=2.2, zorder=5) if name == "baseline" else dict(lw=1.3)
-            (line,) = ax.plot(epochs, mean, marker="o", ms=3, label=name, **style)
-            if len(curves) > 1:
-                ax.fill_between(epochs, [min(v) for v in per_epoch], [max(v) for v in per_epoch],
+            (line,) = ax.plot(epochs, [p["mean"] for p in pts], marker="o", ms=3, label=name, **style)
+            if any(p["n"] > 1 for p in pts):
+                ax.fill_between(epochs, [p["min"] for p in pts], [p["max"] for p in pts],
                                 color=line.get_color(), alpha=0.12)
         ax.set(xlabel="epoch", title=f"Validation {title}")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
