@@ -355,7 +355,7 @@ def summarise(results: list[dict], configs: dict[str, dict]) -> list[dict]:
             row[f"delta_{m}"] = _mean(diffs)
             row[f"delta_{m}_std"] = _std(diffs)
             if m == "mean_recall":
-                row["seeds_improved"] = f"{sum(d > 0 for d in diffs)}/{len(diffs)}" if diffs else ""
+                row["seeds_improved"] = f"{sum(d > 0 for d in diffs)}/{len(diffs)}" if diffs and name != "baseline" else ""
         row["train_seconds"] = _mean([r["train_seconds"] for r in good])
         row["trainable_params"] = good[0]["trainable_params"] if good else None
         row["total_params"] = good[0]["total_params"] if good else None
