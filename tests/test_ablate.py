@@ -18,7 +18,7 @@ from clipft import ablate
 from clipft import train as train_mod
 from clipft.ablate import ABLATION_NOTES, ABLATIONS, AblationError
 from clipft.cli import main
-from clipft.config import Config, update_from_dict
+from clipft.config import Config, ConfigError, update_from_dict
 from clipft.data import build_transform
 from clipft.model import AttentionPool2d, build_image_tower
 from clipft.train import build_optimizer, cosine_with_warmup, read_records, train_step
@@ -81,8 +81,6 @@ def test_every_preset_builds_trains_and_changes_what_it_claims(name):
     after = model.state_dict()
     head_kinds = [type(m).__name__ for m in model.head.net]
     changed_backbone = _changed(before, after, "backbone.")
-    assert all(changed_backbone[k] == False for k in changed_backbone if k.endswith("num_batches_tracked")) \
-        or cfg.train.freeze_backbone_epochs == 0  # noqa: E712
     assert _changed(before, after, "head.net.0.weight")["head.net.0.weight"]  # the head always learns
 
     if name == "baseline":
@@ -167,7 +165,7 @@ def test_user_configs_file(tmp_path):
     for text, match in [("x:\n  model: {nope: 1}\n", "unknown config key"), ("[1, 2]\n", "mapping"),
                         ("batchnorm:\n  model: {head_hidden: 8}\n", "built-in"), ("a: {b: [\n", "YAML")]:
         f.write_text(text)
-        with pytest.raises(AblationError if match != "unknown config key" else Exception, match=match) as e:
+        with pytest.raises(ConfigError, match=match) as e:  # AblationError is a ConfigError
             ablate.load_ablations_file(f)
         assert str(f) in str(e.value)
 

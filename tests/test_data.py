@@ -15,8 +15,8 @@ from torch.utils.data import DataLoader
 from clipft.config import ConfigError, DataConfig
 from clipft.data import (CaptionedImages, DataError, EvalImageDataset, ImageRecord, TrainDataset,
                          build_transform, coco_annotation_path, collate_eval, collate_skip,
-                         left_right_captions, swap_left_right,
-                         collate_train, detect_format, load_coco_captions, load_image, load_split)
+                         collate_train, detect_format, left_right_captions, load_coco_captions, load_image,
+                         load_split, swap_left_right)
 from clipft.shapes import make_shapes_dataset
 
 MEAN = DataConfig().mean

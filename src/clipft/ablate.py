@@ -175,7 +175,8 @@ def validate_config(cfg: Config, where: str) -> None:
         raise AblationError(f"{where}: {e}") from None
     if cfg.data.flip not in FLIP_MODES:
         raise AblationError(f"{where}: data.flip must be one of {', '.join(FLIP_MODES)}, got {cfg.data.flip!r}")
-    for key, value in (("data.color_jitter", cfg.data.color_jitter), ("train.backbone_lr_ratio", cfg.train.backbone_lr_ratio),
+    for key, value in (("data.color_jitter", cfg.data.color_jitter),
+                       ("train.backbone_lr_ratio", cfg.train.backbone_lr_ratio),
                        ("train.freeze_backbone_epochs", cfg.train.freeze_backbone_epochs)):
         if value < 0:
             raise AblationError(f"{where}: {key} must be >= 0, got {value}")
@@ -355,7 +356,8 @@ def summarise(results: list[dict], configs: dict[str, dict]) -> list[dict]:
             row[f"delta_{m}"] = _mean(diffs)
             row[f"delta_{m}_std"] = _std(diffs)
             if m == "mean_recall":
-                row["seeds_improved"] = f"{sum(d > 0 for d in diffs)}/{len(diffs)}" if diffs and name != "baseline" else ""
+                up = f"{sum(d > 0 for d in diffs)}/{len(diffs)}"
+                row["seeds_improved"] = up if diffs and name != "baseline" else ""
         row["train_seconds"] = _mean([r["train_seconds"] for r in good])
         row["trainable_params"] = good[0]["trainable_params"] if good else None
         row["total_params"] = good[0]["total_params"] if good else None

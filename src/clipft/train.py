@@ -172,7 +172,7 @@ def prepare_data(cfg: Config, data_root: str | Path, device: torch.device) -> Pr
     del encoder  # frozen and no longer needed: training reads the cache only
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return PreparedData(train, val, embeds[0], embeds[1], infos, flip_text, flip_rows)
+    return PreparedData(train, val, embeds[0], embeds[1], infos, train_flip_text=flip_text, train_flip_rows=flip_rows)
 
 
 def _left_right_swapped(cfg: Config, train: CaptionedImages, cache_dir: Path, encoder, device: torch.device,
