@@ -2,7 +2,7 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
+
 
 from clipft.config import (PRESETS, Config, ConfigError, apply_overrides, from_dict, load_config,
                            preset_config, to_dict)

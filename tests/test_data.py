@@ -12,10 +12,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from clipft.config import DataConfig
+from clipft.config import ConfigError, DataConfig
 from clipft.data import (CaptionedImages, DataError, EvalImageDataset, ImageRecord, TrainDataset,
                          build_transform, coco_annotation_path, collate_eval, collate_skip,
-                         collate_train, detect_format, load_coco_captions, load_image, load_split)
+                         collate_train, detect_format, left_right_captions, load_coco_captions, load_image,
+                         load_split, swap_left_right)
 from clipft.shapes import make_shapes_dataset
 
 MEAN = DataConfig().mean
@@ -349,3 +350,71 @@ def test_eval_dataset_and_collate(shapes_root, tmp_path):
     images, texts, index, n_skipped = collate_train([None])
     assert images.shape[0] == texts.shape[0] == index.shape[0] == 0 and n_skipped == 1
     assert collate_skip([None, None, None])[-1] == 3
+
+
+# --------------------------------------------------------------------------- ablation augmentations
+
+@pytest.mark.parametrize("caption,expected", [
+    ("a red square on the left", "a red square on the right"),
+    ("Left of the cat, right of the dog", "Right of the cat, left of the dog"),
+    ("the LEFTMOST block and the rightmost one", "the RIGHTMOST block and the leftmost one"),
+    ("a left-hand glove", "a right-hand glove"),
+    ("move rightwards", "move leftwards"),
+    ("a bright light on a cleft", "a bright light on a cleft"),  # not whole words
+    ("no direction here", "no direction here"),
+])
+def test_swap_left_right(caption, expected):
+    assert swap_left_right(caption) == expected
+    assert swap_left_right(expected) == caption  # an involution: flipping twice restores it
+
+
+def test_left_right_captions_rows_point_at_swapped_versions():
+    caps = ["a dog", "a cat on the left", "nothing", "Right side up"]
+    rows, swapped = left_right_captions(caps)
+    assert rows.tolist() == [-1, 0, -1, 1]
+    assert swapped == ["a cat on the right", "Left side up"]
+
+
+def test_transform_flip_and_colour_jitter_options():
+    def kinds(**kw):
+        return [type(t).__name__ for t in build_transform(32, MEAN, STD, **kw).transforms]
+    assert kinds(train=True, augment=True) == ["RandomResizedCrop", "RandomHorizontalFlip", "ToTensor", "Normalize"]
+    assert kinds(train=True, augment=True, flip=False) == ["RandomResizedCrop", "ToTensor", "Normalize"]
+    assert "ColorJitter" in kinds(train=True, color_jitter=0.4)
+    assert "ColorJitter" not in kinds(train=False, color_jitter=0.4)  # never at evaluation
+    jitter = build_transform(32, MEAN, STD, train=True, color_jitter=0.4).transforms[2]
+    assert jitter.hue is None and jitter.brightness == (0.6, 1.4)  # no hue: captions name colours
+    with pytest.raises(ConfigError, match="color_jitter"):
+        build_transform(32, MEAN, STD, train=True, color_jitter=-1)
+
+
+def test_train_dataset_flips_image_and_swaps_caption_embedding(tmp_path):
+    im = Image.new("RGB", (8, 8), (0, 0, 255))
+    im.paste((255, 0, 0), (0, 0, 4, 8))  # red on the left half
+    im.save(tmp_path / "a.png")
+    im.save(tmp_path / "b.png")
+    split = CaptionedImages([ImageRecord(1, tmp_path / "a.png", ["red on the left", "red and blue"], [1, 2]),
+                             ImageRecord(2, tmp_path / "b.png", ["a red half, left side"], [3])], "t")
+    text = torch.arange(3, dtype=torch.float32)[:, None].repeat(1, 2)  # [3, 2]: row j = (j, j)
+    rows, swapped = left_right_captions(split.captions)
+    flip_text = 100 + torch.arange(len(swapped), dtype=torch.float32)[:, None].repeat(1, 2)  # [K, 2]
+    to_tensor = lambda x: torch.from_numpy(np.asarray(x).copy())  # noqa: E731 - [8, 8, 3] uint8
+    ds = TrainDataset(split, text, to_tensor, seed=3, flip_embeds=flip_text, flip_rows=rows)
+    original = to_tensor(im)
+    flips = 0
+    for epoch in range(40):
+        ds.set_epoch(epoch)
+        for i in range(2):
+            x, t, _ = ds[i]
+            j = ds.caption_index(i)
+            if ds.flipped(i):
+                flips += 1
+                assert torch.equal(x, original.flip(1))  # mirrored: red now on the right
+                assert torch.equal(t, flip_text[rows[j]] if rows[j] >= 0 else text[j])
+            else:
+                assert torch.equal(x, original) and torch.equal(t, text[j])
+    assert 20 <= flips <= 60  # about half of the 80 items
+    plain = TrainDataset(split, text, to_tensor, seed=3)
+    assert not any(plain.flipped(i) for i in range(2))
+    with pytest.raises(ValueError, match="flip_embeds"):
+        TrainDataset(split, text, to_tensor, flip_embeds=flip_text)

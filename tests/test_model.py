@@ -7,8 +7,9 @@ import torch
 import torchvision
 
 from clipft.config import ModelConfig
-from clipft.model import (BACKBONES, ModelError, build_image_tower, count_parameters, imagenet_weights,
-                          load_image_tower, read_checkpoint, tower_state)
+from clipft.model import (BACKBONES, AttentionPool2d, ModelError, build_image_tower, count_parameters,
+                          head_widths, imagenet_weights, load_image_tower, parameter_parts, read_checkpoint,
+                          tower_state)
 
 
 def tower(backbone="resnet18", **kw):
@@ -102,3 +103,130 @@ def test_bad_checkpoint_files(tmp_path):
     torch.save({"weights": 1}, other)
     with pytest.raises(ModelError, match="not a clipft checkpoint"):
         read_checkpoint(other)
+
+
+# --------------------------------------------------------------------------- ablation variants
+
+def test_default_head_is_unchanged():
+    m = tower()
+    assert [type(x).__name__ for x in m.head.net] == ["Linear", "GELU", "Linear"]
+    assert m.head.shortcut is None and m.pool is None
+    assert not [k for k in m.state_dict() if k.startswith(("pool.", "head.shortcut"))]
+
+
+@pytest.mark.parametrize("kw,kinds", [
+    (dict(head_norm="batchnorm"), ["Linear", "BatchNorm1d", "GELU", "Linear"]),
+    (dict(head_norm="layernorm"), ["Linear", "LayerNorm", "GELU", "Linear"]),
+    (dict(head_dropout=0.3), ["Linear", "GELU", "Dropout", "Linear"]),
+    (dict(head_layers=3, head_norm="batchnorm"),
+     ["Linear", "BatchNorm1d", "GELU", "Linear", "BatchNorm1d", "GELU", "Linear"]),
+    (dict(head_layers=1), ["Linear"]),
+])
+def test_head_variants(kw, kinds):
+    m = tower(**kw)
+    assert [type(x).__name__ for x in m.head.net] == kinds
+    emb = m(torch.randn(4, 3, 32, 32))
+    assert emb.shape == (4, 16) and torch.allclose(emb.norm(dim=-1), torch.ones(4), atol=1e-5)
+
+
+def test_deep_head_widths_halve():
+    assert head_widths(2048, 1024, 3, 512) == [2048, 1024, 512, 512]  # the 2048->1024->512->D
+    m = tower(head_layers=3)
+    assert [l.out_features for l in m.head.net if isinstance(l, torch.nn.Linear)] == [32, 16, 16]
+
+
+def test_residual_head_adds_a_linear_shortcut():
+    m = tower(head_residual=True).eval()
+    x = torch.randn(3, 512)
+    assert torch.allclose(m.head(x), m.head.net(x) + x @ m.head.shortcut.weight.T, atol=1e-6)
+
+
+@pytest.mark.parametrize("size", [32, 96])  # 1x1 and 3x3 maps: positions resized from 7x7
+def test_attention_pool_any_image_size_and_grads(size):
+    torch.manual_seed(0)
+    m = tower(pooling="attention")
+    assert isinstance(m.pool, AttentionPool2d) and m.pool.attn.num_heads == 512 // 64
+    emb = m(torch.randn(2, 3, size, size))
+    assert emb.shape == (2, 16)
+    emb.sum().backward()
+    assert m.pool.positional_embedding.grad is not None and m.backbone.layer4[1].conv2.weight.grad is not None
+
+
+def test_attention_pool_matches_clip_formula_at_native_grid():
+    torch.manual_seed(0)
+    pool = AttentionPool2d(dim=8, heads=2, grid=2).eval()
+    x = torch.randn(3, 8, 2, 2)
+    tokens = x.flatten(2).permute(2, 0, 1)  # [4, B, C]
+    tokens = torch.cat([tokens.mean(0, keepdim=True), tokens]) + pool.positional_embedding[:, None]
+    ref, _ = pool.attn(tokens[:1], tokens, tokens)
+    assert torch.allclose(pool(x), ref[0], atol=1e-6)
+
+
+@pytest.mark.parametrize("kw", [dict(head_norm="nope"), dict(pooling="max"), dict(head_layers=0),
+                                dict(head_dropout=1.0), dict(trainable_stages=6)])
+def test_bad_variant_values(kw):
+    with pytest.raises(ModelError, match=next(iter(kw))):
+        tower(**kw)
+
+
+def _backbone_state(m):
+    return {k: v.clone() for k, v in m.backbone.state_dict().items()}
+
+
+def test_trainable_stages_freeze_earlier_stages_and_their_bn_stats():
+    m = tower(trainable_stages=2).train()
+    frozen, trainable = ("conv1", "bn1", "layer1", "layer2"), ("layer3", "layer4")
+    for name, p in m.backbone.named_parameters():
+        assert p.requires_grad == name.startswith(trainable), name
+    bns = {n: mod for n, mod in m.backbone.named_modules() if isinstance(mod, torch.nn.BatchNorm2d)}
+    assert all(not mod.training for n, mod in bns.items() if n.startswith(frozen))
+    assert all(mod.training for n, mod in bns.items() if n.startswith(trainable))
+    before = _backbone_state(m)
+    m(torch.randn(4, 3, 32, 32))  # a train-mode forward: only unfrozen BNs update their stats
+    after = m.backbone.state_dict()
+    for k in before:
+        assert torch.equal(before[k], after[k]) == k.startswith(frozen) or "weight" in k or "bias" in k, k
+    assert count_parameters(m)["trainable"] < count_parameters(tower())["trainable"]
+
+
+def test_set_backbone_trainable_and_frozen_bn_stats():
+    m = tower()
+    m.set_backbone_trainable(False)
+    assert not any(p.requires_grad for p in m.backbone.parameters())
+    assert all(p.requires_grad for p in m.head.parameters())
+    m.train()
+    assert not any(mod.training for mod in m.backbone.modules() if isinstance(mod, torch.nn.BatchNorm2d))
+    m.set_backbone_trainable(True)
+    assert all(p.requires_grad for p in m.backbone.parameters()) and m.backbone.bn1.training
+    f = tower(freeze_bn_stats=True).train()
+    assert all(p.requires_grad for p in f.backbone.parameters())  # affine weights still train
+    before = _backbone_state(f)
+    f(torch.randn(4, 3, 32, 32))
+    assert all(torch.equal(before[k], v) for k, v in f.backbone.state_dict().items())
+    assert f.head.net[0].weight.requires_grad and f.training
+
+
+@pytest.mark.parametrize("kw", [dict(head_norm="batchnorm", head_layers=3, head_dropout=0.1),
+                                dict(head_norm="layernorm", head_residual=True),
+                                dict(pooling="attention", trainable_stages=1, freeze_bn_stats=True)])
+def test_every_variant_round_trips_through_load_image_tower(tmp_path, kw):
+    torch.manual_seed(0)
+    m = tower(**kw)
+    m.train()
+    m(torch.randn(4, 3, 64, 64))  # move BN running stats away from their init
+    p = tmp_path / "v.pt"
+    torch.save({**tower_state(m), "config": {}}, p)
+    m2 = load_image_tower(p)
+    assert all(getattr(m2.cfg, k) == v for k, v in kw.items())
+    x = torch.randn(3, 3, 64, 64)
+    assert torch.allclose(m.eval()(x), m2(x), atol=1e-5)
+
+
+def test_parameter_parts_cover_every_parameter_once():
+    m = tower(pooling="attention", head_residual=True, learnable_temperature=True)
+    parts = parameter_parts(m)
+    names = [n for ps in parts.values() for n, _ in ps]
+    assert sorted(names) == sorted(n for n, _ in m.named_parameters())
+    assert [n for n, _ in parts["logit_scale"]] == ["logit_scale"]
+    assert all(n.startswith("backbone.") for n, _ in parts["backbone"])
+    assert any(n.startswith("pool.") for n, _ in parts["head"])  # new layers learn at the head's rate

@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader, SequentialSampler, BatchSampler
+from torch.utils.data import DataLoader
 
 from clipft import prepare as prep
 from clipft.config import DataConfig

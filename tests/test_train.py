@@ -148,3 +148,80 @@ def test_unknown_override_is_an_error(coco_root, tmp_path, capsys):
     assert main(["train", "--data", str(coco_root), "--out", str(tmp_path / "r"), "--set", "train.nope=1"]) == 2
     assert "unknown config key 'train.nope'" in capsys.readouterr().err
     assert main(["train", "--data", str(coco_root), "--out", str(tmp_path / "r"), "--train.epochs=x"]) == 2
+
+
+# --------------------------------------------------------------------------- ablation options
+
+def test_optimizer_part_groups_with_backbone_lr_ratio():
+    from clipft.model import build_image_tower
+    cfg = apply_overrides(Config(), ["model.backbone=resnet18", "model.image_weights=none",
+                                     "model.learnable_temperature=true", "model.trainable_stages=2",
+                                     "model.pooling=attention"])
+    m = build_image_tower(cfg.model, 8)
+    opt = build_optimizer(m, 1e-3, 0.1, backbone_lr_ratio=0.25)
+    groups = {g["name"]: g for g in opt.param_groups}
+    assert list(groups) == ["head/decay", "head/no_decay", "logit_scale", "backbone/decay", "backbone/no_decay"]
+    assert groups["backbone/decay"]["lr"] == pytest.approx(2.5e-4) and groups["head/decay"]["lr"] == 1e-3
+    assert groups["logit_scale"]["params"] == [m.logit_scale] and groups["logit_scale"]["weight_decay"] == 0
+    for name, g in groups.items():
+        assert all((p.ndim >= 2) == name.endswith("/decay") for p in g["params"]) or name == "logit_scale"
+        assert g["weight_decay"] == (0.1 if name.endswith("/decay") else 0.0)
+    ids = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert len(ids) == len(set(ids))
+    assert set(ids) == {id(p) for p in m.parameters() if p.requires_grad}  # frozen stages left out
+    assert any(p is m.pool.positional_embedding for p in groups["head/decay"]["params"])  # new: head rate
+    with pytest.raises(train_mod.TrainingError, match="backbone_lr_ratio"):
+        build_optimizer(m, 1e-3, 0.1, backbone_lr_ratio=-1)
+
+
+def test_backbone_frozen_for_first_epoch_then_trains_and_resumes(coco_root, tiny_clip_dir, tmp_path, monkeypatch):
+    """train.freeze_backbone_epochs=1: after epoch 1 the backbone (weights AND BatchNorm running
+    statistics) is bit-identical to its initialisation while the head moved; epoch 2, reached by
+    resuming, trains it."""
+    real_build, real_loader = train_mod.build_image_tower, train_mod.make_train_loader
+    init = {}
+
+    def build(*a, **k):
+        m = real_build(*a, **k)
+        init.update({k: v.clone() for k, v in m.state_dict().items()})
+        return m
+
+    def crash_at_epoch_2(ds, cfg, epoch, device):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return real_loader(ds, cfg, epoch, device)
+    monkeypatch.setattr(train_mod, "build_image_tower", build)
+    monkeypatch.setattr(train_mod, "make_train_loader", crash_at_epoch_2)
+    run = tmp_path / "freeze"
+    args = small_args(tiny_clip_dir, 2, ["--set", "train.freeze_backbone_epochs=1"])
+    assert main(["train", "--data", str(coco_root), "--out", str(run), *args]) == 130
+    s1 = _final_state(run)
+    backbone = [k for k in s1 if k.startswith("backbone.")]
+    assert any("running_mean" in k for k in backbone)
+    assert all(torch.equal(s1[k], init[k]) for k in backbone)
+    assert not torch.equal(s1["head.net.0.weight"], init["head.net.0.weight"])
+    monkeypatch.setattr(train_mod, "make_train_loader", real_loader)
+    assert main(["train", "--data", str(coco_root), "--out", str(run), "--quiet"]) == 0
+    s2 = _final_state(run)
+    assert not torch.equal(s2["backbone.conv1.weight"], init["backbone.conv1.weight"])
+    assert not torch.equal(s2["backbone.bn1.running_mean"], init["backbone.bn1.running_mean"])
+
+
+def test_flip_swap_builds_its_own_caption_cache(coco_root, tiny_clip_dir, tmp_path):
+    from clipft.data import DataConfig, left_right_captions, load_split
+    from clipft.text import get_text_embeddings, text_cache_path
+    run = tmp_path / "swap"
+    args = small_args(tiny_clip_dir, 1, ["--set", "data.augment=true", "--set", "data.flip=swap"])
+    assert main(["train", "--data", str(coco_root), "--out", str(run), *args]) == 0
+    cache = text_cache_path(coco_root / "cache", "train-lrswap", str(tiny_clip_dir))
+    assert cache.is_file()
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["text"]["train-lrswap"]["path"] == str(cache)
+    # The cache holds exactly the swapped captions (its fingerprint matches, nothing is rebuilt).
+    split = load_split(coco_root, "train", DataConfig())
+    rows, swapped = left_right_captions(split.captions)
+    assert swapped and (rows >= 0).sum() == len(swapped)
+    emb, info = get_text_embeddings(swapped, str(tiny_clip_dir), cache)
+    assert not info["built"] and emb.shape[0] == len(swapped)
+    assert main(["train", "--data", str(coco_root), "--out", str(tmp_path / "bad"),
+                 *small_args(tiny_clip_dir, 1, ["--set", "data.augment=true", "--set", "data.flip=mirror"])]) == 2

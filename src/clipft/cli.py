@@ -7,7 +7,6 @@ Expected failures (bad data, bad config, missing model, diverged run) print one 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -315,6 +314,24 @@ def cmd_download(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ablate(args: argparse.Namespace) -> int:
+    from .ablate import format_list, load_ablations_file, run_study
+    if args.list:
+        print(format_list(load_ablations_file(args.configs_file) if args.configs_file else None))
+        return 0
+    if not args.out:
+        raise ConfigError("ablate: --out DIR is required (unless --list)")
+    study = run_study(args.out, data_root=args.data, names=args.configs, seeds=args.seeds,
+                      base_config=args.base_config, overrides=list(args.overrides) + list(args.extra_overrides),
+                      configs_file=args.configs_file, quick=args.quick, progress=not args.quiet)
+    out = Path(args.out)
+    print((out / "ablation.md").read_text().split("\n\nHow to read it:")[0].split("\n\n", 1)[-1])
+    n_ok = sum(r["status"] == "ok" for r in study["runs"])
+    print(f"{n_ok}/{len(study['runs'])} runs ok; wrote {out / 'ablation.md'}, {out / 'ablation.csv'}, "
+          f"{out / 'ablation_recall.png'}, {out / 'ablation_curves.png'}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """The embedded end-to-end demo: shapes data -> MiniLM text cache -> train -> evaluate ->
     zero-shot -> pictures -> report."""
@@ -504,6 +521,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--retries", type=int, default=3, help="resume a lost connection this many times (default 3)")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(func=cmd_download)
+
+    s = sub.add_parser("ablate", help="ablation study: modifications vs the baseline, same data/seeds/budget")
+    s.add_argument("--out", help="study directory (runs, ablation.md/.csv/.png); rerun to resume")
+    s.add_argument("--data", help="dataset root (default: synthetic shapes generated in OUT/data)")
+    s.add_argument("--configs", nargs="+", metavar="NAME",
+                   help="configurations to compare (default: all; --quick: baseline batchnorm learnable_temp); "
+                        "baseline is always included")
+    s.add_argument("--configs-file", metavar="YAML", help="user configurations: name: {section: {key: value}}")
+    s.add_argument("--seeds", nargs="+", type=int, default=[0], help="train.seed values (default 0)")
+    s.add_argument("--base-config", default="demo", metavar="FILE_OR_PRESET",
+                   help="config every configuration starts from (default: the demo preset)")
+    s.add_argument("--quick", action="store_true", help="small budget smoke study (baseline + two modifications)")
+    s.add_argument("--list", action="store_true", help="list the configurations and exit")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override the base config for every run (repeatable)")
+    s.set_defaults(func=cmd_ablate)
 
     s = sub.add_parser("demo", help="embedded end-to-end demo on synthetic data, CPU, offline")
     s.add_argument("--out", default="runs/demo")

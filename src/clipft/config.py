@@ -40,6 +40,11 @@ class DataConfig:
     val_images: int = 0
     subset_seed: int = 0
     augment: bool = False  # random resized crop + horizontal flip on train images
+    # Horizontal flip under augment: plain = flip the image only (a caption saying "left" becomes
+    # wrong), swap = flip and use the caption with left/right swapped (its own cached embedding),
+    # off = no flip (crop only).
+    flip: str = "plain"
+    color_jitter: float = 0.0  # train images: brightness/contrast/saturation jitter strength; 0 = off (hue never)
     num_workers: int = 4
     # CLIP's own normalisation (the text tower was trained against images normalised like this).
     mean: tuple[float, ...] = (0.48145466, 0.4578275, 0.40821073)
@@ -60,6 +65,13 @@ class ModelConfig:
     backbone: str = "resnet50"  # resnet18 | resnet34 | resnet50 | resnet101
     image_weights: str = "imagenet"  # imagenet | none
     head_hidden: int = 1024
+    head_layers: int = 2  # linear layers in the head; hidden widths head_hidden, head_hidden/2, ...
+    head_norm: str = "none"  # none | batchnorm | layernorm: after each hidden linear layer
+    head_dropout: float = 0.0  # dropout after each hidden activation; 0 = none
+    head_residual: bool = False  # head(x) = MLP(x) + W x (a learned linear shortcut)
+    pooling: str = "avg"  # avg | attention (CLIP-style QKV attention pooling over the final feature map)
+    trainable_stages: int = -1  # -1 = whole backbone; N = only its last N of (stem, layer1..layer4)
+    freeze_bn_stats: bool = False  # backbone BatchNorm layers keep their running statistics (eval mode)
     temperature: float = 0.07
     learnable_temperature: bool = False
     max_logit_scale: float = 100.0  # clamp: 1/tau never exceeds this
@@ -72,6 +84,8 @@ class TrainConfig:
     lr: float = 1e-4
     weight_decay: float = 0.05
     warmup_steps: int = 200
+    backbone_lr_ratio: float = 1.0  # backbone lr = lr * ratio (head and logit scale use lr)
+    freeze_backbone_epochs: int = 0  # backbone frozen (no gradients, BN stats fixed) for the first N epochs
     min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
     grad_clip: float = 1.0  # 0 disables clipping
     amp: bool = True  # CUDA only: bf16 where supported, else fp16 with a GradScaler; ignored on CPU

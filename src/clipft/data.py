@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -38,7 +39,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
-from .config import Config, DataConfig
+from .config import Config, ConfigError, DataConfig
 
 log = logging.getLogger(__name__)
 
@@ -769,21 +770,68 @@ def load_image(path: str | Path, draft_size: int | None = None, warn: bool = Tru
 
 
 def build_transform(image_size: int, mean: Sequence[float], std: Sequence[float],
-                    train: bool = False, augment: bool = False) -> T.Compose:
+                    train: bool = False, augment: bool = False, flip: bool = True,
+                    color_jitter: float = 0.0) -> T.Compose:
     """PIL RGB image -> normalised float tensor [3, image_size, image_size].
 
     eval (and train without augment): bicubic resize of the short side + center crop.
-    train with augment: RandomResizedCrop(scale 0.5-1) + horizontal flip.
+    train with augment: RandomResizedCrop(scale 0.5-1) + horizontal flip (unless flip=False; the
+    caption-aware flip of data.flip=swap happens in TrainDataset instead).
+    train with color_jitter=s > 0: ColorJitter(brightness=s, contrast=s, saturation=s), no hue
+    jitter: captions name colours ("a red square"), and a hue shift would make them false.
     """
     if train and augment:
-        # Note: flips swap "left"/"right" in captions; acceptable for COCO, wrong for shapes.
         geometry = [T.RandomResizedCrop(image_size, scale=(0.5, 1.0),
-                                        interpolation=T.InterpolationMode.BICUBIC, antialias=True),
-                    T.RandomHorizontalFlip()]
+                                        interpolation=T.InterpolationMode.BICUBIC, antialias=True)]
+        if flip:  # plain flip: "left"/"right" in a caption become wrong (see data.flip=swap)
+            geometry.append(T.RandomHorizontalFlip())
     else:
         geometry = [T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
                     T.CenterCrop(image_size)]
-    return T.Compose(geometry + [T.ToTensor(), T.Normalize(tuple(mean), tuple(std))])
+    if color_jitter < 0:
+        raise ConfigError(f"data.color_jitter must be >= 0, got {color_jitter}")
+    photometric = [T.ColorJitter(brightness=color_jitter, contrast=color_jitter, saturation=color_jitter)] \
+        if train and color_jitter > 0 else []
+    return T.Compose(geometry + photometric + [T.ToTensor(), T.Normalize(tuple(mean), tuple(std))])
+
+
+# --------------------------------------------------------------------------- left/right-aware flips
+
+FLIP_MODES = ("plain", "swap", "off")
+# "left"/"right" as whole words, with the suffixes that keep the meaning directional
+# (leftmost, rightward(s), lefthand; "left-hand" matches at the hyphen).
+_LEFT_RIGHT = re.compile(r"\b(left|right)(most|wards?|hand(ed)?)?\b", re.IGNORECASE)
+
+
+def swap_left_right(caption: str) -> str:
+    """The caption of the mirrored image: every left <-> right swapped, keeping case
+    ("Left" -> "Right", "LEFTMOST" -> "RIGHTMOST"). Non-directional senses ("right now", "he
+    left") are swapped too: a known, rare imprecision."""
+    def repl(m: re.Match) -> str:
+        word = m.group(1)
+        new = "right" if word.lower() == "left" else "left"
+        if word.isupper():
+            new = new.upper()
+        elif word[0].isupper():
+            new = new.capitalize()
+        return new + (m.group(2) or "")
+    return _LEFT_RIGHT.sub(repl, caption)
+
+
+def left_right_captions(captions: Sequence[str]) -> tuple[torch.Tensor, list[str]]:
+    """Which captions change under a horizontal flip, and how.
+
+    Returns (flip_row [M] LongTensor: row in the swapped list for caption j, or -1 if caption j
+    does not mention left/right; swapped [K] the swapped captions of those K, in caption order).
+    """
+    rows, swapped = [], []
+    for c in captions:
+        if _LEFT_RIGHT.search(c):
+            rows.append(len(swapped))
+            swapped.append(swap_left_right(c))
+        else:
+            rows.append(-1)
+    return torch.tensor(rows, dtype=torch.long), swapped
 
 
 # --------------------------------------------------------------------------- datasets
@@ -810,17 +858,28 @@ class TrainDataset(Dataset):
     whether items are loaded in the main process or in DataLoader workers. set_epoch must be
     called before the DataLoader is iterated; with persistent_workers=True the workers keep
     the dataset copy (and epoch) they started with, so do not combine the two.
+
+    With `flip_embeds` / `flip_rows` (data.flip=swap, see `left_right_captions`) the dataset
+    mirrors half of the images itself (also a pure function of (seed, epoch, i)) and, when the
+    chosen caption mentions left/right, returns the embedding of its swapped version, so the
+    caption stays true for the flipped image.
     """
 
     def __init__(self, split: CaptionedImages, text_embeds: torch.Tensor, transform: Callable,
-                 seed: int = 0, draft_size: int | None = None):
+                 seed: int = 0, draft_size: int | None = None, flip_embeds: torch.Tensor | None = None,
+                 flip_rows: torch.Tensor | None = None):
         offsets = split.caption_offsets()  # [N+1]
         if text_embeds.ndim != 2 or text_embeds.shape[0] != int(offsets[-1]):
             raise ValueError(f"{split.name}: text_embeds must be [{int(offsets[-1])}, D] (one row per "
                              f"caption), got {tuple(text_embeds.shape)}")
+        if (flip_embeds is None) != (flip_rows is None) or (
+                flip_rows is not None and flip_rows.shape != (text_embeds.shape[0],)):
+            raise ValueError(f"{split.name}: flip_embeds [K, D] and flip_rows [M] come together, one row per caption")
         self.paths = [rec.path for rec in split.images]
         self.offsets = offsets.tolist()  # plain ints: cheap to index, cheap to pickle to workers
         self.text_embeds = text_embeds  # [M, D]
+        self.flip_embeds = flip_embeds  # [K, D] embeddings of the left/right-swapped captions
+        self.flip_rows = flip_rows  # [M] row in flip_embeds, -1 = caption has no left/right
         self.transform = transform
         self.seed = seed
         self.draft_size = draft_size
@@ -837,12 +896,23 @@ class TrainDataset(Dataset):
         start, end = self.offsets[i], self.offsets[i + 1]
         return start + _mix(self.seed, self.epoch, i) % (end - start)
 
+    def flipped(self, i: int) -> bool:
+        """Whether image i is mirrored in the current epoch (caption-aware flips only)."""
+        return self.flip_rows is not None and _mix(self.seed, self.epoch, i, 0xF11B) & 1 == 1
+
     def __getitem__(self, i: int):
         img, _reason = load_image(self.paths[i], self.draft_size)
         if img is None:
             return None
+        j = self.caption_index(i)
+        text = self.text_embeds[j]
+        if self.flipped(i):
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            row = int(self.flip_rows[j])
+            if row >= 0:
+                text = self.flip_embeds[row]
         # clone: a view would drag the whole [M, D] storage through worker shared memory
-        return self.transform(img), self.text_embeds[self.caption_index(i)].clone(), i
+        return self.transform(img), text.clone(), i
 
 
 class EvalImageDataset(Dataset):

@@ -328,7 +328,8 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
-def wrap_model(model: torch.nn.Module, ctx: DistContext, sync_batchnorm: bool = False) -> torch.nn.Module:
+def wrap_model(model: torch.nn.Module, ctx: DistContext, sync_batchnorm: bool = False,
+               find_unused_parameters: bool = False) -> torch.nn.Module:
     """DDP around `model` for a multi-process run (the model itself otherwise).
 
     sync_batchnorm: BatchNorm layers become SyncBatchNorm, whose batch statistics are computed over the
@@ -339,7 +340,8 @@ def wrap_model(model: torch.nn.Module, ctx: DistContext, sync_batchnorm: bool = 
         return model
     # DDP broadcasts rank 0's parameters and buffers here, so every rank starts identical.
     return torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+        model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+        find_unused_parameters=find_unused_parameters)
 
 
 def convert_to_sync_batchnorm(model: torch.nn.Module, ctx: DistContext, enabled: bool) -> torch.nn.Module:

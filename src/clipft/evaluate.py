@@ -237,7 +237,7 @@ def checkpoint_embeddings(checkpoint: str | Path, data_root: str | Path, split: 
     from .model import ModelError, read_checkpoint, tower_from_checkpoint
     from .protocols import resolve_eval_split
     from .runtime import amp_dtype_for, resolve_device
-    from .text import get_text_embeddings, text_cache_path
+    from .text import get_text_embeddings
 
     checkpoint = Path(checkpoint)
     ckpt = read_checkpoint(checkpoint)

@@ -304,7 +304,7 @@ def loss_explanation(cfg: dict, final_logit_scale: float | None = None) -> list[
             "space.", "",
             f"Each training batch holds {b} images, each with one of its captions (a different one each epoch). "
             "The loss is a symmetric InfoNCE (the CLIP loss):", "",
-            f"- **Anchors**: every image in the batch is an anchor for the image->text term, and every caption "
+            "- **Anchors**: every image in the batch is an anchor for the image->text term, and every caption "
             "is an anchor for the text->image term.",
             "- **Positive**: the anchor's own pair (the image's caption, or the caption's image).",
             f"- **Negatives**: the other {neg} captions (or images) of the same batch; no negatives are mined "

@@ -30,13 +30,14 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .config import Config, ConfigError, from_dict, load_config, save_config, to_dict
-from .data import CaptionedImages, TrainDataset, build_transform, collate_train, load_split, text_cache_file
+from .data import (FLIP_MODES, CaptionedImages, TrainDataset, build_transform, collate_train,
+                   cache_location, left_right_captions, load_split, text_cache_file)
 from .evaluate import evaluate_split, mean_recall
 from .health import HealthMonitor, mean_pairwise_cosine
 from .loss import chance_loss, clip_loss
-from .model import build_image_tower, count_parameters, tower_state
+from .model import build_image_tower, count_parameters, parameter_parts, tower_state
 from .runtime import amp_dtype_for, atomic_torch_save, hardware_info, rng_state, seed_everything, set_rng_state
-from .text import get_text_embeddings, load_text_encoder
+from .text import get_text_embeddings, load_text_encoder, text_cache_path
 from .validate import preflight
 
 log = logging.getLogger(__name__)
@@ -57,13 +58,37 @@ def cosine_with_warmup(step: int, total_steps: int, warmup_steps: int, min_ratio
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW; no weight decay on biases, norm weights and the logit scale (all 1-d or 0-d)."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,
+                    backbone_lr_ratio: float = 1.0) -> torch.optim.AdamW:
+    """AdamW over the parameters that require grad now; no weight decay on biases, norm weights and
+    the logit scale (all 1-d or 0-d).
+
+    backbone_lr_ratio == 1: two groups (decay, no_decay). Otherwise groups per part, named
+    head/decay, head/no_decay, logit_scale, backbone/decay, backbone/no_decay (empty ones dropped),
+    the backbone's at lr * backbone_lr_ratio. Parameters frozen only for a while (see
+    train.freeze_backbone_epochs) must require grad when this is called: AdamW then skips them
+    while their .grad is None (no update, no weight decay).
+    """
+    if backbone_lr_ratio < 0:
+        raise TrainingError(f"train.backbone_lr_ratio must be >= 0, got {backbone_lr_ratio}")
+    if backbone_lr_ratio == 1.0 or not hasattr(model, "backbone"):
+        decay, no_decay = [], []
+        for p in model.parameters():
+            if p.requires_grad:
+                (decay if p.ndim >= 2 else no_decay).append(p)
+        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+    parts = parameter_parts(model)
+    groups = []
+    for part, part_lr in (("head", lr), ("logit_scale", lr), ("backbone", lr * backbone_lr_ratio)):
+        params = [p for _, p in parts[part] if p.requires_grad]
+        if part == "logit_scale":
+            groups.append({"name": part, "params": params, "lr": part_lr, "weight_decay": 0.0})
+            continue
+        groups.append({"name": f"{part}/decay", "params": [p for p in params if p.ndim >= 2],
+                       "lr": part_lr, "weight_decay": weight_decay})
+        groups.append({"name": f"{part}/no_decay", "params": [p for p in params if p.ndim < 2],
+                       "lr": part_lr, "weight_decay": 0.0})
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
 
 
@@ -123,6 +148,10 @@ class PreparedData:
     train_text: torch.Tensor  # [M_train, D], L2-normalised, caption order of `train`
     val_text: torch.Tensor  # [M_val, D]
     text_info: dict
+    # data.flip=swap only: embeddings [K, D] of the train captions with left/right swapped, and
+    # each train caption's row in it [M_train] (-1 = no left/right); see data.left_right_captions.
+    train_flip_text: torch.Tensor | None = None
+    train_flip_rows: torch.Tensor | None = None
 
 
 def prepare_data(cfg: Config, data_root: str | Path, device: torch.device) -> PreparedData:
@@ -146,10 +175,39 @@ def prepare_data(cfg: Config, data_root: str | Path, device: torch.device) -> Pr
         embeds.append(emb)
         infos[name] = {k: (str(v) if isinstance(v, Path) else v) for k, v in info.items()}
     infos["encoder_dim"] = encoder.dim
+    cache_dir, base = cache_location(data_root, cfg.data.train_split, cfg)
+    swap_file = text_cache_path(cache_dir, f"{base}-lrswap", cfg.text.encoder)
+    flip_text, flip_rows = _left_right_swapped(cfg, train, swap_file, encoder, device, infos)
     del encoder  # frozen and no longer needed: training reads the cache only
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return PreparedData(train, val, embeds[0], embeds[1], infos)
+    return PreparedData(train, val, embeds[0], embeds[1], infos, train_flip_text=flip_text, train_flip_rows=flip_rows)
+
+
+def _left_right_swapped(cfg: Config, train: CaptionedImages, swap_file: Path, encoder, device: torch.device,
+                        infos: dict) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """For data.flip=swap: embeddings of the train captions that mention left/right, with the two
+    words swapped, cached like any caption list (fingerprinted, `<split>-lrswap` cache file)."""
+    if cfg.data.flip not in FLIP_MODES:
+        raise ConfigError(f"data.flip must be one of {', '.join(FLIP_MODES)}, got {cfg.data.flip!r}")
+    if not cfg.data.augment or cfg.data.flip == "off":
+        return None, None
+    rows, swapped = left_right_captions(train.captions)
+    if cfg.data.flip == "plain":
+        if swapped:
+            log.warning("%d of %d train captions mention left/right: with data.flip=plain they are wrong for "
+                        "flipped images (data.flip=swap fixes that, data.flip=off avoids it)",
+                        len(swapped), len(rows))
+        return None, None
+    if not swapped:
+        return torch.zeros(0, encoder.dim), rows
+    name = f"{cfg.data.train_split}-lrswap"
+    emb, info = get_text_embeddings(
+        swapped, cfg.text.encoder, swap_file, device=device,
+        batch_size=cfg.text.batch_size, max_length=cfg.text.max_length, on_mismatch=cfg.text.on_mismatch,
+        encoder=encoder)
+    infos[name] = {k: (str(v) if isinstance(v, Path) else v) for k, v in info.items()}
+    return emb, rows
 
 
 def make_train_loader(ds: TrainDataset, cfg: Config, epoch: int, device: torch.device) -> DataLoader:
@@ -299,14 +357,17 @@ def _train(cfg: Config, data_root: str | Path, out_dir: str | Path, resume: bool
     if device.type == "cuda" and cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)  # NHWC convs: ~1.5x on tensor cores
     model = distributed.convert_to_sync_batchnorm(model, ctx, cfg.train.sync_batchnorm)
-    optimizer = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay)
+    # Built before any temporary freeze, so a backbone frozen for the first epochs is in it.
+    optimizer = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.backbone_lr_ratio)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
     transform = build_transform(cfg.data.image_size, cfg.data.mean, cfg.data.std, train=True,
-                                augment=cfg.data.augment)
+                                augment=cfg.data.augment, flip=cfg.data.flip == "plain",
+                                color_jitter=cfg.data.color_jitter)
     # draft_size: large JPEGs are DCT-downscaled while decoding (never below image_size).
     train_ds = TrainDataset(data.train, data.train_text, transform, seed=cfg.train.seed,
-                            draft_size=cfg.data.image_size)
+                            draft_size=cfg.data.image_size, flip_embeds=data.train_flip_text,
+                            flip_rows=data.train_flip_rows)
     if len(train_ds) < 2 * world:
         raise TrainingError(f"{data_root}: {len(train_ds)} training images cannot feed {world} processes "
                             "(each needs at least 2 per batch)")
@@ -355,7 +416,8 @@ def _train(cfg: Config, data_root: str | Path, out_dir: str | Path, resume: bool
         run.metrics.unlink()  # a fresh run into an old directory starts fresh logs
     # DDP after loading: it broadcasts rank 0's weights so every rank starts identical. `model` stays
     # the bare ImageTower (evaluation, checkpoints); `ddp_model` is what train_step runs.
-    ddp_model = distributed.wrap_model(model, ctx)
+    # A backbone frozen for the first epochs gets no gradients then: DDP must not wait for them.
+    ddp_model = distributed.wrap_model(model, ctx, find_unused_parameters=cfg.train.freeze_backbone_epochs > 0)
 
     params = count_parameters(model)
     log.info("image tower %s: %d trainable / %d parameters; %d train / %d val images; device %s",
@@ -383,6 +445,8 @@ def _train(cfg: Config, data_root: str | Path, out_dir: str | Path, resume: bool
 
     t_train = time.time()
     for epoch in range(start_epoch + 1, cfg.train.epochs + 1):
+        if cfg.train.freeze_backbone_epochs > 0:  # a pure function of the epoch: resumes exactly
+            model.set_backbone_trainable(epoch > cfg.train.freeze_backbone_epochs)
         ddp_model.train()
         loader = make_train_loader(train_ds, cfg, epoch, device)
         # disable=None: bars only on a terminal, so logs redirected to a file stay readable.

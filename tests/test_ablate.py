@@ -1,0 +1,329 @@
+"""clipft.ablate: every preset builds, trains a few steps and changes what it claims; the runner
+resumes a partial study without rerunning finished runs; the table and charts agree with the
+per-run metrics files."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import statistics
+
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from clipft import ablate
+from clipft import train as train_mod
+from clipft.ablate import ABLATION_NOTES, ABLATIONS, AblationError
+from clipft.cli import main
+from clipft.config import Config, ConfigError, update_from_dict
+from clipft.data import build_transform
+from clipft.model import AttentionPool2d, build_image_tower
+from clipft.train import build_optimizer, cosine_with_warmup, read_records, train_step
+
+TINY = {"model": {"backbone": "resnet18", "image_weights": "none", "head_hidden": 32},
+        "data": {"image_size": 32, "num_workers": 0},
+        "train": {"batch_size": 8, "lr": 1e-2, "warmup_steps": 2, "epochs": 4, "device": "cpu"}}
+
+
+# --------------------------------------------------------------------------- presets
+
+def test_presets_are_data_with_notes_and_valid_keys():
+    assert ABLATIONS["baseline"] == {} and set(ABLATION_NOTES) == set(ABLATIONS)
+    for name, overrides in ABLATIONS.items():
+        cfg = update_from_dict(Config(), copy.deepcopy(overrides), source=name)  # schema check
+        if name != "baseline":
+            assert cfg != Config(), f"{name} changes nothing"
+    assert set(ablate.QUICK_CONFIGS) <= set(ABLATIONS) and ablate.QUICK_CONFIGS[0] == "baseline"
+
+
+def _tiny_step_setup(name):
+    """What train() does for a config, on random tensors: tower, optimizer, per-epoch freeze."""
+    cfg = update_from_dict(update_from_dict(Config(), copy.deepcopy(TINY)), copy.deepcopy(ABLATIONS[name]))
+    torch.manual_seed(0)
+    model = build_image_tower(cfg.model, embed_dim=16)
+    opt = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.backbone_lr_ratio)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_with_warmup(s, 8, cfg.train.warmup_steps))
+    return cfg, model, opt, sched
+
+
+def _steps(cfg, model, opt, sched, epoch=1, n=2):
+    if cfg.train.freeze_backbone_epochs > 0:
+        model.set_backbone_trainable(epoch > cfg.train.freeze_backbone_epochs)
+    model.train()
+    g = torch.Generator().manual_seed(epoch)
+    for _ in range(n):
+        images = torch.randn(8, 3, 32, 32, generator=g)
+        texts = nn.functional.normalize(torch.randn(8, 16, generator=g), dim=-1)
+        out = train_step(model, [(images, texts)], opt, sched, torch.amp.GradScaler("cpu", enabled=False), None, 1.0)
+        assert not out["skipped"]
+
+
+def _changed(before, after, prefix):
+    keys = [k for k in before if k.startswith(prefix)]
+    assert keys, prefix
+    return {k: not torch.equal(before[k], after[k]) for k in keys}
+
+
+def _train_transform(cfg):
+    return [type(t).__name__ for t in build_transform(
+        cfg.data.image_size, cfg.data.mean, cfg.data.std, train=True, augment=cfg.data.augment,
+        flip=cfg.data.flip == "plain", color_jitter=cfg.data.color_jitter).transforms]
+
+
+@pytest.mark.parametrize("name", list(ABLATIONS))
+def test_every_preset_builds_trains_and_changes_what_it_claims(name):
+    cfg, model, opt, sched = _tiny_step_setup(name)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    _steps(cfg, model, opt, sched)
+    after = model.state_dict()
+    head_kinds = [type(m).__name__ for m in model.head.net]
+    changed_backbone = _changed(before, after, "backbone.")
+    assert _changed(before, after, "head.net.0.weight")["head.net.0.weight"]  # the head always learns
+
+    if name == "baseline":
+        assert head_kinds == ["Linear", "GELU", "Linear"] and model.pool is None
+        assert all(changed_backbone[k] for k in changed_backbone if k.endswith(("weight", "running_mean")))
+        assert torch.equal(before["logit_scale"], after["logit_scale"])  # fixed temperature
+        assert len(opt.param_groups) == 2
+    elif name in ("batchnorm", "layernorm"):
+        norm = "BatchNorm1d" if name == "batchnorm" else "LayerNorm"
+        assert head_kinds == ["Linear", norm, "GELU", "Linear"]
+        assert _changed(before, after, "head.net.1.")["head.net.1.weight"]
+        if name == "batchnorm":
+            assert _changed(before, after, "head.net.1.running_mean")["head.net.1.running_mean"]
+    elif name == "dropout":
+        drops = [m for m in model.head.net if isinstance(m, nn.Dropout)]
+        assert len(drops) == 1 and drops[0].p == 0.2
+        x = torch.randn(4, 3, 32, 32)
+        model.eval()
+        assert torch.equal(model(x), model(x))
+        model.train()
+        assert not torch.equal(model(x), model(x))  # active while training only
+    elif name == "deep_head":
+        assert [m.out_features for m in model.head.net if isinstance(m, nn.Linear)] == [32, 16, 16]
+    elif name == "residual_head":
+        assert isinstance(model.head.shortcut, nn.Linear)
+        assert _changed(before, after, "head.shortcut.weight")["head.shortcut.weight"]
+    elif name == "attention_pool":
+        assert isinstance(model.pool, AttentionPool2d)
+        assert all(_changed(before, after, "pool.").values())
+    elif name == "learnable_temp":
+        assert model.logit_scale.requires_grad and not torch.equal(before["logit_scale"], after["logit_scale"])
+    elif name == "crop_flip":
+        assert _train_transform(cfg) == ["RandomResizedCrop", "ToTensor", "Normalize"]  # flip done by the dataset
+        assert cfg.data.flip == "swap"  # caption-aware (tests/test_data.py, tests/test_train.py)
+    elif name == "crop_noflip":
+        assert _train_transform(cfg) == ["RandomResizedCrop", "ToTensor", "Normalize"] and cfg.data.flip == "off"
+    elif name == "color_jitter":
+        assert _train_transform(cfg) == ["Resize", "CenterCrop", "ColorJitter", "ToTensor", "Normalize"]
+    elif name == "no_warmup":
+        assert cosine_with_warmup(0, 8, cfg.train.warmup_steps) == 1.0  # full lr from the first step
+        assert cosine_with_warmup(0, 8, Config().train.warmup_steps) < 1.0
+    elif name == "backbone_lr":
+        lrs = {g["name"]: g["initial_lr"] for g in opt.param_groups}
+        assert lrs["backbone/decay"] == pytest.approx(0.1 * lrs["head/decay"])
+    elif name == "freeze_backbone":
+        assert not any(changed_backbone.values())  # weights AND BatchNorm statistics: bit-identical
+        assert not any(p.requires_grad for p in model.backbone.parameters())
+        mid = {k: v.clone() for k, v in model.state_dict().items()}
+        _steps(cfg, model, opt, sched, epoch=3)  # after the frozen epochs: the backbone trains
+        assert _changed(mid, model.state_dict(), "backbone.conv1.weight")["backbone.conv1.weight"]
+    elif name == "last_stages":
+        for k, moved in changed_backbone.items():
+            if k.startswith(("backbone.conv1", "backbone.bn1", "backbone.layer1", "backbone.layer2")):
+                assert not moved, k
+            elif k.startswith(("backbone.layer3", "backbone.layer4")) and k.endswith(("weight", "running_mean")):
+                assert moved, k
+    elif name == "frozen_bn":
+        for k, moved in changed_backbone.items():
+            if "running_" in k or "num_batches" in k:
+                assert not moved, k
+        assert changed_backbone["backbone.conv1.weight"]
+    else:  # pragma: no cover - a new preset needs its claim checked here
+        pytest.fail(f"no claim check for preset {name!r}")
+
+
+# --------------------------------------------------------------------------- selection and files
+
+def test_select_configs_puts_baseline_first_and_rejects_unknown():
+    assert list(ablate.select_configs(["dropout"])) == ["baseline", "dropout"]
+    assert list(ablate.select_configs(None, quick=True)) == list(ablate.QUICK_CONFIGS)
+    assert list(ablate.select_configs(None)) == list(ABLATIONS)
+    with pytest.raises(AblationError, match="'nope'"):
+        ablate.select_configs(["nope"])
+
+
+def test_user_configs_file(tmp_path):
+    f = tmp_path / "mine.yaml"
+    f.write_text("wide:\n  model: {head_hidden: 64}\nwide_bn:\n  model: {head_hidden: 64, head_norm: batchnorm}\n")
+    user = ablate.load_ablations_file(f)
+    assert user["wide_bn"] == {"model": {"head_hidden": 64, "head_norm": "batchnorm"}}
+    assert list(ablate.select_configs(["wide_bn"], user)) == ["baseline", "wide_bn"]
+    for text, match in [("x:\n  model: {nope: 1}\n", "unknown config key"), ("[1, 2]\n", "mapping"),
+                        ("batchnorm:\n  model: {head_hidden: 8}\n", "built-in"), ("a: {b: [\n", "YAML")]:
+        f.write_text(text)
+        with pytest.raises(ConfigError, match=match) as e:  # AblationError is a ConfigError
+            ablate.load_ablations_file(f)
+        assert str(f) in str(e.value)
+
+
+def test_plan_validates_values_before_anything_runs(tmp_path):
+    base = update_from_dict(Config(), copy.deepcopy(TINY))
+    with pytest.raises(AblationError, match="configuration bad: model.head_norm"):
+        ablate.plan_study(base, {"baseline": {}, "bad": {"model": {"head_norm": "groupnorm"}}}, [0], tmp_path)
+    with pytest.raises(AblationError, match="data.flip"):
+        ablate.plan_study(base, {"bad": {"data": {"flip": "mirror"}}}, [0], tmp_path)
+    with pytest.raises(AblationError, match="repeated seed"):
+        ablate.plan_study(base, {"baseline": {}}, [1, 1], tmp_path)
+    runs = ablate.plan_study(base, {"baseline": {}, "dropout": ABLATIONS["dropout"]}, [0, 3], tmp_path)
+    assert [(r.config, r.seed, r.cfg.train.seed) for r in runs] == [
+        ("baseline", 0, 0), ("baseline", 3, 3), ("dropout", 0, 0), ("dropout", 3, 3)]
+    assert runs[3].dir == tmp_path / "runs" / "dropout" / "seed_3" and runs[3].cfg.model.head_dropout == 0.2
+    assert runs[0].cfg.model.head_dropout == 0.0
+
+
+def test_list_and_cli_errors(capsys, tmp_path):
+    assert main(["ablate", "--list"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in ABLATIONS) and "model.head_norm=batchnorm" in out
+    assert main(["ablate", "--out", str(tmp_path / "s"), "--configs", "nope"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("clipft: error:") and "'nope'" in err[0]
+    assert main(["ablate", "--configs", "baseline"]) == 2
+    assert "--out" in capsys.readouterr().err
+    assert main(["ablate", "--out", str(tmp_path / "s"), "--base-config", "nosuch"]) == 2
+    assert "--base-config" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- a real (tiny) study
+
+@pytest.fixture
+def tiny_study(tmp_path, tiny_clip_dir):
+    base = tmp_path / "base.yaml"
+    tiny = copy.deepcopy(TINY)
+    tiny["train"].update(epochs=2, max_steps_per_epoch=1, log_every=1, lr=1e-3)
+    tiny["text"] = {"encoder": str(tiny_clip_dir)}
+    base.write_text(yaml.safe_dump(tiny))
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("wide:\n  model: {head_hidden: 64}\n")
+    return base, mine
+
+
+def test_study_resumes_without_rerunning_and_outputs_agree(coco_root, tiny_study, tmp_path, monkeypatch, capsys):
+    base, mine = tiny_study
+    out = tmp_path / "study"
+    argv = ["ablate", "--data", str(coco_root), "--out", str(out), "--base-config", str(base),
+            "--configs", "wide", "--configs-file", str(mine), "--seeds", "0", "1", "--quiet"]
+    real_train, real_loader = train_mod.train, train_mod.make_train_loader
+
+    # 1. Interrupted in the third run (wide, seed 0) at the start of its epoch 2.
+    def crash(ds, cfg, epoch, device):
+        if cfg.model.head_hidden == 64 and cfg.train.seed == 0 and epoch == 2:
+            raise KeyboardInterrupt
+        return real_loader(ds, cfg, epoch, device)
+    monkeypatch.setattr(train_mod, "make_train_loader", crash)
+    assert main(argv) == 130
+    runs = out / "runs"
+    assert (runs / "baseline" / "seed_1" / "summary.json").is_file()
+    assert not (runs / "wide" / "seed_0" / "summary.json").exists()
+    assert torch.load(runs / "wide" / "seed_0" / "last.pt", weights_only=False)["epoch"] == 1
+    assert not (runs / "wide" / "seed_1").exists()
+
+    # 2. Rerun: only the unfinished runs train; the partial one continues from its epoch 1.
+    calls, epochs_asked = [], []
+
+    def counting_train(cfg, data_root, out_dir, **kw):
+        calls.append((cfg.model.head_hidden, cfg.train.seed))
+        return real_train(cfg, data_root, out_dir, **kw)
+
+    def loader(ds, cfg, epoch, device):
+        epochs_asked.append((cfg.train.seed, epoch))
+        return real_loader(ds, cfg, epoch, device)
+    monkeypatch.setattr(train_mod, "train", counting_train)
+    monkeypatch.setattr(train_mod, "make_train_loader", loader)
+    assert main(argv) == 0
+    assert calls == [(64, 0), (64, 1)]
+    assert epochs_asked == [(0, 2), (1, 1), (1, 2)]
+    assert [r["epoch"] for r in read_records(runs / "wide" / "seed_0" / "metrics.jsonl", "epoch")] == [1, 2]
+
+    # 3. Rerun again: nothing trains, the outputs are rewritten from the run files.
+    calls.clear()
+    for name in ("ablation.md", "ablation.csv", "ablation_recall.png", "ablation_curves.png", "ablation.json"):
+        (out / name).unlink()
+    assert main(argv) == 0
+    assert calls == []
+    printed = capsys.readouterr().out
+    assert "| `wide` |" in printed and "4/4 runs ok" in printed
+
+    # The table agrees with the per-run metrics files.
+    per_run = {}
+    for cfg_name in ("baseline", "wide"):
+        for seed in (0, 1):
+            last = read_records(runs / cfg_name / f"seed_{seed}" / "metrics.jsonl", "epoch")[-1]["val"]
+            vals = {f"{d}_{k}": v for d in ("image_to_text", "text_to_image") for k, v in last[d].items()}
+            vals["mean_recall"] = sum(vals.values()) / 6
+            per_run[cfg_name, seed] = vals
+    rows = {r["config"]: r for r in csv.DictReader(open(out / "ablation.csv"))}
+    assert list(rows) == ["baseline", "wide"]
+    for cfg_name, row in rows.items():
+        assert row["seeds"] == "0 1" and row["runs_ok"] == "2" and row["status"] == "ok"
+        for m in per_run["baseline", 0]:
+            vals = [per_run[cfg_name, s][m] for s in (0, 1)]
+            assert float(row[m]) == pytest.approx(statistics.mean(vals), abs=1e-4)
+            assert float(row[f"{m}_std"]) == pytest.approx(statistics.stdev(vals), abs=1e-4)
+            diffs = [per_run[cfg_name, s][m] - per_run["baseline", s][m] for s in (0, 1)]
+            assert float(row[f"delta_{m}"]) == pytest.approx(statistics.mean(diffs), abs=1e-4)
+        summary = json.loads((runs / cfg_name / "seed_0" / "summary.json").read_text())
+        assert int(row["trainable_params"]) == summary["parameters"]["trainable"]
+        assert float(row["train_seconds"]) > 0
+    assert int(rows["wide"]["trainable_params"]) > int(rows["baseline"]["trainable_params"])
+    md = (out / "ablation.md").read_text()
+    wide = rows["wide"]
+    assert f"{float(wide['mean_recall']):.2f} ± {float(wide['mean_recall_std']):.2f}" in md
+    assert f"{float(wide['delta_mean_recall']):+.2f} ± {float(wide['delta_mean_recall_std']):.2f}" in md
+    assert "ablation_recall.png" in md and "ablation_curves.png" in md and "model.head_hidden=64" in md
+
+    # The charts are drawn from the same numbers.
+    study = json.loads((out / "ablation.json").read_text())
+    bars = ablate.recall_delta_bars(study)
+    assert bars["configs"] == ["wide"] and len(bars["metrics"]) == 6
+    for j, m in enumerate(bars["metrics"]):
+        assert bars["values"][j][0] == pytest.approx(float(wide[f"delta_{m}"]), abs=1e-4)
+    curves = ablate.recall_curves(study)
+    for cfg_name in ("baseline", "wide"):
+        last = curves[cfg_name]["image_to_text"][-1]
+        assert last["epoch"] == 2
+        assert last["mean"] == pytest.approx(statistics.mean(per_run[cfg_name, s]["image_to_text_R@5"] for s in (0, 1)))
+    for png in ("ablation_recall.png", "ablation_curves.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # 4. A changed budget does not mix with finished runs: refused, naming the directory and key.
+    assert main([*argv, "--set", "train.epochs=3"]) == 2
+    err = capsys.readouterr().err
+    assert "train.epochs: 2 -> 3" in err and str(runs / "baseline" / "seed_0") in err
+
+
+def test_diverged_run_is_recorded_and_the_study_goes_on(coco_root, tiny_study, tmp_path, monkeypatch):
+    base, _ = tiny_study
+    out = tmp_path / "study"
+    real_train = train_mod.train
+
+    def diverge_batchnorm(cfg, data_root, out_dir, **kw):
+        if cfg.model.head_norm == "batchnorm":
+            raise train_mod.TrainingError("training diverged: test")
+        return real_train(cfg, data_root, out_dir, **kw)
+    monkeypatch.setattr(train_mod, "train", diverge_batchnorm)
+    base_cfg = yaml.safe_load(base.read_text())
+    base_cfg["train"]["epochs"] = 1
+    base.write_text(yaml.safe_dump(base_cfg))
+    study = ablate.run_study(out, data_root=coco_root, names=["batchnorm"], base_config=str(base))
+    assert [r["status"] for r in study["runs"]] == ["ok", "failed"]
+    assert "diverged" in (out / "runs" / "batchnorm" / "seed_0" / ablate.FAILED_MARK).read_text()
+    md = (out / "ablation.md").read_text()
+    assert "Failed runs" in md and "`batchnorm` (seed 0 failed)" in md
+    monkeypatch.setattr(train_mod, "train", lambda *a, **k: pytest.fail("nothing should rerun"))
+    again = ablate.run_study(out, data_root=coco_root, names=["batchnorm"], base_config=str(base))
+    assert [r["status"] for r in again["runs"]] == ["ok", "failed"]
