@@ -1,8 +1,9 @@
 """Data pipeline throughput: images/s delivered as normalised float batches, same workers.
 
   baseline  PIL.Image.open -> Resize((224, 224)) -> ToTensor -> Normalize, standard DataLoader
-  jpeg      clipft's JPEG fallback: Pillow draft (DCT downscaling while decoding) + short-side resize
-            + centre crop (`data.build_transform`, `TrainDataset`)
+  jpeg      clipft's JPEG fallback as training runs it: Pillow draft (DCT downscaling while decoding)
+            + short-side resize + centre crop to uint8 in the workers (`data.build_transform(...,
+            output="uint8")`, `TrainDataset`), normalised per batch by `prepare.DeviceTransform`
   prepared  clipft's prepared cache: uint8 memmap rows read per batch (`prepare.PreparedDataset`),
             resized + normalised per batch by `prepare.DeviceTransform` (on the CPU here; on a GPU
             in training, where only uint8 crosses the bus)
@@ -96,9 +97,10 @@ def main() -> None:
         base = throughput(DataLoader(Baseline(paths), **kw), args.images)
         print(f"baseline  (PIL -> Resize((224,224)) -> ToTensor -> Normalize): {base:8.1f} img/s")
 
-        jpeg_ds = TrainDataset(split, text, build_transform(args.size, MEAN, STD), draft_size=args.size)
-        jpeg = throughput(DataLoader(jpeg_ds, collate_fn=collate_train, **kw), args.images)
-        print(f"jpeg      (draft decode + resize + centre crop):              {jpeg:8.1f} img/s  ({jpeg / base:.1f}x)")
+        jpeg_ds = TrainDataset(split, text, build_transform(args.size, MEAN, STD, output="uint8"), draft_size=args.size)
+        norm = DeviceTransform(args.size, MEAN, STD)  # batch normalisation only (already args.size)
+        jpeg = throughput(DataLoader(jpeg_ds, collate_fn=collate_train, **kw), args.images, to_model=norm)
+        print(f"jpeg      (draft decode + resize + crop, uint8; batch normalise): {jpeg:8.1f} img/s  ({jpeg / base:.1f}x)")
 
         t = time.perf_counter()
         prepare_images(split, tmp / "prepared", size=256, workers=args.workers, progress=False)

@@ -122,3 +122,42 @@ def test_device_transform_normalises_and_augments():
     assert a.shape == (8, 3, 32, 32) and torch.equal(a, b)
     left_bright = a[:, 0, :, :8].mean((1, 2)) > a[:, 0, :, -8:].mean((1, 2))
     assert 0 < int(left_bright.sum()) < 8  # some samples flipped, some not
+
+
+def test_training_reads_the_prepared_cache(coco_root, tiny_clip_dir, tmp_path, caplog, monkeypatch):
+    """`clipft prepare-images` then `clipft train`: batches come from the uint8 cache (no JPEG decoding),
+    the run learns a finite loss, and turning the cache off falls back to JPEGs."""
+    import logging
+    import shutil
+
+    from clipft import train as train_mod
+    from clipft.cli import main
+    from test_train import small_args
+
+    root = tmp_path / "coco"
+    shutil.copytree(coco_root, root, ignore=shutil.ignore_patterns("cache"))
+    assert main(["prepare-images", "--data", str(root), "--split", "train", "--size", "40", "--quiet"]) == 0
+    assert (root / "cache" / "images" / "train-40" / "images.u8").is_file()
+    seen = []  # (dtype, side of the uint8 batch handed to train_step, whether a device transform came with it)
+    real = train_mod.train_step
+
+    def spy(model, micro, *a, **kw):
+        seen.append((micro[0][0].dtype, micro[0][0].shape[1], kw.get("transform") is not None))
+        return real(model, micro, *a, **kw)
+    monkeypatch.setattr(train_mod, "train_step", spy)
+    caplog.set_level(logging.INFO, logger="clipft.train")
+    args = small_args(tiny_clip_dir, 1, ["--set", "data.prepared_size=40", "--set", "data.augment=true"])
+    assert main(["train", "--data", str(root), "--out", str(tmp_path / "run"), *args]) == 0
+    # Prepared rows are 40 px squares; the device transform crops/resizes them to data.image_size (32).
+    assert seen and all(d == torch.uint8 and side == 40 and has_tf for d, side, has_tf in seen)
+    assert "prepared cache" in caplog.text
+    rec = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["train_loss"]) for r in rec if r["type"] == "epoch")
+
+    seen.clear()
+    caplog.clear()
+    args = small_args(tiny_clip_dir, 1, ["--set", "data.prepared=false"])
+    assert main(["train", "--data", str(root), "--out", str(tmp_path / "run2"), *args]) == 0
+    # JPEG path: workers decode and crop to 32 px uint8; the device transform only normalises.
+    assert seen and all(d == torch.uint8 and side == 32 and has_tf for d, side, has_tf in seen)
+    assert "prepared cache" not in caplog.text

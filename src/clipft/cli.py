@@ -127,11 +127,12 @@ def cmd_prepare_images(args: argparse.Namespace) -> int:
     _val_data_override(args)
     cfg = _build_config(args)
     root = Path(args.data)
+    size = args.size or cfg.data.prepared_size
     for split in args.split:
         data = load_split(root, split, cfg.data)
         cache_dir, name = cache_location(root, split, cfg)  # COCO: (ROOT/cache, split)
-        out = prepared_dir(cache_dir, name, args.size)
-        info = prepare_images(data, out, size=args.size, workers=args.workers, progress=not args.quiet)
+        out = prepared_dir(cache_dir, name, size)
+        info = prepare_images(data, out, size=size, workers=args.workers, progress=not args.quiet)
         print(f"{split}: {info['images']} images ({info['bad']} unreadable, skipped) -> {out} "
               f"in {info['seconds']:.1f}s")
     return 0
@@ -417,7 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", required=True)
     _add_val_data(s)
     s.add_argument("--split", nargs="+", default=["train", "val"])
-    s.add_argument("--size", type=int, default=256, help="stored square side (short side resized, centre kept)")
+    s.add_argument("--size", type=int, default=None,
+                   help="stored square side, short side resized, centre kept (default: data.prepared_size, 256)")
     s.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     s.add_argument("--quiet", action="store_true")
     _add_config_args(s)

@@ -44,6 +44,10 @@ class DataConfig:
     # wrong), swap = flip and use the caption with left/right swapped (its own cached embedding),
     # off = no flip (crop only).
     flip: str = "plain"
+    # Use the decode-once uint8 image cache written by `clipft prepare-images` when it exists
+    # (<cache dir>/images/<split>-<prepared_size>/); JPEG decoding otherwise.
+    prepared: bool = True
+    prepared_size: int = 256
     color_jitter: float = 0.0  # train images: brightness/contrast/saturation jitter strength; 0 = off (hue never)
     num_workers: int = 4
     # CLIP's own normalisation (the text tower was trained against images normalised like this).

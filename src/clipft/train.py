@@ -38,6 +38,7 @@ from .loss import chance_loss, clip_loss
 from .model import build_image_tower, count_parameters, parameter_parts, tower_state
 from .runtime import amp_dtype_for, atomic_torch_save, hardware_info, rng_state, seed_everything, set_rng_state
 from .text import get_text_embeddings, load_text_encoder, text_cache_path
+from .prepare import DeviceTransform, PreparedDataset, PreparedImages, identity_collate, prepared_dir
 from .validate import preflight
 
 log = logging.getLogger(__name__)
@@ -210,15 +211,47 @@ def _left_right_swapped(cfg: Config, train: CaptionedImages, swap_file: Path, en
     return emb, rows
 
 
-def make_train_loader(ds: TrainDataset, cfg: Config, epoch: int, device: torch.device) -> DataLoader:
+def open_prepared_train(cfg: Config, data_root: str | Path, train: CaptionedImages, text: torch.Tensor):
+    """(PreparedDataset, DeviceTransform) when a finished `clipft prepare-images` cache covers every
+    training image and the augmentation can run on the device; None otherwise (JPEG decoding).
+
+    The device transform does resize, random resized crop and plain flips; left/right caption
+    swapping and colour jitter live in the JPEG path only, so those settings fall back to it."""
+    if not cfg.data.prepared:
+        return None
+    cache_dir, name = cache_location(data_root, cfg.data.train_split, cfg)
+    prepared = PreparedImages.open(prepared_dir(cache_dir, name, cfg.data.prepared_size))
+    if prepared is None:
+        return None
+    if cfg.data.augment and (cfg.data.flip == "swap" or cfg.data.color_jitter > 0):
+        log.info("prepared images found, but data.flip=swap / data.color_jitter need the JPEG path")
+        return None
+    if prepared.size < cfg.data.image_size:
+        log.info("prepared images are %d px, smaller than data.image_size=%d: decoding JPEGs instead",
+                 prepared.size, cfg.data.image_size)
+        return None
+    rows = prepared.rows_for(train)
+    if rows is None:
+        log.info("%s does not hold every training image: decoding JPEGs instead", prepared.path)
+        return None
+    log.info("training images come from the prepared cache %s (%d px, no JPEG decoding)", prepared.path, prepared.size)
+    ds = PreparedDataset(prepared, rows, text, train.caption_offsets().tolist(), seed=cfg.train.seed)
+    tf = DeviceTransform(cfg.data.image_size, cfg.data.mean, cfg.data.std, augment=cfg.data.augment,
+                         flip=cfg.data.flip == "plain")
+    return ds, tf
+
+
+def make_train_loader(ds: TrainDataset | PreparedDataset, cfg: Config, epoch: int, device: torch.device) -> DataLoader:
     """A fresh loader per epoch: the shuffle order and each image's caption depend only on
     (seed, epoch), so a resumed run sees exactly the batches an uninterrupted one would. Under
     torchrun this process reads its slice of every global batch (`distributed.shard_train_indices`)."""
     ds.set_epoch(epoch)
     indices = distributed.shard_train_indices(len(ds), cfg.train.batch_size, cfg.train.seed, epoch,
                                               distributed.get_rank(), distributed.get_world_size())
+    # A PreparedDataset returns whole uint8 batches itself (`__getitems__`): nothing left to collate.
+    collate = identity_collate if isinstance(ds, PreparedDataset) else collate_train
     return DataLoader(ds, batch_size=cfg.train.batch_size, sampler=indices, num_workers=cfg.data.num_workers,
-                      collate_fn=collate_train, pin_memory=device.type == "cuda")
+                      collate_fn=collate, pin_memory=device.type == "cuda")
 
 
 def micro_batch_groups(loader: DataLoader, k: int, counts: dict) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
@@ -247,11 +280,13 @@ def micro_batch_groups(loader: DataLoader, k: int, counts: dict) -> Iterator[lis
 def train_step(model: torch.nn.Module, micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
                optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
                scaler: torch.amp.GradScaler, amp_dtype: torch.dtype | None, grad_clip: float,
-               gather: bool = False, channels_last: bool = False) -> dict:
+               gather: bool = False, channels_last: bool = False,
+               transform: torch.nn.Module | None = None) -> dict:
     """One optimisation step over K micro-batches [(images [B, 3, H, W], texts [B, D] cached caption
     embeddings), ...] (K = 1 without gradient accumulation); tensors are moved to the model's device here.
     `model` is the ImageTower or its DDP wrapper; gather=True (DDP): the loss uses every process's
     batch as negatives (`clip_loss`), and DDP averages the gradients on the last micro-batch.
+    transform: for uint8 batches from the prepared cache, the on-device resize/crop/flip/normalise.
 
     Returns {"loss", "loss_i2t", "loss_t2i", "grad_norm", "logit_scale", "embed_cos", "skipped"}, the
     loss terms averaged over the micro-batches. A non-finite loss (or, without a scaler, non-finite
@@ -264,6 +299,8 @@ def train_step(model: torch.nn.Module, micro_batches: list[tuple[torch.Tensor, t
     terms_sum: dict[str, float] = {}
     for i, (images, texts) in enumerate(micro_batches):
         images = images.to(device, non_blocking=True)
+        if transform is not None:
+            images = transform(images)  # uint8 [B, S, S, 3] -> normalised float [B, 3, H, W], on device
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         texts = texts.to(device, non_blocking=True)
@@ -361,13 +398,20 @@ def _train(cfg: Config, data_root: str | Path, out_dir: str | Path, resume: bool
     optimizer = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.backbone_lr_ratio)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
+    # Workers decode and crop to uint8; normalisation runs once per batch on the device (train_step).
     transform = build_transform(cfg.data.image_size, cfg.data.mean, cfg.data.std, train=True,
                                 augment=cfg.data.augment, flip=cfg.data.flip == "plain",
-                                color_jitter=cfg.data.color_jitter)
-    # draft_size: large JPEGs are DCT-downscaled while decoding (never below image_size).
-    train_ds = TrainDataset(data.train, data.train_text, transform, seed=cfg.train.seed,
-                            draft_size=cfg.data.image_size, flip_embeds=data.train_flip_text,
-                            flip_rows=data.train_flip_rows)
+                                color_jitter=cfg.data.color_jitter, output="uint8")
+    prepared = open_prepared_train(cfg, data_root, data.train, data.train_text)
+    device_transform = (prepared[1] if prepared else
+                        DeviceTransform(cfg.data.image_size, cfg.data.mean, cfg.data.std)).to(device)
+    if prepared:
+        train_ds = prepared[0]
+    else:
+        # draft_size: large JPEGs are DCT-downscaled while decoding (never below image_size).
+        train_ds = TrainDataset(data.train, data.train_text, transform, seed=cfg.train.seed,
+                                draft_size=cfg.data.image_size, flip_embeds=data.train_flip_text,
+                                flip_rows=data.train_flip_rows)
     if len(train_ds) < 2 * world:
         raise TrainingError(f"{data_root}: {len(train_ds)} training images cannot feed {world} processes "
                             "(each needs at least 2 per batch)")
@@ -458,7 +502,8 @@ def _train(cfg: Config, data_root: str | Path, out_dir: str | Path, resume: bool
         groups = micro_batch_groups(loader, accum, counts)
         for micro in itertools.islice(groups, steps_per_epoch):  # one group = one attempted step
             out = train_step(ddp_model, micro, optimizer, scheduler, scaler, amp_dtype, cfg.train.grad_clip,
-                             gather=world > 1, channels_last=device.type == "cuda" and cfg.train.channels_last)
+                             gather=world > 1, channels_last=device.type == "cuda" and cfg.train.channels_last,
+                             transform=device_transform)
             global_step += 1
             if out["skipped"]:  # the same verdict on every rank (train_step all-reduces it)
                 ep_skipped_steps += 1
