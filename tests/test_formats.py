@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from test_train import small_args as train_small_args
 from PIL import Image
 
 from clipft.cli import main
@@ -294,11 +295,8 @@ def test_text_cache_files_do_not_collide(tmp_path, coco_root):
 
 
 def small_args(text_dir, epochs=1, extra=()):
-    return ["--set", f"text.encoder={text_dir}", "--set", f"train.epochs={epochs}",
-            "--set", "train.batch_size=8", "--set", "train.lr=1e-3", "--set", "train.warmup_steps=1",
-            "--set", "model.backbone=resnet18", "--set", "model.image_weights=none",
-            "--set", "model.head_hidden=32", "--set", "data.image_size=32", "--set", "data.num_workers=0",
-            "--set", "train.device=cpu", "--set", "train.log_every=1", "--quiet", *extra]
+    """test_train's tiny settings, one warmup step (these runs are one or two steps long)."""
+    return train_small_args(text_dir, epochs, ["--set", "train.warmup_steps=1", *extra])
 
 
 def coco_as_csv(coco_root: Path, out: Path) -> Path:

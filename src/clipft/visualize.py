@@ -149,20 +149,30 @@ def image_to_text_size(n_images: int) -> tuple[int, int]:
     return int(round(12.0 * DPI)), int(round((2.8 * n_images + 0.6) * DPI))
 
 
+def _image_beside_text_rows(paths: list, size: tuple[int, int]):
+    """A figure of len(paths) rows, each an image (left) beside an empty text axis (right);
+    returns (figure, the text axes)."""
+    w, h = size
+    fig = plt.figure(figsize=(w / DPI, h / DPI))
+    gs = fig.add_gridspec(len(paths), 2, width_ratios=[2.3, 9.7], left=0.01, right=0.99,
+                          top=_top(h), bottom=0.02, wspace=0.03, hspace=0.3)
+    text_axes = []
+    for r_i, path in enumerate(paths):
+        _image_axis(fig.add_subplot(gs[r_i, 0]), path)
+        ax = fig.add_subplot(gs[r_i, 1])
+        ax.axis("off")
+        text_axes.append(ax)
+    return fig, text_axes
+
+
 def plot_image_to_text(results: list[dict], path: str | Path) -> Path:
     """One row per image: the image beside its top-K captions with scores; its own (ground-truth)
     captions are green with a check mark.
 
     results: [{"path": image path, "top": [(caption, score, is_ground_truth), ...], "gt_rank": int}]
     """
-    w, h = image_to_text_size(len(results))
-    fig = plt.figure(figsize=(w / DPI, h / DPI))
-    gs = fig.add_gridspec(len(results), 2, width_ratios=[2.3, 9.7], left=0.01, right=0.99,
-                          top=_top(h), bottom=0.02, wspace=0.03, hspace=0.3)
-    for r_i, r in enumerate(results):
-        _image_axis(fig.add_subplot(gs[r_i, 0]), r["path"])
-        ax = fig.add_subplot(gs[r_i, 1])
-        ax.axis("off")
+    fig, text_axes = _image_beside_text_rows([r["path"] for r in results], image_to_text_size(len(results)))
+    for r, ax in zip(results, text_axes):
         n = len(r["top"])
         for j, (caption, score, gt) in enumerate(r["top"]):
             mark = "\u2713" if gt else "  "
@@ -293,14 +303,8 @@ def data_samples_size(n: int) -> tuple[int, int]:
 
 def plot_data_samples(samples: list[dict], path: str | Path, title: str = "") -> Path:
     """Integrity check: each image beside all of its captions. samples: [{"path", "captions", "image_id"}]."""
-    w, h = data_samples_size(len(samples))
-    fig = plt.figure(figsize=(w / DPI, h / DPI))
-    gs = fig.add_gridspec(len(samples), 2, width_ratios=[2.3, 9.7], left=0.01, right=0.99,
-                          top=_top(h), bottom=0.02, wspace=0.03, hspace=0.3)
-    for r_i, s in enumerate(samples):
-        _image_axis(fig.add_subplot(gs[r_i, 0]), s["path"])
-        ax = fig.add_subplot(gs[r_i, 1])
-        ax.axis("off")
+    fig, text_axes = _image_beside_text_rows([s["path"] for s in samples], data_samples_size(len(samples)))
+    for s, ax in zip(samples, text_axes):
         lines = [f"image id {s['image_id']}  ({Path(s['path']).name})"] + [f"\u2022 {_wrap(c, 100)}"
                                                                               for c in s["captions"][:6]]
         n = len(lines)
