@@ -387,3 +387,12 @@ def test_two_process_training_resumes_exactly_and_validates_like_one_process(coc
     for d in ("image_to_text", "text_to_image"):
         assert logged[d] == single[d]
     assert logged["val_loss"] == pytest.approx(single["val_loss"], rel=1e-4)
+
+
+def test_unwrap_sees_through_torch_compile():
+    # train.compile=true wraps the (DDP) model in torch.compile's OptimizedModule; train_step and
+    # checkpoints reach the ImageTower through `unwrap`. torch.compile is lazy: nothing compiles here.
+    from clipft import distributed
+    m = torch.nn.Linear(2, 2)
+    assert distributed.unwrap(torch.compile(m)) is m
+    assert distributed.unwrap(m) is m

@@ -324,7 +324,8 @@ def shard_train_indices(n: int, batch_size: int, seed: int, epoch: int, rank: in
 # --------------------------------------------------------------------------- models
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The module inside DistributedDataParallel (or the model itself)."""
+    """The module inside torch.compile's wrapper and/or DistributedDataParallel (or the model itself)."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile's OptimizedModule
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 

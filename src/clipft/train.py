@@ -462,6 +462,10 @@ def _train(cfg: Config, data_root: str | Path, out_dir: str | Path, resume: bool
     # the bare ImageTower (evaluation, checkpoints); `ddp_model` is what train_step runs.
     # A backbone frozen for the first epochs gets no gradients then: DDP must not wait for them.
     ddp_model = distributed.wrap_model(model, ctx, find_unused_parameters=cfg.train.freeze_backbone_epochs > 0)
+    if cfg.train.compile:
+        # Compile the wrapper (DDP first, then compile: the order PyTorch documents), so DDP's bucketed
+        # all-reduce still overlaps the backward. The first steps pay the compilation.
+        ddp_model = torch.compile(ddp_model)
 
     params = count_parameters(model)
     log.info("image tower %s: %d trainable / %d parameters; %d train / %d val images; device %s",
