@@ -102,15 +102,18 @@ def main() -> None:
         jpeg = throughput(DataLoader(jpeg_ds, collate_fn=collate_train, **kw), args.images, to_model=norm)
         print(f"jpeg      (draft decode + resize + crop, uint8; batch normalise): {jpeg:8.1f} img/s  ({jpeg / base:.1f}x)")
 
-        t = time.perf_counter()
-        prepare_images(split, tmp / "prepared", size=256, workers=args.workers, progress=False)
-        t_prep = time.perf_counter() - t
-        prepared = PreparedImages.open(tmp / "prepared")
-        ds = PreparedDataset(prepared, prepared.rows_for(split), text, list(range(len(paths) + 1)))
-        tf = DeviceTransform(args.size, MEAN, STD)
-        prep = throughput(DataLoader(ds, collate_fn=identity_collate, **kw), args.images, to_model=tf)
-        print(f"prepared  (uint8 memmap rows + batched resize/normalise):     {prep:8.1f} img/s  ({prep / base:.1f}x)")
-        print(f"(one-off) prepare-images at 256 px: {t_prep:.1f} s = {args.images / t_prep:.0f} img/s")
+        # 256 px squares (the default: room for random resized crops) resized to 224 per batch, and
+        # squares stored at the training size (no augmentation: the device only normalises).
+        for size, what in ((256, "batched resize + normalise"), (args.size, "batched normalise only")):
+            t = time.perf_counter()
+            prepare_images(split, tmp / f"prepared{size}", size=size, workers=args.workers, progress=False)
+            t_prep = time.perf_counter() - t
+            prepared = PreparedImages.open(tmp / f"prepared{size}")
+            ds = PreparedDataset(prepared, prepared.rows_for(split), text, list(range(len(paths) + 1)))
+            tf = DeviceTransform(args.size, MEAN, STD)
+            prep = throughput(DataLoader(ds, collate_fn=identity_collate, **kw), args.images, to_model=tf)
+            print(f"prepared {size} px (uint8 memmap rows, {what}): {prep:8.1f} img/s  ({prep / base:.1f}x)"
+                  f"   [one-off prepare-images: {t_prep:.1f} s = {args.images / t_prep:.0f} img/s]")
 
 
 if __name__ == "__main__":
