@@ -22,8 +22,10 @@ def _code_cells(nb: dict) -> list[dict]:
 
 def test_committed_notebook_has_no_outputs():
     nb = json.loads(NOTEBOOK.read_text())
-    dirty = [i for i, c in enumerate(_code_cells(nb)) if c.get("outputs") or c.get("execution_count") is not None]
-    assert dirty == [], f"{NOTEBOOK}: code cells {dirty} hold outputs or execution counts; strip them before committing"
+    dirty = [i for i, c in enumerate(_code_cells(nb))
+             if c.get("outputs") or c.get("execution_count") is not None or "execution" in c.get("metadata", {})]
+    assert dirty == [], (f"{NOTEBOOK}: code cells {dirty} hold outputs, execution counts or run timestamps; "
+                         "strip them before committing (README: The notebook)")
 
 
 def test_first_cell_is_the_small_switch():
