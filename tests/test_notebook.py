@@ -30,7 +30,8 @@ def test_committed_notebook_has_no_outputs():
 
 def test_first_cell_is_the_small_switch():
     first = "".join(_code_cells(json.loads(NOTEBOOK.read_text()))[0]["source"])
-    assert any(line.startswith("SMALL = True") for line in first.splitlines()), "the committed notebook must default to SMALL"
+    assert any(line.startswith("SMALL = True") for line in first.splitlines()), \
+        "the committed notebook must default to SMALL = True"
     assert "DATA = " in first and "TEXT_ENCODER = " in first
 
 
