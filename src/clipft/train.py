@@ -286,7 +286,7 @@ def train_step(model: torch.nn.Module, micro_batches: list[tuple[torch.Tensor, t
     embeddings), ...] (K = 1 without gradient accumulation); tensors are moved to the model's device here.
     `model` is the ImageTower or its DDP wrapper; gather=True (DDP): the loss uses every process's
     batch as negatives (`clip_loss`), and DDP averages the gradients on the last micro-batch.
-    transform: for uint8 batches from the prepared cache, the on-device resize/crop/flip/normalise.
+    transform: for uint8 batches (prepared cache or JPEG workers), the on-device resize/crop/flip/normalise.
 
     Returns {"loss", "loss_i2t", "loss_t2i", "grad_norm", "logit_scale", "embed_cos", "skipped"}, the
     loss terms averaged over the micro-batches. A non-finite loss (or, without a scaler, non-finite
