@@ -28,6 +28,16 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def images_per_s(step, steps: int, batch: int, device: torch.device) -> float:
+    """Time `steps` calls of `step` (already warmed up), waiting for the device at both ends."""
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(device)
+    return steps * batch / (time.perf_counter() - t0)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=None, help="default: 256 on CUDA, 8 on CPU")
@@ -62,13 +72,8 @@ def main() -> None:
         opt.step()
         opt.zero_grad()
 
-    plain()
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        plain()
-    sync(device)
-    base = steps * batch / (time.perf_counter() - t0)
+    plain()  # warm-up
+    base = images_per_s(plain, steps, batch, device)
     print(f"plain fp32 NCHW step: {base:8.1f} img/s")
     del model, opt
 
@@ -88,14 +93,9 @@ def main() -> None:
     def ours() -> dict:
         return train_step(step_model, micro, opt, sched, scaler, amp, 1.0, channels_last=channels_last)
 
-    for _ in range(3 if args.compile else 1):  # compilation happens in the first calls
+    for _ in range(3 if args.compile else 1):  # warm-up; compilation happens in the first calls
         ours()
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        ours()
-    sync(device)
-    fast = steps * batch / (time.perf_counter() - t0)
+    fast = images_per_s(ours, steps, batch, device)
     print(f"clipft train_step ({'bf16/fp16 autocast, channels_last' if amp else 'fp32'}"
           f"{', compiled' if args.compile else ''}): {fast:8.1f} img/s ({fast / base:.2f}x)")
 

@@ -861,6 +861,14 @@ def _mix(*values: int) -> int:
     return h
 
 
+def epoch_caption_index(offsets: Sequence[int], seed: int, epoch: int, i: int) -> int:
+    """The flat caption index image i uses in `epoch`: a pure function of (seed, epoch, i), so it is
+    the same in every DataLoader worker, after a resume, and for every image source (JPEG or
+    prepared cache). Image i owns captions offsets[i]:offsets[i+1]."""
+    start, end = offsets[i], offsets[i + 1]
+    return start + _mix(seed, epoch, i) % (end - start)
+
+
 class TrainDataset(Dataset):
     """(image [3,H,W], text embedding [D] of one of its captions, image row) per image.
 
@@ -903,8 +911,7 @@ class TrainDataset(Dataset):
 
     def caption_index(self, i: int) -> int:
         """Flat caption index used for image i in the current epoch."""
-        start, end = self.offsets[i], self.offsets[i + 1]
-        return start + _mix(self.seed, self.epoch, i) % (end - start)
+        return epoch_caption_index(self.offsets, self.seed, self.epoch, i)
 
     def flipped(self, i: int) -> bool:
         """Whether image i is mirrored in the current epoch (caption-aware flips only)."""

@@ -15,10 +15,12 @@ Layout of a prepared split (`<cache_dir>/images/<split>-<size>/`):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import os
+import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +32,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .data import CaptionedImages, load_image
+from .data import CaptionedImages, epoch_caption_index, load_image
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +75,6 @@ def prepare_images(split: CaptionedImages, out_dir: str | Path, size: int = 256,
     """Decode+resize every image of `split` into `out_dir` (see module doc). Resumable: rerunning
     continues with the chunks not yet done; a finished cache for the same paths is left as is.
     Returns {"images", "bad", "seconds", "path"}; unreadable images are zero rows marked not ok."""
-    import time
     t0 = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -131,7 +132,6 @@ def prepare_images(split: CaptionedImages, out_dir: str | Path, size: int = 256,
 
 
 def _digest(paths: Sequence[str], size: int) -> str:
-    import hashlib
     h = hashlib.sha256(f"{size}\n".encode())
     for p in paths:
         h.update(p.encode() + b"\0")
@@ -189,9 +189,8 @@ class PreparedDataset(torch.utils.data.Dataset):
         self.epoch = epoch
 
     def caption_index(self, i: int) -> int:
-        from .data import _mix  # same pure (seed, epoch, i) rule as the JPEG TrainDataset
-        start, end = self.offsets[i], self.offsets[i + 1]
-        return start + _mix(self.seed, self.epoch, i) % (end - start)
+        """Same (seed, epoch, i) rule as the JPEG TrainDataset: switching image source changes nothing."""
+        return epoch_caption_index(self.offsets, self.seed, self.epoch, i)
 
     def __getitems__(self, idx: list[int]):
         n_asked = len(idx)
