@@ -4,20 +4,29 @@
   jpeg      clipft's JPEG fallback as training runs it: Pillow draft (DCT downscaling while decoding)
             + short-side resize + centre crop to uint8 in the workers (`data.build_transform(...,
             output="uint8")`, `TrainDataset`), normalised per batch by `prepare.DeviceTransform`
-  prepared  clipft's prepared cache: uint8 memmap rows read per batch (`prepare.PreparedDataset`),
-            resized + normalised per batch by `prepare.DeviceTransform` (on the CPU here; on a GPU
-            in training, where only uint8 crosses the bus)
+  prepared  clipft's prepared cache: uint8 memmap rows read per batch by a background thread
+            (`prepare.PreparedLoader`: no worker processes, a batch is one memcpy), resized +
+            normalised per batch by `prepare.DeviceTransform` (on the CPU here; on a GPU in
+            training, where only uint8 crosses the bus)
 
 Inputs: synthetic COCO-sized 640x480 JPEGs (smooth random colour fields plus noise, quality 90,
 ~100-150 KB like COCO photos), written to a temp dir. The prepared cache is built before timing
 (it is a one-off cost per dataset, reported separately).
 
-    python benchmarks/data_pipeline.py [--images 1000] [--workers 2] [--batch 128]
+    python benchmarks/data_pipeline.py [--images 2000] [--workers 2] [--batch 128] [--rounds 3]
 """
 
 from __future__ import annotations
 
+import os
+
+# Before torch allocates anything: PyTorch's CPU allocator then asks for transparent huge pages for
+# buffers >= 2 MB (a float batch is 77 MB; 4 KB page faults cost more than normalising it). The
+# `clipft` CLI sets the same. It applies to every approach below alike.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
 import argparse
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -30,7 +39,7 @@ from torchvision import transforms as T
 
 from clipft.config import DataConfig
 from clipft.data import CaptionedImages, ImageRecord, TrainDataset, build_transform, collate_train
-from clipft.prepare import DeviceTransform, PreparedDataset, PreparedImages, identity_collate, prepare_images
+from clipft.prepare import DeviceTransform, PreparedDataset, PreparedImages, PreparedLoader, prepare_images
 
 MEAN, STD = DataConfig().mean, DataConfig().std
 
@@ -76,44 +85,61 @@ def throughput(loader, n: int, to_model=None) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--images", type=int, default=1000)
+    p.add_argument("--images", type=int, default=2000)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--size", type=int, default=224)
+    p.add_argument("--rounds", type=int, default=3, help="passes per approach, interleaved; the median is reported")
     args = p.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "img").mkdir()
         paths = write_jpegs(tmp / "img", args.images)
         kb = np.mean([q.stat().st_size for q in paths]) / 1024
         print(f"torch {torch.__version__}; {args.images} JPEGs 640x480 (~{kb:.0f} KB), {args.workers} workers, "
-              f"batch {args.batch}, output {args.size} px")
+              f"batch {args.batch}, output {args.size} px, THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')}, "
+              f"median of {args.rounds} passes")
         split = CaptionedImages([ImageRecord(i, q, ["x"], [i]) for i, q in enumerate(paths)], "bench")
         text = torch.zeros(len(paths), 8)
         kw = dict(batch_size=args.batch, num_workers=args.workers, shuffle=True, drop_last=False,
                   persistent_workers=False)
-
-        base = throughput(DataLoader(Baseline(paths), **kw), args.images)
-        print(f"baseline  (PIL -> Resize((224,224)) -> ToTensor -> Normalize): {base:8.1f} img/s")
-
+        norm = DeviceTransform(args.size, MEAN, STD)  # uint8 batch -> normalised float (resizing if needed)
         jpeg_ds = TrainDataset(split, text, build_transform(args.size, MEAN, STD, output="uint8"), draft_size=args.size)
-        norm = DeviceTransform(args.size, MEAN, STD)  # batch normalisation only (already args.size)
-        jpeg = throughput(DataLoader(jpeg_ds, collate_fn=collate_train, **kw), args.images, to_model=norm)
-        print(f"jpeg      (draft decode + resize + crop, uint8; batch normalise): {jpeg:8.1f} img/s  ({jpeg / base:.1f}x)")
 
         # 256 px squares (the default: room for random resized crops) resized to 224 per batch, and
-        # squares stored at the training size (no augmentation: the device only normalises).
-        for size, what in ((256, "batched resize + normalise"), (args.size, "batched normalise only")):
+        # squares stored at the training size (the "device" only normalises).
+        prepared, prep_note = {}, {}
+        for size in (256, args.size):
             t = time.perf_counter()
             prepare_images(split, tmp / f"prepared{size}", size=size, workers=args.workers, progress=False)
             t_prep = time.perf_counter() - t
-            prepared = PreparedImages.open(tmp / f"prepared{size}")
-            ds = PreparedDataset(prepared, prepared.rows_for(split), text, list(range(len(paths) + 1)))
-            tf = DeviceTransform(args.size, MEAN, STD)
-            prep = throughput(DataLoader(ds, collate_fn=identity_collate, **kw), args.images, to_model=tf)
-            print(f"prepared {size} px (uint8 memmap rows, {what}): {prep:8.1f} img/s  ({prep / base:.1f}x)"
-                  f"   [one-off prepare-images: {t_prep:.1f} s = {args.images / t_prep:.0f} img/s]")
+            prepared[size] = PreparedImages.open(tmp / f"prepared{size}")
+            prep_note[size] = f"[one-off prepare-images, {args.workers} processes: {args.images / t_prep:.0f} img/s]"
+
+        def prepared_loader(size):
+            ds = PreparedDataset(prepared[size], prepared[size].rows_for(split), text, list(range(len(paths) + 1)))
+            return PreparedLoader(ds, torch.randperm(len(ds)).tolist(), args.batch)  # as training reads it
+
+        runs = {
+            "baseline": ("PIL -> Resize((224,224)) -> ToTensor -> Normalize, DataLoader",
+                         lambda: throughput(DataLoader(Baseline(paths), **kw), args.images), ""),
+            "jpeg": ("draft decode + resize + crop to uint8 in the workers; batch normalise",
+                     lambda: throughput(DataLoader(jpeg_ds, collate_fn=collate_train, **kw), args.images, norm), ""),
+            "prepared 256 px": ("memmap rows read by a thread; batch resize + normalise",
+                                lambda: throughput(prepared_loader(256), args.images, norm), prep_note[256]),
+            f"prepared {args.size} px": ("memmap rows read by a thread; batch normalise only",
+                                         lambda: throughput(prepared_loader(args.size), args.images, norm),
+                                         prep_note[args.size]),
+        }
+        results = {name: [] for name in runs}
+        for _ in range(args.rounds):
+            for name, (_what, run, _note) in runs.items():
+                results[name].append(run())
+        base = statistics.median(results["baseline"])
+        for name, (what, _run, note) in runs.items():
+            med = statistics.median(results[name])
+            print(f"{name:16s} {med:8.1f} img/s  {med / base:4.1f}x  ({what}) {note}")
+            print(f"{'':16s} passes: {', '.join(f'{v:.0f}' for v in results[name])}")
 
 
 if __name__ == "__main__":

@@ -118,7 +118,7 @@ def test_every_preset_builds_trains_and_changes_what_it_claims(name):
     elif name == "crop_noflip":
         assert _train_transform(cfg) == ["RandomResizedCrop", "ToTensor", "Normalize"] and cfg.data.flip == "off"
     elif name == "color_jitter":
-        assert _train_transform(cfg) == ["Resize", "CenterCrop", "ColorJitter", "ToTensor", "Normalize"]
+        assert _train_transform(cfg) == ["CenterSquareResize", "ColorJitter", "ToTensor", "Normalize"]
     elif name == "no_warmup":
         assert cosine_with_warmup(0, 8, cfg.train.warmup_steps) == 1.0  # full lr from the first step
         assert cosine_with_warmup(0, 8, Config().train.warmup_steps) < 1.0

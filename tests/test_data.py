@@ -11,9 +11,10 @@ import pytest
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader
+from torchvision import transforms as T
 
 from clipft.config import ConfigError, DataConfig
-from clipft.data import (CaptionedImages, DataError, EvalImageDataset, ImageRecord, TrainDataset,
+from clipft.data import (CaptionedImages, CenterSquareResize, DataError, EvalImageDataset, ImageRecord, TrainDataset,
                          build_transform, coco_annotation_path, collate_eval, collate_skip,
                          collate_train, detect_format, left_right_captions, load_coco_captions, load_image,
                          load_split, swap_left_right)
@@ -252,6 +253,19 @@ def test_transform_shape_and_normalisation():
     torch.testing.assert_close(white[:, 0, 0], expected, atol=1e-4, rtol=0)
 
 
+def test_center_square_resize_matches_resize_then_crop():
+    """One-pass box resize == the picture of torchvision's Resize(short side) + CenterCrop."""
+    rng = np.random.default_rng(0)
+    low = rng.integers(0, 256, size=(6, 8, 3), dtype=np.uint8)
+    im = Image.fromarray(low).resize((320, 240), Image.BICUBIC)  # smooth, like a photo
+    ref = T.Compose([T.Resize(224, interpolation=T.InterpolationMode.BICUBIC, antialias=True), T.CenterCrop(224)])
+    a = np.asarray(ref(im), dtype=float)
+    b = np.asarray(CenterSquareResize(224)(im), dtype=float)
+    assert a.shape == b.shape == (224, 224, 3)
+    assert np.abs(a - b).mean() < 1.0  # grey levels: sub-pixel alignment only
+    assert CenterSquareResize(10)(Image.new("RGB", (30, 90))).size == (10, 10)
+
+
 def test_eval_transform_resizes_short_side_and_center_crops():
     im = Image.new("RGB", (90, 30), (0, 0, 0))
     im.paste((255, 255, 255), (30, 0, 60, 30))  # white middle third
@@ -382,7 +396,8 @@ def test_transform_flip_and_colour_jitter_options():
     assert kinds(train=True, augment=True, flip=False) == ["RandomResizedCrop", "ToTensor", "Normalize"]
     assert "ColorJitter" in kinds(train=True, color_jitter=0.4)
     assert "ColorJitter" not in kinds(train=False, color_jitter=0.4)  # never at evaluation
-    jitter = build_transform(32, MEAN, STD, train=True, color_jitter=0.4).transforms[2]
+    jitter = build_transform(32, MEAN, STD, train=True, color_jitter=0.4).transforms[1]
+    assert kinds(train=False) == ["CenterSquareResize", "ToTensor", "Normalize"]
     assert jitter.hue is None and jitter.brightness == (0.6, 1.4)  # no hue: captions name colours
     with pytest.raises(ConfigError, match="color_jitter"):
         build_transform(32, MEAN, STD, train=True, color_jitter=-1)

@@ -1,4 +1,5 @@
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -8,8 +9,8 @@ from torch.utils.data import DataLoader
 from clipft import prepare as prep
 from clipft.config import DataConfig
 from clipft.data import TrainDataset, build_transform, load_coco_captions, load_image
-from clipft.prepare import (DeviceTransform, PreparedDataset, PreparedImages, identity_collate, prepare_images,
-                            prepared_dir)
+from clipft.prepare import (DeviceTransform, PreparedDataset, PreparedImages, PreparedLoader, identity_collate,
+                            prepare_images, prepared_dir)
 from clipft.shapes import make_shapes_dataset
 
 MEAN, STD = DataConfig().mean, DataConfig().std
@@ -96,6 +97,52 @@ def test_prepared_dataset_batches_and_caption_rule(split, tmp_path):
     for b in batches:
         for t, i in zip(b[1], b[2].tolist()):
             assert torch.equal(t, text[jpeg.caption_index(i)])
+
+
+def test_prepared_loader_gives_the_dataloader_batches(split, tmp_path):
+    prepare_images(split, tmp_path / "p", size=32, workers=1, progress=False)
+    p = PreparedImages.open(tmp_path / "p")
+    text = torch.randn(len(split.captions), 8)
+    ds = PreparedDataset(p, p.rows_for(split), text, split.caption_offsets().tolist(), seed=5)
+    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0)).tolist()
+    ref = list(DataLoader(ds, batch_size=4, sampler=order, collate_fn=identity_collate))
+    loader = PreparedLoader(ds, order, batch_size=4)
+    assert len(loader) == len(ref) == 3
+    for _ in range(2):  # re-iterable, like a DataLoader
+        got = list(loader)
+        assert len(got) == len(ref)
+        for a, b in zip(got, ref):
+            assert all(torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y for x, y in zip(a, b))
+
+
+def test_prepared_loader_stops_its_thread_and_raises_reader_errors(split, tmp_path):
+    prepare_images(split, tmp_path / "p", size=32, workers=1, progress=False)
+    p = PreparedImages.open(tmp_path / "p")
+    ds = PreparedDataset(p, p.rows_for(split), torch.randn(len(split.captions), 8),
+                         split.caption_offsets().tolist())
+    before = threading.active_count()
+    it = iter(PreparedLoader(ds, list(range(len(ds))), batch_size=1, prefetch=1))
+    next(it)
+    it.close()  # the consumer stops early (an epoch cut short): the reader must not linger
+    assert threading.active_count() == before
+
+    class Broken(PreparedDataset):
+        def __getitems__(self, idx):
+            raise OSError(f"{p.path}/images.u8: read error")
+    broken = Broken(p, p.rows_for(split), None)
+    with pytest.raises(OSError, match="read error"):
+        list(PreparedLoader(broken, list(range(len(broken))), batch_size=4))
+
+
+def test_device_transform_normalise_layouts_agree():
+    """The vectorised channels_last path and the NCHW path compute the same (x - mean) / std."""
+    tf = DeviceTransform(8, MEAN, STD)
+    x = torch.randint(0, 256, (2, 8, 8, 3), dtype=torch.uint8)  # [B, H, W, 3]
+    ref = (x.permute(0, 3, 1, 2).float() / 255 - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    out = tf(x)  # channels_last view in, channels_last out
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(tf._normalise(x.permute(0, 3, 1, 2).contiguous()), ref, atol=1e-5, rtol=1e-5)
 
 
 def test_device_transform_eval_matches_jpeg_path(split, tmp_path):

@@ -777,7 +777,8 @@ def build_transform(image_size: int, mean: Sequence[float], std: Sequence[float]
     batches on the device (`prepare.DeviceTransform`), so workers skip the per-image float work and
     4x fewer bytes cross to the GPU.
 
-    eval (and train without augment): bicubic resize of the short side + center crop.
+    eval (and train without augment): the centre square, resized to image_size (bicubic, antialiased),
+    in one pass (`CenterSquareResize`).
     train with augment: RandomResizedCrop(scale 0.5-1) + horizontal flip (unless flip=False; the
     caption-aware flip of data.flip=swap happens in TrainDataset instead).
     train with color_jitter=s > 0: ColorJitter(brightness=s, contrast=s, saturation=s), no hue
@@ -789,8 +790,7 @@ def build_transform(image_size: int, mean: Sequence[float], std: Sequence[float]
         if flip:  # plain flip: "left"/"right" in a caption become wrong (see data.flip=swap)
             geometry.append(T.RandomHorizontalFlip())
     else:
-        geometry = [T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
-                    T.CenterCrop(image_size)]
+        geometry = [CenterSquareResize(image_size)]
     if color_jitter < 0:
         raise ConfigError(f"data.color_jitter must be >= 0, got {color_jitter}")
     photometric = [T.ColorJitter(brightness=color_jitter, contrast=color_jitter, saturation=color_jitter)] \
@@ -798,6 +798,26 @@ def build_transform(image_size: int, mean: Sequence[float], std: Sequence[float]
     if output == "uint8":
         return T.Compose(geometry + photometric + [_to_uint8_hwc])
     return T.Compose(geometry + photometric + [T.ToTensor(), T.Normalize(tuple(mean), tuple(std))])
+
+
+class CenterSquareResize:
+    """PIL image -> its centre square (side = short side) resized to size x size, bicubic with
+    antialiasing: the picture of Resize(size) + CenterCrop(size), in one resampling pass that only
+    computes the kept pixels (Pillow's `resize(box=...)`). For a 320x240 draft-decoded COCO photo
+    that is 0.75x the work of resizing the whole image first, and one pass instead of two."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        w, h = img.size
+        side = min(w, h)
+        left, top = (w - side) / 2, (h - side) / 2  # fractional: Pillow resamples sub-pixel boxes exactly
+        return img.resize((self.size, self.size), Image.BICUBIC, box=(left, top, left + side, top + side),
+                          reducing_gap=None)
+
+    def __repr__(self) -> str:
+        return f"CenterSquareResize(size={self.size})"
 
 
 def _to_uint8_hwc(img: Image.Image) -> torch.Tensor:

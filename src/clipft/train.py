@@ -38,7 +38,7 @@ from .loss import chance_loss, clip_loss
 from .model import build_image_tower, count_parameters, parameter_parts, tower_state
 from .runtime import amp_dtype_for, atomic_torch_save, hardware_info, rng_state, seed_everything, set_rng_state
 from .text import get_text_embeddings, load_text_encoder, text_cache_path
-from .prepare import DeviceTransform, PreparedDataset, PreparedImages, identity_collate, prepared_dir
+from .prepare import DeviceTransform, PreparedDataset, PreparedImages, PreparedLoader, prepared_dir
 from .validate import preflight
 
 log = logging.getLogger(__name__)
@@ -241,17 +241,19 @@ def open_prepared_train(cfg: Config, data_root: str | Path, train: CaptionedImag
     return ds, tf
 
 
-def make_train_loader(ds: TrainDataset | PreparedDataset, cfg: Config, epoch: int, device: torch.device) -> DataLoader:
+def make_train_loader(ds: TrainDataset | PreparedDataset, cfg: Config, epoch: int, device: torch.device
+                      ) -> DataLoader | PreparedLoader:
     """A fresh loader per epoch: the shuffle order and each image's caption depend only on
     (seed, epoch), so a resumed run sees exactly the batches an uninterrupted one would. Under
     torchrun this process reads its slice of every global batch (`distributed.shard_train_indices`)."""
     ds.set_epoch(epoch)
     indices = distributed.shard_train_indices(len(ds), cfg.train.batch_size, cfg.train.seed, epoch,
                                               distributed.get_rank(), distributed.get_world_size())
-    # A PreparedDataset returns whole uint8 batches itself (`__getitems__`): nothing left to collate.
-    collate = identity_collate if isinstance(ds, PreparedDataset) else collate_train
+    if isinstance(ds, PreparedDataset):
+        # A prepared batch is one memcpy: a reader thread beats worker processes (see PreparedLoader).
+        return PreparedLoader(ds, indices, cfg.train.batch_size, pin_memory=device.type == "cuda")
     return DataLoader(ds, batch_size=cfg.train.batch_size, sampler=indices, num_workers=cfg.data.num_workers,
-                      collate_fn=collate, pin_memory=device.type == "cuda")
+                      collate_fn=collate_train, pin_memory=device.type == "cuda")
 
 
 def micro_batch_groups(loader: DataLoader, k: int, counts: dict) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
