@@ -110,7 +110,9 @@ def test_resume_continues_exactly(coco_root, tiny_clip_dir, tmp_path, monkeypatc
     assert [r["train_loss"] for r in ea] == pytest.approx([r["train_loss"] for r in eb], rel=1e-6)
 
 
-def test_nan_guard_stops_and_keeps_last_checkpoint(coco_root, tiny_clip_dir, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("log_every", [1, 100])  # 100: the verdict is only read at the epoch's end
+def test_nan_guard_stops_and_keeps_last_checkpoint(coco_root, tiny_clip_dir, tmp_path, monkeypatch, capsys,
+                                                   log_every):
     run = tmp_path / "nan"
     real_loss = train_mod.clip_loss
     state = {"calls": 0}
@@ -122,7 +124,8 @@ def test_nan_guard_stops_and_keeps_last_checkpoint(coco_root, tiny_clip_dir, tmp
             out = {k: v * float("nan") for k, v in out.items()}
         return out
     monkeypatch.setattr(train_mod, "clip_loss", nan_after_first_epoch)
-    args = small_args(tiny_clip_dir, 3, ["--set", "train.max_bad_steps=2", "--set", "train.max_steps_per_epoch=2"])
+    args = small_args(tiny_clip_dir, 3, ["--set", "train.max_bad_steps=2", "--set", "train.max_steps_per_epoch=2",
+                                         "--set", f"train.log_every={log_every}"])
     assert main(["train", "--data", str(coco_root), "--out", str(run), *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "diverged" in err[0] and "last.pt" in err[0]
@@ -225,3 +228,127 @@ def test_flip_swap_builds_its_own_caption_cache(coco_root, tiny_clip_dir, tmp_pa
     assert not info["built"] and emb.shape[0] == len(swapped)
     assert main(["train", "--data", str(coco_root), "--out", str(tmp_path / "bad"),
                  *small_args(tiny_clip_dir, 1, ["--set", "data.augment=true", "--set", "data.flip=mirror"])]) == 2
+
+
+# --------------------------------------------------------------------------- the step without host syncs
+
+def _tiny_tower(seed=0):
+    from clipft.config import ModelConfig
+    from clipft.model import ImageTower
+    torch.manual_seed(seed)
+    return ImageTower(ModelConfig(backbone="resnet18", image_weights="none", head_hidden=16,
+                                  learnable_temperature=True), embed_dim=8).eval()
+
+
+def _tiny_batch(n=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 16, 16, generator=g), torch.nn.functional.normalize(torch.randn(n, 8, generator=g), dim=-1)
+
+
+def _step_parts(model):
+    opt = build_optimizer(model, 1e-2, 0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    return opt, sched, torch.amp.GradScaler("cpu", enabled=False)
+
+
+class _HostReadError(AssertionError):
+    pass
+
+
+@pytest.fixture()
+def no_host_reads(monkeypatch):
+    """Make every Python-level read of a tensor's value raise: on a GPU each one would stall the
+    host until the queued kernels finish (what the training step must not do)."""
+    def refuse(self, *a, **k):
+        raise _HostReadError("host read of a tensor value inside train_step")
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+
+
+def test_build_optimizer_is_fused_on_cpu():
+    opt, _, _ = _step_parts(_tiny_tower())
+    assert opt.defaults["fused"] and getattr(opt, "_step_supports_amp_scaling", False)
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler")
+def test_train_step_reads_no_tensor_value_on_the_host(no_host_reads, monkeypatch):
+    model = _tiny_tower()
+    opt, sched, scaler = _step_parts(model)
+    images, texts = _tiny_batch()
+    bad = images.clone()
+    bad[0] = float("nan")
+    good = train_mod.train_step(model, [(images, texts), (images, texts)], opt, sched, scaler, None, 1.0)
+    nan = train_mod.train_step(model, [(bad, texts)], opt, sched, scaler, None, 1.0)
+    # The check bites: an optimizer without found_inf support makes the step read its verdict.
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(_HostReadError):
+        train_mod.train_step(model, [(images, texts)], sgd, torch.optim.lr_scheduler.LambdaLR(sgd, lambda s: 1.0),
+                             scaler, None, 1.0)
+    monkeypatch.undo()  # reading is allowed again: the loop does it every log_every steps
+    assert train_mod.step_values(good)["skipped"] == 0.0 and train_mod.step_values(nan)["skipped"] == 1.0
+
+
+def test_nan_step_is_skipped_on_the_device_and_the_next_one_trains():
+    """found_inf: parameters, Adam moments and the step count stay exactly as they were."""
+    model = _tiny_tower()
+    opt, sched, scaler = _step_parts(model)
+    images, texts = _tiny_batch()
+    train_mod.train_step(model, [(images, texts)], opt, sched, scaler, None, 1.0)  # creates the Adam state
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    state = {n: {k: v.clone() for k, v in opt.state[p].items()} for n, p in model.named_parameters()}
+    bad = images.clone()
+    bad[1] = float("inf")
+    out = train_mod.step_values(train_mod.train_step(model, [(images, texts), (bad, texts)], opt, sched, scaler,
+                                                     None, 1.0))
+    assert out["skipped"] == 1.0 and not math.isfinite(out["grad_norm"])
+    for n, p in model.named_parameters():
+        assert torch.equal(p, params[n]), n
+        assert all(torch.equal(v, state[n][k]) for k, v in opt.state[p].items()), n
+    assert all(p.grad is None for p in model.parameters())  # the good micro-batch's gradient is dropped too
+    out = train_mod.step_values(train_mod.train_step(model, [(images, texts)], opt, sched, scaler, None, 1.0))
+    assert out["skipped"] == 0.0
+    assert any(not torch.equal(p, params[n]) for n, p in model.named_parameters())
+    assert all(float(opt.state[p]["step"]) == 2 for p in model.parameters())  # the skipped step did not count
+
+
+def test_step_stats_sums_and_runs_of_skipped_steps():
+    stats = train_mod.StepStats(torch.device("cpu"))
+    stats.new_epoch()
+    nan = float("nan")
+    for loss, skipped in [(2.0, 0), (nan, 1), (nan, 1), (1.0, 0), (nan, 1), (3.0, 0)]:
+        stats.add({"loss": torch.tensor(loss), "skipped": torch.tensor(float(skipped))})
+    seen = stats.read(6)
+    assert seen["ep_loss"] == 6.0 and seen["ep_good"] == 3 and seen["ep_skipped"] == 3
+    assert seen["worst_run"] == 2 and seen["bad_run"] == 0  # the longest run, and none now
+    stats.new_window()
+    stats.add({"loss": torch.tensor(nan), "skipped": torch.tensor(1.0)})
+    seen = stats.read(7)
+    assert seen["bad_run"] == 1 and seen["win_good"] == 0 and seen["win_loss"] == 0 and seen["ep_loss"] == 6.0
+    stats.new_epoch()  # a new epoch keeps the running count of bad steps
+    stats.add({"loss": torch.tensor(nan), "skipped": torch.tensor(1.0)})
+    seen = stats.read(8)
+    assert seen["bad_run"] == 2 and seen["worst_run"] == 2 and seen["ep_skipped"] == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (run by hand on a lent one)")
+def test_train_step_never_synchronises_cuda():
+    """On a GPU, CUDA itself refuses every synchronising call inside the step (bf16 autocast,
+    channels_last, uint8 batches augmented on the device, fused AdamW, a NaN micro-batch)."""
+    from clipft.config import DataConfig
+    from clipft.prepare import DeviceTransform
+    dev = torch.device("cuda")
+    model = _tiny_tower().to(dev).to(memory_format=torch.channels_last).train()
+    opt, sched, _ = _step_parts(model)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    tf = DeviceTransform(16, DataConfig().mean, DataConfig().std, augment=True).to(dev)
+    images = torch.randint(0, 256, (4, 20, 20, 3), dtype=torch.uint8).pin_memory()
+    texts = _tiny_batch()[1].pin_memory()
+    args = (opt, sched, scaler, torch.bfloat16, 1.0)
+    train_mod.train_step(model, [(images, texts)], *args, channels_last=True, transform=tf)  # lazy inits
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = train_mod.train_step(model, [(images, texts)] * 2, *args, channels_last=True, transform=tf)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert train_mod.step_values(out)["skipped"] == 0.0

@@ -36,6 +36,10 @@ log = logging.getLogger(__name__)
 # Rank 0 may build the text cache while the others wait in a collective: NCCL's default 10 minute
 # timeout is too short for that on a large caption set (`clipft cache-text` beforehand avoids the wait).
 PROCESS_GROUP_TIMEOUT = timedelta(minutes=30)
+# Under nccl, a gloo group over the same processes for small host-side exchanges (batch sizes,
+# flags): an nccl collective needs CUDA tensors and the host then waits for every kernel queued
+# before it, i.e. one GPU sync per exchange; gloo swaps CPU ints without touching the GPU stream.
+_HOST_GROUP: "dist.ProcessGroup | None" = None
 
 
 class DistributedError(RuntimeError):
@@ -124,6 +128,9 @@ def setup(device_name: str = "auto") -> DistContext:
             torch.cuda.set_device(device)  # before init: NCCL binds this process to its GPU
         dist.init_process_group(backend, timeout=PROCESS_GROUP_TIMEOUT)
         ctx = DistContext(rank, world, local_rank, device, backend, created=True)
+    global _HOST_GROUP
+    if ctx.backend == "nccl":  # collective: every rank runs setup, so every rank creates it, in order
+        _HOST_GROUP = dist.new_group(backend="gloo", timeout=PROCESS_GROUP_TIMEOUT)
     if not ctx.is_main:
         logging.getLogger("clipft").setLevel(logging.WARNING)
     log.info("distributed: %d processes (%s), rank %d on %s", ctx.world_size, ctx.backend, ctx.rank, ctx.device)
@@ -132,10 +139,12 @@ def setup(device_name: str = "auto") -> DistContext:
 
 def teardown(ctx: DistContext | None = None) -> None:
     """Leave the process group (only if `setup` created it, when ctx is given)."""
+    global _HOST_GROUP
     if ctx is not None and not ctx.created:
         return
+    _HOST_GROUP = None
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        dist.destroy_process_group()  # also destroys the host group
 
 
 def is_distributed() -> bool:
@@ -165,6 +174,14 @@ def _comm_device() -> torch.device:
     return torch.device("cpu")
 
 
+def _host_group() -> tuple["dist.ProcessGroup | None", torch.device]:
+    """(group, device) for exchanging host values: the gloo side group under nccl (no GPU sync),
+    else the default group on its own device."""
+    if _HOST_GROUP is not None and dist.get_backend() == "nccl":
+        return _HOST_GROUP, torch.device("cpu")
+    return None, _comm_device()
+
+
 def barrier() -> None:
     if not is_distributed():
         return
@@ -180,9 +197,10 @@ def all_gather_ints(values: list[int]) -> list[list[int]]:
     """Every rank's list of ints, in rank order: [[rank 0 values], [rank 1 values], ...]."""
     if not is_distributed():
         return [list(values)]
-    t = torch.tensor(values, dtype=torch.long, device=_comm_device())
+    group, dev = _host_group()
+    t = torch.tensor(values, dtype=torch.long, device=dev)
     out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, t)
+    dist.all_gather(out, t, group=group)
     return [o.tolist() for o in out]
 
 
@@ -191,8 +209,9 @@ def all_ranks(flag: bool) -> bool:
     collectives run next (skip a step, skip a batch) must be taken by all ranks together."""
     if not is_distributed():
         return bool(flag)
-    t = torch.tensor([1 if flag else 0], dtype=torch.long, device=_comm_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    group, dev = _host_group()
+    t = torch.tensor([1 if flag else 0], dtype=torch.long, device=dev)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
     return bool(t.item())
 
 

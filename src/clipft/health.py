@@ -22,19 +22,25 @@ PINNED_RTOL = 1e-3  # logit scale within this relative distance of its clamp = p
 OVERFIT_EPOCHS = 3  # consecutive falls of validation recall (with train loss falling) = overfitting
 
 
-def mean_pairwise_cosine(emb: torch.Tensor) -> float:
+def pairwise_cosine(emb: torch.Tensor) -> torch.Tensor:
     """Mean cosine similarity over all pairs i != j of the rows of emb [B, D] (rows are
-    normalised here). 1.0 = every embedding identical; ~0 = spread out. NaN for B < 2.
+    normalised here), as a 0-d tensor on emb's device (no host sync). 1.0 = every embedding
+    identical; ~0 = spread out. NaN for B < 2.
 
     Computed from the sum vector in O(B*D): sum_{i!=j} <e_i, e_j> = |sum_i e_i|^2 - sum_i |e_i|^2.
     """
     b = emb.shape[0]
     if b < 2:
-        return float("nan")
+        return torch.full((), float("nan"), device=emb.device)
     e = torch.nn.functional.normalize(emb.detach().float(), dim=-1)  # [B, D]
     total = e.sum(0)  # [D]
     off_diag = total.dot(total) - (e * e).sum()
-    return float(off_diag / (b * (b - 1)))
+    return off_diag / (b * (b - 1))
+
+
+def mean_pairwise_cosine(emb: torch.Tensor) -> float:
+    """`pairwise_cosine` as a Python float."""
+    return float(pairwise_cosine(emb))
 
 
 def chance_warning(loss: float, chance: float, step: int, warmup_steps: int,

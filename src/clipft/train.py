@@ -33,7 +33,7 @@ from .config import Config, ConfigError, from_dict, load_config, save_config, to
 from .data import (FLIP_MODES, CaptionedImages, TrainDataset, build_transform, collate_train,
                    cache_location, left_right_captions, load_split, text_cache_file)
 from .evaluate import evaluate_split, mean_recall
-from .health import HealthMonitor, mean_pairwise_cosine
+from .health import HealthMonitor, pairwise_cosine
 from .loss import chance_loss, clip_loss
 from .model import build_image_tower, count_parameters, parameter_parts, tower_state
 from .runtime import amp_dtype_for, atomic_torch_save, hardware_info, rng_state, seed_everything, set_rng_state
@@ -78,7 +78,7 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,
             if p.requires_grad:
                 (decay if p.ndim >= 2 else no_decay).append(p)
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+        return _adamw([g for g in groups if g["params"]], lr)
     parts = parameter_parts(model)
     groups = []
     for part, part_lr in (("head", lr), ("logit_scale", lr), ("backbone", lr * backbone_lr_ratio)):
@@ -90,7 +90,15 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,
                        "lr": part_lr, "weight_decay": weight_decay})
         groups.append({"name": f"{part}/no_decay", "params": [p for p in params if p.ndim < 2],
                        "lr": part_lr, "weight_decay": 0.0})
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+    return _adamw([g for g in groups if g["params"]], lr)
+
+
+def _adamw(groups: list[dict], lr: float) -> torch.optim.AdamW:
+    """Fused AdamW where PyTorch has the kernel (CUDA, CPU): one kernel for all parameters, and it
+    honours `found_inf`, which lets `train_step` skip a bad update on the device without a sync."""
+    devices = {p.device.type for g in groups for p in g["params"]}
+    fused = devices <= {"cuda", "cpu"} and all(p.is_floating_point() for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, lr=lr, fused=fused or None)
 
 
 @dataclass
@@ -283,22 +291,31 @@ def train_step(model: torch.nn.Module, micro_batches: list[tuple[torch.Tensor, t
                optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
                scaler: torch.amp.GradScaler, amp_dtype: torch.dtype | None, grad_clip: float,
                gather: bool = False, channels_last: bool = False,
-               transform: torch.nn.Module | None = None) -> dict:
+               transform: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
     """One optimisation step over K micro-batches [(images [B, 3, H, W], texts [B, D] cached caption
     embeddings), ...] (K = 1 without gradient accumulation); tensors are moved to the model's device here.
     `model` is the ImageTower or its DDP wrapper; gather=True (DDP): the loss uses every process's
     batch as negatives (`clip_loss`), and DDP averages the gradients on the last micro-batch.
     transform: for uint8 batches (prepared cache or JPEG workers), the on-device resize/crop/flip/normalise.
 
-    Returns {"loss", "loss_i2t", "loss_t2i", "grad_norm", "logit_scale", "embed_cos", "skipped"}, the
-    loss terms averaged over the micro-batches. A non-finite loss (or, without a scaler, non-finite
-    gradients) skips the update and reports skipped=True. embed_cos: mean pairwise cosine of the last
-    micro-batch's image embeddings (the collapse check in `health`).
+    Returns 0-d tensors on the device, never read here (the host does not wait for the GPU inside
+    the step; the loop reads them every train.log_every steps, see `step_values`): "loss",
+    "loss_i2t", "loss_t2i" (averaged over the micro-batches), "grad_norm", "logit_scale",
+    "embed_cos" (mean pairwise cosine of the last micro-batch's image embeddings, the collapse check
+    in `health`) and "skipped" (1.0 if the update was skipped, else 0.0).
+
+    NaN guard, without a host sync: a micro-batch whose loss is not finite back-propagates NaN
+    gradients (its backward is scaled by NaN instead of 1), DDP's all-reduce spreads them to every
+    rank, so the clipped gradient norm is NaN on every rank alike, and the update is skipped on the
+    device: fp16 by the GradScaler (which also lowers its scale), fp32/bf16 by handing the fused
+    AdamW `found_inf` (the same mechanism). One bad micro-batch drops the whole step: a non-finite
+    loss says the weights or the data are broken. Optimizers without `found_inf` support (SGD in
+    tests) fall back to one host read of the verdict.
     """
     tower = distributed.unwrap(model)  # the ImageTower: logit_scale, clamp
     device = tower.logit_scale.device
     k = len(micro_batches)
-    terms_sum: dict[str, float] = {}
+    terms_sum: dict[str, torch.Tensor] = {}
     for i, (images, texts) in enumerate(micro_batches):
         images = images.to(device, non_blocking=True)
         if transform is not None:
@@ -315,40 +332,85 @@ def train_step(model: torch.nn.Module, micro_batches: list[tuple[torch.Tensor, t
             logit_scale = tower.logit_scale.exp()  # 1/tau, scalar
             terms = clip_loss(image_emb, texts, logit_scale, gather=gather)
             loss = terms["loss"]
-
-            # NaN guard: never back-propagate a non-finite loss (one .item() sync per micro-batch; we
-            # log it anyway). The verdict is all-reduced: if one rank skipped the backward (and its
-            # collectives) while the others did not, the processes would deadlock. A bad micro-batch
-            # drops the whole step, including the gradients accumulated so far: a non-finite loss
-            # says the weights or the data are broken, and a step from the surviving micro-batches
-            # would not be the planned average anyway.
-            if not distributed.all_ranks(math.isfinite(float(loss.detach()))):
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()  # the schedule follows attempted steps, so the planned length holds
-                return {**{name: float("nan") for name in terms}, "logit_scale": float(logit_scale.detach()),
-                        "grad_norm": float("nan"), "skipped": True}
-
+            # 1 for a finite loss, NaN otherwise: NaN * gradient is NaN even where the gradient is 0,
+            # so every parameter the loss reaches reports the failure (the guard above).
+            poison = torch.where(torch.isfinite(loss.detach()), 1.0, float("nan"))
             # / k: the accumulated gradient is the mean over micro-batches (each one's loss only has
             # its own batch as negatives: accumulation enlarges the gradient's batch, not the softmax).
-            scaler.scale(loss / k).backward()
+            scaler.scale(loss * poison / k).backward()
         for name, v in terms.items():
-            terms_sum[name] = terms_sum.get(name, 0.0) + float(v.detach()) / k
-    out = {**terms_sum, "logit_scale": float(logit_scale.detach()), "grad_norm": float("nan"), "skipped": False,
-           "embed_cos": mean_pairwise_cosine(image_emb)}
+            terms_sum[name] = terms_sum.get(name, 0.0) + v.detach() / k
 
     scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
     params = [p for p in model.parameters() if p.requires_grad]
+    # Identical on every rank (the gradients were all-reduced); NaN/inf when any micro-batch failed.
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
-    out["grad_norm"] = float(grad_norm)
-    if not scaler.is_enabled() and not math.isfinite(out["grad_norm"]):
-        out["skipped"] = True  # fp32/bf16: inf/NaN gradients would poison the weights
-    else:
-        scaler.step(optimizer)  # with fp16 the scaler itself skips steps whose grads overflowed
+    skipped = (~torch.isfinite(grad_norm)).float()  # 0-d, on the device
+    if scaler.is_enabled():
+        scaler.step(optimizer)  # fp16: the scaler found the same non-finite gradients and skips
+    elif getattr(optimizer, "_step_supports_amp_scaling", False):  # fused: skips on the device
+        optimizer.found_inf = skipped
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+    elif not bool(skipped):  # host read: optimizers without found_inf support only
+        optimizer.step()
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    scheduler.step()
+    scheduler.step()  # also after a skipped step: the schedule follows attempted steps
     tower.clamp_logit_scale_()  # keep 1/tau <= max_logit_scale (only moves if learnable)
-    return out
+    return {**terms_sum, "grad_norm": grad_norm.detach(), "logit_scale": logit_scale.detach(),
+            "embed_cos": pairwise_cosine(image_emb), "skipped": skipped}
+
+
+def step_values(out: dict[str, torch.Tensor]) -> dict[str, float]:
+    """`train_step`'s tensors as Python floats, read in one device->host transfer."""
+    names = list(out)
+    values = torch.stack([out[n].detach().float().reshape(()).to(out[names[0]].device) for n in names]).tolist()
+    return dict(zip(names, values))
+
+
+class StepStats:
+    """Sums of `train_step` outputs kept on the device between host reads, so the loop syncs with the
+    GPU only every train.log_every steps and at the end of an epoch.
+
+    ep_*: this epoch (loss summed over good steps); win_*: since the last step record (the health
+    check's window); bad_run: skipped updates in a row now (carried across epochs), worst_run: the
+    longest such run seen (what the divergence check compares with train.max_bad_steps).
+    """
+
+    NAMES = ("ep_loss", "ep_good", "ep_skipped", "win_loss", "win_good", "bad_run", "worst_run")
+
+    def __init__(self, device: torch.device):
+        self.v = torch.zeros(len(self.NAMES), device=device)  # [7], indexed as NAMES
+        self._skipped_seen = 0.0  # ep_skipped at the last read (for the warning)
+
+    def new_epoch(self) -> None:
+        self.v[:3] = 0
+        self._skipped_seen = 0.0
+        self.new_window()
+
+    def new_window(self) -> None:
+        self.v[3:5] = 0
+
+    def add(self, out: dict[str, torch.Tensor]) -> None:
+        skipped = out["skipped"]
+        good = 1.0 - skipped
+        loss = torch.where(skipped > 0, 0.0, out["loss"])  # a skipped step's NaN must not reach the sums
+        bad_run = (self.v[5] + 1.0) * skipped  # +1 when skipped, back to 0 when not
+        self.v += torch.stack([loss, good, skipped, loss, good, bad_run - self.v[5],
+                               torch.clamp(bad_run - self.v[6], min=0.0)])
+
+    def read(self, step: int) -> dict[str, float]:
+        """The sums as floats (one device->host copy); warns about updates skipped since the last read."""
+        seen = dict(zip(self.NAMES, self.v.tolist()))
+        new = int(seen["ep_skipped"] - self._skipped_seen)
+        if new:
+            log.warning("%d update(s) skipped by step %d: non-finite loss/gradients (%d in a row now)",
+                        new, step, int(seen["bad_run"]))
+        self._skipped_seen = seen["ep_skipped"]
+        return seen
 
 
 # --------------------------------------------------------------------------- the loop
@@ -484,7 +546,7 @@ def _train(cfg: Config, data_root: str | Path, out_dir: str | Path, resume: bool
             metrics_f.write(json.dumps(rec) + "\n")
             metrics_f.flush()
 
-    consecutive_bad = 0
+    stats = StepStats(device)
     health = HealthMonitor(cfg.train.warmup_steps, cfg.model.max_logit_scale, cfg.model.learnable_temperature)
 
     def log_warnings(records: list[dict]) -> None:
@@ -492,6 +554,20 @@ def _train(cfg: Config, data_root: str | Path, out_dir: str | Path, resume: bool
             if main:
                 log.warning("health: %s", w["message"])
             log_record(w)
+
+    def check_divergence(seen: dict, epoch: int) -> None:
+        """Stop once train.max_bad_steps updates in a row were skipped. The check runs at host reads
+        only, but skipped updates change no weight, so stopping a few steps late loses nothing."""
+        if seen["worst_run"] < cfg.train.max_bad_steps:
+            return
+        if metrics_f is not None:
+            metrics_f.close()
+        last = f"{run.last} (epoch {start_epoch if epoch == start_epoch + 1 else epoch - 1})" \
+            if run.last.exists() else "no checkpoint yet"
+        raise TrainingError(
+            f"training diverged: {int(seen['worst_run'])} consecutive non-finite steps by epoch {epoch}, "
+            f"step {global_step}. Last good checkpoint intact: {last}. Lower train.lr or "
+            f"raise train.warmup_steps, then rerun the same command to resume.")
 
     t_train = time.time()
     for epoch in range(start_epoch + 1, cfg.train.epochs + 1):
@@ -502,51 +578,44 @@ def _train(cfg: Config, data_root: str | Path, out_dir: str | Path, resume: bool
         # disable=None: bars only on a terminal, so logs redirected to a file stay readable.
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{cfg.train.epochs}",
                    disable=None if progress and main else True, dynamic_ncols=True, leave=False)
-        ep_loss, ep_steps, ep_skipped_steps, t_ep = 0.0, 0, 0, time.time()
+        t_ep = time.time()
         counts = {"skipped_images": 0, "images": 0, "batch": 0}  # summed over ranks
-        t_log, n_img_logged, win_loss, win_steps = time.time(), 0, 0.0, 0
+        t_log, n_img_logged = time.time(), 0
+        stats.new_epoch()
         groups = micro_batch_groups(loader, accum, counts)
         for micro in itertools.islice(groups, steps_per_epoch):  # one group = one attempted step
             out = train_step(ddp_model, micro, optimizer, scheduler, scaler, amp_dtype, cfg.train.grad_clip,
                              gather=world > 1, channels_last=device.type == "cuda" and cfg.train.channels_last,
                              transform=device_transform)
             global_step += 1
-            if out["skipped"]:  # the same verdict on every rank (train_step all-reduces it)
-                ep_skipped_steps += 1
-                consecutive_bad += 1
-                log.warning("step %d: non-finite loss/gradients, update skipped (%d in a row)",
-                            global_step, consecutive_bad)
-                if consecutive_bad >= cfg.train.max_bad_steps:
-                    if metrics_f is not None:
-                        metrics_f.close()
-                    last = f"{run.last} (epoch {start_epoch if epoch == start_epoch + 1 else epoch - 1})" \
-                        if run.last.exists() else "no checkpoint yet"
-                    raise TrainingError(
-                        f"training diverged: {consecutive_bad} consecutive non-finite steps at epoch {epoch}, "
-                        f"step {global_step}. Last good checkpoint intact: {last}. Lower train.lr or "
-                        f"raise train.warmup_steps, then rerun the same command to resume.")
-                bar.update(1)
-                continue
-            consecutive_bad = 0
-            ep_loss += out["loss"]
-            ep_steps += 1
-            win_loss, win_steps = win_loss + out["loss"], win_steps + 1
-            chance = chance_loss(counts["batch"])  # ln(global batch): the loss of a model that guesses
-            skipped_so_far = totals["skipped_steps"] + ep_skipped_steps
+            stats.add(out)  # device-side sums: the host does not wait for this step here
             bar.update(1)
-            bar.set_postfix(loss=f"{out['loss']:.3f}", chance=f"{chance:.2f}", scale=f"{out['logit_scale']:.1f}",
-                            gnorm=f"{out['grad_norm']:.2f}",
+            if global_step % cfg.train.log_every:
+                continue
+            # Every log_every steps: the one host read of the step outputs (the same values on every rank).
+            now_out, seen = step_values(out), stats.read(global_step)
+            check_divergence(seen, epoch)
+            chance = chance_loss(counts["batch"])  # ln(global batch): the loss of a model that guesses
+            skipped_so_far = totals["skipped_steps"] + int(seen["ep_skipped"])
+            bar.set_postfix(loss=f"{now_out['loss']:.3f}", chance=f"{chance:.2f}",
+                            scale=f"{now_out['logit_scale']:.1f}", gnorm=f"{now_out['grad_norm']:.2f}",
                             img_s=f"{counts['images'] / max(1e-9, time.time() - t_ep):.0f}", skipped=skipped_so_far)
-            if global_step % cfg.train.log_every == 0:
-                now = time.time()
-                log_record({"type": "step", "epoch": epoch, "step": global_step, "loss": out["loss"],
-                            "chance_loss": chance, "lr": scheduler.get_last_lr()[0],
-                            "logit_scale": out["logit_scale"], "grad_norm": out["grad_norm"],
-                            "images_per_s": (counts["images"] - n_img_logged) / max(1e-9, now - t_log),
-                            "skipped_steps": skipped_so_far, "embed_cos": out["embed_cos"]})
-                log_warnings(health.step(epoch, global_step, win_loss / win_steps, chance, out["embed_cos"],
-                                         out["logit_scale"]))
-                t_log, n_img_logged, win_loss, win_steps = now, counts["images"], 0.0, 0
+            if now_out["skipped"] or seen["win_good"] == 0:
+                continue  # nothing finite to log; the skipped steps were reported by stats.read
+            now = time.time()
+            log_record({"type": "step", "epoch": epoch, "step": global_step, "loss": now_out["loss"],
+                        "chance_loss": chance, "lr": scheduler.get_last_lr()[0],
+                        "logit_scale": now_out["logit_scale"], "grad_norm": now_out["grad_norm"],
+                        "images_per_s": (counts["images"] - n_img_logged) / max(1e-9, now - t_log),
+                        "skipped_steps": skipped_so_far, "embed_cos": now_out["embed_cos"]})
+            log_warnings(health.step(epoch, global_step, seen["win_loss"] / seen["win_good"], chance,
+                                     now_out["embed_cos"], now_out["logit_scale"]))
+            t_log, n_img_logged = now, counts["images"]
+            stats.new_window()
+        seen = stats.read(global_step)  # the epoch's sums, and the verdict on its last steps
+        check_divergence(seen, epoch)
+        ep_steps, ep_skipped_steps = int(seen["ep_good"]), int(seen["ep_skipped"])
+        ep_loss = seen["ep_loss"]
         bar.close()
         groups.close()  # also closes the loader (its workers) when the epoch stopped early
         ep_skipped_img = counts["skipped_images"]
