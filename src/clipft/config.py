@@ -49,7 +49,7 @@ class DataConfig:
     prepared: bool = True
     prepared_size: int = 256
     color_jitter: float = 0.0  # train images: brightness/contrast/saturation jitter strength; 0 = off (hue never)
-    num_workers: int = 4
+    num_workers: int = 4  # JPEG decoding processes (the prepared cache is read by one thread instead)
     # CLIP's own normalisation (the text tower was trained against images normalised like this).
     mean: tuple[float, ...] = (0.48145466, 0.4578275, 0.40821073)
     std: tuple[float, ...] = (0.26862954, 0.26130258, 0.27577711)
