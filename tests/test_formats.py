@@ -289,6 +289,13 @@ def test_text_cache_files_do_not_collide(tmp_path, coco_root):
     # COCO keeps its layout: ROOT/cache/<split>_text_embeds_...
     assert text_cache_file(coco_root, "val", Config()) == coco_root / "cache" / \
         "val_text_embeds_openai_clip-vit-base-patch32.safetensors"
+    # Seeded subsets of one split get their own files: runs on different subsets do not evict each other.
+    sub = Config()
+    sub.data.val_images, sub.data.subset_seed = 500, 3
+    assert text_cache_file(coco_root, "val", sub).name.startswith("val-subset500-seed3_text_embeds_")
+    sub.data.val_images = 400
+    assert text_cache_file(coco_root, "val", sub) != text_cache_file(coco_root, "val", Config())
+    assert text_cache_file(coco_root, "train", sub) == text_cache_file(coco_root, "train", Config())
 
 
 # --------------------------------------------------------------------------- training

@@ -643,6 +643,11 @@ def split_source(root: str | Path, split: str, cfg: DataConfig) -> SplitSource:
                     f"{cfg.val_split!r} or 'all')")
 
 
+def subset_size(split: str, cfg: DataConfig) -> int:
+    """Images `load_split` keeps of `split`: data.train_images / data.val_images (0 = all)."""
+    return cfg.train_images if split == cfg.train_split else cfg.val_images if split == cfg.val_split else 0
+
+
 def load_split(root: str | Path, split: str, cfg: DataConfig) -> CaptionedImages:
     """Load one split (see `split_source`) and apply the configured subset.
 
@@ -664,8 +669,7 @@ def load_split(root: str | Path, split: str, cfg: DataConfig) -> CaptionedImages
                 raise DataError(f"{src.path}: only {len(whole)} captioned image(s): too few to split off a "
                                 "validation set; pass --val-data PATH")
             full = train if src.part == "train" else val
-    n = cfg.train_images if split == cfg.train_split else cfg.val_images if split == cfg.val_split else 0
-    out = full.subset(n, cfg.subset_seed)
+    out = full.subset(subset_size(split, cfg), cfg.subset_seed)
     log.info("%s: %d images, %d captions%s", full.name, len(out), len(out.caption_ids),
              f" (subset of {len(full)})" if out is not full else "")
     return out
@@ -690,10 +694,18 @@ def cache_location(root: str | Path, split: str, cfg: Config) -> tuple[Path, str
 
 def text_cache_file(root: str | Path, split: str, cfg: Config) -> Path:
     """The text-embedding cache file of a split (see `cache_location`). Its fingerprint covers the
-    captions, so a changed file or split is re-embedded."""
+    captions, so a changed file or split is re-embedded. A seeded subset (data.train_images /
+    data.val_images > 0) gets its own file, named after its size and seed: runs on different
+    subsets of one split keep their caches instead of re-embedding each other's."""
     from .text import text_cache_path
+    return text_cache_path(*text_cache_location(root, split, cfg), cfg.text.encoder)
+
+
+def text_cache_location(root: str | Path, split: str, cfg: Config) -> tuple[Path, str]:
+    """`cache_location`, with the subset (if any) in the name: '<name>-subset<N>-seed<S>'."""
     cache_dir, name = cache_location(root, split, cfg)
-    return text_cache_path(cache_dir, name, cfg.text.encoder)
+    n = subset_size(split, cfg.data)
+    return cache_dir, (f"{name}-subset{n}-seed{cfg.data.subset_seed}" if n > 0 else name)
 
 
 # --------------------------------------------------------------------------- images

@@ -31,7 +31,8 @@ from tqdm.auto import tqdm
 from . import distributed
 from .config import Config, ConfigError, from_dict, load_config, save_config, to_dict
 from .data import (FLIP_MODES, CaptionedImages, TrainDataset, build_transform, collate_train,
-                   cache_location, left_right_captions, load_split, text_cache_file)
+                   cache_location, left_right_captions, load_split, text_cache_file,
+                   text_cache_location)
 from .evaluate import evaluate_split, mean_recall
 from .health import HealthMonitor, pairwise_cosine
 from .loss import chance_loss, clip_loss
@@ -184,7 +185,7 @@ def prepare_data(cfg: Config, data_root: str | Path, device: torch.device) -> Pr
         embeds.append(emb)
         infos[name] = {k: (str(v) if isinstance(v, Path) else v) for k, v in info.items()}
     infos["encoder_dim"] = encoder.dim
-    cache_dir, base = cache_location(data_root, cfg.data.train_split, cfg)
+    cache_dir, base = text_cache_location(data_root, cfg.data.train_split, cfg)
     swap_file = text_cache_path(cache_dir, f"{base}-lrswap", cfg.text.encoder)
     flip_text, flip_rows = _left_right_swapped(cfg, train, swap_file, encoder, device, infos)
     del encoder  # frozen and no longer needed: training reads the cache only
