@@ -1,9 +1,11 @@
-"""Data pipeline throughput: images/s delivered as normalised float batches, same workers.
+"""Data pipeline throughput: images/s delivered as normalised float batches, at most --workers processes.
 
   baseline  PIL.Image.open -> Resize((224, 224)) -> ToTensor -> Normalize, standard DataLoader
-  jpeg      clipft's JPEG fallback as training runs it: Pillow draft (DCT downscaling while decoding)
-            + short-side resize + centre crop to uint8 in the workers (`data.build_transform(...,
-            output="uint8")`, `TrainDataset`), normalised per batch by `prepare.DeviceTransform`
+            with --workers workers
+  jpeg      clipft's JPEG fallback as training runs it, same workers: Pillow draft (DCT downscaling
+            while decoding) + the centre square resized in one pass (`data.CenterSquareResize`) to
+            uint8 in the workers (`data.build_transform(..., output="uint8")`, `TrainDataset`),
+            normalised per batch by `prepare.DeviceTransform`
   prepared  clipft's prepared cache: uint8 memmap rows read per batch by a background thread
             (`prepare.PreparedLoader`: no worker processes, a batch is one memcpy), resized +
             normalised per batch by `prepare.DeviceTransform` (on the CPU here; on a GPU in
