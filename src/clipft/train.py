@@ -97,9 +97,15 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,
 def _adamw(groups: list[dict], lr: float) -> torch.optim.AdamW:
     """Fused AdamW where PyTorch has the kernel (CUDA, CPU): one kernel for all parameters, and it
     honours `found_inf`, which lets `train_step` skip a bad update on the device without a sync."""
-    devices = {p.device.type for g in groups for p in g["params"]}
-    fused = devices <= {"cuda", "cpu"} and all(p.is_floating_point() for g in groups for p in g["params"])
-    return torch.optim.AdamW(groups, lr=lr, fused=fused or None)
+    try:  # private, but the list PyTorch itself checks against: ["cuda", ...], "cpu" from torch 2.4 on
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+        supported = _get_fused_kernels_supported_devices()
+    except ImportError:
+        supported = ["cuda"]
+    params = [p for g in groups for p in g["params"]]
+    if all(p.device.type in supported and p.is_floating_point() for p in params):
+        return torch.optim.AdamW(groups, lr=lr, fused=True)
+    return torch.optim.AdamW(groups, lr=lr)
 
 
 @dataclass
