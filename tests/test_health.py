@@ -13,11 +13,14 @@ import torch.nn.functional as F
 from clipft import train as train_mod
 from clipft.cli import main
 from clipft.health import (HealthMonitor, chance_warning, collapse_warning, logit_scale_warning,
-                           mean_pairwise_cosine, overfitting_warning)
+                           overfitting_warning, pairwise_cosine)
 from clipft.train import read_records
 
 
-def test_mean_pairwise_cosine():
+def test_pairwise_cosine():
+    def mean_pairwise_cosine(x):
+        return float(pairwise_cosine(x))
+
     assert mean_pairwise_cosine(torch.ones(5, 3)) == pytest.approx(1.0)
     assert mean_pairwise_cosine(torch.eye(4)) == pytest.approx(0.0, abs=1e-7)
     assert mean_pairwise_cosine(torch.tensor([[1.0, 0.0], [-2.0, 0.0]])) == pytest.approx(-1.0)

@@ -10,7 +10,7 @@ What lives here:
   setup / teardown / DistContext          process group and the device of this process
   get_rank, get_world_size, is_main, barrier
   all_gather_with_grad, all_gather_cat    variable-size gathers (with / without gradient)
-  all_gather_ints, all_ranks, all_gather_objects, broadcast_buffers
+  all_gather_ints, all_gather_objects, broadcast_buffers
   main_process_first                      rank 0 does a step first (text cache, weight download)
   shard_train_indices, micro_batches_per_epoch   the per-epoch data order, sharded by rank
   wrap_model, unwrap                      SyncBatchNorm + DDP, and back to the ImageTower
@@ -202,17 +202,6 @@ def all_gather_ints(values: list[int]) -> list[list[int]]:
     out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
     dist.all_gather(out, t, group=group)
     return [o.tolist() for o in out]
-
-
-def all_ranks(flag: bool) -> bool:
-    """True only if `flag` is true on every rank (an all-reduce MIN): decisions that change which
-    collectives run next (skip a step, skip a batch) must be taken by all ranks together."""
-    if not is_distributed():
-        return bool(flag)
-    group, dev = _host_group()
-    t = torch.tensor([1 if flag else 0], dtype=torch.long, device=dev)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
-    return bool(t.item())
 
 
 def all_gather_objects(obj: Any) -> list[Any]:

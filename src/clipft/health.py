@@ -38,11 +38,6 @@ def pairwise_cosine(emb: torch.Tensor) -> torch.Tensor:
     return off_diag / (b * (b - 1))
 
 
-def mean_pairwise_cosine(emb: torch.Tensor) -> float:
-    """`pairwise_cosine` as a Python float."""
-    return float(pairwise_cosine(emb))
-
-
 def chance_warning(loss: float, chance: float, step: int, warmup_steps: int,
                    tol: float = CHANCE_TOLERANCE) -> str | None:
     """Warn if `loss` (a recent mean) is still within tol of the chance level after warmup."""

@@ -211,9 +211,10 @@ class PreparedLoader:
 
     A prepared batch is one fancy-index copy out of the page cache (~3 ms for 128 rows of 224 px).
     Worker processes would add more than that: each batch is copied into shared memory and mapped
-    again by the trainer (measured with 2 workers: 2,800 raw batches/s vs 4,600 read in-process,
-    see benchmarks/data_pipeline.py). The thread reads (and, for CUDA, pins) batch k+1 while the
-    trainer uses batch k; numpy's copy and `pin_memory` release the GIL, so the two overlap.
+    again by the trainer (measured on the 2-core CI machine: raw uint8 batches at 2,800 images/s
+    through 2 DataLoader workers, 4,600 read in-process). The thread reads (and, for CUDA, pins)
+    batch k+1 while the trainer uses batch k; numpy's fancy-index copy and `pin_memory` release the
+    GIL, so the two overlap.
 
     Iterating yields what `PreparedDataset.__getitems__` returns, one tuple per `batch_size`
     consecutive entries of `indices` (the last one may be shorter): the same batches a
