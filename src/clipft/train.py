@@ -340,7 +340,7 @@ def train_step(model: torch.nn.Module, micro_batches: list[tuple[torch.Tensor, t
             terms = clip_loss(image_emb, texts, logit_scale, gather=gather)
             loss = terms["loss"]
             # 1 for a finite loss, NaN otherwise: NaN * gradient is NaN even where the gradient is 0,
-            # so every parameter the loss reaches reports the failure (the guard above).
+            # so every parameter the loss reaches reports the failure (the NaN guard in the docstring).
             poison = torch.where(torch.isfinite(loss.detach()), 1.0, float("nan"))
             # / k: the accumulated gradient is the mean over micro-batches (each one's loss only has
             # its own batch as negatives: accumulation enlarges the gradient's batch, not the softmax).
