@@ -332,7 +332,7 @@ class DeviceTransform(torch.nn.Module):
         theta = torch.zeros(b, 2, 3)
         theta[:, 0, 0], theta[:, 0, 2] = w * sign, cx
         theta[:, 1, 1], theta[:, 1, 2] = h, cy
-        if x.device.type == "cuda":  # page-locked + non_blocking: a plain .to() would wait for the GPU queue
-            theta = theta.pin_memory().to(x.device, non_blocking=True)
-        grid = F.affine_grid(theta.to(x.device), [b, 3, self.size, self.size], align_corners=False)
+        # CUDA: page-locked + non_blocking, since a plain .to() would wait for the GPU queue.
+        theta = theta.pin_memory().to(x.device, non_blocking=True) if x.device.type == "cuda" else theta.to(x.device)
+        grid = F.affine_grid(theta, [b, 3, self.size, self.size], align_corners=False)
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)

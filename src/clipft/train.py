@@ -374,7 +374,7 @@ def train_step(model: torch.nn.Module, micro_batches: list[tuple[torch.Tensor, t
 def step_values(out: dict[str, torch.Tensor]) -> dict[str, float]:
     """`train_step`'s tensors as Python floats, read in one device->host transfer."""
     names = list(out)
-    values = torch.stack([out[n].detach().float().reshape(()).to(out[names[0]].device) for n in names]).tolist()
+    values = torch.stack([out[n].detach().float() for n in names]).tolist()  # all 0-d, on one device
     return dict(zip(names, values))
 
 
