@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from clipft import download as dl
+from clipft.data import download as dl
 from clipft.cli import main
 from clipft.data import load_coco_captions
-from clipft.download import (COCO_ARCHIVES, CorruptArchiveError, DiskSpaceError, DownloadError,
+from clipft.data.download import (COCO_ARCHIVES, CorruptArchiveError, DiskSpaceError, DownloadError,
                              NetworkError, RemoteFileError, download_coco, fetch, parse_content_range)
 from test_train import small_args
 
@@ -49,7 +49,7 @@ def _zip_dir(src_root: Path, top: str, dest: Path) -> None:
 def source(tmp_path_factory):
     """A tiny shapes dataset (the expected result) and a mirror dir holding its archives at the
     official relative paths."""
-    from clipft.shapes import make_shapes_dataset
+    from clipft.data.shapes import make_shapes_dataset
     base = tmp_path_factory.mktemp("dlsrc")
     data = make_shapes_dataset(base / "data", n_train=16, n_val=12, seed=0, image_size=32)
     mirror = base / "mirror"

@@ -6,12 +6,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from clipft import prepare as prep
+from clipft.data import prepare as prep
 from clipft.config import DataConfig
 from clipft.data import TrainDataset, build_transform, load_coco_captions, load_image
-from clipft.prepare import (DeviceTransform, PreparedDataset, PreparedImages, PreparedLoader, identity_collate,
+from clipft.data.prepare import (DeviceTransform, PreparedDataset, PreparedImages, PreparedLoader, identity_collate,
                             prepare_images, prepared_dir)
-from clipft.shapes import make_shapes_dataset
+from clipft.data.shapes import make_shapes_dataset
 
 MEAN, STD = DataConfig().mean, DataConfig().std
 

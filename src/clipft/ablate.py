@@ -236,7 +236,7 @@ def run_status(run: StudyRun) -> str:
 def ensure_data(out_dir: str | Path, quick: bool) -> Path:
     """The default target: the embedded synthetic shapes data (COCO 2014 layout) under
     DIR/data (DIR/data-quick with --quick), generated once."""
-    from .shapes import make_shapes_dataset
+    from .data.shapes import make_shapes_dataset
     n_train, n_val = QUICK_DATA_SIZES if quick else DEMO_DATA_SIZES
     root = Path(out_dir) / ("data-quick" if quick else "data")
     if not (root / "annotations" / "captions_val2014.json").is_file():

@@ -20,7 +20,7 @@ EXIT_USAGE = 2
 def _expected_errors() -> tuple[type[BaseException], ...]:
     from .data import DataError
     from .distributed import DistributedError
-    from .download import DownloadError
+    from .data.download import DownloadError
     from .model import ModelError
     from .text import TextEncoderError
     from .train import TrainingError
@@ -70,7 +70,7 @@ def _add_split_args(p: argparse.ArgumentParser) -> None:
 # --------------------------------------------------------------------------- commands
 
 def cmd_make_data(args: argparse.Namespace) -> int:
-    from .shapes import make_shapes_dataset
+    from .data.shapes import make_shapes_dataset
     out = make_shapes_dataset(Path(args.out), n_train=args.train, n_val=args.val, seed=args.seed,
                               image_size=args.image_size)
     print(f"wrote shapes dataset ({args.train} train / {args.val} val images) in COCO 2014 layout to {out}")
@@ -109,7 +109,7 @@ def cmd_cache_text(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from .validate import default_report_path, format_report, validate_data, write_report_json
+    from .data.validate import default_report_path, format_report, validate_data, write_report_json
     cfg = _build_config(args)
     if args.text_encoder:
         cfg.text.encoder = args.text_encoder
@@ -123,7 +123,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_prepare_images(args: argparse.Namespace) -> int:
     from .data import cache_location, load_split
-    from .prepare import prepare_images, prepared_dir
+    from .data.prepare import prepare_images, prepared_dir
     _val_data_override(args)
     cfg = _build_config(args)
     root = Path(args.data)
@@ -306,7 +306,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-    from .download import download_coco, next_steps
+    from .data.download import download_coco, next_steps
     results = download_coco(args.out, splits=args.splits, karpathy=args.karpathy, mirror=args.mirror,
                             keep_archives=args.keep_archives, retries=args.retries, progress=not args.quiet)
     for r in results:
@@ -340,7 +340,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .evaluate import checkpoint_embeddings, evaluate_checkpoint, format_recall_table
     from .pictures import DATA_SAMPLES_PNG, data_samples, write_pictures
     from .report import write_report
-    from .shapes import make_shapes_dataset
+    from .data.shapes import make_shapes_dataset
     from .train import resolve_run_config, train
     from .visualize import plot_data_samples
     from .zeroshot import zeroshot_dataset

@@ -39,8 +39,8 @@ from .loss import chance_loss, clip_loss
 from .model import build_image_tower, count_parameters, parameter_parts, tower_state
 from .runtime import amp_dtype_for, atomic_torch_save, hardware_info, rng_state, seed_everything, set_rng_state
 from .text import get_text_embeddings, load_text_encoder, text_cache_path
-from .prepare import DeviceTransform, PreparedDataset, PreparedImages, PreparedLoader, prepared_dir
-from .validate import preflight
+from .data.prepare import DeviceTransform, PreparedDataset, PreparedImages, PreparedLoader, prepared_dir
+from .data.validate import preflight
 
 log = logging.getLogger(__name__)
 

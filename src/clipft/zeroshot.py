@@ -120,7 +120,7 @@ def largest_object(objects: list[dict]) -> dict | None:
 
 def shapes_label_set(root: str | Path, split: str, field_name: str = "color-shape") -> LabelSet:
     """Labels of the synthetic shapes dataset (see the module docstring for the rule)."""
-    from .shapes import COLORS, SHAPES
+    from .data.shapes import COLORS, SHAPES
     if field_name not in SHAPES_FIELDS:
         raise DataError(f"--labels-from shapes:{field_name}: unknown field (known: {', '.join(SHAPES_FIELDS)})")
     path = Path(root) / "annotations" / f"shapes_labels_{split}2014.json"

@@ -34,7 +34,9 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .data import CaptionedImages, CenterSquareResize, epoch_caption_index, load_image
+from .datasets import epoch_caption_index
+from .images import CenterSquareResize, load_image
+from .records import CaptionedImages
 
 log = logging.getLogger(__name__)
 
