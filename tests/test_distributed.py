@@ -347,7 +347,8 @@ def test_two_process_training_resumes_exactly_and_validates_like_one_process(coc
     from clipft.data import load_split
     from clipft.evaluate import embed_images, evaluate_split
     from clipft.model import load_image_tower
-    from clipft.text import get_text_embeddings, text_cache_path
+    from clipft.data import text_cache_path
+    from clipft.text import get_text_embeddings
     from clipft.train import read_records
 
     _spawn(_train_worker, [_free_port() for _ in range(3)], str(coco_root), str(tiny_clip_dir), str(tmp_path))

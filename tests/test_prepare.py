@@ -8,9 +8,9 @@ from torch.utils.data import DataLoader
 
 from clipft.data import prepare as prep
 from clipft.config import DataConfig
-from clipft.data import TrainDataset, build_transform, load_coco_captions, load_image
+from clipft.data import TrainDataset, build_transform, load_coco_captions, load_image, prepared_dir
 from clipft.data.prepare import (DeviceTransform, PreparedDataset, PreparedImages, PreparedLoader, identity_collate,
-                            prepare_images, prepared_dir)
+                                 prepare_images)
 from clipft.data.shapes import make_shapes_dataset
 
 MEAN, STD = DataConfig().mean, DataConfig().std

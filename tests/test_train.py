@@ -212,7 +212,8 @@ def test_backbone_frozen_for_first_epoch_then_trains_and_resumes(coco_root, tiny
 
 def test_flip_swap_builds_its_own_caption_cache(coco_root, tiny_clip_dir, tmp_path):
     from clipft.data import DataConfig, left_right_captions, load_split
-    from clipft.text import get_text_embeddings, text_cache_path
+    from clipft.data import text_cache_path
+    from clipft.text import get_text_embeddings
     run = tmp_path / "swap"
     args = small_args(tiny_clip_dir, 1, ["--set", "data.augment=true", "--set", "data.flip=swap"])
     assert main(["train", "--data", str(coco_root), "--out", str(run), *args]) == 0

@@ -122,16 +122,15 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare_images(args: argparse.Namespace) -> int:
-    from .data import cache_location, load_split
-    from .data.prepare import prepare_images, prepared_dir
+    from .data import load_split, prepared_split_dir
+    from .data.prepare import prepare_images
     _val_data_override(args)
     cfg = _build_config(args)
     root = Path(args.data)
     size = args.size or cfg.data.prepared_size
     for split in args.split:
         data = load_split(root, split, cfg.data)
-        cache_dir, name = cache_location(root, split, cfg)  # COCO: (ROOT/cache, split)
-        out = prepared_dir(cache_dir, name, size)
+        out = prepared_split_dir(root, split, cfg, size)
         info = prepare_images(data, out, size=size, workers=args.workers, progress=not args.quiet)
         print(f"{split}: {info['images']} images ({info['bad']} unreadable, skipped) -> {out} "
               f"in {info['seconds']:.1f}s")

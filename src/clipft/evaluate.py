@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .config import Config
-from .data import CaptionedImages, EvalImageDataset, build_transform, collate_eval
+from .data import CaptionedImages, EvalImageDataset, build_transform, collate_eval, eval_text_cache_file
 from .loss import clip_loss
 from .model import ImageTower
 from .protocols import EvalSplit
@@ -208,22 +208,6 @@ class SplitEmbeddings:
         c2r = row_of[self.data.caption_to_image]  # [M]
         keep = c2r >= 0
         return keep, c2r[keep]
-
-
-def text_cache_dir(cfg: Config, data_root: str | Path) -> Path:
-    """Where a dataset's caches live (format-aware, see `data.cache_location`)."""
-    from .data import cache_location
-    return cache_location(data_root, cfg.data.val_split, cfg)[0]
-
-
-def eval_text_cache_file(data_root: str | Path, split_name: str, cfg: Config) -> Path:
-    """Caption cache of an evaluation split: the training split caches are shared (same file, same
-    fingerprint); other protocols (val-full, karpathy-*) get their own file under the cache dir."""
-    from .data import text_cache_file
-    from .text import text_cache_path
-    if split_name in (cfg.data.train_split, cfg.data.val_split, "all"):
-        return text_cache_file(data_root, split_name, cfg)
-    return text_cache_path(text_cache_dir(cfg, data_root), split_name, cfg.text.encoder)
 
 
 def checkpoint_embeddings(checkpoint: str | Path, data_root: str | Path, split: str = "val",
@@ -422,9 +406,8 @@ def zero_shot_clip_metrics(model_name: str, split: "EvalSplit", cfg: Config, dat
     """Recall@K of a full HF CLIP model (its own image and text towers) under the same protocol."""
     from .baseline import clip_baseline_embeddings
     from .runtime import amp_dtype_for, resolve_device
-    from .text import text_cache_path
     dev = resolve_device(device if device != "auto" else cfg.train.device)
-    cache = text_cache_path(text_cache_dir(cfg, data_root), split.name, model_name)
+    cache = eval_text_cache_file(data_root, split.name, cfg, encoder=model_name)
     image_emb, rows, text_emb = clip_baseline_embeddings(
         model_name, split.data, cache, dev, batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers,
         max_length=cfg.text.max_length, amp_dtype=amp_dtype_for(dev, cfg.train.amp), progress=progress)

@@ -30,16 +30,15 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .config import Config, ConfigError, from_dict, load_config, save_config, to_dict
-from .data import (FLIP_MODES, CaptionedImages, TrainDataset, build_transform, collate_train,
-                   cache_location, left_right_captions, load_split, text_cache_file,
-                   text_cache_location)
+from .data import (FLIP_MODES, CaptionedImages, TrainDataset, build_transform, collate_train, left_right_captions,
+                   load_split, prepared_split_dir, swapped_text_cache_file, text_cache_file)
 from .evaluate import evaluate_split, mean_recall
 from .health import HealthMonitor, pairwise_cosine
 from .loss import chance_loss, clip_loss
 from .model import build_image_tower, count_parameters, parameter_parts, tower_state
 from .runtime import amp_dtype_for, atomic_torch_save, hardware_info, rng_state, seed_everything, set_rng_state
-from .text import get_text_embeddings, load_text_encoder, text_cache_path
-from .data.prepare import DeviceTransform, PreparedDataset, PreparedImages, PreparedLoader, prepared_dir
+from .text import get_text_embeddings, load_text_encoder
+from .data.prepare import DeviceTransform, PreparedDataset, PreparedImages, PreparedLoader
 from .data.validate import preflight
 
 log = logging.getLogger(__name__)
@@ -191,9 +190,8 @@ def prepare_data(cfg: Config, data_root: str | Path, device: torch.device) -> Pr
         embeds.append(emb)
         infos[name] = {k: (str(v) if isinstance(v, Path) else v) for k, v in info.items()}
     infos["encoder_dim"] = encoder.dim
-    cache_dir, base = text_cache_location(data_root, cfg.data.train_split, cfg)
-    swap_file = text_cache_path(cache_dir, f"{base}-lrswap", cfg.text.encoder)
-    flip_text, flip_rows = _left_right_swapped(cfg, train, swap_file, encoder, device, infos)
+    flip_text, flip_rows = _left_right_swapped(cfg, train, swapped_text_cache_file(data_root, cfg), encoder, device,
+                                               infos)
     del encoder  # frozen and no longer needed: training reads the cache only
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -234,8 +232,7 @@ def open_prepared_train(cfg: Config, data_root: str | Path, train: CaptionedImag
     swapping and colour jitter live in the JPEG path only, so those settings fall back to it."""
     if not cfg.data.prepared:
         return None
-    cache_dir, name = cache_location(data_root, cfg.data.train_split, cfg)
-    prepared = PreparedImages.open(prepared_dir(cache_dir, name, cfg.data.prepared_size))
+    prepared = PreparedImages.open(prepared_split_dir(data_root, cfg.data.train_split, cfg))
     if prepared is None:
         return None
     if cfg.data.augment and (cfg.data.flip == "swap" or cfg.data.color_jitter > 0):

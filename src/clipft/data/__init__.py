@@ -33,6 +33,7 @@ Adding a format = one module + one registry entry:
 evaluation need no change.
 """
 
+from ..config import Config, ConfigError, DataConfig  # importable from here before the split too
 from .caches import (cache_location, eval_text_cache_file, prepared_dir, prepared_split_dir,
                      swapped_text_cache_file, text_cache_file, text_cache_location, text_cache_path)
 from .coco import coco_annotation_path, load_coco_captions
@@ -53,7 +54,7 @@ _is_int = is_int
 _read_json = read_json
 
 __all__ = [
-    "CAPTION_COLUMNS", "CSV_DELIMITERS", "FLIP_MODES", "FORMATS", "FORMAT_REGISTRY", "IMAGE_COLUMNS",
+    "CAPTION_COLUMNS", "Config", "ConfigError", "DataConfig", "CSV_DELIMITERS", "FLIP_MODES", "FORMATS", "FORMAT_REGISTRY", "IMAGE_COLUMNS",
     "IMAGE_EXTENSIONS", "MAX_EXAMPLES", "PLACEHOLDER_CAPTIONS", "CaptionedImages", "CenterSquareResize",
     "DataError", "DataFormat", "EvalImageDataset", "ImageRecord", "SplitSource", "TrainDataset",
     "build_transform", "cache_location", "caption_problem", "coco_annotation_path", "collate_eval",

@@ -7,7 +7,7 @@ JPEG decoding is what starves a GPU training a ResNet on COCO (a 640x480 JPEG co
 reads rows with a memcpy; `DeviceTransform` resizes, crops, flips and normalises whole batches on the
 device, so only uint8 bytes cross the PCIe bus.
 
-Layout of a prepared split (`<cache_dir>/images/<split>-<size>/`):
+Layout of a prepared split (`<cache_dir>/images/<split>-<size>/`, named by `caches.prepared_dir`):
   images.u8    raw uint8 array [N, size, size, 3] (numpy memmap)
   index.json   {"size", "paths": [...], "ok": [...], "version"}; rows follow `paths`
   done.json    finished chunk numbers while preparing (deleted at the end); makes it resumable
@@ -42,10 +42,6 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 CHUNK = 256  # images per work unit: the resume granularity
-
-
-def prepared_dir(cache_dir: str | Path, split: str, size: int) -> Path:
-    return Path(cache_dir) / "images" / f"{split}-{size}"
 
 
 def _square(img: Image.Image, size: int) -> np.ndarray:
