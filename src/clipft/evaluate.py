@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from . import distributed
 from .config import Config
 from .data import CaptionedImages, EvalImageDataset, build_transform, collate_eval, eval_text_cache_file
 from .loss import clip_loss
@@ -146,6 +147,28 @@ def embed_images(model: ImageTower, split: CaptionedImages, cfg: Config, device:
     model.train(was_training)
     d = model.embed_dim
     return (torch.cat(embs) if embs else torch.zeros(0, d)), (torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long))
+
+
+
+@torch.inference_mode()
+def sharded_embed_images(model: torch.nn.Module, split: CaptionedImages, cfg: Config, device: torch.device,
+                         amp_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`embed_images` with the images split over the ranks (contiguous chunks) and the results
+    gathered to every rank: (emb [N_ok, D] CPU, rows [N_ok]) equal to a single-process
+    embed_images, rows ascending. `model` is the bare ImageTower (never the DDP wrapper, whose forward
+    would broadcast buffers a different number of times on ranks with more batches)."""
+    if not distributed.is_distributed():
+        return embed_images(model, split, cfg, device, amp_dtype)
+    rank, world, n = distributed.get_rank(), distributed.get_world_size(), len(split)
+    start, stop = rank * n // world, (rank + 1) * n // world
+    part = CaptionedImages(images=split.images[start:stop], name=f"{split.name}:shard{rank}of{world}")
+    if stop > start:
+        emb, rows = embed_images(model, part, cfg, device, amp_dtype)
+        rows = rows + start
+    else:  # more ranks than images: contribute nothing
+        emb, rows = torch.zeros(0, distributed.unwrap(model).embed_dim), torch.zeros(0, dtype=torch.long)
+    # Chunks are in rank order and each is in row order, so the concatenation is sorted by row.
+    return distributed.all_gather_cat(emb.float()), distributed.all_gather_cat(rows)
 
 
 def evaluate_split(image_emb: torch.Tensor, rows: torch.Tensor, split: CaptionedImages,

@@ -32,7 +32,7 @@ from . import distributed
 from .config import Config, ConfigError, from_dict, load_config, save_config, to_dict
 from .data import (FLIP_MODES, CaptionedImages, TrainDataset, build_transform, collate_train, left_right_captions,
                    load_split, prepared_split_dir, swapped_text_cache_file, text_cache_file)
-from .evaluate import evaluate_split, mean_recall
+from .evaluate import evaluate_split, mean_recall, sharded_embed_images
 from .health import HealthMonitor, pairwise_cosine
 from .loss import chance_loss, clip_loss
 from .model import build_image_tower, count_parameters, parameter_parts, tower_state
@@ -637,7 +637,7 @@ def _train(cfg: Config, data_root: str | Path, out_dir: str | Path, resume: bool
         distributed.broadcast_buffers(model)
         if epoch % cfg.eval.every == 0 or epoch == cfg.train.epochs:
             # Every rank embeds a shard of the images; rank 0 scores the gathered set (= single process).
-            emb, rows = distributed.sharded_embed_images(model, data.val, cfg, device, amp_dtype)
+            emb, rows = sharded_embed_images(model, data.val, cfg, device, amp_dtype)
             if main:
                 # val loss in batches of the global batch: the negatives the train loss has.
                 val = evaluate_split(emb, rows, data.val, data.val_text, cfg.eval.ks,
