@@ -21,7 +21,8 @@ from clipft.cli import main
 from clipft.config import Config, ConfigError, update_from_dict
 from clipft.data import build_transform
 from clipft.model import AttentionPool2d, build_image_tower
-from clipft.train import build_optimizer, cosine_with_warmup, read_records, train_step
+from clipft.runfiles import read_records
+from clipft.train import build_optimizer, cosine_with_warmup, train_step
 
 TINY = {"model": {"backbone": "resnet18", "image_weights": "none", "head_hidden": 32},
         "data": {"image_size": 32, "num_workers": 0},

@@ -349,7 +349,7 @@ def test_two_process_training_resumes_exactly_and_validates_like_one_process(coc
     from clipft.model import load_image_tower
     from clipft.data import text_cache_path
     from clipft.text import get_text_embeddings
-    from clipft.train import read_records
+    from clipft.runfiles import read_records
 
     _spawn(_train_worker, [_free_port() for _ in range(3)], str(coco_root), str(tiny_clip_dir), str(tmp_path))
     for r in range(WORLD):

@@ -14,7 +14,7 @@ from clipft import train as train_mod
 from clipft.cli import main
 from clipft.health import (HealthMonitor, chance_warning, collapse_warning, logit_scale_warning,
                            overfitting_warning, pairwise_cosine)
-from clipft.train import read_records
+from clipft.runfiles import read_records
 
 
 def test_pairwise_cosine():

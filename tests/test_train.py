@@ -11,7 +11,8 @@ from clipft import train as train_mod
 from clipft.cli import main
 from clipft.config import Config, apply_overrides
 from clipft.model import load_image_tower
-from clipft.train import build_optimizer, cosine_with_warmup, read_records
+from clipft.runfiles import read_records
+from clipft.train import build_optimizer, cosine_with_warmup
 
 
 def small_args(text_dir, epochs=2, extra=()):

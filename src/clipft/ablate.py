@@ -34,6 +34,7 @@ import yaml
 from . import train as trainer
 from .config import (PRESETS, Config, ConfigError, from_dict, load_config, preset_config, save_config,
                      to_dict, update_from_dict)
+from .runfiles import RunFiles, read_records
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +217,7 @@ def run_status(run: StudyRun) -> str:
     """"new", "partial" (train resumes it), "complete" or "failed" (diverged before; delete the
     directory to retry). A directory holding a run of another config is an AblationError: its
     results would be silently mixed into the comparison."""
-    files = trainer.RunFiles(run.dir)
+    files = RunFiles(run.dir)
     if not files.config.is_file():
         return "new"
     diffs = config_differences(json.loads(files.config.read_text()), run.cfg)
@@ -225,7 +226,7 @@ def run_status(run: StudyRun) -> str:
                             f"{'; ...' if len(diffs) > 4 else ''}); use another --out or delete that directory")
     if (run.dir / FAILED_MARK).is_file():
         return "failed"
-    epochs = trainer.read_records(files.metrics, "epoch")
+    epochs = read_records(files.metrics, "epoch")
     if files.summary.is_file() and epochs and epochs[-1]["epoch"] == run.cfg.train.epochs and "val" in epochs[-1]:
         return "complete"
     return "partial"
@@ -304,11 +305,11 @@ def run_study(out_dir: str | Path, data_root: str | Path | None = None, names: S
 def run_result(run: StudyRun) -> dict:
     """The values of one run, read from its own files: final-epoch validation Recall@K from
     metrics.jsonl (the source of truth), training time and parameter counts from summary.json."""
-    files = trainer.RunFiles(run.dir)
+    files = RunFiles(run.dir)
     out: dict[str, Any] = {"config": run.config, "seed": run.seed, "dir": str(run.dir)}
     if (run.dir / FAILED_MARK).is_file():
         return {**out, "status": "failed", "error": (run.dir / FAILED_MARK).read_text().strip()}
-    epochs = trainer.read_records(files.metrics, "epoch")
+    epochs = read_records(files.metrics, "epoch")
     if not files.summary.is_file() or not epochs or "val" not in epochs[-1]:
         return {**out, "status": "missing"}
     summary = json.loads(files.summary.read_text())

@@ -140,7 +140,8 @@ def cmd_prepare_images(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     """Also the entry point of every process under `torchrun ... -m clipft train` (see distributed.py)."""
     from .distributed import is_main
-    from .train import resolve_run_config, train
+    from .runfiles import resolve_run_config
+    from .train import train
     _val_data_override(args)
     overrides = list(args.overrides) + list(args.extra_overrides)
     base = preset_config(args.config) if args.config in PRESETS and not Path(args.config).exists() else None
@@ -221,7 +222,7 @@ def cmd_visualize(args: argparse.Namespace) -> int:
     from . import pictures as P
     from . import visualize as V
     if args.kind == "curves":
-        from .train import RunFiles, read_records
+        from .runfiles import RunFiles, read_records
         if not args.run:
             raise ConfigError("visualize curves: give the run directory with --run RUN")
         run = RunFiles(Path(args.run))
@@ -340,7 +341,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .pictures import DATA_SAMPLES_PNG, data_samples, write_pictures
     from .report import write_report
     from .data.shapes import make_shapes_dataset
-    from .train import resolve_run_config, train
+    from .runfiles import resolve_run_config
+    from .train import train
     from .visualize import plot_data_samples
     from .zeroshot import zeroshot_dataset
 

@@ -1,26 +1,18 @@
 """Training: data + cached text -> image tower, with one plainly written training step.
 
-Layout of a run directory (RUN):
-  config.json       resolved config (also what a rerun into RUN resumes with)
-  metrics.jsonl     one JSON record per logged step and per epoch: the source of truth
-  epochs.csv        the epoch records, flat, for spreadsheets
-  last.pt / best.pt atomic checkpoints (best by mean validation Recall@5 over both directions)
-  loss_curves.png   loss and Recall@K per epoch
-  summary.json      wall time, hardware, dataset sizes, best epoch, skipped images/steps
-
-Under torchrun every process runs `train`; rank 0 alone writes these files (see distributed.py).
+Writes a run directory (its layout: `runfiles.py`). Under torchrun every process runs `train`; rank 0
+alone writes the files (see distributed.py).
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
 import itertools
 import json
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -29,13 +21,14 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import distributed
-from .config import Config, ConfigError, from_dict, load_config, save_config, to_dict
+from .config import Config, ConfigError, save_config, to_dict
 from .data import (FLIP_MODES, CaptionedImages, TrainDataset, build_transform, collate_train, left_right_captions,
                    load_split, prepared_split_dir, swapped_text_cache_file, text_cache_file)
 from .evaluate import evaluate_split, mean_recall, sharded_embed_images
 from .health import HealthMonitor, pairwise_cosine
 from .loss import chance_loss, clip_loss
 from .model import build_image_tower, count_parameters, parameter_parts, tower_state
+from .runfiles import RunFiles, read_records, write_epochs_csv
 from .runtime import amp_dtype_for, atomic_torch_save, hardware_info, rng_state, seed_everything, set_rng_state
 from .text import get_text_embeddings, load_text_encoder
 from .data.prepare import DeviceTransform, PreparedDataset, PreparedImages, PreparedLoader
@@ -105,53 +98,6 @@ def _adamw(groups: list[dict], lr: float) -> torch.optim.AdamW:
     if all(p.device.type in supported and p.is_floating_point() for p in params):
         return torch.optim.AdamW(groups, lr=lr, fused=True)
     return torch.optim.AdamW(groups, lr=lr)
-
-
-@dataclass
-class RunFiles:
-    """Paths inside a run directory."""
-    root: Path
-    config: Path = field(init=False)
-    metrics: Path = field(init=False)
-    epochs_csv: Path = field(init=False)
-    last: Path = field(init=False)
-    best: Path = field(init=False)
-    summary: Path = field(init=False)
-    curves: Path = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.root = Path(self.root)
-        self.config = self.root / "config.json"
-        self.metrics = self.root / "metrics.jsonl"
-        self.epochs_csv = self.root / "epochs.csv"
-        self.last = self.root / "last.pt"
-        self.best = self.root / "best.pt"
-        self.summary = self.root / "summary.json"
-        self.curves = self.root / "loss_curves.png"
-
-
-def resolve_run_config(out_dir: str | Path, config_file: str | Path | None = None,
-                       overrides: list[str] | None = None, base: Config | None = None,
-                       resume: bool = True) -> Config:
-    """The config a run uses: a resumed run starts from its saved config.json (big_vision-style
-    auto-resume), a new one from `base` (defaults when None); then the file, then the overrides."""
-    saved = Path(out_dir) / "config.json"
-    if resume and saved.is_file():
-        base = from_dict(json.loads(saved.read_text()))
-    return load_config(config_file, overrides, base=base)
-
-
-def read_records(path: Path, kind: str | None = None) -> list[dict]:
-    """Records of a metrics.jsonl (optionally only those of one `type`)."""
-    if not Path(path).is_file():
-        return []
-    out = []
-    for line in Path(path).read_text().splitlines():
-        if line.strip():
-            rec = json.loads(line)
-            if kind is None or rec.get("type") == kind:
-                out.append(rec)
-    return out
 
 
 # --------------------------------------------------------------------------- data
@@ -649,7 +595,7 @@ def _train(cfg: Config, data_root: str | Path, out_dir: str | Path, resume: bool
             record = distributed.all_gather_objects(record)[0]  # rank 0's: the same best/early decisions everywhere
         log_record(record)
         if main:
-            _write_epochs_csv(run.epochs_csv, read_records(run.metrics, "epoch"))
+            write_epochs_csv(run.epochs_csv, read_records(run.metrics, "epoch"))
             log_warnings(health.epoch(epoch, global_step, read_records(run.metrics, "epoch")))
 
         is_best = "mean_R@5" in record and record["mean_R@5"] > best_metric
@@ -698,23 +644,6 @@ def _train(cfg: Config, data_root: str | Path, out_dir: str | Path, resume: bool
         run.summary.write_text(json.dumps(summary, indent=2) + "\n")
     distributed.barrier()  # every process returns once rank 0 has written everything
     return summary
-
-
-def _write_epochs_csv(path: Path, records: list[dict]) -> None:
-    """epochs.csv, rewritten whole from the epoch records (a handful of rows), so it always
-    matches metrics.jsonl, also after a resume."""
-    rows = []
-    for rec in records:
-        flat = {k: v for k, v in rec.items() if not isinstance(v, dict) and k != "type"}
-        for d in ("image_to_text", "text_to_image"):
-            for k, v in rec.get("val", {}).get(d, {}).items():
-                flat[f"{d}_{k}"] = v
-        rows.append(flat)
-    fields = list(dict.fromkeys(k for r in rows for k in r))
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
 
 
 def _plot_curves(run: RunFiles) -> None:

@@ -1,0 +1,85 @@
+"""The run directory: what a training run writes, and how its records are read back.
+
+Layout of a run directory (RUN):
+  config.json       resolved config (also what a rerun into RUN resumes with)
+  metrics.jsonl     one JSON record per logged step and per epoch: the source of truth
+  epochs.csv        the epoch records, flat, for spreadsheets
+  last.pt / best.pt atomic checkpoints (best by mean validation Recall@5 over both directions)
+  loss_curves.png   loss and Recall@K per epoch
+  summary.json      wall time, hardware, dataset sizes, best epoch, skipped images/steps
+
+Readers (report, ablate, visualize) use this module only: none of them imports the trainer.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import Config, from_dict, load_config
+
+
+@dataclass
+class RunFiles:
+    """Paths inside a run directory."""
+    root: Path
+    config: Path = field(init=False)
+    metrics: Path = field(init=False)
+    epochs_csv: Path = field(init=False)
+    last: Path = field(init=False)
+    best: Path = field(init=False)
+    summary: Path = field(init=False)
+    curves: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root)
+        self.config = self.root / "config.json"
+        self.metrics = self.root / "metrics.jsonl"
+        self.epochs_csv = self.root / "epochs.csv"
+        self.last = self.root / "last.pt"
+        self.best = self.root / "best.pt"
+        self.summary = self.root / "summary.json"
+        self.curves = self.root / "loss_curves.png"
+
+
+def resolve_run_config(out_dir: str | Path, config_file: str | Path | None = None,
+                       overrides: list[str] | None = None, base: Config | None = None,
+                       resume: bool = True) -> Config:
+    """The config a run uses: a resumed run starts from its saved config.json (big_vision-style
+    auto-resume), a new one from `base` (defaults when None); then the file, then the overrides."""
+    saved = Path(out_dir) / "config.json"
+    if resume and saved.is_file():
+        base = from_dict(json.loads(saved.read_text()))
+    return load_config(config_file, overrides, base=base)
+
+
+def read_records(path: Path, kind: str | None = None) -> list[dict]:
+    """Records of a metrics.jsonl (optionally only those of one `type`)."""
+    if not Path(path).is_file():
+        return []
+    out = []
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            if kind is None or rec.get("type") == kind:
+                out.append(rec)
+    return out
+
+
+def write_epochs_csv(path: Path, records: list[dict]) -> None:
+    """epochs.csv, rewritten whole from the epoch records (a handful of rows), so it always
+    matches metrics.jsonl, also after a resume."""
+    rows = []
+    for rec in records:
+        flat = {k: v for k, v in rec.items() if not isinstance(v, dict) and k != "type"}
+        for d in ("image_to_text", "text_to_image"):
+            for k, v in rec.get("val", {}).get(d, {}).items():
+                flat[f"{d}_{k}"] = v
+        rows.append(flat)
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
