@@ -22,9 +22,11 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from .distributed import DistributedError
     from .data.download import DownloadError
     from .model import ModelError
+    from .runtime import StorageError
     from .text import TextEncoderError
     from .train import TrainingError
-    return (ConfigError, DataError, DistributedError, DownloadError, ModelError, TextEncoderError, TrainingError)
+    return (ConfigError, DataError, DistributedError, DownloadError, ModelError, TextEncoderError, TrainingError,
+            StorageError)
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -123,6 +125,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_prepare_images(args: argparse.Namespace) -> int:
     from .data import load_split, prepared_split_dir
+    from .data.caches import data_root
     from .data.prepare import prepare_images
     _val_data_override(args)
     cfg = _build_config(args)
@@ -131,8 +134,10 @@ def cmd_prepare_images(args: argparse.Namespace) -> int:
     for split in args.split:
         data = load_split(root, split, cfg.data)
         out = prepared_split_dir(root, split, cfg, size)
-        info = prepare_images(data, out, size=size, workers=args.workers, progress=not args.quiet)
-        print(f"{split}: {info['images']} images ({info['bad']} unreadable, skipped) -> {out} "
+        info = prepare_images(data, out, size=size, workers=args.workers, progress=not args.quiet,
+                              root=data_root(root, split, cfg))
+        repaired = f", {info['repaired']} damaged chunk(s) decoded again" if info["repaired"] else ""
+        print(f"{split}: {info['images']} images ({info['bad']} unreadable, skipped{repaired}) -> {out} "
               f"in {info['seconds']:.1f}s")
     return 0
 

@@ -1,13 +1,16 @@
-"""Where and how a run executes: device, precision, seeds and RNG state, atomic writes, hardware.
+"""Where and how a run executes: device, precision, seeds and RNG state, atomic writes, storage
+errors (disk full, read-only), hardware.
 
 Kept apart from the training loop so evaluation, export and distributed launch (distributed.py) share it.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import platform
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +37,136 @@ def amp_dtype_for(device: torch.device, enabled: bool) -> torch.dtype | None:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+class StorageError(Exception):
+    """A file could not be written: the disk is full, or the folder is read-only or not permitted.
+    Its message is one line naming the file (the CLI prints it as `clipft: error: ...`)."""
+
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+_NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KB' (powers of 1024, one decimal)."""
+    for unit in ("bytes", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def free_bytes(path: str | Path) -> int | None:
+    """Free space on the file system holding `path` (or its nearest existing parent); None if unknown."""
+    p = Path(os.path.abspath(path))
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return shutil.disk_usage(p).free
+    except OSError:
+        return None
+
+
+def _errno_in_chain(e: BaseException) -> int | None:
+    """The errno of `e` or of an exception it wraps; torch and safetensors wrap a failed write in
+    their own error types, so ENOSPC is also recognised by its message."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno is not None:
+            return e.errno
+        text = str(e)
+        if "No space left on device" in text or "StorageFull" in text:
+            return errno.ENOSPC
+        if "Disk quota exceeded" in text:
+            return errno.EDQUOT
+        if "Read-only file system" in text:
+            return errno.EROFS
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def storage_error(path: str | Path, e: BaseException, needed: int | None = None) -> StorageError | None:
+    """A one-line StorageError for a write to `path` that failed with `e` because the disk is full
+    or the place is not writable (`needed`: bytes the write needed, when known); None otherwise."""
+    code = _errno_in_chain(e)
+    if code in _NO_SPACE:
+        free = free_bytes(path)
+        need = f"needs about {human_bytes(needed)}" if needed else "needs more space"
+        have = f", {human_bytes(free)} free" if free is not None else ""
+        return StorageError(f"{path}: no space left on device ({need}{have}); free some space "
+                            "or write elsewhere, then rerun the same command")
+    if code in _NOT_WRITABLE:
+        why = "read-only file system" if code == errno.EROFS else "permission denied"
+        return StorageError(f"{path}: cannot write here ({why})")
+    return None
+
+
+def check_free_space(path: str | Path, needed: int) -> None:
+    """StorageError (one line) when the file system of `path` has less than `needed` bytes free:
+    checked before long work whose result would not fit."""
+    free = free_bytes(path)
+    if free is not None and free < needed:
+        raise StorageError(f"{path}: no space left on device (needs about {human_bytes(needed)}, "
+                           f"{human_bytes(free)} free); free some space or write elsewhere")
+
+
+def writable_dir(path: str | Path) -> bool:
+    """Whether files can be created in `path`, or in its nearest existing parent (where it would be
+    made). Checked before work whose output goes there."""
+    p = Path(os.path.abspath(path))
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p.is_dir() and os.access(p, os.W_OK | os.X_OK)
+
+
+def ensure_writable_dir(path: str | Path, hint: str = "") -> None:
+    """StorageError (one line, `hint` appended) unless files can be created in `path`."""
+    if not writable_dir(path):
+        raise StorageError(f"{path}: cannot write here (read-only or permission denied)"
+                           + (f"; {hint}" if hint else ""))
+
+
+def process_umask() -> int:
+    """The process umask, read without changing it where /proc allows (os.umask sets as it reads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(path: str | Path) -> None:
+    """chmod `path` to 0o666 minus the umask: what open() gives a new file. Writers that create
+    files 0600 whatever the umask (safetensors) need it, or no one else could read a shared cache."""
+    os.chmod(path, 0o666 & ~process_umask())
+
+
+def _payload_bytes(obj: Any) -> int:
+    """Bytes of the tensor storages in `obj` (nested dicts/lists): about the size torch.save writes."""
+    seen: set[int] = set()
+    total, stack = 0, [obj]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, torch.Tensor):
+            storage = x.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+        elif isinstance(x, dict):
+            stack.extend(x.values())
+        elif isinstance(x, (list, tuple)):
+            stack.extend(x)
+    return total
+
+
 def atomic_torch_save(obj: Any, path: Path) -> None:
     """Write to a temp file beside `path`, fsync, then rename: a crash never leaves a half file,
-    and a failed save leaves the previous file untouched (and no temp file behind)."""
+    and a failed save leaves the previous file untouched (and no temp file behind). A full disk or
+    a read-only folder is a StorageError naming `path` and the space it needed."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
@@ -45,8 +175,27 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        err = storage_error(path, e, needed=_payload_bytes(obj)) if isinstance(e, Exception) else None
+        if err is not None:
+            raise err from None
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write text through a temp file and a rename (never a half file); StorageError when the disk
+    is full or the folder read-only."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        err = storage_error(path, e, needed=len(text.encode()))
+        if err is not None:
+            raise err from None
         raise
 
 

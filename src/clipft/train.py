@@ -31,7 +31,8 @@ from .model import build_image_tower, count_parameters, parameter_parts, tower_s
 from .runfiles import RunFiles, read_records, write_epochs_csv
 from .runtime import amp_dtype_for, atomic_torch_save, hardware_info, rng_state, seed_everything, set_rng_state
 from .text import get_text_embeddings, load_text_encoder
-from .data.prepare import DeviceTransform, PreparedDataset, PreparedImages, PreparedLoader
+from .data.caches import data_root as data_root_of
+from .data.prepare import VERIFY_SAMPLE, DeviceTransform, PreparedDataset, PreparedImages, PreparedLoader
 from .data.validate import preflight
 
 log = logging.getLogger(__name__)
@@ -173,6 +174,7 @@ def _left_right_swapped(cfg: Config, train: CaptionedImages, swap_file: Path, en
 def open_prepared_train(cfg: Config, data_root: str | Path, train: CaptionedImages, text: torch.Tensor):
     """(PreparedDataset, DeviceTransform) when a finished `clipft prepare-images` cache covers every
     training image and the augmentation can run on the device; None otherwise (JPEG decoding).
+    A cache whose sizes or sampled chunk checksums do not match is refused (DataError, one line).
 
     The device transform does resize, random resized crop and plain flips; left/right caption
     swapping and colour jitter live in the JPEG path only, so those settings fall back to it."""
@@ -188,10 +190,11 @@ def open_prepared_train(cfg: Config, data_root: str | Path, train: CaptionedImag
         log.info("prepared images are %d px, smaller than data.image_size=%d: decoding JPEGs instead",
                  prepared.size, cfg.data.image_size)
         return None
-    rows = prepared.rows_for(train)
+    rows = prepared.rows_for(train, data_root_of(data_root, cfg.data.train_split, cfg))
     if rows is None:
         log.info("%s does not hold every training image: decoding JPEGs instead", prepared.path)
         return None
+    prepared.verify(sample=VERIFY_SAMPLE, seed=cfg.train.seed)  # sizes were checked by open(); DataError if damaged
     log.info("training images come from the prepared cache %s (%d px, no JPEG decoding)", prepared.path, prepared.size)
     ds = PreparedDataset(prepared, rows, text, train.caption_offsets().tolist(), seed=cfg.train.seed)
     tf = DeviceTransform(cfg.data.image_size, cfg.data.mean, cfg.data.std, augment=cfg.data.augment,

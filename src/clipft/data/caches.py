@@ -9,17 +9,55 @@
 The cache dir is text.cache_dir, by default ROOT/cache (COCO or folder dataset) or
 <directory of the file>/cache (CSV/JSONL). <name> is the split (COCO) or '<file stem>-<part>'. What a
 cache must match to be reused (its fingerprint) is decided by its reader, not here.
+
+A read-only dataset: when the default cache dir cannot be written (and holds no caches someone
+built there to share), caches go to a user cache dir instead,
+$XDG_CACHE_HOME/clipft/<dataset folder name>-<hash of its absolute path> (XDG_CACHE_HOME defaults to
+~/.cache), with one log line saying where. An explicit text.cache_dir is always used as given.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
+import os
 import re
 from pathlib import Path
 
 from ..config import Config
+from ..runtime import writable_dir
 from .formats import FORMAT_REGISTRY
 from .splits import split_source, subset_size
+
+log = logging.getLogger(__name__)
+_told: set[str] = set()  # default cache dirs whose relocation was logged (once per process)
+
+
+def user_cache_root() -> Path:
+    """$XDG_CACHE_HOME/clipft, or ~/.cache/clipft."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "clipft"
+
+
+def user_cache_dir(data_dir: str | Path) -> Path:
+    """The user cache dir standing in for a dataset folder that cannot be written:
+    user_cache_root()/<folder name>-<sha256 of its absolute path, 10 hex>."""
+    absolute = os.path.abspath(data_dir)
+    digest = hashlib.sha256(absolute.encode()).hexdigest()[:10]
+    return user_cache_root() / f"{_slug(Path(absolute).name or 'data', 40)}-{digest}"
+
+
+def _usable_dir(default_dir: Path) -> Path:
+    """`default_dir` when it can be written or already holds caches (a shared cache built by whoever
+    owns the dataset: read where it is); else the user cache dir, logged once."""
+    if writable_dir(default_dir) or (default_dir.is_dir() and any(default_dir.iterdir())):
+        return default_dir
+    user = user_cache_dir(default_dir.parent)
+    if str(default_dir) not in _told:
+        _told.add(str(default_dir))
+        log.warning("%s cannot be written (read-only dataset folder): caches go to %s instead "
+                    "(set text.cache_dir to choose)", default_dir, user)
+    return user
 
 
 def cache_location(root: str | Path, split: str, cfg: Config) -> tuple[Path, str]:
@@ -36,7 +74,14 @@ def cache_location(root: str | Path, split: str, cfg: Config) -> tuple[Path, str
         is_dir = src.path.is_dir()
         default_dir = (src.path if is_dir else src.path.parent) / "cache"
         name = f"{src.path.name if is_dir else src.path.stem}-{src.part}"
-    return (Path(cfg.text.cache_dir) if cfg.text.cache_dir else default_dir), name
+    return (Path(cfg.text.cache_dir) if cfg.text.cache_dir else _usable_dir(default_dir)), name
+
+
+def data_root(root: str | Path, split: str, cfg: Config) -> Path:
+    """The folder a split's image paths are stored relative to in its prepared cache: the dataset
+    folder (COCO, image folder) or the folder of the CSV/JSONL file."""
+    src = split_source(root, split, cfg.data)
+    return src.path if src.path.is_dir() else src.path.parent
 
 
 def dataset_cache_dir(root: str | Path, cfg: Config) -> Path:
@@ -97,3 +142,12 @@ def prepared_split_dir(root: str | Path, split: str, cfg: Config, size: int | No
     """The prepared image cache of a split at `size` px (default data.prepared_size)."""
     cache_dir, name = cache_location(root, split, cfg)  # COCO: (ROOT/cache, split)
     return prepared_dir(cache_dir, name, size or cfg.data.prepared_size)
+
+
+def prepared_split_dirs(root: str | Path, split: str, cfg: Config) -> list[Path]:
+    """Every prepared cache of a split, one per size (`clipft validate` checks them all)."""
+    cache_dir, name = cache_location(root, split, cfg)
+    pattern = re.compile(re.escape(name) + r"-\d+")
+    images = Path(cache_dir) / "images"
+    return sorted(p for p in images.glob(f"{name}-*") if p.is_dir() and pattern.fullmatch(p.name)) \
+        if images.is_dir() else []

@@ -9,24 +9,36 @@ device, so only uint8 bytes cross the PCIe bus.
 
 Layout of a prepared split (`<cache_dir>/images/<split>-<size>/`, named by `caches.prepared_dir`):
   images.u8    raw uint8 array [N, size, size, 3] (numpy memmap)
-  index.json   {"size", "paths": [...], "ok": [...], "version"}; rows follow `paths`
-  done.json    finished chunk numbers while preparing (deleted at the end); makes it resumable
+  index.json   {"version", "size", "paths": [...], "ok": [...], "chunk", "checksums": {chunk: blake2b},
+               "bad"}; rows follow `paths`, stored relative to the data root (so `--data s2` and
+               `--data /abs/s2` find the same cache)
+  done.json    while preparing: finished chunks and their checksums (deleted at the end); resumable
+
+Integrity: each chunk of CHUNK images gets a blake2b checksum of its bytes when it is written.
+`prepare_images` re-hashes every finished chunk before it resumes (or reports a cache complete) and
+decodes the damaged ones again; training checks file sizes and a seeded sample of chunks at start
+(`PreparedImages.verify`); `clipft validate --deep` hashes them all.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import json
 import logging
 import math
 import os
 import queue
+import random
+import signal
+import sys
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -36,12 +48,43 @@ from tqdm.auto import tqdm
 
 from .datasets import epoch_caption_index
 from .images import CenterSquareResize, load_image
-from .records import CaptionedImages
+from ..runtime import StorageError, atomic_write_text, check_free_space, storage_error, writable_dir
+from .records import CaptionedImages, DataError
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-CHUNK = 256  # images per work unit: the resume granularity
+FORMAT_VERSION = 2  # 2: paths relative to the data root, a checksum per chunk
+CHUNK = 256  # images per work unit: the resume and checksum granularity
+VERIFY_SAMPLE = 4  # chunks `clipft train` hashes at start (a seeded sample; `validate --deep` hashes all)
+_READ = 1 << 22  # bytes per read while hashing
+
+
+def relative_paths(paths: Sequence[str | Path], root: str | Path) -> list[str]:
+    """Image paths relative to `root`, whichever way either was spelled (`s2`, `./s2`, `/abs/s2`):
+    the key a prepared cache stores and looks images up by."""
+    base = os.path.abspath(root)
+    return [os.path.relpath(os.path.abspath(p), base) for p in paths]
+
+
+def _range_digest(array_f: Path, start: int, stop: int, size: int) -> str | None:
+    """blake2b (128 bit) of rows [start, stop) of images.u8, read from the file; None when the
+    file is too short to hold them (truncated)."""
+    row = size * size * 3
+    h = hashlib.blake2b(digest_size=16)
+    left = (stop - start) * row
+    with open(array_f, "rb") as f:
+        f.seek(start * row)
+        while left:
+            block = f.read(min(left, _READ))
+            if not block:
+                return None
+            h.update(block)
+            left -= len(block)
+    return h.hexdigest()
+
+
+def _chunk_rows(chunk_id: int, chunk: int, n: int) -> tuple[int, int]:
+    return chunk_id * chunk, min(n, (chunk_id + 1) * chunk)
 
 
 def _square(img: Image.Image, size: int) -> np.ndarray:
@@ -49,8 +92,9 @@ def _square(img: Image.Image, size: int) -> np.ndarray:
     return np.asarray(CenterSquareResize(size)(img), dtype=np.uint8)
 
 
-def _work(args: tuple) -> tuple[int, list[tuple[int, str | None]]]:
-    """Worker: decode a chunk of images straight into the shared memmap; returns bad rows."""
+def _work(args: tuple) -> tuple[int, list[tuple[int, str | None]], str | None]:
+    """Worker: decode a chunk of images straight into the shared memmap; returns its bad rows and
+    the checksum of its bytes (read back from the file, as verification reads them)."""
     chunk_id, start, paths, array_path, n, size = args
     arr = np.memmap(array_path, dtype=np.uint8, mode="r+", shape=(n, size, size, 3))
     bad = []
@@ -62,68 +106,185 @@ def _work(args: tuple) -> tuple[int, list[tuple[int, str | None]]]:
             continue
         arr[row] = _square(img, size)
     arr.flush()
-    return chunk_id, bad
+    del arr
+    return chunk_id, bad, _range_digest(Path(array_path), start, start + len(paths), size)
+
+
+def _die_with_parent(parent: int) -> None:
+    """Worker initializer: end this worker when the process that started it dies, so a killed
+    `clipft prepare-images` leaves no workers decoding (each holds a few hundred MB). Linux:
+    PR_SET_PDEATHSIG; elsewhere a thread that polls the parent pid."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.prctl(1, signal.SIGKILL, 0, 0, 0) == 0:  # 1 = PR_SET_PDEATHSIG
+                if os.getppid() != parent:  # the parent died before prctl took effect
+                    os._exit(1)
+                return
+        except (OSError, AttributeError):
+            pass
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+    threading.Thread(target=watch, name="clipft-parent-watch", daemon=True).start()
+
+
+def _read_json(path: Path) -> dict | None:
+    """A JSON object from `path`, or None when it is missing or not readable JSON (a torn write)."""
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def _fresh_state(rel: list[str], size: int) -> dict:
+    return {"version": FORMAT_VERSION, "paths_digest": _digest(rel, size), "chunk": CHUNK, "done": [],
+            "checksums": {}, "bad": {}}
+
+
+def _resume_state(out: Path, rel: list[str], size: int) -> tuple[dict, bool]:
+    """(progress state, whether a finished cache for these images is there). A finished cache is
+    turned back into its state (every chunk done) so one verification covers both cases; a cache of
+    other images, another size or an older format is deleted."""
+    index_f, done_f, array_f = out / "index.json", out / "done.json", out / "images.u8"
+    idx = _read_json(index_f)
+    if idx is not None:
+        if (idx.get("version") == FORMAT_VERSION and idx.get("paths") == rel and idx.get("size") == size
+                and isinstance(idx.get("checksums"), dict)):
+            where = {p: i for i, p in enumerate(rel)}
+            chunk = idx["chunk"]
+            return {**_fresh_state(rel, size), "chunk": chunk, "checksums": idx["checksums"],
+                    "done": list(range(math.ceil(len(rel) / chunk))),
+                    "bad": {str(where[p]): why for p, why in idx.get("bad", {}).items() if p in where}}, True
+        log.info("%s holds other images, another size or an older format: preparing it again", out)
+        for f in (index_f, done_f, array_f):
+            f.unlink(missing_ok=True)
+    elif index_f.exists():
+        index_f.unlink()  # unreadable: the chunks left are checked against done.json below
+    state = _read_json(done_f)
+    if state is None or state.get("version") != FORMAT_VERSION or state.get("paths_digest") != _digest(rel, size):
+        array_f.unlink(missing_ok=True)
+        return _fresh_state(rel, size), False
+    return state, False
+
+
+def _verify_done(state: dict, array_f: Path, n: int, size: int, progress: bool) -> list[int]:
+    """Re-hash the chunks `state` lists as done (one read of their bytes); returns the damaged ones
+    (altered, zeroed, truncated or never checksummed)."""
+    chunk, done = state["chunk"], sorted(state["done"])
+    bar = tqdm(done, desc="verify", unit="chunk", disable=None if progress and done else True, leave=False)
+    bad = []
+    for c in bar:
+        want = state["checksums"].get(str(c))
+        if not array_f.is_file() or want is None or _range_digest(array_f, *_chunk_rows(c, chunk, n), size) != want:
+            bad.append(c)
+    bar.close()
+    return bad
+
+
+def _allocate(array_f: Path, nbytes: int) -> None:
+    """images.u8 at its final size with its blocks reserved, so a full disk is one error here,
+    before any decoding, rather than a SIGBUS in a worker writing into its memmap."""
+    try:
+        with open(array_f, "ab") as f:  # "ab" creates the file or keeps what is there
+            if os.fstat(f.fileno()).st_size == nbytes:
+                return
+            f.truncate(nbytes)
+            try:
+                os.posix_fallocate(f.fileno(), 0, nbytes)
+            except OSError as e:  # EOPNOTSUPP/EINVAL: a file system without fallocate
+                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                check_free_space(array_f, nbytes)
+    except OSError as e:
+        err = storage_error(array_f, e, needed=nbytes)
+        if err is not None:
+            raise err from None
+        raise
 
 
 def prepare_images(split: CaptionedImages, out_dir: str | Path, size: int = 256, workers: int | None = None,
-                   progress: bool = True) -> dict:
+                   progress: bool = True, root: str | Path | None = None) -> dict:
     """Decode+resize every image of `split` into `out_dir` (see module doc). Resumable: rerunning
-    continues with the chunks not yet done; a finished cache for the same paths is left as is.
-    Returns {"images", "bad", "seconds", "path"}; unreadable images are zero rows marked not ok."""
+    continues with the chunks not yet done. Every finished chunk, of a complete cache too, is
+    re-hashed first; damaged ones are decoded again. Paths are stored relative to `root` (the data
+    root; default `out_dir`). Returns {"images", "bad", "seconds", "path", "repaired"}; unreadable
+    images are zero rows marked not ok."""
     t0 = time.perf_counter()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        err = storage_error(out, e)
+        if err is not None:
+            raise err from None
+        raise
     paths = [str(r.path) for r in split.images]
+    rel = relative_paths(paths, out if root is None else root)
     n = len(paths)
     index_f, done_f, array_f = out / "index.json", out / "done.json", out / "images.u8"
-    if index_f.is_file():
-        idx = json.loads(index_f.read_text())
-        if idx.get("paths") == paths and idx.get("size") == size and idx.get("version") == FORMAT_VERSION:
-            log.info("prepared images in %s are complete (%d images)", out, n)
-            return {"images": n, "bad": n - sum(idx["ok"]), "seconds": 0.0, "path": str(out)}
-        index_f.unlink()  # a different image list: start over
-        done_f.unlink(missing_ok=True)
-    state = json.loads(done_f.read_text()) if done_f.is_file() else {}
-    if state.get("paths_digest") != _digest(paths, size):
-        state = {"paths_digest": _digest(paths, size), "done": [], "bad": {}}
-        array_f.unlink(missing_ok=True)
-    nbytes = n * size * size * 3
-    if not array_f.is_file() or array_f.stat().st_size != nbytes:
-        with open(array_f, "wb") as f:  # sparse file of the final size; chunks fill it in
-            f.truncate(nbytes)
-    n_chunks = math.ceil(n / CHUNK)
+    state, complete = _resume_state(out, rel, size)
+    damaged = _verify_done(state, array_f, n, size, progress)
+    chunk = state["chunk"]
+    if complete and not damaged:
+        log.info("prepared images in %s are complete (%d images, every chunk matches its checksum)", out, n)
+        return {"images": n, "bad": len(state["bad"]), "seconds": 0.0, "path": str(out), "repaired": 0}
+    if damaged:
+        lo, hi = _chunk_rows(damaged[0], chunk, n)
+        log.warning("%s: %d of %d finished chunk(s) do not match their checksums (first: images %d-%d): "
+                    "decoding them again", array_f, len(damaged), len(state["done"]), lo, hi - 1)
+        lost = {str(r) for c in damaged for r in range(*_chunk_rows(c, chunk, n))}
+        state["done"] = [c for c in state["done"] if c not in damaged]
+        state["checksums"] = {k: v for k, v in state["checksums"].items() if int(k) not in damaged}
+        state["bad"] = {r: why for r, why in state["bad"].items() if r not in lost}
+    if not writable_dir(out):
+        raise StorageError(f"{out}: cannot write the prepared cache here (read-only or permission denied); "
+                           "set text.cache_dir to a writable folder")
+    if complete:
+        atomic_write_text(done_f, json.dumps(state))  # a repair in progress is resumable too
+        index_f.unlink()
+    _allocate(array_f, n * size * size * 3)
+    n_chunks = math.ceil(n / chunk)
     todo = [c for c in range(n_chunks) if c not in set(state["done"])]
-    jobs = [(c, c * CHUNK, paths[c * CHUNK:(c + 1) * CHUNK], str(array_f), n, size) for c in todo]
+    jobs = [(c, c * chunk, paths[c * chunk:(c + 1) * chunk], str(array_f), n, size) for c in todo]
     workers = workers or max(1, (os.cpu_count() or 1))
-    bar = tqdm(total=n, initial=(n_chunks - len(todo)) * CHUNK if todo else n, desc=f"prepare {split.name}",
+    bar = tqdm(total=n, initial=n - sum(len(j[2]) for j in jobs), desc=f"prepare {split.name}",
                unit="img", disable=None if progress else True)
 
-    def finish(chunk_id: int, bad: list) -> None:
+    def finish(chunk_id: int, bad: list, checksum: str | None) -> None:
         state["done"].append(chunk_id)
+        state["checksums"][str(chunk_id)] = checksum
         state["bad"].update({str(r): why for r, why in bad})
-        tmp = done_f.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state))
-        os.replace(tmp, done_f)  # progress survives a kill: finished chunks are never redone
-        bar.update(min(CHUNK, n - chunk_id * CHUNK))
+        atomic_write_text(done_f, json.dumps(state))  # progress survives a kill: finished chunks are never redone
+        bar.update(min(chunk, n - chunk_id * chunk))
 
     if workers == 1:
         for job in jobs:
             finish(*_work(job))
     else:
-        with ProcessPoolExecutor(workers) as pool:
-            for chunk_id, bad in pool.map(_work, jobs):
-                finish(chunk_id, bad)
+        with ProcessPoolExecutor(workers, initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
+            for result in pool.map(_work, jobs):
+                finish(*result)
     bar.close()
+    _write_index(out, state, rel, size, paths)
+    return {"images": n, "bad": len(state["bad"]), "seconds": time.perf_counter() - t0, "path": str(out),
+            "repaired": len(damaged)}
+
+
+def _write_index(out: Path, state: dict, rel: list[str], size: int, paths: list[str]) -> None:
+    """index.json marks the cache finished; done.json goes."""
+    n = len(rel)
     bad_rows = {int(r) for r in state["bad"]}
     for r, why in sorted(state["bad"].items(), key=lambda kv: int(kv[0]))[:20]:
         log.warning("skipped %s: %s", paths[int(r)], why)
     ok = [i not in bad_rows for i in range(n)]
-    tmp = index_f.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"version": FORMAT_VERSION, "size": size, "paths": paths, "ok": ok,
-                               "bad": {paths[int(r)]: why for r, why in state["bad"].items()}}))
-    os.replace(tmp, index_f)
-    done_f.unlink(missing_ok=True)
-    return {"images": n, "bad": len(bad_rows), "seconds": time.perf_counter() - t0, "path": str(out)}
+    atomic_write_text(out / "index.json", json.dumps({
+        "version": FORMAT_VERSION, "size": size, "paths": rel, "ok": ok, "chunk": state["chunk"],
+        "checksums": state["checksums"], "bad": {rel[int(r)]: why for r, why in state["bad"].items()}}))
+    (out / "done.json").unlink(missing_ok=True)
 
 
 def _digest(paths: Sequence[str], size: int) -> str:
@@ -133,34 +294,76 @@ def _digest(paths: Sequence[str], size: int) -> str:
     return h.hexdigest()
 
 
+def _damaged(path: Path, what: str) -> DataError:
+    return DataError(f"{path}: {what}; rerun `clipft prepare-images` to repair it (or set data.prepared=false)")
+
+
 @dataclass
 class PreparedImages:
     """A finished prepared cache, opened read-only; `rows_for(split)` maps a split's images to rows."""
     path: Path
     size: int
-    paths: list[str]
+    paths: list[str]  # relative to the data root the cache was prepared with
     ok: np.ndarray  # [N] bool
     array: np.ndarray  # memmap [N, size, size, 3] uint8
+    chunk: int = CHUNK
+    checksums: dict = field(default_factory=dict)  # chunk number (str) -> blake2b hex of its bytes
 
     @classmethod
     def open(cls, path: str | Path) -> "PreparedImages | None":
-        """None when there is no complete cache at `path`."""
+        """None when there is no complete cache at `path` (or one of an older format, with a log
+        line); DataError (one line) when its files do not have the size the index says."""
         path = Path(path)
-        index_f = path / "index.json"
+        index_f, array_f = path / "index.json", path / "images.u8"
         if not index_f.is_file():
             return None
-        idx = json.loads(index_f.read_text())
+        idx = _read_json(index_f)
+        if idx is None or not isinstance(idx.get("paths"), list):
+            raise _damaged(index_f, "not a readable prepared-cache index")
         if idx.get("version") != FORMAT_VERSION:
+            log.warning("%s was prepared by an older clipft (no checksums): decoding JPEGs instead; rerun "
+                        "`clipft prepare-images` to use it", path)
             return None
         n, size = len(idx["paths"]), idx["size"]
-        arr = np.memmap(path / "images.u8", dtype=np.uint8, mode="r", shape=(n, size, size, 3))
-        return cls(path, size, idx["paths"], np.asarray(idx["ok"], dtype=bool), arr)
+        want = n * size * size * 3
+        have = array_f.stat().st_size if array_f.is_file() else None
+        if have != want:
+            raise _damaged(array_f, "missing" if have is None else
+                           f"{have} bytes where {n} images of {size} px need {want} (truncated or altered)")
+        arr = np.memmap(array_f, dtype=np.uint8, mode="r", shape=(n, size, size, 3))
+        return cls(path, size, idx["paths"], np.asarray(idx["ok"], dtype=bool), arr, idx.get("chunk", CHUNK),
+                   idx.get("checksums", {}))
 
-    def rows_for(self, split: CaptionedImages) -> np.ndarray | None:
+    @property
+    def num_chunks(self) -> int:
+        return math.ceil(len(self.paths) / self.chunk)
+
+    def damaged_chunks(self, chunks: Iterable[int] | None = None, progress: bool = False) -> list[int]:
+        """Chunks (all by default) whose bytes do not match the checksum stored when they were written."""
+        chunks = list(range(self.num_chunks) if chunks is None else chunks)
+        n, array_f = len(self.paths), self.path / "images.u8"
+        bar = tqdm(chunks, desc="verify", unit="chunk", disable=None if progress else True, leave=False)
+        return [c for c in bar
+                if _range_digest(array_f, *_chunk_rows(c, self.chunk, n), self.size) != self.checksums.get(str(c))]
+
+    def verify(self, sample: int | None = None, seed: int = 0, progress: bool = False) -> None:
+        """Hash every chunk (sample=None) or a seeded sample of `sample` chunks; DataError (one
+        line, naming the first damaged chunk) on a mismatch."""
+        chunks = range(self.num_chunks)
+        if sample is not None and sample < self.num_chunks:
+            chunks = sorted(random.Random(seed).sample(chunks, sample))
+        bad = self.damaged_chunks(chunks, progress)
+        if bad:
+            lo, hi = _chunk_rows(bad[0], self.chunk, len(self.paths))
+            raise _damaged(self.path / "images.u8", f"{len(bad)} of {len(chunks)} checked chunk(s) do not match "
+                                                    f"their checksums (first: images {lo}-{hi - 1}): altered or damaged")
+
+    def rows_for(self, split: CaptionedImages, root: str | Path | None = None) -> np.ndarray | None:
         """Row of every image of `split` (a subset of the prepared split works), or None if any
-        image is not in the cache (then the caller falls back to JPEG decoding)."""
+        image is not in the cache (then the caller falls back to JPEG decoding). `root`: the data
+        root the cache was prepared with (default: the cache directory itself)."""
         where = {p: i for i, p in enumerate(self.paths)}
-        rows = [where.get(str(r.path)) for r in split.images]
+        rows = [where.get(p) for p in relative_paths([r.path for r in split.images], root or self.path)]
         return None if any(r is None for r in rows) else np.asarray(rows, dtype=np.int64)
 
 
