@@ -1,5 +1,6 @@
 import json
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -208,3 +209,199 @@ def test_training_reads_the_prepared_cache(coco_root, tiny_clip_dir, tmp_path, c
     # JPEG path: workers decode and crop to 32 px uint8; the device transform only normalises.
     assert seen and all(d == torch.uint8 and side == 32 and has_tf for d, side, has_tf in seen)
     assert "prepared cache" not in caplog.text
+
+
+# --------------------------------------------------------------------------- integrity (driven through the CLI)
+
+def _prepare_cli(root, *extra):
+    from clipft.cli import main
+    return main(["prepare-images", "--data", str(root), "--split", "train", "--size", "32", "--workers", "1",
+                 "--quiet", *extra])
+
+
+@pytest.fixture()
+def small_coco(tmp_path, monkeypatch):
+    """10 train images in chunks of 3 (chunks 0..3), prepared at 32 px through the CLI."""
+    monkeypatch.setattr(prep, "CHUNK", 3)
+    root = make_shapes_dataset(tmp_path / "coco", n_train=10, n_val=2, seed=2, image_size=48)
+    assert _prepare_cli(root) == 0
+    return root, root / "cache" / "images" / "train-32"
+
+
+def _row_bytes():
+    return 32 * 32 * 3
+
+
+def test_checksums_catch_a_flipped_byte_and_rerun_repairs_only_that_chunk(small_coco, monkeypatch, capsys, caplog):
+    root, out = small_coco
+    pristine = np.array(PreparedImages.open(out).array)
+    idx = json.loads((out / "index.json").read_text())
+    assert idx["version"] == prep.FORMAT_VERSION and idx["chunk"] == 3 and sorted(idx["checksums"]) == list("0123")
+    with open(out / "images.u8", "r+b") as f:  # one flipped byte in image 4 (chunk 1)
+        f.seek(4 * _row_bytes() + 100)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 0x01]))
+    p = PreparedImages.open(out)  # the sizes are right: only the checksums can tell
+    assert p.damaged_chunks() == [1]
+    with pytest.raises(prep.DataError, match=r"images\.u8: 1 of 4 checked chunk\(s\) do not match .*images 3-5"):
+        p.verify()
+    real, decoded = prep._work, []
+    monkeypatch.setattr(prep, "_work", lambda job: decoded.append(job[0]) or real(job))
+    capsys.readouterr()
+    assert _prepare_cli(root) == 0
+    assert decoded == [1]  # only the damaged chunk is decoded again
+    assert "1 damaged chunk(s) decoded again" in capsys.readouterr().out
+    assert "do not match their checksums" in caplog.text
+    assert np.array_equal(PreparedImages.open(out).array, pristine)
+    PreparedImages.open(out).verify()
+
+
+def test_zeroed_images_are_refused_by_training_and_rebuilt(small_coco, tiny_clip_dir, tmp_path, capsys):
+    """256 zeroed images (here: a chunk's worth, 3) pass every size check; training refuses them with
+    one line, `prepare-images` rebuilds them, and training then reads the cache."""
+    from clipft.cli import main
+    from test_train import small_args
+    root, out = small_coco
+    with open(out / "images.u8", "r+b") as f:
+        f.seek(6 * _row_bytes())
+        f.write(bytes(3 * _row_bytes()))  # chunk 2 zeroed
+    args = small_args(tiny_clip_dir, 1, ["--set", "data.prepared_size=32"])
+    capsys.readouterr()
+    assert main(["train", "--data", str(root), "--out", str(tmp_path / "run"), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"clipft: error: {out / 'images.u8'}: ")
+    assert "do not match their checksums" in err and "clipft prepare-images" in err
+    assert not (tmp_path / "run" / "last.pt").exists()
+    assert _prepare_cli(root) == 0
+    assert main(["train", "--data", str(root), "--out", str(tmp_path / "run"), *args]) == 0
+
+
+def test_truncated_cache_is_not_complete_and_training_says_so(small_coco, tiny_clip_dir, tmp_path, capsys):
+    """A truncated images.u8 was once reported complete, then training died in mmap."""
+    from clipft.cli import main
+    from test_train import small_args
+    root, out = small_coco
+    pristine = np.array(PreparedImages.open(out).array)
+    with open(out / "images.u8", "r+b") as f:
+        f.truncate(5 * _row_bytes() + 7)
+    args = small_args(tiny_clip_dir, 1, ["--set", "data.prepared_size=32"])
+    capsys.readouterr()
+    assert main(["train", "--data", str(root), "--out", str(tmp_path / "run"), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "images.u8: " in err and "truncated" in err and "mmap" not in err
+    assert _prepare_cli(root) == 0
+    assert "3 damaged chunk(s) decoded again" in capsys.readouterr().out  # chunk 1 torn, chunks 2 and 3 gone
+    assert np.array_equal(PreparedImages.open(out).array, pristine)
+
+
+def test_resume_reverifies_the_chunks_done_json_lists(split, tmp_path, monkeypatch):
+    """A kill mid-prepare, then a chunk listed as done is altered: the resume decodes it again."""
+    monkeypatch.setattr(prep, "CHUNK", 3)
+    out = tmp_path / "p"
+    real = prep._work
+
+    def dies_on_chunk_2(job):
+        if job[0] == 2:
+            raise KeyboardInterrupt
+        return real(job)
+    monkeypatch.setattr(prep, "_work", dies_on_chunk_2)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_images(split, out, size=32, workers=1, progress=False)
+    assert sorted(json.loads((out / "done.json").read_text())["done"]) == [0, 1]
+    with open(out / "images.u8", "r+b") as f:
+        f.seek(32 * 32 * 3 + 5)  # image 1: chunk 0
+        f.write(b"\xff\x00\xff")
+    decoded = []
+    monkeypatch.setattr(prep, "_work", lambda job: decoded.append(job[0]) or real(job))
+    info = prepare_images(split, out, size=32, workers=1, progress=False)
+    assert decoded == [0, 2, 3] and info["repaired"] == 1
+    fresh = tmp_path / "fresh"
+    prepare_images(split, fresh, size=32, workers=1, progress=False)
+    assert np.array_equal(PreparedImages.open(out).array, PreparedImages.open(fresh).array)
+
+
+def test_spelling_of_the_data_path_does_not_matter(tmp_path, monkeypatch, capsys, caplog):
+    """`--data s2` and `--data /abs/s2` are one cache: no rebuild, and training finds every image."""
+    import logging
+
+    from clipft.config import Config
+    from clipft.data import load_split
+    from clipft.data.caches import data_root
+    root = make_shapes_dataset(tmp_path / "s2", n_train=6, n_val=2, seed=3, image_size=40)
+    monkeypatch.chdir(tmp_path)
+    assert _prepare_cli("s2") == 0
+    caplog.set_level(logging.INFO, logger="clipft.data.prepare")
+    capsys.readouterr()
+    for spelling in (str(root), "./s2", f"{tmp_path}/./s2/"):
+        assert _prepare_cli(spelling) == 0
+        assert "in 0.0s" in capsys.readouterr().out, spelling  # reported complete, not rebuilt
+        cfg = Config()
+        split = load_split(spelling, "train", cfg.data)
+        p = PreparedImages.open(Path(spelling) / "cache" / "images" / "train-32")
+        assert p.rows_for(split, data_root(spelling, "train", cfg)) is not None, spelling
+    assert "preparing it again" not in caplog.text
+    assert all(not q.startswith("/") for q in PreparedImages.open(root / "cache" / "images" / "train-32").paths)
+
+
+_SLOW_PREPARE = """
+import sys, time
+from clipft.data import prepare as prep, load_coco_captions
+real = prep._work
+def slow(job):
+    time.sleep(600)
+    return real(job)
+prep._work = slow
+prep.prepare_images(load_coco_captions(sys.argv[1], "train"), sys.argv[2], size=16, workers=2, progress=False)
+"""
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="needs /proc to find the worker processes")
+def test_workers_die_with_their_parent(split, tmp_path):
+    """SIGKILL to `prepare-images` used to leave its decoding workers running (~390 MB each)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    env = {**os.environ, "PYTHONPATH": str(Path(prep.__file__).parents[2])}
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_PREPARE, str(split.images[0].path.parents[1]),
+                             str(tmp_path / "p")], env=env)
+    try:
+        workers: list[int] = []
+        for _ in range(600):  # until both workers are up (they sleep in their first chunk)
+            workers = [c for c in _children(proc.pid) if Path(f"/proc/{c}/cmdline").read_bytes()]
+            if len(workers) >= 2:
+                break
+            time.sleep(0.1)
+        assert len(workers) >= 2
+        time.sleep(1.0)  # let the initializers run
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+    def alive(pid):
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+    for _ in range(300):
+        if not any(alive(w) for w in workers):
+            break
+        time.sleep(0.1)
+    left = [w for w in workers if alive(w)]
+    for w in left:
+        os.kill(w, signal.SIGKILL)
+    assert not left, "prepare-images workers outlived their parent"
