@@ -206,3 +206,36 @@ def test_token_stats_with_a_sentence_transformers_tokenizer():
     st = token_stats(["a cat", LONG, "a photo of a dog"], enc)
     assert st["kind"] == "sentence-transformers" and st["limit"] == 77
     assert st["truncated"] == 1 and st["max"] == 102 and st["min"] == 4  # [CLS] a cat [SEP]
+
+
+def test_validate_a_missing_path_writes_no_report(tmp_path, monkeypatch, capsys):
+    """`validate --data nope` used to write nope.validate.json beside a path that is not there."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["validate", "--data", "nope", "--no-tokens", "--quiet"]) == 2
+    assert capsys.readouterr().err.strip() == "clipft: error: nope: no such file or folder"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_validate_deep_hashes_every_prepared_chunk(tmp_path, monkeypatch, capsys):
+    """Sizes are always checked; a changed byte (same size) only by --deep, which then fails the report."""
+    from clipft.data import prepare as prep
+    from clipft.data.shapes import make_shapes_dataset
+    monkeypatch.setattr(prep, "CHUNK", 4)
+    root = make_shapes_dataset(tmp_path / "coco", n_train=9, n_val=3, seed=4, image_size=40)
+    assert main(["prepare-images", "--data", str(root), "--size", "24", "--workers", "1", "--quiet"]) == 0
+    args = ["validate", "--data", str(root), "--no-tokens", "--quiet"]
+    assert main(args + ["--deep"]) == 0
+    rep = json.loads((root / "validate_report.json").read_text())
+    assert [e["status"] for role in ("train", "val") for e in rep["splits"][role]["prepared"]] == ["ok", "ok"]
+    array = root / "cache" / "images" / "train-24" / "images.u8"
+    data = bytearray(array.read_bytes())
+    data[len(data) - 10] ^= 0xFF  # the last chunk
+    array.write_bytes(bytes(data))
+    assert main(args) == 0  # the sizes match
+    assert main(args + ["--deep"]) == 1
+    rep = json.loads((root / "validate_report.json").read_text())
+    assert rep["splits"]["train"]["prepared"][0]["status"] == "damaged"
+    assert any(e.startswith(f"train: {array}: 1 of 3 checked chunk(s)") for e in rep["errors"]), rep["errors"]
+    array.write_bytes(bytes(data[:-1]))  # truncated: found without --deep
+    assert main(args) == 1
+    assert "truncated" in capsys.readouterr().out

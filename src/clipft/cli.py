@@ -111,14 +111,20 @@ def cmd_cache_text(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from .data import DataError
     from .data.validate import default_report_path, format_report, validate_data, write_report_json
+    from .runtime import ensure_writable_dir
     cfg = _build_config(args)
     if args.text_encoder:
         cfg.text.encoder = args.text_encoder
+    if not Path(args.data).exists():  # nothing to check, and no report beside a path that is not there
+        raise DataError(f"{args.data}: no such file or folder")
+    out = Path(args.out) if args.out else default_report_path(args.data)
+    ensure_writable_dir(out.parent, "pass --out to write the report elsewhere")  # before the checks, not after
     report = validate_data(args.data, cfg, val_data=args.val_data, check_tokens=not args.no_tokens,
-                           progress=not args.quiet)
+                           progress=not args.quiet, deep=args.deep)
     print(format_report(report))
-    out = write_report_json(report, args.out or default_report_path(args.data))
+    out = write_report_json(report, out)
     print(f"wrote {out}")
     return 0 if report["ok"] else 1
 
@@ -413,9 +419,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", required=True, help="COCO root, CSV/TSV/JSONL file, or image folder")
     _add_val_data(s)
     s.add_argument("--out", help="report JSON (default: DATA/validate_report.json, or <stem>.validate.json "
-                                 "beside a data file)")
+                                 "beside a data file; in the user cache dir when that folder is read-only)")
     s.add_argument("--text-encoder", help="tokenizer for the token-length check (default: text.encoder)")
     s.add_argument("--no-tokens", action="store_true", help="skip the token-length check (no text encoder load)")
+    s.add_argument("--deep", action="store_true",
+                   help="also hash every chunk of the prepared image caches (default: their sizes only)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_config_args(s)
     s.set_defaults(func=cmd_validate)

@@ -7,9 +7,12 @@ captions by reason (empty, whitespace-only, placeholders such as "None"/"NA"/"na
 exact duplicate captions; token lengths against the text encoder's limit; and images that appear in
 both train and validation, found by file content (sha256), not by name.
 
+Prepared image caches (`clipft prepare-images`) of both splits are checked too: their file sizes,
+and with `deep=True` (`clipft validate --deep`) the checksum of every chunk.
+
 Errors (the report's `ok` is False, `clipft validate` exits 1) are what would spoil training: a
-split that cannot be loaded, a split with no readable image or no caption, a train/val leak.
-Everything else is a warning.
+split that cannot be loaded, a split with no readable image or no caption, a train/val leak, a
+damaged prepared cache. Everything else is a warning.
 """
 
 from __future__ import annotations
@@ -28,8 +31,11 @@ from typing import Any, Iterable, Sequence
 from PIL import Image
 
 from ..config import Config, DataConfig
+from ..runtime import atomic_write_text, storage_error, writable_dir
+from .caches import prepared_split_dirs, user_cache_dir
 from .formats import resolve_format
 from .images import load_image
+from .prepare import PreparedImages
 from .records import CaptionedImages, DataError
 from .splits import load_split, split_source
 
@@ -296,6 +302,33 @@ def token_stats(captions: Sequence[str], encoder: Any) -> dict[str, Any]:
             "truncated_examples": [f"{lengths[i]} tokens: {captions[i][:100]!r}" for i in over[:EXAMPLES]]}
 
 
+# --------------------------------------------------------------------------- prepared image caches
+
+def check_prepared(data: str | Path, split: str, cfg: Config, deep: bool = False,
+                   progress: bool = False) -> list[dict[str, Any]]:
+    """Every prepared cache of a split (one per size): {"path", "status", "problem", "checked"}.
+    status: ok, damaged (sizes, or with `deep` a chunk checksum, do not match), incomplete
+    (prepare-images did not finish) or old (an older format without checksums)."""
+    out = []
+    for path in prepared_split_dirs(data, split, cfg):
+        entry: dict[str, Any] = {"path": str(path), "status": "ok", "problem": None,
+                                 "checked": "every chunk" if deep else "file sizes"}
+        if not (path / "index.json").is_file():
+            entry.update(status="incomplete", problem=f"{path}: prepare-images did not finish (rerun it to resume)")
+        else:
+            try:
+                prepared = PreparedImages.open(path)
+                if prepared is None:
+                    entry.update(status="old", problem=f"{path}: prepared by an older clipft without checksums "
+                                                       "(training decodes JPEGs; rerun prepare-images)")
+                elif deep:
+                    prepared.verify(progress=progress)
+            except DataError as e:
+                entry.update(status="damaged", problem=str(e))
+        out.append(entry)
+    return out
+
+
 # --------------------------------------------------------------------------- the report
 
 def _split_report(ds: CaptionedImages, cfg: Config, encoder: Any, progress: bool) -> dict[str, Any]:
@@ -335,11 +368,11 @@ def _findings(name: str, rep: dict, errors: list[str], warnings: list[str]) -> N
 
 
 def validate_data(data: str | Path, cfg: Config | None = None, val_data: str | Path | None = None,
-                  check_tokens: bool = True, progress: bool = False) -> dict[str, Any]:
+                  check_tokens: bool = True, progress: bool = False, deep: bool = False) -> dict[str, Any]:
     """The full report on a dataset (and its validation data) as a JSON-ready dict; see the module
     docstring. Uses cfg's data settings (format, columns, val_fraction, seed) and text encoder, but
-    never a train/val subset: every image is checked. report["ok"] is False when training would be
-    spoiled."""
+    never a train/val subset: every image is checked. `deep`: hash every chunk of the prepared
+    image caches (else their sizes only). report["ok"] is False when training would be spoiled."""
     cfg = cfg or Config()
     dcfg = dataclasses.replace(cfg.data, train_images=0, val_images=0,
                                val_path=str(val_data) if val_data else cfg.data.val_path)
@@ -381,6 +414,10 @@ def validate_data(data: str | Path, cfg: Config | None = None, val_data: str | P
         report["splits"][role] = rep = _split_report(splits[role], cfg, encoder, progress)
         rep["source"] = str(split_source(data, split, dcfg).path)
         _findings(role, rep, errors, warnings)
+        rep["prepared"] = check_prepared(data, split, cfg, deep, progress)
+        for entry in rep["prepared"]:
+            if entry["problem"]:
+                (errors if entry["status"] == "damaged" else warnings).append(f"{role}: {entry['problem']}")
 
     if "train" in splits and "val" in splits:
         pairs = find_shared_images((r.path for r in splits["train"].images), (r.path for r in splits["val"].images))
@@ -394,15 +431,26 @@ def validate_data(data: str | Path, cfg: Config | None = None, val_data: str | P
 
 def default_report_path(data: str | Path) -> Path:
     """Where `clipft validate` writes its JSON by default: DIR/validate_report.json for a
-    directory, <file stem>.validate.json beside a file."""
+    directory, <file stem>.validate.json beside a file. When that folder cannot be written (a
+    read-only dataset), the same name in the dataset's user cache dir (where its caches go too)."""
     data = Path(data)
-    return data / "validate_report.json" if data.is_dir() else data.with_name(f"{data.stem}.validate.json")
+    path = data / "validate_report.json" if data.is_dir() else data.with_name(f"{data.stem}.validate.json")
+    if writable_dir(path.parent):
+        return path
+    return user_cache_dir(path.parent) / path.name
 
 
 def write_report_json(report: dict, path: str | Path) -> Path:
+    """Write the report as JSON (StorageError, one line, when it cannot be written)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        err = storage_error(path, e)
+        if err is not None:
+            raise err from None
+        raise
+    atomic_write_text(path, json.dumps(report, indent=2, default=str) + "\n")
     return path
 
 
@@ -436,6 +484,8 @@ def format_report(report: dict) -> str:
         if tok:
             lines.append(f"  tokens ({tok['encoder']}): min/median/p95/max {tok['min']}/{tok['median']}/"
                          f"{tok['p95']}/{tok['max']}; {tok['truncated']} over the limit of {tok['limit']}")
+        for entry in rep.get("prepared", []):
+            lines.append(f"  prepared images: {entry['path']}: {entry['status']} ({entry['checked']} checked)")
     if "leak" in report:
         lk = report["leak"]
         lines += ["", f"train/val leak: {lk['images_in_both']} validation image(s) also in train (by content hash)"]
