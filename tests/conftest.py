@@ -38,3 +38,21 @@ def trained_run(coco_root, tiny_clip_dir, tmp_path_factory):
             "--set", "data.num_workers=0", "--set", "train.device=cpu", "--set", "train.log_every=1", "--quiet"]
     assert main(["train", "--data", str(coco_root), "--out", str(run), *args]) == 0
     return run
+
+
+@pytest.fixture()
+def small_tmpfs(tmp_path):
+    """A 2 MB tmpfs: a disk that is full on demand. Skipped where mounting is not permitted."""
+    import shutil
+    import subprocess
+    where = tmp_path / "small-disk"
+    where.mkdir()
+    if not shutil.which("mount"):
+        pytest.skip("no mount command: cannot make a small disk")
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(where)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a 2 MB tmpfs here ({r.stderr.strip() or 'not permitted'})")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)

@@ -59,3 +59,64 @@ def test_atomic_save_failure_keeps_previous_file(tmp_path):
 def test_hardware_info():
     info = hardware_info(torch.device("cpu"))
     assert info["cpu"] and info["cpu_count"] >= 1 and info["torch"] == torch.__version__
+
+
+def test_storage_error_reads_errno_through_wrapped_errors(tmp_path):
+    """torch.save and safetensors wrap a failed write in their own error types; the errno (or its
+    words) is found in the chain. An explicit seam, so this runs where no small disk can be made."""
+    import errno
+
+    from clipft.runtime import storage_error
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as inner:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos") from inner
+    except RuntimeError as e:
+        err = storage_error(tmp_path / "last.pt", e, needed=3 * 1024 * 1024)
+    assert err is not None and str(err).startswith(f"{tmp_path / 'last.pt'}: no space left on device (needs about 3.0 MB, ")
+    assert "\n" not in str(err)
+    assert "cannot write here (read-only" in str(storage_error("x", OSError(errno.EROFS, "Read-only file system")))
+    assert storage_error("x", ValueError("something else")) is None
+
+
+def test_atomic_save_on_a_full_disk_is_one_line_and_keeps_the_previous_file(small_tmpfs):
+    from clipft.runtime import StorageError
+    path = small_tmpfs / "last.pt"
+    atomic_torch_save({"w": torch.zeros(1000)}, path)  # 4 KB: fits
+    with pytest.raises(StorageError) as e:
+        atomic_torch_save({"w": torch.zeros(1_000_000)}, path)  # 3.8 MB on a 2 MB disk
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: no space left on device (needs about 3.8 MB, ") and "free" in msg
+    assert "\n" not in msg and "inline_container" not in msg
+    assert torch.load(path)["w"].shape == (1000,)  # the previous checkpoint is intact
+    assert [p.name for p in small_tmpfs.iterdir()] == ["last.pt"]  # no temp file left
+
+
+def test_umask_is_applied(tmp_path):
+    import os
+
+    from clipft.runtime import apply_umask, process_umask
+    old = os.umask(0o027)
+    try:
+        assert process_umask() == 0o027
+        f = tmp_path / "f"
+        f.write_bytes(b"")
+        os.chmod(f, 0o600)
+        apply_umask(f)
+        assert f.stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(old)
+
+
+def test_train_on_a_full_disk_ends_in_one_line(coco_root, tiny_clip_dir, small_tmpfs, capsys):
+    """`clipft train --out` on a 2 MB disk: the first checkpoint does not fit. One line naming the
+    file and the space it needed (not two chained tracebacks), and no temp file left."""
+    from clipft.cli import main
+    from test_train import small_args
+    run = small_tmpfs / "run"
+    assert main(["train", "--data", str(coco_root), "--out", str(run), *small_args(tiny_clip_dir, 1)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"clipft: error: {run}/"), err
+    assert "no space left on device (needs about " in err[0] and " MB" in err[0]
+    assert not [p.name for p in run.iterdir() if ".tmp" in p.name]

@@ -27,6 +27,8 @@ from typing import Any, Iterator
 import torch
 import torch.nn.functional as F
 
+from .runtime import apply_umask, check_free_space, ensure_writable_dir, storage_error
+
 log = logging.getLogger(__name__)
 
 CLIP_MODEL_TYPES = ("clip", "clip_text_model")
@@ -454,10 +456,17 @@ def load_text_cache(path: Path, expected_fingerprint: str | None = None) -> torc
 
 
 def save_text_cache(path: Path, embeds: torch.Tensor, fingerprint: str, meta: dict) -> None:
-    """Write embeds [M, D] as safetensors with string metadata; atomic (temp file + os.replace)."""
+    """Write embeds [M, D] as safetensors with string metadata; atomic (temp file + os.replace),
+    with the process umask; StorageError (one line) when the disk is full or the folder read-only."""
     from safetensors.torch import save_file
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        err = storage_error(path, e)
+        if err is not None:
+            raise err from None
+        raise
     embeds = embeds.detach().to("cpu", torch.float32).contiguous()
     if embeds.ndim != 2:
         raise TextEncoderError(f"{path}: text embeddings must be 2-D [M, D], got {tuple(embeds.shape)}")
@@ -467,9 +476,15 @@ def save_text_cache(path: Path, embeds: torch.Tensor, fingerprint: str, meta: di
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         save_file({CACHE_TENSOR: embeds}, str(tmp), metadata=metadata)
+        apply_umask(tmp)  # safetensors creates 0600: others on a shared cluster could not read the cache
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except Exception as e:
+        err = storage_error(path, e, needed=embeds.numel() * 4)
+        if err is not None:
+            raise err from None
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -512,6 +527,9 @@ def get_text_embeddings(captions: list[str], encoder_name: str, cache_file: Path
                 raise TextEncoderError(f"{cache_file}: text cache does not match ({what}; {cached}; {wanted}); "
                                        "delete it or set text.on_mismatch=rebuild")
             log.warning("text cache %s does not match (%s; %s; %s); rebuilding it", cache_file, what, cached, wanted)
+    # Where the result goes is checked before the embedding, not after it.
+    ensure_writable_dir(cache_file.parent, "set text.cache_dir to a writable folder")
+    check_free_space(cache_file.parent, len(captions) * enc.dim * 4)
     log.info("embedding %d captions with %s (%s) -> %s", len(captions), enc.name, enc.kind, cache_file)
     emb = enc.encode(captions, batch_size=batch_size, progress=progress)
     save_text_cache(cache_file, emb, fp, {"encoder": enc.name, "kind": enc.kind, "caption_digest": digest,
