@@ -56,3 +56,33 @@ def small_tmpfs(tmp_path):
         yield where
     finally:
         subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+@pytest.fixture()
+def make_read_only():
+    """make_read_only(dir): `dir` becomes read-only for this process: a read-only bind mount as root
+    (root may write anywhere else), chmod a-w otherwise. Skipped where neither works; undone after."""
+    import os
+    import subprocess
+    undo = []
+
+    def make(path):
+        path = str(path)
+        if os.geteuid() == 0:
+            r = subprocess.run(["mount", "--bind", path, path], capture_output=True, text=True)
+            if r.returncode == 0:
+                undo.append(["umount", "-l", path])
+                r = subprocess.run(["mount", "-o", "remount,ro,bind", path], capture_output=True, text=True)
+            if r.returncode != 0:
+                pytest.skip(f"cannot make a read-only folder as root here ({r.stderr.strip() or 'mount failed'})")
+        else:
+            mode = os.stat(path).st_mode
+            os.chmod(path, mode & ~0o222)
+            undo.append(lambda: os.chmod(path, mode))
+        if os.access(path, os.W_OK):
+            pytest.skip(f"{path} is still writable after making it read-only")
+        return path
+
+    yield make
+    for step in reversed(undo):
+        step() if callable(step) else subprocess.run(step, capture_output=True)

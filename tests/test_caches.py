@@ -33,3 +33,89 @@ def test_subset_and_cache_dir_settings(coco_root, tmp_path):
         tmp_path / "elsewhere" / f"train-subset10-seed4-lrswap_text_embeds_{ENC}.safetensors"
     assert prepared_split_dir(coco_root, "train", cfg) == tmp_path / "elsewhere" / "images" / "train-256"
     assert text_cache_path(Path("/c"), "x", "a b/c") == Path("/c/x_text_embeds_a_b_c.safetensors")
+
+
+def _files(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def test_read_only_dataset_caches_go_to_the_user_cache_dir(tmp_path, tiny_clip_dir, make_read_only, monkeypatch,
+                                                           capsys, caplog):
+    """A read-only dataset folder: cache-text, validate, prepare-images and train all work, with every
+    cache (and the report) in $XDG_CACHE_HOME/clipft/<folder>-<hash>, said in the log; nothing is
+    written into the dataset. (cache-text used to embed every caption, then die writing DATA/cache.)"""
+    import logging
+
+    from clipft.cli import main
+    from clipft.data import caches
+    from clipft.data.shapes import make_shapes_dataset
+    from test_train import small_args
+    root = make_shapes_dataset(tmp_path / "ro", n_train=8, n_val=4, seed=5, image_size=40)
+    before = _files(root)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setattr(caches, "_told", set())
+    make_read_only(root)
+    user = caches.user_cache_dir(root)
+    assert user.parent == tmp_path / "xdg" / "clipft" and user.name.startswith("ro-")
+    caplog.set_level(logging.INFO)
+
+    assert main(["cache-text", "--data", str(root), "--text-encoder", str(tiny_clip_dir), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert f"-> {user}/train_text_embeds_" in out and f"-> {user}/val_text_embeds_" in out
+    assert f"{root / 'cache'} cannot be written (read-only dataset folder): caches go to {user}" in caplog.text
+    assert main(["validate", "--data", str(root), "--no-tokens", "--quiet"]) == 0
+    assert f"wrote {user / 'validate_report.json'}" in capsys.readouterr().out
+    assert main(["prepare-images", "--data", str(root), "--split", "train", "--size", "32", "--workers", "1",
+                 "--quiet"]) == 0
+    assert (user / "images" / "train-32" / "index.json").is_file()
+    caplog.clear()
+    args = small_args(tiny_clip_dir, 1, ["--set", "data.prepared_size=32"])
+    assert main(["train", "--data", str(root), "--out", str(tmp_path / "run"), *args]) == 0
+    assert f"prepared cache {user / 'images' / 'train-32'}" in caplog.text
+    assert "embedding" not in caplog.text  # the text caches were found where cache-text put them
+    assert _files(root) == before
+
+
+def test_read_only_cache_dir_is_refused_before_the_work(tmp_path, tiny_clip_dir, make_read_only, monkeypatch, capsys):
+    """An explicit text.cache_dir that cannot be written: one line, before any caption is embedded
+    or any image decoded."""
+    from clipft import text
+    from clipft.cli import main
+    from clipft.data import prepare
+    from clipft.data.shapes import make_shapes_dataset
+    root = make_shapes_dataset(tmp_path / "d", n_train=4, n_val=2, seed=6, image_size=40)
+    ro = tmp_path / "ro-cache"
+    ro.mkdir()
+    make_read_only(ro)
+
+    def no_work(*a, **kw):
+        raise AssertionError("work started before the output folder was checked")
+    monkeypatch.setattr(text.TextEncoder, "encode", no_work)
+    monkeypatch.setattr(prepare, "_work", no_work)
+    setting = ["--set", f"text.cache_dir={ro}"]
+    assert main(["cache-text", "--data", str(root), "--text-encoder", str(tiny_clip_dir), "--device", "cpu",
+                 *setting]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"clipft: error: {ro}: cannot write here (read-only or permission denied); set text.cache_dir " \
+                  "to a writable folder"
+    assert main(["prepare-images", "--data", str(root), "--split", "train", "--workers", "1", "--quiet", *setting]) == 2
+    assert capsys.readouterr().err.strip() == f"clipft: error: {ro / 'images' / 'train-256'}: cannot write here " \
+                                              "(read-only or permission denied); set text.cache_dir to a writable folder"
+
+
+def test_caches_are_created_with_the_process_umask(tmp_path, tiny_clip_dir, monkeypatch, capsys):
+    """Text caches were 0600 whatever the umask: no one else on a shared cluster could read them."""
+    import os
+
+    from clipft.cli import main
+    from clipft.data.shapes import make_shapes_dataset
+    root = make_shapes_dataset(tmp_path / "d", n_train=4, n_val=2, seed=7, image_size=40)
+    old = os.umask(0o002)
+    try:
+        assert main(["cache-text", "--data", str(root), "--text-encoder", str(tiny_clip_dir), "--device", "cpu"]) == 0
+        assert main(["prepare-images", "--data", str(root), "--size", "32", "--workers", "1", "--quiet"]) == 0
+    finally:
+        os.umask(old)
+    made = [p for p in (root / "cache").rglob("*") if p.is_file()]
+    assert any(p.suffix == ".safetensors" for p in made) and any(p.name == "images.u8" for p in made)
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in made} == {p.name: "0o664" for p in made}

@@ -405,3 +405,20 @@ def test_workers_die_with_their_parent(split, tmp_path):
     for w in left:
         os.kill(w, signal.SIGKILL)
     assert not left, "prepare-images workers outlived their parent"
+
+
+def test_a_full_disk_is_one_line_before_any_decoding(tmp_path, small_tmpfs, monkeypatch, capsys):
+    """16 images at 256 px need 3 MB; the 2 MB disk is found full before the first image is decoded."""
+    from clipft.cli import main
+    root = make_shapes_dataset(tmp_path / "coco", n_train=16, n_val=2, seed=8, image_size=40)
+
+    def no_work(job):
+        raise AssertionError("decoding started on a disk too small for the cache")
+    monkeypatch.setattr(prep, "_work", no_work)
+    args = ["prepare-images", "--data", str(root), "--split", "train", "--size", "256", "--workers", "1", "--quiet",
+            "--set", f"text.cache_dir={small_tmpfs}"]
+    assert main(args) == 2
+    array = small_tmpfs / "images" / "train-256" / "images.u8"
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"clipft: error: {array}: no space left on device (needs about 3.0 MB, ") and "\n" not in err
+    assert array.stat().st_size == 0  # not left looking reserved

@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 
 from .datasets import epoch_caption_index
 from .images import CenterSquareResize, load_image
-from ..runtime import StorageError, atomic_write_text, check_free_space, storage_error, writable_dir
+from ..runtime import atomic_write_text, check_free_space, ensure_writable_dir, storage_error
 from .records import CaptionedImages, DataError
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,7 @@ FORMAT_VERSION = 2  # 2: paths relative to the data root, a checksum per chunk
 CHUNK = 256  # images per work unit: the resume and checksum granularity
 VERIFY_SAMPLE = 4  # chunks `clipft train` hashes at start (a seeded sample; `validate --deep` hashes all)
 _READ = 1 << 22  # bytes per read while hashing
+_WRITE_HINT = "set text.cache_dir to a writable folder"
 
 
 def relative_paths(paths: Sequence[str | Path], root: str | Path) -> list[str]:
@@ -187,23 +188,28 @@ def _verify_done(state: dict, array_f: Path, n: int, size: int, progress: bool) 
 
 def _allocate(array_f: Path, nbytes: int) -> None:
     """images.u8 at its final size with its blocks reserved, so a full disk is one error here,
-    before any decoding, rather than a SIGBUS in a worker writing into its memmap."""
-    try:
-        with open(array_f, "ab") as f:  # "ab" creates the file or keeps what is there
-            if os.fstat(f.fileno()).st_size == nbytes:
-                return
-            f.truncate(nbytes)
+    before any decoding, rather than a SIGBUS in a worker writing into its memmap. On failure the
+    file keeps the size it had (a later run must not take an unreserved file for a reserved one)."""
+    with open(array_f, "ab") as f:  # "ab" creates the file or keeps what is there
+        old = os.fstat(f.fileno()).st_size
+        if old == nbytes:
+            return
+        try:
+            if old > nbytes:
+                f.truncate(nbytes)
             try:
-                os.posix_fallocate(f.fileno(), 0, nbytes)
-            except OSError as e:  # EOPNOTSUPP/EINVAL: a file system without fallocate
+                os.posix_fallocate(f.fileno(), 0, nbytes)  # sets the size too
+            except OSError as e:
                 if e.errno in (errno.ENOSPC, errno.EDQUOT):
                     raise
-                check_free_space(array_f, nbytes)
-    except OSError as e:
-        err = storage_error(array_f, e, needed=nbytes)
-        if err is not None:
-            raise err from None
-        raise
+                check_free_space(array_f, nbytes - old)  # a file system without fallocate: a sparse file
+                f.truncate(nbytes)
+        except OSError as e:
+            f.truncate(min(old, nbytes))
+            err = storage_error(array_f, e, needed=nbytes)
+            if err is not None:
+                raise err from None
+            raise
 
 
 def prepare_images(split: CaptionedImages, out_dir: str | Path, size: int = 256, workers: int | None = None,
@@ -215,13 +221,9 @@ def prepare_images(split: CaptionedImages, out_dir: str | Path, size: int = 256,
     images are zero rows marked not ok."""
     t0 = time.perf_counter()
     out = Path(out_dir)
-    try:
+    if not out.is_dir():
+        ensure_writable_dir(out, _WRITE_HINT)
         out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        err = storage_error(out, e)
-        if err is not None:
-            raise err from None
-        raise
     paths = [str(r.path) for r in split.images]
     rel = relative_paths(paths, out if root is None else root)
     n = len(paths)
@@ -240,9 +242,7 @@ def prepare_images(split: CaptionedImages, out_dir: str | Path, size: int = 256,
         state["done"] = [c for c in state["done"] if c not in damaged]
         state["checksums"] = {k: v for k, v in state["checksums"].items() if int(k) not in damaged}
         state["bad"] = {r: why for r, why in state["bad"].items() if r not in lost}
-    if not writable_dir(out):
-        raise StorageError(f"{out}: cannot write the prepared cache here (read-only or permission denied); "
-                           "set text.cache_dir to a writable folder")
+    ensure_writable_dir(out, _WRITE_HINT)  # a finished shared cache may be read-only; one to write may not
     if complete:
         atomic_write_text(done_f, json.dumps(state))  # a repair in progress is resumable too
         index_f.unlink()
