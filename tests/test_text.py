@@ -378,3 +378,28 @@ def test_cache_text_on_a_full_disk_is_one_line_before_embedding(tiny_clip_dir, c
     with pytest.raises(StorageError, match=r"x\.safetensors: no space left on device \(needs about 64\.0 KB"):
         save_text_cache(small_tmpfs / "x.safetensors", torch.zeros(1024, 16), "fp", {})
     assert sorted(p.name for p in small_tmpfs.iterdir()) == ["filler"]
+
+
+def test_cache_text_rebuilds_a_nan_cache_of_the_right_size(tiny_clip_dir, tmp_path, capsys, caplog):
+    """A text cache with NaN in it, the right size and a matching fingerprint was accepted ("up to
+    date"); `clipft cache-text` now rebuilds it, saying why."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from clipft.cli import main
+    from clipft.data.shapes import make_shapes_dataset
+    from clipft.text import CACHE_TENSOR
+    root = make_shapes_dataset(tmp_path / "d", n_train=4, n_val=2, seed=9, image_size=40)
+    args = ["cache-text", "--data", str(root), "--split", "train", "--text-encoder", str(tiny_clip_dir), "--device", "cpu"]
+    assert main(args) == 0
+    path = Path(capsys.readouterr().out.split(" -> ")[1].split(" (")[0])
+    with safe_open(str(path), framework="pt") as f:
+        meta, emb = f.metadata(), f.get_tensor(CACHE_TENSOR)
+    emb[1, 3] = float("nan")
+    save_file({CACHE_TENSOR: emb}, str(path), metadata=meta)  # same size, same fingerprint
+    with caplog.at_level(logging.WARNING, logger="clipft.text"):
+        assert main(args) == 0
+    assert "(built in" in capsys.readouterr().out
+    assert "1 of 20 embeddings are not finite" in caplog.text
+    with safe_open(str(path), framework="pt") as f:
+        assert torch.isfinite(f.get_tensor(CACHE_TENSOR)).all()
