@@ -112,3 +112,20 @@ def test_caches_are_created_with_the_process_umask(tmp_path, tiny_clip_dir):
     made = [p for p in (root / "cache").rglob("*") if p.is_file()]
     assert any(p.suffix == ".safetensors" for p in made) and any(p.name == "images.u8" for p in made)
     assert {p.name: oct(p.stat().st_mode & 0o777) for p in made} == {p.name: "0o664" for p in made}
+
+
+def test_a_read_only_shared_cache_is_read_where_it_is(tmp_path, tiny_clip_dir, make_read_only, monkeypatch, capsys):
+    """Caches built by whoever owns a dataset, then shared read-only: used as they are, not rebuilt
+    in every user's cache directory."""
+    from clipft.cli import main
+    from clipft.data.shapes import make_shapes_dataset
+    root = make_shapes_dataset(tmp_path / "shared", n_train=4, n_val=2, seed=10, image_size=40)
+    args = ["cache-text", "--data", str(root), "--text-encoder", str(tiny_clip_dir), "--device", "cpu"]
+    assert main(args) == 0
+    capsys.readouterr()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    make_read_only(root)
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert out.count(f"-> {root / 'cache'}/") == 2 and out.count("up to date (fingerprint matches)") == 2
+    assert not (tmp_path / "xdg").exists()

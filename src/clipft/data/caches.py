@@ -47,10 +47,17 @@ def user_cache_dir(data_dir: str | Path) -> Path:
     return user_cache_root() / f"{_slug(Path(absolute).name or 'data', 40)}-{digest}"
 
 
+def _holds_files(folder: Path) -> bool:
+    try:
+        return folder.is_dir() and any(folder.iterdir())
+    except OSError:  # not even readable: nothing to share
+        return False
+
+
 def _usable_dir(default_dir: Path) -> Path:
     """`default_dir` when it can be written or already holds caches (a shared cache built by whoever
     owns the dataset: read where it is); else the user cache dir, logged once."""
-    if writable_dir(default_dir) or (default_dir.is_dir() and any(default_dir.iterdir())):
+    if writable_dir(default_dir) or _holds_files(default_dir):
         return default_dir
     user = user_cache_dir(default_dir.parent)
     if str(default_dir) not in _told:
