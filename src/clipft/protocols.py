@@ -7,6 +7,8 @@ whole pipeline (text cache, image embedding, chunked recall) runs unchanged:
   val            the configured validation subset (data.val_images, data.subset_seed): the
                  protocol of the per-epoch numbers in metrics.jsonl
   val-full       the whole val2014 split (40,504 images, ~202k captions on real COCO)
+  val-heldout    the validation split's images outside the `val` subset: they chose nothing (not
+                 best.pt, not an ablation winner), so figures on them are free of selection bias
   karpathy-test  Karpathy's COCO test split (5,000 images, 25,010 captions) from
                  `dataset_coco.json` (--karpathy PATH); images from ROOT/train2014 + ROOT/val2014
   karpathy-val   the same file's 5k validation split
@@ -23,11 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import Config
-from .data import CaptionedImages, DataError, ImageRecord, _is_int, _read_json, load_split
+from .data import CaptionedImages, DataError, ImageRecord, is_int, load_split, read_json
 
 log = logging.getLogger(__name__)
 
 KARPATHY_PREFIX = "karpathy-"
+VAL_PROTOCOLS = ("val", "val-full", "val-heldout")  # drawn from the dataset's validation split
 KARPATHY_SPLITS = ("test", "val", "train", "restval")  # the values of `split` in dataset_coco.json
 
 
@@ -53,7 +56,7 @@ def load_karpathy_split(split_file: str | Path, image_root: str | Path, split: s
     split_file, image_root = Path(split_file), Path(image_root)
     if split not in KARPATHY_SPLITS:
         raise DataError(f"{split_file}: unknown Karpathy split {split!r} (known: {', '.join(KARPATHY_SPLITS)})")
-    data = _read_json(split_file)
+    data = read_json(split_file)
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise DataError(f"{split_file}: expected an object with an 'images' list (Karpathy's dataset_coco.json)")
     images: list[ImageRecord] = []
@@ -69,7 +72,7 @@ def load_karpathy_split(split_file: str | Path, image_root: str | Path, split: s
             if not isinstance(entry.get(key), str) or not entry[key]:
                 raise DataError(f"{split_file}: images[{k}] has no string '{key}'")
         cocoid = entry.get("cocoid", entry.get("imgid"))
-        if not _is_int(cocoid):
+        if not is_int(cocoid):
             raise DataError(f"{split_file}: images[{k}] ({entry['filename']}) has no integer 'cocoid'")
         if cocoid in seen:
             raise DataError(f"{split_file}: images[{k}]: duplicate cocoid {cocoid}")
@@ -86,7 +89,7 @@ def load_karpathy_split(split_file: str | Path, image_root: str | Path, split: s
                 dropped_captions += 1
                 continue
             caps.append(raw)
-            ids.append(s["sentid"] if _is_int(s.get("sentid")) else cocoid * 100 + j)
+            ids.append(s["sentid"] if is_int(s.get("sentid")) else cocoid * 100 + j)
         if not caps:
             dropped_images += 1
             continue
@@ -114,6 +117,7 @@ def protocol_description(name: str, data: CaptionedImages) -> str:
     kind = {
         "val": "validation subset (as during training)" if subset else "full validation split (as during training)",
         "val-full": "full validation split",
+        "val-heldout": "validation images held out from checkpoint selection",
         "karpathy-test": "Karpathy COCO 5k test split (the split published COCO numbers use)",
         "karpathy-val": "Karpathy COCO 5k validation split",
     }.get(name, f"split {name!r}")
@@ -131,9 +135,24 @@ def resolve_eval_split(data_root: str | Path, split: str, cfg: Config, karpathy:
         raise DataError(f"{karpathy}: --karpathy is only used with --split karpathy-test (or karpathy-val)")
     elif split == "val-full":
         data = load_split(data_root, cfg.data.val_split, _without_val_subset(cfg).data)
+    elif split == "val-heldout":
+        data = heldout_val(load_split(data_root, cfg.data.val_split, _without_val_subset(cfg).data), cfg)
     else:
         data = load_split(data_root, split, cfg.data)
     return EvalSplit(data=data, name=split, protocol=protocol_description(split, data))
+
+
+def heldout_val(full: CaptionedImages, cfg: Config) -> CaptionedImages:
+    """The images of the full validation split that are NOT in the seeded `data.val_images` subset
+    (the one that chose best.pt); DataError when the subset is the whole split."""
+    chosen = full.subset(cfg.data.val_images, cfg.data.subset_seed)
+    taken = {(r.image_id, str(r.path)) for r in chosen.images}
+    rows = [i for i, r in enumerate(full.images) if (r.image_id, str(r.path)) not in taken]
+    if not rows:
+        raise DataError(f"{full.name}: data.val_images={cfg.data.val_images} selects the whole validation split "
+                        f"({len(full)} images), so no image is held out from checkpoint selection; set "
+                        "data.val_images below the split size, or evaluate --split karpathy-test")
+    return full.select(rows, f"{full.name}:heldout-of-subset={cfg.data.val_images},seed={cfg.data.subset_seed}")
 
 
 def _without_val_subset(cfg: Config) -> Config:
