@@ -9,7 +9,7 @@ import torch
 
 from clipft import train as train_mod
 from clipft.cli import main
-from clipft.config import Config, apply_overrides
+from clipft.config import Config, ConfigError, apply_overrides, load_config
 from clipft.model import load_image_tower
 from clipft.runfiles import read_records
 from clipft.train import build_optimizer, cosine_with_warmup
@@ -179,8 +179,8 @@ def test_optimizer_part_groups_with_backbone_lr_ratio():
     assert len(ids) == len(set(ids))
     assert set(ids) == {id(p) for p in m.parameters() if p.requires_grad}  # frozen stages left out
     assert any(p is m.pool.positional_embedding for p in groups["head/decay"]["params"])  # new: head rate
-    with pytest.raises(train_mod.TrainingError, match="backbone_lr_ratio"):
-        build_optimizer(m, 1e-3, 0.1, backbone_lr_ratio=-1)
+    with pytest.raises(ConfigError, match="backbone_lr_ratio"):  # the schema's range, before any work
+        load_config(None, ["train.backbone_lr_ratio=-1"])
 
 
 def test_backbone_frozen_for_first_epoch_then_trains_and_resumes(coco_root, tiny_clip_dir, tmp_path):
