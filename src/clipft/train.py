@@ -1,7 +1,15 @@
-"""Training: data + cached text -> image tower, with one plainly written training step.
+"""Training: data + cached text -> image tower. The loop is named phases around one `TrainState`:
 
-Writes a run directory (its layout: `runfiles.py`). Under torchrun every process runs `train`; rank 0
-alone writes the files (see distributed.py).
+  setup_runtime, setup_data, setup_model   run directory and seeds; splits, caption caches, dataset; tower,
+                                           optimizer, schedule -> a fresh TrainState
+  restore                                  continue from last.pt (`checkpoint.Checkpointer`)
+  train_one_epoch -> EpochStats            the optimizer steps (`step.train_step`, one screen)
+  validate_epoch, end_epoch                recall on the validation split; log, best.pt / last.pt
+  finish                                   summary.json
+
+`_train` reads as that table of contents. Writes a run directory (its layout and `RunLog`:
+`runfiles.py`). Under torchrun every process runs `train`; rank 0 alone writes the files (see
+distributed.py). `TrainHooks` / `use_hooks` are the seams tests replace parts of the loop through.
 """
 
 from __future__ import annotations
