@@ -15,7 +15,6 @@ distributed.py). `TrainHooks` / `use_hooks` are the seams tests replace parts of
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import itertools
 import json
 import logging
@@ -40,7 +39,7 @@ from .health import HealthMonitor
 from .loss import chance_loss, clip_loss
 from .model import build_image_tower, count_parameters, ensure_image_weights, parameter_parts, tower_state
 from .runfiles import RunFiles, RunLog, read_records
-from .runtime import amp_dtype_for, hardware_info, seed_everything
+from .runtime import amp_dtype_for, hardware_info, overriding, seed_everything
 from .step import StepStats, non_finite_state, step_values, train_step
 from .text import get_text_embeddings, load_text_encoder
 from .data.prepare import DeviceTransform, PreparedDataset, PreparedImages, PreparedLoader
@@ -262,15 +261,9 @@ class TrainHooks:
 _HOOKS = TrainHooks()
 
 
-@contextlib.contextmanager
-def use_hooks(**parts: Any) -> Iterator[TrainHooks]:
+def use_hooks(**parts: Any) -> contextlib.AbstractContextManager[TrainHooks]:
     """`train` runs with these parts of `TrainHooks` replaced inside the block (also under `cli.main`)."""
-    global _HOOKS
-    saved, _HOOKS = _HOOKS, dataclasses.replace(_HOOKS, **parts)
-    try:
-        yield _HOOKS
-    finally:
-        _HOOKS = saved
+    return overriding(_HOOKS, **parts)
 
 
 # --------------------------------------------------------------------------- state
