@@ -120,3 +120,22 @@ def test_train_on_a_full_disk_ends_in_one_line(coco_root, tiny_clip_dir, small_t
     assert len(err) == 1 and err[0].startswith(f"clipft: error: {run}/"), err
     assert "no space left on device (needs about " in err[0] and " MB" in err[0]
     assert not [p.name for p in run.iterdir() if ".tmp" in p.name]
+
+
+def test_overriding_sets_existing_attributes_and_restores_them():
+    import types
+
+    import pytest
+
+    from clipft.runtime import overriding
+    hooks = types.SimpleNamespace(step="real")
+    with overriding(hooks, step="fake") as h:
+        assert h.step == "fake"
+    assert hooks.step == "real"
+    with pytest.raises(AttributeError, match="no stpe"):  # a typo is an error, not a silent new seam
+        with overriding(hooks, stpe="fake"):
+            pass
+    with pytest.raises(KeyError):
+        with overriding(hooks, step="fake"):
+            raise KeyError("restored on errors too")
+    assert hooks.step == "real"

@@ -46,10 +46,13 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..config import Config
+from .caches import data_root, prepared_split_dir
 from .datasets import epoch_caption_index
 from .images import CenterSquareResize, load_image
 from ..runtime import atomic_write_text, check_free_space, ensure_writable_dir, storage_error
 from .records import CaptionedImages, DataError
+from .splits import load_split
 
 log = logging.getLogger(__name__)
 
@@ -291,6 +294,16 @@ def _write_index(out: Path, state: dict, rel: list[str], size: int, paths: list[
         "version": FORMAT_VERSION, "size": size, "paths": rel, "ok": ok, "chunk": state["chunk"],
         "checksums": state["checksums"], "bad": {rel[int(r)]: why for r, why in state["bad"].items()}}))
     (out / "done.json").unlink(missing_ok=True)
+
+
+def prepare_split(root: str | Path, split: str, cfg: Config, size: int | None = None, workers: int | None = None,
+                  progress: bool = True) -> dict:
+    """`clipft prepare-images` for one split: load it, and prepare it where training looks for it
+    (`caches.prepared_split_dir`, at `size` px, default data.prepared_size). Returns `prepare_images`'s dict."""
+    size = size or cfg.data.prepared_size
+    data = load_split(Path(root), split, cfg.data)
+    return prepare_images(data, prepared_split_dir(root, split, cfg, size), size=size, workers=workers,
+                          progress=progress, root=data_root(root, split, cfg))
 
 
 def _digest(paths: Sequence[str], size: int) -> str:
