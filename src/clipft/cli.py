@@ -377,6 +377,40 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_embed(args: argparse.Namespace) -> int:
+    from .api import load
+    from .embed import embed_folder
+    if not Path(args.images).is_dir():
+        raise ConfigError(f"{args.images}: not a directory")
+    device = "cpu" if args.backend == "onnx" and args.device == "auto" else _auto_device(args.device)
+    model = load(args.model, device=device, backend=args.backend)
+    info = embed_folder(model, args.images, args.out, batch_size=args.batch_size, workers=args.workers,
+                        progress=not args.quiet)
+    print(f"{info['images']} images embedded ({info['skipped']} unreadable, skipped) in {info['seconds']:.1f}s: "
+          f"{info['images_per_s']:.1f} images/s; wrote {info['out']}")
+    return 0
+
+
+def _auto_device(device: str) -> str:
+    from .runtime import resolve_device
+    return str(resolve_device(device)) if device == "auto" else device
+
+
+def _add_model_commands(sub: argparse._SubParsersAction) -> None:
+    """Commands that take a trained model out of its run: export, embed."""
+    s = sub.add_parser("embed", help="embed every image of a folder (recursive) into a safetensors file")
+    s.add_argument("--model", required=True, help="export folder, checkpoint, or HF CLIP model (name or dir)")
+    s.add_argument("--images", required=True, help="folder of images (jpg, jpeg, png, webp, bmp, gif)")
+    s.add_argument("--out", required=True, help="output .safetensors (embeddings, relative paths, sizes, mtimes)")
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--workers", type=int, default=None, help="decoding processes (default: CPUs - 1, at most 8)")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--backend", choices=["torch", "onnx"], default="torch",
+                   help="onnx: the export folder's image_tower.onnx with onnxruntime (CPU)")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_embed)
+
+
 # --------------------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -549,6 +583,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true")
     s.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     s.set_defaults(func=cmd_demo)
+    _add_model_commands(sub)
     return p
 
 
