@@ -391,6 +391,17 @@ def cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_checkpoint, format_size
+    info = export_checkpoint(args.checkpoint, args.out, onnx=args.onnx, check_images=args.check_images)
+    if info["onnx_max_abs_diff"] is not None:
+        print(f"ONNX check: onnxruntime matches PyTorch on real images (max abs difference "
+              f"{info['onnx_max_abs_diff']:.1e})")
+    for path, size in info["files"]:
+        print(f"wrote {path} ({format_size(size)})")
+    return 0
+
+
 def _auto_device(device: str) -> str:
     from .runtime import resolve_device
     return str(resolve_device(device)) if device == "auto" else device
@@ -398,6 +409,14 @@ def _auto_device(device: str) -> str:
 
 def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     """Commands that take a trained model out of its run: export, embed."""
+    s = sub.add_parser("export", help="write a self-contained model folder (safetensors, config, model card, "
+                                      "optionally ONNX) in the Hugging Face hub layout")
+    s.add_argument("checkpoint", help="a clipft checkpoint (RUN/best.pt)")
+    s.add_argument("--out", required=True, help="output folder (new, empty, or an earlier export)")
+    s.add_argument("--onnx", action="store_true", help="also write image_tower.onnx, checked with onnxruntime")
+    s.add_argument("--check-images", metavar="FOLDER",
+                   help="real images for the ONNX check (default: the run's validation images)")
+    s.set_defaults(func=cmd_export)
     s = sub.add_parser("embed", help="embed every image of a folder (recursive) into a safetensors file")
     s.add_argument("--model", required=True, help="export folder, checkpoint, or HF CLIP model (name or dir)")
     s.add_argument("--images", required=True, help="folder of images (jpg, jpeg, png, webp, bmp, gif)")
