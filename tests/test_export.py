@@ -30,9 +30,10 @@ def _val_images(coco_root):
 
 def test_export_writes_the_hub_layout_and_prints_sizes(exported):
     out, printed = exported
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "image_tower.onnx",
-                                                      "model.safetensors"]
-    for name in ("model.safetensors", "config.json", "README.md", "image_tower.onnx"):
+    names = ["README.md", "config.json", "image_tower.onnx", "model.safetensors", "open_clip_visual.json",
+             "open_clip_visual.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == names
+    for name in names:
         assert f"wrote {out / name} (" in printed
     assert "ONNX check" in printed
     cfg = json.loads((out / "config.json").read_text())
@@ -142,3 +143,34 @@ def test_cli_errors_are_one_line(trained_run, tmp_path, capsys):
 
 def test_format_size():
     assert format_size(512) == "512 B" and format_size(1_234_567) == "1.2 MB" and format_size(3 * 10**9) == "3.0 GB"
+
+
+def test_open_clip_timm_tower_form_loads_in_open_clip(exported):
+    pytest.importorskip("timm")
+    from open_clip.timm_model import TimmModel
+    from safetensors.torch import load_file
+
+    from clipft.api import tower_from_export
+    out, printed = exported
+    cfg = json.loads((out / "open_clip_visual.json").read_text())
+    v = cfg["vision_cfg"]
+    assert v["timm_proj"] == "mlp" and cfg["embed_dim"] == 16  # head_hidden 32 = 2 x 16: it maps
+    visual = TimmModel(v["timm_model_name"], cfg["embed_dim"], image_size=v["image_size"], pool=v["timm_pool"],
+                       proj=v["timm_proj"], proj_bias=v["timm_proj_bias"], drop=v["timm_drop"])
+    visual.load_state_dict(load_file(str(out / "open_clip_visual.safetensors")))  # strict: every key fits
+    pixels = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        got = torch.nn.functional.normalize(visual.eval()(pixels), dim=-1)
+        want = tower_from_export(out)(pixels)
+    assert torch.allclose(got, want, atol=1e-5)
+    assert "open_clip_visual.json" in json.loads((out / "config.json").read_text())["files"].values()
+
+
+def test_open_clip_form_says_why_a_head_does_not_map(trained_run):
+    from clipft.config import ModelConfig
+    from clipft.export import open_clip_form
+    from clipft.model import ImageTower
+    tower = ImageTower(ModelConfig(backbone="resnet18", image_weights="none", head_hidden=48, pooling="attention"), 16)
+    why = open_clip_form(tower, {"image_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3, "logit_scale": 10.0,
+                                 "text_encoder": {"name": "x"}})
+    assert isinstance(why, str) and "pooling attention" in why and "head hidden 48 != 2 x embedding 16" in why

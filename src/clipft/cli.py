@@ -399,6 +399,8 @@ def cmd_export(args: argparse.Namespace) -> int:
               f"{info['onnx_max_abs_diff']:.1e})")
     for path, size in info["files"]:
         print(f"wrote {path} ({format_size(size)})")
+    if info["open_clip"]:
+        print(f"open_clip timm-tower form not written: {info['open_clip']}")
     return 0
 
 

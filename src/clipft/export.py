@@ -5,6 +5,8 @@
     DIR/README.md           a model card generated from the run (clipft.modelcard)
     DIR/image_tower.onnx    with --onnx: pixel_values [B, 3, H, W] float32 (normalised) ->
                             image_embeds [B, D] (L2-normalised), dynamic batch axis
+    DIR/open_clip_visual.*  where the head maps onto open_clip's timm image tower (avg pooling,
+                            2-layer head with hidden = 2 x embedding): that tower's config + weights
 
 The ONNX file is run with onnxruntime on real images before it is kept and compared with the
 PyTorch tower (max abs difference <= ONNX_TOLERANCE at two batch sizes); an export that fails is
@@ -147,6 +149,38 @@ def _parity_pixels(model, paths: Sequence[Path]) -> torch.Tensor:
     return torch.stack(pixels)
 
 
+# --------------------------------------------------------------------------- open_clip form
+
+OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS = "open_clip_visual.json", "open_clip_visual.safetensors"
+
+
+def open_clip_form(tower: ImageTower, config: dict) -> tuple[dict, dict[str, torch.Tensor]] | str:
+    """The tower as open_clip's timm image tower (`open_clip.timm_model.TimmModel` with pool avg and
+    `timm_proj: mlp`: Linear(F, 2D) -> GELU -> Linear(2D, D)): (open_clip vision config, state dict
+    with TimmModel's keys), or the reason the head layout does not map onto it."""
+    m, d = tower.cfg, tower.embed_dim
+    why = [w for bad, w in ((m.pooling != "avg", f"pooling {m.pooling} (open_clip's timm tower: avg)"),
+                            (m.head_layers != 2, f"{m.head_layers} head layers (timm_proj mlp: 2)"),
+                            (m.head_hidden != 2 * d, f"head hidden {m.head_hidden} != 2 x embedding {d}"),
+                            (m.head_norm != "none", f"head norm {m.head_norm}"),
+                            (m.head_residual, "residual head")) if bad]
+    if why:
+        return "; ".join(why)
+    linears = [mod for mod in tower.head.net if isinstance(mod, torch.nn.Linear)]  # [fc1, fc2]
+    state = {"trunk." + k[len("backbone."):]: v for k, v in tower.state_dict().items() if k.startswith("backbone.")}
+    for name, lin in zip(("fc1", "fc2"), linears):
+        state[f"head.mlp.{name}.weight"], state[f"head.mlp.{name}.bias"] = lin.weight.detach(), lin.bias.detach()
+    cfg = {"embed_dim": d,
+           "vision_cfg": {"timm_model_name": m.backbone, "timm_model_pretrained": False, "timm_pool": "avg",
+                          "timm_proj": "mlp", "timm_proj_bias": True, "timm_drop": m.head_dropout,
+                          "image_size": config["image_size"]},
+           "preprocess_cfg": {"mean": config["mean"], "std": config["std"], "interpolation": "bicubic",
+                              "resize_mode": "shortest"},
+           "logit_scale": config["logit_scale"], "text_encoder": config["text_encoder"]["name"],
+           "note": "image tower only: the text side is the frozen text encoder named here, not an open_clip tower"}
+    return cfg, {k: v.contiguous() for k, v in state.items()}
+
+
 # --------------------------------------------------------------------------- export
 
 def _atomic_write(path: Path, write) -> None:
@@ -156,7 +190,7 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def _check_out_dir(out: Path) -> None:
-    known = {CONFIG_FILE, WEIGHTS_FILE, ONNX_FILE, CARD_FILE}
+    known = {CONFIG_FILE, WEIGHTS_FILE, ONNX_FILE, CARD_FILE, OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS}
     if out.is_file():
         raise ModelError(f"{out}: exists and is a file; --out must be a folder")
     if out.is_dir():
@@ -169,7 +203,8 @@ def _check_out_dir(out: Path) -> None:
 def export_checkpoint(checkpoint: str | Path, out: str | Path, onnx: bool = False,
                       check_images: str | Path | None = None) -> dict:
     """Export a clipft checkpoint to `out` (see the module docstring). Returns {"files": [(path,
-    bytes)], "onnx_max_abs_diff": float or None}. ModelError (one line) for anything refused."""
+    bytes)], "onnx_max_abs_diff": float or None, "open_clip": None if that form was written, else
+    why not}. ModelError (one line) for anything refused."""
     from safetensors.torch import save_file
 
     from .modelcard import write_model_card
@@ -202,6 +237,9 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, onnx: bool = Fals
         config["files"]["onnx"] = ONNX_FILE
         config["onnx"] = {"input": "pixel_values", "output": "image_embeds", "max_abs_diff": diff,
                           "checked_images": PARITY_IMAGES}
+    form = open_clip_form(tower, config)
+    if isinstance(form, tuple):
+        config["files"].update(open_clip_config=OPEN_CLIP_CONFIG, open_clip_weights=OPEN_CLIP_WEIGHTS)
     state = {k: v.detach().contiguous() for k, v in tower.state_dict().items()}
     _atomic_write(out / WEIGHTS_FILE, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
     _atomic_write(out / CONFIG_FILE, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
@@ -211,7 +249,16 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, onnx: bool = Fals
     else:
         (out / ONNX_FILE).unlink(missing_ok=True)  # an earlier export's file would not match these weights
     names = [WEIGHTS_FILE, CONFIG_FILE, CARD_FILE] + ([ONNX_FILE] if onnx else [])
-    return {"files": [(out / n, (out / n).stat().st_size) for n in names], "onnx_max_abs_diff": diff}
+    if isinstance(form, tuple):
+        oc_cfg, oc_state = form
+        _atomic_write(out / OPEN_CLIP_WEIGHTS, lambda p: save_file(oc_state, str(p), metadata={"format": "pt"}))
+        _atomic_write(out / OPEN_CLIP_CONFIG, lambda p: p.write_text(json.dumps(oc_cfg, indent=2) + "\n"))
+        names += [OPEN_CLIP_WEIGHTS, OPEN_CLIP_CONFIG]
+    else:
+        for stale in (OPEN_CLIP_WEIGHTS, OPEN_CLIP_CONFIG):
+            (out / stale).unlink(missing_ok=True)
+    return {"files": [(out / n, (out / n).stat().st_size) for n in names], "onnx_max_abs_diff": diff,
+            "open_clip": None if isinstance(form, tuple) else form}
 
 
 def format_size(n: int) -> str:

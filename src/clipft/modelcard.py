@@ -184,6 +184,10 @@ def usage_section(config: dict, name: str) -> list[str]:
                   f"{config['image_size']}] (already normalised), output `image_embeds` [B, {config['embed_dim']}] "
                   f"(L2-normalised); B is dynamic. Checked against PyTorch with onnxruntime on real images: max "
                   f"abs difference {config['onnx']['max_abs_diff']:.1e}.", ""]
+    if config.get("files", {}).get("open_clip_config"):
+        lines += ["`open_clip_visual.json` + `open_clip_visual.safetensors`: the same tower as open_clip's timm image "
+                  "tower (`open_clip.timm_model.TimmModel`, `timm_proj: mlp`); image tower only, its text side is "
+                  "the frozen text encoder above.", ""]
     return lines
 
 
