@@ -104,7 +104,7 @@ def test_model_card_has_no_placeholders_and_names_its_protocol(exported):
         assert placeholder not in body, placeholder
 
 
-def test_bad_export_folders_give_one_clear_line(exported, tmp_path):
+def test_bad_export_folders_give_one_clear_line(exported, tmp_path, capsys):
     out, _ = exported
     bad = tmp_path / "bad"
     shutil.copytree(out, bad)
@@ -120,6 +120,9 @@ def test_bad_export_folders_give_one_clear_line(exported, tmp_path):
     (bad / "model.safetensors").write_bytes(b"\x07" * 64)  # corrupt
     with pytest.raises(ModelError, match="model.safetensors: not a readable safetensors file"):
         load(bad)
+    assert main(["embed", "--model", str(bad), "--images", str(tmp_path), "--out", str(tmp_path / "e")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("clipft: error: ") and err.count("\n") == 1 and "Traceback" not in err
     (bad / "config.json").unlink()
     with pytest.raises(ModelError, match="no config.json"):
         load(bad)
@@ -174,3 +177,25 @@ def test_open_clip_form_says_why_a_head_does_not_map(trained_run):
     why = open_clip_form(tower, {"image_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3, "logit_scale": 10.0,
                                  "text_encoder": {"name": "x"}})
     assert isinstance(why, str) and "pooling attention" in why and "head hidden 48 != 2 x embedding 16" in why
+
+
+def test_readme_numpy_preprocessing_gives_the_models_pixels(exported, tmp_path):
+    # The NumPy recipe of the README's "The ONNX file", for other runtimes.
+    import numpy as np
+    from PIL import Image
+    out, _ = exported
+    cfg = json.loads((out / "config.json").read_text())
+
+    def pixel_values(path, size, mean, std):  # -> [3, size, size] float32
+        img = Image.open(path).convert("RGB")
+        w, h = img.size
+        s = min(w, h)
+        box = ((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2)  # the centre square
+        x = np.asarray(img.resize((size, size), Image.BICUBIC, box=box, reducing_gap=None), np.float32) / 255
+        return ((x - np.float32(mean)) / np.float32(std)).transpose(2, 0, 1)
+
+    png = tmp_path / "x.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (45, 70, 3), dtype=np.uint8)).save(png)
+    ours = pixel_values(png, cfg["image_size"], cfg["mean"], cfg["std"])
+    assert ours.dtype == np.float32
+    assert np.allclose(ours, load(out).pixels(png).numpy(), atol=1e-6)
