@@ -317,6 +317,61 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_embed(args: argparse.Namespace) -> int:
+    from .api import load
+    from .embed import embed_folder
+    if not Path(args.images).is_dir():
+        raise ConfigError(f"{args.images}: not a directory")
+    device = "cpu" if args.backend == "onnx" and args.device == "auto" else _auto_device(args.device)
+    model = load(args.model, device=device, backend=args.backend)
+    info = embed_folder(model, args.images, args.out, batch_size=args.batch_size, workers=args.workers,
+                        progress=not args.quiet)
+    print(f"{info['images']} images embedded ({info['skipped']} unreadable, skipped) in {info['seconds']:.1f}s: "
+          f"{info['images_per_s']:.1f} images/s; wrote {info['out']}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_checkpoint, format_size
+    info = export_checkpoint(args.checkpoint, args.out, onnx=args.onnx, check_images=args.check_images)
+    if info["onnx_max_abs_diff"] is not None:
+        print(f"ONNX check: onnxruntime matches PyTorch on real images (max abs difference "
+              f"{info['onnx_max_abs_diff']:.1e})")
+    for path, size in info["files"]:
+        print(f"wrote {path} ({format_size(size)})")
+    if info["open_clip"]:
+        print(f"open_clip timm-tower form not written: {info['open_clip']}")
+    return 0
+
+
+def _auto_device(device: str) -> str:
+    from .runtime import resolve_device
+    return str(resolve_device(device)) if device == "auto" else device
+
+
+def _add_model_commands(sub: argparse._SubParsersAction) -> None:
+    """Commands that take a trained model out of its run: export, embed."""
+    s = sub.add_parser("export", help="write a self-contained model folder (safetensors, config, model card, "
+                                      "optionally ONNX) in the Hugging Face hub layout")
+    s.add_argument("checkpoint", help="a clipft checkpoint (RUN/best.pt)")
+    s.add_argument("--out", required=True, help="output folder (new, empty, or an earlier export)")
+    s.add_argument("--onnx", action="store_true", help="also write image_tower.onnx, checked with onnxruntime")
+    s.add_argument("--check-images", metavar="FOLDER",
+                   help="real images for the ONNX check (default: the run's validation images)")
+    s.set_defaults(func=cmd_export)
+    s = sub.add_parser("embed", help="embed every image of a folder (recursive) into a safetensors file")
+    s.add_argument("--model", required=True, help="export folder, checkpoint, or HF CLIP model (name or dir)")
+    s.add_argument("--images", required=True, help="folder of images (jpg, jpeg, png, webp, bmp, gif)")
+    s.add_argument("--out", required=True, help="output .safetensors (embeddings, relative paths, sizes, mtimes)")
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--workers", type=int, default=None, help="decoding processes (default: CPUs - 1, at most 8)")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--backend", choices=["torch", "onnx"], default="torch",
+                   help="onnx: the export folder's image_tower.onnx with onnxruntime (CPU)")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_embed)
+
+
 # --------------------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -327,6 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_and_train_commands(sub)
     _add_checkpoint_commands(sub)
     _add_tool_commands(sub)
+    _add_model_commands(sub)  # export, embed
     return p
 
 
