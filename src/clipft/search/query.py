@@ -1,0 +1,219 @@
+"""Queries against a loaded index: exact top-k by one matrix product, near-duplicate groups, and an
+optional approximate (faiss IVF) index for collections where the exact product stops being fast.
+
+Every embedding is L2-normalised, so a dot product is a cosine similarity.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .index import SearchError, connect, load_shard, read_info
+
+ANN_FILE = "ann.faiss"
+ANN_MIN_ROWS = 200_000  # below this the exact product answers in a few ms (see benchmarks/search.py)
+DUPLICATE_CHUNK = 2048  # rows of the [chunk, N] similarity block held at once by `duplicate_groups`
+
+
+@dataclass
+class Hit:
+    id: int
+    path: str
+    score: float
+
+    def as_dict(self) -> dict:
+        return {"id": self.id, "path": self.path, "score": round(self.score, 6)}
+
+
+@dataclass
+class LoadedIndex:
+    """An index in memory: ids [N] (ascending), paths, emb [N, D] float32 L2-normalised."""
+    index_dir: Path
+    root: Path
+    info: dict[str, str]
+    ids: np.ndarray
+    paths: list[str]
+    sha256: list[str]
+    emb: torch.Tensor
+    ann: object | None = None
+    _row: dict[int, int] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self._row = {int(i): r for r, i in enumerate(self.ids)}
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def model(self) -> str:
+        return self.info.get("model", "?")
+
+    def row_of(self, image_id: int) -> int:
+        """Row of an indexed id; KeyError for an id that is not in the index."""
+        return self._row[image_id]
+
+    def row_of_path(self, path: str) -> int | None:
+        try:
+            return self.paths.index(path)
+        except ValueError:
+            return None
+
+
+def load_index(index_dir: str | Path, use_ann: bool | None = None) -> LoadedIndex:
+    """Read an index written by `update_index`. `use_ann`: None = use ann.faiss when present and
+    current, True = require it, False = exact only."""
+    index_dir = Path(index_dir)
+    conn = connect(index_dir, readonly=True)
+    try:
+        info = read_info(conn)
+        rows = conn.execute("SELECT id, path, sha256, shard, row FROM files ORDER BY id").fetchall()
+    finally:
+        conn.close()
+    dim = int(info.get("embed_dim", 0))
+    if rows:
+        shards = {s: load_shard(index_dir, s) for s in {r[3] for r in rows}}
+        if len(shards) == 1 and [r[4] for r in rows] == list(range(len(rows))):
+            emb = np.array(next(iter(shards.values())), dtype=np.float32)  # compacted: one shard in id order (a copy)
+        else:  # a killed run's chunks: still a complete, searchable index
+            emb = np.stack([shards[s][r] for _, _, _, s, r in rows]).astype(np.float32)
+    else:
+        emb = np.zeros((0, dim), dtype=np.float32)
+    idx = LoadedIndex(index_dir=index_dir, root=Path(info.get("root", ".")), info=info,
+                      ids=np.array([r[0] for r in rows], dtype=np.int64), paths=[r[1] for r in rows],
+                      sha256=[r[2] for r in rows], emb=torch.from_numpy(np.ascontiguousarray(emb)))
+    if use_ann is not False:
+        idx.ann = load_ann(idx, required=bool(use_ann))
+    return idx
+
+
+def top_k(idx: LoadedIndex, query: torch.Tensor, k: int, exclude: int | None = None) -> list[Hit]:
+    """The k rows most similar to one query vector [D]: approximate when idx.ann is set, else exact
+    (one [N, D] @ [D] product). `exclude` leaves one row out (the query image itself)."""
+    n = len(idx)
+    want = min(k + (exclude is not None), n)
+    if want <= 0:
+        return []
+    if idx.ann is not None:
+        scores, rows = _ann_search(idx.ann, query, want)
+    else:
+        scores, rows = torch.topk(idx.emb @ query.to(torch.float32), want)  # [N] -> [want]
+        scores, rows = scores.tolist(), rows.tolist()
+    hits = [Hit(int(idx.ids[r]), idx.paths[r], float(s)) for s, r in zip(scores, rows) if r >= 0 and r != exclude]
+    return hits[:k]
+
+
+def search_text(idx: LoadedIndex, model, text: str, k: int) -> list[Hit]:
+    return top_k(idx, model.encode_texts([text])[0], k)
+
+
+def search_similar(idx: LoadedIndex, image_id: int, k: int) -> list[Hit]:
+    """Images like an indexed one (itself left out); KeyError for an unknown id."""
+    row = idx.row_of(image_id)
+    return top_k(idx, idx.emb[row], k, exclude=row)
+
+
+def duplicate_groups(idx: LoadedIndex, threshold: float = 0.95) -> list[list[int]]:
+    """Groups (rows, >= 2 each) of images whose cosine similarity chains at >= threshold: connected
+    components of the thresholded similarity graph, computed block by block ([chunk, N] at a time),
+    so memory stays bounded; exact, O(N^2 D) time. Groups are sorted by their first row."""
+    n = len(idx)
+    parent = list(range(n))
+
+    def find(a: int) -> int:
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    for start in range(0, n, DUPLICATE_CHUNK):
+        block = idx.emb[start:start + DUPLICATE_CHUNK] @ idx.emb.T  # [chunk, N]
+        ii, jj = torch.nonzero(block >= threshold, as_tuple=True)
+        for i, j in zip((ii + start).tolist(), jj.tolist()):
+            if i < j:
+                ra, rb = find(i), find(j)
+                if ra != rb:
+                    parent[max(ra, rb)] = min(ra, rb)
+    groups: dict[int, list[int]] = {}
+    for r in range(n):
+        groups.setdefault(find(r), []).append(r)
+    return sorted((g for g in groups.values() if len(g) > 1), key=lambda g: g[0])
+
+
+# --------------------------------------------------------------------------- approximate (optional)
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError:
+        raise SearchError("the approximate index needs faiss: pip install 'clipft[ann]'") from None
+    return faiss
+
+
+def build_ann(emb: torch.Tensor, nlist: int | None = None, nprobe: int | None = None, seed: int = 0):
+    """A faiss IVF-Flat inner-product index over emb [N, D]: k-means into `nlist` cells (default
+    ~4 sqrt(N)) trained on at most 64 points per cell, `nprobe` cells scanned per query."""
+    faiss = _faiss()
+    x = np.ascontiguousarray(emb.numpy(), dtype=np.float32)
+    n, d = x.shape
+    nlist = nlist or max(1, min(n // 39, int(4 * math.sqrt(n))))  # faiss warns under 39 points per cell
+    quantizer = faiss.IndexFlatIP(d)
+    ann = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+    rng = np.random.default_rng(seed)
+    train = x[rng.choice(n, size=min(n, 64 * nlist), replace=False)]
+    ann.cp.seed = seed
+    ann.train(train)
+    ann.add(x)
+    ann.nprobe = nprobe or max(1, min(nlist, 32))
+    return ann
+
+
+def _ann_search(ann, query: torch.Tensor, k: int) -> tuple[list[float], list[int]]:
+    scores, rows = ann.search(np.ascontiguousarray(query.numpy()[None], dtype=np.float32), k)  # [1, k] each
+    return scores[0].tolist(), rows[0].tolist()
+
+
+def ann_state(idx: LoadedIndex) -> str:
+    """What the ANN file must match: the rows it was built from (ids and contents)."""
+    import hashlib
+    h = hashlib.sha256(idx.info.get("fingerprint", "").encode() + idx.ids.tobytes())
+    for s in idx.sha256:
+        h.update(s.encode())
+    return h.hexdigest()[:16]
+
+
+def write_ann(idx: LoadedIndex) -> Path:
+    """Build the approximate index for idx and save it beside the database (temp file + rename)."""
+    faiss = _faiss()
+    import os
+    ann = build_ann(idx.emb)
+    out = idx.index_dir / ANN_FILE
+    tmp = out.with_name(f".{ANN_FILE}.tmp")
+    faiss.write_index(ann, str(tmp))
+    (idx.index_dir / f".{ANN_FILE}.state.tmp").write_text(ann_state(idx))
+    os.replace(tmp, out)
+    os.replace(idx.index_dir / f".{ANN_FILE}.state.tmp", idx.index_dir / f"{ANN_FILE}.state")
+    return out
+
+
+def load_ann(idx: LoadedIndex, required: bool = False):
+    """The saved approximate index when it matches idx's rows (else None, or SearchError if required)."""
+    path, state = idx.index_dir / ANN_FILE, idx.index_dir / f"{ANN_FILE}.state"
+    current = path.is_file() and state.is_file() and state.read_text() == ann_state(idx)
+    if not current:
+        if required:
+            raise SearchError(f"{idx.index_dir}: no up-to-date approximate index (rerun `clipft index` with --ann)")
+        return None
+    return _faiss().read_index(str(path))
+
+
+def timed(fn, *args, **kwargs) -> tuple[object, float]:
+    """fn's result and its wall time in ms."""
+    t0 = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, (time.perf_counter() - t0) * 1000
