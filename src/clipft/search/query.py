@@ -118,7 +118,7 @@ def search_similar(idx: LoadedIndex, image_id: int, k: int) -> list[Hit]:
     return top_k(idx, idx.emb[row], k, exclude=row)
 
 
-def duplicate_groups(idx: LoadedIndex, threshold: float = 0.95) -> list[list[int]]:
+def duplicate_groups(idx: LoadedIndex, threshold: float = 0.95, chunk: int = DUPLICATE_CHUNK) -> list[list[int]]:
     """Groups (rows, >= 2 each) of images whose cosine similarity chains at >= threshold: connected
     components of the thresholded similarity graph, computed block by block ([chunk, N] at a time),
     so memory stays bounded; exact, O(N^2 D) time. Groups are sorted by their first row."""
@@ -131,8 +131,8 @@ def duplicate_groups(idx: LoadedIndex, threshold: float = 0.95) -> list[list[int
             a = parent[a]
         return a
 
-    for start in range(0, n, DUPLICATE_CHUNK):
-        block = idx.emb[start:start + DUPLICATE_CHUNK] @ idx.emb.T  # [chunk, N]
+    for start in range(0, n, chunk):
+        block = idx.emb[start:start + chunk] @ idx.emb.T  # [chunk, N]
         ii, jj = torch.nonzero(block >= threshold, as_tuple=True)
         for i, j in zip((ii + start).tolist(), jj.tolist()):
             if i < j:
