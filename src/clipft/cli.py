@@ -22,9 +22,11 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from .distributed import DistributedError
     from .download import DownloadError
     from .model import ModelError
+    from .search.index import SearchError
     from .text import TextEncoderError
     from .train import TrainingError
-    return (ConfigError, DataError, DistributedError, DownloadError, ModelError, TextEncoderError, TrainingError)
+    return (ConfigError, DataError, DistributedError, DownloadError, ModelError, SearchError, TextEncoderError,
+            TrainingError)
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -377,6 +379,96 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- search your photos
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from .api import load
+    from .search.index import default_index_dir, update_index
+    from .search.query import load_index, model_source, write_ann
+    index_dir = Path(args.index) if args.index else default_index_dir(args.folder)
+    model = load(args.model, device=args.device)
+    s = update_index(args.folder, model, index_dir, model_source=model_source(args.model), rebuild=args.rebuild,
+                     dtype=args.dtype, batch_size=args.batch_size, workers=args.workers, progress=not args.quiet)
+    print(f"{index_dir}: {s.total} images ({s.added} new, {s.changed} changed, {s.removed} removed, "
+          f"{s.unchanged + s.touched} unchanged, {s.unreadable} unreadable); embedded {s.embedded} in {s.seconds:.1f}s")
+    if args.ann:
+        print(f"wrote {write_ann(load_index(index_dir, use_ann=False))} (approximate index)")
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    import json
+    import time
+    from .search import query as Q
+    if sum(map(bool, (args.query, args.image, args.duplicates))) != 1:
+        raise ConfigError('search: give one of QUERY, --image PATH or --duplicates')
+    idx = Q.load_index(args.index, use_ann=False if args.exact else None)
+    if args.duplicates:
+        groups = [[{"id": int(idx.ids[r]), "path": idx.paths[r]} for r in g] for g in Q.duplicate_groups(idx, args.threshold)]
+        print(json.dumps({"groups": groups, "model": idx.model, "threshold": args.threshold}) if args.json else
+              "\n\n".join("\n".join(f["path"] for f in g) for g in groups) or "no near-duplicates")
+        return 0
+    model = Q.load_query_model(idx, device=args.device)
+    t0 = time.perf_counter()
+    q = Q.embed_query_image(model, args.image) if args.image else model.encode_texts([args.query])[0]
+    hits = Q.top_k(idx, q, args.k)
+    took = (time.perf_counter() - t0) * 1000
+    print(json.dumps({"results": [h.as_dict() for h in hits], "model": idx.model, "took_ms": round(took, 2)})
+          if args.json else Q.format_hits(hits))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .search.query import load_index, load_query_model
+    from .search.server import Served, create_app, host_warning, is_loopback, serve
+    served = []
+    for path in args.index or [".clipft-index"]:
+        idx = load_index(path)
+        served.append(Served(idx, load_query_model(idx, device=args.device)))
+    warning = host_warning(args.host)
+    if warning:
+        print(warning, file=sys.stderr)
+    app = create_app(served, loopback_only=is_loopback(args.host))
+    names = ", ".join(f"{len(s.idx)} images ({s.idx.model})" for s in served)
+    serve(app, args.host, args.port, on_ready=lambda port: print(
+        f"serving {names} on http://{args.host}:{port}/ (Ctrl-C to stop)", flush=True))
+    return 0
+
+
+def _add_search_parsers(sub) -> None:
+    s = sub.add_parser("index", help="index a folder of images for search (incremental; rerun after changes)")
+    s.add_argument("folder")
+    s.add_argument("--model", required=True, help="exported model dir, clipft checkpoint, or HF CLIP name/dir")
+    s.add_argument("--index", help="index directory (default: FOLDER/.clipft-index)")
+    s.add_argument("--rebuild", action="store_true", help="re-embed everything (needed to switch models)")
+    s.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="stored embeddings")
+    s.add_argument("--ann", action="store_true", help="also build an approximate index (faiss; for >200k images)")
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--workers", type=int, default=None, help="decoding processes (default: automatic)")
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_index)
+
+    s = sub.add_parser("search", help="search an index by text, by example image, or list near-duplicates")
+    s.add_argument("query", nargs="?", help='text, e.g. "a dog on the beach"')
+    s.add_argument("--index", default=".clipft-index", help="index directory (default: ./.clipft-index)")
+    s.add_argument("--k", type=int, default=20, help="results (default 20)")
+    s.add_argument("--image", metavar="PATH", help="search by this example image instead of text")
+    s.add_argument("--duplicates", action="store_true", help="list groups of near-identical images")
+    s.add_argument("--threshold", type=float, default=0.95, help="cosine for --duplicates (default 0.95)")
+    s.add_argument("--exact", action="store_true", help="exact search even where an approximate index exists")
+    s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.add_argument("--device", default="cpu")
+    s.set_defaults(func=cmd_search)
+
+    s = sub.add_parser("serve", help="local web page and JSON API over one or more indexes")
+    s.add_argument("--index", action="append", metavar="PATH",
+                   help="index directory, repeatable: several side by side (default: ./.clipft-index)")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    s.add_argument("--device", default="cpu")
+    s.set_defaults(func=cmd_serve)
+
 # --------------------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -549,6 +641,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true")
     s.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     s.set_defaults(func=cmd_demo)
+    _add_search_parsers(sub)
     return p
 
 

@@ -30,13 +30,13 @@ def test_first_run_embeds_every_image_and_records_the_model(photos, fake_model):
     assert (s.total, s.added, s.embedded, s.changed, s.removed, s.unchanged) == (12, 12, 12, 0, 0, 0)
     assert fake_model.images_seen == 12
     idx = load_index(default_index_dir(photos))
-    assert len(idx) == 12 and idx.emb.shape == (12, fake_model.embed_dim)
+    assert len(idx) == 12 and idx.emb.shape == (12, fake_model.embed_dim) and idx.emb.dtype == torch.float16
     assert idx.info["fingerprint"] == "fake-1" and idx.info["root"] == str(photos.resolve())
     assert "trip/red_00.jpg" in idx.paths
-    assert torch.allclose(idx.emb.norm(dim=1), torch.ones(12), atol=1e-2)  # float16 storage
+    assert torch.allclose(idx.emb.float().norm(dim=1), torch.ones(12), atol=1e-2)  # float16 storage
     # the stored row is the model's embedding of that file
     row = idx.paths.index("green_01.png")
-    assert torch.allclose(idx.emb[row], fake_model.encode_images([photos / "green_01.png"])[0], atol=1e-3)
+    assert torch.allclose(idx.emb[row].float(), fake_model.encode_images([photos / "green_01.png"])[0], atol=1e-3)
     assert len(list((default_index_dir(photos) / SHARDS).iterdir())) == 1  # compacted
 
 
@@ -58,7 +58,7 @@ def test_rerun_embeds_only_added_and_changed_files_and_drops_removed(photos, fak
     assert ids_after["new/cyan_new.png"] > max(ids_before.values())  # ids are never reused
     idx = load_index(default_index_dir(photos))
     row = idx.paths.index("green_01.png")
-    assert torch.allclose(idx.emb[row], FakeModel().encode_images([photos / "green_01.png"])[0], atol=1e-3)
+    assert torch.allclose(idx.emb[row].float(), FakeModel().encode_images([photos / "green_01.png"])[0], atol=1e-3)
     again = FakeModel()
     s = update_index(photos, again, progress=False)
     assert (s.unchanged, s.embedded, again.images_seen) == (12, 0, 0)
@@ -180,4 +180,4 @@ def test_float32_storage(photos, fake_model):
     update_index(photos, fake_model, dtype="float32", progress=False)
     idx = load_index(default_index_dir(photos))
     row = idx.paths.index("green_01.png")
-    assert torch.allclose(idx.emb[row], fake_model.encode_images([photos / "green_01.png"])[0], atol=1e-6)
+    assert torch.allclose(idx.emb[row].float(), fake_model.encode_images([photos / "green_01.png"])[0], atol=1e-6)
