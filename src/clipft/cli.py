@@ -398,23 +398,13 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 def cmd_search(args: argparse.Namespace) -> int:
     import json
-    import time
     from .search import query as Q
     if sum(map(bool, (args.query, args.image, args.duplicates))) != 1:
-        raise ConfigError('search: give one of QUERY, --image PATH or --duplicates')
+        raise ConfigError("search: give one of QUERY, --image PATH or --duplicates")
     idx = Q.load_index(args.index, use_ann=False if args.exact else None)
-    if args.duplicates:
-        groups = [[{"id": int(idx.ids[r]), "path": idx.paths[r]} for r in g] for g in Q.duplicate_groups(idx, args.threshold)]
-        print(json.dumps({"groups": groups, "model": idx.model, "threshold": args.threshold}) if args.json else
-              "\n\n".join("\n".join(f["path"] for f in g) for g in groups) or "no near-duplicates")
-        return 0
-    model = Q.load_query_model(idx, device=args.device)
-    t0 = time.perf_counter()
-    q = Q.embed_query_image(model, args.image) if args.image else model.encode_texts([args.query])[0]
-    hits = Q.top_k(idx, q, args.k)
-    took = (time.perf_counter() - t0) * 1000
-    print(json.dumps({"results": [h.as_dict() for h in hits], "model": idx.model, "took_ms": round(took, 2)})
-          if args.json else Q.format_hits(hits))
+    out = (Q.duplicates_answer(idx, args.threshold) if args.duplicates else
+           Q.answer(idx, Q.load_query_model(idx, args.device), args.k, text=args.query, image=args.image))
+    print(json.dumps(out) if args.json else Q.format_answer(out))
     return 0
 
 
@@ -468,6 +458,41 @@ def _add_search_parsers(sub) -> None:
     s.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     s.add_argument("--device", default="cpu")
     s.set_defaults(func=cmd_serve)
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from .api import load
+    from .embed import embed_folder
+    if not Path(args.images).is_dir():
+        raise ConfigError(f"{args.images}: not a directory")
+    device = "cpu" if args.backend == "onnx" and args.device == "auto" else _auto_device(args.device)
+    model = load(args.model, device=device, backend=args.backend)
+    info = embed_folder(model, args.images, args.out, batch_size=args.batch_size, workers=args.workers,
+                        progress=not args.quiet)
+    print(f"{info['images']} images embedded ({info['skipped']} unreadable, skipped) in {info['seconds']:.1f}s: "
+          f"{info['images_per_s']:.1f} images/s; wrote {info['out']}")
+    return 0
+
+
+def _auto_device(device: str) -> str:
+    from .runtime import resolve_device
+    return str(resolve_device(device)) if device == "auto" else device
+
+
+def _add_model_commands(sub: argparse._SubParsersAction) -> None:
+    """Commands that take a trained model out of its run: export, embed."""
+    s = sub.add_parser("embed", help="embed every image of a folder (recursive) into a safetensors file")
+    s.add_argument("--model", required=True, help="export folder, checkpoint, or HF CLIP model (name or dir)")
+    s.add_argument("--images", required=True, help="folder of images (jpg, jpeg, png, webp, bmp, gif)")
+    s.add_argument("--out", required=True, help="output .safetensors (embeddings, relative paths, sizes, mtimes)")
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--workers", type=int, default=None, help="decoding processes (default: CPUs - 1, at most 8)")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--backend", choices=["torch", "onnx"], default="torch",
+                   help="onnx: the export folder's image_tower.onnx with onnxruntime (CPU)")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_embed)
+
 
 # --------------------------------------------------------------------------- parser
 
@@ -642,6 +667,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     s.set_defaults(func=cmd_demo)
     _add_search_parsers(sub)
+    _add_model_commands(sub)
     return p
 
 

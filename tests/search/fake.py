@@ -30,32 +30,37 @@ class FakeModel:
         self.fail_after = fail_after  # raise after this many images: a run killed half-way
         self.images_seen = 0
 
-    def _pixels(self, im) -> np.ndarray:
-        """One image as float [32, 32, 3] in 0..255."""
-        if isinstance(im, torch.Tensor):  # [3, H, W] uint8, or float in 0..1
-            im = im.float() * (1 if im.dtype == torch.uint8 or im.max() > 1.5 else 255)
-            im = torch.nn.functional.interpolate(im[None], size=(32, 32), mode="area")[0]
-            return im.permute(1, 2, 0).numpy()
-        if isinstance(im, (str, Path)):
-            with Image.open(im) as f:
-                im = f.convert("RGB")
-        return np.asarray(im.convert("RGB").resize((32, 32), Image.BILINEAR), dtype=np.float32)
+    draft_size = None
 
-    def encode_images(self, images, batch_size: int = 64) -> torch.Tensor:
-        if isinstance(images, torch.Tensor) and images.dim() == 4:
-            images = list(images)
+    @staticmethod
+    def preprocess(im: Image.Image) -> torch.Tensor:
+        """PIL RGB -> [3, 32, 32] float in 0..255 (a plain function: DataLoader workers pickle it)."""
+        px = np.asarray(im.convert("RGB").resize((32, 32), Image.BILINEAR), dtype=np.float32)
+        return torch.from_numpy(px).permute(2, 0, 1).contiguous()
+
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[B, 3, 32, 32] -> [B, D]."""
+        if self.fail_after is not None and self.images_seen + len(pixels) > self.fail_after:
+            raise KeyboardInterrupt("killed")
+        self.images_seen += len(pixels)
         out = []
-        for im in images:
-            if self.fail_after is not None and self.images_seen >= self.fail_after:
-                raise KeyboardInterrupt("killed")
-            self.images_seen += 1
-            px = self._pixels(im)  # [32, 32, 3]
+        for p in pixels:
+            px = p.permute(1, 2, 0).numpy()  # [32, 32, 3]
             dist = np.linalg.norm(px[:, :, None, :] - PALETTE[None, None], axis=-1)  # [32, 32, 8]
             colour = (dist < 60).mean(axis=(0, 1))  # [8]
             thumb = px.reshape(4, 8, 4, 8, 3).mean(axis=(1, 3)).reshape(-1) / 255.0  # [48]
             out.append(np.concatenate([colour, 0.5 * (thumb - thumb.mean())]))
         emb = torch.tensor(np.stack(out), dtype=torch.float32) if out else torch.zeros(0, self.embed_dim)
         return torch.nn.functional.normalize(emb, dim=-1)
+
+    def encode_images(self, images, batch_size: int = 64) -> torch.Tensor:
+        pixels = []
+        for im in images:
+            if isinstance(im, (str, Path)):
+                with Image.open(im) as f:
+                    im = f.convert("RGB")
+            pixels.append(self.preprocess(im))
+        return self.encode_pixels(torch.stack(pixels) if pixels else torch.zeros(0, 3, 32, 32))
 
     def encode_texts(self, texts, batch_size: int = 256) -> torch.Tensor:
         emb = torch.zeros(len(texts), self.embed_dim)

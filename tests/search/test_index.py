@@ -82,9 +82,9 @@ sys.path.insert(0, sys.argv[2])
 from search.fake import FakeModel
 from clipft.search.index import update_index
 class Slow(FakeModel):
-    def encode_images(self, images, batch_size=64):
-        time.sleep(0.3 * len(images))
-        return super().encode_images(images, batch_size)
+    def encode_pixels(self, pixels):
+        time.sleep(0.3 * len(pixels))
+        return super().encode_pixels(pixels)
 update_index(sys.argv[1], Slow(), chunk_size=2, batch_size=2, workers=0, progress=False)
 """
 

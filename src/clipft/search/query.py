@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -248,5 +249,27 @@ def embed_query_image(model, path: str | Path) -> torch.Tensor:
     return model.encode_images([im])[0]
 
 
-def format_hits(hits: list[Hit]) -> str:
-    return "\n".join(f"{h.score:7.4f}  {h.path}" for h in hits) if hits else "(no images in the index)"
+def answer(idx: LoadedIndex, model, k: int, text: str | None = None, image: str | Path | None = None) -> dict:
+    """One text or example-image query, in the HTTP API's shape: {"results", "model", "took_ms"}."""
+    t0 = time.perf_counter()
+    q = embed_query_image(model, image) if image is not None else model.encode_texts([text])[0]
+    return results_answer(idx, top_k(idx, q, k), t0)
+
+
+def results_answer(idx: LoadedIndex, hits: list[Hit], t0: float) -> dict:
+    return {"results": [h.as_dict() for h in hits], "model": idx.model,
+            "took_ms": round((time.perf_counter() - t0) * 1000, 2)}
+
+
+def duplicates_answer(idx: LoadedIndex, threshold: float, groups: list[list[int]] | None = None) -> dict:
+    """{"groups": [[{"id", "path"}, ...], ...], "model", "threshold"} (groups: rows, computed if None)."""
+    groups = duplicate_groups(idx, threshold) if groups is None else groups
+    return {"groups": [[{"id": int(idx.ids[r]), "path": idx.paths[r]} for r in g] for g in groups],
+            "model": idx.model, "threshold": threshold}
+
+
+def format_answer(out: dict) -> str:
+    """The terminal form of `answer` / `duplicates_answer`: score and path per line, or groups."""
+    if "groups" in out:
+        return "\n\n".join("\n".join(f["path"] for f in g) for g in out["groups"]) or "no near-duplicates"
+    return "\n".join(f"{h['score']:7.4f}  {h['path']}" for h in out["results"]) or "(the index is empty)"

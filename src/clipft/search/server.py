@@ -30,7 +30,8 @@ from flask import Flask, Response, jsonify, request, send_file
 from PIL import Image
 from werkzeug.exceptions import HTTPException
 
-from .query import LoadedIndex, duplicate_groups, search_similar, search_text, top_k
+from .query import (LoadedIndex, duplicate_groups, duplicates_answer, results_answer, search_similar, search_text,
+                    top_k)
 
 MAX_K = 200
 MAX_QUERY_CHARS = 300
@@ -123,8 +124,7 @@ def _row(s: Served, image_id: int) -> int:
 
 
 def _results(s: Served, hits, t0: float) -> Response:
-    return jsonify({"results": [h.as_dict() for h in hits], "model": s.idx.model,
-                    "took_ms": round((time.perf_counter() - t0) * 1000, 2)})
+    return jsonify(results_answer(s.idx, hits, t0))
 
 
 def indexed_file(idx: LoadedIndex, row: int) -> Path:
@@ -255,9 +255,7 @@ def create_app(indexes: list[Served], rate: float = 100.0, burst: int = 300, loo
         t = round(t, 4)
         if t not in s.duplicates:
             s.duplicates[t] = duplicate_groups(s.idx, t)
-        ids, paths = s.idx.ids, s.idx.paths
-        return jsonify({"groups": [[{"id": int(ids[r]), "path": paths[r]} for r in g] for g in s.duplicates[t]],
-                        "model": s.idx.model, "threshold": t})
+        return jsonify(duplicates_answer(s.idx, t, s.duplicates[t]))
 
     @app.get("/image/<raw_id>")
     def image(raw_id: str):
