@@ -410,14 +410,17 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .search.query import load_index, load_query_model
-    from .search.server import Served, create_app, host_warning, is_loopback, serve
+    try:
+        from .search.server import Served, create_app, host_warning, is_loopback, serve
+    except ImportError as e:
+        raise ConfigError(f"serve needs Flask ({e}): pip install 'clipft[search]'") from None
+    warning = host_warning(args.host)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     served = []
     for path in args.index or [".clipft-index"]:
         idx = load_index(path)
         served.append(Served(idx, load_query_model(idx, device=args.device)))
-    warning = host_warning(args.host)
-    if warning:
-        print(warning, file=sys.stderr)
     app = create_app(served, loopback_only=is_loopback(args.host))
     names = ", ".join(f"{len(s.idx)} images ({s.idx.model})" for s in served)
     serve(app, args.host, args.port, on_ready=lambda port: print(
