@@ -376,6 +376,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print("[5/6] retrieval pictures")
     write_pictures(emb, out)
     print(f"[6/6] wrote {write_report(out)}")
+    if (data / "annotations" / f"shapes_labels_{cfg.data.val_split}2014.json").is_file():
+        from .search.quality import demo_search
+        print(demo_search(out / "best.pt", data, cfg.data.val_split, out / "search-index"))
     return 0
 
 
@@ -389,8 +392,7 @@ def cmd_index(args: argparse.Namespace) -> int:
     model = load(args.model, device=args.device)
     s = update_index(args.folder, model, index_dir, model_source=model_source(args.model), rebuild=args.rebuild,
                      dtype=args.dtype, batch_size=args.batch_size, workers=args.workers, progress=not args.quiet)
-    print(f"{index_dir}: {s.total} images ({s.added} new, {s.changed} changed, {s.removed} removed, "
-          f"{s.unchanged + s.touched} unchanged, {s.unreadable} unreadable); embedded {s.embedded} in {s.seconds:.1f}s")
+    print(f"{index_dir}: {s.summary()}")
     if args.ann:
         print(f"wrote {write_ann(load_index(index_dir, use_ann=False))} (approximate index)")
     return 0
@@ -409,18 +411,14 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .search.query import load_index, load_query_model
     try:
-        from .search.server import Served, create_app, host_warning, is_loopback, serve
+        from .search.server import create_app, host_warning, is_loopback, open_indexes, serve
     except ImportError as e:
         raise ConfigError(f"serve needs Flask ({e}): pip install 'clipft[search]'") from None
     warning = host_warning(args.host)
     if warning:
         print(warning, file=sys.stderr, flush=True)
-    served = []
-    for path in args.index or [".clipft-index"]:
-        idx = load_index(path)
-        served.append(Served(idx, load_query_model(idx, device=args.device)))
+    served = open_indexes(args.index or [".clipft-index"], device=args.device)
     app = create_app(served, loopback_only=is_loopback(args.host))
     names = ", ".join(f"{len(s.idx)} images ({s.idx.model})" for s in served)
     serve(app, args.host, args.port, on_ready=lambda port: print(

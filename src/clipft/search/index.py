@@ -71,6 +71,11 @@ class UpdateStats:
     def as_dict(self) -> dict:
         return asdict(self)
 
+    def summary(self) -> str:
+        return (f"{self.total} images ({self.added} new, {self.changed} changed, {self.removed} removed, "
+                f"{self.unchanged + self.touched} unchanged, {self.unreadable} unreadable); "
+                f"embedded {self.embedded} in {self.seconds:.1f}s")
+
 
 def default_index_dir(folder: str | Path) -> Path:
     return Path(folder) / INDEX_DIRNAME

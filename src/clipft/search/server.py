@@ -272,6 +272,16 @@ def create_app(indexes: list[Served], rate: float = 100.0, burst: int = 300, loo
     return app
 
 
+def open_indexes(paths: list[str | Path], device: str = "cpu") -> list[Served]:
+    """Each index with the model that built it (reloaded from its recorded source)."""
+    from .query import load_index, load_query_model
+    served = []
+    for path in paths:
+        idx = load_index(path)
+        served.append(Served(idx, load_query_model(idx, device=device)))
+    return served
+
+
 def serve(app: Flask, host: str = "127.0.0.1", port: int = 8000, on_ready=None) -> None:
     """Run the app on host:port (threaded werkzeug server) until interrupted."""
     from werkzeug.serving import make_server
