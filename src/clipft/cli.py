@@ -387,14 +387,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_index(args: argparse.Namespace) -> int:
     from .api import load
     from .search.index import default_index_dir, update_index
-    from .search.query import load_index, model_source, write_ann
+    from .search.query import model_source, refresh_ann
     index_dir = Path(args.index) if args.index else default_index_dir(args.folder)
     model = load(args.model, device=args.device)
     s = update_index(args.folder, model, index_dir, model_source=model_source(args.model), rebuild=args.rebuild,
                      dtype=args.dtype, batch_size=args.batch_size, workers=args.workers, progress=not args.quiet)
     print(f"{index_dir}: {s.summary()}")
-    if args.ann:
-        print(f"wrote {write_ann(load_index(index_dir, use_ann=False))} (approximate index)")
+    if (ann := refresh_ann(index_dir, force=args.ann)) is not None:
+        print(f"approximate index (faiss IVF) up to date: {ann}")
     return 0
 
 
@@ -433,7 +433,7 @@ def _add_search_parsers(sub) -> None:
     s.add_argument("--index", help="index directory (default: FOLDER/.clipft-index)")
     s.add_argument("--rebuild", action="store_true", help="re-embed everything (needed to switch models)")
     s.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="stored embeddings")
-    s.add_argument("--ann", action="store_true", help="also build an approximate index (faiss; for >200k images)")
+    s.add_argument("--ann", action="store_true", help="also build an approximate index (faiss; automatic from 200k images)")
     s.add_argument("--batch-size", type=int, default=64)
     s.add_argument("--workers", type=int, default=None, help="decoding processes (default: automatic)")
     s.add_argument("--device", default="cpu")

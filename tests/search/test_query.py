@@ -90,3 +90,16 @@ def test_saved_faiss_index_is_used_only_while_current(photos, fake_model):
     assert load_index(default_index_dir(photos)).ann is None  # stale: exact search instead
     with pytest.raises(SearchError, match="approximate"):
         load_index(default_index_dir(photos), use_ann=True)
+
+
+def test_refresh_ann_builds_on_request_and_keeps_an_existing_one_current(photos, fake_model):
+    pytest.importorskip("faiss")
+    from clipft.search.query import ANN_FILE, refresh_ann
+    update_index(photos, fake_model, progress=False)
+    d = default_index_dir(photos)
+    assert refresh_ann(d) is None and not (d / ANN_FILE).exists()  # 12 rows: exact search
+    assert refresh_ann(d, force=True) == d / ANN_FILE
+    draw(photos / "new.png", "red", seed=51)
+    update_index(photos, fake_model, progress=False)
+    assert load_index(d).ann is None  # stale until refreshed
+    assert refresh_ann(d) == d / ANN_FILE and load_index(d).ann is not None

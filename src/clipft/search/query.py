@@ -206,6 +206,21 @@ def write_ann(idx: LoadedIndex) -> Path:
     return out
 
 
+def refresh_ann(index_dir: str | Path, force: bool = False) -> Path | None:
+    """After an update: (re)build the approximate index when asked, when one exists (it would be stale),
+    or when the index reached ANN_MIN_ROWS and faiss is installed; None when exact search stays."""
+    index_dir = Path(index_dir)
+    if not (force or (index_dir / ANN_FILE).exists()):
+        try:
+            import faiss  # noqa: F401
+        except ImportError:
+            return None
+    idx = load_index(index_dir, use_ann=False)
+    if not (force or (index_dir / ANN_FILE).exists() or len(idx) >= ANN_MIN_ROWS):
+        return None
+    return write_ann(idx) if load_ann(idx) is None else index_dir / ANN_FILE
+
+
 def load_ann(idx: LoadedIndex, required: bool = False):
     """The saved approximate index when it matches idx's rows (else None, or SearchError if required)."""
     path, state = idx.index_dir / ANN_FILE, idx.index_dir / f"{ANN_FILE}.state"
