@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -55,7 +56,7 @@ def _times(idx: LoadedIndex, queries: torch.Tensor, k: int = 10) -> tuple[list[f
 
 
 def _p(ms: list[float]) -> str:
-    return f"median {statistics.median(ms):7.2f} ms   p95 {np.percentile(ms, 95):7.2f} ms"
+    return f"median {statistics.median(ms):7.2f} ms   p95 {np.percentile(ms, 95):7.2f} ms   best {min(ms):6.2f} ms"
 
 
 def latency(sizes: list[int], n_queries: int, threads: int) -> None:
@@ -139,6 +140,8 @@ def main() -> None:
     b.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    load = os.getloadavg()[0]  # other processes on the machine inflate medians; "best" is the least disturbed query
+    print(f"torch {torch.__version__}, {args.threads} threads, {os.cpu_count()} CPUs, load average {load:.1f}")
     if args.what == "latency":
         latency(args.sizes, args.queries, args.threads)
     else:

@@ -7,6 +7,8 @@ Every embedding is L2-normalised, so a dot product is a cosine similarity.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
+import logging
 import math
 import os
 import time
@@ -155,6 +157,7 @@ def duplicate_groups(idx: LoadedIndex, threshold: float = 0.95, chunk: int = DUP
 # --------------------------------------------------------------------------- approximate (optional)
 
 def _faiss():
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # it logs each CPU variant it tries at INFO
     try:
         import faiss
     except ImportError:
@@ -210,11 +213,8 @@ def refresh_ann(index_dir: str | Path, force: bool = False) -> Path | None:
     """After an update: (re)build the approximate index when asked, when one exists (it would be stale),
     or when the index reached ANN_MIN_ROWS and faiss is installed; None when exact search stays."""
     index_dir = Path(index_dir)
-    if not (force or (index_dir / ANN_FILE).exists()):
-        try:
-            import faiss  # noqa: F401
-        except ImportError:
-            return None
+    if not (force or (index_dir / ANN_FILE).exists()) and importlib.util.find_spec("faiss") is None:
+        return None
     idx = load_index(index_dir, use_ann=False)
     if not (force or (index_dir / ANN_FILE).exists() or len(idx) >= ANN_MIN_ROWS):
         return None
