@@ -12,7 +12,7 @@ from clipft.search.index import SearchError, default_index_dir, update_index
 from clipft.search.query import (LoadedIndex, build_ann, duplicate_groups, load_index, search_similar,
                                  search_text, top_k, write_ann)
 
-from .fake import FakeModel, draw
+from .fake import draw
 
 
 def _synthetic(n: int, d: int = 32, clusters: int = 20, seed: int = 0) -> LoadedIndex:

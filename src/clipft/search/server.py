@@ -170,15 +170,8 @@ def _thumbnail(s: Served, row: int) -> tuple[bytes | Path, str]:
 
 # --------------------------------------------------------------------------- app
 
-def create_app(indexes: list[Served], rate: float = 100.0, burst: int = 300, loopback_only: bool = True) -> Flask:
-    """The Flask app over `indexes` (the page shows them side by side). `rate`/`burst`: requests per
-    second per client; `loopback_only`: refuse non-loopback Host headers (see the module docstring)."""
-    if not indexes:
-        raise ValueError("serve needs at least one index")
-    app = Flask(__name__, static_folder=str(STATIC), static_url_path="/static")
-    app.config["MAX_CONTENT_LENGTH"] = 1024  # nothing is uploaded: GET only
-    limiter = RateLimiter(rate, burst)
-
+def _install_guards(app: Flask, limiter: RateLimiter, loopback_only: bool) -> None:
+    """Read-only methods, the loopback Host check, the rate limit, security headers, JSON errors."""
     @app.before_request
     def _guard():
         if request.method not in ("GET", "HEAD"):
@@ -207,6 +200,16 @@ def create_app(indexes: list[Served], rate: float = 100.0, burst: int = 300, loo
     @app.errorhandler(HTTPException)
     def _http_error(e: HTTPException):
         return jsonify({"error": e.description or e.name, "status": e.code}), e.code
+
+
+def create_app(indexes: list[Served], rate: float = 100.0, burst: int = 300, loopback_only: bool = True) -> Flask:
+    """The Flask app over `indexes` (the page shows them side by side). `rate`/`burst`: requests per
+    second per client; `loopback_only`: refuse non-loopback Host headers (see the module docstring)."""
+    if not indexes:
+        raise ValueError("serve needs at least one index")
+    app = Flask(__name__, static_folder=str(STATIC), static_url_path="/static")
+    app.config["MAX_CONTENT_LENGTH"] = 1024  # nothing is uploaded: GET only
+    _install_guards(app, RateLimiter(rate, burst), loopback_only)
 
     @app.get("/")
     def page():
