@@ -89,7 +89,7 @@ def _cards(driver, timeout: float = 60):
 def _images_loaded(driver, timeout: float = 60) -> None:
     from selenium.webdriver.support.ui import WebDriverWait
     WebDriverWait(driver, timeout).until(lambda d: d.execute_script(
-        "return [...document.querySelectorAll('.card img')].every(i => i.complete && i.naturalWidth > 0)"))
+        "return [...document.querySelectorAll('.card img')].filter(i => i.getBoundingClientRect().top < innerHeight).every(i => i.complete && i.naturalWidth > 0)"))
 
 
 def test_type_a_query_see_the_grid_then_more_like_this(browser, server, indexed, tmp_path):

@@ -69,6 +69,15 @@ def test_thumb_and_image_bytes_by_id(client, indexed):
     assert client.get(f"/thumb/{rid}").data == t.data
 
 
+def test_a_relative_index_path_serves_thumbnails(indexed, fake_model, monkeypatch):
+    monkeypatch.chdir(indexed)  # `clipft serve` with its default --index .clipft-index
+    c = _client(Served(load_index(".clipft-index"), fake_model))
+    rid = _id_of(c, "green_01.png")
+    for _ in range(2):  # made, then from the cache
+        r = c.get(f"/thumb/{rid}")
+        assert r.status_code == 200 and r.data[:2] == b"\xff\xd8"
+
+
 def test_page_and_static_files(client):
     r = client.get("/?q=red")
     assert r.status_code == 200 and b'id="q"' in r.data and b"/static/app.js" in r.data

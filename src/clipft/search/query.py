@@ -92,7 +92,7 @@ def load_index(index_dir: str | Path, use_ann: bool | None = None) -> LoadedInde
             emb = np.stack([shards[s][r] for _, _, _, s, r in rows])
     else:
         emb = np.zeros((0, dim), dtype=info.get("dtype", "float32"))
-    idx = LoadedIndex(index_dir=index_dir, root=Path(info.get("root", ".")), info=info,
+    idx = LoadedIndex(index_dir=index_dir.resolve(), root=Path(info.get("root", ".")), info=info,
                       ids=np.array([r[0] for r in rows], dtype=np.int64), paths=[r[1] for r in rows],
                       sha256=[r[2] for r in rows], emb=torch.from_numpy(np.ascontiguousarray(emb)))
     if use_ann is not False:
