@@ -13,6 +13,10 @@
 
     python benchmarks/search.py latency [--sizes 100000 1000000] [--threads 2] [--queries 200]
     python benchmarks/search.py throughput --model MODEL [--images 512] [--threads 2] [--workers 2]
+    python benchmarks/search.py quality --model MODEL --data SHAPES_ROOT [--split val]
+
+  quality     precision@10 of the "a <colour> <shape>" text queries on a shapes dataset's split,
+              relevant = the images whose labels hold that object (`search.quality`), beside chance.
 """
 
 from __future__ import annotations
@@ -125,6 +129,20 @@ def throughput(model_source: str, n: int, workers: int, batch_size: int) -> None
     print(f"  rerun, nothing new    {rerun_s:7.2f} s")
 
 
+def quality(model_source: str, data: str, split: str) -> None:
+    from clipft.api import load
+    from clipft.search.index import update_index
+    from clipft.search.query import load_index
+    from clipft.search.quality import precision_at_k, shapes_queries
+    model = load(model_source)
+    with tempfile.TemporaryDirectory() as tmp:
+        update_index(Path(data) / f"{split}2014", model, Path(tmp) / "index", progress=False)
+        idx = load_index(Path(tmp) / "index")
+        p = precision_at_k(idx, model, shapes_queries(data, split))
+    print(f"model {model.name}, {len(idx)} {split} images: precision@10 of {p['queries']} colour+shape queries "
+          f"{100 * p['precision']:.1f}% (chance {100 * p['chance']:.1f}%)")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="what", required=True)
@@ -138,12 +156,19 @@ def main() -> None:
     b.add_argument("--workers", type=int, default=2)
     b.add_argument("--batch-size", type=int, default=64)
     b.add_argument("--threads", type=int, default=2)
+    c = sub.add_parser("quality")
+    c.add_argument("--model", required=True)
+    c.add_argument("--data", required=True, help="a folder written by `clipft make-data shapes`")
+    c.add_argument("--split", default="val")
+    c.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     load = os.getloadavg()[0]  # other processes on the machine inflate medians; "best" is the least disturbed query
     print(f"torch {torch.__version__}, {args.threads} threads, {os.cpu_count()} CPUs, load average {load:.1f}")
     if args.what == "latency":
         latency(args.sizes, args.queries, args.threads)
+    elif args.what == "quality":
+        quality(args.model, args.data, args.split)
     else:
         throughput(args.model, args.images, args.workers, args.batch_size)
 
