@@ -11,7 +11,7 @@ stays light.
 __version__ = "0.1.0"
 
 # name -> module that defines it, imported on first attribute access (PEP 562).
-_LAZY = {"load": "api", "ImageTextModel": "api", "similarity": "api"}
+_LAZY = {"load": "api", "ImageTextModel": "api", "similarity": "api", "CaptionDataset": "dataset"}
 
 
 def __getattr__(name: str):

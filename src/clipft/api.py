@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .model import ModelError
-from .preprocess import EvalTransform, decode_image, pil_from_uint8
+from .preprocess import EvalTransform, decode_image, pil_from_uint8, to_rgb
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,6 @@ class ImageTextModel:
                 raise ValueError(f"{image}: cannot use this image ({reason})")
             return self.preprocess(img)
         if isinstance(image, Image.Image):
-            from .preprocess import to_rgb
             return self.preprocess(to_rgb(image))
         if isinstance(image, torch.Tensor):
             if image.dtype == torch.uint8:
@@ -246,7 +245,7 @@ def load(source: str | Path, device: str | torch.device = "cpu", backend: str = 
                              "directory)")
         cfg = _read_json(cfg_file)
         if cfg.get("format") == EXPORT_FORMAT:
-            return _from_export(path, cfg, dev, backend)
+            return _from_export(path, dev, backend)
         if is_run or {"train", "model", "data"} <= set(cfg):
             raise _run_dir_error(path)
         if cfg.get("model_type") == "clip":
@@ -359,7 +358,7 @@ def _onnx_encoder(path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
         session.run(["image_embeds"], {"pixel_values": pixels.contiguous().numpy()})[0]).float()
 
 
-def _from_export(folder: Path, cfg: dict, dev: torch.device, backend: str) -> ImageTextModel:
+def _from_export(folder: Path, dev: torch.device, backend: str) -> ImageTextModel:
     cfg = read_export_config(folder)
     tower = tower_from_export(folder, cfg)
     t = cfg["text_encoder"]
