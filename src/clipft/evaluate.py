@@ -138,7 +138,7 @@ def embed_images(model: ImageTower, split: CaptionedImages, cfg: Config, device:
         if images.shape[0] == 0:
             continue
         images = images.to(device, non_blocking=True)
-        if device.type == "cuda" and cfg.train.channels_last:
+        if cfg.train.channels_last and (device.type == "cuda" or amp_dtype is not None):  # NHWC where autocast runs
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             embs.append(model(images).float().cpu())  # [B, D]

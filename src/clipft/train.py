@@ -37,7 +37,7 @@ from .evaluate import evaluate_split, mean_recall
 from .health import HealthMonitor, pairwise_cosine
 from .loss import chance_loss, clip_loss
 from .model import build_image_tower, count_parameters, parameter_parts, tower_state
-from .runtime import amp_dtype_for, atomic_torch_save, hardware_info, rng_state, seed_everything, set_rng_state
+from .runtime import atomic_torch_save, hardware_info, rng_state, seed_everything, select_precision, set_rng_state
 from .text import get_text_embeddings, load_text_encoder, text_cache_path
 from .prepare import DeviceTransform, PreparedDataset, PreparedImages, PreparedLoader, prepared_dir
 from .validate import preflight
@@ -449,7 +449,10 @@ def _train(cfg: Config, data_root: str | Path, out_dir: str | Path, resume: bool
     run.root.mkdir(parents=True, exist_ok=True)
     device, world, main = ctx.device, ctx.world_size, ctx.is_main
     seed_everything(cfg.train.seed + ctx.rank)  # rank 0 = the single-process seed; others differ (augmentation)
-    amp_dtype = amp_dtype_for(device, cfg.train.amp)
+    precision = select_precision(device, cfg.train.amp, cfg.train.channels_last)
+    amp_dtype = precision.dtype
+    log.info("precision: %s%s (%s)", precision.name, " + channels_last" if precision.channels_last else "",
+             precision.reason)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -462,8 +465,8 @@ def _train(cfg: Config, data_root: str | Path, out_dir: str | Path, resume: bool
 
     with distributed.main_process_first("model construction"):  # one download of the ImageNet weights
         model = build_image_tower(cfg.model, embed_dim=data.train_text.shape[1]).to(device)
-    if device.type == "cuda" and cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)  # NHWC convs: ~1.5x on tensor cores
+    if precision.channels_last:
+        model = model.to(memory_format=torch.channels_last)  # NHWC convs: ~1.5x on tensor cores and oneDNN bf16
     model = distributed.convert_to_sync_batchnorm(model, ctx, cfg.train.sync_batchnorm)
     # Built before any temporary freeze, so a backbone frozen for the first epochs is in it.
     optimizer = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.backbone_lr_ratio)
@@ -592,7 +595,7 @@ def _train(cfg: Config, data_root: str | Path, out_dir: str | Path, resume: bool
         groups = micro_batch_groups(loader, accum, counts)
         for micro in itertools.islice(groups, steps_per_epoch):  # one group = one attempted step
             out = train_step(ddp_model, micro, optimizer, scheduler, scaler, amp_dtype, cfg.train.grad_clip,
-                             gather=world > 1, channels_last=device.type == "cuda" and cfg.train.channels_last,
+                             gather=world > 1, channels_last=precision.channels_last,
                              transform=device_transform)
             global_step += 1
             stats.add(out)  # device-side sums: the host does not wait for this step here
@@ -684,7 +687,7 @@ def _train(cfg: Config, data_root: str | Path, out_dir: str | Path, resume: bool
         "run_dir": str(run.root), "data_root": str(data_root), "epochs": cfg.train.epochs, "steps": global_step,
         "best_epoch": best_epoch, "best_mean_R@5": best_metric,
         "train_seconds": prior_seconds + (time.time() - t_train), "wall_seconds_this_invocation": time.time() - t_start,
-        "hardware": hardware_info(device), "parameters": count_parameters(model),
+        "hardware": hardware_info(device), "precision": precision.to_dict(), "parameters": count_parameters(model),
         "dataset": {"train_images": len(data.train), "train_captions": len(data.train.captions),
                     "val_images": len(data.val), "val_captions": len(data.val.captions),
                     "source": data.train.name, "val_source": data.val.name},
