@@ -115,7 +115,9 @@ def test_without_replayed_randomness_the_gradient_would_differ():
 
 
 def test_fixed_temperature_and_bf16_autocast():
-    images, texts = _batch()
+    # 32 px: at 16 px ResNet18's layer4 sees 1x1 maps, where oneDNN's bf16 stride-2 convolution has
+    # returned garbage weight gradients at random (PyTorch 2.14, CPU); 32 px and up are stable.
+    images, texts = _batch(size=32)
     torch.manual_seed(0)
     model = ImageTower(ModelConfig(backbone="resnet18", image_weights="none", head_hidden=16), embed_dim=8).eval()
     assert not model.logit_scale.requires_grad
@@ -130,7 +132,7 @@ def test_fixed_temperature_and_bf16_autocast():
     got, want = _grads(model), _grads(ref)
     for n in want:  # bf16 chunks of 4 vs one batch of 8: the same math, rounded differently
         cos = torch.nn.functional.cosine_similarity(got[n].flatten(), want[n].flatten(), dim=0)
-        assert cos > 0.99, n
+        assert cos > 0.999, n
 
 
 def test_non_finite_loss_poisons_every_gradient():
@@ -177,6 +179,7 @@ def test_two_processes_chunked_equal_one_process_unchunked(tmp_path):
     ref = _tower().eval()
     loss = clip_loss(ref(images), texts, ref.logit_scale.exp())["loss"]
     loss.backward()
+    loss = loss.detach()
     for r in ranks:
         assert r["loss"] == pytest.approx(float(loss), rel=1e-5)
         _assert_close_grads(r["grads"], _grads(ref))
