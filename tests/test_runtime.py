@@ -55,6 +55,15 @@ def test_precision_autocast_context():
         assert (x @ w).dtype == torch.float32
 
 
+def test_config_refuses_unknown_amp_and_negative_chunk():
+    from clipft.config import load_config
+    with pytest.raises(ConfigError, match="train.amp must be one of auto, bf16, fp16, off"):
+        load_config(overrides=["train.amp=half"])
+    with pytest.raises(ConfigError, match="train.embed_chunk must be"):
+        load_config(overrides=["train.embed_chunk=-1"])
+    assert load_config(overrides=["train.embed_chunk=64"]).train.embed_chunk == 64
+
+
 def test_amp_config_reads_older_booleans():
     assert Config().train.amp == "auto"
     cfg = apply_overrides(Config(), ["train.amp=false"])

@@ -105,7 +105,8 @@ def cmd_cache_text(args: argparse.Namespace) -> int:
         data = load_split(root, split, cfg.data)
         emb, info = get_text_embeddings(data.captions, cfg.text.encoder, text_cache_file(root, split, cfg),
                                         device=device, batch_size=cfg.text.batch_size,
-                                        max_length=cfg.text.max_length, on_mismatch=cfg.text.on_mismatch)
+                                        max_length=cfg.text.max_length, on_mismatch=cfg.text.on_mismatch,
+                                        amp=cfg.train.amp)
         state = f"built in {info['seconds']:.1f}s" if info["built"] else "up to date (fingerprint matches)"
         print(f"{split}: {emb.shape[0]} captions x {emb.shape[1]} dims -> {info['path']} ({state})")
     return 0

@@ -133,6 +133,7 @@ class Config:
 
 
 # --------------------------------------------------------------------------- allowed values
+AMP_MODES = ("auto", "bf16", "fp16", "off")  # train.amp (runtime.select_precision)
 # Ranges and choices live here, beside the schema, and are checked whenever a config is built
 # (`load_config`, `from_dict`), before any work starts. (lo, hi) bounds are inclusive; None = open.
 # A key missing here takes any value of its type; some choices (data.format, model.backbone) are
@@ -148,7 +149,7 @@ _RANGES: dict[str, tuple[float | None, float | None]] = {
     "train.warmup_steps": (0, None), "train.backbone_lr_ratio": (0.0, 100.0),
     "train.freeze_backbone_epochs": (0, None), "train.min_lr_ratio": (0.0, 1.0), "train.grad_clip": (0.0, None),
     "train.seed": (0, None), "train.max_bad_steps": (1, None), "train.log_every": (1, None),
-    "train.max_steps_per_epoch": (0, None), "train.grad_accum_steps": (1, 4096),
+    "train.max_steps_per_epoch": (0, None), "train.grad_accum_steps": (1, 4096), "train.embed_chunk": (0, 1 << 20),
     "eval.batch_size": (1, 1 << 20), "eval.every": (1, None),
 }
 # Strictly positive (an open lower bound): 0 is as wrong as a negative value.
@@ -157,6 +158,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "data.leak_check": ("error", "warn", "off"), "data.flip": ("plain", "swap", "off"),
     "text.on_mismatch": ("rebuild", "error"), "model.image_weights": ("imagenet", "none"),
     "model.head_norm": ("none", "batchnorm", "layernorm"), "model.pooling": ("avg", "attention"),
+    "train.amp": AMP_MODES,
 }
 
 

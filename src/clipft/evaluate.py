@@ -281,7 +281,7 @@ def checkpoint_embeddings(checkpoint: str | Path, data_root: str | Path, split: 
         text_emb, _ = get_text_embeddings(es.data.captions, cfg.text.encoder,
                                           eval_text_cache_file(data_root, es.name, cfg),
                                           device=dev, batch_size=cfg.text.batch_size, max_length=cfg.text.max_length,
-                                          on_mismatch=cfg.text.on_mismatch)
+                                          on_mismatch=cfg.text.on_mismatch, amp=cfg.train.amp)
     if text_emb is not None and text_emb.shape[1] != model.embed_dim:
         raise ModelError(f"{checkpoint}: image tower outputs {model.embed_dim}-d embeddings but text encoder "
                          f"{cfg.text.encoder!r} gives {text_emb.shape[1]}-d")

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import ConfigError
+from .config import AMP_MODES, ConfigError
 
 
 def resolve_device(name: str) -> torch.device:
@@ -26,9 +26,6 @@ def resolve_device(name: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"train.device={name!r} but CUDA is not available on this machine")
     return dev
-
-
-AMP_MODES = ("auto", "bf16", "fp16", "off")
 
 
 @dataclass(frozen=True)

@@ -181,7 +181,7 @@ def prepare_data(cfg: Config, data_root: str | Path, device: torch.device) -> Pr
         raise TrainingError(f"{data_root}: no captioned images in split "
                             f"{cfg.data.train_split if len(train) == 0 else cfg.data.val_split!r}")
     preflight(train, val, cfg.data)
-    encoder = load_text_encoder(cfg.text.encoder, device=device, max_length=cfg.text.max_length)
+    encoder = load_text_encoder(cfg.text.encoder, device=device, max_length=cfg.text.max_length, amp=cfg.train.amp)
     embeds, infos = [], {}
     for name, split in ((cfg.data.train_split, train), (cfg.data.val_split, val)):
         emb, info = get_text_embeddings(
