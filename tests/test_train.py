@@ -251,6 +251,11 @@ def _step_parts(model):
     return opt, sched, torch.amp.GradScaler("cpu", enabled=False)
 
 
+def _sgd_parts(model):
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), torch.amp.GradScaler("cpu", enabled=False)
+
+
 class _HostReadError(AssertionError):
     pass
 
@@ -279,6 +284,9 @@ def test_train_step_reads_no_tensor_value_on_the_host(no_host_reads, monkeypatch
     bad[0] = float("nan")
     good = train_mod.train_step(model, [(images, texts), (images, texts)], opt, sched, scaler, None, 1.0)
     nan = train_mod.train_step(model, [(bad, texts)], opt, sched, scaler, None, 1.0)
+    # The chunked embedding (train.embed_chunk) under bf16 autocast, with accumulation and a NaN chunk.
+    chunked = train_mod.train_step(model, [(images, texts), (bad, texts)], opt, sched, scaler, torch.bfloat16, 1.0,
+                                   channels_last=True, embed_chunk=3)
     # The check bites: an optimizer without found_inf support makes the step read its verdict.
     sgd = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(_HostReadError):
@@ -286,6 +294,7 @@ def test_train_step_reads_no_tensor_value_on_the_host(no_host_reads, monkeypatch
                              scaler, None, 1.0)
     monkeypatch.undo()  # reading is allowed again: the loop does it every log_every steps
     assert train_mod.step_values(good)["skipped"] == 0.0 and train_mod.step_values(nan)["skipped"] == 1.0
+    assert train_mod.step_values(chunked)["skipped"] == 1.0
 
 
 def test_nan_step_is_skipped_on_the_device_and_the_next_one_trains():
@@ -309,6 +318,34 @@ def test_nan_step_is_skipped_on_the_device_and_the_next_one_trains():
     assert out["skipped"] == 0.0
     assert any(not torch.equal(p, params[n]) for n, p in model.named_parameters())
     assert all(float(opt.state[p]["step"]) == 2 for p in model.parameters())  # the skipped step did not count
+
+
+@pytest.mark.parametrize("chunk", [2, 3])  # 3: uneven chunks (5 = 3 + 2)
+def test_chunked_step_equals_the_plain_step(chunk):
+    """train.embed_chunk with BatchNorm in eval mode (chunking changes train-mode batch statistics,
+    see test_chunked): the same loss and, after SGD (which exposes the gradient; Adam's first step
+    is ~lr x sign(gradient)), the same weights, with 2 accumulated
+    micro-batches; then a chunked step with a NaN image is skipped and leaves the train-mode tower's
+    parameters and BatchNorm buffers exactly as they were."""
+    images, texts = _tiny_batch(8)
+    plain, chunked = _tiny_tower(), _tiny_tower()
+    micro = [(images[:5], texts[:5]), (images[5:], texts[5:])]
+    ref = train_mod.step_values(train_mod.train_step(plain, micro, *_sgd_parts(plain), None, 1.0))
+    got = train_mod.step_values(train_mod.train_step(chunked, micro, *_sgd_parts(chunked), None, 1.0,
+                                                     embed_chunk=chunk))
+    for name in ("loss", "loss_i2t", "loss_t2i", "grad_norm", "embed_cos"):
+        assert got[name] == pytest.approx(ref[name], rel=1e-4), name
+    for (name, p), q in zip(chunked.state_dict().items(), plain.state_dict().values()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
+
+    tower = _tiny_tower().train()
+    before = {n: t.clone() for n, t in tower.state_dict().items()}
+    bad = images.clone()
+    bad[6] = float("nan")
+    out = train_mod.step_values(train_mod.train_step(tower, [(bad, texts)], *_step_parts(tower), None, 1.0,
+                                                     embed_chunk=chunk))
+    assert out["skipped"] == 1.0
+    assert all(torch.equal(t, before[n]) for n, t in tower.state_dict().items())
 
 
 def test_step_stats_sums_and_runs_of_skipped_steps():
