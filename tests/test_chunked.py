@@ -146,6 +146,19 @@ def test_non_finite_loss_poisons_every_gradient():
     assert all(not torch.isfinite(g).all() for g in _grads(model).values())
 
 
+def test_out_of_memory_advice_and_detection():
+    from clipft.chunked import out_of_memory_advice
+    from clipft.runtime import is_out_of_memory
+    assert "--set train.embed_chunk=64 " in out_of_memory_advice(1024, 0)
+    assert "--set train.embed_chunk=16 " in out_of_memory_advice(32, 0)
+    assert "--set train.embed_chunk=32 " in out_of_memory_advice(1024, 64)
+    assert "lower data.image_size" in out_of_memory_advice(1024, 2)
+    with pytest.raises(RuntimeError) as real:
+        torch.empty(2**45, dtype=torch.uint8)  # the CPU allocator's own error
+    assert is_out_of_memory(real.value) and is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory"))
+    assert not is_out_of_memory(RuntimeError("shape mismatch")) and not is_out_of_memory(ValueError("memory"))
+
+
 def test_chunk_must_be_positive():
     images, texts = _batch(4)
     with pytest.raises(ValueError, match="chunk must be >= 1"):

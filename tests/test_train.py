@@ -147,6 +147,16 @@ def test_malformed_annotations_refused_before_training(coco_root, tiny_clip_dir,
     assert not (run / "last.pt").exists()
 
 
+def test_out_of_memory_suggests_embed_chunk(coco_root, tiny_clip_dir, tmp_path, monkeypatch, capsys):
+    """A real CPU allocator failure inside the step: one line with the setting to try, exit 2."""
+    def step_out_of_memory(*args, **kwargs):
+        torch.empty(2**45, dtype=torch.uint8)  # 32 TiB: refused at once by the allocator
+    monkeypatch.setattr(train_mod, "train_step", step_out_of_memory)
+    assert main(["train", "--data", str(coco_root), "--out", str(tmp_path / "r"), *small_args(tiny_clip_dir, 1)]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("clipft:")]
+    assert len(err) == 1 and "--set train.embed_chunk=4" in err[0] and "train.batch_size=8" in err[0], err
+
+
 def test_unknown_override_is_an_error(coco_root, tmp_path, capsys):
     assert main(["train", "--data", str(coco_root), "--out", str(tmp_path / "r"), "--set", "train.nope=1"]) == 2
     assert "unknown config key 'train.nope'" in capsys.readouterr().err

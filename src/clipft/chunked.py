@@ -42,6 +42,18 @@ from . import distributed
 from .loss import clip_loss
 
 
+def out_of_memory_advice(batch_size: int, embed_chunk: int) -> str:
+    """What to try after running out of memory at this batch size: the train.embed_chunk setting
+    (half the current chunk; 64, or half the batch when it is smaller, when off)."""
+    if 0 < embed_chunk <= 2 or batch_size <= 2:
+        return (f"out of memory at train.batch_size={batch_size} even with train.embed_chunk={embed_chunk}: "
+                "lower data.image_size or train.batch_size")
+    chunk = embed_chunk // 2 if 0 < embed_chunk < batch_size else min(64, batch_size // 2)
+    return (f"out of memory at train.batch_size={batch_size}: try --set train.embed_chunk={chunk} (the same loss "
+            f"over all {batch_size} images, activations for {chunk} at a time, one more forward pass), "
+            "or lower train.batch_size")
+
+
 def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The generators a forward pass on `device` draws from (host-side copies, no device sync)."""
     cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None

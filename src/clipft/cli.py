@@ -151,7 +151,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     base = preset_config(args.config) if args.config in PRESETS and not Path(args.config).exists() else None
     cfg_file = None if base is not None else args.config
     cfg = resolve_run_config(args.out, cfg_file, overrides, base=base, resume=args.resume)
-    summary = train(cfg, args.data, args.out, resume=args.resume, progress=not args.quiet)
+    try:
+        summary = train(cfg, args.data, args.out, resume=args.resume, progress=not args.quiet)
+    except RuntimeError as e:  # torch.OutOfMemoryError is one too
+        from .chunked import out_of_memory_advice
+        from .runtime import is_out_of_memory
+        from .train import TrainingError
+        if not is_out_of_memory(e):
+            raise
+        last = Path(args.out) / "last.pt"
+        kept = f"; {last} is intact (rerun with the setting to resume from it)" if last.is_file() else ""
+        raise TrainingError(out_of_memory_advice(cfg.train.batch_size, cfg.train.embed_chunk) + kept) from None
     if not is_main():  # under torchrun: one line per job, from rank 0
         return 0
     print(f"done: {summary['epochs']} epochs, best mean R@5 {summary['best_mean_R@5']:.2f}% "

@@ -101,6 +101,16 @@ def amp_dtype_for(device: torch.device, amp: str | bool = "auto") -> torch.dtype
     return select_precision(device, amp).dtype
 
 
+def is_out_of_memory(error: BaseException) -> bool:
+    """True for a device or host allocation failure: torch.OutOfMemoryError (CUDA) or the CPU
+    allocator's RuntimeError ("DefaultCPUAllocator: can't allocate memory", "not enough memory")."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and any(
+        s in text for s in ("DefaultCPUAllocator", "not enough memory", "can't allocate memory"))
+
+
 def atomic_torch_save(obj: Any, path: Path) -> None:
     """Write to a temp file beside `path`, fsync, then rename: a crash never leaves a half file,
     and a failed save leaves the previous file untouched (and no temp file behind)."""
