@@ -84,10 +84,13 @@ def _final_state(run):
     return torch.load(run / "last.pt", weights_only=False)["model"]
 
 
-def test_resume_continues_exactly(coco_root, tiny_clip_dir, tmp_path, monkeypatch):
+# Chunked: each batch of 8 embedded as 3 + 3 + 2, head dropout replayed in the second pass.
+@pytest.mark.parametrize("extra", [(), ("--set", "train.embed_chunk=3", "--set", "model.head_dropout=0.2")],
+                         ids=["plain", "embed_chunk"])
+def test_resume_continues_exactly(coco_root, tiny_clip_dir, tmp_path, monkeypatch, extra):
     # Uninterrupted 3 epochs.
     a = tmp_path / "a"
-    assert main(["train", "--data", str(coco_root), "--out", str(a), *small_args(tiny_clip_dir, 3)]) == 0
+    assert main(["train", "--data", str(coco_root), "--out", str(a), *small_args(tiny_clip_dir, 3, extra)]) == 0
     # Same run killed at the start of epoch 2 (after epoch 1's checkpoint), then rerun.
     b = tmp_path / "b"
     real = train_mod.make_train_loader
@@ -97,7 +100,7 @@ def test_resume_continues_exactly(coco_root, tiny_clip_dir, tmp_path, monkeypatc
             raise KeyboardInterrupt
         return real(ds, cfg, epoch, device)
     monkeypatch.setattr(train_mod, "make_train_loader", crash_at_epoch_2)
-    assert main(["train", "--data", str(coco_root), "--out", str(b), *small_args(tiny_clip_dir, 3)]) == 130
+    assert main(["train", "--data", str(coco_root), "--out", str(b), *small_args(tiny_clip_dir, 3, extra)]) == 130
     assert torch.load(b / "last.pt", weights_only=False)["epoch"] == 1
     monkeypatch.setattr(train_mod, "make_train_loader", real)
     # Rerun into the same directory with no overrides at all: config.json is the base.
