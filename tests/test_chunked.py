@@ -7,8 +7,8 @@ Compared against references computed with the whole graph in memory:
 * BatchNorm in train mode + head dropout: the gradient of a reference that embeds the same chunks
   in the same order WITH a graph (same per-chunk statistics, same dropout draws), the running
   statistics updated once per chunk, and the RNG stream left where that reference leaves it;
-* 2 gloo processes (global negatives, uneven shards, DDP): the same update as one process with the
-  concatenated batch and no chunking.
+* 2 gloo processes (global negatives, uneven shards, DDP; and `train_step` with accumulation): the
+  same gradient and update as one process with the concatenated batch and no chunking.
 """
 
 import math
@@ -22,6 +22,7 @@ from clipft.chunked import chunked_clip_backward
 from clipft.config import ModelConfig
 from clipft.loss import clip_loss
 from clipft.model import ImageTower
+from clipft.train import step_values, train_step
 
 
 def _tower(seed=0, dropout=0.0, head_norm="none"):
@@ -178,8 +179,20 @@ def _chunked_worker(rank: int, port: int, out_dir: str) -> None:
     tower = distributed.unwrap(model)
     terms, _ = chunked_clip_backward(model, images[lo:hi], texts[lo:hi], tower.logit_scale.exp(), 2,
                                      lambda loss: loss, gather=True)
-    torch.save({"loss": float(terms["loss"]), "grads": _grads(tower)}, Path(out_dir) / f"rank{rank}.pt")
+    result = {"loss": float(terms["loss"]), "grads": _grads(tower)}
+    # Through train_step (train.embed_chunk=2), 2 accumulated micro-batches per rank, SGD.
+    model = distributed.wrap_model(_tower().eval(), ctx)
+    micro = [(images[4 * j + 2 * rank:4 * j + 2 * rank + 2], texts[4 * j + 2 * rank:4 * j + 2 * rank + 2])
+             for j in range(2)]
+    result["step"] = step_values(train_step(model, micro, *_sgd(model), None, 0.0, gather=True, embed_chunk=1))
+    result["params"] = {n: p.detach().clone() for n, p in distributed.unwrap(model).named_parameters()}
+    torch.save(result, Path(out_dir) / f"rank{rank}.pt")
     distributed.teardown(ctx)
+
+
+def _sgd(model):
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), torch.amp.GradScaler("cpu", enabled=False)
 
 
 def test_two_processes_chunked_equal_one_process_unchunked(tmp_path):
@@ -197,3 +210,10 @@ def test_two_processes_chunked_equal_one_process_unchunked(tmp_path):
         assert r["loss"] == pytest.approx(float(loss), rel=1e-5)
         _assert_close_grads(r["grads"], _grads(ref))
     assert all(torch.equal(ranks[0]["grads"][n], ranks[1]["grads"][n]) for n in ranks[0]["grads"])
+    # train_step, chunks of 1 under DDP with accumulation == 1 process, 2 micro-batches of 4, unchunked.
+    ref = _tower().eval()
+    want = step_values(train_step(ref, [(images[:4], texts[:4]), (images[4:], texts[4:])], *_sgd(ref), None, 0.0))
+    for r in ranks:
+        assert r["step"]["loss"] == pytest.approx(want["loss"], rel=1e-5) and not r["step"]["skipped"]
+        for n, p in ref.named_parameters():
+            torch.testing.assert_close(r["params"][n], p.detach(), rtol=1e-4, atol=1e-6, msg=n)

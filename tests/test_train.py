@@ -361,6 +361,42 @@ def test_chunked_step_equals_the_plain_step(chunk):
     assert all(torch.equal(t, before[n]) for n, t in tower.state_dict().items())
 
 
+def _fit(amp: str, steps: int = 25, n: int = 32) -> tuple[list[float], dict]:
+    """`steps` full-batch train_steps fitting n random images to n random caption embeddings with
+    train.amp=`amp` (seed 0 for data and weights), then Recall@K of the eval-mode tower on them."""
+    from clipft.config import ModelConfig
+    from clipft.evaluate import mean_recall, retrieval_recall
+    from clipft.model import ImageTower
+    from clipft.runtime import select_precision
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(n, 3, 32, 32, generator=g)
+    texts = torch.nn.functional.normalize(torch.randn(n, 16, generator=g), dim=-1)
+    prec = select_precision(torch.device("cpu"), amp)
+    torch.manual_seed(0)
+    model = ImageTower(ModelConfig(backbone="resnet18", image_weights="none", head_hidden=32), embed_dim=16).train()
+    model = model.to(memory_format=torch.channels_last if prec.channels_last else torch.contiguous_format)
+    opt = build_optimizer(model, 2e-3, 0.0)
+    parts = opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), torch.amp.GradScaler("cpu", enabled=False)
+    losses = [train_mod.step_values(train_mod.train_step(model, [(images, texts)], *parts, prec.dtype, 1.0,
+                                                         channels_last=prec.channels_last))["loss"]
+              for _ in range(steps)]
+    with torch.no_grad(), prec.autocast(torch.device("cpu")):
+        emb = model.eval()(images)
+    return losses, mean_recall(retrieval_recall(emb, texts, torch.arange(n), ks=(1, 5)), 5)
+
+
+@pytest.mark.slow
+def test_bf16_autocast_learns_like_fp32():
+    """CPU bf16 autocast + channels_last (what train.amp=auto picks on a CPU with native bf16; forced
+    here, emulated where the CPU lacks it) against fp32, same seed and data: the loss falls alike, and
+    the mean R@5 of the fitted pairs is far above chance (5 of 32 = 16%) and within 4 of the 32
+    images of fp32's (measured: 95.3 fp32, 85.9 bf16). A small fit instead of the demo (minutes per
+    run on a 2-core CPU): the same question, asked fast."""
+    (loss32, r32), (loss16, r16) = _fit("off"), _fit("bf16")
+    assert loss32[-1] < 0.01 * loss32[0] and loss16[-1] < 0.01 * loss16[0]
+    assert r32 > 75 and r16 > 75 and abs(r16 - r32) <= 12.5, (r32, r16)
+
+
 def test_step_stats_sums_and_runs_of_skipped_steps():
     stats = train_mod.StepStats(torch.device("cpu"))
     stats.new_epoch()
