@@ -1,6 +1,6 @@
 """Images/s and peak memory of the full training step (image tower + head, loss, backward, clip, AdamW).
 
-Precision (default): clipft's `train.train_step` in fp32 (`train.amp=off`) and with `train.amp=auto`
+Precision (default): clipft's `step.train_step` in fp32 (`train.amp=off`) and with `train.amp=auto`
 (bf16 autocast + channels_last on CUDA and on CPUs with native bf16, see `runtime.select_precision`)
 against a plain fp32 NCHW step: same model, same batch, same process. The settings take turns for
 --rounds rounds of --steps steps each and the median round is reported, so a machine shared with
@@ -34,7 +34,8 @@ from clipft.config import ModelConfig
 from clipft.loss import clip_loss
 from clipft.model import build_image_tower
 from clipft.runtime import select_precision
-from clipft.train import build_optimizer, train_step
+from clipft.step import train_step
+from clipft.train import build_optimizer
 
 
 def sync(device: torch.device) -> None:

@@ -22,7 +22,7 @@ from clipft.chunked import chunked_clip_backward
 from clipft.config import ModelConfig
 from clipft.loss import clip_loss
 from clipft.model import ImageTower
-from clipft.train import step_values, train_step
+from clipft.step import step_values, train_step
 
 
 def _tower(seed=0, dropout=0.0, head_norm="none"):

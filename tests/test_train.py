@@ -9,9 +9,10 @@ import torch
 
 from clipft import train as train_mod
 from clipft.cli import main
-from clipft.config import Config, apply_overrides
+from clipft.config import Config, ConfigError, apply_overrides, load_config
 from clipft.model import load_image_tower
-from clipft.train import build_optimizer, cosine_with_warmup, read_records
+from clipft.runfiles import read_records
+from clipft.train import build_optimizer, cosine_with_warmup
 
 
 def small_args(text_dir, epochs=2, extra=()):
@@ -84,10 +85,15 @@ def _final_state(run):
     return torch.load(run / "last.pt", weights_only=False)["model"]
 
 
+# Stochastic parts too: random crops and flips in 2 decoding workers, and head dropout.
+STOCHASTIC = ["--set", "data.augment=true", "--set", "model.head_dropout=0.2", "--set", "data.num_workers=2",
+              "--set", "data.prepared=false"]
 # Chunked: each batch of 8 embedded as 3 + 3 + 2, head dropout replayed in the second pass.
-@pytest.mark.parametrize("extra", [(), ("--set", "train.embed_chunk=3", "--set", "model.head_dropout=0.2")],
-                         ids=["plain", "embed_chunk"])
-def test_resume_continues_exactly(coco_root, tiny_clip_dir, tmp_path, monkeypatch, extra):
+CHUNKED = ["--set", "train.embed_chunk=3", "--set", "model.head_dropout=0.2"]
+
+
+@pytest.mark.parametrize("extra", [(), STOCHASTIC, CHUNKED], ids=["plain", "augment-dropout-workers", "embed_chunk"])
+def test_resume_continues_exactly(coco_root, tiny_clip_dir, tmp_path, extra):
     # Uninterrupted 3 epochs.
     a = tmp_path / "a"
     assert main(["train", "--data", str(coco_root), "--out", str(a), *small_args(tiny_clip_dir, 3, extra)]) == 0
@@ -99,10 +105,9 @@ def test_resume_continues_exactly(coco_root, tiny_clip_dir, tmp_path, monkeypatc
         if epoch == 2:
             raise KeyboardInterrupt
         return real(ds, cfg, epoch, device)
-    monkeypatch.setattr(train_mod, "make_train_loader", crash_at_epoch_2)
-    assert main(["train", "--data", str(coco_root), "--out", str(b), *small_args(tiny_clip_dir, 3, extra)]) == 130
+    with train_mod.use_hooks(make_loader=crash_at_epoch_2):
+        assert main(["train", "--data", str(coco_root), "--out", str(b), *small_args(tiny_clip_dir, 3, extra)]) == 130
     assert torch.load(b / "last.pt", weights_only=False)["epoch"] == 1
-    monkeypatch.setattr(train_mod, "make_train_loader", real)
     # Rerun into the same directory with no overrides at all: config.json is the base.
     assert main(["train", "--data", str(coco_root), "--out", str(b), "--quiet"]) == 0
     sa, sb = _final_state(a), _final_state(b)
@@ -114,7 +119,7 @@ def test_resume_continues_exactly(coco_root, tiny_clip_dir, tmp_path, monkeypatc
 
 
 @pytest.mark.parametrize("log_every", [1, 100])  # 100: the verdict is only read at the epoch's end
-def test_nan_guard_stops_and_keeps_last_checkpoint(coco_root, tiny_clip_dir, tmp_path, monkeypatch, capsys,
+def test_nan_guard_stops_and_keeps_last_checkpoint(coco_root, tiny_clip_dir, tmp_path, capsys,
                                                    log_every):
     run = tmp_path / "nan"
     real_loss = train_mod.clip_loss
@@ -126,10 +131,10 @@ def test_nan_guard_stops_and_keeps_last_checkpoint(coco_root, tiny_clip_dir, tmp
         if state["calls"] > 2:  # the first epoch has 2 steps at this size
             out = {k: v * float("nan") for k, v in out.items()}
         return out
-    monkeypatch.setattr(train_mod, "clip_loss", nan_after_first_epoch)
     args = small_args(tiny_clip_dir, 3, ["--set", "train.max_bad_steps=2", "--set", "train.max_steps_per_epoch=2",
                                          "--set", f"train.log_every={log_every}"])
-    assert main(["train", "--data", str(coco_root), "--out", str(run), *args]) == 2
+    with train_mod.use_hooks(loss=nan_after_first_epoch):
+        assert main(["train", "--data", str(coco_root), "--out", str(run), *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "diverged" in err[0] and "last.pt" in err[0]
     ckpt = torch.load(run / "last.pt", weights_only=False)
@@ -150,12 +155,12 @@ def test_malformed_annotations_refused_before_training(coco_root, tiny_clip_dir,
     assert not (run / "last.pt").exists()
 
 
-def test_out_of_memory_suggests_embed_chunk(coco_root, tiny_clip_dir, tmp_path, monkeypatch, capsys):
+def test_out_of_memory_suggests_embed_chunk(coco_root, tiny_clip_dir, tmp_path, capsys):
     """A real CPU allocator failure inside the step: one line with the setting to try, exit 2."""
     def step_out_of_memory(*args, **kwargs):
         torch.empty(2**45, dtype=torch.uint8)  # 32 TiB: refused at once by the allocator
-    monkeypatch.setattr(train_mod, "train_step", step_out_of_memory)
-    assert main(["train", "--data", str(coco_root), "--out", str(tmp_path / "r"), *small_args(tiny_clip_dir, 1)]) == 2
+    with train_mod.use_hooks(step=step_out_of_memory):
+        assert main(["train", "--data", str(coco_root), "--out", str(tmp_path / "r"), *small_args(tiny_clip_dir, 1)]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("clipft:")]
     assert len(err) == 1 and "--set train.embed_chunk=4" in err[0] and "train.batch_size=8" in err[0], err
 
@@ -186,11 +191,11 @@ def test_optimizer_part_groups_with_backbone_lr_ratio():
     assert len(ids) == len(set(ids))
     assert set(ids) == {id(p) for p in m.parameters() if p.requires_grad}  # frozen stages left out
     assert any(p is m.pool.positional_embedding for p in groups["head/decay"]["params"])  # new: head rate
-    with pytest.raises(train_mod.TrainingError, match="backbone_lr_ratio"):
-        build_optimizer(m, 1e-3, 0.1, backbone_lr_ratio=-1)
+    with pytest.raises(ConfigError, match="backbone_lr_ratio"):  # the schema's range, before any work
+        load_config(None, ["train.backbone_lr_ratio=-1"])
 
 
-def test_backbone_frozen_for_first_epoch_then_trains_and_resumes(coco_root, tiny_clip_dir, tmp_path, monkeypatch):
+def test_backbone_frozen_for_first_epoch_then_trains_and_resumes(coco_root, tiny_clip_dir, tmp_path):
     """train.freeze_backbone_epochs=1: after epoch 1 the backbone (weights AND BatchNorm running
     statistics) is bit-identical to its initialisation while the head moved; epoch 2, reached by
     resuming, trains it."""
@@ -206,17 +211,15 @@ def test_backbone_frozen_for_first_epoch_then_trains_and_resumes(coco_root, tiny
         if epoch == 2:
             raise KeyboardInterrupt
         return real_loader(ds, cfg, epoch, device)
-    monkeypatch.setattr(train_mod, "build_image_tower", build)
-    monkeypatch.setattr(train_mod, "make_train_loader", crash_at_epoch_2)
     run = tmp_path / "freeze"
     args = small_args(tiny_clip_dir, 2, ["--set", "train.freeze_backbone_epochs=1"])
-    assert main(["train", "--data", str(coco_root), "--out", str(run), *args]) == 130
+    with train_mod.use_hooks(build_tower=build, make_loader=crash_at_epoch_2):
+        assert main(["train", "--data", str(coco_root), "--out", str(run), *args]) == 130
     s1 = _final_state(run)
     backbone = [k for k in s1 if k.startswith("backbone.")]
     assert any("running_mean" in k for k in backbone)
     assert all(torch.equal(s1[k], init[k]) for k in backbone)
     assert not torch.equal(s1["head.net.0.weight"], init["head.net.0.weight"])
-    monkeypatch.setattr(train_mod, "make_train_loader", real_loader)
     assert main(["train", "--data", str(coco_root), "--out", str(run), "--quiet"]) == 0
     s2 = _final_state(run)
     assert not torch.equal(s2["backbone.conv1.weight"], init["backbone.conv1.weight"])
@@ -225,7 +228,8 @@ def test_backbone_frozen_for_first_epoch_then_trains_and_resumes(coco_root, tiny
 
 def test_flip_swap_builds_its_own_caption_cache(coco_root, tiny_clip_dir, tmp_path):
     from clipft.data import DataConfig, left_right_captions, load_split
-    from clipft.text import get_text_embeddings, text_cache_path
+    from clipft.data import text_cache_path
+    from clipft.text import get_text_embeddings
     run = tmp_path / "swap"
     args = small_args(tiny_clip_dir, 1, ["--set", "data.augment=true", "--set", "data.flip=swap"])
     assert main(["train", "--data", str(coco_root), "--out", str(run), *args]) == 0
@@ -421,7 +425,7 @@ def test_train_step_never_synchronises_cuda():
     """On a GPU, CUDA itself refuses every synchronising call inside the step (bf16 autocast,
     channels_last, uint8 batches augmented on the device, fused AdamW, a NaN micro-batch)."""
     from clipft.config import DataConfig
-    from clipft.prepare import DeviceTransform
+    from clipft.data.prepare import DeviceTransform
     dev = torch.device("cuda")
     model = _tiny_tower().to(dev).to(memory_format=torch.channels_last).train()
     opt, sched, _ = _step_parts(model)
@@ -438,3 +442,136 @@ def test_train_step_never_synchronises_cuda():
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert train_mod.step_values(out)["skipped"] == 0.0
+
+
+# --------------------------------------------------------------------------- trust: a broken step changes nothing
+
+@pytest.mark.parametrize("head_norm", ["none", "batchnorm"])
+def test_skipped_step_in_train_mode_leaves_buffers_and_parameters_unchanged(head_norm):
+    """A train-mode BatchNorm tower fed a batch holding inf: the forward pass moves the running
+    statistics before any guard can act; the skipped step must put every buffer back."""
+    from clipft.config import ModelConfig
+    from clipft.model import ImageTower
+    torch.manual_seed(0)
+    model = ImageTower(ModelConfig(backbone="resnet18", image_weights="none", head_hidden=16, head_norm=head_norm,
+                                   learnable_temperature=True), embed_dim=8).train()
+    opt, sched, scaler = _step_parts(model)
+    images, texts = _tiny_batch()
+    train_mod.train_step(model, [(images, texts)], opt, sched, scaler, None, 1.0)  # Adam state exists
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+    assert any("running_mean" in n for n in buffers)
+    bad = images.clone()
+    bad[2] = float("inf")
+    out = train_mod.step_values(train_mod.train_step(model, [(bad, texts)], opt, sched, scaler, None, 1.0))
+    assert out["skipped"] == 1.0
+    for n, b in model.named_buffers():
+        assert torch.equal(b, buffers[n]), n
+    for n, p in model.named_parameters():
+        assert torch.equal(p, params[n]), n
+    out = train_mod.step_values(train_mod.train_step(model, [(images, texts)], opt, sched, scaler, None, 1.0))
+    assert out["skipped"] == 0.0
+    assert any(not torch.equal(b, buffers[n]) for n, b in model.named_buffers())  # a good step still moves them
+
+
+def test_fixed_temperature_is_never_changed():
+    from clipft.config import ModelConfig
+    from clipft.model import ImageTower
+    model = ImageTower(ModelConfig(backbone="resnet18", image_weights="none", head_hidden=16, temperature=0.005,
+                                   learnable_temperature=False), embed_dim=8).train()
+    opt, sched, scaler = _step_parts(model)
+    images, texts = _tiny_batch()
+    for _ in range(2):
+        out = train_mod.step_values(train_mod.train_step(model, [(images, texts)], opt, sched, scaler, None, 1.0))
+        assert out["logit_scale"] == pytest.approx(200.0)
+    assert model.logit_scale.exp().item() == pytest.approx(200.0)
+
+
+@pytest.mark.parametrize("item,match", [("model.temperature=0", "model.temperature must be > 0"),
+                                        ("model.temperature=-0.1", "model.temperature must be > 0"),
+                                        ("model.max_logit_scale=0.5", "model.max_logit_scale must be in"),
+                                        ("train.lr=-1", "train.lr must be > 0"),
+                                        ("train.batch_size=0", "train.batch_size must be in"),
+                                        ("train.epochs=0", "train.epochs must be in"),
+                                        ("data.flip=sideways", "data.flip must be one of")])
+def test_out_of_range_values_are_refused_before_any_work(coco_root, tmp_path, capsys, item, match):
+    run = tmp_path / "refused"
+    assert main(["train", "--data", str(coco_root), "--out", str(run), "--set", item, "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and match in err[0]
+    assert not (run / "config.json").exists()
+
+
+def test_run_that_diverges_through_the_forward_pass_stops_without_perfect_recall(coco_root, tiny_clip_dir,
+                                                                                  tmp_path, capsys):
+    """An absurd learning rate, no patched loss: whatever breaks reaches the real forward pass. The run
+    must stop with a non-zero exit, never report 100% recall, and never keep non-finite weights."""
+    run = tmp_path / "diverge"
+    args = small_args(tiny_clip_dir, 4, ["--set", "train.lr=1e6", "--set", "train.warmup_steps=0",
+                                         "--set", "train.grad_clip=0", "--set", "model.head_norm=batchnorm",
+                                         "--set", "train.max_bad_steps=1000"])
+    code = main(["train", "--data", str(coco_root), "--out", str(run), *args])
+    err = capsys.readouterr().err
+    for rec in read_records(run / "metrics.jsonl", "epoch"):
+        for d in ("image_to_text", "text_to_image"):
+            assert all(v < 100.0 for v in rec.get("val", {}).get(d, {}).values()), rec
+        assert all(math.isfinite(v) for k, v in rec.items() if isinstance(v, float)), rec
+    for name in ("last.pt", "best.pt"):
+        if (run / name).exists():
+            state = torch.load(run / name, weights_only=False)["model"]
+            assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()), name
+    if code != 0:  # diverged: one line, and a warning in the log
+        assert code == 2 and "diverged" in err
+        assert any(w["kind"] == "diverged" for w in read_records(run / "metrics.jsonl", "warning"))
+
+
+def test_nan_in_the_forward_pass_is_diverged_not_best(coco_root, tiny_clip_dir, tmp_path, capsys):
+    """Weights turned NaN after epoch 1 (the forward pass then makes NaN embeddings): epoch 2 is never
+    best, last.pt/best.pt keep epoch 1, the exit status is 2 with one line."""
+    run = tmp_path / "nanfwd"
+    real, calls = train_mod.train_step, {"n": 0}
+
+    def poison_after_epoch_1(model, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 4:  # epoch 2's first step (24 images / batch 8 = 3 steps per epoch)
+            with torch.no_grad():
+                for m in model.modules():
+                    if isinstance(m, torch.nn.BatchNorm2d):
+                        m.running_var.fill_(float("nan"))
+        return real(model, *a, **k)
+    with train_mod.use_hooks(step=poison_after_epoch_1):
+        assert main(["train", "--data", str(coco_root), "--out", str(run), *small_args(tiny_clip_dir, 3)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "diverged in epoch 2" in err[0]
+    for name in ("last.pt", "best.pt"):
+        ckpt = torch.load(run / name, weights_only=False)
+        assert ckpt["epoch"] == 1 and ckpt["best_epoch"] == 1
+    assert [r["epoch"] for r in read_records(run / "metrics.jsonl", "epoch")] == [1]
+    assert any(w["kind"] == "diverged" for w in read_records(run / "metrics.jsonl", "warning"))
+
+
+def test_missing_image_weights_fail_before_captions_are_embedded(coco_root, tiny_clip_dir, tmp_path, capsys,
+                                                                monkeypatch):
+    """Offline with ImageNet weights that are not cached: the run must stop before the caption cache is
+    built (on COCO that is the expensive first step), with one line naming where to put the file."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # an empty hub cache
+    cache = tmp_path / "text-cache"
+    args = small_args(tiny_clip_dir, 1, ["--set", "model.image_weights=imagenet", "--set", f"text.cache_dir={cache}"])
+    assert main(["train", "--data", str(coco_root), "--out", str(tmp_path / "run"), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "ImageNet weights" in err[0] and "resnet18" in err[0]
+    assert not cache.exists() or not any(cache.rglob("*.safetensors"))
+
+
+def test_short_run_learns_well_above_chance_on_validation_images(coco_root, tiny_clip_dir, tmp_path):
+    """A learning test, not a plumbing test: after a short run, validation recall (images the model never
+    trained on) beats chance by a wide margin. 12 val images x 5 captions: chance R@5 is 5/12 = 42%."""
+    run = tmp_path / "learn"
+    args = small_args(tiny_clip_dir, 8, ["--set", "train.lr=3e-3", "--set", "train.warmup_steps=4",
+                                         "--set", "train.log_every=100"])
+    assert main(["train", "--data", str(coco_root), "--out", str(run), *args]) == 0
+    best = max(read_records(run / "metrics.jsonl", "epoch"), key=lambda r: r["mean_R@5"])
+    n = best["val"]["num_images"]
+    chance_r1 = 100.0 / n
+    r1 = (best["val"]["image_to_text"]["R@1"] + best["val"]["text_to_image"]["R@1"]) / 2
+    assert r1 >= 2.5 * chance_r1, best["val"]

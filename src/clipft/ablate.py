@@ -26,14 +26,15 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import yaml
 
 from . import train as trainer
-from .config import (PRESETS, Config, ConfigError, from_dict, load_config, preset_config, save_config,
+from .config import (PRESETS, Config, ConfigError, from_dict, load_config, preset_config, save_config, validate,
                      to_dict, update_from_dict)
+from .runfiles import RunFiles, read_records
 
 log = logging.getLogger(__name__)
 
@@ -164,22 +165,16 @@ class StudyRun:
 
 
 def validate_config(cfg: Config, where: str) -> None:
-    """Refuse values the run would only reject after data loading: model options (built on the
-    meta device, no memory, no download), flip mode, colour jitter, backbone lr ratio."""
-    from .data import FLIP_MODES
+    """Refuse values the run would only reject after data loading: every range and choice of the
+    schema (`config.validate`), then the model options (built on the meta device: no memory, no
+    download)."""
     from .model import ModelError, build_image_tower
     try:
+        validate(cfg, source=where)
         with torch.device("meta"):
             build_image_tower(from_dict({"model": {**to_dict(cfg)["model"], "image_weights": "none"}}).model, 8)
-    except ModelError as e:
-        raise AblationError(f"{where}: {e}") from None
-    if cfg.data.flip not in FLIP_MODES:
-        raise AblationError(f"{where}: data.flip must be one of {', '.join(FLIP_MODES)}, got {cfg.data.flip!r}")
-    for key, value in (("data.color_jitter", cfg.data.color_jitter),
-                       ("train.backbone_lr_ratio", cfg.train.backbone_lr_ratio),
-                       ("train.freeze_backbone_epochs", cfg.train.freeze_backbone_epochs)):
-        if value < 0:
-            raise AblationError(f"{where}: {key} must be >= 0, got {value}")
+    except (ConfigError, ModelError) as e:
+        raise AblationError(str(e) if isinstance(e, ConfigError) else f"{where}: {e}") from None
 
 
 def plan_study(base: Config, configs: dict[str, dict], seeds: Sequence[int], out_dir: str | Path) -> list[StudyRun]:
@@ -191,7 +186,10 @@ def plan_study(base: Config, configs: dict[str, dict], seeds: Sequence[int], out
         raise AblationError(f"--seeds: repeated seed in {list(seeds)}")
     runs = []
     for name, overrides in configs.items():
-        cfg0 = update_from_dict(from_dict(to_dict(base)), overrides, source=f"configuration {name}")
+        try:  # a value outside the schema's choices is refused as it is set
+            cfg0 = update_from_dict(from_dict(to_dict(base)), overrides, source=f"configuration {name}")
+        except ConfigError as e:
+            raise AblationError(str(e)) from None
         validate_config(cfg0, f"configuration {name}")
         for seed in seeds:
             cfg = from_dict(to_dict(cfg0))
@@ -213,10 +211,10 @@ def config_differences(saved: dict[str, Any], wanted: Config) -> list[str]:
 
 
 def run_status(run: StudyRun) -> str:
-    """"new", "partial" (train resumes it), "complete" or "failed" (diverged before; delete the
+    """"new", "partial" (train resumes it), "complete" or "failed" (failed or diverged before; delete the
     directory to retry). A directory holding a run of another config is an AblationError: its
     results would be silently mixed into the comparison."""
-    files = trainer.RunFiles(run.dir)
+    files = RunFiles(run.dir)
     if not files.config.is_file():
         return "new"
     diffs = config_differences(json.loads(files.config.read_text()), run.cfg)
@@ -225,7 +223,7 @@ def run_status(run: StudyRun) -> str:
                             f"{'; ...' if len(diffs) > 4 else ''}); use another --out or delete that directory")
     if (run.dir / FAILED_MARK).is_file():
         return "failed"
-    epochs = trainer.read_records(files.metrics, "epoch")
+    epochs = read_records(files.metrics, "epoch")
     if files.summary.is_file() and epochs and epochs[-1]["epoch"] == run.cfg.train.epochs and "val" in epochs[-1]:
         return "complete"
     return "partial"
@@ -236,7 +234,7 @@ def run_status(run: StudyRun) -> str:
 def ensure_data(out_dir: str | Path, quick: bool) -> Path:
     """The default target: the embedded synthetic shapes data (COCO 2014 layout) under
     DIR/data (DIR/data-quick with --quick), generated once."""
-    from .shapes import make_shapes_dataset
+    from .data.shapes import make_shapes_dataset
     n_train, n_val = QUICK_DATA_SIZES if quick else DEMO_DATA_SIZES
     root = Path(out_dir) / ("data-quick" if quick else "data")
     if not (root / "annotations" / "captions_val2014.json").is_file():
@@ -263,11 +261,13 @@ def study_base_config(base_config: str | None = "demo", overrides: Sequence[str]
 
 def run_study(out_dir: str | Path, data_root: str | Path | None = None, names: Sequence[str] | None = None,
               seeds: Sequence[int] = (0,), base_config: str | None = "demo", overrides: Sequence[str] = (),
-              configs_file: str | Path | None = None, quick: bool = False, progress: bool = False) -> dict:
+              configs_file: str | Path | None = None, quick: bool = False, progress: bool = False,
+              train_fn: Callable[..., dict] | None = None) -> dict:
     """Run (or resume) a study and write its table and charts; returns the ablation.json dict.
 
     Runs whose training diverges (TrainingError) are recorded as failed and the study goes on;
-    any other error stops it (rerun the command to resume)."""
+    any other error stops it (rerun the command to resume). train_fn replaces `train.train` (same
+    signature; a seam for tests)."""
     out_dir = Path(out_dir)
     user = load_ablations_file(configs_file) if configs_file else {}
     configs = select_configs(names, user, quick)
@@ -285,7 +285,7 @@ def run_study(out_dir: str | Path, data_root: str | Path | None = None, names: S
             continue
         log.info("%s: %s -> %s", tag, "resuming" if status == "partial" else "training", run.dir)
         try:
-            trainer.train(run.cfg, data_root, run.dir, resume=True, progress=progress)
+            (train_fn or trainer.train)(run.cfg, data_root, run.dir, resume=True, progress=progress)
         except trainer.TrainingError as e:
             run.dir.mkdir(parents=True, exist_ok=True)
             if not (run.dir / "config.json").is_file():  # keep the config check working for it
@@ -304,11 +304,12 @@ def run_study(out_dir: str | Path, data_root: str | Path | None = None, names: S
 def run_result(run: StudyRun) -> dict:
     """The values of one run, read from its own files: final-epoch validation Recall@K from
     metrics.jsonl (the source of truth), training time and parameter counts from summary.json."""
-    files = trainer.RunFiles(run.dir)
+    files = RunFiles(run.dir)
     out: dict[str, Any] = {"config": run.config, "seed": run.seed, "dir": str(run.dir)}
     if (run.dir / FAILED_MARK).is_file():
-        return {**out, "status": "failed", "error": (run.dir / FAILED_MARK).read_text().strip()}
-    epochs = trainer.read_records(files.metrics, "epoch")
+        error = (run.dir / FAILED_MARK).read_text().strip()
+        return {**out, "status": "diverged" if "diverged" in error else "failed", "error": error}
+    epochs = read_records(files.metrics, "epoch")
     if not files.summary.is_file() or not epochs or "val" not in epochs[-1]:
         return {**out, "status": "missing"}
     summary = json.loads(files.summary.read_text())
@@ -343,7 +344,9 @@ def summarise(results: list[dict], configs: dict[str, dict]) -> list[dict]:
     rows = []
     for name, overrides in configs.items():
         mine = [r for r in results if r["config"] == name]
-        good = [r for r in mine if r["status"] == "ok"]
+        # A configuration that diverged on any seed is never ranked: its other seeds' figures
+        # would make an unstable setting look as good as a stable one.
+        good = [] if any(r["status"] == "diverged" for r in mine) else [r for r in mine if r["status"] == "ok"]
         row: dict[str, Any] = {"config": name, "overrides": describe(overrides),
                                "seeds": " ".join(str(r["seed"]) for r in mine), "runs_ok": len(good),
                                "status": "ok" if len(good) == len(mine) else
@@ -476,9 +479,10 @@ def write_markdown(path: Path, study: dict) -> Path:
               "## Configurations", "", "| configuration | what it changes | overrides |", "|---|---|---|"]
     for name, c in study["configs"].items():
         lines.append(f"| `{name}` | {c['about']} | `{describe(c['overrides'])}` |")
-    failed = [r for r in study["runs"] if r["status"] == "failed"]
+    failed = [r for r in study["runs"] if r["status"] in ("failed", "diverged")]
     if failed:
-        lines += ["", "## Failed runs", ""] + [f"- `{r['config']}` seed {r['seed']}: {r['error']} "
+        lines += ["", "## Failed runs", "", "A configuration with a diverged seed is not ranked (no figures).", ""]
+        lines += [f"- `{r['config']}` seed {r['seed']} {r['status']}: {r['error']} "
                                               f"(delete `{r['dir']}` to retry)" for r in failed]
     lines.append("")
     path.write_text("\n".join(lines))

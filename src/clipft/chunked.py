@@ -70,7 +70,9 @@ def chunked_clip_backward(model: torch.nn.Module, images: torch.Tensor, texts: t
                           logit_scale: torch.Tensor, chunk: int,
                           objective: Callable[[torch.Tensor], torch.Tensor],
                           amp_dtype: torch.dtype | None = None,
-                          gather: bool = False) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+                          gather: bool = False,
+                          loss_fn: Callable[..., dict[str, torch.Tensor]] = clip_loss,
+                          ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Back-propagate the full-batch `clip_loss` of images [B, 3, H, W] against texts [B, D] with the
     image tower run in chunks of `chunk` images (the module docstring gives the algorithm and why it
     is exact). Gradients accumulate into the parameters' .grad, as one `objective(loss).backward()`
@@ -79,7 +81,8 @@ def chunked_clip_backward(model: torch.nn.Module, images: torch.Tensor, texts: t
     model: the ImageTower or its DDP/compile wrapper; logit_scale: 1/tau (0-d, the graph from the
     tower's parameter when learnable); objective: maps the 0-d loss to what is back-propagated (the
     NaN guard's poison, 1/K for accumulation, the fp16 GradScaler's scale); amp_dtype: autocast for
-    the forward passes (the loss stays fp32); gather: DDP's global negatives (`clip_loss`).
+    the forward passes (the loss stays fp32); gather: DDP's global negatives (`clip_loss`); loss_fn:
+    `clip_loss` or a stand-in with its signature (tests).
     Returns the loss terms (detached) and the image embeddings [B, D] (fp32, detached).
     """
     if chunk < 1:
@@ -102,7 +105,7 @@ def chunked_clip_backward(model: torch.nn.Module, images: torch.Tensor, texts: t
 
     # 2. The full-batch loss and its gradients w.r.t. the embeddings (and the logit scale).
     image_emb = torch.cat(parts).requires_grad_()  # [B, D], a leaf
-    terms = clip_loss(image_emb, texts, logit_scale, gather=gather)
+    terms = loss_fn(image_emb, texts, logit_scale, gather=gather)
     wrt = [image_emb, logit_scale] if logit_scale.requires_grad else [image_emb]
     grads = torch.autograd.grad(objective(terms["loss"]), wrt)
     emb_grad = grads[0]  # [B, D]

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from .config import ModelConfig
+from .config import HeadNorm, ModelConfig, Pooling, choices
 
 # name -> (constructor, ImageNet weights enum member name, pooled feature width)
 BACKBONES = {
@@ -34,6 +34,25 @@ def imagenet_weights(backbone: str):
     """The torchvision weights enum member used for `image_weights=imagenet`."""
     _, enum_name, member, _ = BACKBONES[backbone]
     return getattr(getattr(torchvision.models, enum_name), member)
+
+
+def ensure_image_weights(backbone: str, weights: str) -> Path | None:
+    """Make sure `build_backbone` will find its pretrained weights, before any expensive step
+    (caption caching) runs: the cached file, else a download now. ModelError (one line naming the
+    file to place) when neither works; None for image_weights=none."""
+    if weights != "imagenet" or backbone not in BACKBONES:
+        return None  # unknown names and values fail in build_backbone with their own message
+    w = imagenet_weights(backbone)
+    cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(w.url).name
+    if cache.is_file():
+        return cache
+    try:
+        w.get_state_dict(progress=False)  # downloads into the torch hub cache
+    except (OSError, RuntimeError) as e:
+        raise ModelError(
+            f"could not load {backbone} ImageNet weights ({w}): {e.__class__.__name__}. Without network, "
+            f"place the file at {cache} or use --set model.image_weights=none") from None
+    return cache
 
 
 def build_backbone(name: str, weights: str) -> tuple[nn.Module, int]:
@@ -55,8 +74,8 @@ def build_backbone(name: str, weights: str) -> tuple[nn.Module, int]:
     return net, feat_dim
 
 
-HEAD_NORMS = ("none", "batchnorm", "layernorm")
-POOLINGS = ("avg", "attention")
+HEAD_NORMS = choices(HeadNorm)  # model.head_norm, owned by the config schema
+POOLINGS = choices(Pooling)
 # Backbone stages in forward order; `model.trainable_stages=N` unfreezes only the last N.
 STAGES = (("conv1", "bn1"), ("layer1",), ("layer2",), ("layer3",), ("layer4",))
 
@@ -81,8 +100,6 @@ class ProjectionHead(nn.Module):
         super().__init__()
         if layers < 1:
             raise ModelError(f"model.head_layers must be >= 1, got {layers}")
-        if norm not in HEAD_NORMS:
-            raise ModelError(f"model.head_norm must be one of {', '.join(HEAD_NORMS)}, got {norm!r}")
         if not 0.0 <= dropout < 1.0:
             raise ModelError(f"model.head_dropout must be in [0, 1), got {dropout}")
         widths = head_widths(in_dim, hidden, layers, out_dim)
@@ -153,8 +170,6 @@ class ImageTower(nn.Module):
 
     def __init__(self, cfg: ModelConfig, embed_dim: int):
         super().__init__()
-        if cfg.pooling not in POOLINGS:
-            raise ModelError(f"model.pooling must be one of {', '.join(POOLINGS)}, got {cfg.pooling!r}")
         if not -1 <= cfg.trainable_stages <= len(STAGES):
             raise ModelError(f"model.trainable_stages must be -1 (all) or 0..{len(STAGES)}, got {cfg.trainable_stages}")
         self.cfg = cfg
