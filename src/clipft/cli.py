@@ -121,7 +121,8 @@ def cmd_cache_text(args: argparse.Namespace) -> int:
         data = load_split(root, split, cfg.data)
         emb, info = get_text_embeddings(data.captions, cfg.text.encoder, text_cache_file(root, split, cfg),
                                         device=device, batch_size=cfg.text.batch_size,
-                                        max_length=cfg.text.max_length, on_mismatch=cfg.text.on_mismatch)
+                                        max_length=cfg.text.max_length, on_mismatch=cfg.text.on_mismatch,
+                                        amp=cfg.train.amp)
         state = f"built in {info['seconds']:.1f}s" if info["built"] else "up to date (fingerprint matches)"
         print(f"{split}: {emb.shape[0]} captions x {emb.shape[1]} dims -> {info['path']} ({state})")
     return 0
@@ -166,7 +167,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     base = preset_config(args.config) if args.config in PRESETS and not Path(args.config).exists() else None
     cfg_file = None if base is not None else args.config
     cfg = resolve_run_config(args.out, cfg_file, overrides, base=base, resume=args.resume)
-    summary = train(cfg, args.data, args.out, resume=args.resume, progress=not args.quiet)
+    try:
+        summary = train(cfg, args.data, args.out, resume=args.resume, progress=not args.quiet)
+    except RuntimeError as e:  # torch.OutOfMemoryError is one too
+        from .chunked import out_of_memory_advice
+        from .runtime import is_out_of_memory
+        from .train import TrainingError
+        if not is_out_of_memory(e):
+            raise
+        last = Path(args.out) / "last.pt"
+        kept = f"; {last} is intact (rerun with the setting to resume from it)" if last.is_file() else ""
+        raise TrainingError(out_of_memory_advice(cfg.train.batch_size, cfg.train.embed_chunk) + kept) from None
     if not is_main():  # under torchrun: one line per job, from rank 0
         return 0
     print(f"done: {summary['epochs']} epochs, best mean R@5 {summary['best_mean_R@5']:.2f}% "
