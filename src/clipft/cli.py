@@ -446,10 +446,10 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--out", required=True, help="output .safetensors (embeddings, relative paths, sizes, mtimes)")
     s.add_argument("--batch-size", type=int, default=64)
     s.add_argument("--workers", type=int, default=None, help="decoding processes (default: CPUs - 1, at most 8)")
-    s.add_argument("--device", default="auto")
+    _add_device(s)
     s.add_argument("--backend", choices=["torch", "onnx"], default="torch",
                    help="onnx: the export folder's image_tower.onnx with onnxruntime (CPU)")
-    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_quiet(s, "no progress bar")
     s.set_defaults(func=cmd_embed)
 
 
@@ -459,7 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="clipft", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
-    # Three groups, in the order `clipft --help` lists the commands.
+    # Four groups, in the order `clipft --help` lists the commands.
     _add_data_and_train_commands(sub)
     _add_checkpoint_commands(sub)
     _add_tool_commands(sub)
