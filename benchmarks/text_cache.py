@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from clipft.data import load_coco_captions
-from clipft.shapes import make_shapes_dataset
+from clipft.data.shapes import make_shapes_dataset
 from clipft.text import load_text_encoder, save_random_clip_text_model
 
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from clipft.text import (CLIP_BOS_ID, CLIP_EOS_ID, TextEncoderError, assert_frozen, cache_fingerprint,
                          caption_digest, get_text_embeddings, load_text_cache, load_text_encoder,
-                         save_random_clip_text_model, save_text_cache, text_cache_path, write_clip_tokenizer_files)
+                         save_random_clip_text_model, save_text_cache, write_clip_tokenizer_files)
 
 CAPTIONS = [
     "a photo of a cat",
@@ -221,6 +221,7 @@ def test_max_length_beyond_clip_positions(tiny_clip_dir):
 
 
 def test_digest_fingerprint_and_path():
+    from clipft.data import text_cache_path
     assert caption_digest(["a\nb", "c"]) != caption_digest(["a", "b\nc"])  # length-prefixed, not joined
     assert caption_digest(["a", "b"]) != caption_digest(["b", "a"])
     assert caption_digest(["a", "b"]) == caption_digest(["a", "b"])

@@ -8,7 +8,7 @@ from pathlib import Path
 from .evaluate import DIRECTIONS
 from .loss import chance_loss
 from .pictures import DATA_SAMPLES_PNG, HEATMAP_PNG, IMAGE_TO_TEXT_PNG, TEXT_TO_IMAGE_PNG
-from .train import RunFiles, read_records
+from .runfiles import RunFiles, read_records
 
 
 def _load_json(path: Path) -> dict:

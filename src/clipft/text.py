@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import os
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -425,18 +424,6 @@ def cache_fingerprint(encoder_identity: str, captions: list[str], precision: str
         h.update(f"precision={precision}".encode() + b"\0")
     h.update(caption_digest(captions).encode())
     return h.hexdigest()
-
-
-def _slug(name: str, limit: int = 80) -> str:
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._-") or "encoder"
-    if len(slug) > limit:  # long local paths: keep the informative tail, disambiguate with a hash
-        slug = slug[-(limit - 9):].lstrip("._-") + "-" + hashlib.sha256(name.encode()).hexdigest()[:8]
-    return slug
-
-
-def text_cache_path(cache_dir: Path, split: str, encoder_name: str) -> Path:
-    """cache_dir/<split>_text_embeds_<slug of encoder name>.safetensors"""
-    return Path(cache_dir) / f"{split}_text_embeds_{_slug(encoder_name)}.safetensors"
 
 
 class _CorruptCache(Exception):
