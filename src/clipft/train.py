@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from . import distributed
+from . import distributed, tblog
 from .config import Config, ConfigError, from_dict, load_config, save_config, to_dict
 from .data import (FLIP_MODES, CaptionedImages, TrainDataset, build_transform, collate_train,
                    cache_location, left_right_captions, load_split, text_cache_file,
@@ -547,11 +547,14 @@ def _train(cfg: Config, data_root: str | Path, out_dir: str | Path, resume: bool
                  "per optimizer step", world, cfg.train.batch_size, global_batch, accum, global_batch * accum)
 
     metrics_f = open(run.metrics, "a") if main else None
+    tb = tblog.open_mirror(main and cfg.train.tensorboard, run.root, global_step + 1 if has_last else None)
 
     def log_record(rec: dict) -> None:
         if metrics_f is not None:  # rank 0 only
             metrics_f.write(json.dumps(rec) + "\n")
             metrics_f.flush()
+            if tb is not None:
+                tb.write(rec)  # a mirror of metrics.jsonl (train.tensorboard)
 
     stats = StepStats(device)
     health = HealthMonitor(cfg.train.warmup_steps, cfg.model.max_logit_scale, cfg.model.learnable_temperature)
@@ -679,6 +682,8 @@ def _train(cfg: Config, data_root: str | Path, out_dir: str | Path, resume: bool
         log.info(msg)
     if metrics_f is not None:
         metrics_f.close()
+    if tb is not None:
+        tb.close()
 
     summary = {
         "run_dir": str(run.root), "data_root": str(data_root), "epochs": cfg.train.epochs, "steps": global_step,
