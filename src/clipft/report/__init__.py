@@ -97,8 +97,9 @@ def make_report(run_dir: str | Path, data: str | Path | None = None, notes: str 
     lines += _missing_block(done.missing)
     lines += setup_section(run, cfg, summary, epochs)
     if (run.root / C.DATA_SAMPLES_PNG).is_file():
-        lines += ["Random training image-caption pairs (integrity check):", "",
-                  f"![random image-caption pairs]({C.DATA_SAMPLES_PNG})", ""]
+        rule = provenance.get(C.DATA_SAMPLES_PNG, {}).get("rule")
+        lines += [f"![random image-caption pairs]({C.DATA_SAMPLES_PNG})", "",
+                  "Random training image-caption pairs (integrity check)" + (f": {rule}." if rule else "."), ""]
     figures = X.clip_comparison_figures(run.root, _metrics_with_zero_shot(run.root))
     lines += retrieval_section(run.root, final, _chosen_by(run.root, summary, cfg), figures, done.missing.get("metrics"))
     lines += zero_shot_section(run.root, done.missing.get("zero_shot"), provenance)

@@ -144,7 +144,7 @@ def _draw(root: Path, done: Completion, todo: list[str], seed: int, device: str,
         return
     emb, cfg = checkpoint_embeddings(ckpt, data_root, split, device=device, progress=progress)
     epoch = read_checkpoint(ckpt).get("epoch")
-    where = f"`{ckpt.name}` (epoch {epoch}) on the `{split}` split ({emb.split.protocol})"
+    where = f"`{ckpt.name}` (epoch {epoch}) on the `{split}` split"
     if "metrics" in todo:
         evaluate_checkpoint(ckpt, data_root, split=split, cfg=cfg, embeddings=emb)
         done.drawn.append(f"metrics_{split}.json")
@@ -172,8 +172,12 @@ def _retrieval_pictures(root: Path, emb, kinds: list[str], seed: int, where: str
     from .. import pictures as P
     from .. import visualize as V
     picks = P.example_queries(emb, N_RANDOM, seed)
-    rule = (f"{N_RANDOM} seeded random queries (seed {seed}; one random caption of each of {N_RANDOM} random "
-            "images for text->image), then the best and the worst remaining query by the rank of its ground truth")
+    then = "then the best and the worst remaining query by the rank of its ground truth"
+    rules = {P.TEXT_TO_IMAGE_PNG: f"one random caption of each of {N_RANDOM} seeded random images (seed {seed}), "
+                                  f"{then} (its own image)",
+             P.IMAGE_TO_TEXT_PNG: f"{N_RANDOM} seeded random images (seed {seed}), {then} (its best own caption)",
+             P.HEATMAP_PNG: f"{min(HEATMAP_IMAGES, emb.rows.numel())} seeded random images (seed {seed}) and all "
+                            "their captions"}
     written = {}
     if "text_to_image" in kinds:
         rows = P.text_to_image_results(emb, picks=[j for j, _ in picks["captions"]])
@@ -188,9 +192,7 @@ def _retrieval_pictures(root: Path, emb, kinds: list[str], seed: int, where: str
     if "heatmap" in kinds:
         sim, labels, owner = P.heatmap_data(emb, HEATMAP_IMAGES, seed)
         written[P.HEATMAP_PNG] = V.plot_similarity_heatmap(sim, labels, owner, root / P.HEATMAP_PNG)
-    _note(root, {name: {"rule": f"{min(HEATMAP_IMAGES, emb.rows.numel())} seeded random images (seed {seed}) and "
-                                 "all their captions" if name == P.HEATMAP_PNG else rule, "from": where}
-                 for name in written})
+    _note(root, {name: {"rule": rules[name], "from": where} for name in written})
     return list(written)
 
 

@@ -157,8 +157,12 @@ def reproduce_section(root: Path) -> list[str]:
                     "version, command line):", "", "```text", *cmds, "```", ""]
 
 
-NOTES_HEADINGS = ("Observations", "How LLM tools were used", "Which prompts were most useful?",
-                  "How were outputs validated?", "Link to the conversation")
+# The lab's questions: (heading level, heading, what the answer looks like).
+NOTES_HEADINGS = (("###", "Observations", "*(your observations on the results above)*"),
+                  ("###", "How LLM tools were used", "*(which tools, for which parts of the work)*"),
+                  ("####", "Which prompts were most useful?", "*(your answer)*"),
+                  ("####", "How were outputs validated?", "*(your answer)*"),
+                  ("####", "A link to the conversation", "*(your link)*"))
 
 
 def notes_section(notes: str | Path | None) -> list[str]:
@@ -172,6 +176,6 @@ def notes_section(notes: str | Path | None) -> list[str]:
     lines = ["## Your notes", "",
              "> **To be written by you.** Everything above is derived from the run's files; this section is "
              "left empty on purpose. Write it in a Markdown file and rebuild with `--notes FILE.md`.", ""]
-    for h in NOTES_HEADINGS:
-        lines += [f"### {h}", "", "*(your answer)*" if h != "Link to the conversation" else "*(your link)*", ""]
+    for level, heading, answer in NOTES_HEADINGS:
+        lines += [f"{level} {heading}", "", answer, ""]
     return lines

@@ -39,6 +39,7 @@ pre { background: #f6f6f6; border: 1px solid #ddd; padding: 2mm; font-size: 8pt;
 pre code { background: none; padding: 0; }
 blockquote { border-left: 3px solid #c60; margin: 3mm 0; padding: 1mm 4mm; background: #fff6ee; }
 summary { font-weight: bold; }
+details pre { column-count: 2; column-gap: 6mm; font-size: 7pt; }
 @page { size: A4; margin: 14mm 12mm; }
 @media print { body { padding: 0; max-width: none; } a { color: #111; } }
 """

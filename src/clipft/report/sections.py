@@ -181,7 +181,7 @@ def zero_shot_section(root: Path, missing: str | None = None, provenance: dict[s
             name = Path(z.get(key) or "").name
             if name and (root / name).is_file():
                 rule = (provenance or {}).get(name, {}).get("rule")
-                lines += ([f"Examples: {rule}."] if rule and key == "examples_png" else []) + [f"![{alt}]({name})", ""]
+                lines += [f"![{alt}]({name})", ""] + ([f"Examples: {rule}.", ""] if rule and key == "examples_png" else [])
     return lines
 
 
@@ -205,7 +205,7 @@ def pictures_section(root: Path, provenance: dict[str, dict] | None = None,
         how = (f" Chosen by rule: {p['rule']}; measured with {p['from']}." if p else
                " Drawn by an earlier `clipft visualize` (or the demo): seeded random queries of the split; its "
                "command is under Reproduce.")
-        lines += [text + how, "", f"![{f[:-4].replace('_', ' ')}]({f})", ""]
+        lines += [f"![{f[:-4].replace('_', ' ')}]({f})", "", text + how, ""]  # the caption under its picture
     if len(lines) == 2:
         lines += ["*Missing:* no retrieval picture in this run directory: `clipft report "
                   f"{root} --data DATA` draws them.", ""]
