@@ -331,3 +331,17 @@ def test_pdf_has_every_figure_on_a_page_and_no_blank_page(fresh_report, tmp_path
     for page in pages:
         ink = (np.asarray(Image.open(page).convert("L")) < 200).mean()
         assert ink > 0.002, f"{page.name} is blank"
+
+
+def test_zero_shot_clip_comparison_gets_its_figure(trained_run, tmp_path):
+    from clipft.report import write_report
+    run = copy_training_files(trained_run, tmp_path / "run")
+    m = {"split": "val", "protocol": "P", "checkpoint": str(run / "best.pt"),
+         "image_to_text": {"R@1": 20.0, "R@5": 50.0}, "text_to_image": {"R@1": 22.0, "R@5": 55.0}}
+    m["zero_shot"] = {"model": "tiny-clip", "image_to_text": {"R@1": 30.0, "R@5": 60.0},
+                      "text_to_image": {"R@1": 31.0, "R@5": 61.0}}
+    (run / "metrics_val.json").write_text(json.dumps(m))
+    text = write_report(run, complete=False).read_text()
+    assert "| image -> text | 1 | 20.00 | 30.00 | -10.00 |" in text
+    assert "![fine-tuned vs zero-shot CLIP on val](clip_comparison_val.png)" in text
+    assert (run / "clip_comparison_val.png").is_file()

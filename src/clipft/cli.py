@@ -390,6 +390,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- parser
 
+def _add_report_parser(sub) -> None:
+    s = sub.add_parser("report", help="write RUN/report.md from a run directory, drawing what it lacks")
+    s.add_argument("run")
+    s.add_argument("--data", help="the run's dataset, when it moved (default: summary.json's data_root, RUN/data)")
+    s.add_argument("--notes", metavar="FILE.md", help="your own section (observations, LLM-usage reflection, "
+                                                       "conversation link), included verbatim")
+    s.add_argument("--ablation", metavar="DIR", help="add a `clipft ablate --out DIR` study: table and bar chart")
+    s.add_argument("--compare", nargs="+", metavar="OTHER_RUN", help="add other runs' Recall@K and curves side by side")
+    s.add_argument("--html", action="store_true", help="also write report.html (self-contained, print-friendly)")
+    s.add_argument("--pdf", action="store_true", help="also write report.pdf (headless Chromium; implies --html)")
+    s.add_argument("--no-draw", action="store_true", help="only the files already in RUN: draw nothing")
+    s.add_argument("--seed", type=int, default=0, help="seed of the random examples (default 0)")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_report)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="clipft", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -518,20 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(s)
     s.set_defaults(func=cmd_inspect_data)
 
-    s = sub.add_parser("report", help="write RUN/report.md from a run directory, drawing what it lacks")
-    s.add_argument("run")
-    s.add_argument("--data", help="the run's dataset, when it moved (default: summary.json's data_root, RUN/data)")
-    s.add_argument("--notes", metavar="FILE.md", help="your own section (observations, LLM-usage reflection, "
-                                                       "conversation link), included verbatim")
-    s.add_argument("--ablation", metavar="DIR", help="add a `clipft ablate --out DIR` study: table and bar chart")
-    s.add_argument("--compare", nargs="+", metavar="OTHER_RUN", help="add other runs' Recall@K and curves side by side")
-    s.add_argument("--html", action="store_true", help="also write report.html (self-contained, print-friendly)")
-    s.add_argument("--pdf", action="store_true", help="also write report.pdf (headless Chromium; implies --html)")
-    s.add_argument("--no-draw", action="store_true", help="only the files already in RUN: draw nothing")
-    s.add_argument("--seed", type=int, default=0, help="seed of the random examples (default 0)")
-    s.add_argument("--device", default="auto")
-    s.add_argument("--quiet", action="store_true")
-    s.set_defaults(func=cmd_report)
+    _add_report_parser(sub)
 
     s = sub.add_parser("download", help="fetch MS COCO 2014 into the loader's layout (resumable, verified)")
     s.add_argument("dataset", choices=["coco"])

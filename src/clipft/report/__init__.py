@@ -57,13 +57,16 @@ def check_run_dir(run_dir: str | Path) -> RunFiles:
 def _chosen_by(root: Path, summary: dict, cfg: dict) -> str:
     """Which checkpoint the tables and pictures measure, and which split chose it."""
     split = cfg.get("data", {}).get("val_split", "val")
+    measured = Path(_load_json(root / f"metrics_{split}.json").get("checkpoint") or "best.pt").name
     best = summary.get("best_epoch")
-    if not (root / "best.pt").is_file() and not summary:
+    if measured == "last.pt":
+        return f"Checkpoint measured: `last.pt`, the last epoch ({summary.get('epochs')})."
+    if best is None or best < 0:
         return ""
     return (f"Checkpoint measured: `best.pt`, epoch {best} of {summary.get('epochs')}, chosen as the epoch with the "
             f"highest mean validation R@5 (both directions) on the `{split}` split. The `{split}` tables and the "
             "pictures below are measured on that same split, so they are not a held-out estimate; a protocol "
-            "that did not choose the checkpoint (`--split karpathy-test`) is.") if best is not None else ""
+            "that did not choose the checkpoint (`--split karpathy-test`) is.")
 
 
 def _missing_block(missing: dict[str, str]) -> list[str]:
