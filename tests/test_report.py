@@ -162,12 +162,13 @@ def test_train_then_report_gives_every_section(fresh_report):
                           "loss_curves.png"}
     assert all((run / link).is_file() for link in links)
     # The Recall@K table measures best.pt, and says which split chose it.
+    rules = json.loads((run / "report_pictures.json").read_text())
     m = json.loads((run / "metrics_val.json").read_text())
     assert m["checkpoint"].endswith("best.pt")
     assert f"| image -> text | {m['image_to_text']['R@1']:.2f} |" in report
-    assert "chosen as the epoch with the highest mean validation R@5 (both directions) on the `val` split" in report
+    assert "chosen as the epoch with the highest mean validation R@5 (both directions) on protocol `val`" in report
+    assert "on the `val` split" in rules["retrieval_text_to_image.png"]["from"]  # no held-out images here
     # Examples are chosen by a stated rule, recorded beside the pictures.
-    rules = json.loads((run / "report_pictures.json").read_text())
     assert "best and the worst remaining query by the rank" in rules["retrieval_text_to_image.png"]["rule"]
     assert rules["retrieval_text_to_image.png"]["rule"] in report
     # Reproduce lists how the run was made.
@@ -345,3 +346,20 @@ def test_zero_shot_clip_comparison_gets_its_figure(trained_run, tmp_path):
     assert "| image -> text | 1 | 20.00 | 30.00 | -10.00 |" in text
     assert "![fine-tuned vs zero-shot CLIP on val](clip_comparison_val.png)" in text
     assert (run / "clip_comparison_val.png").is_file()
+
+
+def test_with_a_validation_subset_the_pictures_are_drawn_on_held_out_images(coco_root, tiny_clip_dir, tmp_path):
+    """best.pt chosen on 6 of the 12 val images: the report measures and draws on the other 6."""
+    run = tmp_path / "run"
+    args = ["--set", f"text.encoder={tiny_clip_dir}", "--set", "train.epochs=1", "--set", "train.batch_size=8",
+            "--set", "train.max_steps_per_epoch=1", "--set", "model.backbone=resnet18", "--set",
+            "model.image_weights=none", "--set", "model.head_hidden=32", "--set", "data.image_size=32", "--set",
+            "data.num_workers=0", "--set", "train.device=cpu", "--set", "data.val_images=6", "--quiet"]
+    assert main(["train", "--data", str(coco_root), "--out", str(run), *args]) == 0
+    assert main(["report", str(run), "--quiet"]) == 0
+    m = json.loads((run / "metrics_val-heldout.json").read_text())
+    assert m["num_images"] == 6 and (run / "zeroshot_val-heldout.json").is_file()
+    rules = json.loads((run / "report_pictures.json").read_text())
+    assert "on the `val-heldout` split" in rules["retrieval_image_to_text.png"]["from"]
+    report = (run / "report.md").read_text()
+    assert "### `val-heldout`" in report and "Missing" not in report

@@ -21,12 +21,13 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from .data import DataError
     from .distributed import DistributedError
     from .download import DownloadError
+    from .evaluate import EvaluationError
     from .model import ModelError
     from .report import ReportError
     from .text import TextEncoderError
     from .train import TrainingError
-    return (ConfigError, DataError, DistributedError, DownloadError, ModelError, ReportError, TextEncoderError,
-            TrainingError)
+    return (ConfigError, DataError, DistributedError, DownloadError, EvaluationError, ModelError, ReportError,
+            TextEncoderError, TrainingError)
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -64,7 +65,8 @@ def _split_extra(extra: list[str]) -> list[str]:
 
 def _add_split_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default="val",
-                   help="protocol: val (the configured subset, default), val-full (whole val2014), "
+                   help="protocol: val (the configured subset, default), val-full (whole val2014), val-heldout "
+                        "(validation images outside the subset that chose best.pt), "
                         "karpathy-test / karpathy-val (with --karpathy), or any split name")
     p.add_argument("--karpathy", metavar="JSON", help="Karpathy's dataset_coco.json (for --split karpathy-test)")
 
@@ -259,7 +261,7 @@ def cmd_visualize(args: argparse.Namespace) -> int:
     if args.kind in ("heatmap", "all"):
         sim, labels, owner = P.heatmap_data(emb, args.heatmap_images, args.seed)
         written.append(V.plot_similarity_heatmap(sim, labels, owner, _out(args, out_dir / P.HEATMAP_PNG)))
-    ds_split = cfg.data.val_split if args.split in ("val", "val-full") else args.split
+    ds_split = cfg.data.val_split if args.split in ("val", "val-full", "val-heldout") else args.split
     shapes_labels = Path(args.data) / "annotations" / f"shapes_labels_{ds_split}2014.json"
     if args.kind == "all" and not args.labels_from and not shapes_labels.is_file():
         print("zero-shot picture skipped: no --labels-from and the dataset has no shapes labels")
@@ -358,31 +360,35 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     data = Path(args.data) if args.data else out / "data"
+    # Twice the validation images: the seeded half (data.val_images) chooses best.pt, the other half
+    # is held out (protocol val-heldout) for the figures the demo reports, free of selection bias.
     if not (data / "annotations" / "captions_val2014.json").is_file():
         print(f"[1/6] writing the synthetic shapes dataset to {data}")
-        make_shapes_dataset(data, n_train=args.train_images, n_val=args.val_images, seed=0)
+        make_shapes_dataset(data, n_train=args.train_images, n_val=2 * args.val_images, seed=0)
     else:
         print(f"[1/6] using the dataset already in {data}")
-    cfg = resolve_run_config(out, None, list(args.overrides) + list(args.extra_overrides),
+    overrides = [f"data.train_images={args.train_images}", f"data.val_images={args.val_images}"]
+    cfg = resolve_run_config(out, None, overrides + list(args.overrides) + list(args.extra_overrides),
                              base=preset_config("demo"), resume=True)
     train_split = load_split(data, cfg.data.train_split, cfg.data)
     plot_data_samples(data_samples(train_split, 4), out / DATA_SAMPLES_PNG,
                       title=f"4 random image-caption pairs of the training split ({train_split.name})")
-    print(f"[2/6] training {cfg.model.backbone} against frozen {cfg.text.encoder} for {cfg.train.epochs} epochs")
+    print(f"[2/6] training {cfg.model.backbone} against frozen {cfg.text.encoder} for {cfg.train.epochs} epochs "
+          f"(best.pt chosen on {cfg.data.val_images} validation images)")
     train(cfg, data, out, resume=True, progress=not args.quiet)
-    print("[3/6] evaluating best.pt on the validation split")
-    emb, _ = checkpoint_embeddings(out / "best.pt", data, cfg.data.val_split, progress=not args.quiet)
-    m = evaluate_checkpoint(out / "best.pt", data, split=cfg.data.val_split, embeddings=emb)
+    print("[3/6] evaluating best.pt on the held-out validation images (not used to choose it)")
+    emb, _ = checkpoint_embeddings(out / "best.pt", data, "val-heldout", progress=not args.quiet)
+    m = evaluate_checkpoint(out / "best.pt", data, split="val-heldout", embeddings=emb)
     print(m["protocol"])
     print(format_recall_table(m))
-    print("[4/6] zero-shot classification of the validation images (colour + shape of the largest object)")
+    print("[4/6] zero-shot classification of the held-out images (colour + shape of the largest object)")
     if (data / "annotations" / f"shapes_labels_{cfg.data.val_split}2014.json").is_file():
-        z = zeroshot_dataset(out / "best.pt", data, split=cfg.data.val_split, labels_from="shapes", embeddings=emb)
+        z = zeroshot_dataset(out / "best.pt", data, split="val-heldout", labels_from="shapes", embeddings=emb)
         print(f"top-1 {z['top1']:.1f}%, top-5 {z['top5']:.1f}% over {len(z['classes'])} classes "
               f"(chance {z['chance_top1']:.1f}%), {z['num_images']} images")
     else:
         print(f"skipped: {data} has no shapes labels")
-    print("[5/6] retrieval pictures")
+    print("[5/6] retrieval pictures (held-out images)")
     write_pictures(emb, out)
     print(f"[6/6] wrote {write_report(out)}")
     return 0

@@ -214,7 +214,10 @@ class ImageTower(nn.Module):
         return self
 
     def clamp_logit_scale_(self) -> None:
-        """Keep 1/tau in [1, max_logit_scale] (CLIP's clamp, stops the temperature collapsing)."""
+        """Keep a learnable 1/tau in [1, max_logit_scale] (CLIP's clamp, stops the temperature
+        collapsing). A fixed temperature is the user's choice and is never moved."""
+        if not self.cfg.learnable_temperature:
+            return
         with torch.no_grad():
             self.logit_scale.clamp_(0.0, math.log(self.cfg.max_logit_scale))
 

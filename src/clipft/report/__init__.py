@@ -64,9 +64,10 @@ def _chosen_by(root: Path, summary: dict, cfg: dict) -> str:
     if best is None or best < 0:
         return ""
     return (f"Checkpoint measured: `best.pt`, epoch {best} of {summary.get('epochs')}, chosen as the epoch with the "
-            f"highest mean validation R@5 (both directions) on the `{split}` split. The `{split}` tables and the "
-            "pictures below are measured on that same split, so they are not a held-out estimate; a protocol "
-            "that did not choose the checkpoint (`--split karpathy-test`) is.")
+            f"highest mean validation R@5 (both directions) on protocol `val` (the `{split}` images evaluated every "
+            "epoch), so figures on `val` are optimistic by that choice. `val-heldout` (the validation images "
+            "outside that subset) and `karpathy-test` played no part in training or selection; each picture "
+            "below names the protocol it was drawn on.")
 
 
 def _missing_block(missing: dict[str, str]) -> list[str]:

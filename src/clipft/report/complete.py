@@ -98,7 +98,9 @@ def complete_run(run_dir: str | Path, data: str | Path | None = None, device: st
     run = RunFiles(Path(run_dir))
     summary = json.loads(run.summary.read_text()) if run.summary.is_file() else {}
     cfg = json.loads(run.config.read_text()) if run.config.is_file() else {}
-    done = Completion(checkpoint=checkpoint_of(run.root), split=cfg.get("data", {}).get("val_split", "val"))
+    # With a validation subset (data.val_images), the images outside it chose nothing: draw on those.
+    d = cfg.get("data", {})
+    done = Completion(checkpoint=checkpoint_of(run.root), split="val-heldout" if d.get("val_images") else "val")
     epochs = read_records(run.metrics, "epoch")
     if epochs and not run.curves.is_file():
         from ..visualize import plot_training_curves
@@ -134,6 +136,7 @@ def _recoverable_errors() -> tuple[type[BaseException], ...]:
 
 def _draw(root: Path, done: Completion, todo: list[str], seed: int, device: str, progress: bool) -> None:
     """Embed the validation split once with the checkpoint, then draw every wanted item from it."""
+    from ..data import DataError
     from ..evaluate import checkpoint_embeddings, evaluate_checkpoint
     from ..model import read_checkpoint
     ckpt, data_root, split = done.checkpoint, done.data_root, done.split
@@ -142,7 +145,14 @@ def _draw(root: Path, done: Completion, todo: list[str], seed: int, device: str,
         done.drawn.append(DATA_SAMPLES_PNG)
     if not set(todo) - {"data_samples"}:
         return
-    emb, cfg = checkpoint_embeddings(ckpt, data_root, split, device=device, progress=progress)
+    try:
+        emb, cfg = checkpoint_embeddings(ckpt, data_root, split, device=device, progress=progress)
+    except DataError:
+        if split != "val-heldout":
+            raise
+        log.info("report: no held-out validation image in %s; drawing on protocol val", data_root)
+        split = done.split = "val"  # the subset is the whole split: the one that chose the checkpoint
+        emb, cfg = checkpoint_embeddings(ckpt, data_root, split, device=device, progress=progress)
     epoch = read_checkpoint(ckpt).get("epoch")
     where = f"`{ckpt.name}` (epoch {epoch}) on the `{split}` split"
     if "metrics" in todo:

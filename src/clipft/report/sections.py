@@ -97,7 +97,7 @@ def setup_section(run: RunFiles, cfg: dict, summary: dict, epochs: list[dict]) -
 # --------------------------------------------------------------------------- evaluation sections
 
 # Protocol order in the report: training-time subset first, the published-comparable split last.
-_PROTOCOL_ORDER = {"val": 0, "val-full": 1, "karpathy-val": 2, "karpathy-test": 3}
+_PROTOCOL_ORDER = {"val": 0, "val-full": 1, "val-heldout": 2, "karpathy-val": 3, "karpathy-test": 4}
 
 
 def _metrics_files(root: Path) -> list[tuple[str, dict]]:
