@@ -43,3 +43,15 @@ def test_train_evaluate_visualize_and_report_are_recorded(trained_run, coco_root
     assert "clipft train --data" in lines[0]  # the fixture's own training command
     assert [LINE.match(line).group(3) for line in lines[-4:]] == ["clipft " + " ".join(a) for a in commands]
     assert main(["report", str(tmp_path / "nope")]) == 2 and not (tmp_path / "nope").exists()
+
+
+def test_which_directory_a_command_acts_on():
+    from clipft.cli import build_parser
+    from clipft.runlog import run_dir_of
+    p = build_parser()
+    assert str(run_dir_of(p.parse_args(["train", "--data", "D", "--out", "R"]))) == "R"
+    assert str(run_dir_of(p.parse_args(["demo", "--out", "R"]))) == "R"
+    assert str(run_dir_of(p.parse_args(["evaluate", "--checkpoint", "R/best.pt", "--data", "D"]))) == "R"
+    assert str(run_dir_of(p.parse_args(["visualize", "curves", "--run", "R"]))) == "R"
+    assert str(run_dir_of(p.parse_args(["report", "R"]))) == "R"
+    assert run_dir_of(p.parse_args(["make-data", "shapes", "--out", "D"])) is None

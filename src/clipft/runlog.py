@@ -15,14 +15,14 @@ from pathlib import Path
 
 COMMANDS_TXT = "commands.txt"
 # Commands that read or write a run directory, and how each names it.
-RUN_COMMANDS = ("train", "evaluate", "visualize", "zeroshot", "report", "export")
+RUN_COMMANDS = ("train", "demo", "evaluate", "visualize", "zeroshot", "report", "export")
 
 
 def run_dir_of(args: argparse.Namespace) -> Path | None:
     """The run directory a parsed command acts on (None for commands that have none)."""
     if args.command not in RUN_COMMANDS:
         return None
-    if args.command == "train":
+    if args.command in ("train", "demo"):  # both train into --out
         return Path(args.out)
     if getattr(args, "run", None):
         return Path(args.run)
