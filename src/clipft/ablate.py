@@ -213,7 +213,7 @@ def config_differences(saved: dict[str, Any], wanted: Config) -> list[str]:
 
 
 def run_status(run: StudyRun) -> str:
-    """"new", "partial" (train resumes it), "complete" or "failed" (diverged before; delete the
+    """"new", "partial" (train resumes it), "complete" or "failed" (failed or diverged before; delete the
     directory to retry). A directory holding a run of another config is an AblationError: its
     results would be silently mixed into the comparison."""
     files = trainer.RunFiles(run.dir)
@@ -307,7 +307,8 @@ def run_result(run: StudyRun) -> dict:
     files = trainer.RunFiles(run.dir)
     out: dict[str, Any] = {"config": run.config, "seed": run.seed, "dir": str(run.dir)}
     if (run.dir / FAILED_MARK).is_file():
-        return {**out, "status": "failed", "error": (run.dir / FAILED_MARK).read_text().strip()}
+        error = (run.dir / FAILED_MARK).read_text().strip()
+        return {**out, "status": "diverged" if "diverged" in error else "failed", "error": error}
     epochs = trainer.read_records(files.metrics, "epoch")
     if not files.summary.is_file() or not epochs or "val" not in epochs[-1]:
         return {**out, "status": "missing"}
@@ -343,7 +344,9 @@ def summarise(results: list[dict], configs: dict[str, dict]) -> list[dict]:
     rows = []
     for name, overrides in configs.items():
         mine = [r for r in results if r["config"] == name]
-        good = [r for r in mine if r["status"] == "ok"]
+        # A configuration that diverged on any seed is never ranked: its other seeds' figures
+        # would make an unstable setting look as good as a stable one.
+        good = [] if any(r["status"] == "diverged" for r in mine) else [r for r in mine if r["status"] == "ok"]
         row: dict[str, Any] = {"config": name, "overrides": describe(overrides),
                                "seeds": " ".join(str(r["seed"]) for r in mine), "runs_ok": len(good),
                                "status": "ok" if len(good) == len(mine) else
@@ -476,9 +479,10 @@ def write_markdown(path: Path, study: dict) -> Path:
               "## Configurations", "", "| configuration | what it changes | overrides |", "|---|---|---|"]
     for name, c in study["configs"].items():
         lines.append(f"| `{name}` | {c['about']} | `{describe(c['overrides'])}` |")
-    failed = [r for r in study["runs"] if r["status"] == "failed"]
+    failed = [r for r in study["runs"] if r["status"] in ("failed", "diverged")]
     if failed:
-        lines += ["", "## Failed runs", ""] + [f"- `{r['config']}` seed {r['seed']}: {r['error']} "
+        lines += ["", "## Failed runs", "", "A configuration with a diverged seed is not ranked (no figures).", ""]
+        lines += [f"- `{r['config']}` seed {r['seed']} {r['status']}: {r['error']} "
                                               f"(delete `{r['dir']}` to retry)" for r in failed]
     lines.append("")
     path.write_text("\n".join(lines))

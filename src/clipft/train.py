@@ -19,6 +19,7 @@ import itertools
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,14 +30,14 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import distributed, tblog
-from .config import Config, ConfigError, from_dict, load_config, save_config, to_dict
+from .config import Config, ConfigError, from_dict, load_config, save_config, to_dict, validate
 from .data import (FLIP_MODES, CaptionedImages, TrainDataset, build_transform, collate_train,
                    cache_location, left_right_captions, load_split, text_cache_file,
                    text_cache_location)
 from .evaluate import EvaluationError, evaluate_split, mean_recall
 from .health import HealthMonitor, pairwise_cosine
 from .loss import chance_loss, clip_loss
-from .model import build_image_tower, count_parameters, parameter_parts, tower_state
+from .model import build_image_tower, count_parameters, ensure_image_weights, parameter_parts, tower_state
 from .runtime import amp_dtype_for, atomic_torch_save, hardware_info, rng_state, seed_everything, set_rng_state
 from .text import get_text_embeddings, load_text_encoder, text_cache_path
 from .prepare import DeviceTransform, PreparedDataset, PreparedImages, PreparedLoader, prepared_dir
@@ -181,6 +182,8 @@ def prepare_data(cfg: Config, data_root: str | Path, device: torch.device) -> Pr
         raise TrainingError(f"{data_root}: no captioned images in split "
                             f"{cfg.data.train_split if len(train) == 0 else cfg.data.val_split!r}")
     preflight(train, val, cfg.data)
+    # Everything that can fail without computing fails here, before the captions are embedded.
+    ensure_image_weights(cfg.model.backbone, cfg.model.image_weights)
     encoder = load_text_encoder(cfg.text.encoder, device=device, max_length=cfg.text.max_length)
     embeds, infos = [], {}
     for name, split in ((cfg.data.train_split, train), (cfg.data.val_split, val)):
@@ -452,6 +455,7 @@ def train(cfg: Config, data_root: str | Path, out_dir: str | Path, resume: bool 
     (`distributed.setup`), trains its shard of every global batch under DDP with global negatives,
     and rank 0 alone logs and writes RUN/; the group is left again at the end.
     """
+    validate(cfg)  # ranges and choices, before any work (configs built in code skip load_config)
     ctx = distributed.setup(cfg.train.device)
     try:
         return _train(cfg, data_root, out_dir, resume, progress, ctx)
@@ -466,6 +470,8 @@ def _train(cfg: Config, data_root: str | Path, out_dir: str | Path, resume: bool
         raise ConfigError(f"train.grad_accum_steps must be >= 1, got {cfg.train.grad_accum_steps}")
     run = RunFiles(Path(out_dir))
     run.root.mkdir(parents=True, exist_ok=True)
+    if ctx.is_main and not os.access(run.root, os.W_OK):
+        raise TrainingError(f"{run.root}: the run directory is not writable; use another --out")
     device, world, main = ctx.device, ctx.world_size, ctx.is_main
     seed_everything(cfg.train.seed + ctx.rank)  # rank 0 = the single-process seed; others differ (augmentation)
     amp_dtype = amp_dtype_for(device, cfg.train.amp)
