@@ -104,12 +104,15 @@ def make_report(run_dir: str | Path, data: str | Path | None = None, notes: str 
         rule = provenance.get(C.DATA_SAMPLES_PNG, {}).get("rule")
         lines += [f"![random image-caption pairs]({C.DATA_SAMPLES_PNG})", "",
                   "Random training image-caption pairs (integrity check)" + (f": {rule}." if rule else "."), ""]
+    elif "data_samples" in done.missing:
+        lines += [f"*Missing:* {done.missing['data_samples']}.", ""]
     figures = X.clip_comparison_figures(run.root, _metrics_with_zero_shot(run.root))
     lines += retrieval_section(run.root, final, _chosen_by(run.root, summary, cfg), figures, done.missing.get("metrics"))
     lines += zero_shot_section(run.root, done.missing.get("zero_shot"), provenance)
     lines += pictures_section(run.root, provenance, done.missing)
-    if run.curves.is_file():
-        lines += ["## Training curves", "", f"![training curves]({run.curves.name})", ""]
+    lines += ["## Training curves", "", f"![training curves]({run.curves.name})" if run.curves.is_file() else
+              f"*Missing:* no completed epoch in metrics.jsonl yet; `clipft visualize curves --run {run.root}` draws "
+              "the curves once there is one.", ""]
     if compare:
         lines += X.compare_section(run.root, list(compare))
     if ablation:
