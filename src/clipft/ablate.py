@@ -32,7 +32,7 @@ import torch
 import yaml
 
 from . import train as trainer
-from .config import (PRESETS, Config, ConfigError, from_dict, load_config, preset_config, save_config,
+from .config import (PRESETS, Config, ConfigError, from_dict, load_config, preset_config, save_config, validate,
                      to_dict, update_from_dict)
 
 log = logging.getLogger(__name__)
@@ -164,22 +164,16 @@ class StudyRun:
 
 
 def validate_config(cfg: Config, where: str) -> None:
-    """Refuse values the run would only reject after data loading: model options (built on the
-    meta device, no memory, no download), flip mode, colour jitter, backbone lr ratio."""
-    from .data import FLIP_MODES
+    """Refuse values the run would only reject after data loading: every range and choice of the
+    schema (`config.validate`), then the model options (built on the meta device: no memory, no
+    download)."""
     from .model import ModelError, build_image_tower
     try:
+        validate(cfg, source=where)
         with torch.device("meta"):
             build_image_tower(from_dict({"model": {**to_dict(cfg)["model"], "image_weights": "none"}}).model, 8)
-    except ModelError as e:
-        raise AblationError(f"{where}: {e}") from None
-    if cfg.data.flip not in FLIP_MODES:
-        raise AblationError(f"{where}: data.flip must be one of {', '.join(FLIP_MODES)}, got {cfg.data.flip!r}")
-    for key, value in (("data.color_jitter", cfg.data.color_jitter),
-                       ("train.backbone_lr_ratio", cfg.train.backbone_lr_ratio),
-                       ("train.freeze_backbone_epochs", cfg.train.freeze_backbone_epochs)):
-        if value < 0:
-            raise AblationError(f"{where}: {key} must be >= 0, got {value}")
+    except (ConfigError, ModelError) as e:
+        raise AblationError(str(e) if isinstance(e, ConfigError) else f"{where}: {e}") from None
 
 
 def plan_study(base: Config, configs: dict[str, dict], seeds: Sequence[int], out_dir: str | Path) -> list[StudyRun]:
