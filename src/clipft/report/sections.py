@@ -203,8 +203,8 @@ def pictures_section(root: Path, provenance: dict[str, dict] | None = None,
             continue
         p = (provenance or {}).get(f)
         how = (f" Chosen by rule: {p['rule']}; measured with {p['from']}." if p else
-               " Drawn by an earlier `clipft visualize` (or the demo): seeded random queries of the split; its "
-               "command is under Reproduce.")
+               " Drawn by an earlier `clipft visualize` or `clipft demo` (seeded random queries, newer than the "
+               "checkpoint, so reused here).")
         lines += [f"![{f[:-4].replace('_', ' ')}]({f})", "", text + how, ""]  # the caption under its picture
     if len(lines) == 2:
         lines += ["*Missing:* no retrieval picture in this run directory: `clipft report "
