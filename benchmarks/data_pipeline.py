@@ -41,7 +41,7 @@ from torchvision import transforms as T
 
 from clipft.config import DataConfig
 from clipft.data import CaptionedImages, ImageRecord, TrainDataset, build_transform, collate_train
-from clipft.prepare import DeviceTransform, PreparedDataset, PreparedImages, PreparedLoader, prepare_images
+from clipft.data.prepare import DeviceTransform, PreparedDataset, PreparedImages, PreparedLoader, prepare_images
 
 MEAN, STD = DataConfig().mean, DataConfig().std
 

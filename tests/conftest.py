@@ -21,7 +21,7 @@ def tiny_clip_dir(tmp_path_factory):
 def coco_root(tmp_path_factory):
     """A tiny synthetic COCO 2014 folder (24 train / 12 val shapes images, 5 captions each) shared by
     the end-to-end tests; its text caches are built under coco_root/cache by the first run."""
-    from clipft.shapes import make_shapes_dataset
+    from clipft.data.shapes import make_shapes_dataset
     return make_shapes_dataset(tmp_path_factory.mktemp("coco"), n_train=24, n_val=12, seed=0, image_size=48)
 
 

@@ -21,7 +21,8 @@ from clipft.cli import main
 from clipft.config import Config, ConfigError, update_from_dict
 from clipft.data import build_transform
 from clipft.model import AttentionPool2d, build_image_tower
-from clipft.train import build_optimizer, cosine_with_warmup, read_records, train_step
+from clipft.runfiles import read_records
+from clipft.train import build_optimizer, cosine_with_warmup, train_step
 
 TINY = {"model": {"backbone": "resnet18", "image_weights": "none", "head_hidden": 32},
         "data": {"image_size": 32, "num_workers": 0},
@@ -212,20 +213,20 @@ def tiny_study(tmp_path, tiny_clip_dir):
     return base, mine
 
 
-def test_study_resumes_without_rerunning_and_outputs_agree(coco_root, tiny_study, tmp_path, monkeypatch, capsys):
+def test_study_resumes_without_rerunning_and_outputs_agree(coco_root, tiny_study, tmp_path, capsys):
     base, mine = tiny_study
     out = tmp_path / "study"
     argv = ["ablate", "--data", str(coco_root), "--out", str(out), "--base-config", str(base),
             "--configs", "wide", "--configs-file", str(mine), "--seeds", "0", "1", "--quiet"]
-    real_train, real_loader = train_mod.train, train_mod.make_train_loader
+    real_loader = train_mod.make_train_loader
 
     # 1. Interrupted in the third run (wide, seed 0) at the start of its epoch 2.
     def crash(ds, cfg, epoch, device):
         if cfg.model.head_hidden == 64 and cfg.train.seed == 0 and epoch == 2:
             raise KeyboardInterrupt
         return real_loader(ds, cfg, epoch, device)
-    monkeypatch.setattr(train_mod, "make_train_loader", crash)
-    assert main(argv) == 130
+    with train_mod.use_hooks(make_loader=crash):
+        assert main(argv) == 130
     runs = out / "runs"
     assert (runs / "baseline" / "seed_1" / "summary.json").is_file()
     assert not (runs / "wide" / "seed_0" / "summary.json").exists()
@@ -235,16 +236,14 @@ def test_study_resumes_without_rerunning_and_outputs_agree(coco_root, tiny_study
     # 2. Rerun: only the unfinished runs train; the partial one continues from its epoch 1.
     calls, epochs_asked = [], []
 
-    def counting_train(cfg, data_root, out_dir, **kw):
+    def counting_train(cfg, out_dir):
         calls.append((cfg.model.head_hidden, cfg.train.seed))
-        return real_train(cfg, data_root, out_dir, **kw)
 
     def loader(ds, cfg, epoch, device):
         epochs_asked.append((cfg.train.seed, epoch))
         return real_loader(ds, cfg, epoch, device)
-    monkeypatch.setattr(train_mod, "train", counting_train)
-    monkeypatch.setattr(train_mod, "make_train_loader", loader)
-    assert main(argv) == 0
+    with train_mod.use_hooks(started=counting_train, make_loader=loader):
+        assert main(argv) == 0
     assert calls == [(64, 0), (64, 1)]
     assert epochs_asked == [(0, 2), (1, 1), (1, 2)]
     assert [r["epoch"] for r in read_records(runs / "wide" / "seed_0" / "metrics.jsonl", "epoch")] == [1, 2]
@@ -253,7 +252,8 @@ def test_study_resumes_without_rerunning_and_outputs_agree(coco_root, tiny_study
     calls.clear()
     for name in ("ablation.md", "ablation.csv", "ablation_recall.png", "ablation_curves.png", "ablation.json"):
         (out / name).unlink()
-    assert main(argv) == 0
+    with train_mod.use_hooks(started=counting_train):
+        assert main(argv) == 0
     assert calls == []
     printed = capsys.readouterr().out
     assert "| `wide` |" in printed and "4/4 runs ok" in printed
@@ -306,7 +306,7 @@ def test_study_resumes_without_rerunning_and_outputs_agree(coco_root, tiny_study
     assert "train.epochs: 2 -> 3" in err and str(runs / "baseline" / "seed_0") in err
 
 
-def test_diverged_run_is_recorded_and_the_study_goes_on(coco_root, tiny_study, tmp_path, monkeypatch):
+def test_diverged_run_is_recorded_and_the_study_goes_on(coco_root, tiny_study, tmp_path):
     base, _ = tiny_study
     out = tmp_path / "study"
     real_train = train_mod.train
@@ -315,17 +315,17 @@ def test_diverged_run_is_recorded_and_the_study_goes_on(coco_root, tiny_study, t
         if cfg.model.head_norm == "batchnorm":
             raise train_mod.TrainingError("training diverged: test")
         return real_train(cfg, data_root, out_dir, **kw)
-    monkeypatch.setattr(train_mod, "train", diverge_batchnorm)
     base_cfg = yaml.safe_load(base.read_text())
     base_cfg["train"]["epochs"] = 1
     base.write_text(yaml.safe_dump(base_cfg))
-    study = ablate.run_study(out, data_root=coco_root, names=["batchnorm"], base_config=str(base))
+    study = ablate.run_study(out, data_root=coco_root, names=["batchnorm"], base_config=str(base),
+                             train_fn=diverge_batchnorm)
     assert [r["status"] for r in study["runs"]] == ["ok", "diverged"]
     assert "diverged" in (out / "runs" / "batchnorm" / "seed_0" / ablate.FAILED_MARK).read_text()
     md = (out / "ablation.md").read_text()
     assert "Failed runs" in md and "`batchnorm` (seed 0 diverged)" in md
     row = next(r for r in study["rows"] if r["config"] == "batchnorm")
     assert row["mean_recall"] is None and row["runs_ok"] == 0  # never ranked
-    monkeypatch.setattr(train_mod, "train", lambda *a, **k: pytest.fail("nothing should rerun"))
-    again = ablate.run_study(out, data_root=coco_root, names=["batchnorm"], base_config=str(base))
+    again = ablate.run_study(out, data_root=coco_root, names=["batchnorm"], base_config=str(base),
+                             train_fn=lambda *a, **k: pytest.fail("nothing should rerun"))
     assert [r["status"] for r in again["runs"]] == ["ok", "diverged"]

@@ -18,7 +18,7 @@ from clipft.data import (CaptionedImages, CenterSquareResize, DataError, EvalIma
                          build_transform, coco_annotation_path, collate_eval, collate_skip,
                          collate_train, detect_format, left_right_captions, load_coco_captions, load_image,
                          load_split, swap_left_right)
-from clipft.shapes import make_shapes_dataset
+from clipft.data.shapes import make_shapes_dataset
 
 MEAN = DataConfig().mean
 STD = DataConfig().std

@@ -333,10 +333,9 @@ def _train_runs(main, train_mod, ports, data, text_dir, runs) -> dict:
         if epoch == 2:
             raise KeyboardInterrupt
         return real(ds, cfg, epoch, device)
-    train_mod.make_train_loader = crash_at_epoch_2
     os.environ["MASTER_PORT"] = str(ports[1])  # a fresh rendezvous per launch, as torchrun would
-    codes["b_killed"] = main(["train", "--data", data, "--out", f"{runs}/b", *_train_args(text_dir)])
-    train_mod.make_train_loader = real
+    with train_mod.use_hooks(make_loader=crash_at_epoch_2):
+        codes["b_killed"] = main(["train", "--data", data, "--out", f"{runs}/b", *_train_args(text_dir)])
     os.environ["MASTER_PORT"] = str(ports[2])
     codes["b_resumed"] = main(["train", "--data", data, "--out", f"{runs}/b", "--quiet"])
     return codes
@@ -347,8 +346,9 @@ def test_two_process_training_resumes_exactly_and_validates_like_one_process(coc
     from clipft.data import load_split
     from clipft.evaluate import embed_images, evaluate_split
     from clipft.model import load_image_tower
-    from clipft.text import get_text_embeddings, text_cache_path
-    from clipft.train import read_records
+    from clipft.data import text_cache_path
+    from clipft.text import get_text_embeddings
+    from clipft.runfiles import read_records
 
     _spawn(_train_worker, [_free_port() for _ in range(3)], str(coco_root), str(tiny_clip_dir), str(tmp_path))
     for r in range(WORLD):

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from clipft import download as dl
+from clipft.data import download as dl
 from clipft.cli import main
 from clipft.data import load_coco_captions
-from clipft.download import (COCO_ARCHIVES, CorruptArchiveError, DiskSpaceError, DownloadError,
+from clipft.data.download import (COCO_ARCHIVES, CorruptArchiveError, DiskSpaceError, DownloadError,
                              NetworkError, RemoteFileError, download_coco, fetch, parse_content_range)
 from test_train import small_args
 
@@ -49,7 +49,7 @@ def _zip_dir(src_root: Path, top: str, dest: Path) -> None:
 def source(tmp_path_factory):
     """A tiny shapes dataset (the expected result) and a mirror dir holding its archives at the
     official relative paths."""
-    from clipft.shapes import make_shapes_dataset
+    from clipft.data.shapes import make_shapes_dataset
     base = tmp_path_factory.mktemp("dlsrc")
     data = make_shapes_dataset(base / "data", n_train=16, n_val=12, seed=0, image_size=32)
     mirror = base / "mirror"
@@ -346,13 +346,11 @@ def test_recorded_checksum_and_size_are_checked(source, serve, tmp_path):
     assert _same_tree(data / "val2014", tmp_path / "c" / "val2014")
 
 
-def test_not_enough_disk_space_is_reported_before_downloading(source, serve, tmp_path, monkeypatch):
+def test_not_enough_disk_space_is_reported_before_downloading(source, serve, tmp_path):
     _, mirror = source
     server = serve(mirror)
-    real = dl.shutil.disk_usage
-    monkeypatch.setattr(dl.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
     with pytest.raises(DiskSpaceError, match="not enough free space"):
-        _run(tmp_path / "coco", server)
+        _run(tmp_path / "coco", server, disk_free=lambda root: 1000)
     assert server.gets() == []  # only HEAD requests were made
 
 

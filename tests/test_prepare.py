@@ -6,12 +6,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from clipft import prepare as prep
+from clipft.data import prepare as prep
 from clipft.config import DataConfig
-from clipft.data import TrainDataset, build_transform, load_coco_captions, load_image
-from clipft.prepare import (DeviceTransform, PreparedDataset, PreparedImages, PreparedLoader, identity_collate,
-                            prepare_images, prepared_dir)
-from clipft.shapes import make_shapes_dataset
+from clipft.data import TrainDataset, build_transform, load_coco_captions, load_image, prepared_dir
+from clipft.data.prepare import (DeviceTransform, PreparedDataset, PreparedImages, PreparedLoader, identity_collate,
+                                 prepare_images)
+from clipft.data.shapes import make_shapes_dataset
 
 MEAN, STD = DataConfig().mean, DataConfig().std
 
@@ -39,8 +39,8 @@ def test_prepare_writes_squares_and_counts_bad(split, tmp_path):
     assert prepare_images(split, out, size=48, workers=1, progress=False)["seconds"] == 0.0
 
 
-def test_prepare_resumes_after_a_kill(split, tmp_path, monkeypatch):
-    monkeypatch.setattr(prep, "CHUNK", 3)  # 10 images -> chunks 0..3
+def test_prepare_resumes_after_a_kill(split, tmp_path):
+    chunk = 3  # 10 images -> chunks 0..3
     out = tmp_path / "p"
     real, calls = prep._work, []
 
@@ -49,23 +49,21 @@ def test_prepare_resumes_after_a_kill(split, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         calls.append(job[0])
         return real(job)
-    monkeypatch.setattr(prep, "_work", dies_on_chunk_2)
     with pytest.raises(KeyboardInterrupt):
-        prepare_images(split, out, size=32, workers=1, progress=False)
+        prepare_images(split, out, size=32, workers=1, progress=False, chunk=chunk, work=dies_on_chunk_2)
     assert calls == [0, 1] and PreparedImages.open(out) is None
-    monkeypatch.setattr(prep, "_work", lambda job: calls.append(job[0]) or real(job))
-    info = prepare_images(split, out, size=32, workers=1, progress=False)
+    info = prepare_images(split, out, size=32, workers=1, progress=False, chunk=chunk,
+                          work=lambda job: calls.append(job[0]) or real(job))
     assert calls == [0, 1, 2, 3]  # chunks 0 and 1 were not decoded again
     assert info["bad"] == 1
     fresh = tmp_path / "fresh"
-    prepare_images(split, fresh, size=32, workers=1, progress=False)
+    prepare_images(split, fresh, size=32, workers=1, progress=False, chunk=chunk)
     assert np.array_equal(PreparedImages.open(out).array, PreparedImages.open(fresh).array)
 
 
-def test_parallel_equals_serial(split, tmp_path, monkeypatch):
-    monkeypatch.setattr(prep, "CHUNK", 4)
-    prepare_images(split, tmp_path / "a", size=32, workers=1, progress=False)
-    prepare_images(split, tmp_path / "b", size=32, workers=2, progress=False)
+def test_parallel_equals_serial(split, tmp_path):
+    prepare_images(split, tmp_path / "a", size=32, workers=1, progress=False, chunk=4)
+    prepare_images(split, tmp_path / "b", size=32, workers=2, progress=False, chunk=4)
     assert np.array_equal(PreparedImages.open(tmp_path / "a").array, PreparedImages.open(tmp_path / "b").array)
 
 
@@ -171,7 +169,7 @@ def test_device_transform_normalises_and_augments():
     assert 0 < int(left_bright.sum()) < 8  # some samples flipped, some not
 
 
-def test_training_reads_the_prepared_cache(coco_root, tiny_clip_dir, tmp_path, caplog, monkeypatch):
+def test_training_reads_the_prepared_cache(coco_root, tiny_clip_dir, tmp_path, caplog):
     """`clipft prepare-images` then `clipft train`: batches come from the uint8 cache (no JPEG decoding),
     the run learns a finite loss, and turning the cache off falls back to JPEGs."""
     import logging
@@ -191,10 +189,10 @@ def test_training_reads_the_prepared_cache(coco_root, tiny_clip_dir, tmp_path, c
     def spy(model, micro, *a, **kw):
         seen.append((micro[0][0].dtype, micro[0][0].shape[1], kw.get("transform") is not None))
         return real(model, micro, *a, **kw)
-    monkeypatch.setattr(train_mod, "train_step", spy)
     caplog.set_level(logging.INFO, logger="clipft.train")
     args = small_args(tiny_clip_dir, 1, ["--set", "data.prepared_size=40", "--set", "data.augment=true"])
-    assert main(["train", "--data", str(root), "--out", str(tmp_path / "run"), *args]) == 0
+    with train_mod.use_hooks(step=spy):
+        assert main(["train", "--data", str(root), "--out", str(tmp_path / "run"), *args]) == 0
     # Prepared rows are 40 px squares; the device transform crops/resizes them to data.image_size (32).
     assert seen and all(d == torch.uint8 and side == 40 and has_tf for d, side, has_tf in seen)
     assert "prepared cache" in caplog.text

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clipft.shapes import (COLORS, POSITIONS, SHAPES, SIZES, VAL_ID_OFFSET, load_shapes_labels,
+from clipft.data.shapes import (COLORS, POSITIONS, SHAPES, SIZES, VAL_ID_OFFSET, load_shapes_labels,
                            make_shapes_dataset)
 
 N_TRAIN, N_VAL, SIZE = 12, 6, 64

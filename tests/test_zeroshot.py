@@ -13,7 +13,7 @@ from PIL import Image
 from clipft.cli import main
 from clipft.config import ConfigError
 from clipft.data import DataError
-from clipft.shapes import load_shapes_labels
+from clipft.data.shapes import load_shapes_labels
 from clipft.zeroshot import (LabelSet, accuracy_at_k, class_embeddings, class_probabilities, class_prompts,
                              coco_instances_label_set, confusion_matrix, fill_template, largest_object,
                              shapes_label_set, top_k)

@@ -26,7 +26,7 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import yaml
@@ -34,6 +34,7 @@ import yaml
 from . import train as trainer
 from .config import (PRESETS, Config, ConfigError, from_dict, load_config, preset_config, save_config, validate,
                      to_dict, update_from_dict)
+from .runfiles import RunFiles, read_records
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +186,10 @@ def plan_study(base: Config, configs: dict[str, dict], seeds: Sequence[int], out
         raise AblationError(f"--seeds: repeated seed in {list(seeds)}")
     runs = []
     for name, overrides in configs.items():
-        cfg0 = update_from_dict(from_dict(to_dict(base)), overrides, source=f"configuration {name}")
+        try:  # a value outside the schema's choices is refused as it is set
+            cfg0 = update_from_dict(from_dict(to_dict(base)), overrides, source=f"configuration {name}")
+        except ConfigError as e:
+            raise AblationError(str(e)) from None
         validate_config(cfg0, f"configuration {name}")
         for seed in seeds:
             cfg = from_dict(to_dict(cfg0))
@@ -210,7 +214,7 @@ def run_status(run: StudyRun) -> str:
     """"new", "partial" (train resumes it), "complete" or "failed" (failed or diverged before; delete the
     directory to retry). A directory holding a run of another config is an AblationError: its
     results would be silently mixed into the comparison."""
-    files = trainer.RunFiles(run.dir)
+    files = RunFiles(run.dir)
     if not files.config.is_file():
         return "new"
     diffs = config_differences(json.loads(files.config.read_text()), run.cfg)
@@ -219,7 +223,7 @@ def run_status(run: StudyRun) -> str:
                             f"{'; ...' if len(diffs) > 4 else ''}); use another --out or delete that directory")
     if (run.dir / FAILED_MARK).is_file():
         return "failed"
-    epochs = trainer.read_records(files.metrics, "epoch")
+    epochs = read_records(files.metrics, "epoch")
     if files.summary.is_file() and epochs and epochs[-1]["epoch"] == run.cfg.train.epochs and "val" in epochs[-1]:
         return "complete"
     return "partial"
@@ -230,7 +234,7 @@ def run_status(run: StudyRun) -> str:
 def ensure_data(out_dir: str | Path, quick: bool) -> Path:
     """The default target: the embedded synthetic shapes data (COCO 2014 layout) under
     DIR/data (DIR/data-quick with --quick), generated once."""
-    from .shapes import make_shapes_dataset
+    from .data.shapes import make_shapes_dataset
     n_train, n_val = QUICK_DATA_SIZES if quick else DEMO_DATA_SIZES
     root = Path(out_dir) / ("data-quick" if quick else "data")
     if not (root / "annotations" / "captions_val2014.json").is_file():
@@ -257,11 +261,13 @@ def study_base_config(base_config: str | None = "demo", overrides: Sequence[str]
 
 def run_study(out_dir: str | Path, data_root: str | Path | None = None, names: Sequence[str] | None = None,
               seeds: Sequence[int] = (0,), base_config: str | None = "demo", overrides: Sequence[str] = (),
-              configs_file: str | Path | None = None, quick: bool = False, progress: bool = False) -> dict:
+              configs_file: str | Path | None = None, quick: bool = False, progress: bool = False,
+              train_fn: Callable[..., dict] | None = None) -> dict:
     """Run (or resume) a study and write its table and charts; returns the ablation.json dict.
 
     Runs whose training diverges (TrainingError) are recorded as failed and the study goes on;
-    any other error stops it (rerun the command to resume)."""
+    any other error stops it (rerun the command to resume). train_fn replaces `train.train` (same
+    signature; a seam for tests)."""
     out_dir = Path(out_dir)
     user = load_ablations_file(configs_file) if configs_file else {}
     configs = select_configs(names, user, quick)
@@ -279,7 +285,7 @@ def run_study(out_dir: str | Path, data_root: str | Path | None = None, names: S
             continue
         log.info("%s: %s -> %s", tag, "resuming" if status == "partial" else "training", run.dir)
         try:
-            trainer.train(run.cfg, data_root, run.dir, resume=True, progress=progress)
+            (train_fn or trainer.train)(run.cfg, data_root, run.dir, resume=True, progress=progress)
         except trainer.TrainingError as e:
             run.dir.mkdir(parents=True, exist_ok=True)
             if not (run.dir / "config.json").is_file():  # keep the config check working for it
@@ -298,12 +304,12 @@ def run_study(out_dir: str | Path, data_root: str | Path | None = None, names: S
 def run_result(run: StudyRun) -> dict:
     """The values of one run, read from its own files: final-epoch validation Recall@K from
     metrics.jsonl (the source of truth), training time and parameter counts from summary.json."""
-    files = trainer.RunFiles(run.dir)
+    files = RunFiles(run.dir)
     out: dict[str, Any] = {"config": run.config, "seed": run.seed, "dir": str(run.dir)}
     if (run.dir / FAILED_MARK).is_file():
         error = (run.dir / FAILED_MARK).read_text().strip()
         return {**out, "status": "diverged" if "diverged" in error else "failed", "error": error}
-    epochs = trainer.read_records(files.metrics, "epoch")
+    epochs = read_records(files.metrics, "epoch")
     if not files.summary.is_file() or not epochs or "val" not in epochs[-1]:
         return {**out, "status": "missing"}
     summary = json.loads(files.summary.read_text())

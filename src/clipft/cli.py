@@ -20,20 +20,36 @@ EXIT_USAGE = 2
 def _expected_errors() -> tuple[type[BaseException], ...]:
     from .data import DataError
     from .distributed import DistributedError
-    from .download import DownloadError
+    from .data.download import DownloadError
     from .evaluate import EvaluationError
     from .model import ModelError
     from .report import ReportError
+    from .search.index import SearchError
     from .text import TextEncoderError
     from .train import TrainingError
     return (ConfigError, DataError, DistributedError, DownloadError, EvaluationError, ModelError, ReportError,
-            TextEncoderError, TrainingError)
+            SearchError, TextEncoderError, TrainingError)
+
+
+# --------------------------------------------------------------------------- shared argument groups
+
+def _add_overrides(p: argparse.ArgumentParser, help: str | None = None) -> None:
+    """--set SECTION.KEY=VALUE (repeatable); leftover --section.key=value arguments join them in main."""
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE", help=help)
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
+    """--config FILE_OR_PRESET and --set: the config of commands that build one."""
     p.add_argument("--config", help=f"YAML config file, or a preset name ({', '.join(PRESETS)})")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override one config value (repeatable); --section.key=value works too")
+    _add_overrides(p, "override one config value (repeatable); --section.key=value works too")
+
+
+def _add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto")
+
+
+def _add_quiet(p: argparse.ArgumentParser, help: str | None = None) -> None:
+    p.add_argument("--quiet", action="store_true", help=help)
 
 
 def _build_config(args: argparse.Namespace, base: Config | None = None) -> Config:
@@ -74,7 +90,7 @@ def _add_split_args(p: argparse.ArgumentParser) -> None:
 # --------------------------------------------------------------------------- commands
 
 def cmd_make_data(args: argparse.Namespace) -> int:
-    from .shapes import make_shapes_dataset
+    from .data.shapes import make_shapes_dataset
     out = make_shapes_dataset(Path(args.out), n_train=args.train, n_val=args.val, seed=args.seed,
                               image_size=args.image_size)
     print(f"wrote shapes dataset ({args.train} train / {args.val} val images) in COCO 2014 layout to {out}")
@@ -106,14 +122,15 @@ def cmd_cache_text(args: argparse.Namespace) -> int:
         data = load_split(root, split, cfg.data)
         emb, info = get_text_embeddings(data.captions, cfg.text.encoder, text_cache_file(root, split, cfg),
                                         device=device, batch_size=cfg.text.batch_size,
-                                        max_length=cfg.text.max_length, on_mismatch=cfg.text.on_mismatch)
+                                        max_length=cfg.text.max_length, on_mismatch=cfg.text.on_mismatch,
+                                        amp=cfg.train.amp)
         state = f"built in {info['seconds']:.1f}s" if info["built"] else "up to date (fingerprint matches)"
         print(f"{split}: {emb.shape[0]} captions x {emb.shape[1]} dims -> {info['path']} ({state})")
     return 0
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from .validate import default_report_path, format_report, validate_data, write_report_json
+    from .data.validate import default_report_path, format_report, validate_data, write_report_json
     cfg = _build_config(args)
     if args.text_encoder:
         cfg.text.encoder = args.text_encoder
@@ -126,16 +143,15 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare_images(args: argparse.Namespace) -> int:
-    from .data import cache_location, load_split
-    from .prepare import prepare_images, prepared_dir
+    from .data import load_split, prepared_split_dir
+    from .data.prepare import prepare_images
     _val_data_override(args)
     cfg = _build_config(args)
     root = Path(args.data)
     size = args.size or cfg.data.prepared_size
     for split in args.split:
         data = load_split(root, split, cfg.data)
-        cache_dir, name = cache_location(root, split, cfg)  # COCO: (ROOT/cache, split)
-        out = prepared_dir(cache_dir, name, size)
+        out = prepared_split_dir(root, split, cfg, size)
         info = prepare_images(data, out, size=size, workers=args.workers, progress=not args.quiet)
         print(f"{split}: {info['images']} images ({info['bad']} unreadable, skipped) -> {out} "
               f"in {info['seconds']:.1f}s")
@@ -145,13 +161,24 @@ def cmd_prepare_images(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     """Also the entry point of every process under `torchrun ... -m clipft train` (see distributed.py)."""
     from .distributed import is_main
-    from .train import resolve_run_config, train
+    from .runfiles import resolve_run_config
+    from .train import train
     _val_data_override(args)
     overrides = list(args.overrides) + list(args.extra_overrides)
     base = preset_config(args.config) if args.config in PRESETS and not Path(args.config).exists() else None
     cfg_file = None if base is not None else args.config
     cfg = resolve_run_config(args.out, cfg_file, overrides, base=base, resume=args.resume)
-    summary = train(cfg, args.data, args.out, resume=args.resume, progress=not args.quiet)
+    try:
+        summary = train(cfg, args.data, args.out, resume=args.resume, progress=not args.quiet)
+    except RuntimeError as e:  # torch.OutOfMemoryError is one too
+        from .chunked import out_of_memory_advice
+        from .runtime import is_out_of_memory
+        from .train import TrainingError
+        if not is_out_of_memory(e):
+            raise
+        last = Path(args.out) / "last.pt"
+        kept = f"; {last} is intact (rerun with the setting to resume from it)" if last.is_file() else ""
+        raise TrainingError(out_of_memory_advice(cfg.train.batch_size, cfg.train.embed_chunk) + kept) from None
     if not is_main():  # under torchrun: one line per job, from rank 0
         return 0
     print(f"done: {summary['epochs']} epochs, best mean R@5 {summary['best_mean_R@5']:.2f}% "
@@ -223,67 +250,25 @@ def cmd_zeroshot(args: argparse.Namespace) -> int:
 
 
 def cmd_visualize(args: argparse.Namespace) -> int:
-    from . import pictures as P
-    from . import visualize as V
     if args.kind == "curves":
-        from .train import RunFiles, read_records
+        from .runfiles import plot_run_curves
         if not args.run:
             raise ConfigError("visualize curves: give the run directory with --run RUN")
-        run = RunFiles(Path(args.run))
-        if not run.metrics.is_file():
-            raise ConfigError(f"{run.metrics}: not found (is {args.run} a run directory?)")
-        out = V.plot_training_curves(read_records(run.metrics, "epoch"), args.out or run.curves)
-        if out is None:
-            raise ConfigError(f"{run.metrics}: no completed epoch logged yet")
-        print(f"wrote {out}")
+        print(f"wrote {plot_run_curves(args.run, args.out)}")
         return 0
     if not args.checkpoint or not args.data:
         raise ConfigError(f"visualize {args.kind}: needs --checkpoint CKPT and --data ROOT")
-    from .evaluate import checkpoint_embeddings, split_embeddings_from_file
-    cfg = _checkpoint_config(args)
-    if args.embeddings:
-        emb, cfg = split_embeddings_from_file(args.embeddings, args.checkpoint, args.data, args.split, cfg,
-                                              args.karpathy)
-    else:
-        emb, cfg = checkpoint_embeddings(args.checkpoint, args.data, args.split, cfg, args.device, args.karpathy,
-                                         progress=not args.quiet)
-    out_dir = Path(args.checkpoint).parent
-    written = []
-    if args.kind in ("text-to-image", "all"):
-        from .runtime import resolve_device
-        dev = resolve_device(args.device if args.device != "auto" else cfg.train.device)
-        q_emb = P.embed_queries(cfg, args.queries, dev) if args.queries else None
-        rows = P.text_to_image_results(emb, args.queries, q_emb, n=args.n, seed=args.seed)
-        written.append(V.plot_text_to_image(rows, _out(args, out_dir / P.TEXT_TO_IMAGE_PNG)))
-    if args.kind in ("image-to-text", "all"):
-        written.append(V.plot_image_to_text(P.image_to_text_results(emb, n=args.n, seed=args.seed),
-                                            _out(args, out_dir / P.IMAGE_TO_TEXT_PNG)))
-    if args.kind in ("heatmap", "all"):
-        sim, labels, owner = P.heatmap_data(emb, args.heatmap_images, args.seed)
-        written.append(V.plot_similarity_heatmap(sim, labels, owner, _out(args, out_dir / P.HEATMAP_PNG)))
-    ds_split = cfg.data.val_split if args.split in ("val", "val-full", "val-heldout") else args.split
-    shapes_labels = Path(args.data) / "annotations" / f"shapes_labels_{ds_split}2014.json"
-    if args.kind == "all" and not args.labels_from and not shapes_labels.is_file():
-        print("zero-shot picture skipped: no --labels-from and the dataset has no shapes labels")
-    elif args.kind in ("zero-shot", "all"):
-        from .zeroshot import zeroshot_dataset
-        labels_from = args.labels_from or "shapes"
-        r = zeroshot_dataset(args.checkpoint, args.data, labels_from=labels_from, labels=args.labels,
-                             templates=args.template, cfg=cfg, device=args.device, embeddings=emb,
-                             out_dir=_out(args, out_dir / "x").parent, n_examples=2 * args.n,
-                             seed=args.seed)
-        written += [Path(r["examples_png"]), Path(r["confusion_png"])]
+    from .pictures import write_visualization
+    written, notes = write_visualization(
+        args.kind, args.checkpoint, args.data, split=args.split, cfg=_checkpoint_config(args), device=args.device,
+        karpathy=args.karpathy, embeddings_file=args.embeddings, queries=args.queries, n=args.n, seed=args.seed,
+        heatmap_images=args.heatmap_images, labels=args.labels, labels_from=args.labels_from,
+        templates=args.template, out=args.out, progress=not args.quiet)
+    for note in notes:
+        print(note)
     for w in written:
         print(f"wrote {w}")
     return 0
-
-
-def _out(args: argparse.Namespace, default: Path) -> Path:
-    """--out is a file for one picture, a directory for `all` (and for zero-shot's two files)."""
-    if not args.out:
-        return default
-    out = Path(args.out)
-    return out / default.name if args.kind in ("all", "zero-shot") else out
 
 
 def cmd_inspect_data(args: argparse.Namespace) -> int:
@@ -319,7 +304,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-    from .download import download_coco, next_steps
+    from .data.download import download_coco, next_steps
     results = download_coco(args.out, splits=args.splits, karpathy=args.karpathy, mirror=args.mirror,
                             keep_archives=args.keep_archives, retries=args.retries, progress=not args.quiet)
     for r in results:
@@ -347,51 +332,145 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The embedded end-to-end demo: shapes data -> MiniLM text cache -> train -> evaluate ->
-    zero-shot -> pictures -> report."""
-    from .data import load_split
-    from .evaluate import checkpoint_embeddings, evaluate_checkpoint, format_recall_table
-    from .pictures import DATA_SAMPLES_PNG, data_samples, write_pictures
-    from .report import write_report
-    from .shapes import make_shapes_dataset
-    from .train import resolve_run_config, train
-    from .visualize import plot_data_samples
-    from .zeroshot import zeroshot_dataset
-
-    out = Path(args.out)
-    data = Path(args.data) if args.data else out / "data"
-    # Twice the validation images: the seeded half (data.val_images) chooses best.pt, the other half
-    # is held out (protocol val-heldout) for the figures the demo reports, free of selection bias.
-    if not (data / "annotations" / "captions_val2014.json").is_file():
-        print(f"[1/6] writing the synthetic shapes dataset to {data}")
-        make_shapes_dataset(data, n_train=args.train_images, n_val=2 * args.val_images, seed=0)
-    else:
-        print(f"[1/6] using the dataset already in {data}")
-    overrides = [f"data.train_images={args.train_images}", f"data.val_images={args.val_images}"]
-    cfg = resolve_run_config(out, None, overrides + list(args.overrides) + list(args.extra_overrides),
-                             base=preset_config("demo"), resume=True)
-    train_split = load_split(data, cfg.data.train_split, cfg.data)
-    plot_data_samples(data_samples(train_split, 4), out / DATA_SAMPLES_PNG,
-                      title=f"4 random image-caption pairs of the training split ({train_split.name})")
-    print(f"[2/6] training {cfg.model.backbone} against frozen {cfg.text.encoder} for {cfg.train.epochs} epochs "
-          f"(best.pt chosen on {cfg.data.val_images} validation images)")
-    train(cfg, data, out, resume=True, progress=not args.quiet)
-    print("[3/6] evaluating best.pt on the held-out validation images (not used to choose it)")
-    emb, _ = checkpoint_embeddings(out / "best.pt", data, "val-heldout", progress=not args.quiet)
-    m = evaluate_checkpoint(out / "best.pt", data, split="val-heldout", embeddings=emb)
-    print(m["protocol"])
-    print(format_recall_table(m))
-    print("[4/6] zero-shot classification of the held-out images (colour + shape of the largest object)")
-    if (data / "annotations" / f"shapes_labels_{cfg.data.val_split}2014.json").is_file():
-        z = zeroshot_dataset(out / "best.pt", data, split="val-heldout", labels_from="shapes", embeddings=emb)
-        print(f"top-1 {z['top1']:.1f}%, top-5 {z['top5']:.1f}% over {len(z['classes'])} classes "
-              f"(chance {z['chance_top1']:.1f}%), {z['num_images']} images")
-    else:
-        print(f"skipped: {data} has no shapes labels")
-    print("[5/6] retrieval pictures (held-out images)")
-    write_pictures(emb, out)
-    print(f"[6/6] wrote {write_report(out)}")
+    """The embedded end-to-end demo (see clipft.demo); the library prints its six steps."""
+    from .demo import run_demo
+    run_demo(args.out, args.data, train_images=args.train_images, val_images=args.val_images,
+             overrides=list(args.overrides) + list(args.extra_overrides), progress=not args.quiet)
     return 0
+
+
+# --------------------------------------------------------------------------- search your photos
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from .api import load
+    from .search.index import default_index_dir, update_index
+    from .search.query import model_source, refresh_ann
+    index_dir = Path(args.index) if args.index else default_index_dir(args.folder)
+    model = load(args.model, device=args.device)
+    s = update_index(args.folder, model, index_dir, model_source=model_source(args.model), rebuild=args.rebuild,
+                     dtype=args.dtype, batch_size=args.batch_size, workers=args.workers, progress=not args.quiet)
+    print(f"{index_dir}: {s.summary()}")
+    if (ann := refresh_ann(index_dir, force=args.ann)) is not None:
+        print(f"approximate index (faiss IVF) up to date: {ann}")
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    import json
+    from .search import query as Q
+    if sum(map(bool, (args.query, args.image, args.duplicates))) != 1:
+        raise ConfigError("search: give one of QUERY, --image PATH or --duplicates")
+    idx = Q.load_index(args.index, use_ann=False if args.exact else None)
+    out = (Q.duplicates_answer(idx, args.threshold) if args.duplicates else
+           Q.answer(idx, Q.load_query_model(idx, args.device), args.k, text=args.query, image=args.image))
+    print(json.dumps(out) if args.json else Q.format_answer(out))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from .search.server import create_app, host_warning, is_loopback, open_indexes, serve
+    except ImportError as e:
+        raise ConfigError(f"serve needs Flask ({e}): pip install 'clipft[search]'") from None
+    warning = host_warning(args.host)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
+    served = open_indexes(args.index or [".clipft-index"], device=args.device)
+    app = create_app(served, loopback_only=is_loopback(args.host))
+    names = ", ".join(f"{len(s.idx)} images ({s.idx.model})" for s in served)
+    serve(app, args.host, args.port, on_ready=lambda port: print(
+        f"serving {names} on http://{args.host}:{port}/ (Ctrl-C to stop)", flush=True))
+    return 0
+
+
+def _add_search_parsers(sub) -> None:
+    s = sub.add_parser("index", help="index a folder of images for search (incremental; rerun after changes)")
+    s.add_argument("folder")
+    s.add_argument("--model", required=True, help="exported model dir, clipft checkpoint, or HF CLIP name/dir")
+    s.add_argument("--index", help="index directory (default: FOLDER/.clipft-index)")
+    s.add_argument("--rebuild", action="store_true", help="re-embed everything (needed to switch models)")
+    s.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="stored embeddings")
+    s.add_argument("--ann", action="store_true", help="also build an approximate index (faiss; automatic from 200k images)")
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--workers", type=int, default=None, help="decoding processes (default: automatic)")
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_index)
+
+    s = sub.add_parser("search", help="search an index by text, by example image, or list near-duplicates")
+    s.add_argument("query", nargs="?", help='text, e.g. "a dog on the beach"')
+    s.add_argument("--index", default=".clipft-index", help="index directory (default: ./.clipft-index)")
+    s.add_argument("--k", type=int, default=20, help="results (default 20)")
+    s.add_argument("--image", metavar="PATH", help="search by this example image instead of text")
+    s.add_argument("--duplicates", action="store_true", help="list groups of near-identical images")
+    s.add_argument("--threshold", type=float, default=0.95, help="cosine for --duplicates (default 0.95)")
+    s.add_argument("--exact", action="store_true", help="exact search even where an approximate index exists")
+    s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.add_argument("--device", default="cpu")
+    s.set_defaults(func=cmd_search)
+
+    s = sub.add_parser("serve", help="local web page and JSON API over one or more indexes")
+    s.add_argument("--index", action="append", metavar="PATH",
+                   help="index directory, repeatable: several side by side (default: ./.clipft-index)")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    s.add_argument("--device", default="cpu")
+    s.set_defaults(func=cmd_serve)
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from .api import load
+    from .embed import embed_folder
+    if not Path(args.images).is_dir():
+        raise ConfigError(f"{args.images}: not a directory")
+    device = "cpu" if args.backend == "onnx" and args.device == "auto" else _auto_device(args.device)
+    model = load(args.model, device=device, backend=args.backend)
+    info = embed_folder(model, args.images, args.out, batch_size=args.batch_size, workers=args.workers,
+                        progress=not args.quiet)
+    print(f"{info['images']} images embedded ({info['skipped']} unreadable, skipped) in {info['seconds']:.1f}s: "
+          f"{info['images_per_s']:.1f} images/s; wrote {info['out']}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_checkpoint, format_size
+    info = export_checkpoint(args.checkpoint, args.out, onnx=args.onnx, check_images=args.check_images)
+    if info["onnx_max_abs_diff"] is not None:
+        print(f"ONNX check: onnxruntime matches PyTorch on real images (max abs difference "
+              f"{info['onnx_max_abs_diff']:.1e})")
+    for path, size in info["files"]:
+        print(f"wrote {path} ({format_size(size)})")
+    if info["open_clip"]:
+        print(f"open_clip timm-tower form not written: {info['open_clip']}")
+    return 0
+
+
+def _auto_device(device: str) -> str:
+    from .runtime import resolve_device
+    return str(resolve_device(device)) if device == "auto" else device
+
+
+def _add_model_commands(sub: argparse._SubParsersAction) -> None:
+    """Commands that take a trained model out of its run: export, embed."""
+    s = sub.add_parser("export", help="write a self-contained model folder (safetensors, config, model card, "
+                                      "optionally ONNX) in the Hugging Face hub layout")
+    s.add_argument("checkpoint", help="a clipft checkpoint (RUN/best.pt)")
+    s.add_argument("--out", required=True, help="output folder (new, empty, or an earlier export)")
+    s.add_argument("--onnx", action="store_true", help="also write image_tower.onnx, checked with onnxruntime")
+    s.add_argument("--check-images", metavar="FOLDER",
+                   help="real images for the ONNX check (default: the run's validation images)")
+    s.set_defaults(func=cmd_export)
+    s = sub.add_parser("embed", help="embed every image of a folder (recursive) into a safetensors file")
+    s.add_argument("--model", required=True, help="export folder, checkpoint, or HF CLIP model (name or dir)")
+    s.add_argument("--images", required=True, help="folder of images (jpg, jpeg, png, webp, bmp, gif)")
+    s.add_argument("--out", required=True, help="output .safetensors (embeddings, relative paths, sizes, mtimes)")
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--workers", type=int, default=None, help="decoding processes (default: CPUs - 1, at most 8)")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--backend", choices=["torch", "onnx"], default="torch",
+                   help="onnx: the export folder's image_tower.onnx with onnxruntime (CPU)")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_embed)
 
 
 # --------------------------------------------------------------------------- parser
@@ -417,7 +496,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="clipft", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
+    # Three groups, in the order `clipft --help` lists the commands.
+    _add_data_and_train_commands(sub)
+    _add_checkpoint_commands(sub)
+    _add_tool_commands(sub)
+    _add_model_commands(sub)  # export, embed
+    _add_search_parsers(sub)  # index, search, serve
+    return p
 
+
+def _add_data_and_train_commands(sub) -> None:
+    """make-data, cache-text, validate, prepare-images, train."""
     s = sub.add_parser("make-data", help="write a synthetic dataset in COCO 2014 layout")
     s.add_argument("kind", choices=["shapes"])
     s.add_argument("--out", required=True)
@@ -431,7 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", required=True)
     s.add_argument("--split", nargs="+", default=["train", "val"])
     s.add_argument("--text-encoder", help="HF name or local dir (default: text.encoder of the config)")
-    s.add_argument("--device", default="auto")
+    _add_device(s)
     _add_val_data(s)
     _add_config_args(s)
     s.set_defaults(func=cmd_cache_text)
@@ -444,7 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  "beside a data file)")
     s.add_argument("--text-encoder", help="tokenizer for the token-length check (default: text.encoder)")
     s.add_argument("--no-tokens", action="store_true", help="skip the token-length check (no text encoder load)")
-    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_quiet(s, "no progress bar")
     _add_config_args(s)
     s.set_defaults(func=cmd_validate)
 
@@ -455,7 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--size", type=int, default=None,
                    help="stored square side, short side resized, centre kept (default: data.prepared_size, 256)")
     s.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
-    s.add_argument("--quiet", action="store_true")
+    _add_quiet(s)
     _add_config_args(s)
     s.set_defaults(func=cmd_prepare_images)
 
@@ -465,10 +554,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="run directory")
     s.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                    help="continue from OUT/last.pt if present (default); --no-resume starts over")
-    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_quiet(s, "no progress bars")
     _add_config_args(s)
     s.set_defaults(func=cmd_train)
 
+
+def _add_checkpoint_commands(sub) -> None:
+    """evaluate, zeroshot, visualize: what is done with a trained checkpoint."""
     s = sub.add_parser("evaluate", help="Recall@K of a checkpoint under a protocol (val, val-full, karpathy-test)")
     s.add_argument("--checkpoint", required=True)
     s.add_argument("--data", required=True, help="dataset root or file (for Karpathy: the folder with train2014/ and val2014/)")
@@ -481,10 +573,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--save-embeddings", nargs="?", const="auto", metavar="PATH",
                    help="write the split's embeddings as safetensors (default PATH: "
                         "embeddings_<split>.safetensors beside the checkpoint)")
-    s.add_argument("--device", default="auto")
-    s.add_argument("--quiet", action="store_true")
-    s.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override the checkpoint's saved config")
+    _add_device(s)
+    _add_quiet(s)
+    _add_overrides(s, "override the checkpoint's saved config")
     s.set_defaults(func=cmd_evaluate)
 
     s = sub.add_parser("zeroshot", help="zero-shot classification with class-name prompts")
@@ -505,9 +596,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", metavar="DIR", help="with --data: output folder (default: the checkpoint's folder)")
     s.add_argument("--examples", type=int, default=6, help="images in the examples picture (default 6)")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--device", default="auto")
-    s.add_argument("--quiet", action="store_true")
-    s.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    _add_device(s)
+    _add_quiet(s)
+    _add_overrides(s)
     s.set_defaults(func=cmd_zeroshot)
 
     s = sub.add_parser("visualize", help="retrieval / zero-shot / heatmap / training-curve pictures (PNG)")
@@ -527,11 +618,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--embeddings", metavar="FILE", help="reuse a file written by evaluate --save-embeddings")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", help="PNG path (for all and zero-shot: a folder); default: the checkpoint's folder")
-    s.add_argument("--device", default="auto")
-    s.add_argument("--quiet", action="store_true")
-    s.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    _add_device(s)
+    _add_quiet(s)
+    _add_overrides(s)
     s.set_defaults(func=cmd_visualize)
 
+
+def _add_tool_commands(sub) -> None:
+    """inspect-data, report, download, ablate, demo."""
     s = sub.add_parser("inspect-data", help="picture of random image-caption pairs (integrity check)")
     s.add_argument("--data", required=True)
     s.add_argument("--split", default="train")
@@ -553,7 +647,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "annotations/annotations_trainval2014.zip, caption_datasets.zip (default: the official hosts)")
     s.add_argument("--keep-archives", action="store_true", help="keep the zips in OUT/downloads/ after extracting")
     s.add_argument("--retries", type=int, default=3, help="resume a lost connection this many times (default 3)")
-    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_quiet(s, "no progress bars")
     s.set_defaults(func=cmd_download)
 
     s = sub.add_parser("ablate", help="ablation study: modifications vs the baseline, same data/seeds/budget")
@@ -568,9 +662,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="config every configuration starts from (default: the demo preset)")
     s.add_argument("--quick", action="store_true", help="small budget smoke study (baseline + two modifications)")
     s.add_argument("--list", action="store_true", help="list the configurations and exit")
-    s.add_argument("--quiet", action="store_true", help="no progress bars")
-    s.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override the base config for every run (repeatable)")
+    _add_quiet(s, "no progress bars")
+    _add_overrides(s, "override the base config for every run (repeatable)")
     s.set_defaults(func=cmd_ablate)
 
     s = sub.add_parser("demo", help="embedded end-to-end demo on synthetic data, CPU, offline")
@@ -578,10 +671,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", help="dataset dir (default: OUT/data, generated if absent)")
     s.add_argument("--train-images", type=int, default=PRESETS["demo"]["data"]["train_images"])
     s.add_argument("--val-images", type=int, default=PRESETS["demo"]["data"]["val_images"])
-    s.add_argument("--quiet", action="store_true")
-    s.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    _add_quiet(s)
+    _add_overrides(s)
     s.set_defaults(func=cmd_demo)
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:

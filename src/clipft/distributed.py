@@ -6,7 +6,7 @@ MASTER_PORT). `setup()` reads them and joins the process group (nccl on CUDA, gl
 them (plain `clipft train`) every helper here degrades to the single-process answer, so the training
 loop has one code path.
 
-What lives here:
+What lives here (this module imports nothing of clipft above config/runtime, so every stage may use it):
   setup / teardown / DistContext          process group and the device of this process
   get_rank, get_world_size, is_main, barrier
   all_gather_with_grad, all_gather_cat    variable-size gathers (with / without gradient)
@@ -14,7 +14,6 @@ What lives here:
   main_process_first                      rank 0 does a step first (text cache, weight download)
   shard_train_indices, micro_batches_per_epoch   the per-epoch data order, sharded by rank
   wrap_model, unwrap                      SyncBatchNorm + DDP, and back to the ImageTower
-  sharded_embed_images                    validation embeddings computed by all ranks, gathered
 """
 
 from __future__ import annotations
@@ -365,27 +364,3 @@ def convert_to_sync_batchnorm(model: torch.nn.Module, ctx: DistContext, enabled:
         raise ConfigError("train.sync_batchnorm=true needs CUDA (torch's SyncBatchNorm has no CPU "
                           "implementation); set it to false for CPU runs")
     return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-
-
-@torch.inference_mode()
-def sharded_embed_images(model: torch.nn.Module, split, cfg, device: torch.device,
-                         amp_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """`evaluate.embed_images` with the images split over the ranks (contiguous chunks) and the results
-    gathered to every rank: (emb [N_ok, D] CPU, rows [N_ok]) equal to a single-process
-    embed_images, rows ascending. `model` is the bare ImageTower (never the DDP wrapper, whose forward
-    would broadcast buffers a different number of times on ranks with more batches)."""
-    from .data import CaptionedImages
-    from .evaluate import embed_images
-
-    if not is_distributed():
-        return embed_images(model, split, cfg, device, amp_dtype)
-    rank, world, n = get_rank(), get_world_size(), len(split)
-    start, stop = rank * n // world, (rank + 1) * n // world
-    part = CaptionedImages(images=split.images[start:stop], name=f"{split.name}:shard{rank}of{world}")
-    if stop > start:
-        emb, rows = embed_images(model, part, cfg, device, amp_dtype)
-        rows = rows + start
-    else:  # more ranks than images: contribute nothing
-        emb, rows = torch.zeros(0, unwrap(model).embed_dim), torch.zeros(0, dtype=torch.long)
-    # Chunks are in rank order and each is in row order, so the concatenation is sorted by row.
-    return all_gather_cat(emb.float()), all_gather_cat(rows)

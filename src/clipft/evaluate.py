@@ -17,8 +17,9 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from . import distributed
 from .config import Config
-from .data import CaptionedImages, EvalImageDataset, build_transform, collate_eval
+from .data import CaptionedImages, EvalImageDataset, build_transform, collate_eval, eval_text_cache_file
 from .loss import clip_loss
 from .model import ImageTower
 from .protocols import EvalSplit
@@ -167,7 +168,7 @@ def embed_images(model: ImageTower, split: CaptionedImages, cfg: Config, device:
         if images.shape[0] == 0:
             continue
         images = images.to(device, non_blocking=True)
-        if device.type == "cuda" and cfg.train.channels_last:
+        if cfg.train.channels_last and (device.type == "cuda" or amp_dtype is not None):  # NHWC where autocast runs
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             embs.append(model(images).float().cpu())  # [B, D]
@@ -175,6 +176,28 @@ def embed_images(model: ImageTower, split: CaptionedImages, cfg: Config, device:
     model.train(was_training)
     d = model.embed_dim
     return (torch.cat(embs) if embs else torch.zeros(0, d)), (torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long))
+
+
+
+@torch.inference_mode()
+def sharded_embed_images(model: torch.nn.Module, split: CaptionedImages, cfg: Config, device: torch.device,
+                         amp_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`embed_images` with the images split over the ranks (contiguous chunks) and the results
+    gathered to every rank: (emb [N_ok, D] CPU, rows [N_ok]) equal to a single-process
+    embed_images, rows ascending. `model` is the bare ImageTower (never the DDP wrapper, whose forward
+    would broadcast buffers a different number of times on ranks with more batches)."""
+    if not distributed.is_distributed():
+        return embed_images(model, split, cfg, device, amp_dtype)
+    rank, world, n = distributed.get_rank(), distributed.get_world_size(), len(split)
+    start, stop = rank * n // world, (rank + 1) * n // world
+    part = CaptionedImages(images=split.images[start:stop], name=f"{split.name}:shard{rank}of{world}")
+    if stop > start:
+        emb, rows = embed_images(model, part, cfg, device, amp_dtype)
+        rows = rows + start
+    else:  # more ranks than images: contribute nothing
+        emb, rows = torch.zeros(0, distributed.unwrap(model).embed_dim), torch.zeros(0, dtype=torch.long)
+    # Chunks are in rank order and each is in row order, so the concatenation is sorted by row.
+    return distributed.all_gather_cat(emb.float()), distributed.all_gather_cat(rows)
 
 
 def evaluate_split(image_emb: torch.Tensor, rows: torch.Tensor, split: CaptionedImages,
@@ -240,22 +263,6 @@ class SplitEmbeddings:
         return keep, c2r[keep]
 
 
-def text_cache_dir(cfg: Config, data_root: str | Path) -> Path:
-    """Where a dataset's caches live (format-aware, see `data.cache_location`)."""
-    from .data import cache_location
-    return cache_location(data_root, cfg.data.val_split, cfg)[0]
-
-
-def eval_text_cache_file(data_root: str | Path, split_name: str, cfg: Config) -> Path:
-    """Caption cache of an evaluation split: the training split caches are shared (same file, same
-    fingerprint); other protocols (val-full, karpathy-*) get their own file under the cache dir."""
-    from .data import text_cache_file
-    from .text import text_cache_path
-    if split_name in (cfg.data.train_split, cfg.data.val_split, "all"):
-        return text_cache_file(data_root, split_name, cfg)
-    return text_cache_path(text_cache_dir(cfg, data_root), split_name, cfg.text.encoder)
-
-
 def checkpoint_embeddings(checkpoint: str | Path, data_root: str | Path, split: str = "val",
                           cfg: Config | None = None, device: str = "auto", karpathy: str | Path | None = None,
                           progress: bool = False, with_text: bool = True) -> tuple[SplitEmbeddings, Config]:
@@ -281,12 +288,15 @@ def checkpoint_embeddings(checkpoint: str | Path, data_root: str | Path, split: 
         text_emb, _ = get_text_embeddings(es.data.captions, cfg.text.encoder,
                                           eval_text_cache_file(data_root, es.name, cfg),
                                           device=dev, batch_size=cfg.text.batch_size, max_length=cfg.text.max_length,
-                                          on_mismatch=cfg.text.on_mismatch)
+                                          on_mismatch=cfg.text.on_mismatch, amp=cfg.train.amp)
     if text_emb is not None and text_emb.shape[1] != model.embed_dim:
         raise ModelError(f"{checkpoint}: image tower outputs {model.embed_dim}-d embeddings but text encoder "
                          f"{cfg.text.encoder!r} gives {text_emb.shape[1]}-d")
     model = model.to(dev)
     emb, rows = embed_images(model, es.data, cfg, dev, amp_dtype_for(dev, cfg.train.amp), progress=progress)
+    # Every consumer (recall, zero-shot, pictures, report) goes through here: refuse NaN/inf once.
+    check_finite(emb, text_emb if text_emb is not None else emb[:0],
+                 where=f"{checkpoint} on split {es.name!r}")
     return SplitEmbeddings(es, emb, rows, text_emb, logit_scale=float(model.logit_scale.exp())), cfg
 
 
@@ -452,9 +462,8 @@ def zero_shot_clip_metrics(model_name: str, split: "EvalSplit", cfg: Config, dat
     """Recall@K of a full HF CLIP model (its own image and text towers) under the same protocol."""
     from .baseline import clip_baseline_embeddings
     from .runtime import amp_dtype_for, resolve_device
-    from .text import text_cache_path
     dev = resolve_device(device if device != "auto" else cfg.train.device)
-    cache = text_cache_path(text_cache_dir(cfg, data_root), split.name, model_name)
+    cache = eval_text_cache_file(data_root, split.name, cfg, encoder=model_name)
     image_emb, rows, text_emb = clip_baseline_embeddings(
         model_name, split.data, cache, dev, batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers,
         max_length=cfg.text.max_length, amp_dtype=amp_dtype_for(dev, cfg.train.amp), progress=progress)

@@ -25,11 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import Config
-from .data import CaptionedImages, DataError, ImageRecord, _is_int, _read_json, load_split
+from .data import CaptionedImages, DataError, ImageRecord, is_int, load_split, read_json
 
 log = logging.getLogger(__name__)
 
 KARPATHY_PREFIX = "karpathy-"
+VAL_PROTOCOLS = ("val", "val-full", "val-heldout")  # drawn from the dataset's validation split
 KARPATHY_SPLITS = ("test", "val", "train", "restval")  # the values of `split` in dataset_coco.json
 
 
@@ -55,7 +56,7 @@ def load_karpathy_split(split_file: str | Path, image_root: str | Path, split: s
     split_file, image_root = Path(split_file), Path(image_root)
     if split not in KARPATHY_SPLITS:
         raise DataError(f"{split_file}: unknown Karpathy split {split!r} (known: {', '.join(KARPATHY_SPLITS)})")
-    data = _read_json(split_file)
+    data = read_json(split_file)
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise DataError(f"{split_file}: expected an object with an 'images' list (Karpathy's dataset_coco.json)")
     images: list[ImageRecord] = []
@@ -71,7 +72,7 @@ def load_karpathy_split(split_file: str | Path, image_root: str | Path, split: s
             if not isinstance(entry.get(key), str) or not entry[key]:
                 raise DataError(f"{split_file}: images[{k}] has no string '{key}'")
         cocoid = entry.get("cocoid", entry.get("imgid"))
-        if not _is_int(cocoid):
+        if not is_int(cocoid):
             raise DataError(f"{split_file}: images[{k}] ({entry['filename']}) has no integer 'cocoid'")
         if cocoid in seen:
             raise DataError(f"{split_file}: images[{k}]: duplicate cocoid {cocoid}")
@@ -88,7 +89,7 @@ def load_karpathy_split(split_file: str | Path, image_root: str | Path, split: s
                 dropped_captions += 1
                 continue
             caps.append(raw)
-            ids.append(s["sentid"] if _is_int(s.get("sentid")) else cocoid * 100 + j)
+            ids.append(s["sentid"] if is_int(s.get("sentid")) else cocoid * 100 + j)
         if not caps:
             dropped_images += 1
             continue

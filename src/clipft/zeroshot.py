@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from .config import ConfigError
-from .data import DataError, _read_json
+from .data import DataError, read_json
+from .protocols import VAL_PROTOCOLS
 
 log = logging.getLogger(__name__)
 
@@ -120,11 +121,11 @@ def largest_object(objects: list[dict]) -> dict | None:
 
 def shapes_label_set(root: str | Path, split: str, field_name: str = "color-shape") -> LabelSet:
     """Labels of the synthetic shapes dataset (see the module docstring for the rule)."""
-    from .shapes import COLORS, SHAPES
+    from .data.shapes import COLORS, SHAPES
     if field_name not in SHAPES_FIELDS:
         raise DataError(f"--labels-from shapes:{field_name}: unknown field (known: {', '.join(SHAPES_FIELDS)})")
     path = Path(root) / "annotations" / f"shapes_labels_{split}2014.json"
-    raw = _read_json(path)
+    raw = read_json(path)
     if not isinstance(raw, dict):
         raise DataError(f"{path}: expected an object {{image id: [objects]}}")
     if field_name == "shape":
@@ -156,7 +157,7 @@ def shapes_label_set(root: str | Path, split: str, field_name: str = "color-shap
 def coco_instances_label_set(path: str | Path) -> LabelSet:
     """Labels from a COCO instances file: the category of each image's largest annotation."""
     path = Path(path)
-    raw = _read_json(path)
+    raw = read_json(path)
     if not isinstance(raw, dict) or not isinstance(raw.get("categories"), list) \
             or not isinstance(raw.get("annotations"), list):
         raise DataError(f"{path}: expected a COCO instances file with 'categories' and 'annotations' lists")
@@ -215,7 +216,7 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int)
 
 def _text_encoder(cfg, device):
     from .text import load_text_encoder
-    return load_text_encoder(cfg.text.encoder, device=device, max_length=cfg.text.max_length)
+    return load_text_encoder(cfg.text.encoder, device=device, max_length=cfg.text.max_length, amp=cfg.train.amp)
 
 
 def zeroshot_dataset(checkpoint: str | Path, data_root: str | Path, split: str = "val", labels_from: str = "shapes",
@@ -241,7 +242,7 @@ def zeroshot_dataset(checkpoint: str | Path, data_root: str | Path, split: str =
     split_name = embeddings.split.name
     # The shapes labels file is named by the dataset's split (val for both val protocols).
     labelset = load_label_set(labels_from, data_root,
-                              cfg.data.val_split if split_name in ("val", "val-full", "val-heldout") else split_name)
+                              cfg.data.val_split if split_name in VAL_PROTOCOLS else split_name)
     if labels:
         labelset = labelset.restrict(labels)
     templates = list(templates or cfg.eval.zeroshot_templates)

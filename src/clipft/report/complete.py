@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..pictures import DATA_SAMPLES_PNG, HEATMAP_PNG, IMAGE_TO_TEXT_PNG, TEXT_TO_IMAGE_PNG
-from ..train import RunFiles, read_records
+from ..runfiles import RunFiles, read_records
 
 log = logging.getLogger(__name__)
 

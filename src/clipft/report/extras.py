@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from ..evaluate import DIRECTIONS
-from ..train import RunFiles, read_records
+from ..runfiles import RunFiles, read_records
 from .errors import ReportError
 
 ABLATION_RECALL_PNG = "ablation_recall.png"

@@ -8,7 +8,7 @@ from pathlib import Path
 from ..evaluate import DIRECTIONS
 from ..loss import chance_loss
 from ..pictures import DATA_SAMPLES_PNG, HEATMAP_PNG, IMAGE_TO_TEXT_PNG, TEXT_TO_IMAGE_PNG
-from ..train import RunFiles, read_records
+from ..runfiles import RunFiles, read_records
 
 
 def _load_json(path: Path) -> dict:
@@ -83,6 +83,10 @@ def setup_section(run: RunFiles, cfg: dict, summary: dict, epochs: list[dict]) -
     if hw:
         dev = hw.get("gpu") or f"{hw.get('cpu')} ({hw.get('cpu_count')} cores)"
         rows.append(("hardware", f"{hw.get('device')}: {dev}; torch {hw.get('torch')}"))
+    prec = summary.get("precision")
+    if prec:  # runtime.select_precision's record
+        layout = " + channels_last" if prec.get("channels_last") else ""
+        rows.append(("precision", f"{prec.get('dtype')}{layout} ({prec.get('reason')})"))
     if "train_seconds" in summary:
         rows.append(("training time", _fmt_seconds(summary["train_seconds"]) + _speed(epochs, read_records(run.metrics, "step"))))
     if "wall_seconds_this_invocation" in summary:

@@ -27,8 +27,11 @@ from typing import Any, Iterable, Sequence
 
 from PIL import Image
 
-from .config import Config, DataConfig
-from .data import CaptionedImages, DataError, load_image, load_split, resolve_format, split_source
+from ..config import Config, DataConfig
+from .formats import resolve_format
+from .images import load_image
+from .records import CaptionedImages, DataError
+from .splits import load_split, split_source
 
 log = logging.getLogger(__name__)
 
@@ -136,8 +139,6 @@ def preflight(train: CaptionedImages, val: CaptionedImages, cfg: DataConfig) -> 
         if missing:
             warnings.append(f"{ds.name}: {len(missing)} of {len(ds)} image files are missing (e.g. {missing[0]}); "
                             "they will be skipped")
-    if cfg.leak_check not in ("error", "warn", "off"):
-        raise DataError(f"data.leak_check must be error, warn or off, got {cfg.leak_check!r}")
     if cfg.leak_check != "off":
         pairs = find_shared_images((r.path for r in train.images), (r.path for r in val.images))
         if pairs:
@@ -267,7 +268,7 @@ def caption_stats(ds: CaptionedImages) -> dict[str, Any]:
 def token_lengths(captions: Sequence[str], encoder: Any, batch: int = 4096) -> list[int]:
     """Token count of every caption with the text encoder's own tokenizer, special tokens included,
     without truncation (so captions longer than the encoder's limit show as such)."""
-    from .text import _quiet_transformers
+    from ..text import _quiet_transformers
     tok = encoder.tokenizer if encoder.kind == "clip" else encoder.module.tokenizer
     out: list[int] = []
     with _quiet_transformers():  # no "sequence longer than the maximum" warning per batch
@@ -360,7 +361,7 @@ def validate_data(data: str | Path, cfg: Config | None = None, val_data: str | P
 
     encoder = None
     if check_tokens:
-        from .text import TextEncoderError, load_text_encoder
+        from ..text import TextEncoderError, load_text_encoder
         try:
             encoder = load_text_encoder(cfg.text.encoder, device="cpu", max_length=cfg.text.max_length)
             report["text_encoder"] = cfg.text.encoder

@@ -1,0 +1,99 @@
+"""Where every cache lives: the one module that names cache directories and files.
+
+  <cache dir>/<name>_text_embeds_<encoder>.safetensors   caption embeddings of a split (train, eval)
+  <cache dir>/<name>-subset<N>-seed<S>_text_embeds_...   ... of a seeded subset of it
+  <cache dir>/<train name>-lrswap_text_embeds_...         train captions with left/right swapped
+  <cache dir>/<protocol>_text_embeds_<encoder>...         an evaluation protocol (val-full, karpathy-*)
+  <cache dir>/images/<name>-<size>/                       prepared uint8 images (`prepare.py`)
+
+The cache dir is text.cache_dir, by default ROOT/cache (COCO or folder dataset) or
+<directory of the file>/cache (CSV/JSONL). <name> is the split (COCO) or '<file stem>-<part>'. What a
+cache must match to be reused (its fingerprint) is decided by its reader, not here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+
+from ..config import Config
+from .formats import FORMAT_REGISTRY
+from .splits import split_source, subset_size
+
+
+def cache_location(root: str | Path, split: str, cfg: Config) -> tuple[Path, str]:
+    """(cache directory, name) for the caches of a split (text embeddings, prepared images).
+
+    The directory is text.cache_dir, by default ROOT/cache for a COCO or folder dataset and
+    <directory of the file>/cache for a CSV/JSONL file. The name is the split (COCO) or
+    '<file stem>-<part>', part = train / val / all, so two files in one folder never share a cache.
+    """
+    src = split_source(root, split, cfg.data)
+    if FORMAT_REGISTRY[src.format].has_splits:
+        default_dir, name = src.path / "cache", split
+    else:
+        is_dir = src.path.is_dir()
+        default_dir = (src.path if is_dir else src.path.parent) / "cache"
+        name = f"{src.path.name if is_dir else src.path.stem}-{src.part}"
+    return (Path(cfg.text.cache_dir) if cfg.text.cache_dir else default_dir), name
+
+
+def dataset_cache_dir(root: str | Path, cfg: Config) -> Path:
+    """The cache directory of a dataset (the validation split's: evaluation protocols cache there)."""
+    return cache_location(root, cfg.data.val_split, cfg)[0]
+
+
+def _slug(name: str, limit: int = 80) -> str:
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._-") or "encoder"
+    if len(slug) > limit:  # long local paths: keep the informative tail, disambiguate with a hash
+        slug = slug[-(limit - 9):].lstrip("._-") + "-" + hashlib.sha256(name.encode()).hexdigest()[:8]
+    return slug
+
+
+def text_cache_path(cache_dir: Path, split: str, encoder_name: str) -> Path:
+    """cache_dir/<split>_text_embeds_<slug of encoder name>.safetensors"""
+    return Path(cache_dir) / f"{split}_text_embeds_{_slug(encoder_name)}.safetensors"
+
+
+def text_cache_location(root: str | Path, split: str, cfg: Config) -> tuple[Path, str]:
+    """`cache_location`, with the subset (if any) in the name: '<name>-subset<N>-seed<S>'."""
+    cache_dir, name = cache_location(root, split, cfg)
+    n = subset_size(split, cfg.data)
+    return cache_dir, (f"{name}-subset{n}-seed{cfg.data.subset_seed}" if n > 0 else name)
+
+
+def text_cache_file(root: str | Path, split: str, cfg: Config) -> Path:
+    """The text-embedding cache file of a split (see `cache_location`). Its fingerprint covers the
+    captions, so a changed file or split is re-embedded. A seeded subset (data.train_images /
+    data.val_images > 0) gets its own file, named after its size and seed: runs on different
+    subsets of one split keep their caches instead of re-embedding each other's."""
+    return text_cache_path(*text_cache_location(root, split, cfg), cfg.text.encoder)
+
+
+def swapped_text_cache_file(root: str | Path, cfg: Config) -> Path:
+    """The cache of the train captions with left/right swapped (data.flip=swap): '<train name>-lrswap'."""
+    cache_dir, base = text_cache_location(root, cfg.data.train_split, cfg)
+    return text_cache_path(cache_dir, f"{base}-lrswap", cfg.text.encoder)
+
+
+def eval_text_cache_file(root: str | Path, split_name: str, cfg: Config, encoder: str | None = None) -> Path:
+    """Caption cache of an evaluation split: the training split caches are shared (same file, same
+    fingerprint); other protocols (val-full, karpathy-*) get their own file under the cache dir.
+    With `encoder` (a full CLIP model compared zero-shot), the protocol's file for that encoder."""
+    if encoder is not None:
+        return text_cache_path(dataset_cache_dir(root, cfg), split_name, encoder)
+    if split_name in (cfg.data.train_split, cfg.data.val_split, "all"):
+        return text_cache_file(root, split_name, cfg)
+    return text_cache_path(dataset_cache_dir(root, cfg), split_name, cfg.text.encoder)
+
+
+def prepared_dir(cache_dir: str | Path, split: str, size: int) -> Path:
+    """cache_dir/images/<split>-<size>: one prepared split (see `prepare.py` for its layout)."""
+    return Path(cache_dir) / "images" / f"{split}-{size}"
+
+
+def prepared_split_dir(root: str | Path, split: str, cfg: Config, size: int | None = None) -> Path:
+    """The prepared image cache of a split at `size` px (default data.prepared_size)."""
+    cache_dir, name = cache_location(root, split, cfg)  # COCO: (ROOT/cache, split)
+    return prepared_dir(cache_dir, name, size or cfg.data.prepared_size)

@@ -1,0 +1,183 @@
+"""Images: robust decoding to RGB, the train/eval transforms, and left/right-aware flips."""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torchvision import transforms as T
+
+from ..config import ConfigError, Flip, choices
+
+log = logging.getLogger(__name__)
+
+_warned: set[str] = set()  # per process: DataLoader workers each warn at most once per path
+
+
+def _warn_once(path: Path, reason: str) -> None:
+    key = str(path)
+    if key not in _warned:
+        _warned.add(key)
+        log.warning("%s: skipping image (%s)", path, reason)
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB. Transparency is composited onto white, high bit depths scaled."""
+    if im.mode == "RGB":
+        return im
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = im.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(bg, rgba).convert("RGB")
+    if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+        # 16/32-bit grey (e.g. 16-bit PNG): PIL's own convert clips instead of rescaling.
+        arr = np.asarray(im, dtype=np.float64)
+        if im.mode == "F" and arr.size and np.nanmax(arr) <= 1.0:
+            arr = arr * 255.0
+        elif arr.size and np.nanmax(arr) > 255:
+            arr = arr * (255.0 / 65535.0)
+        arr = np.nan_to_num(np.clip(arr, 0, 255)).astype(np.uint8)
+        return Image.fromarray(arr).convert("RGB")  # 2-D uint8 -> "L"
+    return im.convert("RGB")  # L, 1, P, CMYK, YCbCr, ...
+
+
+def load_image(path: str | Path, draft_size: int | None = None, warn: bool = True
+               ) -> tuple[Image.Image | None, str | None]:
+    """Decode an image as RGB: (image, None), or (None, reason) if it cannot be used.
+
+    reason is "missing", "unreadable: ...", "truncated: ..." or "undecodable: ...". The format is
+    sniffed from the content, not the extension. With draft_size, JPEGs are decoded at the
+    smallest DCT scale whose sides are still >= draft_size (much faster for big photos).
+    Each bad path is logged once per process (unless warn=False: `clipft validate` reports them).
+    """
+    path = Path(path)
+    try:
+        # Open the file ourselves: closing a PIL-owned handle would also destroy the pixels.
+        with open(path, "rb") as f:
+            im = Image.open(f)
+            if draft_size and im.format == "JPEG":
+                im.draft("RGB", (draft_size, draft_size))
+            im.load()
+        rgb = _to_rgb(im)
+    except FileNotFoundError:
+        reason = "missing"
+    except (PermissionError, IsADirectoryError) as e:
+        reason = f"unreadable: {e.strerror or e}"
+    except Image.DecompressionBombError as e:
+        reason = f"undecodable: {e}"
+    except UnidentifiedImageError:
+        reason = "undecodable: not a recognised image format"
+    except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as e:
+        msg = str(e) or type(e).__name__
+        low = msg.lower()
+        kind = "truncated" if ("truncated" in low or "broken data stream" in low
+                               or isinstance(e, EOFError)) else "undecodable"
+        reason = f"{kind}: {msg}"
+    else:
+        return rgb, None
+    if warn:
+        _warn_once(path, reason)
+    return None, reason
+
+
+def build_transform(image_size: int, mean: Sequence[float], std: Sequence[float],
+                    train: bool = False, augment: bool = False, flip: bool = True,
+                    color_jitter: float = 0.0, output: str = "float") -> T.Compose:
+    """PIL RGB image -> normalised float tensor [3, image_size, image_size], or with
+    output="uint8" the raw pixels [image_size, image_size, 3] uint8: training then normalises whole
+    batches on the device (`prepare.DeviceTransform`), so workers skip the per-image float work and
+    4x fewer bytes cross to the GPU.
+
+    eval (and train without augment): the centre square, resized to image_size (bicubic, antialiased),
+    in one pass (`CenterSquareResize`).
+    train with augment: RandomResizedCrop(scale 0.5-1) + horizontal flip (unless flip=False; the
+    caption-aware flip of data.flip=swap happens in TrainDataset instead).
+    train with color_jitter=s > 0: ColorJitter(brightness=s, contrast=s, saturation=s), no hue
+    jitter: captions name colours ("a red square"), and a hue shift would make them false.
+    """
+    if train and augment:
+        geometry = [T.RandomResizedCrop(image_size, scale=(0.5, 1.0),
+                                        interpolation=T.InterpolationMode.BICUBIC, antialias=True)]
+        if flip:  # plain flip: "left"/"right" in a caption become wrong (see data.flip=swap)
+            geometry.append(T.RandomHorizontalFlip())
+    else:
+        geometry = [CenterSquareResize(image_size)]
+    if color_jitter < 0:
+        raise ConfigError(f"data.color_jitter must be >= 0, got {color_jitter}")
+    photometric = [T.ColorJitter(brightness=color_jitter, contrast=color_jitter, saturation=color_jitter)] \
+        if train and color_jitter > 0 else []
+    if output == "uint8":
+        return T.Compose(geometry + photometric + [_to_uint8_hwc])
+    return T.Compose(geometry + photometric + [T.ToTensor(), T.Normalize(tuple(mean), tuple(std))])
+
+
+class CenterSquareResize:
+    """PIL image -> its centre square (side = short side) resized to size x size, bicubic with
+    antialiasing: the picture of Resize(size) + CenterCrop(size), in one resampling pass that only
+    computes the kept pixels (Pillow's `resize(box=...)`). For a 320x240 draft-decoded COCO photo
+    that is 0.75x the work of resizing the whole image first, and one pass instead of two."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        w, h = img.size
+        side = min(w, h)
+        left, top = (w - side) / 2, (h - side) / 2  # fractional: Pillow resamples sub-pixel boxes exactly
+        return img.resize((self.size, self.size), Image.BICUBIC, box=(left, top, left + side, top + side),
+                          reducing_gap=None)
+
+    def __repr__(self) -> str:
+        return f"CenterSquareResize(size={self.size})"
+
+
+def _to_uint8_hwc(img: Image.Image) -> torch.Tensor:
+    """PIL RGB -> uint8 [H, W, 3] tensor (a copy of the pixel buffer, no float conversion)."""
+    return torch.from_numpy(np.array(img, dtype=np.uint8, copy=True))
+
+
+# --------------------------------------------------------------------------- left/right-aware flips
+
+FLIP_MODES = choices(Flip)  # data.flip: plain, swap, off
+# "left"/"right" as whole words, with the suffixes that keep the meaning directional
+# (leftmost, rightward(s), lefthand; "left-hand" matches at the hyphen).
+_LEFT_RIGHT = re.compile(r"\b(left|right)(most|wards?|hand(ed)?)?\b", re.IGNORECASE)
+
+
+def swap_left_right(caption: str) -> str:
+    """The caption of the mirrored image: every left <-> right swapped, keeping case
+    ("Left" -> "Right", "LEFTMOST" -> "RIGHTMOST"). Non-directional senses ("right now", "he
+    left") are swapped too: a known, rare imprecision."""
+    def repl(m: re.Match) -> str:
+        word = m.group(1)
+        new = "right" if word.lower() == "left" else "left"
+        if word.isupper():
+            new = new.upper()
+        elif word[0].isupper():
+            new = new.capitalize()
+        return new + (m.group(2) or "")
+    return _LEFT_RIGHT.sub(repl, caption)
+
+
+def left_right_captions(captions: Sequence[str]) -> tuple[torch.Tensor, list[str]]:
+    """Which captions change under a horizontal flip, and how.
+
+    Returns (flip_row [M] LongTensor: row in the swapped list for caption j, or -1 if caption j
+    does not mention left/right; swapped [K] the swapped captions of those K, in caption order).
+    """
+    rows, swapped = [], []
+    for c in captions:
+        if _LEFT_RIGHT.search(c):
+            rows.append(len(swapped))
+            swapped.append(swap_left_right(c))
+        else:
+            rows.append(-1)
+    return torch.tensor(rows, dtype=torch.long), swapped
+

@@ -1,0 +1,28 @@
+"""clipft.runfiles: the run-directory layout and its readers (what report, ablate and visualize use)."""
+
+from __future__ import annotations
+
+import json
+
+from clipft.config import Config, save_config
+from clipft.runfiles import RunFiles, read_records, resolve_run_config, write_epochs_csv
+
+
+def test_layout_records_and_epochs_csv(tmp_path):
+    run = RunFiles(tmp_path)
+    assert [p.name for p in (run.config, run.metrics, run.epochs_csv, run.last, run.best, run.summary, run.curves)] \
+        == ["config.json", "metrics.jsonl", "epochs.csv", "last.pt", "best.pt", "summary.json", "loss_curves.png"]
+    assert read_records(run.metrics) == []  # no log yet
+    recs = [{"type": "step", "step": 1}, {"type": "epoch", "epoch": 1, "val": {"image_to_text": {"R@1": 5.0}}}]
+    run.metrics.write_text("".join(json.dumps(r) + "\n" for r in recs) + "\n")
+    assert read_records(run.metrics) == recs and read_records(run.metrics, "epoch") == recs[1:]
+    write_epochs_csv(run.epochs_csv, read_records(run.metrics, "epoch"))
+    assert run.epochs_csv.read_text().splitlines() == ["epoch,image_to_text_R@1", "1,5.0"]
+
+
+def test_resumed_run_starts_from_its_saved_config(tmp_path):
+    saved = Config()
+    saved.train.epochs = 7
+    save_config(saved, tmp_path / "config.json")
+    assert resolve_run_config(tmp_path, overrides=["train.lr=0.5"]).train.epochs == 7
+    assert resolve_run_config(tmp_path, resume=False).train.epochs == Config().train.epochs
