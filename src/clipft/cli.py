@@ -23,11 +23,13 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from .data.download import DownloadError
     from .evaluate import EvaluationError
     from .model import ModelError
+    from .report import ReportError
     from .runtime import StorageError
+    from .search.index import SearchError
     from .text import TextEncoderError
     from .train import TrainingError
-    return (ConfigError, DataError, DistributedError, DownloadError, EvaluationError, ModelError, TextEncoderError,
-            TrainingError, StorageError)
+    return (ConfigError, DataError, DistributedError, DownloadError, EvaluationError, ModelError, ReportError,
+            SearchError, TextEncoderError, TrainingError, StorageError)
 
 
 # --------------------------------------------------------------------------- shared argument groups
@@ -121,7 +123,8 @@ def cmd_cache_text(args: argparse.Namespace) -> int:
         data = load_split(root, split, cfg.data)
         emb, info = get_text_embeddings(data.captions, cfg.text.encoder, text_cache_file(root, split, cfg),
                                         device=device, batch_size=cfg.text.batch_size,
-                                        max_length=cfg.text.max_length, on_mismatch=cfg.text.on_mismatch)
+                                        max_length=cfg.text.max_length, on_mismatch=cfg.text.on_mismatch,
+                                        amp=cfg.train.amp)
         state = f"built in {info['seconds']:.1f}s" if info["built"] else "up to date (fingerprint matches)"
         print(f"{split}: {emb.shape[0]} captions x {emb.shape[1]} dims -> {info['path']} ({state})")
     return 0
@@ -168,7 +171,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     base = preset_config(args.config) if args.config in PRESETS and not Path(args.config).exists() else None
     cfg_file = None if base is not None else args.config
     cfg = resolve_run_config(args.out, cfg_file, overrides, base=base, resume=args.resume)
-    summary = train(cfg, args.data, args.out, resume=args.resume, progress=not args.quiet)
+    try:
+        summary = train(cfg, args.data, args.out, resume=args.resume, progress=not args.quiet)
+    except RuntimeError as e:  # torch.OutOfMemoryError is one too
+        from .chunked import out_of_memory_advice
+        from .runtime import is_out_of_memory
+        from .train import TrainingError
+        if not is_out_of_memory(e):
+            raise
+        last = Path(args.out) / "last.pt"
+        kept = f"; {last} is intact (rerun with the setting to resume from it)" if last.is_file() else ""
+        raise TrainingError(out_of_memory_advice(cfg.train.batch_size, cfg.train.embed_chunk) + kept) from None
     if not is_main():  # under torchrun: one line per job, from rank 0
         return 0
     print(f"done: {summary['epochs']} epochs, best mean R@5 {summary['best_mean_R@5']:.2f}% "
@@ -274,8 +287,17 @@ def cmd_inspect_data(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import write_report
-    print(f"wrote {write_report(args.run)}")
+    from .report import make_report
+    r = make_report(args.run, data=args.data, notes=args.notes, ablation=args.ablation, compare=args.compare or (),
+                    html=args.html, pdf=args.pdf, complete=not args.no_draw, device=args.device, seed=args.seed,
+                    progress=not args.quiet)
+    if r["drawn"]:
+        print(f"drew {', '.join(r['drawn'])}")
+    for section, how in r["missing"].items():
+        print(f"missing {section}: {how}")
+    for key in ("md", "html", "pdf"):
+        if r[key]:
+            print(f"wrote {r[key]}")
     return 0
 
 
@@ -315,16 +337,169 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- search your photos
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from .api import load
+    from .search.index import default_index_dir, update_index
+    from .search.query import model_source, refresh_ann
+    index_dir = Path(args.index) if args.index else default_index_dir(args.folder)
+    model = load(args.model, device=args.device)
+    s = update_index(args.folder, model, index_dir, model_source=model_source(args.model), rebuild=args.rebuild,
+                     dtype=args.dtype, batch_size=args.batch_size, workers=args.workers, progress=not args.quiet)
+    print(f"{index_dir}: {s.summary()}")
+    if (ann := refresh_ann(index_dir, force=args.ann)) is not None:
+        print(f"approximate index (faiss IVF) up to date: {ann}")
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    import json
+    from .search import query as Q
+    if sum(map(bool, (args.query, args.image, args.duplicates))) != 1:
+        raise ConfigError("search: give one of QUERY, --image PATH or --duplicates")
+    idx = Q.load_index(args.index, use_ann=False if args.exact else None)
+    out = (Q.duplicates_answer(idx, args.threshold) if args.duplicates else
+           Q.answer(idx, Q.load_query_model(idx, args.device), args.k, text=args.query, image=args.image))
+    print(json.dumps(out) if args.json else Q.format_answer(out))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from .search.server import create_app, host_warning, is_loopback, open_indexes, serve
+    except ImportError as e:
+        raise ConfigError(f"serve needs Flask ({e}): pip install 'clipft[search]'") from None
+    warning = host_warning(args.host)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
+    served = open_indexes(args.index or [".clipft-index"], device=args.device)
+    app = create_app(served, loopback_only=is_loopback(args.host))
+    names = ", ".join(f"{len(s.idx)} images ({s.idx.model})" for s in served)
+    serve(app, args.host, args.port, on_ready=lambda port: print(
+        f"serving {names} on http://{args.host}:{port}/ (Ctrl-C to stop)", flush=True))
+    return 0
+
+
+def _add_search_parsers(sub) -> None:
+    s = sub.add_parser("index", help="index a folder of images for search (incremental; rerun after changes)")
+    s.add_argument("folder")
+    s.add_argument("--model", required=True, help="exported model dir, clipft checkpoint, or HF CLIP name/dir")
+    s.add_argument("--index", help="index directory (default: FOLDER/.clipft-index)")
+    s.add_argument("--rebuild", action="store_true", help="re-embed everything (needed to switch models)")
+    s.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="stored embeddings")
+    s.add_argument("--ann", action="store_true", help="also build an approximate index (faiss; automatic from 200k images)")
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--workers", type=int, default=None, help="decoding processes (default: automatic)")
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_index)
+
+    s = sub.add_parser("search", help="search an index by text, by example image, or list near-duplicates")
+    s.add_argument("query", nargs="?", help='text, e.g. "a dog on the beach"')
+    s.add_argument("--index", default=".clipft-index", help="index directory (default: ./.clipft-index)")
+    s.add_argument("--k", type=int, default=20, help="results (default 20)")
+    s.add_argument("--image", metavar="PATH", help="search by this example image instead of text")
+    s.add_argument("--duplicates", action="store_true", help="list groups of near-identical images")
+    s.add_argument("--threshold", type=float, default=0.95, help="cosine for --duplicates (default 0.95)")
+    s.add_argument("--exact", action="store_true", help="exact search even where an approximate index exists")
+    s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.add_argument("--device", default="cpu")
+    s.set_defaults(func=cmd_search)
+
+    s = sub.add_parser("serve", help="local web page and JSON API over one or more indexes")
+    s.add_argument("--index", action="append", metavar="PATH",
+                   help="index directory, repeatable: several side by side (default: ./.clipft-index)")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    s.add_argument("--device", default="cpu")
+    s.set_defaults(func=cmd_serve)
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from .api import load
+    from .embed import embed_folder
+    if not Path(args.images).is_dir():
+        raise ConfigError(f"{args.images}: not a directory")
+    device = "cpu" if args.backend == "onnx" and args.device == "auto" else _auto_device(args.device)
+    model = load(args.model, device=device, backend=args.backend)
+    info = embed_folder(model, args.images, args.out, batch_size=args.batch_size, workers=args.workers,
+                        progress=not args.quiet)
+    print(f"{info['images']} images embedded ({info['skipped']} unreadable, skipped) in {info['seconds']:.1f}s: "
+          f"{info['images_per_s']:.1f} images/s; wrote {info['out']}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_checkpoint, format_size
+    info = export_checkpoint(args.checkpoint, args.out, onnx=args.onnx, check_images=args.check_images)
+    if info["onnx_max_abs_diff"] is not None:
+        print(f"ONNX check: onnxruntime matches PyTorch on real images (max abs difference "
+              f"{info['onnx_max_abs_diff']:.1e})")
+    for path, size in info["files"]:
+        print(f"wrote {path} ({format_size(size)})")
+    if info["open_clip"]:
+        print(f"open_clip timm-tower form not written: {info['open_clip']}")
+    return 0
+
+
+def _auto_device(device: str) -> str:
+    from .runtime import resolve_device
+    return str(resolve_device(device)) if device == "auto" else device
+
+
+def _add_model_commands(sub: argparse._SubParsersAction) -> None:
+    """Commands that take a trained model out of its run: export, embed."""
+    s = sub.add_parser("export", help="write a self-contained model folder (safetensors, config, model card, "
+                                      "optionally ONNX) in the Hugging Face hub layout")
+    s.add_argument("checkpoint", help="a clipft checkpoint (RUN/best.pt)")
+    s.add_argument("--out", required=True, help="output folder (new, empty, or an earlier export)")
+    s.add_argument("--onnx", action="store_true", help="also write image_tower.onnx, checked with onnxruntime")
+    s.add_argument("--check-images", metavar="FOLDER",
+                   help="real images for the ONNX check (default: the run's validation images)")
+    s.set_defaults(func=cmd_export)
+    s = sub.add_parser("embed", help="embed every image of a folder (recursive) into a safetensors file")
+    s.add_argument("--model", required=True, help="export folder, checkpoint, or HF CLIP model (name or dir)")
+    s.add_argument("--images", required=True, help="folder of images (jpg, jpeg, png, webp, bmp, gif)")
+    s.add_argument("--out", required=True, help="output .safetensors (embeddings, relative paths, sizes, mtimes)")
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--workers", type=int, default=None, help="decoding processes (default: CPUs - 1, at most 8)")
+    _add_device(s)
+    s.add_argument("--backend", choices=["torch", "onnx"], default="torch",
+                   help="onnx: the export folder's image_tower.onnx with onnxruntime (CPU)")
+    _add_quiet(s, "no progress bar")
+    s.set_defaults(func=cmd_embed)
+
+
 # --------------------------------------------------------------------------- parser
+
+def _add_report_parser(sub) -> None:
+    s = sub.add_parser("report", help="write RUN/report.md from a run directory, drawing what it lacks")
+    s.add_argument("run")
+    s.add_argument("--data", help="the run's dataset, when it moved (default: summary.json's data_root, RUN/data)")
+    s.add_argument("--notes", metavar="FILE.md", help="your own section (observations, LLM-usage reflection, "
+                                                       "conversation link), included verbatim")
+    s.add_argument("--ablation", metavar="DIR", help="add a `clipft ablate --out DIR` study: table and bar chart")
+    s.add_argument("--compare", nargs="+", metavar="OTHER_RUN", help="add other runs' Recall@K and curves side by side")
+    s.add_argument("--html", action="store_true", help="also write report.html (self-contained, print-friendly)")
+    s.add_argument("--pdf", action="store_true", help="also write report.pdf (headless Chromium; implies --html)")
+    s.add_argument("--no-draw", action="store_true", help="only the files already in RUN: draw nothing")
+    s.add_argument("--seed", type=int, default=0, help="seed of the random examples (default 0)")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_report)
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="clipft", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
-    # Three groups, in the order `clipft --help` lists the commands.
+    # Four groups, in the order `clipft --help` lists the commands.
     _add_data_and_train_commands(sub)
     _add_checkpoint_commands(sub)
     _add_tool_commands(sub)
+    _add_model_commands(sub)  # export, embed
+    _add_search_parsers(sub)  # index, search, serve
     return p
 
 
@@ -460,9 +635,7 @@ def _add_tool_commands(sub) -> None:
     _add_config_args(s)
     s.set_defaults(func=cmd_inspect_data)
 
-    s = sub.add_parser("report", help="write RUN/report.md from a run directory")
-    s.add_argument("run")
-    s.set_defaults(func=cmd_report)
+    _add_report_parser(sub)
 
     s = sub.add_parser("download", help="fetch MS COCO 2014 into the loader's layout (resumable, verified)")
     s.add_argument("dataset", choices=["coco"])
@@ -504,6 +677,8 @@ def _add_tool_commands(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .runlog import record_command, run_dir_of
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -513,15 +688,22 @@ def main(argv: list[str] | None = None) -> int:
     # batch is 77 MB, and faulting it in 4 KB pages costs more than normalising it (torch reads the
     # variable at allocation time; DataLoader workers inherit it).
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    code = 1  # an unexpected exception propagates with this status in RUN/commands.txt
     try:
         args.extra_overrides = _split_extra(extra)
-        return args.func(args)
+        code = args.func(args)
+        return code
     except _expected_errors() as e:
         print(f"clipft: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        code = EXIT_USAGE
+        return code
     except KeyboardInterrupt:
         print("clipft: interrupted (the last completed checkpoint is intact)", file=sys.stderr)
-        return 130
+        code = 130
+        return code
+    finally:
+        if run_dir_of(args) is not None:  # how the run was made: RUN/commands.txt (see clipft.runlog)
+            record_command(run_dir_of(args), argv, code)
 
 
 if __name__ == "__main__":
