@@ -254,7 +254,7 @@ def test_checksums_catch_a_flipped_byte_and_rerun_repairs_only_that_chunk(small_
     PreparedImages.open(out).verify()
 
 
-def test_zeroed_images_are_refused_by_training_and_rebuilt(small_coco, tiny_clip_dir, tmp_path, capsys):
+def test_zeroed_images_are_refused_by_training_and_rebuilt(small_coco, tiny_clip_dir, tmp_path, capsys, caplog):
     """256 zeroed images (here: a chunk's worth, 3) pass every size check; training refuses them with
     one line, `prepare-images` rebuilds them, and training then reads the cache."""
     from clipft.cli import main
@@ -271,11 +271,13 @@ def test_zeroed_images_are_refused_by_training_and_rebuilt(small_coco, tiny_clip
     assert "do not match their checksums" in err and "clipft prepare-images" in err
     assert not (tmp_path / "run" / "last.pt").exists()
     assert _prepare_cli(root) == 0
-    assert "1 damaged chunk(s) decoded again" in capsys.readouterr().out
+    assert "1 of 4 finished chunk(s) do not match their checksums (first: images 6-8): decoding them again" \
+        in caplog.text
     assert main(["train", "--data", str(root), "--out", str(tmp_path / "run"), *args]) == 0
 
 
-def test_truncated_cache_is_not_complete_and_training_says_so(small_coco, tiny_clip_dir, tmp_path, capsys):
+def test_truncated_cache_is_not_complete_and_training_says_so(small_coco, tiny_clip_dir, tmp_path, capsys,
+                                                                 caplog):
     """A truncated images.u8 was once reported complete, then training died in mmap."""
     from clipft.cli import main
     from test_train import small_args
@@ -289,7 +291,7 @@ def test_truncated_cache_is_not_complete_and_training_says_so(small_coco, tiny_c
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "images.u8: " in err and "truncated" in err and "mmap" not in err
     assert _prepare_cli(root) == 0
-    assert "3 damaged chunk(s) decoded again" in capsys.readouterr().out  # chunk 1 torn, chunks 2 and 3 gone
+    assert "3 of 4 finished chunk(s) do not match" in caplog.text  # chunk 1 torn, chunks 2 and 3 gone
     assert np.array_equal(PreparedImages.open(out).array, pristine)
 
 

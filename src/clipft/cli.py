@@ -29,7 +29,7 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from .text import TextEncoderError
     from .train import TrainingError
     return (ConfigError, DataError, DistributedError, DownloadError, EvaluationError, ModelError, ReportError,
-            SearchError, TextEncoderError, TrainingError, StorageError)
+            SearchError, StorageError, TextEncoderError, TrainingError)
 
 
 # --------------------------------------------------------------------------- shared argument groups
@@ -115,8 +115,7 @@ def cmd_cache_text(args: argparse.Namespace) -> int:
     from .text import get_text_embeddings
     _val_data_override(args)
     cfg = _build_config(args)
-    if args.text_encoder:
-        cfg.text.encoder = args.text_encoder
+    cfg.text.encoder = args.text_encoder or cfg.text.encoder
     root = Path(args.data)
     device = resolve_device(args.device)
     for split in args.split:
@@ -131,21 +130,14 @@ def cmd_cache_text(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from .data import DataError
-    from .data.validate import default_report_path, format_report, validate_data, write_report_json
-    from .runtime import ensure_writable_dir
+    from .data.validate import format_report, report_destination, validate_data, write_report_json
     cfg = _build_config(args)
-    if args.text_encoder:
-        cfg.text.encoder = args.text_encoder
-    if not Path(args.data).exists():  # nothing to check, and no report beside a path that is not there
-        raise DataError(f"{args.data}: no such file or folder")
-    out = Path(args.out) if args.out else default_report_path(args.data)
-    ensure_writable_dir(out.parent, "pass --out to write the report elsewhere")  # before the checks, not after
+    cfg.text.encoder = args.text_encoder or cfg.text.encoder
+    out = report_destination(args.data, args.out)  # checked before the work, not after it
     report = validate_data(args.data, cfg, val_data=args.val_data, check_tokens=not args.no_tokens,
                            progress=not args.quiet, deep=args.deep)
     print(format_report(report))
-    out = write_report_json(report, out)
-    print(f"wrote {out}")
+    print(f"wrote {write_report_json(report, out)}")
     return 0 if report["ok"] else 1
 
 
@@ -155,8 +147,7 @@ def cmd_prepare_images(args: argparse.Namespace) -> int:
     cfg = _build_config(args)
     for split in args.split:
         info = prepare_split(args.data, split, cfg, size=args.size, workers=args.workers, progress=not args.quiet)
-        repaired = f", {info['repaired']} damaged chunk(s) decoded again" if info["repaired"] else ""
-        print(f"{split}: {info['images']} images ({info['bad']} unreadable, skipped{repaired}) -> {info['path']} "
+        print(f"{split}: {info['images']} images ({info['bad']} unreadable, skipped) -> {info['path']} "
               f"in {info['seconds']:.1f}s")
     return 0
 
@@ -531,8 +522,7 @@ def _add_data_and_train_commands(sub) -> None:
                                  "beside a data file; in the user cache dir when that folder is read-only)")
     s.add_argument("--text-encoder", help="tokenizer for the token-length check (default: text.encoder)")
     s.add_argument("--no-tokens", action="store_true", help="skip the token-length check (no text encoder load)")
-    s.add_argument("--deep", action="store_true",
-                   help="also hash every chunk of the prepared image caches (default: their sizes only)")
+    s.add_argument("--deep", action="store_true", help="also hash every chunk of the prepared image caches")
     _add_quiet(s, "no progress bar")
     _add_config_args(s)
     s.set_defaults(func=cmd_validate)

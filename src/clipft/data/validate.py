@@ -31,7 +31,7 @@ from typing import Any, Iterable, Sequence
 from PIL import Image
 
 from ..config import Config, DataConfig
-from ..runtime import atomic_write_text, storage_error, writable_dir
+from ..runtime import atomic_write_text, ensure_writable_dir, storage_error, writable_dir
 from .caches import prepared_split_dirs, user_cache_dir
 from .formats import resolve_format
 from .images import load_image
@@ -436,6 +436,17 @@ def default_report_path(data: str | Path) -> Path:
     if writable_dir(path.parent):
         return path
     return user_cache_dir(path.parent) / path.name
+
+
+def report_destination(data: str | Path, out: str | Path | None = None) -> Path:
+    """Where `clipft validate` will write its report (`out`, or `default_report_path`), checked before
+    the work: DataError for a `data` path that is not there (no report beside it), StorageError
+    (one line) for a folder that cannot be written."""
+    if not Path(data).exists():
+        raise DataError(f"{data}: no such file or folder")
+    path = Path(out) if out else default_report_path(data)
+    ensure_writable_dir(path.parent, "pass --out to write the report elsewhere")
+    return path
 
 
 def write_report_json(report: dict, path: str | Path) -> Path:
