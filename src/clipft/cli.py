@@ -63,7 +63,8 @@ def _split_extra(extra: list[str]) -> list[str]:
 def _add_split_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default="val",
                    help="protocol: val (the configured subset, default), val-full (whole val2014), "
-                        "karpathy-test / karpathy-val (with --karpathy), or any split name")
+                        "karpathy-test / karpathy-val / karpathy-test-1k (5 folds of 1,000; with --karpathy), "
+                        "test (a Flickr folder's test split), or any split name")
     p.add_argument("--karpathy", metavar="JSON", help="Karpathy's dataset_coco.json (for --split karpathy-test)")
 
 
@@ -156,7 +157,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate_checkpoint, format_comparison_table, format_recall_table
+    from .evaluate import evaluate_checkpoint, format_comparison_table, format_fold_spread, format_recall_table
     _val_data_override(args)
     cfg = _checkpoint_config(args)
     save = args.save_embeddings
@@ -167,6 +168,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                             compare_zero_shot=args.compare_zero_shot, save_embeddings=save)
     print(f"{m['protocol']}")
     print(format_comparison_table(m) if "zero_shot" in m else format_recall_table(m))
+    if "folds" in m:
+        print(format_fold_spread(m))
     if m.get("skipped_images"):
         print(f"{m['skipped_images']} unreadable image(s) left out (with their captions)")
     for f in m["files"] + ([m["embeddings"]] if "embeddings" in m else []):
