@@ -212,7 +212,7 @@ def test_validate_reports_entries_without_an_image(tmp_path):
     ("official-8k", False, "flickr8k-test (official test list, 3 images x 15 captions)"),
     ("official-30k", True, "flickr30k-test (Karpathy, 4 images x 20 captions)"),
     ("kaggle-8k", False, "flickr8k-test (seeded split, seed 0, 2 images x 10 captions)"),
-    ("kaggle-30k", False, "flickr30k-test (seeded split, seed 0, 2 images x 9 captions)")])
+    ("kaggle-30k", False, "flickr30k-test (seeded split, seed 0, 2 images x 10 captions)")])
 def test_validate_train_evaluate_each_layout(tmp_path, tiny_clip_dir, layout, karpathy, protocol):
     from test_formats import small_args
     root = LAYOUTS[layout](tmp_path / "data")
