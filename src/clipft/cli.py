@@ -310,11 +310,26 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_download(args: argparse.Namespace) -> int:
     from .data.download import download_coco, next_steps
+    if args.source == "kaggle" or args.dataset != "coco":
+        return _download_kaggle(args)
     results = download_coco(args.out, splits=args.splits, karpathy=args.karpathy, mirror=args.mirror,
                             keep_archives=args.keep_archives, retries=args.retries, progress=not args.quiet)
     for r in results:
         print(f"{r['archive']}: {r['status']} -> {', '.join(r['targets'])}")
     print("\n".join(next_steps(args.out)))
+    return 0
+
+
+def _download_kaggle(args: argparse.Namespace) -> int:
+    """download ... --source kaggle; the official Flickr images need a form, so only Kaggle for those."""
+    from .data.download import DownloadError, next_steps
+    from .data.kaggle import download_kaggle, official_flickr_message
+    if args.source != "kaggle":
+        raise DownloadError(official_flickr_message(args.dataset, args.out))
+    r = download_kaggle(args.dataset, args.out)
+    print(f"{r['handle']}: {r['source']} -> {len(r['linked'])} new link(s) in {r['root']}")
+    print("\n".join(next_steps(args.out)) if args.dataset == "coco" else
+          f"next:\n  clipft validate --data {args.out}\n  clipft train --data {args.out} --out runs/{args.dataset}")
     return 0
 
 
@@ -515,8 +530,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("run")
     s.set_defaults(func=cmd_report)
 
-    s = sub.add_parser("download", help="fetch MS COCO 2014 into the loader's layout (resumable, verified)")
-    s.add_argument("dataset", choices=["coco"])
+    s = sub.add_parser("download", help="fetch MS COCO 2014 into the loader's layout (resumable, verified), "
+                                        "or a Kaggle copy of COCO / Flickr8k / Flickr30k (--source kaggle)")
+    s.add_argument("dataset", choices=["coco", "flickr8k", "flickr30k"])
+    s.add_argument("--source", choices=["official", "kaggle"], default="official",
+                   help="official hosts (COCO only: the Flickr images need a request form), or the Kaggle copy "
+                        "through kagglehub (pip install 'clipft[kaggle]')")
     s.add_argument("--out", required=True, help="dataset root (gets train2014/, val2014/, annotations/)")
     s.add_argument("--splits", nargs="*", choices=["train", "val", "annotations"],
                    default=["train", "val", "annotations"], help="archives to fetch (default: all three)")
