@@ -121,7 +121,7 @@ def write_report(run_dir: str | Path) -> Path:
 # --------------------------------------------------------------------------- evaluation sections
 
 # Protocol order in the report: training-time subset first, the published-comparable split last.
-_PROTOCOL_ORDER = {"val": 0, "val-full": 1, "karpathy-val": 2, "karpathy-test": 3}
+_PROTOCOL_ORDER = {"val": 0, "val-full": 1, "karpathy-val": 2, "karpathy-test": 3, "karpathy-test-1k": 4, "test": 5}
 
 
 def _metrics_files(root: Path) -> list[tuple[str, dict]]:
@@ -145,6 +145,18 @@ def _comparison_table(metrics: dict) -> list[str]:
     return lines
 
 
+def _fold_spread(metrics: dict) -> list[str]:
+    """The per-fold spread of a protocol with folds (karpathy-test-1k): the table above is the mean."""
+    f = metrics["folds"]
+    lines = ["", f"Mean over {f['count']} folds; the spread across folds (sample std, min-max):", "",
+             "| direction | K | mean | std | min | max |", "|---|---:|---:|---:|---:|---:|"]
+    for d in DIRECTIONS:
+        for k, v in metrics[d].items():
+            lines.append(f"| {d.replace('_to_', ' -> ')} | {k.split('@')[1]} | {v:.2f} | {f['std'][d][k]:.2f} | "
+                         f"{f['min'][d][k]:.2f} | {f['max'][d][k]:.2f} |")
+    return lines
+
+
 def retrieval_section(root: Path, final: dict) -> list[str]:
     """One Recall@K table per evaluated protocol (metrics_<split>.json), each naming its protocol."""
     files = _metrics_files(root)
@@ -162,6 +174,8 @@ def retrieval_section(root: Path, final: dict) -> list[str]:
                                       "all captions per image")
         lines += [f"### `{split}`", "", f"Protocol: {proto}.", ""]
         lines += _comparison_table(m) if "zero_shot" in m else _recall_table(m)
+        if "folds" in m:
+            lines += _fold_spread(m)
         if m.get("skipped_images"):
             lines += ["", f"{m['skipped_images']} unreadable image(s) were left out with their captions."]
         lines.append("")
