@@ -230,3 +230,14 @@ def test_validate_train_evaluate_each_layout(tmp_path, tiny_clip_dir, layout, ka
     counts = protocol.rsplit(", ", 1)[1]  # "3 images x 15 captions)"
     assert f"{m['num_images']} images x {m['num_captions']} captions)" == counts
     assert (run / "metrics_test.csv").read_text().splitlines()[1].startswith("fine-tuned,test,")
+    if karpathy:  # the same protocol for a full CLIP model, side by side
+        from clipft.baseline import save_tiny_clip_model
+        clip_dir = save_tiny_clip_model(tmp_path / "tiny-clip-full", image_size=32)
+        out = tmp_path / "zs.json"
+        assert main(["evaluate", "--checkpoint", str(run / "best.pt"), "--data", str(root), "--split", "test",
+                     "--compare-zero-shot", str(clip_dir), "--out", str(out), "--quiet"]) == 0
+        zs = json.loads(out.read_text())
+        assert zs["protocol"] == protocol and zs["zero_shot"]["num_images"] == 4
+        assert zs["zero_shot"]["num_captions"] == 20
+        assert main(["report", str(run)]) == 0
+        assert f"Protocol: {protocol}." in (run / "report.md").read_text()
