@@ -307,7 +307,7 @@ def test_study_resumes_without_rerunning_and_outputs_agree(coco_root, tiny_study
     assert "train.epochs: 2 -> 3" in err and str(runs / "baseline" / "seed_0") in err
 
 
-def test_diverged_run_is_recorded_and_the_study_goes_on(coco_root, tiny_study, tmp_path, monkeypatch):
+def test_diverged_run_is_recorded_and_the_study_goes_on(coco_root, tiny_study, tmp_path):
     base, _ = tiny_study
     out = tmp_path / "study"
     real_train = train_mod.train
@@ -316,15 +316,15 @@ def test_diverged_run_is_recorded_and_the_study_goes_on(coco_root, tiny_study, t
         if cfg.model.head_norm == "batchnorm":
             raise train_mod.TrainingError("training diverged: test")
         return real_train(cfg, data_root, out_dir, **kw)
-    monkeypatch.setattr(train_mod, "train", diverge_batchnorm)
     base_cfg = yaml.safe_load(base.read_text())
     base_cfg["train"]["epochs"] = 1
     base.write_text(yaml.safe_dump(base_cfg))
-    study = ablate.run_study(out, data_root=coco_root, names=["batchnorm"], base_config=str(base))
+    study = ablate.run_study(out, data_root=coco_root, names=["batchnorm"], base_config=str(base),
+                             train_fn=diverge_batchnorm)
     assert [r["status"] for r in study["runs"]] == ["ok", "failed"]
     assert "diverged" in (out / "runs" / "batchnorm" / "seed_0" / ablate.FAILED_MARK).read_text()
     md = (out / "ablation.md").read_text()
     assert "Failed runs" in md and "`batchnorm` (seed 0 failed)" in md
-    monkeypatch.setattr(train_mod, "train", lambda *a, **k: pytest.fail("nothing should rerun"))
-    again = ablate.run_study(out, data_root=coco_root, names=["batchnorm"], base_config=str(base))
+    again = ablate.run_study(out, data_root=coco_root, names=["batchnorm"], base_config=str(base),
+                             train_fn=lambda *a, **k: pytest.fail("nothing should rerun"))
     assert [r["status"] for r in again["runs"]] == ["ok", "failed"]

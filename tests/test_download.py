@@ -346,13 +346,11 @@ def test_recorded_checksum_and_size_are_checked(source, serve, tmp_path):
     assert _same_tree(data / "val2014", tmp_path / "c" / "val2014")
 
 
-def test_not_enough_disk_space_is_reported_before_downloading(source, serve, tmp_path, monkeypatch):
+def test_not_enough_disk_space_is_reported_before_downloading(source, serve, tmp_path):
     _, mirror = source
     server = serve(mirror)
-    real = dl.shutil.disk_usage
-    monkeypatch.setattr(dl.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
     with pytest.raises(DiskSpaceError, match="not enough free space"):
-        _run(tmp_path / "coco", server)
+        _run(tmp_path / "coco", server, disk_free=lambda root: 1000)
     assert server.gets() == []  # only HEAD requests were made
 
 

@@ -39,8 +39,8 @@ def test_prepare_writes_squares_and_counts_bad(split, tmp_path):
     assert prepare_images(split, out, size=48, workers=1, progress=False)["seconds"] == 0.0
 
 
-def test_prepare_resumes_after_a_kill(split, tmp_path, monkeypatch):
-    monkeypatch.setattr(prep, "CHUNK", 3)  # 10 images -> chunks 0..3
+def test_prepare_resumes_after_a_kill(split, tmp_path):
+    chunk = 3  # 10 images -> chunks 0..3
     out = tmp_path / "p"
     real, calls = prep._work, []
 
@@ -49,23 +49,21 @@ def test_prepare_resumes_after_a_kill(split, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         calls.append(job[0])
         return real(job)
-    monkeypatch.setattr(prep, "_work", dies_on_chunk_2)
     with pytest.raises(KeyboardInterrupt):
-        prepare_images(split, out, size=32, workers=1, progress=False)
+        prepare_images(split, out, size=32, workers=1, progress=False, chunk=chunk, work=dies_on_chunk_2)
     assert calls == [0, 1] and PreparedImages.open(out) is None
-    monkeypatch.setattr(prep, "_work", lambda job: calls.append(job[0]) or real(job))
-    info = prepare_images(split, out, size=32, workers=1, progress=False)
+    info = prepare_images(split, out, size=32, workers=1, progress=False, chunk=chunk,
+                          work=lambda job: calls.append(job[0]) or real(job))
     assert calls == [0, 1, 2, 3]  # chunks 0 and 1 were not decoded again
     assert info["bad"] == 1
     fresh = tmp_path / "fresh"
-    prepare_images(split, fresh, size=32, workers=1, progress=False)
+    prepare_images(split, fresh, size=32, workers=1, progress=False, chunk=chunk)
     assert np.array_equal(PreparedImages.open(out).array, PreparedImages.open(fresh).array)
 
 
-def test_parallel_equals_serial(split, tmp_path, monkeypatch):
-    monkeypatch.setattr(prep, "CHUNK", 4)
-    prepare_images(split, tmp_path / "a", size=32, workers=1, progress=False)
-    prepare_images(split, tmp_path / "b", size=32, workers=2, progress=False)
+def test_parallel_equals_serial(split, tmp_path):
+    prepare_images(split, tmp_path / "a", size=32, workers=1, progress=False, chunk=4)
+    prepare_images(split, tmp_path / "b", size=32, workers=2, progress=False, chunk=4)
     assert np.array_equal(PreparedImages.open(tmp_path / "a").array, PreparedImages.open(tmp_path / "b").array)
 
 

@@ -26,7 +26,7 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import yaml
@@ -264,11 +264,13 @@ def study_base_config(base_config: str | None = "demo", overrides: Sequence[str]
 
 def run_study(out_dir: str | Path, data_root: str | Path | None = None, names: Sequence[str] | None = None,
               seeds: Sequence[int] = (0,), base_config: str | None = "demo", overrides: Sequence[str] = (),
-              configs_file: str | Path | None = None, quick: bool = False, progress: bool = False) -> dict:
+              configs_file: str | Path | None = None, quick: bool = False, progress: bool = False,
+              train_fn: Callable[..., dict] | None = None) -> dict:
     """Run (or resume) a study and write its table and charts; returns the ablation.json dict.
 
     Runs whose training diverges (TrainingError) are recorded as failed and the study goes on;
-    any other error stops it (rerun the command to resume)."""
+    any other error stops it (rerun the command to resume). train_fn replaces `train.train` (same
+    signature; a seam for tests)."""
     out_dir = Path(out_dir)
     user = load_ablations_file(configs_file) if configs_file else {}
     configs = select_configs(names, user, quick)
@@ -286,7 +288,7 @@ def run_study(out_dir: str | Path, data_root: str | Path | None = None, names: S
             continue
         log.info("%s: %s -> %s", tag, "resuming" if status == "partial" else "training", run.dir)
         try:
-            trainer.train(run.cfg, data_root, run.dir, resume=True, progress=progress)
+            (train_fn or trainer.train)(run.cfg, data_root, run.dir, resume=True, progress=progress)
         except trainer.TrainingError as e:
             run.dir.mkdir(parents=True, exist_ok=True)
             if not (run.dir / "config.json").is_file():  # keep the config check working for it

@@ -27,10 +27,25 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     return (ConfigError, DataError, DistributedError, DownloadError, ModelError, TextEncoderError, TrainingError)
 
 
+# --------------------------------------------------------------------------- shared argument groups
+
+def _add_overrides(p: argparse.ArgumentParser, help: str | None = None) -> None:
+    """--set SECTION.KEY=VALUE (repeatable); leftover --section.key=value arguments join them in main."""
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE", help=help)
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
+    """--config FILE_OR_PRESET and --set: the config of commands that build one."""
     p.add_argument("--config", help=f"YAML config file, or a preset name ({', '.join(PRESETS)})")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override one config value (repeatable); --section.key=value works too")
+    _add_overrides(p, "override one config value (repeatable); --section.key=value works too")
+
+
+def _add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto")
+
+
+def _add_quiet(p: argparse.ArgumentParser, help: str | None = None) -> None:
+    p.add_argument("--quiet", action="store_true", help=help)
 
 
 def _build_config(args: argparse.Namespace, base: Config | None = None) -> Config:
@@ -222,67 +237,25 @@ def cmd_zeroshot(args: argparse.Namespace) -> int:
 
 
 def cmd_visualize(args: argparse.Namespace) -> int:
-    from . import pictures as P
-    from . import visualize as V
     if args.kind == "curves":
-        from .runfiles import RunFiles, read_records
+        from .runfiles import plot_run_curves
         if not args.run:
             raise ConfigError("visualize curves: give the run directory with --run RUN")
-        run = RunFiles(Path(args.run))
-        if not run.metrics.is_file():
-            raise ConfigError(f"{run.metrics}: not found (is {args.run} a run directory?)")
-        out = V.plot_training_curves(read_records(run.metrics, "epoch"), args.out or run.curves)
-        if out is None:
-            raise ConfigError(f"{run.metrics}: no completed epoch logged yet")
-        print(f"wrote {out}")
+        print(f"wrote {plot_run_curves(args.run, args.out)}")
         return 0
     if not args.checkpoint or not args.data:
         raise ConfigError(f"visualize {args.kind}: needs --checkpoint CKPT and --data ROOT")
-    from .evaluate import checkpoint_embeddings, split_embeddings_from_file
-    cfg = _checkpoint_config(args)
-    if args.embeddings:
-        emb, cfg = split_embeddings_from_file(args.embeddings, args.checkpoint, args.data, args.split, cfg,
-                                              args.karpathy)
-    else:
-        emb, cfg = checkpoint_embeddings(args.checkpoint, args.data, args.split, cfg, args.device, args.karpathy,
-                                         progress=not args.quiet)
-    out_dir = Path(args.checkpoint).parent
-    written = []
-    if args.kind in ("text-to-image", "all"):
-        from .runtime import resolve_device
-        dev = resolve_device(args.device if args.device != "auto" else cfg.train.device)
-        q_emb = P.embed_queries(cfg, args.queries, dev) if args.queries else None
-        rows = P.text_to_image_results(emb, args.queries, q_emb, n=args.n, seed=args.seed)
-        written.append(V.plot_text_to_image(rows, _out(args, out_dir / P.TEXT_TO_IMAGE_PNG)))
-    if args.kind in ("image-to-text", "all"):
-        written.append(V.plot_image_to_text(P.image_to_text_results(emb, n=args.n, seed=args.seed),
-                                            _out(args, out_dir / P.IMAGE_TO_TEXT_PNG)))
-    if args.kind in ("heatmap", "all"):
-        sim, labels, owner = P.heatmap_data(emb, args.heatmap_images, args.seed)
-        written.append(V.plot_similarity_heatmap(sim, labels, owner, _out(args, out_dir / P.HEATMAP_PNG)))
-    ds_split = cfg.data.val_split if args.split in ("val", "val-full") else args.split
-    shapes_labels = Path(args.data) / "annotations" / f"shapes_labels_{ds_split}2014.json"
-    if args.kind == "all" and not args.labels_from and not shapes_labels.is_file():
-        print("zero-shot picture skipped: no --labels-from and the dataset has no shapes labels")
-    elif args.kind in ("zero-shot", "all"):
-        from .zeroshot import zeroshot_dataset
-        labels_from = args.labels_from or "shapes"
-        r = zeroshot_dataset(args.checkpoint, args.data, labels_from=labels_from, labels=args.labels,
-                             templates=args.template, cfg=cfg, device=args.device, embeddings=emb,
-                             out_dir=_out(args, out_dir / "x").parent, n_examples=2 * args.n,
-                             seed=args.seed)
-        written += [Path(r["examples_png"]), Path(r["confusion_png"])]
+    from .pictures import write_visualization
+    written, notes = write_visualization(
+        args.kind, args.checkpoint, args.data, split=args.split, cfg=_checkpoint_config(args), device=args.device,
+        karpathy=args.karpathy, embeddings_file=args.embeddings, queries=args.queries, n=args.n, seed=args.seed,
+        heatmap_images=args.heatmap_images, labels=args.labels, labels_from=args.labels_from,
+        templates=args.template, out=args.out, progress=not args.quiet)
+    for note in notes:
+        print(note)
     for w in written:
         print(f"wrote {w}")
     return 0
-
-
-def _out(args: argparse.Namespace, default: Path) -> Path:
-    """--out is a file for one picture, a directory for `all` (and for zero-shot's two files)."""
-    if not args.out:
-        return default
-    out = Path(args.out)
-    return out / default.name if args.kind in ("all", "zero-shot") else out
 
 
 def cmd_inspect_data(args: argparse.Namespace) -> int:
@@ -352,47 +325,10 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The embedded end-to-end demo: shapes data -> MiniLM text cache -> train -> evaluate ->
-    zero-shot -> pictures -> report."""
-    from .data import load_split
-    from .evaluate import checkpoint_embeddings, evaluate_checkpoint, format_recall_table
-    from .pictures import DATA_SAMPLES_PNG, data_samples, write_pictures
-    from .report import write_report
-    from .data.shapes import make_shapes_dataset
-    from .runfiles import resolve_run_config
-    from .train import train
-    from .visualize import plot_data_samples
-    from .zeroshot import zeroshot_dataset
-
-    out = Path(args.out)
-    data = Path(args.data) if args.data else out / "data"
-    if not (data / "annotations" / "captions_val2014.json").is_file():
-        print(f"[1/6] writing the synthetic shapes dataset to {data}")
-        make_shapes_dataset(data, n_train=args.train_images, n_val=args.val_images, seed=0)
-    else:
-        print(f"[1/6] using the dataset already in {data}")
-    cfg = resolve_run_config(out, None, list(args.overrides) + list(args.extra_overrides),
-                             base=preset_config("demo"), resume=True)
-    train_split = load_split(data, cfg.data.train_split, cfg.data)
-    plot_data_samples(data_samples(train_split, 4), out / DATA_SAMPLES_PNG,
-                      title=f"4 random image-caption pairs of the training split ({train_split.name})")
-    print(f"[2/6] training {cfg.model.backbone} against frozen {cfg.text.encoder} for {cfg.train.epochs} epochs")
-    train(cfg, data, out, resume=True, progress=not args.quiet)
-    print("[3/6] evaluating best.pt on the validation split")
-    emb, _ = checkpoint_embeddings(out / "best.pt", data, cfg.data.val_split, progress=not args.quiet)
-    m = evaluate_checkpoint(out / "best.pt", data, split=cfg.data.val_split, embeddings=emb)
-    print(m["protocol"])
-    print(format_recall_table(m))
-    print("[4/6] zero-shot classification of the validation images (colour + shape of the largest object)")
-    if (data / "annotations" / f"shapes_labels_{cfg.data.val_split}2014.json").is_file():
-        z = zeroshot_dataset(out / "best.pt", data, split=cfg.data.val_split, labels_from="shapes", embeddings=emb)
-        print(f"top-1 {z['top1']:.1f}%, top-5 {z['top5']:.1f}% over {len(z['classes'])} classes "
-              f"(chance {z['chance_top1']:.1f}%), {z['num_images']} images")
-    else:
-        print(f"skipped: {data} has no shapes labels")
-    print("[5/6] retrieval pictures")
-    write_pictures(emb, out)
-    print(f"[6/6] wrote {write_report(out)}")
+    """The embedded end-to-end demo (see clipft.demo); the library prints its six steps."""
+    from .demo import run_demo
+    run_demo(args.out, args.data, train_images=args.train_images, val_images=args.val_images,
+             overrides=list(args.overrides) + list(args.extra_overrides), progress=not args.quiet)
     return 0
 
 
@@ -402,7 +338,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="clipft", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
+    # Three groups, in the order `clipft --help` lists the commands.
+    _add_data_and_train_commands(sub)
+    _add_checkpoint_commands(sub)
+    _add_tool_commands(sub)
+    return p
 
+
+def _add_data_and_train_commands(sub) -> None:
+    """make-data, cache-text, validate, prepare-images, train."""
     s = sub.add_parser("make-data", help="write a synthetic dataset in COCO 2014 layout")
     s.add_argument("kind", choices=["shapes"])
     s.add_argument("--out", required=True)
@@ -416,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", required=True)
     s.add_argument("--split", nargs="+", default=["train", "val"])
     s.add_argument("--text-encoder", help="HF name or local dir (default: text.encoder of the config)")
-    s.add_argument("--device", default="auto")
+    _add_device(s)
     _add_val_data(s)
     _add_config_args(s)
     s.set_defaults(func=cmd_cache_text)
@@ -429,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  "beside a data file)")
     s.add_argument("--text-encoder", help="tokenizer for the token-length check (default: text.encoder)")
     s.add_argument("--no-tokens", action="store_true", help="skip the token-length check (no text encoder load)")
-    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_quiet(s, "no progress bar")
     _add_config_args(s)
     s.set_defaults(func=cmd_validate)
 
@@ -440,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--size", type=int, default=None,
                    help="stored square side, short side resized, centre kept (default: data.prepared_size, 256)")
     s.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
-    s.add_argument("--quiet", action="store_true")
+    _add_quiet(s)
     _add_config_args(s)
     s.set_defaults(func=cmd_prepare_images)
 
@@ -450,10 +394,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="run directory")
     s.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                    help="continue from OUT/last.pt if present (default); --no-resume starts over")
-    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_quiet(s, "no progress bars")
     _add_config_args(s)
     s.set_defaults(func=cmd_train)
 
+
+def _add_checkpoint_commands(sub) -> None:
+    """evaluate, zeroshot, visualize: what is done with a trained checkpoint."""
     s = sub.add_parser("evaluate", help="Recall@K of a checkpoint under a protocol (val, val-full, karpathy-test)")
     s.add_argument("--checkpoint", required=True)
     s.add_argument("--data", required=True, help="dataset root or file (for Karpathy: the folder with train2014/ and val2014/)")
@@ -466,10 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--save-embeddings", nargs="?", const="auto", metavar="PATH",
                    help="write the split's embeddings as safetensors (default PATH: "
                         "embeddings_<split>.safetensors beside the checkpoint)")
-    s.add_argument("--device", default="auto")
-    s.add_argument("--quiet", action="store_true")
-    s.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override the checkpoint's saved config")
+    _add_device(s)
+    _add_quiet(s)
+    _add_overrides(s, "override the checkpoint's saved config")
     s.set_defaults(func=cmd_evaluate)
 
     s = sub.add_parser("zeroshot", help="zero-shot classification with class-name prompts")
@@ -490,9 +436,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", metavar="DIR", help="with --data: output folder (default: the checkpoint's folder)")
     s.add_argument("--examples", type=int, default=6, help="images in the examples picture (default 6)")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--device", default="auto")
-    s.add_argument("--quiet", action="store_true")
-    s.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    _add_device(s)
+    _add_quiet(s)
+    _add_overrides(s)
     s.set_defaults(func=cmd_zeroshot)
 
     s = sub.add_parser("visualize", help="retrieval / zero-shot / heatmap / training-curve pictures (PNG)")
@@ -512,11 +458,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--embeddings", metavar="FILE", help="reuse a file written by evaluate --save-embeddings")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", help="PNG path (for all and zero-shot: a folder); default: the checkpoint's folder")
-    s.add_argument("--device", default="auto")
-    s.add_argument("--quiet", action="store_true")
-    s.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    _add_device(s)
+    _add_quiet(s)
+    _add_overrides(s)
     s.set_defaults(func=cmd_visualize)
 
+
+def _add_tool_commands(sub) -> None:
+    """inspect-data, report, download, ablate, demo."""
     s = sub.add_parser("inspect-data", help="picture of random image-caption pairs (integrity check)")
     s.add_argument("--data", required=True)
     s.add_argument("--split", default="train")
@@ -544,7 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "annotations/annotations_trainval2014.zip, caption_datasets.zip (default: the official hosts)")
     s.add_argument("--keep-archives", action="store_true", help="keep the zips in OUT/downloads/ after extracting")
     s.add_argument("--retries", type=int, default=3, help="resume a lost connection this many times (default 3)")
-    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_quiet(s, "no progress bars")
     s.set_defaults(func=cmd_download)
 
     s = sub.add_parser("ablate", help="ablation study: modifications vs the baseline, same data/seeds/budget")
@@ -559,9 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="config every configuration starts from (default: the demo preset)")
     s.add_argument("--quick", action="store_true", help="small budget smoke study (baseline + two modifications)")
     s.add_argument("--list", action="store_true", help="list the configurations and exit")
-    s.add_argument("--quiet", action="store_true", help="no progress bars")
-    s.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override the base config for every run (repeatable)")
+    _add_quiet(s, "no progress bars")
+    _add_overrides(s, "override the base config for every run (repeatable)")
     s.set_defaults(func=cmd_ablate)
 
     s = sub.add_parser("demo", help="embedded end-to-end demo on synthetic data, CPU, offline")
@@ -569,10 +517,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", help="dataset dir (default: OUT/data, generated if absent)")
     s.add_argument("--train-images", type=int, default=PRESETS["demo"]["data"]["train_images"])
     s.add_argument("--val-images", type=int, default=PRESETS["demo"]["data"]["val_images"])
-    s.add_argument("--quiet", action="store_true")
-    s.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    _add_quiet(s)
+    _add_overrides(s)
     s.set_defaults(func=cmd_demo)
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -129,3 +129,60 @@ def write_pictures(emb: SplitEmbeddings, out_dir: str | Path, n: int = 4, seed: 
         "image_to_text": plot_image_to_text(image_to_text_results(emb, n=n, seed=seed), out_dir / IMAGE_TO_TEXT_PNG),
         "heatmap": plot_similarity_heatmap(sim, labels, owner, out_dir / HEATMAP_PNG),
     }
+
+
+KINDS = ("text-to-image", "image-to-text", "heatmap", "zero-shot", "all")  # `clipft visualize` kinds with a checkpoint
+
+
+def _picture_path(out: str | Path | None, kind: str, default: Path) -> Path:
+    """`out` is a file for one picture, a directory for `all` (and for zero-shot's two files)."""
+    if not out:
+        return default
+    out = Path(out)
+    return out / default.name if kind in ("all", "zero-shot") else out
+
+
+def write_visualization(kind: str, checkpoint: str | Path, data_root: str | Path, split: str = "val",
+                        cfg=None, device: str = "auto", karpathy: str | Path | None = None,
+                        embeddings_file: str | Path | None = None, queries: Sequence[str] | None = None,
+                        n: int = 4, seed: int = 0, heatmap_images: int = 10, labels: Sequence[str] | None = None,
+                        labels_from: str | None = None, templates: Sequence[str] | None = None,
+                        out: str | Path | None = None, progress: bool = False) -> tuple[list[Path], list[str]]:
+    """The pictures of `kind` (see KINDS) for a checkpoint on a split: (files written, notes for the user).
+
+    The split is embedded once (or read from `embeddings_file`, a `--save-embeddings` file); pictures
+    go beside the checkpoint unless `out` says otherwise (see `_picture_path`). `cfg` defaults to the
+    checkpoint's config. "all" skips the zero-shot picture (with a note) when nothing labels the split.
+    """
+    from .evaluate import checkpoint_embeddings, split_embeddings_from_file
+    from .visualize import plot_image_to_text, plot_similarity_heatmap, plot_text_to_image
+    if embeddings_file:
+        emb, cfg = split_embeddings_from_file(embeddings_file, checkpoint, data_root, split, cfg, karpathy)
+    else:
+        emb, cfg = checkpoint_embeddings(checkpoint, data_root, split, cfg, device, karpathy, progress=progress)
+    out_dir = Path(checkpoint).parent
+    written: list[Path] = []
+    notes: list[str] = []
+    if kind in ("text-to-image", "all"):
+        from .runtime import resolve_device
+        dev = resolve_device(device if device != "auto" else cfg.train.device)
+        q_emb = embed_queries(cfg, queries, dev) if queries else None
+        rows = text_to_image_results(emb, queries, q_emb, n=n, seed=seed)
+        written.append(plot_text_to_image(rows, _picture_path(out, kind, out_dir / TEXT_TO_IMAGE_PNG)))
+    if kind in ("image-to-text", "all"):
+        written.append(plot_image_to_text(image_to_text_results(emb, n=n, seed=seed),
+                                          _picture_path(out, kind, out_dir / IMAGE_TO_TEXT_PNG)))
+    if kind in ("heatmap", "all"):
+        sim, labels_, owner = heatmap_data(emb, heatmap_images, seed)
+        written.append(plot_similarity_heatmap(sim, labels_, owner, _picture_path(out, kind, out_dir / HEATMAP_PNG)))
+    ds_split = cfg.data.val_split if split in ("val", "val-full") else split
+    shapes_labels = Path(data_root) / "annotations" / f"shapes_labels_{ds_split}2014.json"
+    if kind == "all" and not labels_from and not shapes_labels.is_file():
+        notes.append("zero-shot picture skipped: no --labels-from and the dataset has no shapes labels")
+    elif kind in ("zero-shot", "all"):
+        from .zeroshot import zeroshot_dataset
+        r = zeroshot_dataset(checkpoint, data_root, labels_from=labels_from or "shapes", labels=labels,
+                             templates=templates, cfg=cfg, device=device, embeddings=emb,
+                             out_dir=_picture_path(out, kind, out_dir / "x").parent, n_examples=2 * n, seed=seed)
+        written += [Path(r["examples_png"]), Path(r["confusion_png"])]
+    return written, notes

@@ -18,7 +18,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import Config, from_dict, load_config
+from .config import Config, ConfigError, from_dict, load_config
 
 
 @dataclass
@@ -83,3 +83,16 @@ def write_epochs_csv(path: Path, records: list[dict]) -> None:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         w.writerows(rows)
+
+
+def plot_run_curves(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """loss_curves.png of a run directory (or `out`) from its epoch records; ConfigError when the
+    directory has no metrics.jsonl or no completed epoch yet."""
+    from .visualize import plot_training_curves  # matplotlib import only when plotting
+    run = RunFiles(Path(run_dir))
+    if not run.metrics.is_file():
+        raise ConfigError(f"{run.metrics}: not found (is {run_dir} a run directory?)")
+    path = plot_training_curves(read_records(run.metrics, "epoch"), out or run.curves)
+    if path is None:
+        raise ConfigError(f"{run.metrics}: no completed epoch logged yet")
+    return path

@@ -44,7 +44,7 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Iterator
+from typing import Callable, Iterator
 
 from tqdm.auto import tqdm
 
@@ -461,11 +461,12 @@ def _zip_payload(zip_path: Path) -> int | None:
 def download_coco(root: str | Path, splits=SPLITS, karpathy: bool = False, mirror: str | None = None, *,
                   keep_archives: bool = False, retries: int = 3, retry_wait: float = 2.0,
                   progress: bool = True, archives: dict[str, Archive] | None = None,
-                  timeout=TIMEOUT) -> list[dict]:
+                  timeout=TIMEOUT, disk_free: Callable[[Path], int] | None = None) -> list[dict]:
     """Fetch and extract the COCO 2014 archives for `splits` (train / val / annotations) and, with
     `karpathy`, Karpathy's dataset_coco.json, into ROOT. Safe to rerun: what is done is skipped,
     what was interrupted is resumed. `mirror`: base URL serving the same relative paths
-    (Archive.mirror_path). `archives` replaces the table (tests: small zips, no recorded sizes).
+    (Archive.mirror_path). `archives` replaces the table (tests: small zips, no recorded sizes);
+    `disk_free(root)` the free-space probe of the up-front space check (default: shutil.disk_usage).
     Returns one record per archive: {"archive", "status", "targets"}, status in
     "downloaded" | "present" | "existing" (already in ROOT, not written by clipft download).
     """
@@ -530,7 +531,7 @@ def download_coco(root: str | Path, splits=SPLITS, karpathy: bool = False, mirro
             used += fetch_bytes
             peak = max(peak, used + extract_bytes)
             used += extract_bytes - (0 if keep_archives else (total or 0))
-        free = shutil.disk_usage(root).free
+        free = disk_free(root) if disk_free else shutil.disk_usage(root).free
         if peak > free:
             raise DiskSpaceError(f"{root}: not enough free space: this run needs about {_gb(peak)} at its peak "
                                  f"(archives + extracted files), {_gb(free)} free")

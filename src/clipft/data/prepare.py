@@ -26,7 +26,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -66,10 +66,13 @@ def _work(args: tuple) -> tuple[int, list[tuple[int, str | None]]]:
 
 
 def prepare_images(split: CaptionedImages, out_dir: str | Path, size: int = 256, workers: int | None = None,
-                   progress: bool = True) -> dict:
+                   progress: bool = True, chunk: int = CHUNK, work: Callable[[tuple], tuple] = _work) -> dict:
     """Decode+resize every image of `split` into `out_dir` (see module doc). Resumable: rerunning
     continues with the chunks not yet done; a finished cache for the same paths is left as is.
-    Returns {"images", "bad", "seconds", "path"}; unreadable images are zero rows marked not ok."""
+    Returns {"images", "bad", "seconds", "path"}; unreadable images are zero rows marked not ok.
+
+    chunk: images per work unit (the resume granularity); work: decodes one unit (`_work`; it must be
+    picklable when workers > 1). Both are seams for tests: a resume needs the chunk size it started with."""
     t0 = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -91,11 +94,11 @@ def prepare_images(split: CaptionedImages, out_dir: str | Path, size: int = 256,
     if not array_f.is_file() or array_f.stat().st_size != nbytes:
         with open(array_f, "wb") as f:  # sparse file of the final size; chunks fill it in
             f.truncate(nbytes)
-    n_chunks = math.ceil(n / CHUNK)
+    n_chunks = math.ceil(n / chunk)
     todo = [c for c in range(n_chunks) if c not in set(state["done"])]
-    jobs = [(c, c * CHUNK, paths[c * CHUNK:(c + 1) * CHUNK], str(array_f), n, size) for c in todo]
+    jobs = [(c, c * chunk, paths[c * chunk:(c + 1) * chunk], str(array_f), n, size) for c in todo]
     workers = workers or max(1, (os.cpu_count() or 1))
-    bar = tqdm(total=n, initial=(n_chunks - len(todo)) * CHUNK if todo else n, desc=f"prepare {split.name}",
+    bar = tqdm(total=n, initial=(n_chunks - len(todo)) * chunk if todo else n, desc=f"prepare {split.name}",
                unit="img", disable=None if progress else True)
 
     def finish(chunk_id: int, bad: list) -> None:
@@ -104,14 +107,14 @@ def prepare_images(split: CaptionedImages, out_dir: str | Path, size: int = 256,
         tmp = done_f.with_suffix(".tmp")
         tmp.write_text(json.dumps(state))
         os.replace(tmp, done_f)  # progress survives a kill: finished chunks are never redone
-        bar.update(min(CHUNK, n - chunk_id * CHUNK))
+        bar.update(min(chunk, n - chunk_id * chunk))
 
     if workers == 1:
         for job in jobs:
-            finish(*_work(job))
+            finish(*work(job))
     else:
         with ProcessPoolExecutor(workers) as pool:
-            for chunk_id, bad in pool.map(_work, jobs):
+            for chunk_id, bad in pool.map(work, jobs):
                 finish(chunk_id, bad)
     bar.close()
     bad_rows = {int(r) for r in state["bad"]}

@@ -1,0 +1,63 @@
+"""The embedded end-to-end demo (`clipft demo`, `make demo`): shapes data -> MiniLM text cache ->
+train -> evaluate -> zero-shot -> pictures -> report, on CPU and offline.
+
+Like `ablate`, this module drives training; `say` receives the progress lines the command prints.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+from .config import PRESETS, preset_config
+
+DEMO_TRAIN_IMAGES = PRESETS["demo"]["data"]["train_images"]
+DEMO_VAL_IMAGES = PRESETS["demo"]["data"]["val_images"]
+
+
+def run_demo(out: str | Path, data: str | Path | None = None, train_images: int = DEMO_TRAIN_IMAGES,
+             val_images: int = DEMO_VAL_IMAGES, overrides: Sequence[str] = (), progress: bool = True,
+             say: Callable[[str], None] = print) -> dict:
+    """Run the six demo steps into `out` (the dataset in OUT/data unless `data` is given; generated when
+    absent). A rerun resumes the run already there. Returns {"metrics", "zero_shot" (or None), "report"}."""
+    from .data import load_split
+    from .data.shapes import make_shapes_dataset
+    from .evaluate import checkpoint_embeddings, evaluate_checkpoint, format_recall_table
+    from .pictures import DATA_SAMPLES_PNG, data_samples, write_pictures
+    from .report import write_report
+    from .runfiles import resolve_run_config
+    from .train import train
+    from .visualize import plot_data_samples
+    from .zeroshot import zeroshot_dataset
+
+    out = Path(out)
+    data = Path(data) if data else out / "data"
+    if not (data / "annotations" / "captions_val2014.json").is_file():
+        say(f"[1/6] writing the synthetic shapes dataset to {data}")
+        make_shapes_dataset(data, n_train=train_images, n_val=val_images, seed=0)
+    else:
+        say(f"[1/6] using the dataset already in {data}")
+    cfg = resolve_run_config(out, None, list(overrides), base=preset_config("demo"), resume=True)
+    train_split = load_split(data, cfg.data.train_split, cfg.data)
+    plot_data_samples(data_samples(train_split, 4), out / DATA_SAMPLES_PNG,
+                      title=f"4 random image-caption pairs of the training split ({train_split.name})")
+    say(f"[2/6] training {cfg.model.backbone} against frozen {cfg.text.encoder} for {cfg.train.epochs} epochs")
+    train(cfg, data, out, resume=True, progress=progress)
+    say("[3/6] evaluating best.pt on the validation split")
+    emb, _ = checkpoint_embeddings(out / "best.pt", data, cfg.data.val_split, progress=progress)
+    m = evaluate_checkpoint(out / "best.pt", data, split=cfg.data.val_split, embeddings=emb)
+    say(m["protocol"])
+    say(format_recall_table(m))
+    say("[4/6] zero-shot classification of the validation images (colour + shape of the largest object)")
+    z = None
+    if (data / "annotations" / f"shapes_labels_{cfg.data.val_split}2014.json").is_file():
+        z = zeroshot_dataset(out / "best.pt", data, split=cfg.data.val_split, labels_from="shapes", embeddings=emb)
+        say(f"top-1 {z['top1']:.1f}%, top-5 {z['top5']:.1f}% over {len(z['classes'])} classes "
+            f"(chance {z['chance_top1']:.1f}%), {z['num_images']} images")
+    else:
+        say(f"skipped: {data} has no shapes labels")
+    say("[5/6] retrieval pictures")
+    write_pictures(emb, out)
+    report = write_report(out)
+    say(f"[6/6] wrote {report}")
+    return {"metrics": m, "zero_shot": z, "report": report}
