@@ -294,13 +294,21 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 
 def _download_kaggle(args: argparse.Namespace) -> int:
-    """download ... --source kaggle; the official Flickr images need a form, so only Kaggle for those."""
-    from .data.download import DownloadError, next_steps
+    """download ... --source kaggle (and Flickr's Karpathy file); the official Flickr images need a form."""
+    from .data.download import COCO_ARCHIVES, DownloadError, download_coco, karpathy_archive, next_steps
     from .data.kaggle import download_kaggle, official_flickr_message
-    if args.source != "kaggle":
+    if args.source != "kaggle" and not args.karpathy:
         raise DownloadError(official_flickr_message(args.dataset, args.out))
-    r = download_kaggle(args.dataset, args.out)
-    print(f"{r['handle']}: {r['source']} -> {len(r['linked'])} new link(s) in {r['root']}")
+    if args.source == "kaggle":
+        r = download_kaggle(args.dataset, args.out)
+        print(f"{r['handle']}: {r['source']} -> {len(r['linked'])} new link(s) in {r['root']}")
+    if args.karpathy:  # Karpathy's split file from caption_datasets.zip: the published train/val/test
+        split_file = "dataset_coco.json" if args.dataset == "coco" else f"dataset_{args.dataset}.json"
+        download_coco(args.out, splits=(), karpathy=True, mirror=args.mirror, retries=args.retries,
+                      progress=not args.quiet, archives={**COCO_ARCHIVES, "karpathy": karpathy_archive(split_file)})
+        print(f"Karpathy split file: {Path(args.out) / split_file}")
+    if args.source != "kaggle":
+        print(official_flickr_message(args.dataset, args.out))
     print("\n".join(next_steps(args.out)) if args.dataset == "coco" else
           f"next:\n  clipft validate --data {args.out}\n  clipft train --data {args.out} --out runs/{args.dataset}")
     return 0
@@ -488,7 +496,8 @@ def _add_tool_commands(sub) -> None:
     s.add_argument("--out", required=True, help="dataset root (gets train2014/, val2014/, annotations/)")
     s.add_argument("--splits", nargs="*", choices=["train", "val", "annotations"],
                    default=["train", "val", "annotations"], help="archives to fetch (default: all three)")
-    s.add_argument("--karpathy", action="store_true", help="also fetch Karpathy's split file -> OUT/dataset_coco.json")
+    s.add_argument("--karpathy", action="store_true", help="also fetch Karpathy's split file -> OUT/dataset_coco.json "
+                   "(flickr8k / flickr30k: OUT/dataset_flickr8k.json / dataset_flickr30k.json)")
     s.add_argument("--mirror", metavar="URL", help="base URL serving zips/train2014.zip, zips/val2014.zip, "
                    "annotations/annotations_trainval2014.zip, caption_datasets.zip (default: the official hosts)")
     s.add_argument("--keep-archives", action="store_true", help="keep the zips in OUT/downloads/ after extracting")
