@@ -164,10 +164,11 @@ def caption_entries(layout: FlickrLayout) -> list[Entry]:
             else:
                 parsed.append((row[0].strip(), row[2], f"{path}:{i}", None))
     on_disk = set(os.listdir(layout.images))
-    entries = []
+    entries, warned = [], 0
     for name, caption, where, problem in parsed:
-        if problem is not None and sum(e.reason == problem for e in entries) < MAX_EXAMPLES:
+        if problem is not None and warned < MAX_EXAMPLES:  # one line per bad row, the first few
             log.warning("%s: %s; row skipped", where, caption)
+            warned += 1
         if problem is None and name not in on_disk:
             entries.append(Entry(None, caption, f"{where} ({name})", reason="image_not_found"))
         else:
