@@ -321,10 +321,12 @@ def test_diverged_run_is_recorded_and_the_study_goes_on(coco_root, tiny_study, t
     base.write_text(yaml.safe_dump(base_cfg))
     study = ablate.run_study(out, data_root=coco_root, names=["batchnorm"], base_config=str(base),
                              train_fn=diverge_batchnorm)
-    assert [r["status"] for r in study["runs"]] == ["ok", "failed"]
+    assert [r["status"] for r in study["runs"]] == ["ok", "diverged"]
     assert "diverged" in (out / "runs" / "batchnorm" / "seed_0" / ablate.FAILED_MARK).read_text()
     md = (out / "ablation.md").read_text()
-    assert "Failed runs" in md and "`batchnorm` (seed 0 failed)" in md
+    assert "Failed runs" in md and "`batchnorm` (seed 0 diverged)" in md
+    row = next(r for r in study["rows"] if r["config"] == "batchnorm")
+    assert row["mean_recall"] is None and row["runs_ok"] == 0  # never ranked
     again = ablate.run_study(out, data_root=coco_root, names=["batchnorm"], base_config=str(base),
                              train_fn=lambda *a, **k: pytest.fail("nothing should rerun"))
-    assert [r["status"] for r in again["runs"]] == ["ok", "failed"]
+    assert [r["status"] for r in again["runs"]] == ["ok", "diverged"]

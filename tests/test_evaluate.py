@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from clipft.evaluate import DIRECTIONS, format_recall_table, mean_recall, retrieval_ranks, retrieval_recall
+from clipft.evaluate import (DIRECTIONS, EvaluationError, evaluate_split, format_recall_table, mean_recall,
+                             retrieval_ranks, retrieval_recall)
 
 
 def naive_recall(image_emb, text_emb, text_to_image, ks=(1, 5, 10)):
@@ -57,7 +58,7 @@ def test_any_caption_counts_for_image_query():
     # The image's second caption is its best: image->text must count it (COCO protocol), where a
     # 1:1 "diagonal" implementation would only look at the first caption.
     img = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-    txt = torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])  # img0 owns c0 (bad) and c1 (good)
+    txt = torch.tensor([[-1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])  # img0 owns c0 (bad) and c1 (good)
     r = retrieval_recall(img, txt, torch.tensor([0, 0, 1]), ks=(1,))
     assert r["image_to_text"]["R@1"] == 100.0
 
@@ -103,6 +104,88 @@ def test_bad_shapes_rejected():
         retrieval_recall(torch.zeros(3, 4), torch.zeros(5, 3), torch.zeros(5, dtype=torch.long))
     with pytest.raises(ValueError):
         retrieval_recall(torch.zeros(3, 4), torch.zeros(5, 4), torch.tensor([0, 1, 2, 3, 4]))
+
+
+def pessimistic_ranks(image_emb, text_emb, text_to_image):
+    """Reference for ties: rank = number of negatives scoring >= the best positive (full matrix, float64)."""
+    s = image_emb.double() @ text_emb.double().T
+    n, m = s.shape
+    image_rank, text_rank = [], []
+    for i in range(n):
+        own = [j for j in range(m) if int(text_to_image[j]) == i]
+        if own:
+            best = max(float(s[i, j]) for j in own)
+            image_rank.append(sum(1 for j in range(m) if j not in own and float(s[i, j]) >= best))
+    for j in range(m):
+        p = int(text_to_image[j])
+        text_rank.append(sum(1 for i in range(n) if i != p and float(s[i, j]) >= float(s[p, j])))
+    return image_rank, text_rank
+
+
+def test_ties_count_against_the_query():
+    # c0 belongs to img0, but img1 is identical to img0: the tie ranks img1 ahead (rank 1, no R@1 hit).
+    img = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    txt = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    image_rank, text_rank = retrieval_ranks(img, txt, torch.tensor([0, 2]))
+    assert text_rank.tolist() == [1, 0]
+    # Identical captions of two images: each image query sees the other's copy tied with its own.
+    txt2 = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    image_rank, _ = retrieval_ranks(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), txt2, torch.tensor([0, 1]))
+    assert image_rank.tolist() == [1, 1]
+    r = retrieval_recall(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), txt2, torch.tensor([0, 1]), ks=(1,))
+    assert r["image_to_text"]["R@1"] == 0.0
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 7])
+def test_constant_tower_is_never_better_than_chance(chunk):
+    # A collapsed tower: the same embedding for all 50 images (5 captions each). Strict `>` gave
+    # text->image R@1 ~68% depending on the last bit of the scores; pessimistic ties give <= chance.
+    g = torch.Generator().manual_seed(0)
+    n, per, d = 50, 5, 32
+    img = torch.nn.functional.normalize(torch.randn(1, d, generator=g), dim=-1).repeat(n, 1)
+    t2i = torch.arange(n).repeat_interleave(per)
+    txt = torch.nn.functional.normalize(torch.randn(n * per, d, generator=g), dim=-1)
+    ks = (1, 5, 10)
+    r = retrieval_recall(img, txt, t2i, ks=ks, chunk_size=chunk)
+    for k in ks:
+        chance = 100.0 * k / n
+        assert r["text_to_image"][f"R@{k}"] <= chance
+        # image->text: every image scores the captions alike, so its own captions land at random.
+        assert r["image_to_text"][f"R@{k}"] <= 100.0 * (1 - (1 - per / (n * per)) ** (k * per)) + 15
+    assert r["text_to_image"]["R@1"] == 0.0
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_ties_match_pessimistic_reference(seed):
+    # Quantised embeddings make many exact ties; ranks must match the >= reference exactly.
+    g = torch.Generator().manual_seed(seed)
+    n, per, d = 9, 3, 4
+    img = torch.randint(-1, 2, (n, d), generator=g).float()
+    t2i = torch.arange(n).repeat_interleave(per)
+    txt = torch.randint(-1, 2, (n * per, d), generator=g).float()
+    want_i, want_t = pessimistic_ranks(img, txt, t2i)
+    for chunk in (None, 2):
+        got_i, got_t = retrieval_ranks(img, txt, t2i, chunk_size=chunk)
+        assert got_i.tolist() == want_i and got_t.tolist() == want_t
+
+
+@pytest.mark.parametrize("where,value", [("image", float("nan")), ("text", float("nan")),
+                                         ("image", float("inf")), ("text", float("-inf"))])
+def test_non_finite_embeddings_are_refused(where, value):
+    img, txt = torch.eye(4), torch.eye(4)
+    (img if where == "image" else txt)[1, 2] = value
+    with pytest.raises(EvaluationError, match=f"1 of 4 {where} embeddings"):
+        retrieval_recall(img, txt, torch.arange(4))
+
+
+def test_nan_tower_does_not_score_perfect_recall_in_evaluate_split():
+    from clipft.data import CaptionedImages, ImageRecord
+    from pathlib import Path
+    split = CaptionedImages(images=[ImageRecord(image_id=i, path=Path(f"{i}.jpg"), captions=[f"c{i}"],
+                                                caption_ids=[i]) for i in range(3)], name="coco:x:val")
+    img = torch.full((3, 4), float("nan"))
+    with pytest.raises(EvaluationError, match="split 'coco:x:val': 3 of 3 image embeddings"):
+        evaluate_split(img, torch.arange(3), split, torch.eye(3, 4), logit_scale=10.0)
 
 
 def test_mean_recall_k():

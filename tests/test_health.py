@@ -39,6 +39,10 @@ def test_chance_warning():
     assert chance_warning(chance * 0.97, chance, step=200, warmup_steps=200) is None
     assert chance_warning(chance, chance, step=199, warmup_steps=200) is None  # still warming up
     assert "within 2% of chance" in chance_warning(chance, chance, step=5, warmup_steps=0)
+    # Far above chance is diverging, not "within 2% of chance" (2.66 x ln 8 was once called that).
+    above = chance_warning(5.524, math.log(8), step=500, warmup_steps=200)
+    assert "above chance" in above and "diverging" in above and "within" not in above
+    assert "above" not in chance_warning(chance, chance, step=5, warmup_steps=0)
 
 
 def test_collapse_and_logit_scale_warnings():

@@ -303,3 +303,52 @@ def test_save_text_cache_is_atomic_on_failure(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         save_text_cache(path, torch.randn(5, 4), "e" * 64, {"encoder": "e"})
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["t.safetensors"]
+
+
+# --------------------------------------------------------------------------- trust: caches and weights
+
+
+def test_cache_of_another_precision_is_rebuilt_with_a_reason(enc, tmp_path, caplog):
+    """A cache encoded under bf16 autocast must not be reused by an fp32 run (or the other way round)."""
+    import dataclasses
+
+    class Bf16Encoder(type(enc)):
+        @property
+        def amp_dtype(self):
+            return torch.bfloat16
+    bf16 = Bf16Encoder(**{f.name: getattr(enc, f.name) for f in dataclasses.fields(enc)})
+    assert cache_fingerprint(enc.identity, CAPTIONS, "bfloat16") != cache_fingerprint(enc.identity, CAPTIONS)
+    cache = tmp_path / "c.safetensors"
+    _, first = get_text_embeddings(CAPTIONS, enc.name, cache, encoder=bf16)
+    with pytest.raises(TextEncoderError, match="encoded in bfloat16, this run encodes in float32"):
+        get_text_embeddings(CAPTIONS, enc.name, cache, encoder=enc, on_mismatch="error")
+    with caplog.at_level(logging.WARNING, logger="clipft.text"):
+        _, second = get_text_embeddings(CAPTIONS, enc.name, cache, encoder=enc)
+    assert second["built"] and second["fingerprint"] != first["fingerprint"] and "bfloat16" in caplog.text
+    _, third = get_text_embeddings(CAPTIONS, enc.name, cache, encoder=enc)
+    assert not third["built"]
+
+
+def test_cache_with_nan_rows_is_not_trusted(enc, tmp_path, caplog):
+    cache = tmp_path / "c.safetensors"
+    emb, info = get_text_embeddings(CAPTIONS, enc.name, cache, encoder=enc)
+    bad = emb.clone()
+    bad[2, 0] = float("nan")
+    save_text_cache(cache, bad, info["fingerprint"], {"encoder": enc.name, "caption_digest": caption_digest(CAPTIONS)})
+    with caplog.at_level(logging.WARNING, logger="clipft.text"):
+        assert load_text_cache(cache, info["fingerprint"]) is None
+    assert "1 of 6 embeddings are not finite" in caplog.text
+    fixed, again = get_text_embeddings(CAPTIONS, enc.name, cache, encoder=enc)
+    assert again["built"] and torch.isfinite(fixed).all()
+
+
+def test_text_tower_without_projection_is_refused(tmp_path):
+    """A plain CLIPTextModel directory would get a fresh random projection at every load."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+    d = tmp_path / "plain-clip-text"
+    save_random_clip_text_model(d)  # tokenizer files + a config
+    cfg = CLIPTextConfig.from_pretrained(str(d))
+    CLIPTextModel(cfg).save_pretrained(str(d))  # overwrite the weights: no text_projection
+    with pytest.raises(TextEncoderError, match=r"text_projection\.weight") as e:
+        load_text_encoder(str(d))
+    assert "randomly initialised" in str(e.value)

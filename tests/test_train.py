@@ -85,10 +85,16 @@ def _final_state(run):
     return torch.load(run / "last.pt", weights_only=False)["model"]
 
 
-def test_resume_continues_exactly(coco_root, tiny_clip_dir, tmp_path, monkeypatch):
+# Stochastic parts too: random crops and flips in 2 decoding workers, and head dropout.
+STOCHASTIC = ["--set", "data.augment=true", "--set", "model.head_dropout=0.2", "--set", "data.num_workers=2",
+              "--set", "data.prepared=false"]
+
+
+@pytest.mark.parametrize("extra", [(), STOCHASTIC], ids=["plain", "augment-dropout-workers"])
+def test_resume_continues_exactly(coco_root, tiny_clip_dir, tmp_path, monkeypatch, extra):
     # Uninterrupted 3 epochs.
     a = tmp_path / "a"
-    assert main(["train", "--data", str(coco_root), "--out", str(a), *small_args(tiny_clip_dir, 3)]) == 0
+    assert main(["train", "--data", str(coco_root), "--out", str(a), *small_args(tiny_clip_dir, 3, extra)]) == 0
     # Same run killed at the start of epoch 2 (after epoch 1's checkpoint), then rerun.
     b = tmp_path / "b"
     real = train_mod.make_train_loader
@@ -98,7 +104,7 @@ def test_resume_continues_exactly(coco_root, tiny_clip_dir, tmp_path, monkeypatc
             raise KeyboardInterrupt
         return real(ds, cfg, epoch, device)
     monkeypatch.setattr(train_mod, "make_train_loader", crash_at_epoch_2)
-    assert main(["train", "--data", str(coco_root), "--out", str(b), *small_args(tiny_clip_dir, 3)]) == 130
+    assert main(["train", "--data", str(coco_root), "--out", str(b), *small_args(tiny_clip_dir, 3, extra)]) == 130
     assert torch.load(b / "last.pt", weights_only=False)["epoch"] == 1
     monkeypatch.setattr(train_mod, "make_train_loader", real)
     # Rerun into the same directory with no overrides at all: config.json is the base.
@@ -354,3 +360,136 @@ def test_train_step_never_synchronises_cuda():
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert train_mod.step_values(out)["skipped"] == 0.0
+
+
+# --------------------------------------------------------------------------- trust: a broken step changes nothing
+
+@pytest.mark.parametrize("head_norm", ["none", "batchnorm"])
+def test_skipped_step_in_train_mode_leaves_buffers_and_parameters_unchanged(head_norm):
+    """A train-mode BatchNorm tower fed a batch holding inf: the forward pass moves the running
+    statistics before any guard can act; the skipped step must put every buffer back."""
+    from clipft.config import ModelConfig
+    from clipft.model import ImageTower
+    torch.manual_seed(0)
+    model = ImageTower(ModelConfig(backbone="resnet18", image_weights="none", head_hidden=16, head_norm=head_norm,
+                                   learnable_temperature=True), embed_dim=8).train()
+    opt, sched, scaler = _step_parts(model)
+    images, texts = _tiny_batch()
+    train_mod.train_step(model, [(images, texts)], opt, sched, scaler, None, 1.0)  # Adam state exists
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+    assert any("running_mean" in n for n in buffers)
+    bad = images.clone()
+    bad[2] = float("inf")
+    out = train_mod.step_values(train_mod.train_step(model, [(bad, texts)], opt, sched, scaler, None, 1.0))
+    assert out["skipped"] == 1.0
+    for n, b in model.named_buffers():
+        assert torch.equal(b, buffers[n]), n
+    for n, p in model.named_parameters():
+        assert torch.equal(p, params[n]), n
+    out = train_mod.step_values(train_mod.train_step(model, [(images, texts)], opt, sched, scaler, None, 1.0))
+    assert out["skipped"] == 0.0
+    assert any(not torch.equal(b, buffers[n]) for n, b in model.named_buffers())  # a good step still moves them
+
+
+def test_fixed_temperature_is_never_changed():
+    from clipft.config import ModelConfig
+    from clipft.model import ImageTower
+    model = ImageTower(ModelConfig(backbone="resnet18", image_weights="none", head_hidden=16, temperature=0.005,
+                                   learnable_temperature=False), embed_dim=8).train()
+    opt, sched, scaler = _step_parts(model)
+    images, texts = _tiny_batch()
+    for _ in range(2):
+        out = train_mod.step_values(train_mod.train_step(model, [(images, texts)], opt, sched, scaler, None, 1.0))
+        assert out["logit_scale"] == pytest.approx(200.0)
+    assert model.logit_scale.exp().item() == pytest.approx(200.0)
+
+
+@pytest.mark.parametrize("item,match", [("model.temperature=0", "model.temperature must be > 0"),
+                                        ("model.temperature=-0.1", "model.temperature must be > 0"),
+                                        ("model.max_logit_scale=0.5", "model.max_logit_scale must be in"),
+                                        ("train.lr=-1", "train.lr must be > 0"),
+                                        ("train.batch_size=0", "train.batch_size must be in"),
+                                        ("train.epochs=0", "train.epochs must be in"),
+                                        ("data.flip=sideways", "data.flip must be one of")])
+def test_out_of_range_values_are_refused_before_any_work(coco_root, tmp_path, capsys, item, match):
+    run = tmp_path / "refused"
+    assert main(["train", "--data", str(coco_root), "--out", str(run), "--set", item, "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and match in err[0]
+    assert not (run / "config.json").exists()
+
+
+def test_run_that_diverges_through_the_forward_pass_stops_without_perfect_recall(coco_root, tiny_clip_dir,
+                                                                                  tmp_path, capsys):
+    """An absurd learning rate, no patched loss: whatever breaks reaches the real forward pass. The run
+    must stop with a non-zero exit, never report 100% recall, and never keep non-finite weights."""
+    run = tmp_path / "diverge"
+    args = small_args(tiny_clip_dir, 4, ["--set", "train.lr=1e6", "--set", "train.warmup_steps=0",
+                                         "--set", "train.grad_clip=0", "--set", "model.head_norm=batchnorm",
+                                         "--set", "train.max_bad_steps=1000"])
+    code = main(["train", "--data", str(coco_root), "--out", str(run), *args])
+    err = capsys.readouterr().err
+    for rec in read_records(run / "metrics.jsonl", "epoch"):
+        for d in ("image_to_text", "text_to_image"):
+            assert all(v < 100.0 for v in rec.get("val", {}).get(d, {}).values()), rec
+        assert all(math.isfinite(v) for k, v in rec.items() if isinstance(v, float)), rec
+    for name in ("last.pt", "best.pt"):
+        if (run / name).exists():
+            state = torch.load(run / name, weights_only=False)["model"]
+            assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()), name
+    if code != 0:  # diverged: one line, and a warning in the log
+        assert code == 2 and "diverged" in err
+        assert any(w["kind"] == "diverged" for w in read_records(run / "metrics.jsonl", "warning"))
+
+
+def test_nan_in_the_forward_pass_is_diverged_not_best(coco_root, tiny_clip_dir, tmp_path, capsys, monkeypatch):
+    """Weights turned NaN after epoch 1 (the forward pass then makes NaN embeddings): epoch 2 is never
+    best, last.pt/best.pt keep epoch 1, the exit status is 2 with one line."""
+    run = tmp_path / "nanfwd"
+    real, calls = train_mod.train_step, {"n": 0}
+
+    def poison_after_epoch_1(model, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:  # epoch 2's first step (2 steps per epoch at this size)
+            with torch.no_grad():
+                for m in model.modules():
+                    if isinstance(m, torch.nn.BatchNorm2d):
+                        m.running_var.fill_(float("nan"))
+        return real(model, *a, **k)
+    monkeypatch.setattr(train_mod, "train_step", poison_after_epoch_1)
+    assert main(["train", "--data", str(coco_root), "--out", str(run), *small_args(tiny_clip_dir, 3)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "diverged in epoch 2" in err[0]
+    for name in ("last.pt", "best.pt"):
+        ckpt = torch.load(run / name, weights_only=False)
+        assert ckpt["epoch"] == 1 and ckpt["best_epoch"] == 1
+    assert [r["epoch"] for r in read_records(run / "metrics.jsonl", "epoch")] == [1]
+    assert any(w["kind"] == "diverged" for w in read_records(run / "metrics.jsonl", "warning"))
+
+
+def test_missing_image_weights_fail_before_captions_are_embedded(coco_root, tiny_clip_dir, tmp_path, capsys,
+                                                                monkeypatch):
+    """Offline with ImageNet weights that are not cached: the run must stop before the caption cache is
+    built (on COCO that is the expensive first step), with one line naming where to put the file."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # an empty hub cache
+    cache = tmp_path / "text-cache"
+    args = small_args(tiny_clip_dir, 1, ["--set", "model.image_weights=imagenet", "--set", f"text.cache_dir={cache}"])
+    assert main(["train", "--data", str(coco_root), "--out", str(tmp_path / "run"), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "ImageNet weights" in err[0] and "resnet18" in err[0]
+    assert not cache.exists() or not any(cache.rglob("*.safetensors"))
+
+
+def test_short_run_learns_well_above_chance_on_validation_images(coco_root, tiny_clip_dir, tmp_path):
+    """A learning test, not a plumbing test: after a short run, validation recall (images the model never
+    trained on) beats chance by a wide margin. 12 val images x 5 captions: chance R@5 is 5/12 = 42%."""
+    run = tmp_path / "learn"
+    args = small_args(tiny_clip_dir, 8, ["--set", "train.lr=3e-3", "--set", "train.warmup_steps=4",
+                                         "--set", "train.log_every=100"])
+    assert main(["train", "--data", str(coco_root), "--out", str(run), *args]) == 0
+    best = max(read_records(run / "metrics.jsonl", "epoch"), key=lambda r: r["mean_R@5"])
+    n = best["val"]["num_images"]
+    chance_r1 = 100.0 / n
+    r1 = (best["val"]["image_to_text"]["R@1"] + best["val"]["text_to_image"]["R@1"]) / 2
+    assert r1 >= 2.5 * chance_r1, best["val"]

@@ -32,7 +32,7 @@ import torch
 import yaml
 
 from . import train as trainer
-from .config import (PRESETS, Config, ConfigError, from_dict, load_config, preset_config, save_config,
+from .config import (PRESETS, Config, ConfigError, from_dict, load_config, preset_config, save_config, validate,
                      to_dict, update_from_dict)
 from .runfiles import RunFiles, read_records
 
@@ -165,22 +165,16 @@ class StudyRun:
 
 
 def validate_config(cfg: Config, where: str) -> None:
-    """Refuse values the run would only reject after data loading: model options (built on the
-    meta device, no memory, no download), flip mode, colour jitter, backbone lr ratio."""
-    from .data import FLIP_MODES
+    """Refuse values the run would only reject after data loading: every range and choice of the
+    schema (`config.validate`), then the model options (built on the meta device: no memory, no
+    download)."""
     from .model import ModelError, build_image_tower
     try:
+        validate(cfg, source=where)
         with torch.device("meta"):
             build_image_tower(from_dict({"model": {**to_dict(cfg)["model"], "image_weights": "none"}}).model, 8)
-    except ModelError as e:
-        raise AblationError(f"{where}: {e}") from None
-    if cfg.data.flip not in FLIP_MODES:
-        raise AblationError(f"{where}: data.flip must be one of {', '.join(FLIP_MODES)}, got {cfg.data.flip!r}")
-    for key, value in (("data.color_jitter", cfg.data.color_jitter),
-                       ("train.backbone_lr_ratio", cfg.train.backbone_lr_ratio),
-                       ("train.freeze_backbone_epochs", cfg.train.freeze_backbone_epochs)):
-        if value < 0:
-            raise AblationError(f"{where}: {key} must be >= 0, got {value}")
+    except (ConfigError, ModelError) as e:
+        raise AblationError(str(e) if isinstance(e, ConfigError) else f"{where}: {e}") from None
 
 
 def plan_study(base: Config, configs: dict[str, dict], seeds: Sequence[int], out_dir: str | Path) -> list[StudyRun]:
@@ -214,7 +208,7 @@ def config_differences(saved: dict[str, Any], wanted: Config) -> list[str]:
 
 
 def run_status(run: StudyRun) -> str:
-    """"new", "partial" (train resumes it), "complete" or "failed" (diverged before; delete the
+    """"new", "partial" (train resumes it), "complete" or "failed" (failed or diverged before; delete the
     directory to retry). A directory holding a run of another config is an AblationError: its
     results would be silently mixed into the comparison."""
     files = RunFiles(run.dir)
@@ -310,7 +304,8 @@ def run_result(run: StudyRun) -> dict:
     files = RunFiles(run.dir)
     out: dict[str, Any] = {"config": run.config, "seed": run.seed, "dir": str(run.dir)}
     if (run.dir / FAILED_MARK).is_file():
-        return {**out, "status": "failed", "error": (run.dir / FAILED_MARK).read_text().strip()}
+        error = (run.dir / FAILED_MARK).read_text().strip()
+        return {**out, "status": "diverged" if "diverged" in error else "failed", "error": error}
     epochs = read_records(files.metrics, "epoch")
     if not files.summary.is_file() or not epochs or "val" not in epochs[-1]:
         return {**out, "status": "missing"}
@@ -346,7 +341,9 @@ def summarise(results: list[dict], configs: dict[str, dict]) -> list[dict]:
     rows = []
     for name, overrides in configs.items():
         mine = [r for r in results if r["config"] == name]
-        good = [r for r in mine if r["status"] == "ok"]
+        # A configuration that diverged on any seed is never ranked: its other seeds' figures
+        # would make an unstable setting look as good as a stable one.
+        good = [] if any(r["status"] == "diverged" for r in mine) else [r for r in mine if r["status"] == "ok"]
         row: dict[str, Any] = {"config": name, "overrides": describe(overrides),
                                "seeds": " ".join(str(r["seed"]) for r in mine), "runs_ok": len(good),
                                "status": "ok" if len(good) == len(mine) else
@@ -479,9 +476,10 @@ def write_markdown(path: Path, study: dict) -> Path:
               "## Configurations", "", "| configuration | what it changes | overrides |", "|---|---|---|"]
     for name, c in study["configs"].items():
         lines.append(f"| `{name}` | {c['about']} | `{describe(c['overrides'])}` |")
-    failed = [r for r in study["runs"] if r["status"] == "failed"]
+    failed = [r for r in study["runs"] if r["status"] in ("failed", "diverged")]
     if failed:
-        lines += ["", "## Failed runs", ""] + [f"- `{r['config']}` seed {r['seed']}: {r['error']} "
+        lines += ["", "## Failed runs", "", "A configuration with a diverged seed is not ranked (no figures).", ""]
+        lines += [f"- `{r['config']}` seed {r['seed']} {r['status']}: {r['error']} "
                                               f"(delete `{r['dir']}` to retry)" for r in failed]
     lines.append("")
     path.write_text("\n".join(lines))

@@ -21,10 +21,12 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from .data import DataError
     from .distributed import DistributedError
     from .data.download import DownloadError
+    from .evaluate import EvaluationError
     from .model import ModelError
     from .text import TextEncoderError
     from .train import TrainingError
-    return (ConfigError, DataError, DistributedError, DownloadError, ModelError, TextEncoderError, TrainingError)
+    return (ConfigError, DataError, DistributedError, DownloadError, EvaluationError, ModelError, TextEncoderError,
+            TrainingError)
 
 
 # --------------------------------------------------------------------------- shared argument groups
@@ -77,7 +79,8 @@ def _split_extra(extra: list[str]) -> list[str]:
 
 def _add_split_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default="val",
-                   help="protocol: val (the configured subset, default), val-full (whole val2014), "
+                   help="protocol: val (the configured subset, default), val-full (whole val2014), val-heldout "
+                        "(validation images outside the subset that chose best.pt), "
                         "karpathy-test / karpathy-val / karpathy-test-1k (5 folds of 1,000; with --karpathy), "
                         "test (a Flickr folder's test split), or any split name")
     p.add_argument("--karpathy", metavar="JSON", help="Karpathy's dataset_coco.json (for --split karpathy-test)")

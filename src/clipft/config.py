@@ -126,6 +126,63 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
+# --------------------------------------------------------------------------- allowed values
+# Ranges and choices live here, beside the schema, and are checked whenever a config is built
+# (`load_config`, `from_dict`), before any work starts. (lo, hi) bounds are inclusive; None = open.
+# A key missing here takes any value of its type; some choices (data.format, model.backbone) are
+# checked by the module that owns the registry (data formats, model.BACKBONES), with its own list.
+_RANGES: dict[str, tuple[float | None, float | None]] = {
+    "data.val_fraction": (0.0, 0.9), "data.image_size": (16, 4096), "data.train_images": (0, None),
+    "data.val_images": (0, None), "data.subset_seed": (0, None), "data.prepared_size": (16, 4096),
+    "data.color_jitter": (0.0, 1.0), "data.num_workers": (0, 256),
+    "text.max_length": (1, 512), "text.batch_size": (1, 1 << 20),
+    "model.head_hidden": (1, 1 << 16), "model.head_layers": (1, 16), "model.head_dropout": (0.0, 0.99),
+    "model.trainable_stages": (-1, 5), "model.max_logit_scale": (1.0, 1e4),
+    "train.epochs": (1, 100000), "train.batch_size": (2, 1 << 20), "train.weight_decay": (0.0, 10.0),
+    "train.warmup_steps": (0, None), "train.backbone_lr_ratio": (0.0, 100.0),
+    "train.freeze_backbone_epochs": (0, None), "train.min_lr_ratio": (0.0, 1.0), "train.grad_clip": (0.0, None),
+    "train.seed": (0, None), "train.max_bad_steps": (1, None), "train.log_every": (1, None),
+    "train.max_steps_per_epoch": (0, None), "train.grad_accum_steps": (1, 4096),
+    "eval.batch_size": (1, 1 << 20), "eval.every": (1, None),
+}
+# Strictly positive (an open lower bound): 0 is as wrong as a negative value.
+_POSITIVE = ("train.lr", "model.temperature")
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "data.leak_check": ("error", "warn", "off"), "data.flip": ("plain", "swap", "off"),
+    "text.on_mismatch": ("rebuild", "error"), "model.image_weights": ("imagenet", "none"),
+    "model.head_norm": ("none", "batchnorm", "layernorm"), "model.pooling": ("avg", "attention"),
+}
+
+
+def _get(cfg: Config, dotted: str) -> Any:
+    section, key = dotted.split(".")
+    return getattr(getattr(cfg, section), key)
+
+
+def validate(cfg: Config, source: str = "config") -> Config:
+    """Check every value against its allowed range or choices; raise one ConfigError naming the key."""
+    problems = []
+    for key, (lo, hi) in _RANGES.items():
+        v = _get(cfg, key)
+        if not (v == v) or (lo is not None and v < lo) or (hi is not None and v > hi):  # v == v: NaN is refused
+            want = (f">= {lo:g}" if hi is None else f"<= {hi:g}" if lo is None else f"in [{lo:g}, {hi:g}]")
+            problems.append(f"{key} must be {want}, got {v!r}")
+    for key in _POSITIVE:
+        v = _get(cfg, key)
+        if not (v > 0 and v < float("inf")):
+            problems.append(f"{key} must be > 0, got {v!r}")
+    for key, choices in _CHOICES.items():
+        if _get(cfg, key) not in choices:
+            problems.append(f"{key} must be one of {', '.join(choices)}, got {_get(cfg, key)!r}")
+    if not cfg.eval.ks or any(k < 1 for k in cfg.eval.ks):
+        problems.append(f"eval.ks must be positive integers, got {list(cfg.eval.ks)!r}")
+    if len(cfg.data.mean) != 3 or len(cfg.data.std) != 3 or any(not s > 0 for s in cfg.data.std):
+        problems.append("data.mean and data.std must hold 3 values each, std > 0")
+    if problems:
+        raise ConfigError(f"{source}: " + "; ".join(problems))
+    return cfg
+
+
 # --------------------------------------------------------------------------- conversion
 
 _TRUE = {"true", "1", "yes", "on"}
@@ -245,7 +302,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML ({e.__class__.__name__})") from None
         update_from_dict(cfg, data, source=str(path))
-    return apply_overrides(cfg, overrides or [])
+    apply_overrides(cfg, overrides or [])
+    return validate(cfg, source=str(path) if path is not None and not overrides else "config")
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
@@ -255,7 +313,7 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 
 def from_dict(data: dict[str, Any]) -> Config:
     """Inverse of `to_dict` (strict)."""
-    return update_from_dict(Config(), data, source="saved config")
+    return validate(update_from_dict(Config(), data, source="saved config"), source="saved config")
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
@@ -288,4 +346,4 @@ def preset_config(name: str) -> Config:
     """Defaults updated with the named preset."""
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r} (known: {', '.join(PRESETS)})")
-    return update_from_dict(Config(), PRESETS[name], source=f"preset {name}")
+    return validate(update_from_dict(Config(), PRESETS[name], source=f"preset {name}"), source=f"preset {name}")

@@ -29,43 +29,72 @@ log = logging.getLogger(__name__)
 DIRECTIONS = ("image_to_text", "text_to_image")
 
 
+class EvaluationError(ValueError):
+    """Embeddings that cannot be scored (non-finite values, wrong shapes): refused, never ranked."""
+
+
+def check_finite(image_emb: torch.Tensor, text_emb: torch.Tensor, where: str = "embeddings") -> None:
+    """Raise EvaluationError naming `where` and how many image/text rows hold NaN or inf.
+
+    Every comparison with NaN is false, so a NaN query would otherwise outrank every negative and
+    score a perfect recall: a broken model must never look good."""
+    bad_img = int((~torch.isfinite(image_emb)).any(dim=-1).sum()) if image_emb.numel() else 0
+    bad_txt = int((~torch.isfinite(text_emb)).any(dim=-1).sum()) if text_emb.numel() else 0
+    if bad_img or bad_txt:
+        raise EvaluationError(f"{where}: {bad_img} of {image_emb.shape[0]} image embeddings and {bad_txt} of "
+                              f"{text_emb.shape[0]} text embeddings are not finite (NaN/inf): the model diverged "
+                              "or its input is broken; refusing to score them")
+
+
+# Scores are compared in float64: fp32 inputs give float64 dot products exact to ~1e-16, so two
+# scores that are equal in exact arithmetic (identical embeddings) are equal here within TIE_ATOL,
+# whichever kernel computed them (the elementwise positive vs the chunked matmul), while two scores
+# that differ in fp32 differ by far more.
+TIE_ATOL = 1e-9
+
+
 @torch.inference_mode()
 def retrieval_ranks(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_image: torch.Tensor,
                     chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rank (0 = top) of the best positive for every image query and every caption query.
 
     image_emb [N, D], text_emb [M, D], text_to_image [M] (image row of each caption).
-    Returns (image_rank [N], text_rank [M]) as LongTensors.
+    Returns (image_rank [N], text_rank [M]) as LongTensors. Non-finite embeddings are refused
+    (`EvaluationError`).
 
-    One pass over row chunks of the score matrix S = image_emb @ text_emb.T; the full [N, M]
-    matrix is never held. Instead of sorting, each query's rank is the number of *negatives*
-    that score strictly higher than its best positive (ties count in the query's favour):
-      image i:   #{captions j of other images : S[i, j] > max_{j' of i} S[i, j']}
-      caption j: #{images i != img(j)         : S[i, j] > S[img(j), j]}
-    Positives are masked out of the comparison, so their own scores need not be bit-identical
-    between the elementwise dot used for thresholds and the chunked matmul.
+    One pass over row chunks of the score matrix S = image_emb @ text_emb.T (float64); the full
+    [N, M] matrix is never held. Instead of sorting, each query's rank is the number of *negatives*
+    that score at least as high as its best positive. Ties count AGAINST the query: a negative
+    scoring equal to the positive ranks ahead of it, so a collapsed tower (every image the same
+    embedding) scores 0 text->image and about chance image->text, never better.
+      image i:   #{captions j of other images : S[i, j] >= max_{j' of i} S[i, j'] - TIE_ATOL}
+      caption j: #{images i != img(j)         : S[i, j] >= S[img(j), j] - TIE_ATOL}
+    Positives are masked out of the comparison (they are not negatives, even when tied).
     """
     if image_emb.ndim != 2 or text_emb.ndim != 2 or image_emb.shape[1] != text_emb.shape[1]:
-        raise ValueError(f"expected [N, D] and [M, D] embeddings, got {tuple(image_emb.shape)} "
-                         f"and {tuple(text_emb.shape)}")
+        raise EvaluationError(f"expected [N, D] and [M, D] embeddings, got {tuple(image_emb.shape)} "
+                              f"and {tuple(text_emb.shape)}")
     text_to_image = torch.as_tensor(text_to_image, dtype=torch.long, device=image_emb.device)
     n, m = image_emb.shape[0], text_emb.shape[0]
     if text_to_image.shape != (m,):
-        raise ValueError(f"text_to_image must have shape [{m}], got {tuple(text_to_image.shape)}")
+        raise EvaluationError(f"text_to_image must have shape [{m}], got {tuple(text_to_image.shape)}")
     if m and (int(text_to_image.min()) < 0 or int(text_to_image.max()) >= n):
-        raise ValueError("text_to_image holds an index outside [0, num_images)")
-    text_emb = text_emb.to(image_emb.device, image_emb.dtype)
+        raise EvaluationError("text_to_image holds an index outside [0, num_images)")
+    check_finite(image_emb, text_emb)
+    image_emb = image_emb.double()
+    text_emb = text_emb.to(image_emb.device, torch.float64)
 
     # Positive score of every caption with its own image: [M].
     pos = (image_emb[text_to_image] * text_emb).sum(-1)
-    # Best positive per image: [N]; an image without captions gets +inf (never a hit, rank 0 is
-    # meaningless for it, but it is excluded below).
+    # Best positive per image: [N]; an image without captions keeps -inf (it is no image query;
+    # retrieval_recall leaves it out).
     best_pos = torch.full((n,), float("-inf"), dtype=pos.dtype, device=pos.device)
     best_pos.scatter_reduce_(0, text_to_image, pos, reduce="amax")
+    pos_lo, best_lo = pos - TIE_ATOL, best_pos - TIE_ATOL  # a score >= these counts as a tie or better
 
     if chunk_size is None:
-        # Keep one [chunk, M] fp32 block around 256 MiB.
-        chunk_size = max(1, min(n, (256 * 2**20) // max(1, 4 * m)))
+        # Keep one [chunk, M] float64 block around 256 MiB.
+        chunk_size = max(1, min(n, (256 * 2**20) // max(1, 8 * m)))
 
     image_rank = torch.zeros(n, dtype=torch.long, device=image_emb.device)
     text_rank = torch.zeros(m, dtype=torch.long, device=image_emb.device)
@@ -73,13 +102,13 @@ def retrieval_ranks(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_ima
     above = torch.empty(min(n, chunk_size), m, dtype=torch.bool, device=image_emb.device)  # reused [c, M]
     for start in range(0, n, chunk_size):
         stop = min(n, start + chunk_size)
-        s = image_emb[start:stop] @ text_emb.T  # [c, M]
+        s = image_emb[start:stop] @ text_emb.T  # [c, M] float64
         # Mask each caption's own image row inside this chunk (positives never count as negatives).
         own = (text_to_image >= start) & (text_to_image < stop)
         s[text_to_image[own] - start, cols[own]] = float("-inf")
         buf = above[:stop - start]
-        image_rank[start:stop] = torch.gt(s, best_pos[start:stop, None], out=buf).sum(1)
-        text_rank += torch.gt(s, pos[None, :], out=buf).sum(0)
+        image_rank[start:stop] = torch.ge(s, best_lo[start:stop, None], out=buf).sum(1)
+        text_rank += torch.ge(s, pos_lo[None, :], out=buf).sum(0)
         del s
     return image_rank, text_rank
 
@@ -189,6 +218,7 @@ def evaluate_split(image_emb: torch.Tensor, rows: torch.Tensor, split: Captioned
     Captions of images that could not be read are dropped with them, so every remaining caption
     query still has its image among the candidates.
     """
+    check_finite(image_emb, text_emb, where=f"split {split.name!r}")
     c2i = split.caption_to_image  # [M] image row per caption
     row_of = torch.full((len(split),), -1, dtype=torch.long)
     row_of[rows] = torch.arange(rows.numel())

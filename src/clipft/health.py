@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-CHANCE_TOLERANCE = 0.02  # loss >= (1 - this) * ln(B) after warmup = "at chance"
+CHANCE_TOLERANCE = 0.02  # |loss - ln(B)| <= this * ln(B) after warmup = "at chance"; above that, "above chance"
 COLLAPSE_COSINE = 0.95  # mean pairwise cosine of a batch of image embeddings above this = collapse
 PINNED_RTOL = 1e-3  # logit scale within this relative distance of its clamp = pinned
 OVERFIT_EPOCHS = 3  # consecutive falls of validation recall (with train loss falling) = overfitting
@@ -40,11 +40,17 @@ def pairwise_cosine(emb: torch.Tensor) -> torch.Tensor:
 
 def chance_warning(loss: float, chance: float, step: int, warmup_steps: int,
                    tol: float = CHANCE_TOLERANCE) -> str | None:
-    """Warn if `loss` (a recent mean) is still within tol of the chance level after warmup."""
+    """Warn if `loss` (a recent mean) is still at chance after warmup (within tol of ln B), or
+    clearly above it: a model that guesses scores ln B, so a loss above it is worse than guessing
+    (the run is diverging), which is a different message from "not learning yet"."""
     if step < max(1, warmup_steps) or not chance > 0:
         return None
+    if loss > (1.0 + tol) * chance:
+        return (f"loss {loss:.3f} is above chance (ln B = {chance:.3f}) after {step} steps (warmup {warmup_steps}): "
+                "worse than guessing, so the image tower is not learning, and the run is diverging if the loss "
+                "keeps rising. Lower train.lr or raise train.warmup_steps")
     if loss >= (1.0 - tol) * chance:
-        return (f"loss {loss:.3f} is still within {tol:.0%} of chance (ln B = {chance:.3f}) after {step} steps "
+        return (f"loss {loss:.3f} is at chance: still within {tol:.0%} of chance (ln B = {chance:.3f}) after {step} steps "
                 f"(warmup {warmup_steps}): the image tower is not learning. Check that captions belong to their "
                 "images (`clipft validate`), and try a different train.lr or more train.warmup_steps")
     return None

@@ -36,6 +36,25 @@ def imagenet_weights(backbone: str):
     return getattr(getattr(torchvision.models, enum_name), member)
 
 
+def ensure_image_weights(backbone: str, weights: str) -> Path | None:
+    """Make sure `build_backbone` will find its pretrained weights, before any expensive step
+    (caption caching) runs: the cached file, else a download now. ModelError (one line naming the
+    file to place) when neither works; None for image_weights=none."""
+    if weights != "imagenet" or backbone not in BACKBONES:
+        return None  # unknown names and values fail in build_backbone with their own message
+    w = imagenet_weights(backbone)
+    cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(w.url).name
+    if cache.is_file():
+        return cache
+    try:
+        w.get_state_dict(progress=False)  # downloads into the torch hub cache
+    except (OSError, RuntimeError) as e:
+        raise ModelError(
+            f"could not load {backbone} ImageNet weights ({w}): {e.__class__.__name__}. Without network, "
+            f"place the file at {cache} or use --set model.image_weights=none") from None
+    return cache
+
+
 def build_backbone(name: str, weights: str) -> tuple[nn.Module, int]:
     """A torchvision ResNet with its classifier removed; returns (module, pooled feature dim)."""
     if name not in BACKBONES:
@@ -214,7 +233,10 @@ class ImageTower(nn.Module):
         return self
 
     def clamp_logit_scale_(self) -> None:
-        """Keep 1/tau in [1, max_logit_scale] (CLIP's clamp, stops the temperature collapsing)."""
+        """Keep a learnable 1/tau in [1, max_logit_scale] (CLIP's clamp, stops the temperature
+        collapsing). A fixed temperature is the user's choice and is never moved."""
+        if not self.cfg.learnable_temperature:
+            return
         with torch.no_grad():
             self.logit_scale.clamp_(0.0, math.log(self.cfg.max_logit_scale))
 

@@ -175,7 +175,7 @@ def write_visualization(kind: str, checkpoint: str | Path, data_root: str | Path
     if kind in ("heatmap", "all"):
         sim, labels_, owner = heatmap_data(emb, heatmap_images, seed)
         written.append(plot_similarity_heatmap(sim, labels_, owner, _picture_path(out, kind, out_dir / HEATMAP_PNG)))
-    ds_split = cfg.data.val_split if split in ("val", "val-full") else split
+    ds_split = cfg.data.val_split if split in ("val", "val-full", "val-heldout") else split
     shapes_labels = Path(data_root) / "annotations" / f"shapes_labels_{ds_split}2014.json"
     if kind == "all" and not labels_from and not shapes_labels.is_file():
         notes.append("zero-shot picture skipped: no --labels-from and the dataset has no shapes labels")

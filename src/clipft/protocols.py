@@ -7,6 +7,8 @@ whole pipeline (text cache, image embedding, chunked recall) runs unchanged:
   val            the configured validation subset (data.val_images, data.subset_seed): the
                  protocol of the per-epoch numbers in metrics.jsonl
   val-full       the whole val2014 split (40,504 images, ~202k captions on real COCO)
+  val-heldout    the validation split's images outside the `val` subset: they chose nothing (not
+                 best.pt, not an ablation winner), so figures on them are free of selection bias
   karpathy-test  Karpathy's COCO test split (5,000 images, 25,010 captions) from
                  `dataset_coco.json` (--karpathy PATH); images from ROOT/train2014 + ROOT/val2014
   karpathy-val   the same file's 5k validation split
@@ -105,6 +107,7 @@ def protocol_description(name: str, data: CaptionedImages, folds: list[list[int]
     kind = {
         "val": "validation subset (as during training)" if subset else "full validation split (as during training)",
         "val-full": "full validation split",
+        "val-heldout": "validation images held out from checkpoint selection",
         "karpathy-test": "Karpathy COCO 5k test split (the split published COCO numbers use)",
         "karpathy-val": "Karpathy COCO 5k validation split",
     }.get(name, f"split {name!r}")
@@ -127,9 +130,24 @@ def resolve_eval_split(data_root: str | Path, split: str, cfg: Config, karpathy:
                         "karpathy-test-1k)")
     elif split == "val-full":
         data = load_split(data_root, cfg.data.val_split, _without_val_subset(cfg).data)
+    elif split == "val-heldout":
+        data = heldout_val(load_split(data_root, cfg.data.val_split, _without_val_subset(cfg).data), cfg)
     else:
         data = load_split(data_root, split, cfg.data)
     return EvalSplit(data=data, name=split, protocol=protocol_description(split, data))
+
+
+def heldout_val(full: CaptionedImages, cfg: Config) -> CaptionedImages:
+    """The images of the full validation split that are NOT in the seeded `data.val_images` subset
+    (the one that chose best.pt); DataError when the subset is the whole split."""
+    chosen = full.subset(cfg.data.val_images, cfg.data.subset_seed)
+    taken = {(r.image_id, str(r.path)) for r in chosen.images}
+    rows = [i for i, r in enumerate(full.images) if (r.image_id, str(r.path)) not in taken]
+    if not rows:
+        raise DataError(f"{full.name}: data.val_images={cfg.data.val_images} selects the whole validation split "
+                        f"({len(full)} images), so no image is held out from checkpoint selection; set "
+                        "data.val_images below the split size, or evaluate --split karpathy-test")
+    return full.select(rows, f"{full.name}:heldout-of-subset={cfg.data.val_images},seed={cfg.data.subset_seed}")
 
 
 def _without_val_subset(cfg: Config) -> Config:

@@ -121,7 +121,8 @@ def write_report(run_dir: str | Path) -> Path:
 # --------------------------------------------------------------------------- evaluation sections
 
 # Protocol order in the report: training-time subset first, the published-comparable split last.
-_PROTOCOL_ORDER = {"val": 0, "val-full": 1, "karpathy-val": 2, "karpathy-test": 3, "karpathy-test-1k": 4, "test": 5}
+_PROTOCOL_ORDER = {"val": 0, "val-full": 1, "val-heldout": 2, "karpathy-val": 3, "karpathy-test": 4,
+                   "karpathy-test-1k": 5, "test": 6}
 
 
 def _metrics_files(root: Path) -> list[tuple[str, dict]]:
@@ -168,7 +169,11 @@ def retrieval_section(root: Path, final: dict) -> list[str]:
              "COCO protocol: every image is a query against all captions of the split (a hit if any of its "
              "own captions ranks in the top K), and every caption is a query against all images. Published "
              "COCO numbers use the Karpathy 5k test split (`--split karpathy-test`); figures on other "
-             "protocols are comparable only with the same protocol.", ""]
+             "protocols are comparable only with the same protocol.", "",
+             "Selection: best.pt is the epoch with the best mean R@5 on protocol `val` (the validation subset "
+             "evaluated every epoch), so figures on `val` are optimistic by that choice. `val-heldout` (the "
+             "validation images outside that subset) and `karpathy-test` played no part in training or "
+             "selection.", ""]
     for split, m in files:
         proto = m.get("protocol") or (f"{m.get('num_images')} images x {m.get('num_captions')} captions, "
                                       "all captions per image")

@@ -330,9 +330,17 @@ def _load_clip(name: str, source: str, canonical: str, local: bool, device: torc
     try:
         with _quiet_transformers():
             # A full CLIP checkpoint (model_type "clip") loads as its text tower; vision weights are skipped.
-            model = CLIPTextModelWithProjection.from_pretrained(source)
+            model, loading = CLIPTextModelWithProjection.from_pretrained(source, output_loading_info=True)
     except Exception as e:
         raise _load_failed(name, source, local, e) from e
+    # transformers fills weights missing from the checkpoint with a fresh random draw (a plain
+    # CLIPTextModel has no text_projection): every load would embed captions differently. Refuse.
+    missing = sorted(loading.get("missing_keys") or [])
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise TextEncoderError(
+            f"text encoder {name!r}: {source} lacks weights the CLIP text tower needs ({shown}); they would be "
+            "randomly initialised. Save the model as CLIPTextModelWithProjection or CLIPModel (with its projection)")
     try:
         with _quiet_transformers():
             tokenizer = AutoTokenizer.from_pretrained(source)
@@ -401,10 +409,19 @@ def caption_digest(captions: list[str]) -> str:
     return h.hexdigest()
 
 
-def cache_fingerprint(encoder_identity: str, captions: list[str]) -> str:
-    """What a text cache must match to be reused: the encoder identity and the exact caption list."""
+def precision_name(amp_dtype: torch.dtype | None) -> str:
+    """"float32", "bfloat16" or "float16": the precision captions are encoded in."""
+    return str(amp_dtype).replace("torch.", "") if amp_dtype is not None else "float32"
+
+
+def cache_fingerprint(encoder_identity: str, captions: list[str], precision: str = "float32") -> str:
+    """What a text cache must match to be reused: the encoder identity, the precision the captions
+    are encoded in (bf16 autocast gives embeddings ~1e-3 away from fp32 ones: not the same cache),
+    and the exact caption list."""
     h = hashlib.sha256(encoder_identity.encode("utf-8"))
     h.update(b"\0")
+    if precision != "float32":  # fp32 keeps the fingerprints caches were written with before
+        h.update(f"precision={precision}".encode() + b"\0")
     h.update(caption_digest(captions).encode())
     return h.hexdigest()
 
@@ -432,6 +449,9 @@ def _read_cache(path: Path) -> tuple[torch.Tensor, dict[str, str]]:
         raise _CorruptCache("metadata lacks num_captions/dim") from None
     if emb.dtype != torch.float32 or emb.shape != (n, d) or "fingerprint" not in meta:
         raise _CorruptCache(f"tensor {tuple(emb.shape)} {emb.dtype} does not match its metadata ({n}, {d})")
+    bad = int((~torch.isfinite(emb).all(dim=1)).sum()) if emb.numel() else 0
+    if bad:  # the right size but NaN/inf rows: never train or evaluate on them
+        raise _CorruptCache(f"{bad} of {n} embeddings are not finite")
     return emb, meta
 
 
@@ -488,7 +508,8 @@ def get_text_embeddings(captions: list[str], encoder_name: str, cache_file: Path
     captions = list(captions)
     cache_file = Path(cache_file)
     enc = encoder if encoder is not None else load_text_encoder(encoder_name, device=device, max_length=max_length)
-    fp = cache_fingerprint(enc.identity, captions)
+    precision = precision_name(enc.amp_dtype)
+    fp = cache_fingerprint(enc.identity, captions, precision)
     digest = caption_digest(captions)
 
     def info(built: bool, emb: torch.Tensor) -> dict:
@@ -505,6 +526,8 @@ def get_text_embeddings(captions: list[str], encoder_name: str, cache_file: Path
                 log.info("text cache %s: %d captions x %d, fingerprint matches", cache_file, *emb.shape)
                 return emb, info(False, emb)
             what = ("the captions differ" if meta.get("caption_digest") != digest
+                    else f"it was encoded in {meta.get('precision', 'float32')}, this run encodes in {precision}"
+                    if meta.get("precision", "float32") != precision
                     else "the text encoder differs (name, config, max_length or weights)")
             cached = f"cached: encoder {meta.get('encoder', '?')!r}, {meta.get('num_captions')} captions"
             wanted = f"now: encoder {enc.name!r}, {len(captions)} captions"
@@ -516,8 +539,7 @@ def get_text_embeddings(captions: list[str], encoder_name: str, cache_file: Path
     emb = enc.encode(captions, batch_size=batch_size, progress=progress)
     save_text_cache(cache_file, emb, fp, {"encoder": enc.name, "kind": enc.kind, "caption_digest": digest,
                                           "max_length": enc.max_length,
-                                          "precision": str(enc.amp_dtype).replace("torch.", "") if enc.amp_dtype
-                                          else "float32"})
+                                          "precision": precision})
     return emb, info(True, emb)
 
 

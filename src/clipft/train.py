@@ -11,6 +11,7 @@ import itertools
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,13 +22,13 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import distributed
-from .config import Config, ConfigError, save_config, to_dict
+from .config import Config, ConfigError, save_config, to_dict, validate
 from .data import (FLIP_MODES, CaptionedImages, TrainDataset, build_transform, collate_train, left_right_captions,
                    load_split, prepared_split_dir, swapped_text_cache_file, text_cache_file)
-from .evaluate import evaluate_split, mean_recall, sharded_embed_images
+from .evaluate import EvaluationError, evaluate_split, mean_recall, sharded_embed_images
 from .health import HealthMonitor, pairwise_cosine
 from .loss import chance_loss, clip_loss
-from .model import build_image_tower, count_parameters, parameter_parts, tower_state
+from .model import build_image_tower, count_parameters, ensure_image_weights, parameter_parts, tower_state
 from .runfiles import RunFiles, read_records, write_epochs_csv
 from .runtime import amp_dtype_for, atomic_torch_save, hardware_info, rng_state, seed_everything, set_rng_state
 from .text import get_text_embeddings, load_text_encoder
@@ -126,6 +127,8 @@ def prepare_data(cfg: Config, data_root: str | Path, device: torch.device) -> Pr
         raise TrainingError(f"{data_root}: no captioned images in split "
                             f"{cfg.data.train_split if len(train) == 0 else cfg.data.val_split!r}")
     preflight(train, val, cfg.data)
+    # Everything that can fail without computing fails here, before the captions are embedded.
+    ensure_image_weights(cfg.model.backbone, cfg.model.image_weights)
     encoder = load_text_encoder(cfg.text.encoder, device=device, max_length=cfg.text.max_length)
     embeds, infos = [], {}
     for name, split in ((cfg.data.train_split, train), (cfg.data.val_split, val)):
@@ -260,11 +263,17 @@ def train_step(model: torch.nn.Module, micro_batches: list[tuple[torch.Tensor, t
     device: fp16 by the GradScaler (which also lowers its scale), fp32/bf16 by handing the fused
     AdamW `found_inf` (the same mechanism). One bad micro-batch drops the whole step: a non-finite
     loss says the weights or the data are broken. Optimizers without `found_inf` support (SGD in
-    tests) fall back to one host read of the verdict.
+    tests) fall back to one host read of the verdict. A skipped step also restores every buffer
+    (BatchNorm running statistics, which the forward pass already moved) from a copy taken at the
+    start, with `torch.where` on the device: parameters, optimizer state and buffers stay unchanged.
     """
     tower = distributed.unwrap(model)  # the ImageTower: logit_scale, clamp
     device = tower.logit_scale.device
     k = len(micro_batches)
+    # The train-mode forward updates BatchNorm running statistics before any guard can act: keep
+    # a device copy of every buffer so a skipped step leaves the whole model unchanged (below).
+    buffers = [b for b in tower.buffers()]
+    saved_buffers = [b.detach().clone() for b in buffers]
     terms_sum: dict[str, torch.Tensor] = {}
     for i, (images, texts) in enumerate(micro_batches):
         images = images.to(device, non_blocking=True)
@@ -306,12 +315,25 @@ def train_step(model: torch.nn.Module, micro_batches: list[tuple[torch.Tensor, t
             del optimizer.found_inf
     elif not bool(skipped):  # host read: optimizers without found_inf support only
         optimizer.step()
+    with torch.no_grad():  # a skipped step restores the buffers, on the device (no host read)
+        for b, saved in zip(buffers, saved_buffers):
+            b.copy_(torch.where(skipped > 0, saved, b))
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     scheduler.step()  # also after a skipped step: the schedule follows attempted steps
     tower.clamp_logit_scale_()  # keep 1/tau <= max_logit_scale (only moves if learnable)
     return {**terms_sum, "grad_norm": grad_norm.detach(), "logit_scale": logit_scale.detach(),
             "embed_cos": pairwise_cosine(image_emb), "skipped": skipped}
+
+
+def non_finite_state(model: torch.nn.Module) -> str | None:
+    """None if every parameter and buffer of `model` is finite, else a short description (one host
+    read per epoch: a checkpoint is never written from a model holding NaN/inf)."""
+    bad = [name for name, t in itertools.chain(model.named_parameters(), model.named_buffers())
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if not bad:
+        return None
+    return f"{len(bad)} weight/buffer tensor(s) hold NaN/inf (first: {bad[0]})"
 
 
 def step_values(out: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -376,6 +398,7 @@ def train(cfg: Config, data_root: str | Path, out_dir: str | Path, resume: bool 
     (`distributed.setup`), trains its shard of every global batch under DDP with global negatives,
     and rank 0 alone logs and writes RUN/; the group is left again at the end.
     """
+    validate(cfg)  # ranges and choices, before any work (configs built in code skip load_config)
     ctx = distributed.setup(cfg.train.device)
     try:
         return _train(cfg, data_root, out_dir, resume, progress, ctx)
@@ -390,6 +413,8 @@ def _train(cfg: Config, data_root: str | Path, out_dir: str | Path, resume: bool
         raise ConfigError(f"train.grad_accum_steps must be >= 1, got {cfg.train.grad_accum_steps}")
     run = RunFiles(Path(out_dir))
     run.root.mkdir(parents=True, exist_ok=True)
+    if ctx.is_main and not os.access(run.root, os.W_OK):
+        raise TrainingError(f"{run.root}: the run directory is not writable; use another --out")
     device, world, main = ctx.device, ctx.world_size, ctx.is_main
     seed_everything(cfg.train.seed + ctx.rank)  # rank 0 = the single-process seed; others differ (augmentation)
     amp_dtype = amp_dtype_for(device, cfg.train.amp)
@@ -581,18 +606,37 @@ def _train(cfg: Config, data_root: str | Path, out_dir: str | Path, resume: bool
                                   "train_seconds": train_seconds}
         # One set of BatchNorm running statistics (rank 0's) for evaluation and the checkpoint.
         distributed.broadcast_buffers(model)
+        if main:
+            record["diverged"] = non_finite_state(model)  # None when every weight and buffer is finite
         if epoch % cfg.eval.every == 0 or epoch == cfg.train.epochs:
             # Every rank embeds a shard of the images; rank 0 scores the gathered set (= single process).
             emb, rows = sharded_embed_images(model, data.val, cfg, device, amp_dtype)
-            if main:
-                # val loss in batches of the global batch: the negatives the train loss has.
-                val = evaluate_split(emb, rows, data.val, data.val_text, cfg.eval.ks,
-                                     logit_scale=model.logit_scale.exp().item(), batch_size=global_batch)
-                record.update(val_loss=val.get("val_loss"), val=val,
-                              val_skipped_images=len(data.val) - val["num_images"])
-                record["mean_R@5"] = mean_recall(val, 5)
+            if main and record["diverged"] is None:
+                try:
+                    # val loss in batches of the global batch: the negatives the train loss has.
+                    val = evaluate_split(emb, rows, data.val, data.val_text, cfg.eval.ks,
+                                         logit_scale=model.logit_scale.exp().item(), batch_size=global_batch)
+                except EvaluationError as e:  # non-finite validation embeddings
+                    record["diverged"] = str(e)
+                else:
+                    if not math.isfinite(val.get("val_loss", 0.0)):
+                        record["diverged"] = f"the validation loss is {val['val_loss']}"
+                    record.update(val_loss=val.get("val_loss"), val=val,
+                                  val_skipped_images=len(data.val) - val["num_images"])
+                    record["mean_R@5"] = mean_recall(val, 5)
         if world > 1:
             record = distributed.all_gather_objects(record)[0]  # rank 0's: the same best/early decisions everywhere
+        reason = record.pop("diverged", None)
+        if reason is not None:  # never logged as an epoch, never best, nothing overwritten
+            last = f"{run.last} (epoch {start_epoch if epoch == start_epoch + 1 else epoch - 1})" \
+                if run.last.exists() else "no checkpoint was written"
+            log_warnings([{"type": "warning", "kind": "diverged", "epoch": epoch, "step": global_step,
+                           "message": f"training diverged in epoch {epoch}: {reason}"}])
+            if metrics_f is not None:
+                metrics_f.close()
+            raise TrainingError(f"training diverged in epoch {epoch}: {reason}. Last good checkpoint intact: "
+                                f"{last}. Lower train.lr or raise train.warmup_steps, then rerun with another --out "
+                                "(or --no-resume)")
         log_record(record)
         if main:
             write_epochs_csv(run.epochs_csv, read_records(run.metrics, "epoch"))

@@ -241,7 +241,7 @@ def zeroshot_dataset(checkpoint: str | Path, data_root: str | Path, split: str =
     split_name = embeddings.split.name
     # The shapes labels file is named by the dataset's split (val for both val protocols).
     labelset = load_label_set(labels_from, data_root,
-                              cfg.data.val_split if split_name in ("val", "val-full") else split_name)
+                              cfg.data.val_split if split_name in ("val", "val-full", "val-heldout") else split_name)
     if labels:
         labelset = labelset.restrict(labels)
     templates = list(templates or cfg.eval.zeroshot_templates)
