@@ -141,17 +141,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare_images(args: argparse.Namespace) -> int:
-    from .data import load_split, prepared_split_dir
-    from .data.prepare import prepare_images
+    from .data.prepare import prepare_split
     _val_data_override(args)
     cfg = _build_config(args)
-    root = Path(args.data)
-    size = args.size or cfg.data.prepared_size
     for split in args.split:
-        data = load_split(root, split, cfg.data)
-        out = prepared_split_dir(root, split, cfg, size)
-        info = prepare_images(data, out, size=size, workers=args.workers, progress=not args.quiet)
-        print(f"{split}: {info['images']} images ({info['bad']} unreadable, skipped) -> {out} "
+        info = prepare_split(args.data, split, cfg, size=args.size, workers=args.workers, progress=not args.quiet)
+        print(f"{split}: {info['images']} images ({info['bad']} unreadable, skipped) -> {info['path']} "
               f"in {info['seconds']:.1f}s")
     return 0
 
@@ -262,14 +257,9 @@ def cmd_visualize(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect_data(args: argparse.Namespace) -> int:
-    from .data import load_split
-    from .pictures import data_samples
-    from .visualize import plot_data_samples
-    cfg = _build_config(args)
-    data = load_split(Path(args.data), args.split, cfg.data)
+    from .pictures import write_data_samples
     out = Path(args.out) if args.out else Path(f"data_samples_{args.split}.png")
-    samples = data_samples(data, args.n, args.seed)
-    plot_data_samples(samples, out, title=f"{args.n} random image-caption pairs of {data.name}")
+    data, samples = write_data_samples(args.data, args.split, _build_config(args), out, n=args.n, seed=args.seed)
     for s in samples:
         print(f"{s['image_id']}: {s['path']}")
         for c in s["captions"]:

@@ -18,6 +18,7 @@ import torch
 
 from .data import CaptionedImages
 from .evaluate import SplitEmbeddings
+from .protocols import VAL_PROTOCOLS
 
 TEXT_TO_IMAGE_PNG = "retrieval_text_to_image.png"
 IMAGE_TO_TEXT_PNG = "retrieval_image_to_text.png"
@@ -110,6 +111,18 @@ def data_samples(data: CaptionedImages, n: int = 6, seed: int = 0) -> list[dict]
             for i in _sample(len(data), n, seed)]
 
 
+def write_data_samples(data_root: str | Path, split: str, cfg, out: str | Path, n: int = 6, seed: int = 0
+                       ) -> tuple[CaptionedImages, list[dict]]:
+    """`clipft inspect-data`: a picture of n random image-caption pairs of a split at `out`;
+    returns (the split, the samples shown)."""
+    from .data import load_split
+    from .visualize import plot_data_samples
+    data = load_split(Path(data_root), split, cfg.data)
+    samples = data_samples(data, n, seed)
+    plot_data_samples(samples, out, title=f"{n} random image-caption pairs of {data.name}")
+    return data, samples
+
+
 def embed_queries(cfg, queries: Sequence[str], device: str = "cpu") -> torch.Tensor:
     """Free-text queries -> [Q, D] with the checkpoint's frozen text encoder (no cache: a handful)."""
     from .text import load_text_encoder
@@ -175,7 +188,7 @@ def write_visualization(kind: str, checkpoint: str | Path, data_root: str | Path
     if kind in ("heatmap", "all"):
         sim, labels_, owner = heatmap_data(emb, heatmap_images, seed)
         written.append(plot_similarity_heatmap(sim, labels_, owner, _picture_path(out, kind, out_dir / HEATMAP_PNG)))
-    ds_split = cfg.data.val_split if split in ("val", "val-full", "val-heldout") else split
+    ds_split = cfg.data.val_split if split in VAL_PROTOCOLS else split
     shapes_labels = Path(data_root) / "annotations" / f"shapes_labels_{ds_split}2014.json"
     if kind == "all" and not labels_from and not shapes_labels.is_file():
         notes.append("zero-shot picture skipped: no --labels-from and the dataset has no shapes labels")

@@ -32,13 +32,14 @@ from pathlib import Path
 
 from .config import Config
 from .data import CaptionedImages, DataError, ImageRecord, load_split
-from .data.karpathy import KARPATHY_SPLITS, read_karpathy_split
+from .data.karpathy import read_karpathy_split
 
 log = logging.getLogger(__name__)
 
 KARPATHY_PREFIX = "karpathy-"
 KARPATHY_1K = "karpathy-test-1k"
 N_FOLDS_1K = 5  # 5 folds of 1,000 images of the 5k test split
+VAL_PROTOCOLS = ("val", "val-full", "val-heldout")  # drawn from the dataset's validation split
 
 
 @dataclass

@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from .config import ConfigError
-from .data import DataError, _read_json
+from .data import DataError, read_json
+from .protocols import VAL_PROTOCOLS
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +125,7 @@ def shapes_label_set(root: str | Path, split: str, field_name: str = "color-shap
     if field_name not in SHAPES_FIELDS:
         raise DataError(f"--labels-from shapes:{field_name}: unknown field (known: {', '.join(SHAPES_FIELDS)})")
     path = Path(root) / "annotations" / f"shapes_labels_{split}2014.json"
-    raw = _read_json(path)
+    raw = read_json(path)
     if not isinstance(raw, dict):
         raise DataError(f"{path}: expected an object {{image id: [objects]}}")
     if field_name == "shape":
@@ -156,7 +157,7 @@ def shapes_label_set(root: str | Path, split: str, field_name: str = "color-shap
 def coco_instances_label_set(path: str | Path) -> LabelSet:
     """Labels from a COCO instances file: the category of each image's largest annotation."""
     path = Path(path)
-    raw = _read_json(path)
+    raw = read_json(path)
     if not isinstance(raw, dict) or not isinstance(raw.get("categories"), list) \
             or not isinstance(raw.get("annotations"), list):
         raise DataError(f"{path}: expected a COCO instances file with 'categories' and 'annotations' lists")
@@ -241,7 +242,7 @@ def zeroshot_dataset(checkpoint: str | Path, data_root: str | Path, split: str =
     split_name = embeddings.split.name
     # The shapes labels file is named by the dataset's split (val for both val protocols).
     labelset = load_label_set(labels_from, data_root,
-                              cfg.data.val_split if split_name in ("val", "val-full", "val-heldout") else split_name)
+                              cfg.data.val_split if split_name in VAL_PROTOCOLS else split_name)
     if labels:
         labelset = labelset.restrict(labels)
     templates = list(templates or cfg.eval.zeroshot_templates)

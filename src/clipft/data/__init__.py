@@ -55,12 +55,23 @@ from .splits import SplitSource, load_split, split_source, subset_size
 from .tabular import (CAPTION_COLUMNS, CSV_DELIMITERS, IMAGE_COLUMNS, load_csv_captions, load_jsonl_captions,
                       sniff_delimiter)
 
-# The names other modules imported from the single-file `data` module before the split.
+# Private names of the single-file `data` module before the split, still importable from here for code
+# written against it (new code imports the public names from their modules).
+from .records import Entry as _Entry
+from .records import group_entries as _group
+from .records import image_path as _image_path
+from .records import log_drops as _log_drops
+from .records import note_problem as _note
+from .records import read_text as _read_text
+from .records import walk_files as _walk_files
+from .tabular import _pick_column, metadata_file as _metadata_file
+
 _is_int = is_int
 _read_json = read_json
 
 __all__ = [
-    "CAPTION_COLUMNS", "Config", "ConfigError", "DataConfig", "CSV_DELIMITERS", "FLIP_MODES", "FORMATS", "FORMAT_REGISTRY", "IMAGE_COLUMNS",
+    "CAPTION_COLUMNS", "CSV_DELIMITERS", "Config", "ConfigError", "DataConfig", "FLIP_MODES", "FORMATS",
+    "FORMAT_REGISTRY", "IMAGE_COLUMNS",
     "IMAGE_EXTENSIONS", "MAX_EXAMPLES", "PLACEHOLDER_CAPTIONS", "CaptionedImages", "CenterSquareResize",
     "DataError", "DataFormat", "EvalImageDataset", "ImageRecord", "SplitSource", "TrainDataset",
     "build_transform", "cache_location", "caption_problem", "coco_annotation_path", "collate_eval",
