@@ -23,11 +23,12 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from .data.download import DownloadError
     from .evaluate import EvaluationError
     from .model import ModelError
+    from .report import ReportError
     from .search.index import SearchError
     from .text import TextEncoderError
     from .train import TrainingError
-    return (ConfigError, DataError, DistributedError, DownloadError, EvaluationError, ModelError, SearchError,
-            TextEncoderError, TrainingError)
+    return (ConfigError, DataError, DistributedError, DownloadError, EvaluationError, ModelError, ReportError,
+            SearchError, TextEncoderError, TrainingError)
 
 
 # --------------------------------------------------------------------------- shared argument groups
@@ -281,8 +282,17 @@ def cmd_inspect_data(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import write_report
-    print(f"wrote {write_report(args.run)}")
+    from .report import make_report
+    r = make_report(args.run, data=args.data, notes=args.notes, ablation=args.ablation, compare=args.compare or (),
+                    html=args.html, pdf=args.pdf, complete=not args.no_draw, device=args.device, seed=args.seed,
+                    progress=not args.quiet)
+    if r["drawn"]:
+        print(f"drew {', '.join(r['drawn'])}")
+    for section, how in r["missing"].items():
+        print(f"missing {section}: {how}")
+    for key in ("md", "html", "pdf"):
+        if r[key]:
+            print(f"wrote {r[key]}")
     return 0
 
 
@@ -472,20 +482,37 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--out", required=True, help="output .safetensors (embeddings, relative paths, sizes, mtimes)")
     s.add_argument("--batch-size", type=int, default=64)
     s.add_argument("--workers", type=int, default=None, help="decoding processes (default: CPUs - 1, at most 8)")
-    s.add_argument("--device", default="auto")
+    _add_device(s)
     s.add_argument("--backend", choices=["torch", "onnx"], default="torch",
                    help="onnx: the export folder's image_tower.onnx with onnxruntime (CPU)")
-    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_quiet(s, "no progress bar")
     s.set_defaults(func=cmd_embed)
 
 
 # --------------------------------------------------------------------------- parser
 
+def _add_report_parser(sub) -> None:
+    s = sub.add_parser("report", help="write RUN/report.md from a run directory, drawing what it lacks")
+    s.add_argument("run")
+    s.add_argument("--data", help="the run's dataset, when it moved (default: summary.json's data_root, RUN/data)")
+    s.add_argument("--notes", metavar="FILE.md", help="your own section (observations, LLM-usage reflection, "
+                                                       "conversation link), included verbatim")
+    s.add_argument("--ablation", metavar="DIR", help="add a `clipft ablate --out DIR` study: table and bar chart")
+    s.add_argument("--compare", nargs="+", metavar="OTHER_RUN", help="add other runs' Recall@K and curves side by side")
+    s.add_argument("--html", action="store_true", help="also write report.html (self-contained, print-friendly)")
+    s.add_argument("--pdf", action="store_true", help="also write report.pdf (headless Chromium; implies --html)")
+    s.add_argument("--no-draw", action="store_true", help="only the files already in RUN: draw nothing")
+    s.add_argument("--seed", type=int, default=0, help="seed of the random examples (default 0)")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_report)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="clipft", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
-    # Three groups, in the order `clipft --help` lists the commands.
+    # Four groups, in the order `clipft --help` lists the commands.
     _add_data_and_train_commands(sub)
     _add_checkpoint_commands(sub)
     _add_tool_commands(sub)
@@ -624,9 +651,7 @@ def _add_tool_commands(sub) -> None:
     _add_config_args(s)
     s.set_defaults(func=cmd_inspect_data)
 
-    s = sub.add_parser("report", help="write RUN/report.md from a run directory")
-    s.add_argument("run")
-    s.set_defaults(func=cmd_report)
+    _add_report_parser(sub)
 
     s = sub.add_parser("download", help="fetch MS COCO 2014 into the loader's layout (resumable, verified), "
                                         "or a Kaggle copy of COCO / Flickr8k / Flickr30k (--source kaggle)")
@@ -673,6 +698,8 @@ def _add_tool_commands(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .runlog import record_command, run_dir_of
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -682,15 +709,22 @@ def main(argv: list[str] | None = None) -> int:
     # batch is 77 MB, and faulting it in 4 KB pages costs more than normalising it (torch reads the
     # variable at allocation time; DataLoader workers inherit it).
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    code = 1  # an unexpected exception propagates with this status in RUN/commands.txt
     try:
         args.extra_overrides = _split_extra(extra)
-        return args.func(args)
+        code = args.func(args)
+        return code
     except _expected_errors() as e:
         print(f"clipft: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        code = EXIT_USAGE
+        return code
     except KeyboardInterrupt:
         print("clipft: interrupted (the last completed checkpoint is intact)", file=sys.stderr)
-        return 130
+        code = 130
+        return code
+    finally:
+        if run_dir_of(args) is not None:  # how the run was made: RUN/commands.txt (see clipft.runlog)
+            record_command(run_dir_of(args), argv, code)
 
 
 if __name__ == "__main__":

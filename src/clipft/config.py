@@ -148,6 +148,7 @@ class TrainConfig:
     # NOT more negatives (each micro-batch's loss only sees its own batch_size x processes captions).
     grad_accum_steps: int = 1
     sync_batchnorm: bool = False  # multi-GPU: BatchNorm statistics over the global batch (SyncBatchNorm, CUDA only)
+    tensorboard: bool = False  # also mirror metrics.jsonl to RUN/tensorboard/ (rank 0; the `tensorboard` extra)
 
 
 @dataclass
