@@ -84,7 +84,8 @@ def _add_split_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default="val",
                    help="protocol: val (the configured subset, default), val-full (whole val2014), val-heldout "
                         "(validation images outside the subset that chose best.pt), "
-                        "karpathy-test / karpathy-val (with --karpathy), or any split name")
+                        "karpathy-test / karpathy-val / karpathy-test-1k (5 folds of 1,000; with --karpathy), "
+                        "test (a Flickr folder's test split), or any split name")
     p.add_argument("--karpathy", metavar="JSON", help="Karpathy's dataset_coco.json (for --split karpathy-test)")
 
 
@@ -181,7 +182,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate_checkpoint, format_comparison_table, format_recall_table
+    from .evaluate import evaluate_checkpoint, format_comparison_table, format_fold_spread, format_recall_table
     _val_data_override(args)
     cfg = _checkpoint_config(args)
     save = args.save_embeddings
@@ -192,6 +193,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                             compare_zero_shot=args.compare_zero_shot, save_embeddings=save)
     print(f"{m['protocol']}")
     print(format_comparison_table(m) if "zero_shot" in m else format_recall_table(m))
+    if "folds" in m:
+        print(format_fold_spread(m))
     if m.get("skipped_images"):
         print(f"{m['skipped_images']} unreadable image(s) left out (with their captions)")
     for f in m["files"] + ([m["embeddings"]] if "embeddings" in m else []):
@@ -294,11 +297,34 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_download(args: argparse.Namespace) -> int:
     from .data.download import download_coco, next_steps
+    if args.source == "kaggle" or args.dataset != "coco":
+        return _download_kaggle(args)
     results = download_coco(args.out, splits=args.splits, karpathy=args.karpathy, mirror=args.mirror,
                             keep_archives=args.keep_archives, retries=args.retries, progress=not args.quiet)
     for r in results:
         print(f"{r['archive']}: {r['status']} -> {', '.join(r['targets'])}")
     print("\n".join(next_steps(args.out)))
+    return 0
+
+
+def _download_kaggle(args: argparse.Namespace) -> int:
+    """download ... --source kaggle (and Flickr's Karpathy file); the official Flickr images need a form."""
+    from .data.download import COCO_ARCHIVES, DownloadError, download_coco, karpathy_archive, next_steps
+    from .data.kaggle import download_kaggle, official_flickr_message
+    if args.source != "kaggle" and not args.karpathy:
+        raise DownloadError(official_flickr_message(args.dataset, args.out))
+    if args.source == "kaggle":
+        r = download_kaggle(args.dataset, args.out)
+        print(f"{r['handle']}: {r['source']} -> {len(r['linked'])} new link(s) in {r['root']}")
+    if args.karpathy:  # Karpathy's split file from caption_datasets.zip: the published train/val/test
+        split_file = "dataset_coco.json" if args.dataset == "coco" else f"dataset_{args.dataset}.json"
+        download_coco(args.out, splits=(), karpathy=True, mirror=args.mirror, retries=args.retries,
+                      progress=not args.quiet, archives={**COCO_ARCHIVES, "karpathy": karpathy_archive(split_file)})
+        print(f"Karpathy split file: {Path(args.out) / split_file}")
+    if args.source != "kaggle":
+        print(official_flickr_message(args.dataset, args.out))
+    print("\n".join(next_steps(args.out)) if args.dataset == "coco" else
+          f"next:\n  clipft validate --data {args.out}\n  clipft train --data {args.out} --out runs/{args.dataset}")
     return 0
 
 
@@ -627,12 +653,17 @@ def _add_tool_commands(sub) -> None:
 
     _add_report_parser(sub)
 
-    s = sub.add_parser("download", help="fetch MS COCO 2014 into the loader's layout (resumable, verified)")
-    s.add_argument("dataset", choices=["coco"])
+    s = sub.add_parser("download", help="fetch MS COCO 2014 into the loader's layout (resumable, verified), "
+                                        "or a Kaggle copy of COCO / Flickr8k / Flickr30k (--source kaggle)")
+    s.add_argument("dataset", choices=["coco", "flickr8k", "flickr30k"])
+    s.add_argument("--source", choices=["official", "kaggle"], default="official",
+                   help="official hosts (COCO only: the Flickr images need a request form), or the Kaggle copy "
+                        "through kagglehub (pip install 'clipft[kaggle]')")
     s.add_argument("--out", required=True, help="dataset root (gets train2014/, val2014/, annotations/)")
     s.add_argument("--splits", nargs="*", choices=["train", "val", "annotations"],
                    default=["train", "val", "annotations"], help="archives to fetch (default: all three)")
-    s.add_argument("--karpathy", action="store_true", help="also fetch Karpathy's split file -> OUT/dataset_coco.json")
+    s.add_argument("--karpathy", action="store_true", help="also fetch Karpathy's split file -> OUT/dataset_coco.json "
+                   "(flickr8k / flickr30k: OUT/dataset_flickr8k.json / dataset_flickr30k.json)")
     s.add_argument("--mirror", metavar="URL", help="base URL serving zips/train2014.zip, zips/val2014.zip, "
                    "annotations/annotations_trainval2014.zip, caption_datasets.zip (default: the official hosts)")
     s.add_argument("--keep-archives", action="store_true", help="keep the zips in OUT/downloads/ after extracting")

@@ -52,7 +52,7 @@ def _check_choices(section: Any, name: str) -> None:
 
 @dataclass
 class DataConfig:
-    format: str = "auto"  # auto | coco | csv (also TSV) | jsonl | folder  (auto: detected from what --data is)
+    format: str = "auto"  # auto | coco | flickr | csv (also TSV) | jsonl | folder  (auto: detected from what --data is)
     train_split: str = "train"
     val_split: str = "val"
     # CSV/TSV/JSONL column (key) names; "" = auto: the first of filepath/image/file_name/... and

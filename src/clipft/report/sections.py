@@ -101,7 +101,8 @@ def setup_section(run: RunFiles, cfg: dict, summary: dict, epochs: list[dict]) -
 # --------------------------------------------------------------------------- evaluation sections
 
 # Protocol order in the report: training-time subset first, the published-comparable split last.
-_PROTOCOL_ORDER = {"val": 0, "val-full": 1, "val-heldout": 2, "karpathy-val": 3, "karpathy-test": 4}
+_PROTOCOL_ORDER = {"val": 0, "val-full": 1, "val-heldout": 2, "karpathy-val": 3, "karpathy-test": 4,
+                   "karpathy-test-1k": 5, "test": 6}
 
 
 def _metrics_files(root: Path) -> list[tuple[str, dict]]:
@@ -122,6 +123,18 @@ def _comparison_table(metrics: dict) -> list[str]:
         for k, v in metrics[d].items():
             lines.append(f"| {d.replace('_to_', ' -> ')} | {k.split('@')[1]} | {v:.2f} | {zs[d][k]:.2f} | "
                          f"{v - zs[d][k]:+.2f} |")
+    return lines
+
+
+def _fold_spread(metrics: dict) -> list[str]:
+    """The per-fold spread of a protocol with folds (karpathy-test-1k): the table above is the mean."""
+    f = metrics["folds"]
+    lines = ["", f"Mean over {f['count']} folds; the spread across folds (sample std, min-max):", "",
+             "| direction | K | mean | std | min | max |", "|---|---:|---:|---:|---:|---:|"]
+    for d in DIRECTIONS:
+        for k, v in metrics[d].items():
+            lines.append(f"| {d.replace('_to_', ' -> ')} | {k.split('@')[1]} | {v:.2f} | {f['std'][d][k]:.2f} | "
+                         f"{f['min'][d][k]:.2f} | {f['max'][d][k]:.2f} |")
     return lines
 
 
@@ -146,6 +159,8 @@ def retrieval_section(root: Path, final: dict, chosen_by: str = "", figures: dic
                                       "all captions per image")
         lines += [f"### `{split}`", "", f"Protocol: {proto}.", ""]
         lines += _comparison_table(m) if "zero_shot" in m else _recall_table(m)
+        if "folds" in m:
+            lines += _fold_spread(m)
         if m.get("skipped_images"):
             lines += ["", f"{m['skipped_images']} unreadable image(s) were left out with their captions."]
         lines.append("")
