@@ -30,7 +30,10 @@ def saved_embeddings(trained_run, coco_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("eval")
     emb_file = out / "emb.safetensors"
     assert main(["evaluate", "--checkpoint", str(trained_run / "best.pt"), "--data", str(coco_root),
-                 "--out", str(out / "m.json"), "--save-embeddings", str(emb_file), "--quiet"]) == 0
+                 "--out", str(out / "m.json"), "--save-embeddings", str(emb_file), "--quiet",
+                 # The API embeds images in fp32; evaluation's default (train.amp=auto) is bf16 on CPUs
+                 # with native bf16, equal only within bf16 rounding. fp32 against fp32 is the exact check.
+                 "--set", "train.amp=off"]) == 0
     cfg = from_dict(torch.load(trained_run / "best.pt", weights_only=False)["config"])
     split = load_split(coco_root, "val", cfg.data)
     return load_file(str(emb_file)), {r.image_id: r.path for r in split.images}, split

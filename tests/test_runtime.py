@@ -116,3 +116,22 @@ def test_atomic_save_failure_keeps_previous_file(tmp_path):
 def test_hardware_info():
     info = hardware_info(torch.device("cpu"))
     assert info["cpu"] and info["cpu_count"] >= 1 and info["torch"] == torch.__version__
+
+
+def test_overriding_sets_existing_attributes_and_restores_them():
+    import types
+
+    import pytest
+
+    from clipft.runtime import overriding
+    hooks = types.SimpleNamespace(step="real")
+    with overriding(hooks, step="fake") as h:
+        assert h.step == "fake"
+    assert hooks.step == "real"
+    with pytest.raises(AttributeError, match="no stpe"):  # a typo is an error, not a silent new seam
+        with overriding(hooks, stpe="fake"):
+            pass
+    with pytest.raises(KeyError):
+        with overriding(hooks, step="fake"):
+            raise KeyError("restored on errors too")
+    assert hooks.step == "real"

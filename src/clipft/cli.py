@@ -143,17 +143,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare_images(args: argparse.Namespace) -> int:
-    from .data import load_split, prepared_split_dir
-    from .data.prepare import prepare_images
+    from .data.prepare import prepare_split
     _val_data_override(args)
     cfg = _build_config(args)
-    root = Path(args.data)
-    size = args.size or cfg.data.prepared_size
     for split in args.split:
-        data = load_split(root, split, cfg.data)
-        out = prepared_split_dir(root, split, cfg, size)
-        info = prepare_images(data, out, size=size, workers=args.workers, progress=not args.quiet)
-        print(f"{split}: {info['images']} images ({info['bad']} unreadable, skipped) -> {out} "
+        info = prepare_split(args.data, split, cfg, size=args.size, workers=args.workers, progress=not args.quiet)
+        print(f"{split}: {info['images']} images ({info['bad']} unreadable, skipped) -> {info['path']} "
               f"in {info['seconds']:.1f}s")
     return 0
 
@@ -272,14 +267,9 @@ def cmd_visualize(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect_data(args: argparse.Namespace) -> int:
-    from .data import load_split
-    from .pictures import data_samples
-    from .visualize import plot_data_samples
-    cfg = _build_config(args)
-    data = load_split(Path(args.data), args.split, cfg.data)
+    from .pictures import write_data_samples
     out = Path(args.out) if args.out else Path(f"data_samples_{args.split}.png")
-    samples = data_samples(data, args.n, args.seed)
-    plot_data_samples(samples, out, title=f"{args.n} random image-caption pairs of {data.name}")
+    data, samples = write_data_samples(args.data, args.split, _build_config(args), out, n=args.n, seed=args.seed)
     for s in samples:
         print(f"{s['image_id']}: {s['path']}")
         for c in s["captions"]:
@@ -466,10 +456,10 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--out", required=True, help="output .safetensors (embeddings, relative paths, sizes, mtimes)")
     s.add_argument("--batch-size", type=int, default=64)
     s.add_argument("--workers", type=int, default=None, help="decoding processes (default: CPUs - 1, at most 8)")
-    s.add_argument("--device", default="auto")
+    _add_device(s)
     s.add_argument("--backend", choices=["torch", "onnx"], default="torch",
                    help="onnx: the export folder's image_tower.onnx with onnxruntime (CPU)")
-    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_quiet(s, "no progress bar")
     s.set_defaults(func=cmd_embed)
 
 
@@ -496,7 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="clipft", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
-    # Three groups, in the order `clipft --help` lists the commands.
+    # Four groups, in the order `clipft --help` lists the commands.
     _add_data_and_train_commands(sub)
     _add_checkpoint_commands(sub)
     _add_tool_commands(sub)
