@@ -203,7 +203,8 @@ def test_training_reads_the_prepared_cache(coco_root, tiny_clip_dir, tmp_path, c
     seen.clear()
     caplog.clear()
     args = small_args(tiny_clip_dir, 1, ["--set", "data.prepared=false"])
-    assert main(["train", "--data", str(root), "--out", str(tmp_path / "run2"), *args]) == 0
+    with train_mod.use_hooks(step=spy):
+        assert main(["train", "--data", str(root), "--out", str(tmp_path / "run2"), *args]) == 0
     # JPEG path: workers decode and crop to 32 px uint8; the device transform only normalises.
     assert seen and all(d == torch.uint8 and side == 32 and has_tf for d, side, has_tf in seen)
     assert "prepared cache" not in caplog.text

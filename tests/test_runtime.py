@@ -196,3 +196,14 @@ def test_overriding_sets_existing_attributes_and_restores_them():
         with overriding(hooks, step="fake"):
             raise KeyError("restored on errors too")
     assert hooks.step == "real"
+
+
+def test_auto_keeps_small_cpu_images_in_fp32():
+    """Below 64 px a ResNet's last stages run on 1x1 maps, where oneDNN's bf16 stride-2 convolution
+    gives wrong weight gradients: auto stays fp32 there; bf16 can still be forced."""
+    from clipft.runtime import CPU_BF16_MIN_SIZE, select_precision
+    cpu = torch.device("cpu")
+    small = select_precision(cpu, "auto", cpu_bf16=True, image_size=CPU_BF16_MIN_SIZE - 1)
+    assert small.dtype is None and "below 64 px" in small.reason
+    assert select_precision(cpu, "auto", cpu_bf16=True, image_size=CPU_BF16_MIN_SIZE).dtype == torch.bfloat16
+    assert select_precision(cpu, "bf16", image_size=32).dtype == torch.bfloat16

@@ -342,7 +342,7 @@ def checkpoint_embeddings(checkpoint: str | Path, data_root: str | Path, split: 
         raise ModelError(f"{checkpoint}: image tower outputs {model.embed_dim}-d embeddings but text encoder "
                          f"{cfg.text.encoder!r} gives {text_emb.shape[1]}-d")
     model = model.to(dev)
-    emb, rows = embed_images(model, es.data, cfg, dev, amp_dtype_for(dev, cfg.train.amp), progress=progress)
+    emb, rows = embed_images(model, es.data, cfg, dev, amp_dtype_for(dev, cfg.train.amp, cfg.data.image_size), progress=progress)
     # Every consumer (recall, zero-shot, pictures, report) goes through here: refuse NaN/inf once.
     check_finite(emb, text_emb if text_emb is not None else emb[:0],
                  where=f"{checkpoint} on split {es.name!r}")

@@ -66,8 +66,14 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
+# Below this input size a ResNet's last stages run on 1x1 maps, where PyTorch 2.14's oneDNN bf16
+# stride-2 convolution gives random weight gradients (reproduced on this project's CPUs): auto keeps
+# such small CPU runs (tests, smoke runs) in fp32. train.amp=bf16 still forces bf16.
+CPU_BF16_MIN_SIZE = 64
+
+
 def select_precision(device: torch.device, amp: str | bool = "auto", channels_last: bool = True,
-                     cpu_bf16: bool | None = None) -> Precision:
+                     cpu_bf16: bool | None = None, image_size: int | None = None) -> Precision:
     """The precision a run uses on `device` for `train.amp` = auto | bf16 | fp16 | off.
 
     auto: CUDA -> bf16 where the GPU supports it, else fp16 (with a GradScaler in training);
@@ -75,6 +81,7 @@ def select_precision(device: torch.device, amp: str | bool = "auto", channels_la
     else fp32. bf16 forces bf16 (CPU autocast emulates it where the CPU lacks it: slow but valid);
     fp16 is CUDA only. channels_last=False keeps NCHW. cpu_bf16 overrides the CPU check (tests, and
     the benchmark's fp32-vs-auto comparison); None asks PyTorch. Bools are read as auto/off.
+    image_size (training/evaluation images): auto stays fp32 on a CPU below CPU_BF16_MIN_SIZE px.
     """
     if isinstance(amp, bool):
         amp = "auto" if amp else "off"
@@ -95,14 +102,17 @@ def select_precision(device: torch.device, amp: str | bool = "auto", channels_la
     if amp == "bf16":
         return Precision(torch.bfloat16, channels_last, "train.amp=bf16: bf16 autocast on the CPU")
     native = cpu_has_native_bf16() if cpu_bf16 is None else cpu_bf16
+    if native and image_size is not None and image_size < CPU_BF16_MIN_SIZE:
+        return Precision(None, False, f"auto: fp32 below {CPU_BF16_MIN_SIZE} px on the CPU (oneDNN's bf16 "
+                                      "stride-2 convolutions on 1x1 feature maps give wrong weight gradients)")
     if native:
         return Precision(torch.bfloat16, channels_last, "auto: this CPU has native bf16")
     return Precision(None, False, "auto: this CPU has no native bf16, fp32")
 
 
-def amp_dtype_for(device: torch.device, amp: str | bool = "auto") -> torch.dtype | None:
+def amp_dtype_for(device: torch.device, amp: str | bool = "auto", image_size: int | None = None) -> torch.dtype | None:
     """The autocast dtype `select_precision` picks (None = fp32)."""
-    return select_precision(device, amp).dtype
+    return select_precision(device, amp, image_size=image_size).dtype
 
 
 def is_out_of_memory(error: BaseException) -> bool:

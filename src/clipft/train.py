@@ -415,7 +415,8 @@ def setup_runtime(cfg: Config, ctx: distributed.DistContext, run: RunFiles) -> R
     if ctx.is_main and not os.access(run.root, os.W_OK):
         raise TrainingError(f"{run.root}: the run directory is not writable; use another --out")
     seed_everything(cfg.train.seed + ctx.rank)  # rank 0 = the single-process seed; others differ (augmentation)
-    rt = Runtime(ctx, ctx.device, select_precision(ctx.device, cfg.train.amp, cfg.train.channels_last))
+    rt = Runtime(ctx, ctx.device, select_precision(ctx.device, cfg.train.amp, cfg.train.channels_last,
+                                                          image_size=cfg.data.image_size))
     log.info("precision: %s%s (%s)", rt.precision.name, " + channels_last" if rt.precision.channels_last else "",
              rt.precision.reason)
     if rt.device.type == "cuda":
