@@ -198,13 +198,16 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_prepare_images(args: argparse.Namespace) -> int:
     from .data import load_split, prepared_split_dir
-    from .data.prepare import prepare_images
+    from .data.prepare import default_size, prepare_images
     _val_data_override(args)
     cfg = _build_config(args)
     root = Path(args.data)
-    size = args.size or cfg.data.prepared_size
     for split in args.split:
         data = load_split(root, split, cfg.data)
+        size = args.size or default_size(data, cfg.data.prepared_size)
+        if size != cfg.data.prepared_size:  # training looks for data.prepared_size: say how to point it here
+            print(f"{split}: preparing at {size} px; train with --set data.prepared_size={size} to read it"
+                  + (f" (and data.image_size <= {size})" if size < cfg.data.image_size else ""))
         out = prepared_split_dir(root, split, cfg, size)
         info = prepare_images(data, out, size=size, workers=args.workers, progress=not args.quiet)
         print(f"{split}: {info['images']} images ({info['bad']} unreadable, skipped) -> {out} "
@@ -236,8 +239,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _remove_if_empty(folder: Path | None) -> None:
-    """A run directory this command created and left with nothing in it (a failed start) goes again."""
-    if folder is not None and folder.is_dir() and not any(folder.iterdir()):
+    """A run directory this command created and left holding nothing but its config (a failed start)
+    goes again: a rerun must not resume the config that failed."""
+    if folder is not None and folder.is_dir() and {p.name for p in folder.iterdir()} <= {"config.json"}:
         shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 KARPATHY_PREFIX = "karpathy-"
 VAL_PROTOCOLS = ("val", "val-full", "val-heldout")  # drawn from the dataset's validation split
 KARPATHY_SPLITS = ("test", "val", "train", "restval")  # the values of `split` in dataset_coco.json
+PROTOCOLS = VAL_PROTOCOLS + ("karpathy-test", "karpathy-val")  # and any split name of the dataset
+KARPATHY_5K = 5000  # images in each of Karpathy's COCO test and val splits
 
 
 @dataclass
@@ -114,12 +116,17 @@ def protocol_description(name: str, data: CaptionedImages) -> str:
     """One line naming the protocol and its size, e.g. for the report's Recall@K table."""
     n, m = len(data), len(data.caption_ids)
     subset = ":subset=" in data.name
+    # Named from the real counts: only a 5,000-image Karpathy split is the published "COCO 5k" protocol.
+    five_k = n == KARPATHY_5K
     kind = {
         "val": "validation subset (as during training)" if subset else "full validation split (as during training)",
         "val-full": "full validation split",
         "val-heldout": "validation images held out from checkpoint selection",
-        "karpathy-test": "Karpathy COCO 5k test split (the split published COCO numbers use)",
-        "karpathy-val": "Karpathy COCO 5k validation split",
+        "karpathy-test": ("Karpathy COCO 5k test split (the split published COCO numbers use)" if five_k else
+                          f"Karpathy-format test split ({n} images, not the 5,000-image COCO 5k protocol: "
+                          "not comparable with published numbers)"),
+        "karpathy-val": ("Karpathy COCO 5k validation split" if five_k else
+                         f"Karpathy-format validation split ({n} images, not the 5,000-image COCO 5k split)"),
     }.get(name, f"split {name!r}")
     return f"{kind}: {n} images x {m} captions, all captions per image ({data.name})"
 
@@ -138,7 +145,13 @@ def resolve_eval_split(data_root: str | Path, split: str, cfg: Config, karpathy:
     elif split == "val-heldout":
         data = heldout_val(load_split(data_root, cfg.data.val_split, _without_val_subset(cfg).data), cfg)
     else:
-        data = load_split(data_root, split, cfg.data)
+        try:
+            data = load_split(data_root, split, cfg.data)
+        except DataError as e:
+            if split in (cfg.data.train_split, cfg.data.val_split):
+                raise
+            raise DataError(f"{e} (--split {split} is read as a split name of the dataset; the protocols are "
+                            f"{', '.join(PROTOCOLS)})") from None
     return EvalSplit(data=data, name=split, protocol=protocol_description(split, data))
 
 

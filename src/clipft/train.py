@@ -30,8 +30,10 @@ from .health import HealthMonitor, pairwise_cosine
 from .loss import chance_loss, clip_loss
 from .model import build_image_tower, count_parameters, ensure_image_weights, parameter_parts, tower_state
 from .runfiles import RunFiles, read_records, write_epochs_csv
-from .runtime import amp_dtype_for, atomic_torch_save, hardware_info, rng_state, seed_everything, set_rng_state
+from .runtime import (amp_dtype_for, atomic_torch_save, hardware_info, rng_state, seed_everything, set_rng_state,
+                      worker_count)
 from .text import get_text_embeddings, load_text_encoder
+from .data.caches import unused_prepared_note
 from .data.prepare import DeviceTransform, PreparedDataset, PreparedImages, PreparedLoader
 from .data.validate import preflight
 
@@ -183,6 +185,9 @@ def open_prepared_train(cfg: Config, data_root: str | Path, train: CaptionedImag
         return None
     prepared = PreparedImages.open(prepared_split_dir(data_root, cfg.data.train_split, cfg))
     if prepared is None:
+        note = unused_prepared_note(data_root, cfg.data.train_split, cfg)  # one at another size: say so
+        if note:
+            log.warning("%s", note)
         return None
     if cfg.data.augment and (cfg.data.flip == "swap" or cfg.data.color_jitter > 0):
         log.info("prepared images found, but data.flip=swap / data.color_jitter need the JPEG path")
@@ -213,7 +218,7 @@ def make_train_loader(ds: TrainDataset | PreparedDataset, cfg: Config, epoch: in
     if isinstance(ds, PreparedDataset):
         # A prepared batch is one memcpy: a reader thread beats worker processes (see PreparedLoader).
         return PreparedLoader(ds, indices, cfg.train.batch_size, pin_memory=device.type == "cuda")
-    return DataLoader(ds, batch_size=cfg.train.batch_size, sampler=indices, num_workers=cfg.data.num_workers,
+    return DataLoader(ds, batch_size=cfg.train.batch_size, sampler=indices, num_workers=worker_count(cfg.data.num_workers),
                       collate_fn=collate_train, pin_memory=device.type == "cuda")
 
 

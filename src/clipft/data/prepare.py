@@ -49,6 +49,24 @@ def _square(img: Image.Image, size: int) -> np.ndarray:
     return np.asarray(CenterSquareResize(size)(img), dtype=np.uint8)
 
 
+def default_size(split: CaptionedImages, cap: int = 256, sample: int = 500, seed: int = 0) -> int:
+    """`clipft prepare-images`' default side: `cap` (data.prepared_size), or the smallest short side
+    among up to `sample` images of the split (headers only) when that is smaller, so small images
+    are never upscaled into a bigger cache. Unreadable images are skipped (prepare_images counts them)."""
+    rng = np.random.default_rng(seed)
+    paths = [r.path for r in split.images]
+    if len(paths) > sample:
+        paths = [paths[i] for i in sorted(rng.choice(len(paths), sample, replace=False))]
+    sides = []
+    for path in paths:
+        try:
+            with Image.open(path) as img:
+                sides.append(min(img.size))
+        except (OSError, ValueError):
+            continue
+    return min([cap] + sides)
+
+
 def _work(args: tuple) -> tuple[int, list[tuple[int, str | None]]]:
     """Worker: decode a chunk of images straight into the shared memmap; returns bad rows."""
     chunk_id, start, paths, array_path, n, size = args
