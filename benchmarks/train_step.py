@@ -1,5 +1,5 @@
 """Images/s of the full training step (ResNet50 + head, loss, backward, clip, AdamW): clipft's
-`train.train_step` (bf16 autocast + channels_last on CUDA, optional torch.compile) against a plain
+`step.train_step` (bf16 autocast + channels_last on CUDA, optional torch.compile) against a plain
 fp32 NCHW step, same model, same batch, same process.
 
 On a CPU both paths run fp32 NCHW (AMP and channels_last are CUDA features here), so the ratio is ~1
@@ -20,7 +20,8 @@ from clipft.config import ModelConfig
 from clipft.loss import clip_loss
 from clipft.model import build_image_tower
 from clipft.runtime import amp_dtype_for
-from clipft.train import build_optimizer, train_step
+from clipft.step import train_step
+from clipft.train import build_optimizer
 
 
 def sync(device: torch.device) -> None:

@@ -213,20 +213,20 @@ def tiny_study(tmp_path, tiny_clip_dir):
     return base, mine
 
 
-def test_study_resumes_without_rerunning_and_outputs_agree(coco_root, tiny_study, tmp_path, monkeypatch, capsys):
+def test_study_resumes_without_rerunning_and_outputs_agree(coco_root, tiny_study, tmp_path, capsys):
     base, mine = tiny_study
     out = tmp_path / "study"
     argv = ["ablate", "--data", str(coco_root), "--out", str(out), "--base-config", str(base),
             "--configs", "wide", "--configs-file", str(mine), "--seeds", "0", "1", "--quiet"]
-    real_train, real_loader = train_mod.train, train_mod.make_train_loader
+    real_loader = train_mod.make_train_loader
 
     # 1. Interrupted in the third run (wide, seed 0) at the start of its epoch 2.
     def crash(ds, cfg, epoch, device):
         if cfg.model.head_hidden == 64 and cfg.train.seed == 0 and epoch == 2:
             raise KeyboardInterrupt
         return real_loader(ds, cfg, epoch, device)
-    monkeypatch.setattr(train_mod, "make_train_loader", crash)
-    assert main(argv) == 130
+    with train_mod.use_hooks(make_loader=crash):
+        assert main(argv) == 130
     runs = out / "runs"
     assert (runs / "baseline" / "seed_1" / "summary.json").is_file()
     assert not (runs / "wide" / "seed_0" / "summary.json").exists()
@@ -236,16 +236,14 @@ def test_study_resumes_without_rerunning_and_outputs_agree(coco_root, tiny_study
     # 2. Rerun: only the unfinished runs train; the partial one continues from its epoch 1.
     calls, epochs_asked = [], []
 
-    def counting_train(cfg, data_root, out_dir, **kw):
+    def counting_train(cfg, out_dir):
         calls.append((cfg.model.head_hidden, cfg.train.seed))
-        return real_train(cfg, data_root, out_dir, **kw)
 
     def loader(ds, cfg, epoch, device):
         epochs_asked.append((cfg.train.seed, epoch))
         return real_loader(ds, cfg, epoch, device)
-    monkeypatch.setattr(train_mod, "train", counting_train)
-    monkeypatch.setattr(train_mod, "make_train_loader", loader)
-    assert main(argv) == 0
+    with train_mod.use_hooks(started=counting_train, make_loader=loader):
+        assert main(argv) == 0
     assert calls == [(64, 0), (64, 1)]
     assert epochs_asked == [(0, 2), (1, 1), (1, 2)]
     assert [r["epoch"] for r in read_records(runs / "wide" / "seed_0" / "metrics.jsonl", "epoch")] == [1, 2]
@@ -254,7 +252,8 @@ def test_study_resumes_without_rerunning_and_outputs_agree(coco_root, tiny_study
     calls.clear()
     for name in ("ablation.md", "ablation.csv", "ablation_recall.png", "ablation_curves.png", "ablation.json"):
         (out / name).unlink()
-    assert main(argv) == 0
+    with train_mod.use_hooks(started=counting_train):
+        assert main(argv) == 0
     assert calls == []
     printed = capsys.readouterr().out
     assert "| `wide` |" in printed and "4/4 runs ok" in printed

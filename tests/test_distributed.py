@@ -333,10 +333,9 @@ def _train_runs(main, train_mod, ports, data, text_dir, runs) -> dict:
         if epoch == 2:
             raise KeyboardInterrupt
         return real(ds, cfg, epoch, device)
-    train_mod.make_train_loader = crash_at_epoch_2
     os.environ["MASTER_PORT"] = str(ports[1])  # a fresh rendezvous per launch, as torchrun would
-    codes["b_killed"] = main(["train", "--data", data, "--out", f"{runs}/b", *_train_args(text_dir)])
-    train_mod.make_train_loader = real
+    with train_mod.use_hooks(make_loader=crash_at_epoch_2):
+        codes["b_killed"] = main(["train", "--data", data, "--out", f"{runs}/b", *_train_args(text_dir)])
     os.environ["MASTER_PORT"] = str(ports[2])
     codes["b_resumed"] = main(["train", "--data", data, "--out", f"{runs}/b", "--quiet"])
     return codes

@@ -100,7 +100,6 @@ def crafted_run(coco_root, tiny_clip_dir, tmp_path_factory):
     - validation recall forced to fall every epoch while the train loss is forced to fall: overfitting.
     """
     run = tmp_path_factory.mktemp("health") / "run"
-    mp = pytest.MonkeyPatch()
     real_build, real_loss = train_mod.build_image_tower, train_mod.clip_loss
 
     def constant_tower(cfg, embed_dim):
@@ -116,19 +115,14 @@ def crafted_run(coco_root, tiny_clip_dir, tmp_path_factory):
         return {k: v * factor for k, v in real_loss(img, txt, scale, **kw).items()}
 
     recalls = iter([40.0, 30.0, 20.0, 10.0])
-    mp.setattr(train_mod, "build_image_tower", constant_tower)
-    mp.setattr(train_mod, "clip_loss", shrinking_loss)
-    mp.setattr(train_mod, "mean_recall", lambda val, k: next(recalls))
     args = ["--set", f"text.encoder={tiny_clip_dir}", "--set", "train.epochs=4", "--set", "train.batch_size=8",
             "--set", "train.max_steps_per_epoch=1", "--set", "train.warmup_steps=1", "--set", "train.log_every=1",
             "--set", "model.backbone=resnet18", "--set", "model.image_weights=none", "--set", "model.head_hidden=16",
             "--set", "model.learnable_temperature=true", "--set", "model.max_logit_scale=10",
             "--set", "data.image_size=32", "--set", "data.num_workers=0", "--set", "data.val_images=8",
             "--set", "train.device=cpu", "--quiet"]
-    try:
+    with train_mod.use_hooks(build_tower=constant_tower, loss=shrinking_loss, metric=lambda val, k: next(recalls)):
         assert main(["train", "--data", str(coco_root), "--out", str(run), *args]) == 0
-    finally:
-        mp.undo()
     return run
 
 

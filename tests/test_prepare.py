@@ -169,7 +169,7 @@ def test_device_transform_normalises_and_augments():
     assert 0 < int(left_bright.sum()) < 8  # some samples flipped, some not
 
 
-def test_training_reads_the_prepared_cache(coco_root, tiny_clip_dir, tmp_path, caplog, monkeypatch):
+def test_training_reads_the_prepared_cache(coco_root, tiny_clip_dir, tmp_path, caplog):
     """`clipft prepare-images` then `clipft train`: batches come from the uint8 cache (no JPEG decoding),
     the run learns a finite loss, and turning the cache off falls back to JPEGs."""
     import logging
@@ -189,10 +189,10 @@ def test_training_reads_the_prepared_cache(coco_root, tiny_clip_dir, tmp_path, c
     def spy(model, micro, *a, **kw):
         seen.append((micro[0][0].dtype, micro[0][0].shape[1], kw.get("transform") is not None))
         return real(model, micro, *a, **kw)
-    monkeypatch.setattr(train_mod, "train_step", spy)
     caplog.set_level(logging.INFO, logger="clipft.train")
     args = small_args(tiny_clip_dir, 1, ["--set", "data.prepared_size=40", "--set", "data.augment=true"])
-    assert main(["train", "--data", str(root), "--out", str(tmp_path / "run"), *args]) == 0
+    with train_mod.use_hooks(step=spy):
+        assert main(["train", "--data", str(root), "--out", str(tmp_path / "run"), *args]) == 0
     # Prepared rows are 40 px squares; the device transform crops/resizes them to data.image_size (32).
     assert seen and all(d == torch.uint8 and side == 40 and has_tf for d, side, has_tf in seen)
     assert "prepared cache" in caplog.text

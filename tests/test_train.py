@@ -9,7 +9,7 @@ import torch
 
 from clipft import train as train_mod
 from clipft.cli import main
-from clipft.config import Config, apply_overrides
+from clipft.config import Config, ConfigError, apply_overrides, load_config
 from clipft.model import load_image_tower
 from clipft.runfiles import read_records
 from clipft.train import build_optimizer, cosine_with_warmup
@@ -91,7 +91,7 @@ STOCHASTIC = ["--set", "data.augment=true", "--set", "model.head_dropout=0.2", "
 
 
 @pytest.mark.parametrize("extra", [(), STOCHASTIC], ids=["plain", "augment-dropout-workers"])
-def test_resume_continues_exactly(coco_root, tiny_clip_dir, tmp_path, monkeypatch, extra):
+def test_resume_continues_exactly(coco_root, tiny_clip_dir, tmp_path, extra):
     # Uninterrupted 3 epochs.
     a = tmp_path / "a"
     assert main(["train", "--data", str(coco_root), "--out", str(a), *small_args(tiny_clip_dir, 3, extra)]) == 0
@@ -103,10 +103,9 @@ def test_resume_continues_exactly(coco_root, tiny_clip_dir, tmp_path, monkeypatc
         if epoch == 2:
             raise KeyboardInterrupt
         return real(ds, cfg, epoch, device)
-    monkeypatch.setattr(train_mod, "make_train_loader", crash_at_epoch_2)
-    assert main(["train", "--data", str(coco_root), "--out", str(b), *small_args(tiny_clip_dir, 3, extra)]) == 130
+    with train_mod.use_hooks(make_loader=crash_at_epoch_2):
+        assert main(["train", "--data", str(coco_root), "--out", str(b), *small_args(tiny_clip_dir, 3, extra)]) == 130
     assert torch.load(b / "last.pt", weights_only=False)["epoch"] == 1
-    monkeypatch.setattr(train_mod, "make_train_loader", real)
     # Rerun into the same directory with no overrides at all: config.json is the base.
     assert main(["train", "--data", str(coco_root), "--out", str(b), "--quiet"]) == 0
     sa, sb = _final_state(a), _final_state(b)
@@ -118,7 +117,7 @@ def test_resume_continues_exactly(coco_root, tiny_clip_dir, tmp_path, monkeypatc
 
 
 @pytest.mark.parametrize("log_every", [1, 100])  # 100: the verdict is only read at the epoch's end
-def test_nan_guard_stops_and_keeps_last_checkpoint(coco_root, tiny_clip_dir, tmp_path, monkeypatch, capsys,
+def test_nan_guard_stops_and_keeps_last_checkpoint(coco_root, tiny_clip_dir, tmp_path, capsys,
                                                    log_every):
     run = tmp_path / "nan"
     real_loss = train_mod.clip_loss
@@ -130,10 +129,10 @@ def test_nan_guard_stops_and_keeps_last_checkpoint(coco_root, tiny_clip_dir, tmp
         if state["calls"] > 2:  # the first epoch has 2 steps at this size
             out = {k: v * float("nan") for k, v in out.items()}
         return out
-    monkeypatch.setattr(train_mod, "clip_loss", nan_after_first_epoch)
     args = small_args(tiny_clip_dir, 3, ["--set", "train.max_bad_steps=2", "--set", "train.max_steps_per_epoch=2",
                                          "--set", f"train.log_every={log_every}"])
-    assert main(["train", "--data", str(coco_root), "--out", str(run), *args]) == 2
+    with train_mod.use_hooks(loss=nan_after_first_epoch):
+        assert main(["train", "--data", str(coco_root), "--out", str(run), *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "diverged" in err[0] and "last.pt" in err[0]
     ckpt = torch.load(run / "last.pt", weights_only=False)
@@ -180,11 +179,11 @@ def test_optimizer_part_groups_with_backbone_lr_ratio():
     assert len(ids) == len(set(ids))
     assert set(ids) == {id(p) for p in m.parameters() if p.requires_grad}  # frozen stages left out
     assert any(p is m.pool.positional_embedding for p in groups["head/decay"]["params"])  # new: head rate
-    with pytest.raises(train_mod.TrainingError, match="backbone_lr_ratio"):
-        build_optimizer(m, 1e-3, 0.1, backbone_lr_ratio=-1)
+    with pytest.raises(ConfigError, match="backbone_lr_ratio"):  # the schema's range, before any work
+        load_config(None, ["train.backbone_lr_ratio=-1"])
 
 
-def test_backbone_frozen_for_first_epoch_then_trains_and_resumes(coco_root, tiny_clip_dir, tmp_path, monkeypatch):
+def test_backbone_frozen_for_first_epoch_then_trains_and_resumes(coco_root, tiny_clip_dir, tmp_path):
     """train.freeze_backbone_epochs=1: after epoch 1 the backbone (weights AND BatchNorm running
     statistics) is bit-identical to its initialisation while the head moved; epoch 2, reached by
     resuming, trains it."""
@@ -200,17 +199,15 @@ def test_backbone_frozen_for_first_epoch_then_trains_and_resumes(coco_root, tiny
         if epoch == 2:
             raise KeyboardInterrupt
         return real_loader(ds, cfg, epoch, device)
-    monkeypatch.setattr(train_mod, "build_image_tower", build)
-    monkeypatch.setattr(train_mod, "make_train_loader", crash_at_epoch_2)
     run = tmp_path / "freeze"
     args = small_args(tiny_clip_dir, 2, ["--set", "train.freeze_backbone_epochs=1"])
-    assert main(["train", "--data", str(coco_root), "--out", str(run), *args]) == 130
+    with train_mod.use_hooks(build_tower=build, make_loader=crash_at_epoch_2):
+        assert main(["train", "--data", str(coco_root), "--out", str(run), *args]) == 130
     s1 = _final_state(run)
     backbone = [k for k in s1 if k.startswith("backbone.")]
     assert any("running_mean" in k for k in backbone)
     assert all(torch.equal(s1[k], init[k]) for k in backbone)
     assert not torch.equal(s1["head.net.0.weight"], init["head.net.0.weight"])
-    monkeypatch.setattr(train_mod, "make_train_loader", real_loader)
     assert main(["train", "--data", str(coco_root), "--out", str(run), "--quiet"]) == 0
     s2 = _final_state(run)
     assert not torch.equal(s2["backbone.conv1.weight"], init["backbone.conv1.weight"])
@@ -443,7 +440,7 @@ def test_run_that_diverges_through_the_forward_pass_stops_without_perfect_recall
         assert any(w["kind"] == "diverged" for w in read_records(run / "metrics.jsonl", "warning"))
 
 
-def test_nan_in_the_forward_pass_is_diverged_not_best(coco_root, tiny_clip_dir, tmp_path, capsys, monkeypatch):
+def test_nan_in_the_forward_pass_is_diverged_not_best(coco_root, tiny_clip_dir, tmp_path, capsys):
     """Weights turned NaN after epoch 1 (the forward pass then makes NaN embeddings): epoch 2 is never
     best, last.pt/best.pt keep epoch 1, the exit status is 2 with one line."""
     run = tmp_path / "nanfwd"
@@ -451,14 +448,14 @@ def test_nan_in_the_forward_pass_is_diverged_not_best(coco_root, tiny_clip_dir, 
 
     def poison_after_epoch_1(model, *a, **k):
         calls["n"] += 1
-        if calls["n"] == 3:  # epoch 2's first step (2 steps per epoch at this size)
+        if calls["n"] == 4:  # epoch 2's first step (24 images / batch 8 = 3 steps per epoch)
             with torch.no_grad():
                 for m in model.modules():
                     if isinstance(m, torch.nn.BatchNorm2d):
                         m.running_var.fill_(float("nan"))
         return real(model, *a, **k)
-    monkeypatch.setattr(train_mod, "train_step", poison_after_epoch_1)
-    assert main(["train", "--data", str(coco_root), "--out", str(run), *small_args(tiny_clip_dir, 3)]) == 2
+    with train_mod.use_hooks(step=poison_after_epoch_1):
+        assert main(["train", "--data", str(coco_root), "--out", str(run), *small_args(tiny_clip_dir, 3)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "diverged in epoch 2" in err[0]
     for name in ("last.pt", "best.pt"):

@@ -186,7 +186,10 @@ def plan_study(base: Config, configs: dict[str, dict], seeds: Sequence[int], out
         raise AblationError(f"--seeds: repeated seed in {list(seeds)}")
     runs = []
     for name, overrides in configs.items():
-        cfg0 = update_from_dict(from_dict(to_dict(base)), overrides, source=f"configuration {name}")
+        try:  # a value outside the schema's choices is refused as it is set
+            cfg0 = update_from_dict(from_dict(to_dict(base)), overrides, source=f"configuration {name}")
+        except ConfigError as e:
+            raise AblationError(str(e)) from None
         validate_config(cfg0, f"configuration {name}")
         for seed in seeds:
             cfg = from_dict(to_dict(cfg0))

@@ -1,25 +1,50 @@
 """Typed configuration: nested dataclasses, YAML files and `section.key=value` overrides.
 
 Every key has a default whose type is the contract: a YAML file or an override that names an
-unknown key, or gives a value that does not parse as the default's type, is a `ConfigError`.
+unknown key, or gives a value that does not parse as the default's type, is a `ConfigError`. The
+schema owns the allowed values: `Literal[...]` types list the choices (checked when a value is set
+and when a section is constructed), `validate` checks the ranges whenever a config is built.
 The resolved config is written as JSON into every run directory (`to_dict`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 
 class ConfigError(ValueError):
     """A config file or override that does not fit the schema."""
+
+
+# The choices of the string-valued keys: the one list each (data.FLIP_MODES, model.HEAD_NORMS and
+# model.POOLINGS are these). data.format and model.backbone are checked by the registries that own them.
+Flip = Literal["plain", "swap", "off"]
+LeakCheck = Literal["error", "warn", "off"]
+OnMismatch = Literal["rebuild", "error"]
+ImageWeights = Literal["imagenet", "none"]
+HeadNorm = Literal["none", "batchnorm", "layernorm"]
+Pooling = Literal["avg", "attention"]
+
+
+def choices(tp: Any) -> tuple[str, ...]:
+    """The allowed values of a Literal type."""
+    return tuple(typing.get_args(tp))
+
+
+def _check_choices(section: Any, name: str) -> None:
+    """ConfigError for a Literal-typed field of `section` holding a value outside its choices."""
+    for key, tp in _field_types(type(section)).items():
+        if typing.get_origin(tp) is Literal and getattr(section, key) not in choices(tp):
+            raise ConfigError(f"{name}.{key} must be one of {', '.join(choices(tp))}, got {getattr(section, key)!r}")
 
 
 @dataclass
@@ -35,7 +60,7 @@ class DataConfig:
     # CSV/JSONL/folder data without val_path: this fraction of the IMAGES (never single captions)
     # becomes the validation split, drawn with subset_seed. COCO keeps its own train/val layout.
     val_fraction: float = 0.1
-    leak_check: str = "error"  # error | warn | off: images in both train and val (by content hash)
+    leak_check: LeakCheck = "error"  # images in both train and val (by content hash): error | warn | off
     image_size: int = 224
     train_images: int = 0  # 0 = the whole split; else a seeded random subset of images
     val_images: int = 0
@@ -44,7 +69,7 @@ class DataConfig:
     # Horizontal flip under augment: plain = flip the image only (a caption saying "left" becomes
     # wrong), swap = flip and use the caption with left/right swapped (its own cached embedding),
     # off = no flip (crop only).
-    flip: str = "plain"
+    flip: Flip = "plain"
     # Use the decode-once uint8 image cache written by `clipft prepare-images` when it exists
     # (<cache dir>/images/<split>-<prepared_size>/); JPEG decoding otherwise.
     prepared: bool = True
@@ -55,6 +80,9 @@ class DataConfig:
     mean: tuple[float, ...] = (0.48145466, 0.4578275, 0.40821073)
     std: tuple[float, ...] = (0.26862954, 0.26130258, 0.27577711)
 
+    def __post_init__(self) -> None:
+        _check_choices(self, "data")
+
 
 @dataclass
 class TextConfig:
@@ -62,24 +90,30 @@ class TextConfig:
     max_length: int = 77
     batch_size: int = 256
     cache_dir: str = ""  # "" = <data root>/cache
-    on_mismatch: str = "rebuild"  # rebuild | error: what to do with a cache built from other captions/encoder
+    on_mismatch: OnMismatch = "rebuild"  # rebuild | error: what to do with a cache built from other captions/encoder
+
+    def __post_init__(self) -> None:
+        _check_choices(self, "text")
 
 
 @dataclass
 class ModelConfig:
     backbone: str = "resnet50"  # resnet18 | resnet34 | resnet50 | resnet101
-    image_weights: str = "imagenet"  # imagenet | none
+    image_weights: ImageWeights = "imagenet"
     head_hidden: int = 1024
     head_layers: int = 2  # linear layers in the head; hidden widths head_hidden, head_hidden/2, ...
-    head_norm: str = "none"  # none | batchnorm | layernorm: after each hidden linear layer
+    head_norm: HeadNorm = "none"  # after each hidden linear layer
     head_dropout: float = 0.0  # dropout after each hidden activation; 0 = none
     head_residual: bool = False  # head(x) = MLP(x) + W x (a learned linear shortcut)
-    pooling: str = "avg"  # avg | attention (CLIP-style QKV attention pooling over the final feature map)
+    pooling: Pooling = "avg"  # attention: CLIP-style QKV attention pooling over the final feature map
     trainable_stages: int = -1  # -1 = whole backbone; N = only its last N of (stem, layer1..layer4)
     freeze_bn_stats: bool = False  # backbone BatchNorm layers keep their running statistics (eval mode)
     temperature: float = 0.07
     learnable_temperature: bool = False
     max_logit_scale: float = 100.0  # clamp: 1/tau never exceeds this
+
+    def __post_init__(self) -> None:
+        _check_choices(self, "model")
 
 
 @dataclass
@@ -130,8 +164,7 @@ class Config:
 # --------------------------------------------------------------------------- allowed values
 # Ranges and choices live here, beside the schema, and are checked whenever a config is built
 # (`load_config`, `from_dict`), before any work starts. (lo, hi) bounds are inclusive; None = open.
-# A key missing here takes any value of its type; some choices (data.format, model.backbone) are
-# checked by the module that owns the registry (data formats, model.BACKBONES), with its own list.
+# A key missing here takes any value of its type; choices are the Literal types of the schema above.
 _RANGES: dict[str, tuple[float | None, float | None]] = {
     "data.val_fraction": (0.0, 0.9), "data.image_size": (16, 4096), "data.train_images": (0, None),
     "data.val_images": (0, None), "data.subset_seed": (0, None), "data.prepared_size": (16, 4096),
@@ -148,11 +181,6 @@ _RANGES: dict[str, tuple[float | None, float | None]] = {
 }
 # Strictly positive (an open lower bound): 0 is as wrong as a negative value.
 _POSITIVE = ("train.lr", "model.temperature")
-_CHOICES: dict[str, tuple[str, ...]] = {
-    "data.leak_check": ("error", "warn", "off"), "data.flip": ("plain", "swap", "off"),
-    "text.on_mismatch": ("rebuild", "error"), "model.image_weights": ("imagenet", "none"),
-    "model.head_norm": ("none", "batchnorm", "layernorm"), "model.pooling": ("avg", "attention"),
-}
 
 
 def _get(cfg: Config, dotted: str) -> Any:
@@ -180,9 +208,11 @@ def validate(cfg: Config, source: str = "config") -> Config:
         v = _get(cfg, key)
         if not (v > 0 and v < float("inf")):
             problems.append(f"{key} must be > 0, got {v!r}")
-    for key, choices in _CHOICES.items():
-        if _get(cfg, key) not in choices:
-            problems.append(f"{key} must be one of {', '.join(choices)}, got {_get(cfg, key)!r}")
+    for section in _sections():
+        try:
+            _check_choices(getattr(cfg, section), section)
+        except ConfigError as e:
+            problems.append(str(e))
     if not _DEVICE.fullmatch(cfg.train.device):
         problems.append(f"train.device must be auto, cpu, cuda or cuda:N, got {cfg.train.device!r}")
     if not cfg.eval.zeroshot_templates or any("{}" not in t for t in cfg.eval.zeroshot_templates):
@@ -246,9 +276,14 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         raise ConfigError(f"{where}: expected a string, got {value!r}")
+    if origin is Literal:
+        if isinstance(value, str) and value in choices(tp):
+            return value
+        raise ConfigError(f"{where} must be one of {', '.join(choices(tp))}, got {value!r}")
     raise ConfigError(f"{where}: unsupported type {tp!r}")  # pragma: no cover - schema bug
 
 
+@functools.lru_cache(maxsize=None)
 def _field_types(cls: type) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from .config import ModelConfig
+from .config import HeadNorm, ModelConfig, Pooling, choices
 
 # name -> (constructor, ImageNet weights enum member name, pooled feature width)
 BACKBONES = {
@@ -74,8 +74,8 @@ def build_backbone(name: str, weights: str) -> tuple[nn.Module, int]:
     return net, feat_dim
 
 
-HEAD_NORMS = ("none", "batchnorm", "layernorm")
-POOLINGS = ("avg", "attention")
+HEAD_NORMS = choices(HeadNorm)  # model.head_norm, owned by the config schema
+POOLINGS = choices(Pooling)
 # Backbone stages in forward order; `model.trainable_stages=N` unfreezes only the last N.
 STAGES = (("conv1", "bn1"), ("layer1",), ("layer2",), ("layer3",), ("layer4",))
 
@@ -100,8 +100,6 @@ class ProjectionHead(nn.Module):
         super().__init__()
         if layers < 1:
             raise ModelError(f"model.head_layers must be >= 1, got {layers}")
-        if norm not in HEAD_NORMS:
-            raise ModelError(f"model.head_norm must be one of {', '.join(HEAD_NORMS)}, got {norm!r}")
         if not 0.0 <= dropout < 1.0:
             raise ModelError(f"model.head_dropout must be in [0, 1), got {dropout}")
         widths = head_widths(in_dim, hidden, layers, out_dim)
@@ -172,8 +170,6 @@ class ImageTower(nn.Module):
 
     def __init__(self, cfg: ModelConfig, embed_dim: int):
         super().__init__()
-        if cfg.pooling not in POOLINGS:
-            raise ModelError(f"model.pooling must be one of {', '.join(POOLINGS)}, got {cfg.pooling!r}")
         if not -1 <= cfg.trainable_stages <= len(STAGES):
             raise ModelError(f"model.trainable_stages must be -1 (all) or 0..{len(STAGES)}, got {cfg.trainable_stages}")
         self.cfg = cfg

@@ -8,17 +8,22 @@ Layout of a run directory (RUN):
   loss_curves.png   loss and Recall@K per epoch
   summary.json      wall time, hardware, dataset sizes, best epoch, skipped images/steps
 
-Readers (report, ablate, visualize) use this module only: none of them imports the trainer.
+Readers (report, ablate, visualize) use this module only: none of them imports the trainer. The
+trainer writes the logs through `RunLog`, the checkpoints through `checkpoint.Checkpointer`.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 from .config import Config, ConfigError, from_dict, load_config
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -96,6 +101,58 @@ def plot_run_curves(run_dir: str | Path, out: str | Path | None = None) -> Path:
     if path is None:
         raise ConfigError(f"{run.metrics}: no completed epoch logged yet")
     return path
+
+
+class RunLog:
+    """The logs of a run being trained: metrics.jsonl (one record per line, flushed), epochs.csv,
+    health warnings and the loss curves. A context manager: metrics.jsonl is open only inside the
+    `with` block and closed on any exit (an interrupt included). With enabled=False (ranks other
+    than 0 under torchrun) every method does nothing."""
+
+    def __init__(self, run: RunFiles, enabled: bool = True, logger: logging.Logger | None = None):
+        self.run, self.enabled = run, enabled
+        self.log = logger or log  # warnings are printed under the trainer's logger name
+        self._f: IO[str] | None = None
+
+    def __enter__(self) -> "RunLog":
+        if self.enabled:
+            self._f = open(self.run.metrics, "a")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+    def record(self, rec: dict) -> None:
+        """Append one record to metrics.jsonl (the source of truth)."""
+        if self._f is not None:
+            self._f.write(json.dumps(rec) + "\n")
+            self._f.flush()
+
+    def warnings(self, records: list[dict]) -> None:
+        """Health warnings: printed once (rank 0) and logged as records."""
+        for w in records:
+            if self.enabled:
+                self.log.warning("health: %s", w["message"])
+            self.record(w)
+
+    def epochs(self) -> list[dict]:
+        """The epoch records logged so far."""
+        return read_records(self.run.metrics, "epoch")
+
+    def epoch_done(self) -> list[dict]:
+        """After an epoch record: epochs.csv rewritten to match metrics.jsonl; returns the epoch records."""
+        if not self.enabled:
+            return []
+        epochs = self.epochs()
+        write_epochs_csv(self.run.epochs_csv, epochs)
+        return epochs
+
+    def plot_curves(self) -> None:
+        if self.enabled:
+            from .visualize import plot_training_curves  # matplotlib import only when plotting
+            plot_training_curves(self.epochs(), self.run.curves)
 
 
 def check_run_dir(run_dir: str | Path) -> RunFiles:

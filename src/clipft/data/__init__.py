@@ -54,7 +54,8 @@ _is_int = is_int
 _read_json = read_json
 
 __all__ = [
-    "CAPTION_COLUMNS", "Config", "ConfigError", "DataConfig", "CSV_DELIMITERS", "FLIP_MODES", "FORMATS", "FORMAT_REGISTRY", "IMAGE_COLUMNS",
+    "CAPTION_COLUMNS", "CSV_DELIMITERS", "Config", "ConfigError", "DataConfig", "FLIP_MODES", "FORMATS",
+    "FORMAT_REGISTRY", "IMAGE_COLUMNS",
     "IMAGE_EXTENSIONS", "MAX_EXAMPLES", "PLACEHOLDER_CAPTIONS", "CaptionedImages", "CenterSquareResize",
     "DataError", "DataFormat", "EvalImageDataset", "ImageRecord", "SplitSource", "TrainDataset",
     "build_transform", "cache_location", "caption_problem", "coco_annotation_path", "collate_eval",

@@ -12,7 +12,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision import transforms as T
 
-from ..config import ConfigError
+from ..config import ConfigError, Flip, choices
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ def _to_uint8_hwc(img: Image.Image) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- left/right-aware flips
 
-FLIP_MODES = ("plain", "swap", "off")
+FLIP_MODES = choices(Flip)  # data.flip: plain, swap, off
 # "left"/"right" as whole words, with the suffixes that keep the meaning directional
 # (leftmost, rightward(s), lefthand; "left-hand" matches at the hyphen).
 _LEFT_RIGHT = re.compile(r"\b(left|right)(most|wards?|hand(ed)?)?\b", re.IGNORECASE)
