@@ -33,3 +33,23 @@ def test_subset_and_cache_dir_settings(coco_root, tmp_path):
         tmp_path / "elsewhere" / f"train-subset10-seed4-lrswap_text_embeds_{ENC}.safetensors"
     assert prepared_split_dir(coco_root, "train", cfg) == tmp_path / "elsewhere" / "images" / "train-256"
     assert text_cache_path(Path("/c"), "x", "a b/c") == Path("/c/x_text_embeds_a_b_c.safetensors")
+
+
+def test_a_prepared_cache_of_another_size_says_why_it_is_unused(tmp_path):
+    from clipft.data.caches import prepared_sizes, unused_prepared_note
+    from clipft.data.shapes import make_shapes_dataset
+    root = make_shapes_dataset(tmp_path / "d", n_train=2, n_val=2, image_size=32)
+    cfg = Config()
+    cfg.data.image_size = 64
+    assert unused_prepared_note(root, "train", cfg) is None  # nothing prepared: nothing to explain
+    for size in (32, 96):
+        d = prepared_dir(root / "cache", "train", size)
+        d.mkdir(parents=True)
+        (d / "index.json").write_text("{}")
+    assert prepared_sizes(root, "train", cfg) == [32, 96]
+    note = unused_prepared_note(root, "train", cfg)
+    assert "data.prepared_size is 256" in note and "--set data.prepared_size=96" in note
+    cfg.data.image_size = 128
+    assert "prepare-images --size 128" in unused_prepared_note(root, "train", cfg)
+    cfg.data.prepared_size = 96
+    assert unused_prepared_note(root, "train", cfg) is not None  # 32 px is still there, and too small

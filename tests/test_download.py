@@ -429,3 +429,9 @@ def test_downloaded_folder_trains(source, serve, tmp_path, tiny_clip_dir, capsys
     assert main(["train", "--data", str(root), "--out", str(run), *small_args(tiny_clip_dir, epochs=1)]) == 0
     assert (run / "best.pt").is_file()
     assert json.loads((run / "summary.json").read_text())["dataset"]["val_images"] == 12
+
+
+def test_mirror_without_scheme_says_the_url_needs_http(tmp_path):
+    with pytest.raises(DownloadError, match=r"needs its scheme, e.g. http://127.0.0.1:9"):
+        dl.download_coco(tmp_path / "coco", splits=["annotations"], mirror="127.0.0.1:9", progress=False)
+    assert not (tmp_path / "coco").exists() or not any((tmp_path / "coco").iterdir())

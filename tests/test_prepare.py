@@ -206,3 +206,10 @@ def test_training_reads_the_prepared_cache(coco_root, tiny_clip_dir, tmp_path, c
     # JPEG path: workers decode and crop to 32 px uint8; the device transform only normalises.
     assert seen and all(d == torch.uint8 and side == 32 and has_tf for d, side, has_tf in seen)
     assert "prepared cache" not in caplog.text
+
+
+def test_default_size_never_upscales_small_images(tmp_path):
+    root = make_shapes_dataset(tmp_path / "d", n_train=3, n_val=1, image_size=48)
+    split = load_coco_captions(root, "train")
+    assert prep.default_size(split, cap=256) == 48
+    assert prep.default_size(split, cap=32) == 32

@@ -59,3 +59,10 @@ def test_atomic_save_failure_keeps_previous_file(tmp_path):
 def test_hardware_info():
     info = hardware_info(torch.device("cpu"))
     assert info["cpu"] and info["cpu_count"] >= 1 and info["torch"] == torch.__version__
+
+
+def test_worker_count_is_capped_at_the_cpus_available(monkeypatch):
+    import clipft.runtime as rt
+    monkeypatch.setattr(rt.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert rt.available_cpus() == 2
+    assert rt.worker_count(4) == 2 and rt.worker_count(2) == 2 and rt.worker_count(0) == 0
