@@ -27,6 +27,8 @@ from typing import Any, Iterator
 import torch
 import torch.nn.functional as F
 
+from .hub import hub_offline
+
 log = logging.getLogger(__name__)
 
 CLIP_MODEL_TYPES = ("clip", "clip_text_model")
@@ -264,42 +266,6 @@ def _offline_advice(name: str, e: BaseException) -> TextEncoderError:
         f"Face hub or the local HF cache (no network, or not cached) [{_first_line(e)}]. Fix: pass a local "
         f"directory, e.g. --set text.encoder=/path/to/clip-vit-base-patch32 (a model saved with "
         f"save_pretrained, tokenizer included), or run once with network access to fill the HF cache.")
-
-
-_HUB: dict[str, bool] = {}  # {"reachable": bool} once probed in this process
-
-
-def _hub_address(endpoint: str) -> tuple[str, int]:
-    """(host, port) a hub request connects to first: the HTTPS proxy when one is set, else the endpoint."""
-    from urllib.parse import urlsplit
-    from urllib.request import getproxies
-    target = urlsplit(getproxies().get("https") or endpoint)
-    return target.hostname or "huggingface.co", target.port or (443 if target.scheme == "https" else 80)
-
-
-def hub_offline(connect: Any = None, timeout: float = 3.0) -> bool:
-    """True when the Hugging Face hub cannot be used, decided once per process: HF_HUB_OFFLINE is set,
-    or one quick connection to the hub (or its proxy) fails. Then huggingface_hub is switched to
-    offline mode for the rest of the process, so a hub name costs one failed connection instead of
-    ~25 s of retries per file, and loads from the local HF cache when the model is there.
-    `connect(address, timeout)` is the probe (default socket.create_connection; tests pass their own)."""
-    import socket
-
-    from huggingface_hub import constants
-    if constants.HF_HUB_OFFLINE:
-        return True
-    if "reachable" not in _HUB:
-        host, port = _hub_address(constants.ENDPOINT)
-        try:
-            (connect or socket.create_connection)((host, port), timeout).close()
-            _HUB["reachable"] = True
-        except OSError as e:
-            _HUB["reachable"] = False
-            os.environ["HF_HUB_OFFLINE"] = "1"  # read by child processes and by libraries that check the env
-            constants.HF_HUB_OFFLINE = True  # read by huggingface_hub and transformers at every call
-            log.warning("cannot reach %s:%d (%s): no network, so Hugging Face models load from the local cache "
-                        "only (offline mode)", host, port, _first_line(e))
-    return not _HUB["reachable"]
 
 
 def _resolve(name: str) -> tuple[str, str, str, bool]:
