@@ -354,38 +354,38 @@ def test_not_enough_disk_space_is_reported_before_downloading(source, serve, tmp
     assert server.gets() == []  # only HEAD requests were made
 
 
-def test_disk_full_while_writing_is_one_line(source, serve, tmp_path, capsys, monkeypatch):
+def test_disk_full_while_writing_is_one_line(source, serve, tmp_path, capsys):
     import errno
     _, mirror = source
     server = serve(mirror)
-    monkeypatch.setattr(dl, "COCO_ARCHIVES", TEST_ARCHIVES)
 
     def full_disk(r):
         yield b"x" * 10
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(dl, "_chunks", full_disk)
     root = tmp_path / "coco"
-    assert main(["download", "coco", "--out", str(root), "--splits", "val", "--mirror", server.url, "--quiet"]) == 2
+    with dl.use_hooks(archives=TEST_ARCHIVES, chunks=full_disk):
+        assert main(["download", "coco", "--out", str(root), "--splits", "val", "--mirror", server.url,
+                     "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("clipft: error: ") and "disk full" in err and "\n" not in err
     assert (root / "downloads" / "val2014.zip.part").stat().st_size == 10  # kept for the rerun
 
 
-def test_cli_404_is_one_line(serve, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(dl, "COCO_ARCHIVES", TEST_ARCHIVES)
+def test_cli_404_is_one_line(serve, tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     server = serve(empty)
-    assert main(["download", "coco", "--out", str(tmp_path / "coco"), "--mirror", server.url, "--quiet"]) == 2
+    with dl.use_hooks(archives=TEST_ARCHIVES):
+        assert main(["download", "coco", "--out", str(tmp_path / "coco"), "--mirror", server.url, "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("clipft: error: ") and "404" in err and "\n" not in err
     assert "annotations_trainval2014.zip" in err
 
 
-def test_cli_connection_refused_is_one_line(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(dl, "COCO_ARCHIVES", TEST_ARCHIVES)
+def test_cli_connection_refused_is_one_line(tmp_path, capsys):
     url = f"http://127.0.0.1:{_closed_port()}"
-    assert main(["download", "coco", "--out", str(tmp_path / "coco"), "--mirror", url, "--quiet"]) == 2
+    with dl.use_hooks(archives=TEST_ARCHIVES):
+        assert main(["download", "coco", "--out", str(tmp_path / "coco"), "--mirror", url, "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("clipft: error: ") and "cannot connect" in err and "refused" in err.lower()
     assert "\n" not in err
@@ -416,13 +416,13 @@ def test_existing_folder_not_written_by_us_is_left_alone(source, serve, tmp_path
     assert [p.name for p in (root / "val2014").iterdir()] == ["mine.jpg"]
 
 
-def test_downloaded_folder_trains(source, serve, tmp_path, tiny_clip_dir, capsys, monkeypatch):
+def test_downloaded_folder_trains(source, serve, tmp_path, tiny_clip_dir, capsys):
     """The acceptance path: `clipft download coco` from a mirror, then `clipft train` on the result."""
     _, mirror = source
-    monkeypatch.setattr(dl, "COCO_ARCHIVES", TEST_ARCHIVES)
     server = serve(mirror)
     root = tmp_path / "coco"
-    assert main(["download", "coco", "--out", str(root), "--mirror", server.url, "--quiet"]) == 0
+    with dl.use_hooks(archives=TEST_ARCHIVES):
+        assert main(["download", "coco", "--out", str(root), "--mirror", server.url, "--quiet"]) == 0
     out = capsys.readouterr().out
     assert f"clipft cache-text --data {root}" in out and f"clipft train --data {root}" in out
     run = tmp_path / "run"

@@ -274,3 +274,21 @@ def test_compare_zero_shot_clip_side_by_side(coco_root, trained_run, tmp_path, c
                  "--compare-zero-shot", str(tmp_path), "--out", str(tmp_path / "x.json"), "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--compare-zero-shot" in err[0]
+
+
+@pytest.mark.parametrize("command", ["evaluate", "zeroshot"])
+def test_nan_checkpoint_is_refused_by_every_entry_point(coco_root, trained_run, tmp_path, capsys, command):
+    """A checkpoint whose weights hold NaN: evaluate and zero-shot each say so in one line, exit 2,
+    and write no metrics (a NaN tower would otherwise score 100% recall)."""
+    from clipft.cli import main
+    bad = tmp_path / "bad.pt"
+    ckpt = torch.load(trained_run / "best.pt", weights_only=False)
+    name = next(k for k, v in ckpt["model"].items() if v.is_floating_point() and "head" in k)
+    ckpt["model"][name] = torch.full_like(ckpt["model"][name], float("nan"))
+    torch.save(ckpt, bad)
+    args = {"evaluate": ["evaluate", "--checkpoint", str(bad), "--data", str(coco_root)],
+            "zeroshot": ["zeroshot", "--checkpoint", str(bad), "--data", str(coco_root), "--labels-from", "shapes"]}
+    assert main([*args[command], "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not finite" in err[0] and str(bad) in err[0]
+    assert not list(tmp_path.glob("metrics_*.json")) and not list(tmp_path.glob("zeroshot_*.json"))

@@ -61,6 +61,25 @@ def test_hardware_info():
     assert info["cpu"] and info["cpu_count"] >= 1 and info["torch"] == torch.__version__
 
 
+def test_overriding_sets_existing_attributes_and_restores_them():
+    import types
+
+    import pytest
+
+    from clipft.runtime import overriding
+    hooks = types.SimpleNamespace(step="real")
+    with overriding(hooks, step="fake") as h:
+        assert h.step == "fake"
+    assert hooks.step == "real"
+    with pytest.raises(AttributeError, match="no stpe"):  # a typo is an error, not a silent new seam
+        with overriding(hooks, stpe="fake"):
+            pass
+    with pytest.raises(KeyError):
+        with overriding(hooks, step="fake"):
+            raise KeyError("restored on errors too")
+    assert hooks.step == "real"
+
+
 def test_worker_count_is_capped_at_the_cpus_available(monkeypatch):
     import clipft.runtime as rt
     monkeypatch.setattr(rt.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)

@@ -197,20 +197,16 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare_images(args: argparse.Namespace) -> int:
-    from .data import load_split, prepared_split_dir
-    from .data.prepare import default_size, prepare_images
+    from .data.prepare import prepare_split
     _val_data_override(args)
     cfg = _build_config(args)
-    root = Path(args.data)
     for split in args.split:
-        data = load_split(root, split, cfg.data)
-        size = args.size or default_size(data, cfg.data.prepared_size)
-        if size != cfg.data.prepared_size:  # training looks for data.prepared_size: say how to point it here
-            print(f"{split}: preparing at {size} px; train with --set data.prepared_size={size} to read it"
-                  + (f" (and data.image_size <= {size})" if size < cfg.data.image_size else ""))
-        out = prepared_split_dir(root, split, cfg, size)
-        info = prepare_images(data, out, size=size, workers=args.workers, progress=not args.quiet)
-        print(f"{split}: {info['images']} images ({info['bad']} unreadable, skipped) -> {out} "
+        info = prepare_split(args.data, split, cfg, size=args.size, workers=args.workers, progress=not args.quiet)
+        if info["size"] != cfg.data.prepared_size:  # training looks for data.prepared_size: say how to point it here
+            print(f"{split}: prepared at {info['size']} px (small images are never upscaled); train with "
+                  f"--set data.prepared_size={info['size']} to read it"
+                  + (f" (and data.image_size <= {info['size']})" if info["size"] < cfg.data.image_size else ""))
+        print(f"{split}: {info['images']} images ({info['bad']} unreadable, skipped) -> {info['path']} "
               f"in {info['seconds']:.1f}s")
     return 0
 
@@ -341,14 +337,9 @@ def cmd_visualize(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect_data(args: argparse.Namespace) -> int:
-    from .data import load_split
-    from .pictures import data_samples
-    from .visualize import plot_data_samples
-    cfg = _build_config(args)
-    data = load_split(Path(args.data), args.split, cfg.data)
+    from .pictures import write_data_samples
     out = Path(args.out) if args.out else Path(f"data_samples_{args.split}.png")
-    samples = data_samples(data, args.n, args.seed)
-    plot_data_samples(samples, out, title=f"{args.n} random image-caption pairs of {data.name}")
+    data, samples = write_data_samples(args.data, args.split, _build_config(args), out, n=args.n, seed=args.seed)
     for s in samples:
         print(f"{s['image_id']}: {s['path']}")
         for c in s["captions"]:

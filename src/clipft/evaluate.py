@@ -295,6 +295,9 @@ def checkpoint_embeddings(checkpoint: str | Path, data_root: str | Path, split: 
                          f"{cfg.text.encoder!r} gives {text_emb.shape[1]}-d")
     model = model.to(dev)
     emb, rows = embed_images(model, es.data, cfg, dev, amp_dtype_for(dev, cfg.train.amp), progress=progress)
+    # Every consumer (recall, zero-shot, pictures, report) goes through here: refuse NaN/inf once.
+    check_finite(emb, text_emb if text_emb is not None else emb[:0],
+                 where=f"{checkpoint} on split {es.name!r}")
     return SplitEmbeddings(es, emb, rows, text_emb, logit_scale=float(model.logit_scale.exp())), cfg
 
 

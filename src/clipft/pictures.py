@@ -111,6 +111,18 @@ def data_samples(data: CaptionedImages, n: int = 6, seed: int = 0) -> list[dict]
             for i in _sample(len(data), n, seed)]
 
 
+def write_data_samples(data_root: str | Path, split: str, cfg, out: str | Path, n: int = 6, seed: int = 0
+                       ) -> tuple[CaptionedImages, list[dict]]:
+    """`clipft inspect-data`: a picture of n random image-caption pairs of a split at `out`;
+    returns (the split, the samples shown)."""
+    from .data import load_split
+    from .visualize import plot_data_samples
+    data = load_split(Path(data_root), split, cfg.data)
+    samples = data_samples(data, n, seed)
+    plot_data_samples(samples, out, title=f"{n} random image-caption pairs of {data.name}")
+    return data, samples
+
+
 def embed_queries(cfg, queries: Sequence[str], device: str = "cpu") -> torch.Tensor:
     """Free-text queries -> [Q, D] with the checkpoint's frozen text encoder (no cache: a handful)."""
     from .text import load_text_encoder

@@ -5,11 +5,12 @@ Kept apart from the training loop so evaluation, export and distributed launch (
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, TypeVar
 
 import numpy as np
 import torch
@@ -87,6 +88,26 @@ def hardware_info(device: torch.device) -> dict:
         info["gpu"] = torch.cuda.get_device_name(device)
         info["gpu_count"] = torch.cuda.device_count()
     return info
+
+
+_T = TypeVar("_T")
+
+
+@contextlib.contextmanager
+def overriding(obj: _T, **fields: Any) -> Iterator[_T]:
+    """Set existing attributes of `obj` inside the block and restore them after: how a module's seams
+    (`train.TrainHooks`, `data.download.DownloadHooks`) are replaced, also under `cli.main`."""
+    unknown = [k for k in fields if not hasattr(obj, k)]
+    if unknown:
+        raise AttributeError(f"{type(obj).__name__} has no {', '.join(unknown)}")
+    saved = {k: getattr(obj, k) for k in fields}
+    for k, v in fields.items():
+        setattr(obj, k, v)
+    try:
+        yield obj
+    finally:
+        for k, v in saved.items():
+            setattr(obj, k, v)
 
 
 _CAPPED: set[tuple[int, int]] = set()  # (asked, available) pairs already logged

@@ -1,13 +1,20 @@
-"""Training: data + cached text -> image tower, with one plainly written training step.
+"""Training: data + cached text -> image tower. The loop is named phases around one `TrainState`:
 
-Writes a run directory (its layout: `runfiles.py`). Under torchrun every process runs `train`; rank 0
-alone writes the files (see distributed.py).
+  setup_runtime, setup_data, setup_model   run directory and seeds; splits, caption caches, dataset; tower,
+                                           optimizer, schedule -> a fresh TrainState
+  restore                                  continue from last.pt (`checkpoint.Checkpointer`)
+  train_one_epoch -> EpochStats            the optimizer steps (`step.train_step`, one screen)
+  validate_epoch, end_epoch                recall on the validation split; log, best.pt / last.pt
+  finish                                   summary.json
+
+`_train` reads as that table of contents. Writes a run directory (its layout and `RunLog`:
+`runfiles.py`). Under torchrun every process runs `train`; rank 0 alone writes the files (see
+distributed.py). `TrainHooks` / `use_hooks` are the seams tests replace parts of the loop through.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import itertools
 import json
 import logging
@@ -32,7 +39,7 @@ from .health import HealthMonitor
 from .loss import chance_loss, clip_loss
 from .model import build_image_tower, count_parameters, ensure_image_weights, parameter_parts, tower_state
 from .runfiles import RunFiles, RunLog, read_records
-from .runtime import amp_dtype_for, hardware_info, seed_everything, worker_count
+from .runtime import amp_dtype_for, hardware_info, overriding, seed_everything, worker_count
 from .step import StepStats, non_finite_state, step_values, train_step
 from .text import get_text_embeddings, load_text_encoder
 from .data.caches import unused_prepared_note
@@ -258,15 +265,9 @@ class TrainHooks:
 _HOOKS = TrainHooks()
 
 
-@contextlib.contextmanager
-def use_hooks(**parts: Any) -> Iterator[TrainHooks]:
+def use_hooks(**parts: Any) -> contextlib.AbstractContextManager[TrainHooks]:
     """`train` runs with these parts of `TrainHooks` replaced inside the block (also under `cli.main`)."""
-    global _HOOKS
-    saved, _HOOKS = _HOOKS, dataclasses.replace(_HOOKS, **parts)
-    try:
-        yield _HOOKS
-    finally:
-        _HOOKS = saved
+    return overriding(_HOOKS, **parts)
 
 
 # --------------------------------------------------------------------------- state

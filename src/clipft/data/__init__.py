@@ -49,7 +49,17 @@ from .splits import SplitSource, load_split, split_source, subset_size
 from .tabular import (CAPTION_COLUMNS, CSV_DELIMITERS, IMAGE_COLUMNS, load_csv_captions, load_jsonl_captions,
                       sniff_delimiter)
 
-# The names other modules imported from the single-file `data` module before the split.
+# Private names of the single-file `data` module before the split, still importable from here for code
+# written against it (new code imports the public names from their modules).
+from .records import Entry as _Entry
+from .records import group_entries as _group
+from .records import image_path as _image_path
+from .records import log_drops as _log_drops
+from .records import note_problem as _note
+from .records import read_text as _read_text
+from .records import walk_files as _walk_files
+from .tabular import _pick_column, metadata_file as _metadata_file
+
 _is_int = is_int
 _read_json = read_json
 

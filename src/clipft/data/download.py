@@ -48,6 +48,8 @@ from typing import Callable, Iterator
 
 from tqdm.auto import tqdm
 
+from ..runtime import overriding
+
 log = logging.getLogger(__name__)
 
 DOWNLOADS_DIR = "downloads"
@@ -239,6 +241,22 @@ def _chunks(r) -> Iterator[bytes]:
         yield chunk
 
 
+@dataclass
+class DownloadHooks:
+    """Replaceable parts of `clipft download` (seams for tests: a small archive table, a full disk),
+    installed with `use_hooks`, also for the calls `cli.main` makes."""
+    archives: dict[str, Archive] | None = None  # None = COCO_ARCHIVES
+    chunks: Callable[..., Iterator[bytes]] = _chunks  # the response body as it arrives
+
+
+_HOOKS = DownloadHooks()
+
+
+def use_hooks(**parts) -> contextlib.AbstractContextManager[DownloadHooks]:
+    """Downloads inside the block run with these parts of `DownloadHooks` replaced."""
+    return overriding(_HOOKS, **parts)
+
+
 def _fetch_once(sess, url: str, part: Path, expected_size: int | None, progress: bool,
                 timeout) -> int:
     """One GET, continuing `part` from its current size. Returns the final size; raises
@@ -289,7 +307,7 @@ def _fetch_once(sess, url: str, part: Path, expected_size: int | None, progress:
                                              unit_divisor=1024, desc=part.name.removesuffix(".part"),
                                              disable=None if progress else True) as bar:
                 try:
-                    for chunk in _chunks(r):
+                    for chunk in _HOOKS.chunks(r):
                         f.write(chunk)
                         bar.update(len(chunk))
                 except (requests.RequestException, urllib3.exceptions.HTTPError) as e:
@@ -470,7 +488,7 @@ def download_coco(root: str | Path, splits=SPLITS, karpathy: bool = False, mirro
     Returns one record per archive: {"archive", "status", "targets"}, status in
     "downloaded" | "present" | "existing" (already in ROOT, not written by clipft download).
     """
-    table = COCO_ARCHIVES if archives is None else archives
+    table = archives if archives is not None else _HOOKS.archives or COCO_ARCHIVES
     keys = [k for k in ("annotations", "karpathy", "val", "train")  # small first: failures show early
             if k in set(splits) | ({"karpathy"} if karpathy else set())]
     bad = sorted(set(splits) - set(SPLITS))

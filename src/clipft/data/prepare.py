@@ -34,9 +34,12 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..config import Config
+from .caches import prepared_split_dir
 from .datasets import epoch_caption_index
 from .images import CenterSquareResize, load_image
 from .records import CaptionedImages
+from .splits import load_split
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +148,18 @@ def prepare_images(split: CaptionedImages, out_dir: str | Path, size: int = 256,
     os.replace(tmp, index_f)
     done_f.unlink(missing_ok=True)
     return {"images": n, "bad": len(bad_rows), "seconds": time.perf_counter() - t0, "path": str(out)}
+
+
+def prepare_split(root: str | Path, split: str, cfg: Config, size: int | None = None, workers: int | None = None,
+                  progress: bool = True) -> dict:
+    """`clipft prepare-images` for one split: load it, and prepare it where training looks for it
+    (`caches.prepared_split_dir`, at `size` px; default: data.prepared_size, or the images' own short
+    side when smaller, `default_size`). Returns `prepare_images`'s dict with "size" added."""
+    data = load_split(Path(root), split, cfg.data)
+    size = size or default_size(data, cfg.data.prepared_size)
+    info = prepare_images(data, prepared_split_dir(root, split, cfg, size), size=size, workers=workers,
+                          progress=progress)
+    return {**info, "size": size}
 
 
 def _digest(paths: Sequence[str], size: int) -> str:
