@@ -1,17 +1,31 @@
-"""Images/s of the full training step (ResNet50 + head, loss, backward, clip, AdamW): clipft's
-`step.train_step` (bf16 autocast + channels_last on CUDA, optional torch.compile) against a plain
-fp32 NCHW step, same model, same batch, same process.
+"""Images/s and peak memory of the full training step (image tower + head, loss, backward, clip, AdamW).
 
-On a CPU both paths run fp32 NCHW (AMP and channels_last are CUDA features here), so the ratio is ~1
-by design; the figure that matters comes from a GPU machine:
+Precision (default): clipft's `step.train_step` in fp32 (`train.amp=off`) and with `train.amp=auto`
+(bf16 autocast + channels_last on CUDA and on CPUs with native bf16, see `runtime.select_precision`)
+against a plain fp32 NCHW step: same model, same batch, same process. The settings take turns for
+--rounds rounds of --steps steps each and the median round is reported, so a machine shared with
+other work slows them alike.
 
-    python benchmarks/train_step.py                       # CPU: batch 8, 224 px
-    python benchmarks/train_step.py --batch 256 --compile # GPU
+Chunked embedding (--chunks 0,64): the same step at a large batch with `train.embed_chunk` = each
+value, one fresh process per value so that each one's peak memory is its own: peak RSS of the
+process (CPU; `ru_maxrss`, which sees PyTorch's allocations, unlike tracemalloc) or
+`torch.cuda.max_memory_allocated` (CUDA), and img/s (median of --rounds rounds).
+
+    python benchmarks/train_step.py                                        # CPU: ResNet50, 224 px, batch 16
+    python benchmarks/train_step.py --backbone resnet18 --size 64 --batch 128   # the demo's tower
+    python benchmarks/train_step.py --backbone resnet18 --size 64 --batch 1024 --chunks 0,64
+    python benchmarks/train_step.py --batch 256 --compile                  # GPU
+    python benchmarks/train_step.py --batch 1024 --chunks 0,64             # GPU: ResNet50 224 px
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -19,7 +33,7 @@ import torch
 from clipft.config import ModelConfig
 from clipft.loss import clip_loss
 from clipft.model import build_image_tower
-from clipft.runtime import amp_dtype_for
+from clipft.runtime import select_precision
 from clipft.step import train_step
 from clipft.train import build_optimizer
 
@@ -29,76 +43,135 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def images_per_s(step, steps: int, batch: int, device: torch.device) -> float:
-    """Time `steps` calls of `step` (already warmed up), waiting for the device at both ends."""
+def seconds(step, steps: int, device: torch.device) -> float:
+    """Wall time of `steps` calls of `step` (already warmed up), waiting for the device at both ends."""
     sync(device)
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
     sync(device)
-    return steps * batch / (time.perf_counter() - t0)
+    return time.perf_counter() - t0
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--batch", type=int, default=None, help="default: 256 on CUDA, 8 on CPU")
-    p.add_argument("--size", type=int, default=224)
-    p.add_argument("--steps", type=int, default=None, help="timed steps (default: 20 on CUDA, 3 on CPU)")
-    p.add_argument("--compile", action="store_true", help="torch.compile clipft's model (train.compile)")
-    args = p.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    batch = args.batch or (256 if device.type == "cuda" else 8)
-    steps = args.steps or (20 if device.type == "cuda" else 3)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    cfg = ModelConfig(backbone="resnet50", image_weights="none", head_hidden=1024)
+def batch_for(args, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
-    images = torch.randn(batch, 3, args.size, args.size, generator=g)
-    texts = torch.nn.functional.normalize(torch.randn(batch, 512, generator=g), dim=-1)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"torch {torch.__version__} on {name}; ResNet50 + head, {args.size} px, batch {batch}, {steps} timed steps")
+    images = torch.randn(args.batch, 3, args.size, args.size, generator=g)
+    texts = torch.nn.functional.normalize(torch.randn(args.batch, 512, generator=g), dim=-1)
+    return (images.pin_memory() if device.type == "cuda" else images), texts
 
-    # Plain step: fp32, NCHW, no scaler.
+
+def clipft_step(args, device: torch.device, amp: str, embed_chunk: int = 0):
+    """clipft's step with what `clipft train` sets up for train.amp=`amp` on this device."""
     torch.manual_seed(0)
-    model = build_image_tower(cfg, 512).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x, t = images.to(device), texts.to(device)
+    prec = select_precision(device, amp)
+    model = build_image_tower(ModelConfig(backbone=args.backbone, image_weights="none", head_hidden=1024),
+                              512).to(device)
+    if prec.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    step_model = torch.compile(model) if args.compile else model
+    opt = build_optimizer(model, 1e-4, 0.05)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    scaler = torch.amp.GradScaler(device.type, enabled=prec.dtype == torch.float16)
+    micro = [batch_for(args, device)]
+    kw = {"embed_chunk": embed_chunk} if embed_chunk else {}
 
-    def plain() -> None:
+    def step() -> None:
+        train_step(step_model, micro, opt, sched, scaler, prec.dtype, 1.0, channels_last=prec.channels_last, **kw)
+    for _ in range(3 if args.compile else 1):  # warm-up; compilation happens in the first calls
+        step()
+    return step, prec
+
+
+def plain_step(args, device: torch.device):
+    """A plain fp32 NCHW step: what a lab implementation writes."""
+    torch.manual_seed(0)
+    model = build_image_tower(ModelConfig(backbone=args.backbone, image_weights="none", head_hidden=1024),
+                              512).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x, t = (v.to(device) for v in batch_for(args, device))
+
+    def step() -> None:
         loss = clip_loss(model(x), t, model.logit_scale.exp())["loss"]
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad()
+    step()  # warm-up
+    return step
 
-    plain()  # warm-up
-    base = images_per_s(plain, steps, batch, device)
-    print(f"plain fp32 NCHW step: {base:8.1f} img/s")
-    del model, opt
 
-    # clipft's step, with what `clipft train` sets up on this device.
-    torch.manual_seed(0)
-    amp = amp_dtype_for(device, True)
-    channels_last = device.type == "cuda"
-    model = build_image_tower(cfg, 512).to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    step_model = torch.compile(model) if args.compile else model
-    opt = build_optimizer(model, 1e-4, 0.05)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
-    micro = [(images.pin_memory() if device.type == "cuda" else images, texts)]
+def precision_table(args, device: torch.device) -> None:
+    steps = {"plain fp32 NCHW": plain_step(args, device)}
+    steps["clipft train.amp=off"], _ = clipft_step(args, device, "off")
+    steps["clipft train.amp=auto"], prec = clipft_step(args, device, "auto")
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(args.rounds):  # interleaved: the settings share the machine's slow and fast moments
+        for name, step in steps.items():
+            times[name].append(seconds(step, args.steps, device))
+    base = args.batch * args.steps / statistics.median(times["plain fp32 NCHW"])
+    print(f"auto = {prec.name}{' + channels_last' if prec.channels_last else ''} ({prec.reason})")
+    print("| step | img/s (median of rounds) | vs plain |\n|---|---|---|")
+    for name, t in times.items():
+        ips = args.batch * args.steps / statistics.median(t)
+        print(f"| {name} | {ips:.1f} | {ips / base:.2f}x |")
 
-    def ours() -> dict:
-        return train_step(step_model, micro, opt, sched, scaler, amp, 1.0, channels_last=channels_last)
 
-    for _ in range(3 if args.compile else 1):  # warm-up; compilation happens in the first calls
-        ours()
-    fast = images_per_s(ours, steps, batch, device)
-    print(f"clipft train_step ({'bf16/fp16 autocast, channels_last' if amp else 'fp32'}"
-          f"{', compiled' if args.compile else ''}): {fast:8.1f} img/s ({fast / base:.2f}x)")
+def chunk_worker(args, device: torch.device) -> None:
+    """One setting in this (fresh) process: prints one JSON line."""
+    step, prec = clipft_step(args, device, args.amp, args.worker_chunk)
+    times = [seconds(step, args.steps, device) for _ in range(args.rounds)]
+    rec = {"embed_chunk": args.worker_chunk, "precision": prec.name,
+           "img_s": args.batch * args.steps / statistics.median(times)}
+    if device.type == "cuda":
+        rec["peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        rec["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+    print(json.dumps(rec))
+
+
+def chunk_table(args) -> None:
+    rows = []
+    for chunk in args.chunks:
+        cmd = [sys.executable, __file__, "--worker-chunk", str(chunk), "--backbone", args.backbone,
+               "--size", str(args.size), "--batch", str(args.batch), "--steps", str(args.steps),
+               "--rounds", str(args.rounds), "--amp", args.amp] + (["--compile"] if args.compile else [])
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        rows.append(json.loads(out.strip().splitlines()[-1]))
+    where = "peak GPU memory allocated" if torch.cuda.is_available() else "peak RSS of the process"
+    print(f"| train.embed_chunk | precision | {where} (MB) | img/s (median of rounds) |\n|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['embed_chunk'] or 'off'} | {r['precision']} | {r['peak_mb']:.0f} | {r['img_s']:.1f} |")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--backbone", default="resnet50")
+    p.add_argument("--batch", type=int, default=None, help="default: 256 on CUDA, 16 on CPU")
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--steps", type=int, default=None, help="steps per round (default: 10 on CUDA, 2 on CPU)")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--compile", action="store_true", help="torch.compile clipft's model (train.compile)")
+    p.add_argument("--chunks", type=lambda s: [int(v) for v in s.split(",")], default=None,
+                   help="compare train.embed_chunk values, e.g. 0,64 (one process each)")
+    p.add_argument("--amp", default="auto", help="train.amp for --chunks")
+    p.add_argument("--worker-chunk", type=int, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    args.batch = args.batch or (256 if device.type == "cuda" else 16)
+    args.steps = args.steps or (10 if device.type == "cuda" else 2)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if args.worker_chunk is not None:
+        return chunk_worker(args, device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"torch {torch.__version__} on {name} ({torch.get_num_threads()} threads); {args.backbone} + head, "
+          f"{args.size} px, batch {args.batch}, {args.rounds} rounds x {args.steps} steps")
+    if args.chunks:
+        chunk_table(args)
+    else:
+        precision_table(args, device)
 
 
 if __name__ == "__main__":

@@ -75,6 +75,9 @@ def test_demo_writes_the_full_report(demo_run):
     for needle in ("resnet18", "all-MiniLM-L6-v2", "lr 0.002", "6 x 16", "24 px", "AdamW", "temperature",
                    summary["hardware"]["cpu"], "training time", "64 train images", "16 val images"):
         assert needle in report, needle
+    # The precision the run chose (train.amp=auto), and why.
+    assert summary["precision"]["reason"].startswith("auto: ")
+    assert f"| precision | {summary['precision']['dtype']}" in report and summary["precision"]["reason"] in report
     # Recall@K with its protocol, the zero-shot table, stability notes and the loss explanation.
     assert f"Protocol: {metrics['protocol']}." in report
     assert f"| image -> text | {metrics['image_to_text']['R@1']:.2f} |" in report

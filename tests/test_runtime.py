@@ -5,25 +5,82 @@ import pytest
 import torch
 
 from clipft.config import ConfigError
-from clipft.runtime import (amp_dtype_for, atomic_torch_save, hardware_info, resolve_device, rng_state,
-                            seed_everything, set_rng_state)
+from clipft.config import Config, apply_overrides, from_dict, to_dict
+from clipft.runtime import (Precision, amp_dtype_for, atomic_torch_save, cpu_has_native_bf16, hardware_info,
+                            resolve_device, rng_state, seed_everything, set_rng_state, select_precision)
+
+CPU = torch.device("cpu")
 
 
-def test_device_and_amp_on_cpu():
+def test_device_resolution():
     assert resolve_device("cpu").type == "cpu"
     assert resolve_device("auto").type in ("cpu", "cuda")
-    # AMP is a CUDA-only feature here: CPU training runs fp32.
-    assert amp_dtype_for(torch.device("cpu"), True) is None
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="CUDA is not available"):
             resolve_device("cuda")
 
 
+def test_auto_precision_on_a_cpu_with_and_without_bf16():
+    """cpu_bf16 is the seam standing in for the CPU check: both branches run on any machine."""
+    with_bf16 = select_precision(CPU, "auto", cpu_bf16=True)
+    assert (with_bf16.dtype, with_bf16.channels_last, with_bf16.name) == (torch.bfloat16, True, "bf16")
+    assert "native bf16" in with_bf16.reason
+    without = select_precision(CPU, "auto", cpu_bf16=False)
+    assert (without.dtype, without.channels_last, without.name) == (None, False, "fp32")
+    assert "no native bf16" in without.reason
+    # Left to PyTorch's own check, auto follows it; channels_last=false keeps NCHW.
+    assert select_precision(CPU, "auto").name == ("bf16" if cpu_has_native_bf16() else "fp32")
+    assert not select_precision(CPU, "auto", channels_last=False, cpu_bf16=True).channels_last
+    assert amp_dtype_for(CPU, "auto") == select_precision(CPU, "auto").dtype
+
+
+def test_explicit_precisions_and_refusals():
+    assert select_precision(CPU, "off", cpu_bf16=True) == Precision(None, False, "train.amp=off")
+    assert select_precision(CPU, "bf16", cpu_bf16=False).dtype == torch.bfloat16  # forced, even emulated
+    assert select_precision(CPU, True, cpu_bf16=False).name == "fp32"  # a bool is auto/off
+    assert select_precision(CPU, False, cpu_bf16=True).name == "fp32"
+    with pytest.raises(ConfigError, match="fp16 needs CUDA"):
+        select_precision(CPU, "fp16")
+    with pytest.raises(ConfigError, match="train.amp must be one of auto, bf16, fp16, off"):
+        select_precision(CPU, "half")
+    rec = select_precision(CPU, "auto", cpu_bf16=True).to_dict()
+    assert rec == {"dtype": "bf16", "channels_last": True, "reason": "auto: this CPU has native bf16"}
+
+
+def test_precision_autocast_context():
+    x, w = torch.randn(4, 8), torch.randn(8, 2)
+    with select_precision(CPU, "auto", cpu_bf16=True).autocast(CPU):
+        assert (x @ w).dtype == torch.bfloat16
+    with select_precision(CPU, "off").autocast(CPU):
+        assert (x @ w).dtype == torch.float32
+
+
+def test_config_refuses_unknown_amp_and_negative_chunk():
+    from clipft.config import load_config
+    with pytest.raises(ConfigError, match="train.amp must be one of auto, bf16, fp16, off"):
+        load_config(overrides=["train.amp=half"])
+    with pytest.raises(ConfigError, match="train.embed_chunk must be"):
+        load_config(overrides=["train.embed_chunk=-1"])
+    assert load_config(overrides=["train.embed_chunk=64"]).train.embed_chunk == 64
+
+
+def test_amp_config_reads_older_booleans():
+    assert Config().train.amp == "auto"
+    cfg = apply_overrides(Config(), ["train.amp=false"])
+    assert cfg.train.amp == "off"
+    assert apply_overrides(Config(), ["train.amp=bf16"]).train.amp == "bf16"
+    saved = to_dict(Config())
+    saved["train"]["amp"] = True  # a config.json written before amp had modes
+    assert from_dict(saved).train.amp == "auto"
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_amp_dtype_on_cuda():
+    cuda = torch.device("cuda")
     want = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    assert amp_dtype_for(torch.device("cuda"), True) == want
-    assert amp_dtype_for(torch.device("cuda"), False) is None
+    assert select_precision(cuda, "auto").dtype == want and select_precision(cuda, "auto").channels_last
+    assert select_precision(cuda, "fp16").dtype == torch.float16
+    assert select_precision(cuda, "off").dtype is None and select_precision(cuda, "off").channels_last
 
 
 def test_rng_round_trip():

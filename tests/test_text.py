@@ -10,6 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from clipft.config import ConfigError
+from clipft.runtime import cpu_has_native_bf16
 from clipft.text import (CLIP_BOS_ID, CLIP_EOS_ID, TextEncoderError, assert_frozen, cache_fingerprint,
                          caption_digest, get_text_embeddings, load_text_cache, load_text_encoder,
                          save_random_clip_text_model, save_text_cache, write_clip_tokenizer_files)
@@ -27,7 +29,8 @@ LONG = " ".join(["a very long caption about a dog"] * 40)  # ~280 tokens: trunca
 
 @pytest.fixture(scope="module")
 def enc(tiny_clip_dir):
-    return load_text_encoder(str(tiny_clip_dir))
+    """fp32 (amp=off): the contract below is exact to 1e-6; bf16 encoding has its own test."""
+    return load_text_encoder(str(tiny_clip_dir), amp="off")
 
 
 def naive_clip(enc, captions):
@@ -132,7 +135,7 @@ def test_full_clip_checkpoint_with_legacy_eos_id_loads_as_text_tower(tmp_path):
     torch.manual_seed(0)
     CLIPModel(cfg).save_pretrained(tmp_path / "full")
     write_clip_tokenizer_files(tmp_path / "full")
-    enc = load_text_encoder(str(tmp_path / "full"))
+    enc = load_text_encoder(str(tmp_path / "full"), amp="off")
     assert enc.kind == "clip" and enc.dim == 8 and enc.module.config.eos_token_id == 2
     captions = CAPTIONS + [LONG]
     torch.testing.assert_close(enc.encode(captions, batch_size=2), naive_clip(enc, captions), atol=1e-5, rtol=0)
@@ -236,7 +239,7 @@ def test_digest_fingerprint_and_path():
 def test_cache_build_reuse_mismatch_and_corruption(enc, tiny_clip_dir, tmp_path, caplog):
     from safetensors import safe_open
     cache = tmp_path / "cache" / "val_text_embeds_tiny.safetensors"
-    emb, info = get_text_embeddings(CAPTIONS, str(tiny_clip_dir), cache)  # loads the encoder by name
+    emb, info = get_text_embeddings(CAPTIONS, str(tiny_clip_dir), cache, amp="off")  # loads the encoder by name
     assert info["built"] and info["path"] == str(cache) and cache.is_file()
     assert emb.shape == (len(CAPTIONS), enc.dim)
     with safe_open(str(cache), framework="pt") as f:
@@ -280,16 +283,35 @@ def test_cache_build_reuse_mismatch_and_corruption(enc, tiny_clip_dir, tmp_path,
 def test_other_weights_invalidate_the_cache(enc, tmp_path):
     """Same directory, same config, other weights: only the weights digest can tell, and it must."""
     model_dir, cache = tmp_path / "tiny-clip", tmp_path / "c.safetensors"
-    a = load_text_encoder(str(save_random_clip_text_model(model_dir, seed=0)))
+    a = load_text_encoder(str(save_random_clip_text_model(model_dir, seed=0)), amp="off")
     torch.testing.assert_close(a.encode(CAPTIONS), enc.encode(CAPTIONS), atol=0, rtol=0)  # seed 0 = fixture
     _, first = get_text_embeddings(CAPTIONS, str(model_dir), cache, encoder=a)
-    b = load_text_encoder(str(save_random_clip_text_model(model_dir, seed=1)))  # overwrite the weights
+    b = load_text_encoder(str(save_random_clip_text_model(model_dir, seed=1)), amp="off")  # overwrite the weights
     assert json.loads(a.identity)["config"] == json.loads(b.identity)["config"] and a.identity != b.identity
     with pytest.raises(TextEncoderError, match="encoder differs"):
         get_text_embeddings(CAPTIONS, str(model_dir), cache, encoder=b, on_mismatch="error")
     emb, info = get_text_embeddings(CAPTIONS, str(model_dir), cache, encoder=b)
     assert info["built"] and info["fingerprint"] != first["fingerprint"]
     torch.testing.assert_close(emb, b.encode(CAPTIONS), atol=1e-6, rtol=0)
+
+
+def test_bf16_encoding_is_close_to_fp32_and_cached_apart(enc, tiny_clip_dir, tmp_path, caplog):
+    """amp=bf16 (what auto picks on a CPU with native bf16): autocast on the CPU, embeddings close to
+    fp32 ones, and a cache written in one precision is rebuilt, with the reason, by the other."""
+    bf16 = load_text_encoder(str(tiny_clip_dir), amp="bf16")
+    assert bf16.amp_dtype == torch.bfloat16 and enc.amp_dtype is None
+    assert load_text_encoder(str(tiny_clip_dir)).amp_dtype == (torch.bfloat16 if cpu_has_native_bf16() else None)
+    e16, e32 = bf16.encode(CAPTIONS), enc.encode(CAPTIONS)
+    assert e16.dtype == torch.float32 and not torch.equal(e16, e32)  # autocast did run
+    assert torch.nn.functional.cosine_similarity(e16, e32).min() > 0.99  # a tiny random tower; real size: README
+    cache = tmp_path / "val.safetensors"
+    _, info32 = get_text_embeddings(CAPTIONS, str(tiny_clip_dir), cache, encoder=enc)
+    with caplog.at_level("WARNING"):
+        got, info16 = get_text_embeddings(CAPTIONS, str(tiny_clip_dir), cache, encoder=bf16)
+    assert info16["built"] and info16["fingerprint"] != info32["fingerprint"] and torch.equal(got, e16)
+    assert "encoded in float32, this run encodes in bfloat16" in caplog.text
+    with pytest.raises(ConfigError, match="train.amp must be one of"):
+        load_text_encoder(str(tiny_clip_dir), amp="half")
 
 
 def test_save_text_cache_is_atomic_on_failure(tmp_path, monkeypatch):

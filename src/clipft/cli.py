@@ -46,10 +46,11 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from .data.download import DownloadError
     from .evaluate import EvaluationError
     from .model import ModelError
+    from .search.index import SearchError
     from .text import TextEncoderError
     from .train import TrainingError
-    return (ConfigError, DataError, DistributedError, DownloadError, EvaluationError, ModelError, TextEncoderError,
-            TrainingError)
+    return (ConfigError, DataError, DistributedError, DownloadError, EvaluationError, ModelError, SearchError,
+            TextEncoderError, TrainingError)
 
 
 # --------------------------------------------------------------------------- integer arguments
@@ -168,7 +169,8 @@ def cmd_cache_text(args: argparse.Namespace) -> int:
     root = Path(args.data)
     device = resolve_device(args.device)
     splits = [(split, load_split(root, split, cfg.data)) for split in args.split]  # bad data fails before the load
-    encoder = load_text_encoder(cfg.text.encoder, device=device, max_length=cfg.text.max_length)  # once for all
+    encoder = load_text_encoder(cfg.text.encoder, device=device, max_length=cfg.text.max_length,
+                                amp=cfg.train.amp)  # once for all splits
     for split, data in splits:
         emb, info = get_text_embeddings(data.captions, cfg.text.encoder, text_cache_file(root, split, cfg),
                                         device=device, batch_size=cfg.text.batch_size,
@@ -224,6 +226,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     created = not Path(args.out).exists()
     try:
         summary = train(cfg, args.data, args.out, resume=args.resume, progress=not args.quiet)
+    except RuntimeError as e:  # torch.OutOfMemoryError is one too
+        from .chunked import out_of_memory_advice
+        from .runtime import is_out_of_memory
+        from .train import TrainingError
+        _remove_if_empty(Path(args.out) if created and is_main() else None)
+        if not is_out_of_memory(e):
+            raise
+        last = Path(args.out) / "last.pt"
+        kept = f"; {last} is intact (rerun with the setting to resume from it)" if last.is_file() else ""
+        raise TrainingError(out_of_memory_advice(cfg.train.batch_size, cfg.train.embed_chunk) + kept) from None
     except BaseException:
         _remove_if_empty(Path(args.out) if created and is_main() else None)
         raise
@@ -392,6 +404,140 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- search your photos
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from .api import load
+    from .search.index import default_index_dir, update_index
+    from .search.query import model_source, refresh_ann
+    index_dir = Path(args.index) if args.index else default_index_dir(args.folder)
+    model = load(args.model, device=args.device)
+    s = update_index(args.folder, model, index_dir, model_source=model_source(args.model), rebuild=args.rebuild,
+                     dtype=args.dtype, batch_size=args.batch_size, workers=args.workers, progress=not args.quiet)
+    print(f"{index_dir}: {s.summary()}")
+    if (ann := refresh_ann(index_dir, force=args.ann)) is not None:
+        print(f"approximate index (faiss IVF) up to date: {ann}")
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    import json
+    from .search import query as Q
+    if sum(map(bool, (args.query, args.image, args.duplicates))) != 1:
+        raise ConfigError("search: give one of QUERY, --image PATH or --duplicates")
+    idx = Q.load_index(args.index, use_ann=False if args.exact else None)
+    out = (Q.duplicates_answer(idx, args.threshold) if args.duplicates else
+           Q.answer(idx, Q.load_query_model(idx, args.device), args.k, text=args.query, image=args.image))
+    print(json.dumps(out) if args.json else Q.format_answer(out))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from .search.server import create_app, host_warning, is_loopback, open_indexes, serve
+    except ImportError as e:
+        raise ConfigError(f"serve needs Flask ({e}): pip install 'clipft[search]'") from None
+    warning = host_warning(args.host)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
+    served = open_indexes(args.index or [".clipft-index"], device=args.device)
+    app = create_app(served, loopback_only=is_loopback(args.host))
+    names = ", ".join(f"{len(s.idx)} images ({s.idx.model})" for s in served)
+    serve(app, args.host, args.port, on_ready=lambda port: print(
+        f"serving {names} on http://{args.host}:{port}/ (Ctrl-C to stop)", flush=True))
+    return 0
+
+
+def _add_search_parsers(sub) -> None:
+    s = sub.add_parser("index", help="index a folder of images for search (incremental; rerun after changes)")
+    s.add_argument("folder")
+    s.add_argument("--model", required=True, help="exported model dir, clipft checkpoint, or HF CLIP name/dir")
+    s.add_argument("--index", help="index directory (default: FOLDER/.clipft-index)")
+    s.add_argument("--rebuild", action="store_true", help="re-embed everything (needed to switch models)")
+    s.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="stored embeddings")
+    s.add_argument("--ann", action="store_true", help="also build an approximate index (faiss; automatic from 200k images)")
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--workers", type=int, default=None, help="decoding processes (default: automatic)")
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_index)
+
+    s = sub.add_parser("search", help="search an index by text, by example image, or list near-duplicates")
+    s.add_argument("query", nargs="?", help='text, e.g. "a dog on the beach"')
+    s.add_argument("--index", default=".clipft-index", help="index directory (default: ./.clipft-index)")
+    s.add_argument("--k", type=int, default=20, help="results (default 20)")
+    s.add_argument("--image", metavar="PATH", help="search by this example image instead of text")
+    s.add_argument("--duplicates", action="store_true", help="list groups of near-identical images")
+    s.add_argument("--threshold", type=float, default=0.95, help="cosine for --duplicates (default 0.95)")
+    s.add_argument("--exact", action="store_true", help="exact search even where an approximate index exists")
+    s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.add_argument("--device", default="cpu")
+    s.set_defaults(func=cmd_search)
+
+    s = sub.add_parser("serve", help="local web page and JSON API over one or more indexes")
+    s.add_argument("--index", action="append", metavar="PATH",
+                   help="index directory, repeatable: several side by side (default: ./.clipft-index)")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    s.add_argument("--device", default="cpu")
+    s.set_defaults(func=cmd_serve)
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from .api import load
+    from .embed import embed_folder
+    if not Path(args.images).is_dir():
+        raise ConfigError(f"{args.images}: not a directory")
+    device = "cpu" if args.backend == "onnx" and args.device == "auto" else _auto_device(args.device)
+    model = load(args.model, device=device, backend=args.backend)
+    info = embed_folder(model, args.images, args.out, batch_size=args.batch_size, workers=args.workers,
+                        progress=not args.quiet)
+    print(f"{info['images']} images embedded ({info['skipped']} unreadable, skipped) in {info['seconds']:.1f}s: "
+          f"{info['images_per_s']:.1f} images/s; wrote {info['out']}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_checkpoint, format_size
+    info = export_checkpoint(args.checkpoint, args.out, onnx=args.onnx, check_images=args.check_images)
+    if info["onnx_max_abs_diff"] is not None:
+        print(f"ONNX check: onnxruntime matches PyTorch on real images (max abs difference "
+              f"{info['onnx_max_abs_diff']:.1e})")
+    for path, size in info["files"]:
+        print(f"wrote {path} ({format_size(size)})")
+    if info["open_clip"]:
+        print(f"open_clip timm-tower form not written: {info['open_clip']}")
+    return 0
+
+
+def _auto_device(device: str) -> str:
+    from .runtime import resolve_device
+    return str(resolve_device(device)) if device == "auto" else device
+
+
+def _add_model_commands(sub: argparse._SubParsersAction) -> None:
+    """Commands that take a trained model out of its run: export, embed."""
+    s = sub.add_parser("export", help="write a self-contained model folder (safetensors, config, model card, "
+                                      "optionally ONNX) in the Hugging Face hub layout")
+    s.add_argument("checkpoint", help="a clipft checkpoint (RUN/best.pt)")
+    s.add_argument("--out", required=True, help="output folder (new, empty, or an earlier export)")
+    s.add_argument("--onnx", action="store_true", help="also write image_tower.onnx, checked with onnxruntime")
+    s.add_argument("--check-images", metavar="FOLDER",
+                   help="real images for the ONNX check (default: the run's validation images)")
+    s.set_defaults(func=cmd_export)
+    s = sub.add_parser("embed", help="embed every image of a folder (recursive) into a safetensors file")
+    s.add_argument("--model", required=True, help="export folder, checkpoint, or HF CLIP model (name or dir)")
+    s.add_argument("--images", required=True, help="folder of images (jpg, jpeg, png, webp, bmp, gif)")
+    s.add_argument("--out", required=True, help="output .safetensors (embeddings, relative paths, sizes, mtimes)")
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--workers", type=int, default=None, help="decoding processes (default: CPUs - 1, at most 8)")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--backend", choices=["torch", "onnx"], default="torch",
+                   help="onnx: the export folder's image_tower.onnx with onnxruntime (CPU)")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_embed)
+
+
 # --------------------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -405,6 +551,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_and_train_commands(sub)
     _add_checkpoint_commands(sub)
     _add_tool_commands(sub)
+    _add_model_commands(sub)  # export, embed
+    _add_search_parsers(sub)  # index, search, serve
     return p
 
 

@@ -33,11 +33,15 @@ OnMismatch = Literal["rebuild", "error"]
 ImageWeights = Literal["imagenet", "none"]
 HeadNorm = Literal["none", "batchnorm", "layernorm"]
 Pooling = Literal["avg", "attention"]
+Amp = Literal["auto", "bf16", "fp16", "off"]  # train.amp (runtime.select_precision)
 
 
 def choices(tp: Any) -> tuple[str, ...]:
     """The allowed values of a Literal type."""
     return tuple(typing.get_args(tp))
+
+
+AMP_MODES = choices(Amp)
 
 
 def _check_choices(section: Any, name: str) -> None:
@@ -127,8 +131,14 @@ class TrainConfig:
     freeze_backbone_epochs: int = 0  # backbone frozen (no gradients, BN stats fixed) for the first N epochs
     min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
     grad_clip: float = 1.0  # 0 disables clipping
-    amp: bool = True  # CUDA only: bf16 where supported, else fp16 with a GradScaler; ignored on CPU
-    channels_last: bool = True  # CUDA only
+    # auto | bf16 | fp16 | off. auto: CUDA bf16 where supported, else fp16 with a GradScaler; a CPU with
+    # native bf16 (AVX512-BF16, AMX) bf16 autocast + channels_last; other CPUs fp32 (runtime.select_precision).
+    # Also used for caption caching and image embedding. true/false (older configs) read as auto/off.
+    amp: Amp = "auto"
+    channels_last: bool = True  # NHWC where autocast runs (CUDA, CPU bf16); false keeps NCHW
+    # Images per forward pass: 0 = the whole batch at once; N = the batch's loss computed exactly in
+    # chunks of N images (activations held for one chunk at a time, a second forward pass; chunked.py).
+    embed_chunk: int = 0
     compile: bool = False  # torch.compile the training model (GPU runs: faster steps after a one-off compile)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 0
@@ -176,7 +186,7 @@ _RANGES: dict[str, tuple[float | None, float | None]] = {
     "train.warmup_steps": (0, None), "train.backbone_lr_ratio": (0.0, 100.0),
     "train.freeze_backbone_epochs": (0, None), "train.min_lr_ratio": (0.0, 1.0), "train.grad_clip": (0.0, None),
     "train.seed": (0, None), "train.max_bad_steps": (1, None), "train.log_every": (1, None),
-    "train.max_steps_per_epoch": (0, None), "train.grad_accum_steps": (1, 4096),
+    "train.max_steps_per_epoch": (0, None), "train.grad_accum_steps": (1, 4096), "train.embed_chunk": (0, 1 << 20),
     "eval.batch_size": (1, 1 << 20), "eval.every": (1, None),
 }
 # Strictly positive (an open lower bound): 0 is as wrong as a negative value.
@@ -231,6 +241,8 @@ def validate(cfg: Config, source: str = "config") -> Config:
 
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
+# Keys that were booleans in older configs (and saved run directories): true/false -> today's value.
+_BOOL_ALIASES: dict[str, dict[bool, str]] = {"train.amp": {True: "auto", False: "off"}}
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -305,6 +317,8 @@ def set_value(cfg: Config, dotted: str, value: Any) -> None:
     types = _field_types(sections[section])
     if key not in types:
         raise ConfigError(f"unknown config key {dotted!r} (known in {section}: {', '.join(types)})")
+    if dotted in _BOOL_ALIASES and (isinstance(value, bool) or str(value).strip().lower() in _TRUE | _FALSE):
+        value = _BOOL_ALIASES[dotted][_coerce(value, bool, dotted)]  # a key that used to be a bool
     setattr(getattr(cfg, section), key, _coerce(value, types[key], dotted))
 
 

@@ -64,4 +64,8 @@ def run_demo(out: str | Path, data: str | Path | None = None, train_images: int 
     write_pictures(emb, out)
     report = write_report(out)
     say(f"[6/6] wrote {report}")
+    if (data / "annotations" / f"shapes_labels_{cfg.data.val_split}2014.json").is_file():
+        # The loop closed: search the validation images with the model just trained.
+        from .search.quality import demo_search
+        say(demo_search(out / "best.pt", data, cfg.data.val_split, out / "search-index"))
     return {"metrics": m, "zero_shot": z, "report": report}

@@ -169,7 +169,7 @@ def embed_images(model: ImageTower, split: CaptionedImages, cfg: Config, device:
         if images.shape[0] == 0:
             continue
         images = images.to(device, non_blocking=True)
-        if device.type == "cuda" and cfg.train.channels_last:
+        if cfg.train.channels_last and (device.type == "cuda" or amp_dtype is not None):  # NHWC where autocast runs
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             embs.append(model(images).float().cpu())  # [B, D]
@@ -289,7 +289,8 @@ def checkpoint_embeddings(checkpoint: str | Path, data_root: str | Path, split: 
         text_emb, _ = get_text_embeddings(es.data.captions, cfg.text.encoder,
                                           eval_text_cache_file(data_root, es.name, cfg),
                                           device=dev, batch_size=cfg.text.batch_size, max_length=cfg.text.max_length,
-                                          on_mismatch=cfg.text.on_mismatch, progress=None if progress else False)
+                                          on_mismatch=cfg.text.on_mismatch, amp=cfg.train.amp,
+                                          progress=None if progress else False)
     if text_emb is not None and text_emb.shape[1] != model.embed_dim:
         raise ModelError(f"{checkpoint}: image tower outputs {model.embed_dim}-d embeddings but text encoder "
                          f"{cfg.text.encoder!r} gives {text_emb.shape[1]}-d")

@@ -126,7 +126,7 @@ def write_data_samples(data_root: str | Path, split: str, cfg, out: str | Path, 
 def embed_queries(cfg, queries: Sequence[str], device: str = "cpu") -> torch.Tensor:
     """Free-text queries -> [Q, D] with the checkpoint's frozen text encoder (no cache: a handful)."""
     from .text import load_text_encoder
-    enc = load_text_encoder(cfg.text.encoder, device=device, max_length=cfg.text.max_length)
+    enc = load_text_encoder(cfg.text.encoder, device=device, max_length=cfg.text.max_length, amp=cfg.train.amp)
     return enc.encode(list(queries))
 
 

@@ -90,6 +90,10 @@ def write_report(run_dir: str | Path) -> Path:
     if hw:
         dev = hw.get("gpu") or f"{hw.get('cpu')} ({hw.get('cpu_count')} cores)"
         rows.append(("hardware", f"{hw.get('device')}: {dev}; torch {hw.get('torch')}"))
+    prec = summary.get("precision")
+    if prec:  # runtime.select_precision's record
+        layout = " + channels_last" if prec.get("channels_last") else ""
+        rows.append(("precision", f"{prec.get('dtype')}{layout} ({prec.get('reason')})"))
     if "train_seconds" in summary:
         rows.append(("training time", _fmt_seconds(summary["train_seconds"]) + _speed(epochs, read_records(run.metrics, "step"))))
     if "wall_seconds_this_invocation" in summary:

@@ -9,13 +9,14 @@ import contextlib
 import os
 import platform
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, TypeVar
 
 import numpy as np
 import torch
 
-from .config import ConfigError
+from .config import AMP_MODES, ConfigError
 
 
 def resolve_device(name: str) -> torch.device:
@@ -28,11 +29,87 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-def amp_dtype_for(device: torch.device, enabled: bool) -> torch.dtype | None:
-    """bf16 on CUDA where supported (no scaler needed), else fp16; None (fp32) on CPU."""
-    if not enabled or device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+@dataclass(frozen=True)
+class Precision:
+    """How a forward pass runs: autocast dtype (None = fp32), NHWC memory layout, and why.
+
+    Decided once per run by `select_precision`, logged, and recorded in summary.json and the report.
+    Losses, the logit scale and recall metrics are fp32 whatever this says (the towers return fp32).
+    """
+
+    dtype: torch.dtype | None
+    channels_last: bool
+    reason: str
+
+    @property
+    def name(self) -> str:
+        """'bf16', 'fp16' or 'fp32': the label in logs, summaries and cache fingerprints."""
+        return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.dtype, "fp32")
+
+    def autocast(self, device: torch.device):
+        """The autocast context for a forward pass on `device` (a no-op for fp32)."""
+        return torch.autocast(device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None)
+
+    def to_dict(self) -> dict:
+        return {"dtype": self.name, "channels_last": self.channels_last, "reason": self.reason}
+
+
+def cpu_has_native_bf16() -> bool:
+    """PyTorch's own check (oneDNN's): can this CPU run bf16 convolutions and matmuls natively
+    (AVX512-BF16, AMX; also AVX512BW/VL/DQ, where oneDNN converts fast)? False on builds without oneDNN."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # no oneDNN in this build, or an op that moved
+        return False
+
+
+def select_precision(device: torch.device, amp: str | bool = "auto", channels_last: bool = True,
+                     cpu_bf16: bool | None = None) -> Precision:
+    """The precision a run uses on `device` for `train.amp` = auto | bf16 | fp16 | off.
+
+    auto: CUDA -> bf16 where the GPU supports it, else fp16 (with a GradScaler in training);
+    CPU -> bf16 autocast + channels_last where the CPU has native bf16 (`cpu_has_native_bf16`),
+    else fp32. bf16 forces bf16 (CPU autocast emulates it where the CPU lacks it: slow but valid);
+    fp16 is CUDA only. channels_last=False keeps NCHW. cpu_bf16 overrides the CPU check (tests, and
+    the benchmark's fp32-vs-auto comparison); None asks PyTorch. Bools are read as auto/off.
+    """
+    if isinstance(amp, bool):
+        amp = "auto" if amp else "off"
+    if amp not in AMP_MODES:
+        raise ConfigError(f"train.amp must be one of {', '.join(AMP_MODES)}, got {amp!r}")
+    if amp == "off":
+        return Precision(None, channels_last and device.type == "cuda", "train.amp=off")
+    if device.type == "cuda":
+        if amp == "fp16" or (amp == "auto" and not torch.cuda.is_bf16_supported()):
+            why = "train.amp=fp16" if amp == "fp16" else "auto: this GPU has no bf16"
+            return Precision(torch.float16, channels_last, why)
+        return Precision(torch.bfloat16, channels_last, f"{'auto' if amp == 'auto' else 'train.amp=bf16'}: "
+                                                        "bf16 autocast on CUDA")
+    if device.type != "cpu":
+        return Precision(None, False, f"auto: no autocast on {device.type}")
+    if amp == "fp16":
+        raise ConfigError("train.amp=fp16 needs CUDA (fp16 on a CPU is slower than fp32); use auto, bf16 or off")
+    if amp == "bf16":
+        return Precision(torch.bfloat16, channels_last, "train.amp=bf16: bf16 autocast on the CPU")
+    native = cpu_has_native_bf16() if cpu_bf16 is None else cpu_bf16
+    if native:
+        return Precision(torch.bfloat16, channels_last, "auto: this CPU has native bf16")
+    return Precision(None, False, "auto: this CPU has no native bf16, fp32")
+
+
+def amp_dtype_for(device: torch.device, amp: str | bool = "auto") -> torch.dtype | None:
+    """The autocast dtype `select_precision` picks (None = fp32)."""
+    return select_precision(device, amp).dtype
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """True for a device or host allocation failure: torch.OutOfMemoryError (CUDA) or the CPU
+    allocator's RuntimeError ("DefaultCPUAllocator: can't allocate memory", "not enough memory")."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and any(
+        s in text for s in ("DefaultCPUAllocator", "not enough memory", "can't allocate memory"))
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:

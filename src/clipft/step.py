@@ -11,6 +11,7 @@ import logging
 import torch
 
 from . import distributed
+from .chunked import chunked_clip_backward
 from .health import pairwise_cosine
 from .loss import clip_loss
 
@@ -21,12 +22,16 @@ def train_step(model: torch.nn.Module, micro_batches: list[tuple[torch.Tensor, t
                optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
                scaler: torch.amp.GradScaler, amp_dtype: torch.dtype | None, grad_clip: float,
                gather: bool = False, channels_last: bool = False,
-               transform: torch.nn.Module | None = None, loss_fn=clip_loss) -> dict[str, torch.Tensor]:
+               transform: torch.nn.Module | None = None, loss_fn=clip_loss,
+               embed_chunk: int = 0) -> dict[str, torch.Tensor]:
     """One optimisation step over K micro-batches [(images [B, 3, H, W], texts [B, D] cached caption
     embeddings), ...] (K = 1 without gradient accumulation); tensors are moved to the model's device here.
     `model` is the ImageTower or its DDP wrapper; gather=True (DDP): the loss uses every process's
     batch as negatives (`clip_loss`), and DDP averages the gradients on the last micro-batch.
     transform: for uint8 batches (prepared cache or JPEG workers), the on-device resize/crop/flip/normalise.
+    embed_chunk: 0 = each micro-batch in one forward pass; N < B = its loss computed exactly over all B
+    images with the tower run on N at a time, twice (`chunked.chunked_clip_backward`: activations for N
+    images, not B; BatchNorm statistics per chunk).
     loss_fn: `clip_loss` (a seam: tests poison the loss through it).
 
     Returns 0-d tensors on the device, never read here (the host does not wait for the GPU inside
@@ -53,6 +58,16 @@ def train_step(model: torch.nn.Module, micro_batches: list[tuple[torch.Tensor, t
     buffers = [b for b in tower.buffers()]
     saved_buffers = [b.detach().clone() for b in buffers]
     terms_sum: dict[str, torch.Tensor] = {}
+
+    def objective(loss: torch.Tensor) -> torch.Tensor:
+        """What a micro-batch back-propagates. poison: 1 for a finite loss, NaN otherwise (NaN x gradient
+        is NaN even where the gradient is 0, so every parameter the loss reaches reports the failure:
+        the NaN guard in the docstring). / k: the accumulated gradient is the mean over micro-batches
+        (each one's loss only has its own batch as negatives: accumulation enlarges the gradient's
+        batch, not the softmax)."""
+        poison = torch.where(torch.isfinite(loss.detach()), 1.0, float("nan"))
+        return scaler.scale(loss * poison / k)
+
     for i, (images, texts) in enumerate(micro_batches):
         images = images.to(device, non_blocking=True)
         if transform is not None:
@@ -63,18 +78,16 @@ def train_step(model: torch.nn.Module, micro_batches: list[tuple[torch.Tensor, t
         # Gradients accumulate locally; DDP all-reduces them only in the last micro-batch's backward.
         no_sync = model.no_sync() if i < k - 1 and hasattr(model, "no_sync") else contextlib.nullcontext()
         with no_sync:
-            # Forward under autocast (bf16/fp16 on CUDA, off on CPU); the loss itself runs in fp32.
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                image_emb = model(images)  # [B, D], L2-normalised fp32
             logit_scale = tower.logit_scale.exp()  # 1/tau, scalar
-            terms = loss_fn(image_emb, texts, logit_scale, gather=gather)
-            loss = terms["loss"]
-            # 1 for a finite loss, NaN otherwise: NaN * gradient is NaN even where the gradient is 0,
-            # so every parameter the loss reaches reports the failure (the NaN guard in the docstring).
-            poison = torch.where(torch.isfinite(loss.detach()), 1.0, float("nan"))
-            # / k: the accumulated gradient is the mean over micro-batches (each one's loss only has
-            # its own batch as negatives: accumulation enlarges the gradient's batch, not the softmax).
-            scaler.scale(loss * poison / k).backward()
+            if 0 < embed_chunk < images.shape[0]:  # the same loss and gradient, N images' activations at a time
+                terms, image_emb = chunked_clip_backward(model, images, texts, logit_scale, embed_chunk, objective,
+                                                         amp_dtype, gather=gather, loss_fn=loss_fn)
+            else:
+                # Forward under autocast (bf16/fp16 where supported, else fp32); the loss itself runs in fp32.
+                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                    image_emb = model(images)  # [B, D], L2-normalised fp32
+                terms = loss_fn(image_emb, texts, logit_scale, gather=gather)
+                objective(terms["loss"]).backward()
         for name, v in terms.items():
             terms_sum[name] = terms_sum.get(name, 0.0) + v.detach() / k
 

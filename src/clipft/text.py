@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .hub import hub_offline
+from .runtime import select_precision
 
 log = logging.getLogger(__name__)
 
@@ -149,13 +150,13 @@ class TextEncoder:
     tokenizer: Any = field(repr=False, default=None)  # CLIP only; sentence-transformers tokenizes itself
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     source: str = ""  # what was actually loaded (a directory or hub name)
+    amp: str = "auto"  # train.amp: the precision captions are encoded in (runtime.select_precision)
 
     @property
     def amp_dtype(self) -> torch.dtype | None:
-        """bf16 autocast on CUDA (fp16 where bf16 is unsupported); None = fp32 on CPU."""
-        if self.device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        """The autocast dtype `encode` uses: bf16 on CUDA (fp16 where bf16 is unsupported) and on CPUs
+        with native bf16 under amp=auto; None = fp32. Part of the cache fingerprint."""
+        return select_precision(self.device, self.amp).dtype
 
     def encode(self, captions: list[str], batch_size: int = 256, progress: bool = False) -> torch.Tensor:
         """Embed `captions` -> [M, D] float32 on CPU, L2-normalised, row i = captions[i]."""
@@ -168,7 +169,7 @@ class TextEncoder:
         assert_frozen(self.module)
         if not captions:
             return torch.empty(0, self.dim)
-        autocast = (torch.autocast(device_type="cuda", dtype=self.amp_dtype) if self.amp_dtype is not None
+        autocast = (torch.autocast(device_type=self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None
                     else contextlib.nullcontext())
         with torch.inference_mode(), autocast:
             if self.kind == "clip":
@@ -324,17 +325,21 @@ def _torch_device(device: str | torch.device) -> torch.device:
     return dev
 
 
-def load_text_encoder(name_or_path: str, device: str | torch.device = "cpu", max_length: int = 77) -> TextEncoder:
+def load_text_encoder(name_or_path: str, device: str | torch.device = "cpu", max_length: int = 77,
+                      amp: str = "auto") -> TextEncoder:
     """Load a frozen text encoder: a CLIP text tower (`text_embeds`, the projection output) or a
-    sentence-transformers model; a local directory or a hub name (from the HF cache when offline)."""
+    sentence-transformers model; a local directory or a hub name (from the HF cache when offline).
+    amp: train.amp, the precision `encode` runs in (auto: bf16 where the device has it natively)."""
     name = str(name_or_path)
     dev = _torch_device(device)
     if max_length < 2:
         raise TextEncoderError(f"text max_length must be >= 2 (BOS + EOS), got {max_length}")
+    select_precision(dev, amp)  # an unknown mode fails before the model loads
     kind, source, canonical, local = _resolve(name)
-    if kind == "clip":
-        return _load_clip(name, source, canonical, local, dev, max_length)
-    return _load_st(name, source, canonical, local, dev, max_length)
+    load = _load_clip if kind == "clip" else _load_st
+    enc = load(name, source, canonical, local, dev, max_length)
+    enc.amp = amp
+    return enc
 
 
 def _load_failed(name: str, source: str, local: bool, e: BaseException) -> TextEncoderError:
@@ -516,19 +521,21 @@ def save_text_cache(path: Path, embeds: torch.Tensor, fingerprint: str, meta: di
 
 def get_text_embeddings(captions: list[str], encoder_name: str, cache_file: Path, device: str | torch.device = "cpu",
                         batch_size: int = 256, max_length: int = 77, on_mismatch: str = "rebuild",
-                        encoder: TextEncoder | None = None, progress: bool | None = None
-                        ) -> tuple[torch.Tensor, dict]:
+                        encoder: TextEncoder | None = None, progress: bool | None = None,
+                        amp: str = "auto") -> tuple[torch.Tensor, dict]:
     """Caption embeddings [M, D] (caption order) from `cache_file` if its fingerprint matches, else
     built with the frozen encoder and saved. on_mismatch="error" refuses to overwrite a cache built
-    from other captions or another encoder. Pass `encoder` to reuse a loaded one. progress: a
-    captions bar with captions/s and ETA (None: only when stderr is a terminal).
+    from other captions or another encoder. Pass `encoder` to reuse a loaded one (its own `amp` then
+    applies); amp: train.amp for the encoder loaded here. The precision is part of the fingerprint.
+    progress: a captions bar with captions/s and ETA (None: only when stderr is a terminal).
     Returns (embeds, info) with info keys path, built, seconds, fingerprint, encoder, num_captions, dim."""
     if on_mismatch not in ON_MISMATCH:
         raise TextEncoderError(f"text.on_mismatch must be one of {', '.join(ON_MISMATCH)}, got {on_mismatch!r}")
     t0 = time.perf_counter()
     captions = list(captions)
     cache_file = Path(cache_file)
-    enc = encoder if encoder is not None else load_text_encoder(encoder_name, device=device, max_length=max_length)
+    enc = encoder if encoder is not None else load_text_encoder(encoder_name, device=device, max_length=max_length,
+                                                                amp=amp)
     precision = precision_name(enc.amp_dtype)
     fp = cache_fingerprint(enc.identity, captions, precision)
     digest = caption_digest(captions)

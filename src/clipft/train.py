@@ -39,7 +39,7 @@ from .health import HealthMonitor
 from .loss import chance_loss, clip_loss
 from .model import build_image_tower, count_parameters, ensure_image_weights, parameter_parts, tower_state
 from .runfiles import RunFiles, RunLog, read_records
-from .runtime import amp_dtype_for, hardware_info, overriding, seed_everything, worker_count
+from .runtime import Precision, hardware_info, overriding, seed_everything, select_precision, worker_count
 from .step import StepStats, non_finite_state, step_values, train_step
 from .text import get_text_embeddings, load_text_encoder
 from .data.caches import unused_prepared_note
@@ -138,7 +138,7 @@ def prepare_data(cfg: Config, data_root: str | Path, device: torch.device) -> Pr
     preflight(train, val, cfg.data)
     # Everything that can fail without computing fails here, before the captions are embedded.
     ensure_image_weights(cfg.model.backbone, cfg.model.image_weights)
-    encoder = load_text_encoder(cfg.text.encoder, device=device, max_length=cfg.text.max_length)
+    encoder = load_text_encoder(cfg.text.encoder, device=device, max_length=cfg.text.max_length, amp=cfg.train.amp)
     embeds, infos = [], {}
     for name, split in ((cfg.data.train_split, train), (cfg.data.val_split, val)):
         emb, info = get_text_embeddings(
@@ -274,10 +274,14 @@ def use_hooks(**parts: Any) -> contextlib.AbstractContextManager[TrainHooks]:
 
 @dataclass
 class Runtime:
-    """Where this process trains: the process group, its device and the autocast precision."""
+    """Where this process trains: the process group, its device and the precision (`select_precision`)."""
     ctx: distributed.DistContext
     device: torch.device
-    amp_dtype: torch.dtype | None
+    precision: Precision
+
+    @property
+    def amp_dtype(self) -> torch.dtype | None:
+        return self.precision.dtype
 
     @property
     def world(self) -> int:
@@ -410,7 +414,9 @@ def setup_runtime(cfg: Config, ctx: distributed.DistContext, run: RunFiles) -> R
     if ctx.is_main and not os.access(run.root, os.W_OK):
         raise TrainingError(f"{run.root}: the run directory is not writable; use another --out")
     seed_everything(cfg.train.seed + ctx.rank)  # rank 0 = the single-process seed; others differ (augmentation)
-    rt = Runtime(ctx, ctx.device, amp_dtype_for(ctx.device, cfg.train.amp))
+    rt = Runtime(ctx, ctx.device, select_precision(ctx.device, cfg.train.amp, cfg.train.channels_last))
+    log.info("precision: %s%s (%s)", rt.precision.name, " + channels_last" if rt.precision.channels_last else "",
+             rt.precision.reason)
     if rt.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -453,8 +459,8 @@ def setup_model(cfg: Config, plan: Plan, rt: Runtime, hooks: TrainHooks) -> Trai
     """The tower, its optimizer, LR schedule and gradient scaler, as a fresh TrainState."""
     with distributed.main_process_first("model construction"):  # one download of the ImageNet weights
         model = hooks.build_tower(cfg.model, embed_dim=plan.data.train_text.shape[1]).to(rt.device)
-    if rt.device.type == "cuda" and cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)  # NHWC convs: ~1.5x on tensor cores
+    if rt.precision.channels_last:
+        model = model.to(memory_format=torch.channels_last)  # NHWC convs: ~1.5x on tensor cores and oneDNN bf16
     model = distributed.convert_to_sync_batchnorm(model, rt.ctx, cfg.train.sync_batchnorm)
     # Built before any temporary freeze, so a backbone frozen for the first epochs is in it.
     optimizer = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.backbone_lr_ratio)
@@ -497,6 +503,10 @@ def log_plan(cfg: Config, plan: Plan, state: TrainState, rt: Runtime) -> None:
         log.info("%d process(es) x batch %d = %d negatives per loss; x %d accumulated micro-batches = %d images "
                  "per optimizer step", rt.world, cfg.train.batch_size, plan.global_batch, plan.accum,
                  plan.global_batch * plan.accum)
+    if 0 < cfg.train.embed_chunk < cfg.train.batch_size:
+        log.info("train.embed_chunk=%d: each batch of %d is embedded in chunks of %d, twice (activations for %d "
+                 "images at a time; the loss still has all %d negatives)", cfg.train.embed_chunk,
+                 cfg.train.batch_size, cfg.train.embed_chunk, cfg.train.embed_chunk, plan.global_batch)
 
 
 @dataclass
@@ -530,8 +540,8 @@ def train_one_epoch(state: TrainState, loader: Any, runlog: RunLog, epoch: int, 
     for micro in itertools.islice(groups, loop.plan.steps_per_epoch):  # one group = one attempted step
         out = loop.hooks.step(state.ddp_model, micro, state.optimizer, state.scheduler, state.scaler, rt.amp_dtype,
                               cfg.train.grad_clip, gather=rt.world > 1,
-                              channels_last=rt.device.type == "cuda" and cfg.train.channels_last,
-                              transform=loop.plan.device_transform, loss_fn=loop.hooks.loss)
+                              channels_last=rt.precision.channels_last, transform=loop.plan.device_transform,
+                              loss_fn=loop.hooks.loss, embed_chunk=cfg.train.embed_chunk)
         state.global_step += 1
         stats.add(out)  # device-side sums: the host does not wait for this step here
         bar.update(1)
@@ -649,7 +659,7 @@ def finish(state: TrainState, cfg: Config, data_root: str | Path, run: RunFiles,
         "run_dir": str(run.root), "data_root": str(data_root), "epochs": cfg.train.epochs,
         "steps": state.global_step, "best_epoch": state.best_epoch, "best_mean_R@5": state.best_metric,
         "train_seconds": state.train_seconds(), "wall_seconds_this_invocation": time.time() - t_start,
-        "hardware": hardware_info(rt.device), "parameters": count_parameters(state.model),
+        "hardware": hardware_info(rt.device), "precision": rt.precision.to_dict(), "parameters": count_parameters(state.model),
         "dataset": {"train_images": len(data.train), "train_captions": len(data.train.captions),
                     "val_images": len(data.val), "val_captions": len(data.val.captions),
                     "source": data.train.name, "val_source": data.val.name},
@@ -658,7 +668,7 @@ def finish(state: TrainState, cfg: Config, data_root: str | Path, run: RunFiles,
         "distributed": {"processes": rt.world, "backend": rt.ctx.backend, "batch_per_process": cfg.train.batch_size,
                         "global_batch": plan.global_batch, "grad_accum_steps": plan.accum,
                         "images_per_step": plan.global_batch * plan.accum,
-                        "sync_batchnorm": cfg.train.sync_batchnorm},
+                        "sync_batchnorm": cfg.train.sync_batchnorm, "embed_chunk": cfg.train.embed_chunk},
     }
     if rt.main:
         epochs = read_records(run.metrics, "epoch")

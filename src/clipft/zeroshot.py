@@ -220,7 +220,7 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int)
 
 def _text_encoder(cfg, device):
     from .text import load_text_encoder
-    return load_text_encoder(cfg.text.encoder, device=device, max_length=cfg.text.max_length)
+    return load_text_encoder(cfg.text.encoder, device=device, max_length=cfg.text.max_length, amp=cfg.train.amp)
 
 
 def zeroshot_dataset(checkpoint: str | Path, data_root: str | Path, split: str = "val", labels_from: str = "shapes",

@@ -1,0 +1,416 @@
+"""Use a trained model: `load` an export folder, a checkpoint or an original CLIP, then embed.
+
+    import clipft
+    m = clipft.load("DIR")                        # clipft export folder, best.pt, or an HF CLIPModel
+    img = m.encode_images(["a.jpg", pil_image])   # [N, D] float32 CPU, L2-normalised
+    txt = m.encode_texts(["a dog on a beach"])    # the frozen text encoder the tower was trained against
+
+Images go through exactly the evaluation-time preprocessing (`clipft.preprocess`, the same pixels
+as `clipft evaluate`), so embeddings equal the `--save-embeddings` output. An original CLIP
+(`load("openai/clip-vit-base-patch32")` or a CLIPModel directory) gets the same interface over its
+own image processor and towers, so search and comparisons treat a fine-tune and CLIP alike.
+
+This module imports nothing of training: no trainer, loss, optimizer set-up or dataset loader.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .model import ModelError
+from .preprocess import EvalTransform, decode_image, pil_from_uint8, to_rgb
+
+log = logging.getLogger(__name__)
+
+EXPORT_FORMAT = "clipft-image-tower"
+EXPORT_FORMAT_VERSION = 1
+CONFIG_FILE, WEIGHTS_FILE, ONNX_FILE = "config.json", "model.safetensors", "image_tower.onnx"
+BACKENDS = ("torch", "onnx")
+# What `read_export_config` needs in config.json (export.export_config writes more, for people).
+EXPORT_KEYS = ("model_config", "embed_dim", "image_size", "mean", "std", "logit_scale", "text_encoder")
+
+
+def similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of every row of a [Na, D] with every row of b [Nb, D] -> [Na, Nb] float32."""
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"expected [Na, D] and [Nb, D] embeddings, got {tuple(a.shape)} and {tuple(b.shape)}")
+    return F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).T
+
+
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over every tensor's name, shape, dtype and exact bytes (sorted by name): the same for
+    a checkpoint's tower and its export, different for any changed weight."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}:{tuple(state[name].shape)}:{t.dtype};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def text_fingerprint(encoder: Any) -> str:
+    """sha256 of a loaded TextEncoder's identity (kind, name, config, max_length, weights digest)."""
+    return hashlib.sha256(encoder.identity.encode("utf-8")).hexdigest()
+
+
+def _fill_template(template: str, label: str) -> str:
+    """template.format(label), "a {}" -> "an {}" before a vowel: what `clipft zeroshot` prompts."""
+    if "{}" not in template:
+        raise ValueError(f"zero-shot template {template!r} has no '{{}}' for the class name")
+    if label[:1].lower() in "aeiou":
+        template = re.sub(r"\b([Aa]) \{\}", r"\1n {}", template)
+    return template.format(label)
+
+
+class _TextSide:
+    """The frozen text encoder, loaded on first use (image-only users never pay for it)."""
+
+    def __init__(self, name: str, max_length: int, device: torch.device, embed_dim: int,
+                 expected_fingerprint: str | None = None):
+        self.name, self.max_length, self.device, self.embed_dim = name, max_length, device, embed_dim
+        self.expected = expected_fingerprint
+        self._encoder = None
+
+    def encoder(self):
+        if self._encoder is None:
+            from .text import load_text_encoder
+            enc = load_text_encoder(self.name, device=self.device, max_length=self.max_length)
+            if enc.dim != self.embed_dim:
+                raise ModelError(f"text encoder {self.name!r} gives {enc.dim}-d embeddings, the image tower "
+                                 f"{self.embed_dim}-d: not the encoder it was trained against")
+            if self.expected and text_fingerprint(enc) != self.expected:
+                log.warning("text encoder %s differs from the one this model was trained against (name, config "
+                            "or weights changed): text embeddings may not match the images", self.name)
+            self._encoder = enc
+        return self._encoder
+
+    def fingerprint(self) -> str:
+        return self.expected or text_fingerprint(self.encoder())
+
+
+class ImageTextModel:
+    """An image tower and its frozen text encoder behind one interface (see `load`).
+
+    name, embed_dim, image_size, logit_scale (1/tau, for zero-shot probabilities), device, backend,
+    and fingerprint: a stable hex id of the image weights, the preprocessing and the text encoder
+    (a checkpoint and its export share it; computing it loads the text encoder once unless an
+    export folder recorded the encoder's fingerprint).
+    """
+
+    def __init__(self, name: str, embed_dim: int, image_size: int, preprocess: Callable[[Image.Image], torch.Tensor],
+                 encode_pixels: Callable[[torch.Tensor], torch.Tensor], text: _TextSide, logit_scale: float,
+                 device: torch.device, backend: str, image_digest: str, preprocess_id: dict,
+                 draft_size: int | None):
+        self.name, self.embed_dim, self.image_size = name, int(embed_dim), int(image_size)
+        self.preprocess = preprocess  # PIL RGB -> [3, image_size, image_size] float (picklable)
+        self.draft_size = draft_size  # JPEG draft decoding of files, exactly as evaluation does
+        self._encode_pixels = encode_pixels
+        self._text = text
+        self.logit_scale = float(logit_scale)
+        self.device, self.backend = device, backend
+        self._image_digest, self._preprocess_id = image_digest, preprocess_id
+        self._fingerprint: str | None = None
+
+    def __repr__(self) -> str:
+        return (f"ImageTextModel({self.name!r}, embed_dim={self.embed_dim}, image_size={self.image_size}, "
+                f"backend={self.backend!r}, device={str(self.device)!r})")
+
+    @property
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            blob = json.dumps({"image_weights": self._image_digest, "preprocess": self._preprocess_id,
+                               "text_encoder": self._text.fingerprint()}, sort_keys=True, default=str)
+            self._fingerprint = hashlib.sha256(blob.encode()).hexdigest()
+        return self._fingerprint
+
+    @property
+    def text_encoder_name(self) -> str:
+        return self._text.name
+
+    def pixels(self, image: Any) -> torch.Tensor:
+        """One image (path, PIL image, uint8 [3, H, W] or normalised float [3, S, S]) -> [3, S, S]."""
+        if isinstance(image, (str, Path)):
+            img, reason = decode_image(image, self.draft_size)
+            if img is None:
+                raise ValueError(f"{image}: cannot use this image ({reason})")
+            return self.preprocess(img)
+        if isinstance(image, Image.Image):
+            return self.preprocess(to_rgb(image))
+        if isinstance(image, torch.Tensor):
+            if image.dtype == torch.uint8:
+                return self.preprocess(pil_from_uint8(image))
+            if image.is_floating_point() and tuple(image.shape) == (3, self.image_size, self.image_size):
+                return image.float()  # already preprocessed pixel_values
+            raise ValueError(f"a {image.dtype} tensor {tuple(image.shape)}: pass uint8 pixels [3, H, W] or "
+                             f"preprocessed float pixel_values [3, {self.image_size}, {self.image_size}]")
+        raise ValueError(f"cannot embed a {type(image).__name__}: pass paths, PIL images or tensors")
+
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Preprocessed pixel_values [B, 3, S, S] -> L2-normalised embeddings [B, D] float32 CPU."""
+        if pixels.shape[0] == 0:
+            return torch.zeros(0, self.embed_dim)
+        with torch.inference_mode():
+            out = self._encode_pixels(pixels.float())
+        return out.clone()  # a plain tensor, outside inference mode
+
+    def encode_images(self, images: Sequence[Any], batch_size: int = 64) -> torch.Tensor:
+        """[N, D] float32 CPU L2-normalised embeddings of paths, PIL images or tensors (a [B, 3, H, W]
+        tensor counts as B images), with the evaluation-time preprocessing, `batch_size` at a time."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        items = list(images.unbind(0)) if isinstance(images, torch.Tensor) and images.ndim == 4 else list(images)
+        out = [self.encode_pixels(torch.stack([self.pixels(x) for x in items[s:s + batch_size]]))
+               for s in range(0, len(items), batch_size)]
+        return torch.cat(out) if out else torch.zeros(0, self.embed_dim)
+
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+        """[N, D] float32 CPU L2-normalised embeddings from the frozen text encoder."""
+        if isinstance(texts, str):
+            raise ValueError("encode_texts takes a list of strings, not one string")
+        return self._text.encoder().encode(list(texts), batch_size=batch_size)
+
+    def similarity(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Cosine similarity [Na, Nb] of two sets of embeddings."""
+        return similarity(a, b)
+
+    def zero_shot(self, images: Sequence[Any], classnames: Sequence[str],
+                  templates: Sequence[str] = ("a photo of a {}.",)) -> torch.Tensor:
+        """[N, C] class probabilities: softmax(1/tau x cosine) against each class's prompts, averaged
+        over `templates` ("{}" = the class name) and renormalised, as `clipft zeroshot` does."""
+        classnames, templates = list(classnames), list(templates)
+        if not classnames or not templates:
+            raise ValueError("zero_shot needs at least one class name and one template")
+        prompts = [_fill_template(t, c) for c in classnames for t in templates]
+        cls = self.encode_texts(prompts).reshape(len(classnames), len(templates), -1).mean(1)  # [C, D]
+        img = self.encode_images(images)  # [N, D]
+        return (self.logit_scale * img @ F.normalize(cls, dim=-1).T).softmax(dim=-1)
+
+
+# --------------------------------------------------------------------------- loading
+
+def _device(device: str | torch.device) -> torch.device:
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"device {str(device)!r}: CUDA is not available on this machine")
+    return dev
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{path}: not a readable JSON file ({type(e).__name__})") from None
+    if not isinstance(value, dict):
+        raise ModelError(f"{path}: expected a JSON object")
+    return value
+
+
+def _run_dir_error(path: Path) -> ModelError:
+    return ModelError(f"{path}: a training run directory, not a model; load {path / 'best.pt'} (the checkpoint "
+                      f"chosen on validation) or export it: clipft export {path / 'best.pt'} --out DIR")
+
+
+def load(source: str | Path, device: str | torch.device = "cpu", backend: str = "torch") -> ImageTextModel:
+    """An ImageTextModel from an export folder (config.json + model.safetensors), a clipft checkpoint
+    (best.pt / last.pt), or an HF CLIPModel (hub name or directory) as the original-CLIP baseline.
+    backend="onnx" runs an export folder's image_tower.onnx with onnxruntime on CPU.
+    Bad input raises ModelError with one line naming the file and the problem."""
+    if backend not in BACKENDS:
+        raise ModelError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    dev = _device(device)
+    if backend == "onnx" and dev.type != "cpu":
+        raise ModelError(f"backend='onnx' runs on CPU; got device {str(device)!r} (use backend='torch' there)")
+    path = Path(source).expanduser()
+    if path.is_file():
+        if backend == "onnx":
+            raise ModelError(f"{path}: the onnx backend needs an export folder with {ONNX_FILE} "
+                             f"(clipft export {path} --out DIR --onnx)")
+        return _from_checkpoint(path, dev)
+    if path.is_dir():
+        cfg_file = path / CONFIG_FILE
+        is_run = (path / "best.pt").is_file() or (path / "last.pt").is_file()
+        if not cfg_file.is_file():
+            if is_run:
+                raise _run_dir_error(path)
+            raise ModelError(f"{path}: no {CONFIG_FILE} (not a folder written by clipft export, nor a CLIPModel "
+                             "directory)")
+        cfg = _read_json(cfg_file)
+        if cfg.get("format") == EXPORT_FORMAT:
+            return _from_export(path, dev, backend)
+        if is_run or {"train", "model", "data"} <= set(cfg):
+            raise _run_dir_error(path)
+        if cfg.get("model_type") == "clip":
+            return _from_hf_clip(str(path), dev, backend)
+        raise ModelError(f"{cfg_file}: neither a clipft export (format {EXPORT_FORMAT!r}) nor a CLIPModel config "
+                         f"(model_type 'clip'), got model_type {cfg.get('model_type')!r}")
+    text = str(source)
+    if text.startswith(("/", ".", "~")) or text.count("/") > 1 or "\\" in text:
+        raise ModelError(f"{source}: not found (expected an export folder, a checkpoint, or an HF CLIP model name)")
+    return _from_hf_clip(text, dev, backend)
+
+
+def _torch_tower(tower: torch.nn.Module, dev: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    tower = tower.to(dev).eval()
+    tower.requires_grad_(False)
+    return lambda pixels: tower(pixels.to(dev)).float().cpu()  # [B, D], L2-normalised by the tower
+
+
+def _clipft_model(name: str, tower: Any, state: dict, image_size: int, mean: Sequence[float],
+                  std: Sequence[float], text: _TextSide, dev: torch.device, backend: str,
+                  encode: Callable[[torch.Tensor], torch.Tensor]) -> ImageTextModel:
+    preprocess_id = {"kind": "clipft-eval", "image_size": int(image_size), "mean": [float(m) for m in mean],
+                     "std": [float(s) for s in std], "jpeg_draft": int(image_size)}
+    return ImageTextModel(name, tower.embed_dim, image_size, EvalTransform(image_size, mean, std), encode, text,
+                          float(tower.logit_scale.detach().exp()), dev, backend, state_digest(state), preprocess_id,
+                          draft_size=int(image_size))
+
+
+def _from_checkpoint(path: Path, dev: torch.device) -> ImageTextModel:
+    from .model import read_checkpoint, tower_from_checkpoint
+    ckpt = read_checkpoint(path)
+    cfg = ckpt.get("config")
+    if not isinstance(cfg, dict) or not {"data", "text"} <= set(cfg):
+        raise ModelError(f"{path}: the checkpoint records no training config (data and text settings)")
+    try:
+        tower = tower_from_checkpoint(ckpt)
+    except (RuntimeError, TypeError, KeyError) as e:
+        raise ModelError(f"{path}: the tower's weights do not fit its recorded config "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    del ckpt  # optimizer state: not needed
+    d, t = cfg["data"], cfg["text"]
+    text = _TextSide(t["encoder"], int(t.get("max_length", 77)), dev, tower.embed_dim)
+    state = tower.state_dict()
+    return _clipft_model(str(path), tower, state, d["image_size"], d["mean"], d["std"], text, dev, "torch",
+                         _torch_tower(tower, dev))
+
+
+def read_export_config(folder: str | Path) -> dict:
+    """config.json of an export folder, checked: ModelError naming the file on a missing file, another
+    format or version, or missing entries."""
+    folder = Path(folder)
+    cfg_file = folder / CONFIG_FILE
+    if not cfg_file.is_file():
+        raise ModelError(f"{folder}: no {CONFIG_FILE} (not a folder written by clipft export)")
+    cfg = _read_json(cfg_file)
+    if cfg.get("format") != EXPORT_FORMAT:
+        raise ModelError(f"{cfg_file}: not a clipft export config (format {cfg.get('format')!r})")
+    version = cfg.get("format_version")
+    if version != EXPORT_FORMAT_VERSION:
+        raise ModelError(f"{cfg_file}: export format version {version!r} (written by clipft "
+                         f"{cfg.get('clipft_version', '?')}); this clipft reads version {EXPORT_FORMAT_VERSION}")
+    missing = [k for k in EXPORT_KEYS if k not in cfg]
+    if missing:
+        raise ModelError(f"{cfg_file}: missing {', '.join(missing)}")
+    return cfg
+
+
+def read_export_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """model.safetensors of an export folder; ModelError for a missing, corrupt or truncated file."""
+    from safetensors.torch import load_file
+    path = folder / WEIGHTS_FILE
+    if not path.is_file():
+        raise ModelError(f"{path}: not found")
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as e:  # safetensors raises its own error types for garbled or truncated files
+        raise ModelError(f"{path}: not a readable safetensors file, corrupt or truncated "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})") from None
+
+
+def tower_from_export(folder: str | Path, cfg: dict | None = None) -> torch.nn.Module:
+    """The ImageTower of an export folder, in eval mode on CPU."""
+    from .config import ModelConfig
+    from .model import ImageTower
+    folder = Path(folder)
+    cfg = cfg or read_export_config(folder)
+    state = read_export_weights(folder)
+    try:
+        fields = dict(cfg["model_config"])
+        tower = ImageTower(ModelConfig(**{**fields, "image_weights": "none"}), int(cfg["embed_dim"]))
+        tower.load_state_dict(state)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise ModelError(f"{folder / WEIGHTS_FILE}: does not fit the tower in {CONFIG_FILE} "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    return tower.eval()
+
+
+def _onnx_encoder(path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ModelError("backend='onnx' needs onnxruntime: pip install 'clipft[onnx]'") from None
+    if not path.is_file():
+        raise ModelError(f"{path}: not found (export with: clipft export CKPT --out DIR --onnx)")
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime's own error types for an invalid model file
+        raise ModelError(f"{path}: not a loadable ONNX model ({type(e).__name__})") from None
+    return lambda pixels: torch.from_numpy(
+        session.run(["image_embeds"], {"pixel_values": pixels.contiguous().numpy()})[0]).float()
+
+
+def _from_export(folder: Path, dev: torch.device, backend: str) -> ImageTextModel:
+    cfg = read_export_config(folder)
+    tower = tower_from_export(folder, cfg)
+    t = cfg["text_encoder"]
+    text = _TextSide(t["name"], int(t.get("max_length", 77)), dev, tower.embed_dim, t.get("fingerprint"))
+    encode = _onnx_encoder(folder / ONNX_FILE) if backend == "onnx" else _torch_tower(tower, dev)
+    return _clipft_model(folder.name or str(folder), tower, tower.state_dict(), cfg["image_size"], cfg["mean"],
+                         cfg["std"], text, dev, backend, encode)
+
+
+class _ProcessorTransform:
+    """PIL image -> pixel_values [3, H, W] with a HF image processor (a class: it pickles)."""
+
+    def __init__(self, processor: Any):
+        self.processor = processor
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return self.processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+
+class _ClipVision(torch.nn.Module):
+    """CLIP's image side: vision transformer pooled output -> visual projection -> L2 norm."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.vision_model, self.visual_projection = model.vision_model, model.visual_projection
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        pooled = self.vision_model(pixel_values=pixel_values).pooler_output  # [B, H]
+        return F.normalize(self.visual_projection(pooled).float(), dim=-1)  # [B, D]
+
+
+def _from_hf_clip(name: str, dev: torch.device, backend: str) -> ImageTextModel:
+    if backend != "torch":
+        raise ModelError(f"{name}: backend={backend!r} is for clipft export folders; an HF CLIP model runs on torch")
+    from transformers import CLIPImageProcessor, CLIPModel
+
+    from .text import _quiet_transformers
+    try:
+        with _quiet_transformers():
+            model = CLIPModel.from_pretrained(name)
+            processor = CLIPImageProcessor.from_pretrained(name)
+    except Exception as e:  # OSError / hub errors / wrong model type: all mean "not usable"
+        first = str(e).splitlines()[0][:200] if str(e) else ""
+        raise ModelError(f"{name}: could not load a CLIP model with its image processor ({type(e).__name__}: "
+                         f"{first}); pass an export folder, a checkpoint, or a CLIPModel saved with "
+                         "save_pretrained next to its preprocessor_config.json") from None
+    vision = _ClipVision(model.float().eval())
+    state = vision.state_dict()
+    dim = int(model.config.projection_dim)
+    size = processor.crop_size["height"] if getattr(processor, "crop_size", None) else processor.size["shortest_edge"]
+    text = _TextSide(name, int(model.config.text_config.max_position_embeddings), dev, dim)
+    encode = _torch_tower(vision, dev)
+    return ImageTextModel(name, dim, size, _ProcessorTransform(processor), encode, text,
+                          float(model.logit_scale.detach().exp()), dev, "torch", state_digest(state),
+                          {"kind": "hf-clip", "processor": processor.to_dict()}, draft_size=None)

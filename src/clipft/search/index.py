@@ -1,0 +1,285 @@
+"""Incremental image index of one folder: SQLite metadata plus immutable embedding shards.
+
+An index directory (default FOLDER/.clipft-index/) holds:
+
+    meta.sqlite         files(id, path, size, mtime_ns, sha256, shard, row)   one row per embedded image
+                        unreadable(path, size, mtime_ns)                      files that did not decode
+                        info(key, value)                                      root, model, fingerprint, dim, dtype
+    shards/<name>.npy   [n, D] float16 or float32 L2-normalised rows, never modified once in place
+    thumbs/             the thumbnail cache of `clipft serve`
+
+Why shards: a shard is written to a temp file and renamed into place *before* the SQLite transaction
+that points rows at it commits, so the database only ever references complete shards and a crash
+never leaves a half-written index. A killed run keeps every chunk it committed; rerunning embeds
+only what is left, and a finished run compacts all shards into one (rows in id order).
+
+Ids are SQLite AUTOINCREMENT keys: a changed file keeps its id, a deleted id is never reused, so an id
+in a bookmark or a cached thumbnail never names another image.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import sqlite3
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ..embed import embed_paths, list_images
+
+INDEX_DIRNAME = ".clipft-index"
+DB_NAME = "meta.sqlite"
+SHARDS = "shards"
+SCHEMA_VERSION = "1"
+DTYPES = ("float16", "float32")
+CHUNK = 512  # images per committed chunk: the most work a kill can lose
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS files (id INTEGER PRIMARY KEY AUTOINCREMENT, path TEXT NOT NULL UNIQUE,
+    size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, sha256 TEXT NOT NULL, shard TEXT NOT NULL,
+    row INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS unreadable (path TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS info (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+class SearchError(Exception):
+    """Expected failure of indexing or search (the CLI prints it as one line)."""
+
+
+@dataclass
+class UpdateStats:
+    """What one `update_index` did; `embedded` = added + changed that decoded."""
+    total: int = 0
+    added: int = 0
+    changed: int = 0
+    removed: int = 0
+    unchanged: int = 0
+    touched: int = 0  # size or mtime differ, content hash equal: metadata updated, not re-embedded
+    unreadable: int = 0
+    embedded: int = 0
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        return (f"{self.total} images ({self.added} new, {self.changed} changed, {self.removed} removed, "
+                f"{self.unchanged + self.touched} unchanged, {self.unreadable} unreadable); "
+                f"embedded {self.embedded} in {self.seconds:.1f}s")
+
+
+def default_index_dir(folder: str | Path) -> Path:
+    return Path(folder) / INDEX_DIRNAME
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def connect(index_dir: Path, readonly: bool = False) -> sqlite3.Connection:
+    """The index database; read-only opens fail with a SearchError when there is no index."""
+    db = Path(index_dir) / DB_NAME
+    if readonly:
+        if not db.is_file():
+            raise SearchError(f"{index_dir}: no clipft index here (build one with `clipft index FOLDER --model MODEL`)")
+        try:
+            conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+            conn.execute("SELECT 1 FROM info LIMIT 1")
+        except sqlite3.DatabaseError as e:
+            raise SearchError(f"{db}: not a clipft index database ({e})") from None
+        return conn
+    Path(index_dir).mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(db)
+    conn.executescript(_SCHEMA)
+    return conn
+
+
+def read_info(conn: sqlite3.Connection) -> dict[str, str]:
+    return dict(conn.execute("SELECT key, value FROM info"))
+
+
+@contextmanager
+def _write_lock(index_dir: Path) -> Iterator[None]:
+    """One writer per index: a second `clipft index` on it stops with one line instead of interleaving."""
+    Path(index_dir).mkdir(parents=True, exist_ok=True)
+    with open(Path(index_dir) / "lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SearchError(f"{index_dir}: another `clipft index` is writing this index") from None
+        yield
+
+
+def _write_shard(index_dir: Path, emb: np.ndarray) -> str:
+    """Write [n, D] rows as a new immutable shard (temp file + rename); returns its name."""
+    shard_dir = Path(index_dir) / SHARDS
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    name = f"{uuid.uuid4().hex}.npy"
+    tmp = shard_dir / f".{name}.tmp"
+    with open(tmp, "wb") as f:
+        np.save(f, emb)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, shard_dir / name)
+    return name
+
+
+def load_shard(index_dir: Path, name: str) -> np.ndarray:
+    return np.load(Path(index_dir) / SHARDS / name, mmap_mode="r")
+
+
+def _check_model(conn: sqlite3.Connection, index_dir: Path, folder: Path, model, rebuild: bool) -> None:
+    """Refuse another model's (or another folder's) index unless rebuilding, which empties it."""
+    info = read_info(conn)
+    if not info or rebuild:
+        return
+    if info.get("fingerprint") != model.fingerprint:
+        raise SearchError(f"{index_dir}: built with model {info.get('model')} (fingerprint {info.get('fingerprint')}), "
+                          f"not {model.name} (fingerprint {model.fingerprint}); pass --rebuild to re-embed "
+                          f"everything with the new model, or --index OTHER_DIR to keep one index per model")
+    if info.get("root") != str(folder.resolve()):
+        raise SearchError(f"{index_dir}: this index is of {info.get('root')}, not {folder.resolve()}; "
+                          f"pass --rebuild to re-index, or --index OTHER_DIR")
+
+
+def _reset(conn: sqlite3.Connection) -> None:
+    with conn:
+        conn.execute("DELETE FROM files")
+        conn.execute("DELETE FROM unreadable")
+        conn.execute("DELETE FROM info")
+
+
+def _plan(conn: sqlite3.Connection, folder: Path, listing: list[Path], stats: UpdateStats
+          ) -> list[tuple[str, int, int]]:
+    """Compare the folder with the database: drop removed files, record touched ones, and return the
+    (path, size, mtime_ns) of files to embed (new, or content changed)."""
+    known = {p: (s, m, h) for p, s, m, h in conn.execute("SELECT path, size, mtime_ns, sha256 FROM files")}
+    bad = {p: (s, m) for p, s, m in conn.execute("SELECT path, size, mtime_ns FROM unreadable")}
+    todo, touched, seen = [], [], set()
+    for rel in listing:
+        key = rel.as_posix()
+        seen.add(key)
+        try:
+            st = (folder / rel).stat()
+        except OSError:  # vanished since the listing
+            continue
+        size, mtime = st.st_size, st.st_mtime_ns
+        if key in known:
+            old_size, old_mtime, old_hash = known[key]
+            if (size, mtime) == (old_size, old_mtime):
+                stats.unchanged += 1
+            elif size == old_size and file_sha256(folder / rel) == old_hash:
+                touched.append((mtime, key))
+            else:
+                todo.append((key, size, mtime))
+                stats.changed += 1
+        elif bad.get(key) == (size, mtime):
+            stats.unreadable += 1  # still the same undecodable bytes: not retried
+        else:
+            todo.append((key, size, mtime))
+            stats.added += 1
+    removed = [p for p in known if p not in seen] + [p for p in bad if p not in seen]
+    with conn:
+        conn.executemany("DELETE FROM files WHERE path = ?", [(p,) for p in removed])
+        conn.executemany("DELETE FROM unreadable WHERE path = ?", [(p,) for p in removed])
+        conn.executemany("UPDATE files SET mtime_ns = ? WHERE path = ?", touched)
+    stats.removed = sum(p in known for p in removed)
+    stats.touched = len(touched)
+    return todo
+
+
+def _embed_chunk(conn: sqlite3.Connection, index_dir: Path, folder: Path, model, chunk: list[tuple[str, int, int]],
+                 dtype: str, batch_size: int, workers: int | None) -> tuple[int, int]:
+    """Embed one chunk, write its shard, then commit its rows in one transaction; returns (ok, bad)."""
+    hashes = [file_sha256(folder / p) for p, _, _ in chunk]
+    emb, ok = embed_paths(model, folder, [Path(p) for p, _, _ in chunk], batch_size=batch_size,
+                          workers=workers, progress=False)  # emb: [len(ok), D]
+    shard = _write_shard(index_dir, emb.numpy().astype(dtype)) if ok else None
+    ok_set = set(ok)
+    with conn:
+        for row, i in enumerate(ok):
+            path, size, mtime = chunk[i]
+            conn.execute("INSERT INTO files (path, size, mtime_ns, sha256, shard, row) VALUES (?, ?, ?, ?, ?, ?) "
+                         "ON CONFLICT(path) DO UPDATE SET size = excluded.size, mtime_ns = excluded.mtime_ns, "
+                         "sha256 = excluded.sha256, shard = excluded.shard, row = excluded.row",
+                         (path, size, mtime, hashes[i], shard, row))
+            conn.execute("DELETE FROM unreadable WHERE path = ?", (path,))
+        for i, (path, size, mtime) in enumerate(chunk):
+            if i not in ok_set:
+                conn.execute("DELETE FROM files WHERE path = ?", (path,))
+                conn.execute("INSERT OR REPLACE INTO unreadable VALUES (?, ?, ?)", (path, size, mtime))
+    return len(ok), len(chunk) - len(ok)
+
+
+def _compact(conn: sqlite3.Connection, index_dir: Path, dtype: str) -> None:
+    """Merge every shard into one with rows in id order, then delete the shards nothing references.
+    Crash-safe in either order of events: the new shard is complete before the rows point at it."""
+    rows = conn.execute("SELECT id, shard, row FROM files ORDER BY id").fetchall()
+    shards = {s for _, s, _ in rows}
+    contiguous = len(shards) == 1 and [r for _, _, r in rows] == list(range(len(rows)))
+    if rows and not contiguous:
+        loaded = {s: load_shard(index_dir, s) for s in shards}
+        merged = np.stack([loaded[s][r] for _, s, r in rows]).astype(dtype)  # [N, D]
+        name = _write_shard(index_dir, merged)
+        with conn:
+            conn.executemany("UPDATE files SET shard = ?, row = ? WHERE id = ?",
+                             [(name, i, fid) for i, (fid, _, _) in enumerate(rows)])
+        shards = {name}
+    for f in (Path(index_dir) / SHARDS).glob("*"):
+        if f.name not in shards:  # superseded shards, and the temp file of a killed run
+            f.unlink(missing_ok=True)
+
+
+def update_index(folder: str | Path, model, index_dir: str | Path | None = None, *, model_source: str | None = None,
+                 rebuild: bool = False, dtype: str = "float16", batch_size: int = 64, workers: int | None = None,
+                 chunk_size: int = CHUNK, progress: bool = True) -> UpdateStats:
+    """Bring the index of `folder` up to date with `model` (an `ImageTextModel`): embed new and changed
+    images, drop removed ones. Resumes a killed run. `model_source` is what `clipft.load` reloads for
+    text queries (default: model.name)."""
+    t0 = time.perf_counter()
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise SearchError(f"{folder}: not a folder")
+    if dtype not in DTYPES:
+        raise SearchError(f"index dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    index_dir = Path(index_dir) if index_dir is not None else default_index_dir(folder)
+    skip = {INDEX_DIRNAME}
+    if index_dir.resolve().is_relative_to(folder.resolve()) and index_dir.resolve() != folder.resolve():
+        skip.add(index_dir.resolve().relative_to(folder.resolve()).parts[0])  # never index the index's thumbnails
+    with _write_lock(index_dir), connect(index_dir) as conn:
+        _check_model(conn, index_dir, folder, model, rebuild)
+        if rebuild:
+            _reset(conn)
+        with conn:
+            conn.executemany("INSERT OR REPLACE INTO info VALUES (?, ?)", [
+                ("schema", SCHEMA_VERSION), ("root", str(folder.resolve())), ("model", model.name),
+                ("model_source", model_source or model.name), ("fingerprint", model.fingerprint),
+                ("embed_dim", str(model.embed_dim)), ("dtype", dtype)])
+        stats = UpdateStats()
+        todo = _plan(conn, folder, list_images(folder, skip_dirs=tuple(skip)), stats)
+        bar = tqdm(total=len(todo), desc="index", unit="img", disable=not progress or not todo)
+        for start in range(0, len(todo), chunk_size):
+            chunk = todo[start:start + chunk_size]
+            ok, bad = _embed_chunk(conn, index_dir, folder, model, chunk, dtype, batch_size, workers)
+            stats.embedded += ok
+            stats.unreadable += bad
+            bar.update(len(chunk))
+        bar.close()
+        _compact(conn, index_dir, dtype)
+        stats.total = conn.execute("SELECT COUNT(*) FROM files").fetchone()[0]
+    conn.close()
+    stats.seconds = time.perf_counter() - t0
+    return stats

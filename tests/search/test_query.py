@@ -1,0 +1,105 @@
+"""clipft.search.query: exact top-k against a naive reference, image queries, near-duplicate groups,
+the optional faiss index and its recall against exact search."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from clipft.search.index import SearchError, default_index_dir, update_index
+from clipft.search.query import (LoadedIndex, build_ann, duplicate_groups, load_index, search_similar,
+                                 search_text, top_k, write_ann)
+
+from .fake import draw
+
+
+def _synthetic(n: int, d: int = 32, clusters: int = 20, seed: int = 0) -> LoadedIndex:
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(clusters, d, generator=g)
+    x = centres[torch.randint(clusters, (n,), generator=g)] + 0.5 * torch.randn(n, d, generator=g)
+    x = torch.nn.functional.normalize(x, dim=1)
+    return LoadedIndex(index_dir=None, root=None, info={}, ids=np.arange(10, 10 + n), paths=[f"{i}.jpg" for i in range(n)],
+                       sha256=[""] * n, emb=x)
+
+
+def test_top_k_matches_a_naive_full_sort():
+    idx = _synthetic(500)
+    q = idx.emb[3] + 0.1
+    q = q / q.norm()
+    hits = top_k(idx, q, 10)
+    naive = sorted(range(500), key=lambda r: -float(idx.emb[r] @ q))[:10]
+    assert [h.id for h in hits] == [int(idx.ids[r]) for r in naive]
+    assert all(a.score >= b.score for a, b in zip(hits, hits[1:]))
+    assert len(top_k(idx, q, 10_000)) == 500
+
+
+def test_similar_leaves_the_query_image_out_and_unknown_ids_raise():
+    idx = _synthetic(50)
+    hits = search_similar(idx, 12, k=5)
+    assert len(hits) == 5 and 12 not in [h.id for h in hits]
+    with pytest.raises(KeyError):
+        search_similar(idx, 9999, k=5)
+
+
+def test_text_search_ranks_the_named_colour_first(photos, fake_model):
+    update_index(photos, fake_model, progress=False)
+    idx = load_index(default_index_dir(photos))
+    hits = search_text(idx, fake_model, "a red square", k=2)
+    assert {h.path.split("/")[-1].split("_")[0] for h in hits} == {"red"}
+
+
+def test_a_resized_and_reencoded_copy_is_a_duplicate(photos, fake_model):
+    with Image.open(photos / "blue_02.webp") as im:
+        im.convert("RGB").resize((48, 48)).save(photos / "copy_of_blue.jpg", quality=70)
+    update_index(photos, fake_model, progress=False)
+    idx = load_index(default_index_dir(photos))
+    groups = [[idx.paths[r] for r in g] for g in duplicate_groups(idx, threshold=0.95)]
+    assert sorted(["blue_02.webp", "copy_of_blue.jpg"]) in [sorted(g) for g in groups]
+    assert all(len(g) == 2 for g in groups), groups  # the other blue photo is not a duplicate
+
+
+def test_duplicate_groups_chain_across_blocks():
+    base = torch.nn.functional.normalize(torch.eye(8)[:4] + 0.01, dim=1)
+    emb = torch.cat([base, base[[1, 3]] * 0 + base[[1, 3]], base[[3]]])  # rows 4, 5, 6 copy rows 1, 3, 3
+    idx = LoadedIndex(index_dir=None, root=None, info={}, ids=np.arange(7), paths=list("abcdefg"), sha256=[""] * 7,
+                      emb=torch.nn.functional.normalize(emb, dim=1))
+    assert duplicate_groups(idx, 0.99, chunk=3) == [[1, 4], [3, 5, 6]]  # three blocks over 7 rows
+
+
+def test_faiss_index_recall_at_10_against_exact():
+    pytest.importorskip("faiss")
+    idx = _synthetic(4000, d=64, clusters=40)
+    queries = torch.nn.functional.normalize(idx.emb[:50] + 0.05 * torch.randn(50, 64, generator=torch.Generator().manual_seed(1)), dim=1)
+    exact = [{h.id for h in top_k(idx, q, 10)} for q in queries]
+    idx.ann = build_ann(idx.emb, nprobe=8)
+    approx = [{h.id for h in top_k(idx, q, 10)} for q in queries]
+    recall = np.mean([len(a & e) / 10 for a, e in zip(approx, exact)])
+    assert recall >= 0.9
+
+
+def test_saved_faiss_index_is_used_only_while_current(photos, fake_model):
+    pytest.importorskip("faiss")
+    update_index(photos, fake_model, progress=False)
+    idx = load_index(default_index_dir(photos))
+    write_ann(idx)
+    assert load_index(default_index_dir(photos)).ann is not None
+    draw(photos / "new.png", "red", seed=50)
+    update_index(photos, fake_model, progress=False)
+    assert load_index(default_index_dir(photos)).ann is None  # stale: exact search instead
+    with pytest.raises(SearchError, match="approximate"):
+        load_index(default_index_dir(photos), use_ann=True)
+
+
+def test_refresh_ann_builds_on_request_and_keeps_an_existing_one_current(photos, fake_model):
+    pytest.importorskip("faiss")
+    from clipft.search.query import ANN_FILE, refresh_ann
+    update_index(photos, fake_model, progress=False)
+    d = default_index_dir(photos)
+    assert refresh_ann(d) is None and not (d / ANN_FILE).exists()  # 12 rows: exact search
+    assert refresh_ann(d, force=True) == d / ANN_FILE
+    draw(photos / "new.png", "red", seed=51)
+    update_index(photos, fake_model, progress=False)
+    assert load_index(d).ann is None  # stale until refreshed
+    assert refresh_ann(d) == d / ANN_FILE and load_index(d).ann is not None

@@ -1,0 +1,201 @@
+"""clipft.export: the export folder round-trips, ONNX matches PyTorch, bad folders give one line."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from clipft.api import load
+from clipft.cli import main
+from clipft.export import ONNX_TOLERANCE, export_checkpoint, format_size, onnx_parity
+from clipft.model import ModelError
+
+
+@pytest.fixture(scope="module")
+def exported(trained_run, tmp_path_factory):
+    """best.pt exported with --onnx through the CLI: (folder, printed output)."""
+    out = tmp_path_factory.mktemp("export") / "shapes-resnet18"
+    import contextlib
+    import io
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(["export", str(trained_run / "best.pt"), "--out", str(out), "--onnx"]) == 0
+    return out, buf.getvalue()
+
+
+def _val_images(coco_root):
+    return sorted((coco_root / "val2014").glob("*.jpg"))
+
+
+def test_export_writes_the_hub_layout_and_prints_sizes(exported):
+    out, printed = exported
+    names = ["README.md", "config.json", "image_tower.onnx", "model.safetensors", "open_clip_visual.json",
+             "open_clip_visual.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == names
+    for name in names:
+        assert f"wrote {out / name} (" in printed
+    assert "ONNX check" in printed
+    cfg = json.loads((out / "config.json").read_text())
+    for key in ("backbone", "head", "pooling", "image_size", "mean", "std", "embed_dim", "temperature",
+                "text_encoder", "clipft_version"):
+        assert key in cfg
+    assert cfg["head"]["hidden_size"] == 32 and cfg["backbone"] == "resnet18" and cfg["image_size"] == 32
+    assert set(cfg["text_encoder"]) >= {"name", "fingerprint"} and len(cfg["text_encoder"]["fingerprint"]) == 64
+    assert cfg["onnx"]["max_abs_diff"] <= ONNX_TOLERANCE
+    from safetensors import safe_open
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert "logit_scale" in keys and not any("optimizer" in k or k.startswith("state") for k in keys)
+
+
+def test_round_trip_gives_the_same_embeddings_and_fingerprint(exported, trained_run, coco_root):
+    out, _ = exported
+    images = _val_images(coco_root)[:6]
+    ref = load(trained_run / "best.pt")
+    exp = load(out)
+    assert exp.name == out.name and exp.embed_dim == ref.embed_dim and exp.image_size == ref.image_size
+    assert torch.allclose(exp.encode_images(images), ref.encode_images(images), atol=1e-6)
+    assert torch.allclose(exp.encode_texts(["a red circle"]), ref.encode_texts(["a red circle"]), atol=1e-6)
+    assert exp.fingerprint == ref.fingerprint
+    assert exp.logit_scale == pytest.approx(ref.logit_scale)
+
+
+def test_onnx_backend_gives_the_same_embeddings(exported, trained_run, coco_root):
+    out, _ = exported
+    images = _val_images(coco_root)
+    onnx_model = load(out, backend="onnx")
+    assert onnx_model.backend == "onnx"
+    got, want = onnx_model.encode_images(images, batch_size=5), load(out).encode_images(images)
+    assert got.shape == want.shape and float((got - want).abs().max()) <= ONNX_TOLERANCE
+
+
+def test_onnx_parity_check_refuses_a_file_that_differs(exported, trained_run, tmp_path):
+    from clipft.api import tower_from_export
+    out, _ = exported
+    tower = tower_from_export(out)
+    pixels = torch.randn(3, 3, 32, 32)
+    assert onnx_parity(tower, out / "image_tower.onnx", pixels) <= ONNX_TOLERANCE
+    with torch.no_grad():
+        tower.head.net[-1].bias.add_(0.5)  # the PyTorch side no longer matches the file
+    assert onnx_parity(tower, out / "image_tower.onnx", pixels) > ONNX_TOLERANCE
+
+
+def test_refused_onnx_export_writes_nothing(trained_run, tmp_path, monkeypatch):
+    import clipft.export as E
+    monkeypatch.setattr(E, "onnx_parity", lambda *a, **k: 1.0)
+    out = tmp_path / "refused"
+    with pytest.raises(ModelError, match="refused"):
+        export_checkpoint(trained_run / "best.pt", out, onnx=True)
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_model_card_has_no_placeholders_and_names_its_protocol(exported):
+    out, _ = exported
+    card = (out / "README.md").read_text()
+    head, body = card.split("---\n")[1], card.split("---\n", 2)[2]
+    for key in ("library_name: clipft", "tags:", "datasets:", "metrics:"):
+        assert key in head
+    assert "Protocol: the training-time validation split" in body and "all captions per image" in body
+    assert "best mean R@5" in body and "`val`" in body  # the split that chose the checkpoint
+    assert "Intended use and limits" in body and "Zero-shot classification" in body
+    assert "lr 0.001" in body and "resnet18" in body and "image_tower.onnx" in body
+    for placeholder in ("TODO", "TBD", "None", "nan", "{", "}", "<", "[More Information", "XXX", "??"):
+        assert placeholder not in body, placeholder
+
+
+def test_bad_export_folders_give_one_clear_line(exported, tmp_path, capsys):
+    out, _ = exported
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**cfg, "format_version": 99, "clipft_version": "9.0.0"}))
+    with pytest.raises(ModelError, match=r"config.json: export format version 99 \(written by clipft 9.0.0\)"):
+        load(bad)
+    (bad / "config.json").write_text(json.dumps(cfg))
+    data = (out / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(data[: len(data) // 2])  # truncated
+    with pytest.raises(ModelError, match="model.safetensors: not a readable safetensors file"):
+        load(bad)
+    (bad / "model.safetensors").write_bytes(b"\x07" * 64)  # corrupt
+    with pytest.raises(ModelError, match="model.safetensors: not a readable safetensors file"):
+        load(bad)
+    assert main(["embed", "--model", str(bad), "--images", str(tmp_path), "--out", str(tmp_path / "e")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("clipft: error: ") and err.count("\n") == 1 and "Traceback" not in err
+    (bad / "config.json").unlink()
+    with pytest.raises(ModelError, match="no config.json"):
+        load(bad)
+
+
+def test_cli_errors_are_one_line(trained_run, tmp_path, capsys):
+    other = tmp_path / "other.pt"
+    torch.save({"state_dict": {}}, other)
+    assert main(["export", str(other), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a clipft checkpoint" in err
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    assert main(["export", str(trained_run / "best.pt"), "--out", str(busy)]) == 2
+    assert "not empty" in capsys.readouterr().err and (busy / "notes.txt").read_text() == "mine"
+    assert main(["embed", "--model", str(tmp_path), "--images", str(tmp_path), "--out", str(tmp_path / "e")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no config.json" in err
+
+
+def test_format_size():
+    assert format_size(512) == "512 B" and format_size(1_234_567) == "1.2 MB" and format_size(3 * 10**9) == "3.0 GB"
+
+
+def test_open_clip_timm_tower_form_loads_in_open_clip(exported):
+    pytest.importorskip("timm")
+    from open_clip.timm_model import TimmModel
+    from safetensors.torch import load_file
+
+    from clipft.api import tower_from_export
+    out, printed = exported
+    cfg = json.loads((out / "open_clip_visual.json").read_text())
+    v = cfg["vision_cfg"]
+    assert v["timm_proj"] == "mlp" and cfg["embed_dim"] == 16  # head_hidden 32 = 2 x 16: it maps
+    visual = TimmModel(v["timm_model_name"], cfg["embed_dim"], image_size=v["image_size"], pool=v["timm_pool"],
+                       proj=v["timm_proj"], proj_bias=v["timm_proj_bias"], drop=v["timm_drop"])
+    visual.load_state_dict(load_file(str(out / "open_clip_visual.safetensors")))  # strict: every key fits
+    pixels = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        got = torch.nn.functional.normalize(visual.eval()(pixels), dim=-1)
+        want = tower_from_export(out)(pixels)
+    assert torch.allclose(got, want, atol=1e-5)
+    assert "open_clip_visual.json" in json.loads((out / "config.json").read_text())["files"].values()
+
+
+def test_open_clip_form_says_why_a_head_does_not_map(trained_run):
+    from clipft.config import ModelConfig
+    from clipft.export import open_clip_form
+    from clipft.model import ImageTower
+    tower = ImageTower(ModelConfig(backbone="resnet18", image_weights="none", head_hidden=48, pooling="attention"), 16)
+    why = open_clip_form(tower, {"image_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3, "logit_scale": 10.0,
+                                 "text_encoder": {"name": "x"}})
+    assert isinstance(why, str) and "pooling attention" in why and "head hidden 48 != 2 x embedding 16" in why
+
+
+def test_readme_numpy_preprocessing_gives_the_models_pixels(exported, tmp_path):
+    # The NumPy recipe of the README's "The ONNX file", for other runtimes.
+    import numpy as np
+    from PIL import Image
+    out, _ = exported
+    cfg = json.loads((out / "config.json").read_text())
+
+    def pixel_values(path, size, mean, std):  # -> [3, size, size] float32
+        img = Image.open(path).convert("RGB")
+        w, h = img.size
+        s = min(w, h)
+        box = ((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2)  # the centre square
+        x = np.asarray(img.resize((size, size), Image.BICUBIC, box=box, reducing_gap=None), np.float32) / 255
+        return ((x - np.float32(mean)) / np.float32(std)).transpose(2, 0, 1)
+
+    png = tmp_path / "x.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (45, 70, 3), dtype=np.uint8)).save(png)
+    ours = pixel_values(png, cfg["image_size"], cfg["mean"], cfg["std"])
+    assert ours.dtype == np.float32
+    assert np.allclose(ours, load(out).pixels(png).numpy(), atol=1e-6)
