@@ -202,7 +202,8 @@ def test_training_reads_the_prepared_cache(coco_root, tiny_clip_dir, tmp_path, c
     seen.clear()
     caplog.clear()
     args = small_args(tiny_clip_dir, 1, ["--set", "data.prepared=false"])
-    assert main(["train", "--data", str(root), "--out", str(tmp_path / "run2"), *args]) == 0
+    with train_mod.use_hooks(step=spy):
+        assert main(["train", "--data", str(root), "--out", str(tmp_path / "run2"), *args]) == 0
     # JPEG path: workers decode and crop to 32 px uint8; the device transform only normalises.
     assert seen and all(d == torch.uint8 and side == 32 and has_tf for d, side, has_tf in seen)
     assert "prepared cache" not in caplog.text
@@ -213,3 +214,18 @@ def test_default_size_never_upscales_small_images(tmp_path):
     split = load_coco_captions(root, "train")
     assert prep.default_size(split, cap=256) == 48
     assert prep.default_size(split, cap=32) == 32
+
+
+def test_training_says_why_a_prepared_cache_of_another_size_is_unused(coco_root, tiny_clip_dir, tmp_path, caplog):
+    import logging
+    import shutil
+
+    from clipft.cli import main
+    from test_train import small_args
+    root = tmp_path / "coco"
+    shutil.copytree(coco_root, root, ignore=shutil.ignore_patterns("cache"))
+    assert main(["prepare-images", "--data", str(root), "--split", "train", "--size", "40", "--quiet"]) == 0
+    caplog.set_level(logging.INFO, logger="clipft.train")
+    assert main(["train", "--data", str(root), "--out", str(tmp_path / "run"), *small_args(tiny_clip_dir, 1)]) == 0
+    assert "prepared at 40 px but data.prepared_size is 256: decoding JPEGs instead; set --set " \
+           "data.prepared_size=40" in caplog.text
