@@ -77,9 +77,17 @@ def clipft_step(args, device: torch.device, amp: str, embed_chunk: int = 0):
 
     def step() -> None:
         train_step(step_model, micro, opt, sched, scaler, prec.dtype, 1.0, channels_last=prec.channels_last, **kw)
+    step.setup_mb = peak_mb(device)  # model, optimizer and batch, before any step
     for _ in range(3 if args.compile else 1):  # warm-up; compilation happens in the first calls
         step()
     return step, prec
+
+
+def peak_mb(device: torch.device) -> float:
+    """Peak memory of this process so far: GPU memory allocated (CUDA) or resident set size (CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
 
 
 def plain_step(args, device: torch.device):
@@ -120,12 +128,8 @@ def chunk_worker(args, device: torch.device) -> None:
     """One setting in this (fresh) process: prints one JSON line."""
     step, prec = clipft_step(args, device, args.amp, args.worker_chunk)
     times = [seconds(step, args.steps, device) for _ in range(args.rounds)]
-    rec = {"embed_chunk": args.worker_chunk, "precision": prec.name,
-           "img_s": args.batch * args.steps / statistics.median(times)}
-    if device.type == "cuda":
-        rec["peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-    else:
-        rec["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+    rec = {"embed_chunk": args.worker_chunk, "precision": prec.name, "setup_mb": step.setup_mb,
+           "peak_mb": peak_mb(device), "img_s": args.batch * args.steps / statistics.median(times)}
     print(json.dumps(rec))
 
 
@@ -138,9 +142,11 @@ def chunk_table(args) -> None:
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
     where = "peak GPU memory allocated" if torch.cuda.is_available() else "peak RSS of the process"
-    print(f"| train.embed_chunk | precision | {where} (MB) | img/s (median of rounds) |\n|---|---|---|---|")
+    print(f"| train.embed_chunk | precision | {where} (MB) | of which the steps (peak - setup) | img/s (median of "
+          "rounds) |\n|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['embed_chunk'] or 'off'} | {r['precision']} | {r['peak_mb']:.0f} | {r['img_s']:.1f} |")
+        print(f"| {r['embed_chunk'] or 'off'} | {r['precision']} | {r['peak_mb']:.0f} | "
+              f"{r['peak_mb'] - r['setup_mb']:.0f} | {r['img_s']:.1f} |")
 
 
 def main() -> None:

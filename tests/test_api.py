@@ -30,7 +30,10 @@ def saved_embeddings(trained_run, coco_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("eval")
     emb_file = out / "emb.safetensors"
     assert main(["evaluate", "--checkpoint", str(trained_run / "best.pt"), "--data", str(coco_root),
-                 "--out", str(out / "m.json"), "--save-embeddings", str(emb_file), "--quiet"]) == 0
+                 "--out", str(out / "m.json"), "--save-embeddings", str(emb_file), "--quiet",
+                 # The API embeds images in fp32; evaluation's default (train.amp=auto) is bf16 on CPUs
+                 # with native bf16, equal only within bf16 rounding. fp32 against fp32 is the exact check.
+                 "--set", "train.amp=off"]) == 0
     cfg = from_dict(torch.load(trained_run / "best.pt", weights_only=False)["config"])
     split = load_split(coco_root, "val", cfg.data)
     return load_file(str(emb_file)), {r.image_id: r.path for r in split.images}, split
@@ -87,7 +90,7 @@ def test_similarity_and_zero_shot(ckpt_model, trained_run, coco_root):
     probs = ckpt_model.zero_shot(images, labels, templates=templates)
     assert probs.shape == (3, 3) and torch.allclose(probs.sum(1), torch.ones(3), atol=1e-5)
     # the same numbers as `clipft zeroshot` (templates "a {}" -> "an {}" before a vowel included)
-    enc = load_text_encoder(ckpt_model.text_encoder_name)
+    enc = load_text_encoder(ckpt_model.text_encoder_name, amp="off")  # the API default: fp32
     want = class_probabilities(img, class_embeddings(enc, labels, templates), ckpt_model.logit_scale)
     assert torch.allclose(probs, want, atol=1e-5)
 
@@ -118,7 +121,7 @@ def test_original_clip_has_the_same_interface(coco_root, tmp_path):
     got = m.encode_images([split.images[int(r)].path for r in rows])
     assert torch.allclose(got, want, atol=1e-5)
     texts = ["a red circle", "two blue squares"]
-    assert torch.allclose(m.encode_texts(texts), load_text_encoder(str(d)).encode(texts), atol=1e-5)
+    assert torch.allclose(m.encode_texts(texts), load_text_encoder(str(d), amp="off").encode(texts), atol=1e-5)
     assert m.zero_shot([split.images[0].path], ["circle", "square"]).shape == (1, 2)
 
 
@@ -167,3 +170,17 @@ print(sorted(n for n in sys.modules if n.startswith(training)))
                        env={"PYTHONPATH": src, "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_amp_auto_is_close_to_fp32_and_fingerprinted_apart(trained_run):
+    """amp="auto" (bf16 autocast on CPUs with native bf16, fp32 elsewhere): near the fp32 embeddings,
+    and never the same fingerprint as an fp32 model when the precision differs (indexes are not mixed)."""
+    exact = clipft.load(trained_run / "best.pt")
+    fast = clipft.load(trained_run / "best.pt", amp="auto")
+    imgs = [torch.randint(0, 256, (3, 40, 40), dtype=torch.uint8, generator=torch.Generator().manual_seed(i))
+            for i in range(3)]
+    a, b = exact.encode_images(imgs), fast.encode_images(imgs)
+    assert torch.nn.functional.cosine_similarity(a, b).min() > 0.99
+    assert (exact.fingerprint != fast.fingerprint) == (fast._encode_pixels.precision.dtype is not None)
+    with pytest.raises(ModelError, match="amp must be one of"):
+        clipft.load(trained_run / "best.pt", amp="fp8")

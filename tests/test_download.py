@@ -431,6 +431,22 @@ def test_downloaded_folder_trains(source, serve, tmp_path, tiny_clip_dir, capsys
     assert json.loads((run / "summary.json").read_text())["dataset"]["val_images"] == 12
 
 
+def test_karpathy_flickr_split_file(source, serve, tmp_path, capsys):
+    """`download flickr8k --karpathy`: only dataset_flickr8k.json is taken from caption_datasets.zip;
+    the official Flickr images need a request form, which the output points to."""
+    from clipft.data.download import karpathy_archive
+    _, mirror = source
+    server = serve(mirror)
+    root = tmp_path / "f8k"
+    _run(root, server, splits=(), karpathy=True, archives={"karpathy": karpathy_archive("dataset_flickr8k.json")})
+    assert json.loads((root / "dataset_flickr8k.json").read_text())["dataset"] == "flickr8k"
+    assert not (root / "dataset_coco.json").exists()
+    root2 = tmp_path / "f8k-cli"
+    assert main(["download", "flickr8k", "--out", str(root2), "--karpathy", "--mirror", server.url, "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert (root2 / "dataset_flickr8k.json").is_file() and "https://forms.illinois.edu/sec/1713398" in out
+
+
 def test_mirror_without_scheme_says_the_url_needs_http(tmp_path):
     with pytest.raises(DownloadError, match=r"needs its scheme, e.g. http://127.0.0.1:9"):
         dl.download_coco(tmp_path / "coco", splits=["annotations"], mirror="127.0.0.1:9", progress=False)

@@ -55,3 +55,46 @@ def test_data_samples_are_seeded():
     data = toy().data
     a, b = data_samples(data, n=2, seed=1), data_samples(data, n=2, seed=1)
     assert a == b and len(a) == 2 and all(len(s["captions"]) == 2 for s in a)
+
+
+def ranked_toy() -> SplitEmbeddings:
+    """6 images, one caption each, in 2-d: caption j's own image ranks at a known place.
+    Image i sits at angle i * 30 degrees; caption j at angle a_j: caption 0 on its image (rank 0,
+    cosine 1), caption 5 pointing at image 0 (its own image ranks last)."""
+    import math
+    images = [ImageRecord(i, Path(f"/x/{i}.jpg"), [f"cap {i}"], [i]) for i in range(6)]
+    ang_img = [math.radians(30 * i) for i in range(6)]
+    ang_cap = [math.radians(a) for a in (0, 35, 55, 95, 120, -10)]
+    img = torch.tensor([[math.cos(a), math.sin(a)] for a in ang_img])
+    cap = torch.tensor([[math.cos(a), math.sin(a)] for a in ang_cap])
+    return SplitEmbeddings(EvalSplit(CaptionedImages(images, "toy"), "val", "toy"), img, torch.arange(6), cap)
+
+
+def test_example_queries_are_seeded_random_plus_the_best_and_worst_by_rank():
+    from clipft.evaluate import retrieval_ranks
+    from clipft.pictures import example_queries
+    emb = ranked_toy()
+    picks = example_queries(emb, n=2, seed=0)
+    assert picks == example_queries(emb, n=2, seed=0)  # seeded: the same command, the same examples
+    caps = picks["captions"]
+    assert [t for _, t in caps] == ["random (seed 0)"] * 2 + ["best by rank", "worst by rank"]
+    random_caps = [j for j, _ in caps[:2]]
+    assert random_caps == [j for j, _ in example_queries(emb, n=2, seed=0)["captions"][:2]]
+    _, text_rank = retrieval_ranks(emb.image_emb, emb.text_emb, emb.data.caption_to_image)
+    rest = [j for j in range(6) if j not in random_caps]
+    best, worst = caps[2][0], caps[3][0]
+    assert text_rank[best] == min(text_rank[j] for j in rest)
+    assert text_rank[worst] == max(text_rank[j] for j in rest)
+    if 0 in rest:
+        assert best == 0  # rank 0 with cosine 1: wins the tie with the other rank-0 captions
+    if 5 in rest:
+        assert worst == 5
+    # Images: seeded random rows, then the best and worst by the rank of their best own caption.
+    imgs = picks["images"]
+    assert len(imgs) == 4 and len({r for r, _ in imgs}) == 4
+    # The rows drive the pictures' data.
+    rows = text_to_image_results(emb, picks=[j for j, _ in caps], k=3)
+    assert [r["query"] for r in rows] == [f"cap {j}" for j, _ in caps]
+    assert [r["correct_rank"] for r in rows] == [int(text_rank[j]) for j, _ in caps]
+    assert [r["path"] for r in image_to_text_results(emb, rows=[r for r, _ in imgs])] == \
+        [Path(f"/x/{r}.jpg") for r, _ in imgs]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -118,6 +119,68 @@ def test_evaluate_karpathy_test_end_to_end(coco_root, trained_run, karpathy_file
                  "--split", "karpathy-test", "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--karpathy" in err[0]
+
+
+# --------------------------------------------------------------------------- COCO 1K test (5 folds)
+
+def test_consecutive_folds():
+    from clipft.protocols import consecutive_folds
+    folds = consecutive_folds(5000)
+    assert [len(f) for f in folds] == [1000] * 5 and folds[1][0] == 1000 and folds[4][-1] == 4999
+    assert [len(f) for f in consecutive_folds(7)] == [1, 2, 1, 2, 1]
+
+
+def test_fold_metrics_equal_each_fold_scored_alone():
+    """evaluate_folds = the mean of retrieval_recall run on each fold's images and captions alone."""
+    import torch
+
+    from clipft.data import CaptionedImages, ImageRecord
+    from clipft.evaluate import evaluate_folds, retrieval_recall
+    g = torch.Generator().manual_seed(0)
+    n, per = 10, 3
+    data = CaptionedImages([ImageRecord(i, Path(f"{i}.jpg"), [f"c{i}.{k}" for k in range(per)],
+                                        [i * per + k for k in range(per)]) for i in range(n)], "t")
+    img = torch.nn.functional.normalize(torch.randn(n, 8, generator=g), dim=-1)
+    txt = torch.nn.functional.normalize(img.repeat_interleave(per, 0) + torch.randn(n * per, 8, generator=g), dim=-1)
+    folds = [list(range(0, 5)), list(range(5, 10))]
+    m = evaluate_folds(img, torch.arange(n), data, txt, folds, ks=(1, 5))
+    ref = [retrieval_recall(img[f[0]:f[-1] + 1], txt[f[0] * per:(f[-1] + 1) * per],
+                            torch.arange(len(f)).repeat_interleave(per), ks=(1, 5)) for f in folds]
+    for d in ("image_to_text", "text_to_image"):
+        for k in ("R@1", "R@5"):
+            vals = torch.tensor([r[d][k] for r in ref], dtype=torch.float64)
+            assert m[d][k] == pytest.approx(float(vals.mean()))
+            assert m["folds"]["std"][d][k] == pytest.approx(float(vals.std()))
+            assert m["folds"]["min"][d][k] == pytest.approx(float(vals.min()))
+    assert m["num_images"] == n and m["num_captions"] == n * per and m["folds"]["count"] == 2
+    # an image that could not be decoded leaves its fold with its captions
+    m = evaluate_folds(img[1:], torch.arange(1, n), data, txt, folds, ks=(1,))
+    assert [f["num_images"] for f in m["folds"]["per_fold"]] == [4, 5] and m["num_captions"] == (n - 1) * per
+
+
+def test_evaluate_karpathy_test_1k(coco_root, trained_run, karpathy_file, tmp_path, capsys):
+    path, info = karpathy_file
+    cfg = Config()
+    es = resolve_eval_split(coco_root, "karpathy-test-1k", cfg, path)
+    file_order = [im["cocoid"] for im in json.loads(path.read_text())["images"]
+                  if im["split"] == "test" and im["sentences"][0]["raw"].strip()]
+    assert es.data.image_ids == file_order  # folds are cut in the file's order, not by id
+    out = tmp_path / "k1.json"
+    assert main(["evaluate", "--checkpoint", str(trained_run / "best.pt"), "--data", str(coco_root),
+                 "--split", "karpathy-test-1k", "--karpathy", str(path), "--out", str(out), "--quiet"]) == 0
+    m = json.loads(out.read_text())
+    assert m["split"] == "karpathy-test-1k" and m["folds"]["count"] == 5 and len(m["folds"]["per_fold"]) == 5
+    assert "5 folds" in m["protocol"] and m["num_images"] == 7 and m["num_captions"] == 35
+    per_fold = [f["text_to_image"]["R@1"] for f in m["folds"]["per_fold"]]
+    assert m["text_to_image"]["R@1"] == pytest.approx(sum(per_fold) / 5)
+    rows = list(csv.DictReader(open(tmp_path / "k1.csv")))
+    assert {"folds", "recall_std", "recall_min", "recall_max"} <= set(rows[0]) and rows[0]["folds"] == "5"
+    assert "per-fold spread" in capsys.readouterr().out
+    run = shutil.copytree(trained_run, tmp_path / "run")  # the shared run stays as it was
+    shutil.copy(out, run / "metrics_karpathy-test-1k.json")
+    assert main(["report", str(run)]) == 0
+    report = (run / "report.md").read_text()
+    assert "### `karpathy-test-1k`" in report and "Mean over 5 folds" in report
 
 
 def test_protocol_labels_come_from_the_real_counts():

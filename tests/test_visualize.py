@@ -112,3 +112,13 @@ def test_plot_functions_directly(coco_root, tmp_path):
     assert_png(V.plot_text_to_image(rows, tmp_path / "t.png"), V.text_to_image_size(1, 2))
     cm = torch.tensor([[3, 1], [0, 2]])
     assert_png(V.plot_confusion_matrix(cm, ["a", "b"], tmp_path / "c.png"), V.confusion_size(2))
+
+
+def test_comparison_pictures_have_their_fixed_sizes(tmp_path):
+    """The report's comparison charts: Recall@K bars of several models, and several runs' curves."""
+    m = {"image_to_text": {"R@1": 10.0, "R@5": 40.0}, "text_to_image": {"R@1": 12.0, "R@5": 44.0}}
+    z = {d: {k: v / 2 for k, v in m[d].items()} for d in m}
+    assert_png(V.plot_recall_comparison({"fine-tuned": m, "zero-shot": z}, tmp_path / "r.png", "title"),
+               V.COMPARISON_SIZE)
+    epochs = [{"epoch": e, "train_loss": 3.0 - e, "mean_R@5": 10.0 * e} for e in (1, 2, 3)]
+    assert_png(V.plot_run_curves({"a": epochs, "b": epochs[:2]}, tmp_path / "c.png"), V.RUN_CURVES_SIZE)

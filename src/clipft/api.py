@@ -75,15 +75,16 @@ class _TextSide:
     """The frozen text encoder, loaded on first use (image-only users never pay for it)."""
 
     def __init__(self, name: str, max_length: int, device: torch.device, embed_dim: int,
-                 expected_fingerprint: str | None = None):
+                 expected_fingerprint: str | None = None, amp: str = "off"):
         self.name, self.max_length, self.device, self.embed_dim = name, max_length, device, embed_dim
+        self.amp = amp
         self.expected = expected_fingerprint
         self._encoder = None
 
     def encoder(self):
         if self._encoder is None:
             from .text import load_text_encoder
-            enc = load_text_encoder(self.name, device=self.device, max_length=self.max_length)
+            enc = load_text_encoder(self.name, device=self.device, max_length=self.max_length, amp=self.amp)
             if enc.dim != self.embed_dim:
                 raise ModelError(f"text encoder {self.name!r} gives {enc.dim}-d embeddings, the image tower "
                                  f"{self.embed_dim}-d: not the encoder it was trained against")
@@ -219,14 +220,24 @@ def _run_dir_error(path: Path) -> ModelError:
                       f"chosen on validation) or export it: clipft export {path / 'best.pt'} --out DIR")
 
 
-def load(source: str | Path, device: str | torch.device = "cpu", backend: str = "torch") -> ImageTextModel:
+def load(source: str | Path, device: str | torch.device = "cpu", backend: str = "torch",
+         amp: str = "off") -> ImageTextModel:
     """An ImageTextModel from an export folder (config.json + model.safetensors), a clipft checkpoint
     (best.pt / last.pt), or an HF CLIPModel (hub name or directory) as the original-CLIP baseline.
     backend="onnx" runs an export folder's image_tower.onnx with onnxruntime on CPU.
+    amp: "off" (default) embeds in fp32, equal to `clipft evaluate --set train.amp=off` within 1e-5;
+    "auto" / "bf16" use `train.amp`'s autocast (faster on CPUs with native bf16, ~1e-3 away), for
+    the clipft checkpoints and exports on the torch backend and for the text encoder.
     Bad input raises ModelError with one line naming the file and the problem."""
+    from .config import ConfigError
+    from .runtime import select_precision
     if backend not in BACKENDS:
         raise ModelError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     dev = _device(device)
+    try:
+        select_precision(dev, amp)  # an unknown or impossible mode: one line, before anything loads
+    except ConfigError as e:
+        raise ModelError(str(e).replace("train.amp", "amp")) from None
     if backend == "onnx" and dev.type != "cpu":
         raise ModelError(f"backend='onnx' runs on CPU; got device {str(device)!r} (use backend='torch' there)")
     path = Path(source).expanduser()
@@ -234,7 +245,7 @@ def load(source: str | Path, device: str | torch.device = "cpu", backend: str = 
         if backend == "onnx":
             raise ModelError(f"{path}: the onnx backend needs an export folder with {ONNX_FILE} "
                              f"(clipft export {path} --out DIR --onnx)")
-        return _from_checkpoint(path, dev)
+        return _from_checkpoint(path, dev, amp)
     if path.is_dir():
         cfg_file = path / CONFIG_FILE
         is_run = (path / "best.pt").is_file() or (path / "last.pt").is_file()
@@ -245,36 +256,59 @@ def load(source: str | Path, device: str | torch.device = "cpu", backend: str = 
                              "directory)")
         cfg = _read_json(cfg_file)
         if cfg.get("format") == EXPORT_FORMAT:
-            return _from_export(path, dev, backend)
+            return _from_export(path, dev, backend, amp)
         if is_run or {"train", "model", "data"} <= set(cfg):
             raise _run_dir_error(path)
         if cfg.get("model_type") == "clip":
-            return _from_hf_clip(str(path), dev, backend)
+            return _from_hf_clip(str(path), dev, backend, amp)
         raise ModelError(f"{cfg_file}: neither a clipft export (format {EXPORT_FORMAT!r}) nor a CLIPModel config "
                          f"(model_type 'clip'), got model_type {cfg.get('model_type')!r}")
     text = str(source)
     if text.startswith(("/", ".", "~")) or text.count("/") > 1 or "\\" in text:
         raise ModelError(f"{source}: not found (expected an export folder, a checkpoint, or an HF CLIP model name)")
-    return _from_hf_clip(text, dev, backend)
+    return _from_hf_clip(text, dev, backend, amp)
 
 
-def _torch_tower(tower: torch.nn.Module, dev: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
-    tower = tower.to(dev).eval()
-    tower.requires_grad_(False)
-    return lambda pixels: tower(pixels.to(dev)).float().cpu()  # [B, D], L2-normalised by the tower
+class _TorchTower:
+    """Pixels [B, 3, S, S] -> embeddings [B, D] float32 CPU, under `train.amp`'s autocast for `amp`
+    (runtime.select_precision: none for "off"), channels_last where autocast runs, like evaluation."""
+
+    def __init__(self, tower: torch.nn.Module, dev: torch.device, amp: str):
+        from .runtime import select_precision
+        self.tower = tower.to(dev).eval()
+        self.tower.requires_grad_(False)
+        self.dev, self.precision = dev, select_precision(dev, amp)
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        dtype = self.precision.dtype
+        x = pixels.to(self.dev)
+        if dtype is not None and self.precision.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            return self.tower(x).float().cpu()  # [B, D], L2-normalised by the tower
+
+
+def _torch_tower(tower: torch.nn.Module, dev: torch.device, amp: str = "off") -> Callable[[torch.Tensor], torch.Tensor]:
+    return _TorchTower(tower, dev, amp)
+
+
+def _amp_id(amp: str) -> dict:
+    """The precision in the fingerprint: fp32 models keep the fingerprints they had before amp existed,
+    and a bf16 index is never mixed with an fp32 one."""
+    return {} if amp == "off" else {"amp": amp}
 
 
 def _clipft_model(name: str, tower: Any, state: dict, image_size: int, mean: Sequence[float],
                   std: Sequence[float], text: _TextSide, dev: torch.device, backend: str,
-                  encode: Callable[[torch.Tensor], torch.Tensor]) -> ImageTextModel:
+                  encode: Callable[[torch.Tensor], torch.Tensor], amp: str = "off") -> ImageTextModel:
     preprocess_id = {"kind": "clipft-eval", "image_size": int(image_size), "mean": [float(m) for m in mean],
-                     "std": [float(s) for s in std], "jpeg_draft": int(image_size)}
+                     "std": [float(s) for s in std], "jpeg_draft": int(image_size), **_amp_id(amp)}
     return ImageTextModel(name, tower.embed_dim, image_size, EvalTransform(image_size, mean, std), encode, text,
                           float(tower.logit_scale.detach().exp()), dev, backend, state_digest(state), preprocess_id,
                           draft_size=int(image_size))
 
 
-def _from_checkpoint(path: Path, dev: torch.device) -> ImageTextModel:
+def _from_checkpoint(path: Path, dev: torch.device, amp: str = "off") -> ImageTextModel:
     from .model import read_checkpoint, tower_from_checkpoint
     ckpt = read_checkpoint(path)
     cfg = ckpt.get("config")
@@ -287,10 +321,10 @@ def _from_checkpoint(path: Path, dev: torch.device) -> ImageTextModel:
                          f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     del ckpt  # optimizer state: not needed
     d, t = cfg["data"], cfg["text"]
-    text = _TextSide(t["encoder"], int(t.get("max_length", 77)), dev, tower.embed_dim)
+    text = _TextSide(t["encoder"], int(t.get("max_length", 77)), dev, tower.embed_dim, amp=amp)
     state = tower.state_dict()
     return _clipft_model(str(path), tower, state, d["image_size"], d["mean"], d["std"], text, dev, "torch",
-                         _torch_tower(tower, dev))
+                         _torch_tower(tower, dev, amp), amp)
 
 
 def read_export_config(folder: str | Path) -> dict:
@@ -358,14 +392,16 @@ def _onnx_encoder(path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
         session.run(["image_embeds"], {"pixel_values": pixels.contiguous().numpy()})[0]).float()
 
 
-def _from_export(folder: Path, dev: torch.device, backend: str) -> ImageTextModel:
+def _from_export(folder: Path, dev: torch.device, backend: str, amp: str = "off") -> ImageTextModel:
     cfg = read_export_config(folder)
     tower = tower_from_export(folder, cfg)
     t = cfg["text_encoder"]
-    text = _TextSide(t["name"], int(t.get("max_length", 77)), dev, tower.embed_dim, t.get("fingerprint"))
-    encode = _onnx_encoder(folder / ONNX_FILE) if backend == "onnx" else _torch_tower(tower, dev)
+    text = _TextSide(t["name"], int(t.get("max_length", 77)), dev, tower.embed_dim,
+                     t.get("fingerprint") if amp == "off" else None, amp=amp)
+    onnx = backend == "onnx"
+    encode = _onnx_encoder(folder / ONNX_FILE) if onnx else _torch_tower(tower, dev, amp)
     return _clipft_model(folder.name or str(folder), tower, tower.state_dict(), cfg["image_size"], cfg["mean"],
-                         cfg["std"], text, dev, backend, encode)
+                         cfg["std"], text, dev, backend, encode, "off" if onnx else amp)
 
 
 class _ProcessorTransform:
@@ -390,7 +426,7 @@ class _ClipVision(torch.nn.Module):
         return F.normalize(self.visual_projection(pooled).float(), dim=-1)  # [B, D]
 
 
-def _from_hf_clip(name: str, dev: torch.device, backend: str) -> ImageTextModel:
+def _from_hf_clip(name: str, dev: torch.device, backend: str, amp: str = "off") -> ImageTextModel:
     if backend != "torch":
         raise ModelError(f"{name}: backend={backend!r} is for clipft export folders; an HF CLIP model runs on torch")
     from transformers import CLIPImageProcessor, CLIPModel
@@ -409,8 +445,8 @@ def _from_hf_clip(name: str, dev: torch.device, backend: str) -> ImageTextModel:
     state = vision.state_dict()
     dim = int(model.config.projection_dim)
     size = processor.crop_size["height"] if getattr(processor, "crop_size", None) else processor.size["shortest_edge"]
-    text = _TextSide(name, int(model.config.text_config.max_position_embeddings), dev, dim)
-    encode = _torch_tower(vision, dev)
+    text = _TextSide(name, int(model.config.text_config.max_position_embeddings), dev, dim, amp=amp)
+    encode = _torch_tower(vision, dev, amp)
     return ImageTextModel(name, dim, size, _ProcessorTransform(processor), encode, text,
                           float(model.logit_scale.detach().exp()), dev, "torch", state_digest(state),
-                          {"kind": "hf-clip", "processor": processor.to_dict()}, draft_size=None)
+                          {"kind": "hf-clip", "processor": processor.to_dict(), **_amp_id(amp)}, draft_size=None)

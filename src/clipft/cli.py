@@ -46,11 +46,12 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from .data.download import DownloadError
     from .evaluate import EvaluationError
     from .model import ModelError
+    from .report import ReportError
     from .search.index import SearchError
     from .text import TextEncoderError
     from .train import TrainingError
-    return (ConfigError, DataError, DistributedError, DownloadError, EvaluationError, ModelError, SearchError,
-            TextEncoderError, TrainingError)
+    return (ConfigError, DataError, DistributedError, DownloadError, EvaluationError, ModelError, ReportError,
+            SearchError, TextEncoderError, TrainingError)
 
 
 # --------------------------------------------------------------------------- integer arguments
@@ -131,7 +132,8 @@ def _add_split_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default="val",
                    help="evaluation protocol: val (the configured subset, default), val-full (whole val2014), val-heldout "
                         "(validation images outside the subset that chose best.pt), "
-                        "karpathy-test / karpathy-val (with --karpathy), or any split name")
+                        "karpathy-test / karpathy-val / karpathy-test-1k (5 folds of 1,000; with --karpathy), "
+                        "test (a Flickr folder's test split), or any split name")
     p.add_argument("--karpathy", metavar="JSON", help="Karpathy's dataset_coco.json (for --split karpathy-test)")
 
 
@@ -254,7 +256,7 @@ def _remove_if_empty(folder: Path | None) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate_checkpoint, format_comparison_table, format_recall_table
+    from .evaluate import evaluate_checkpoint, format_comparison_table, format_fold_spread, format_recall_table
     _val_data_override(args)
     cfg = _checkpoint_config(args)
     save = args.save_embeddings
@@ -265,6 +267,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                             compare_zero_shot=args.compare_zero_shot, save_embeddings=save)
     print(f"{m['protocol']}")
     print(format_comparison_table(m) if "zero_shot" in m else format_recall_table(m))
+    if "folds" in m:
+        print(format_fold_spread(m))
     if m.get("skipped_images"):
         print(f"{m['skipped_images']} unreadable image(s) left out (with their captions)")
     for f in m["files"] + ([m["embeddings"]] if "embeddings" in m else []):
@@ -361,20 +365,52 @@ def cmd_inspect_data(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import write_report
+    from .report import make_report
     from .runfiles import check_run_dir
-    check_run_dir(args.run)
-    print(f"wrote {write_report(args.run)}")
+    check_run_dir(args.run)  # a dataset folder or a typo: one line, not a report of blanks
+    r = make_report(args.run, data=args.data, notes=args.notes, ablation=args.ablation, compare=args.compare or (),
+                    html=args.html, pdf=args.pdf, complete=not args.no_draw, device=args.device, seed=args.seed,
+                    progress=not args.quiet)
+    if r["drawn"]:
+        print(f"drew {', '.join(r['drawn'])}")
+    for section, how in r["missing"].items():
+        print(f"missing {section}: {how}")
+    for key in ("md", "html", "pdf"):
+        if r[key]:
+            print(f"wrote {r[key]}")
     return 0
 
 
 def cmd_download(args: argparse.Namespace) -> int:
     from .data.download import download_coco, next_steps
+    if args.source == "kaggle" or args.dataset != "coco":
+        return _download_kaggle(args)
     results = download_coco(args.out, splits=args.splits, karpathy=args.karpathy, mirror=args.mirror,
                             keep_archives=args.keep_archives, retries=args.retries, progress=not args.quiet)
     for r in results:
         print(f"{r['archive']}: {r['status']} -> {', '.join(r['targets'])}")
     print("\n".join(next_steps(args.out)))
+    return 0
+
+
+def _download_kaggle(args: argparse.Namespace) -> int:
+    """download ... --source kaggle (and Flickr's Karpathy file); the official Flickr images need a form."""
+    from .data.download import COCO_ARCHIVES, DownloadError, download_coco, karpathy_archive, next_steps
+    from .data.kaggle import download_kaggle, official_flickr_message
+    if args.source != "kaggle" and not args.karpathy:
+        raise DownloadError(official_flickr_message(args.dataset, args.out))
+    if args.source == "kaggle":
+        r = download_kaggle(args.dataset, args.out)
+        print(f"{r['handle']}: {r['source']} -> {len(r['linked'])} new link(s) in {r['root']}")
+    if args.karpathy:  # Karpathy's split file from caption_datasets.zip: the published train/val/test
+        split_file = "dataset_coco.json" if args.dataset == "coco" else f"dataset_{args.dataset}.json"
+        download_coco(args.out, splits=(), karpathy=True, mirror=args.mirror, retries=args.retries,
+                      progress=not args.quiet, archives={**COCO_ARCHIVES, "karpathy": karpathy_archive(split_file)})
+        print(f"Karpathy split file: {Path(args.out) / split_file}")
+    if args.source != "kaggle":
+        print(official_flickr_message(args.dataset, args.out))
+    print("\n".join(next_steps(args.out)) if args.dataset == "coco" else
+          f"next:\n  clipft validate --data {args.out}\n  clipft train --data {args.out} --out runs/{args.dataset}")
     return 0
 
 
@@ -532,14 +568,31 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--batch-size", type=positive_int, default=64, help="images per forward pass (default 64)")
     s.add_argument("--workers", type=non_negative_int, default=None,
                    help="decoding processes (default: CPUs - 1, at most 8)")
-    s.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
+    _add_device(s)
     s.add_argument("--backend", choices=["torch", "onnx"], default="torch",
                    help="onnx: the export folder's image_tower.onnx with onnxruntime (CPU)")
-    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_quiet(s, "no progress bar")
     s.set_defaults(func=cmd_embed)
 
 
 # --------------------------------------------------------------------------- parser
+
+def _add_report_parser(sub) -> None:
+    s = sub.add_parser("report", help="write RUN/report.md from a run directory, drawing what it lacks")
+    s.add_argument("run")
+    s.add_argument("--data", help="the run's dataset, when it moved (default: summary.json's data_root, RUN/data)")
+    s.add_argument("--notes", metavar="FILE.md", help="your own section (observations, LLM-usage reflection, "
+                                                       "conversation link), included verbatim")
+    s.add_argument("--ablation", metavar="DIR", help="add a `clipft ablate --out DIR` study: table and bar chart")
+    s.add_argument("--compare", nargs="+", metavar="OTHER_RUN", help="add other runs' Recall@K and curves side by side")
+    s.add_argument("--html", action="store_true", help="also write report.html (self-contained, print-friendly)")
+    s.add_argument("--pdf", action="store_true", help="also write report.pdf (headless Chromium; implies --html)")
+    s.add_argument("--no-draw", action="store_true", help="only the files already in RUN: draw nothing")
+    s.add_argument("--seed", type=int, default=0, help="seed of the random examples (default 0)")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_report)
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="clipft", description=DESCRIPTION,
@@ -548,7 +601,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true",
                    help="show the Python traceback of an error (also accepted after the command)")
     sub = p.add_subparsers(dest="command", required=True)
-    # Three groups, in the order `clipft --help` lists the commands.
+    # Four groups, in the order `clipft --help` lists the commands.
     _add_data_and_train_commands(sub)
     _add_checkpoint_commands(sub)
     _add_tool_commands(sub)
@@ -696,16 +749,19 @@ def _add_tool_commands(sub) -> None:
     _add_config_args(s)
     s.set_defaults(func=cmd_inspect_data)
 
-    s = sub.add_parser("report", help="write RUN/report.md from a run directory")
-    s.add_argument("run", metavar="RUN", help="run directory: the --out folder of clipft train")
-    s.set_defaults(func=cmd_report)
+    _add_report_parser(sub)
 
-    s = sub.add_parser("download", help="fetch MS COCO 2014 into the loader's layout (resumable, verified)")
-    s.add_argument("dataset", choices=["coco"], help="coco: MS COCO 2014 images and captions")
+    s = sub.add_parser("download", help="fetch MS COCO 2014 into the loader's layout (resumable, verified), "
+                                        "or a Kaggle copy of COCO / Flickr8k / Flickr30k (--source kaggle)")
+    s.add_argument("dataset", choices=["coco", "flickr8k", "flickr30k"], help="which dataset to fetch")
+    s.add_argument("--source", choices=["official", "kaggle"], default="official",
+                   help="official hosts (COCO only: the Flickr images need a request form), or the Kaggle copy "
+                        "through kagglehub (pip install 'clipft[kaggle]')")
     s.add_argument("--out", required=True, help="dataset root (gets train2014/, val2014/, annotations/)")
     s.add_argument("--splits", nargs="*", choices=["train", "val", "annotations"],
                    default=["train", "val", "annotations"], help="archives to fetch (default: all three)")
-    s.add_argument("--karpathy", action="store_true", help="also fetch Karpathy's split file -> OUT/dataset_coco.json")
+    s.add_argument("--karpathy", action="store_true", help="also fetch Karpathy's split file -> OUT/dataset_coco.json "
+                   "(flickr8k / flickr30k: OUT/dataset_flickr8k.json / dataset_flickr30k.json)")
     s.add_argument("--mirror", metavar="URL", help="base URL serving zips/train2014.zip, zips/val2014.zip, "
                    "annotations/annotations_trainval2014.zip, caption_datasets.zip (default: the official hosts)")
     s.add_argument("--keep-archives", action="store_true", help="keep the zips in OUT/downloads/ after extracting")
@@ -772,8 +828,9 @@ def _configure_logging(verbose: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    from .runlog import record_command, run_dir_of
     argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
     debug = "--debug" in argv  # accepted anywhere on the line, not only before the command
     args, extra = parser.parse_known_args([a for a in argv if a != "--debug"])
     _configure_logging(args.verbose)
@@ -782,17 +839,21 @@ def main(argv: list[str] | None = None) -> int:
     # batch is 77 MB, and faulting it in 4 KB pages costs more than normalising it (torch reads the
     # variable at allocation time; DataLoader workers inherit it).
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    code = 1  # an unexpected exception propagates with this status in RUN/commands.txt
     try:
         args.extra_overrides = _split_extra(extra)
-        return args.func(args)
+        code = args.func(args)
+        return code
     except _expected_errors() as e:
         if debug:
             raise
         print(f"clipft: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        code = EXIT_USAGE
+        return code
     except KeyboardInterrupt:
         print(f"clipft: interrupted: {_interrupted_note(args)}", file=sys.stderr)
-        return 130
+        code = 130
+        return code
     except Exception as e:  # noqa: BLE001 - the one place that turns a surprise into one line
         if debug:
             raise
@@ -800,7 +861,11 @@ def main(argv: list[str] | None = None) -> int:
         text = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
         print(f"clipft: error: {where}unexpected {type(e).__name__}{': ' + text if text else ''} "
               "(run with --debug for the traceback)", file=sys.stderr)
-        return EXIT_UNEXPECTED
+        code = EXIT_UNEXPECTED
+        return code
+    finally:
+        if run_dir_of(args) is not None:  # how the run was made: RUN/commands.txt (see clipft.runlog)
+            record_command(run_dir_of(args), argv, code)
 
 
 if __name__ == "__main__":

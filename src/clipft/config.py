@@ -53,7 +53,7 @@ def _check_choices(section: Any, name: str) -> None:
 
 @dataclass
 class DataConfig:
-    format: str = "auto"  # auto | coco | csv (also TSV) | jsonl | folder  (auto: detected from what --data is)
+    format: str = "auto"  # auto | coco | flickr | csv (also TSV) | jsonl | folder  (auto: detected from what --data is)
     train_split: str = "train"
     val_split: str = "val"
     # CSV/TSV/JSONL column (key) names; "" = auto: the first of filepath/image/file_name/... and
@@ -149,6 +149,7 @@ class TrainConfig:
     # NOT more negatives (each micro-batch's loss only sees its own batch_size x processes captions).
     grad_accum_steps: int = 1
     sync_batchnorm: bool = False  # multi-GPU: BatchNorm statistics over the global batch (SyncBatchNorm, CUDA only)
+    tensorboard: bool = False  # also mirror metrics.jsonl to RUN/tensorboard/ (rank 0; the `tensorboard` extra)
 
 
 @dataclass

@@ -153,6 +153,16 @@ def format_recall_table(metrics: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def format_fold_spread(metrics: dict) -> str:
+    """The per-fold spread of a protocol with folds: std (min-max) per direction and K."""
+    f = metrics["folds"]
+    lines = [f"mean over {f['count']} folds; per-fold spread, std (min-max):"]
+    for d in DIRECTIONS:
+        lines.append(f"{d:<15}" + "  ".join(f"{k} {f['std'][d][k]:.2f} ({f['min'][d][k]:.2f}-{f['max'][d][k]:.2f})"
+                                            for k in f["std"][d]))
+    return "\n".join(lines)
+
+
 @torch.inference_mode()
 def embed_images(model: ImageTower, split: CaptionedImages, cfg: Config, device: torch.device,
                  amp_dtype: torch.dtype | None = None, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -230,6 +240,45 @@ def evaluate_split(image_emb: torch.Tensor, rows: torch.Tensor, split: Captioned
             weights.append(i.shape[0])
         out["val_loss"] = sum(l * w for l, w in zip(losses, weights)) / max(1, sum(weights))
     return out
+
+
+def evaluate_folds(image_emb: torch.Tensor, rows: torch.Tensor, split: CaptionedImages, text_emb: torch.Tensor,
+                   folds: Sequence[Sequence[int]], ks=(1, 5, 10)) -> dict:
+    """Recall@K averaged over image folds (COCO's 1K test): each fold (rows of split.images) is a
+    gallery of its own, its images against its captions only. Returns the fold means under the
+    directions (so tables read it like any metrics), the summed counts, and under "folds" the
+    per-fold figures with their spread: std (sample, n-1), min and max per direction and K."""
+    pos = torch.full((len(split),), -1, dtype=torch.long)
+    pos[rows] = torch.arange(rows.numel())  # row of each decoded image in image_emb
+    offsets = split.caption_offsets()
+    per_fold = []
+    for fold in folds:
+        fold_t = torch.as_tensor(list(fold), dtype=torch.long)
+        ok = pos[fold_t] >= 0
+        caps = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in fold_t.tolist()])  # [M_fold]
+        sub = split.select(fold_t.tolist(), f"{split.name}:fold")
+        per_fold.append(evaluate_split(image_emb[pos[fold_t[ok]]], torch.nonzero(ok).flatten(), sub,
+                                       text_emb[caps], ks))
+    out: dict[str, Any] = {"num_images": sum(f["num_images"] for f in per_fold),
+                           "num_captions": sum(f["num_captions"] for f in per_fold)}
+    spread: dict[str, dict] = {"std": {}, "min": {}, "max": {}}
+    for d in DIRECTIONS:
+        vals = {k: torch.tensor([f[d][k] for f in per_fold], dtype=torch.float64) for k in per_fold[0][d]}
+        out[d] = {k: float(v.mean()) for k, v in vals.items()}
+        spread["std"][d] = {k: float(v.std()) if v.numel() > 1 else 0.0 for k, v in vals.items()}
+        spread["min"][d] = {k: float(v.min()) for k, v in vals.items()}
+        spread["max"][d] = {k: float(v.max()) for k, v in vals.items()}
+    out["folds"] = {"count": len(per_fold), **spread,
+                    "per_fold": [{d: f[d] for d in (*DIRECTIONS, "num_images", "num_captions")} for f in per_fold]}
+    return out
+
+
+def score_split(image_emb: torch.Tensor, rows: torch.Tensor, split: EvalSplit, text_emb: torch.Tensor,
+                ks=(1, 5, 10)) -> dict:
+    """Recall@K of a resolved protocol: one gallery, or the mean over its folds (karpathy-test-1k)."""
+    if split.folds:
+        return evaluate_folds(image_emb, rows, split.data, text_emb, split.folds, ks)
+    return evaluate_split(image_emb, rows, split.data, text_emb, ks)
 
 
 def write_metrics(path: str | Path, metrics: dict) -> None:
@@ -376,11 +425,21 @@ def split_embeddings_from_file(path: str | Path, checkpoint: str | Path, data_ro
 
 
 def metrics_csv_rows(metrics: dict, model: str = "fine-tuned") -> list[dict]:
-    """One row per (direction, K): model, split, direction, k, recall, num_images, num_captions."""
-    return [{"model": model, "split": metrics.get("split", ""), "direction": d, "k": int(k.split("@")[1]),
-             "recall": round(float(v), 4), "num_images": metrics.get("num_images"),
-             "num_captions": metrics.get("num_captions")}
-            for d in DIRECTIONS for k, v in metrics[d].items()]
+    """One row per (direction, K): model, split, direction, k, recall, num_images, num_captions; for a
+    protocol with folds (karpathy-test-1k) recall is the fold mean, followed by folds and the
+    per-fold spread recall_std, recall_min, recall_max."""
+    rows = []
+    folds = metrics.get("folds")
+    for d in DIRECTIONS:
+        for k, v in metrics[d].items():
+            row = {"model": model, "split": metrics.get("split", ""), "direction": d, "k": int(k.split("@")[1]),
+                   "recall": round(float(v), 4), "num_images": metrics.get("num_images"),
+                   "num_captions": metrics.get("num_captions")}
+            if folds:
+                row.update(folds=folds["count"], **{f"recall_{s}": round(float(folds[s][d][k]), 4)
+                                                    for s in ("std", "min", "max")})
+            rows.append(row)
+    return rows
 
 
 def write_metrics_csv(path: str | Path, metrics: dict) -> Path:
@@ -437,9 +496,9 @@ def evaluate_checkpoint(checkpoint: str | Path, data_root: str | Path, split: st
         from .model import read_checkpoint
         cfg = from_dict(read_checkpoint(checkpoint)["config"])
     data = emb.data
-    metrics = evaluate_split(emb.image_emb, emb.rows, data, emb.text_emb, cfg.eval.ks)
+    metrics = score_split(emb.image_emb, emb.rows, emb.split, emb.text_emb, cfg.eval.ks)
     metrics.update(split=emb.split.name, skipped_images=len(data) - int(emb.rows.numel()), checkpoint=str(checkpoint),
-                   protocol=emb.split.protocol, text_encoder=cfg.text.encoder)
+                   protocol=emb.split.protocol, protocol_name=emb.split.label, text_encoder=cfg.text.encoder)
     if compare_zero_shot:
         metrics["zero_shot"] = zero_shot_clip_metrics(compare_zero_shot, emb.split, cfg, data_root, device, progress)
     json_path, csv_path = metrics_paths(checkpoint, emb.split.name)
@@ -469,5 +528,5 @@ def zero_shot_clip_metrics(model_name: str, split: "EvalSplit", cfg: Config, dat
     image_emb, rows, text_emb = clip_baseline_embeddings(
         model_name, split.data, cache, dev, batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers,
         max_length=cfg.text.max_length, amp_dtype=amp_dtype_for(dev, cfg.train.amp), progress=progress)
-    m = evaluate_split(image_emb, rows, split.data, text_emb, cfg.eval.ks)
+    m = score_split(image_emb, rows, split, text_emb, cfg.eval.ks)
     return {"model": model_name, **m, "skipped_images": len(split.data) - int(rows.numel())}

@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 
 from .data import CaptionedImages
-from .evaluate import SplitEmbeddings
+from .evaluate import SplitEmbeddings, retrieval_ranks
 from .protocols import VAL_PROTOCOLS
 
 TEXT_TO_IMAGE_PNG = "retrieval_text_to_image.png"
@@ -36,24 +36,30 @@ def _norm(text: str) -> str:
     return " ".join(text.lower().split())
 
 
+def _random_captions(c2r: torch.Tensor, n_rows: int, n: int, seed: int) -> list[int]:
+    """One seeded random caption (index into the kept captions) of each of n seeded random images."""
+    g = torch.Generator().manual_seed(seed + 1)
+    picks = []
+    for r in _sample(n_rows, n, seed):
+        own = torch.nonzero(c2r == r).flatten()
+        picks.append(int(own[torch.randint(own.numel(), (1,), generator=g)]))
+    return picks
+
+
 def text_to_image_results(emb: SplitEmbeddings, queries: Sequence[str] | None = None, query_emb: torch.Tensor | None = None,
-                          n: int = 4, seed: int = 0, k: int = 5) -> list[dict]:
+                          n: int = 4, seed: int = 0, k: int = 5, picks: Sequence[int] | None = None) -> list[dict]:
     """Rows for `visualize.plot_text_to_image`.
 
-    Without queries: n random dataset captions (one per random image) embedded from the cache.
-    With queries (and their embeddings query_emb [Q, D] from the frozen text encoder): a query
-    that is one of the split's captions (case and spacing ignored) has its correct image marked.
+    Without queries: n random dataset captions (one per random image) embedded from the cache, or
+    the kept captions `picks` (indices as in `example_queries`). With queries (and their embeddings
+    query_emb [Q, D] from the frozen text encoder): a query that is one of the split's captions
+    (case and spacing ignored) has its correct image marked.
     """
     keep, c2r = emb.kept_captions()
     captions = [c for c, kp in zip(emb.data.captions, keep.tolist()) if kp]
     text = emb.text_emb[keep]  # [M_kept, D]
     if queries is None:
-        rows = _sample(emb.rows.numel(), n, seed)
-        g = torch.Generator().manual_seed(seed + 1)
-        picks = []
-        for r in rows:
-            own = torch.nonzero(c2r == r).flatten()
-            picks.append(int(own[torch.randint(own.numel(), (1,), generator=g)]))
+        picks = list(picks) if picks is not None else _random_captions(c2r, emb.rows.numel(), n, seed)
         queries = [captions[j] for j in picks]
         q = text[picks]
         correct = [int(c2r[j]) for j in picks]
@@ -74,13 +80,15 @@ def text_to_image_results(emb: SplitEmbeddings, queries: Sequence[str] | None = 
     return out
 
 
-def image_to_text_results(emb: SplitEmbeddings, n: int = 4, seed: int = 0, k: int = 5) -> list[dict]:
-    """Rows for `visualize.plot_image_to_text`: n random images, their top-k captions of the split."""
+def image_to_text_results(emb: SplitEmbeddings, n: int = 4, seed: int = 0, k: int = 5,
+                          rows: Sequence[int] | None = None) -> list[dict]:
+    """Rows for `visualize.plot_image_to_text`: n random images (or the embedding rows `rows`),
+    their top-k captions of the split."""
     keep, c2r = emb.kept_captions()
     captions = [c for c, kp in zip(emb.data.captions, keep.tolist()) if kp]
     text = emb.text_emb[keep]
     out = []
-    for r in _sample(emb.rows.numel(), n, seed):
+    for r in (list(rows) if rows is not None else _sample(emb.rows.numel(), n, seed)):
         s = text @ emb.image_emb[r]  # [M_kept]
         order = s.argsort(descending=True)
         own = c2r[order] == r
@@ -88,6 +96,33 @@ def image_to_text_results(emb: SplitEmbeddings, n: int = 4, seed: int = 0, k: in
         out.append({"path": emb.data.images[int(emb.rows[r])].path, "top": top,
                     "gt_rank": int(own.nonzero()[0, 0])})
     return out
+
+
+def _best_and_worst(rank: torch.Tensor, score: torch.Tensor, allowed: torch.Tensor,
+                    chosen: Sequence[int]) -> list[tuple[int, str]]:
+    """[(best, "best by rank"), (worst, "worst by rank")] among the allowed queries not in chosen:
+    ordered by the rank of the ground truth, ties broken by its cosine (higher is better)."""
+    key = rank.double() * 4.0 - score.double()  # score in [-1, 1] only breaks ties between equal ranks
+    order = [i for i in key.argsort().tolist() if bool(allowed[i]) and i not in set(chosen)]
+    return [(order[0], "best by rank"), (order[-1], "worst by rank")] if len(order) >= 2 else []
+
+
+def example_queries(emb: SplitEmbeddings, n: int = 3, seed: int = 0) -> dict[str, list[tuple[int, str]]]:
+    """The report's rule for qualitative examples, so that none is hand-picked:
+    {"captions": [(kept caption index, tag)], "images": [(embedding row, tag)]}: n seeded random
+    queries (drawn as `clipft visualize` draws them), then the best and the worst remaining query by
+    the rank of its ground truth (ties: the higher / lower cosine with it)."""
+    keep, c2r = emb.kept_captions()
+    text = emb.text_emb[keep]  # [M_kept, D]
+    image_rank, text_rank = retrieval_ranks(emb.image_emb, text, c2r)  # [N_ok], [M_kept]
+    pos = (emb.image_emb[c2r] * text).sum(-1)  # [M_kept]: each caption's cosine with its own image
+    best_pos = torch.full((emb.rows.numel(),), float("-inf")).scatter_reduce(0, c2r, pos, reduce="amax")  # [N_ok]
+    has_caption = torch.isfinite(best_pos)  # images without a caption are no image query
+    tag = f"random (seed {seed})"
+    cap = _random_captions(c2r, emb.rows.numel(), n, seed)
+    img = _sample(emb.rows.numel(), n, seed)
+    return {"captions": [(j, tag) for j in cap] + _best_and_worst(text_rank, pos, torch.ones_like(text_rank, dtype=torch.bool), cap),
+            "images": [(r, tag) for r in img] + _best_and_worst(image_rank, best_pos.clamp(min=-1.0), has_caption, img)}
 
 
 def heatmap_data(emb: SplitEmbeddings, n: int = 10, seed: int = 0) -> tuple[torch.Tensor, list[str], list[int]]:

@@ -12,6 +12,12 @@ whole pipeline (text cache, image embedding, chunked recall) runs unchanged:
   karpathy-test  Karpathy's COCO test split (5,000 images, 25,010 captions) from
                  `dataset_coco.json` (--karpathy PATH); images from ROOT/train2014 + ROOT/val2014
   karpathy-val   the same file's 5k validation split
+  karpathy-test-1k  COCO's other published protocol: the Karpathy 5k test images in 5 folds of
+                 1,000 (consecutive in file order, as VSE++ and SCAN cut them); Recall@K is computed
+                 per fold (1,000 images x ~5,000 captions) and averaged, with the per-fold spread
+  test           on a Flickr8k/Flickr30k folder: its test split (Karpathy's when the folder has
+                 dataset_flickr*.json: Flickr30k 1,000 images x 5,000 captions); the protocol is
+                 named from where the split came from and the real counts
   <other>        any split name of the dataset (e.g. train), loaded like training does
 
 Each protocol caches its caption embeddings under its own split name, so switching protocols
@@ -25,11 +31,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import Config
-from .data import CaptionedImages, DataError, ImageRecord, is_int, load_split, read_json
+from .data import CaptionedImages, DataError, ImageRecord, load_split
+from .data.karpathy import read_karpathy_split
 
 log = logging.getLogger(__name__)
 
 KARPATHY_PREFIX = "karpathy-"
+KARPATHY_1K = "karpathy-test-1k"
+N_FOLDS_1K = 5  # 5 folds of 1,000 images of the 5k test split
 VAL_PROTOCOLS = ("val", "val-full", "val-heldout")  # drawn from the dataset's validation split
 KARPATHY_SPLITS = ("test", "val", "train", "restval")  # the values of `split` in dataset_coco.json
 PROTOCOLS = VAL_PROTOCOLS + ("karpathy-test", "karpathy-val")  # and any split name of the dataset
@@ -42,82 +51,65 @@ class EvalSplit:
     data: CaptionedImages
     name: str  # "val", "val-full", "karpathy-test", ...: names metrics_<name>.json and the text cache
     protocol: str  # human description, written into metrics files and the report
+    # karpathy-test-1k: image rows of each fold (a gallery of its own); None = one gallery
+    folds: list[list[int]] | None = None
+
+    @property
+    def label(self) -> str:
+        """The protocol's short name: "flickr30k-test" on a Flickr folder, else the split name."""
+        return f"{self.data.dataset}-{self.name}" if self.data.dataset else self.name
 
 
-def load_karpathy_split(split_file: str | Path, image_root: str | Path, split: str = "test") -> CaptionedImages:
+def load_karpathy_split(split_file: str | Path, image_root: str | Path, split: str = "test",
+                        order: str = "id") -> CaptionedImages:
     """Karpathy's `dataset_coco.json` -> the images of one split (`split` field), as CaptionedImages.
 
     Format: {"images": [{"filepath": "val2014", "filename": "COCO_val2014_...jpg", "cocoid": 391895,
-    "split": "test", "sentences": [{"raw": "A man ...", "sentid": 770337, ...}, ...]}, ...]}.
-    Image path = image_root / filepath / filename. Images are ordered by cocoid, captions keep the
-    file's order; caption ids are `sentid` when present (else cocoid * 100 + position).
-    Whitespace is stripped; empty captions and images left without captions are dropped and counted.
+    "split": "test", "sentences": [{"raw": "A man ...", "sentid": 770337, ...}, ...]}, ...]}
+    (parsed by `clipft.data.karpathy.read_karpathy_split`, shared with the Flickr files).
+    Image path = image_root / filepath / filename. Images are ordered by cocoid (order="id") or
+    as the file lists them (order="file": the order the 1K-test folds are cut in); captions keep
+    the file's order; caption ids are `sentid` when present (else cocoid * 100 + position).
     Image files are not opened (unreadable ones are skipped later and counted), but every
     `filepath` directory must exist, so a wrong --data fails here and not as 5,000 warnings.
     """
     split_file, image_root = Path(split_file), Path(image_root)
-    if split not in KARPATHY_SPLITS:
-        raise DataError(f"{split_file}: unknown Karpathy split {split!r} (known: {', '.join(KARPATHY_SPLITS)})")
-    data = read_json(split_file)
-    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-        raise DataError(f"{split_file}: expected an object with an 'images' list (Karpathy's dataset_coco.json)")
-    images: list[ImageRecord] = []
-    seen: set[int] = set()
-    dirs: set[str] = set()
-    dropped_images = dropped_captions = 0
-    for k, entry in enumerate(data["images"]):
-        if not isinstance(entry, dict):
-            raise DataError(f"{split_file}: images[{k}] is not an object")
-        if entry.get("split") != split:
-            continue
-        for key in ("filepath", "filename"):
-            if not isinstance(entry.get(key), str) or not entry[key]:
-                raise DataError(f"{split_file}: images[{k}] has no string '{key}'")
-        cocoid = entry.get("cocoid", entry.get("imgid"))
-        if not is_int(cocoid):
-            raise DataError(f"{split_file}: images[{k}] ({entry['filename']}) has no integer 'cocoid'")
-        if cocoid in seen:
-            raise DataError(f"{split_file}: images[{k}]: duplicate cocoid {cocoid}")
-        seen.add(cocoid)
-        sentences = entry.get("sentences")
-        if not isinstance(sentences, list):
-            raise DataError(f"{split_file}: images[{k}] (cocoid {cocoid}) has no 'sentences' list")
-        caps, ids = [], []
-        for j, s in enumerate(sentences):
-            if not isinstance(s, dict) or not isinstance(s.get("raw"), str):
-                raise DataError(f"{split_file}: images[{k}].sentences[{j}] (cocoid {cocoid}) has no string 'raw'")
-            raw = s["raw"].strip()
-            if not raw:
-                dropped_captions += 1
-                continue
-            caps.append(raw)
-            ids.append(s["sentid"] if is_int(s.get("sentid")) else cocoid * 100 + j)
-        if not caps:
-            dropped_images += 1
-            continue
-        dirs.add(entry["filepath"])
-        images.append(ImageRecord(image_id=cocoid, path=image_root / entry["filepath"] / entry["filename"],
-                                  captions=caps, caption_ids=ids))
-    if not images:
-        raise DataError(f"{split_file}: no image with split == {split!r} and a caption")
-    for d in sorted(dirs):
+    ks = read_karpathy_split(split_file, split, id_key="cocoid")
+    for d in sorted({im.filepath for im in ks.images}):
         if not (image_root / d).is_dir():
             raise DataError(f"{image_root / d}: image directory not found (named by 'filepath' in {split_file}; "
                             "--data must be the folder that holds train2014/ and val2014/)")
-    images.sort(key=lambda r: r.image_id)
-    if dropped_images or dropped_captions:
+    images = [ImageRecord(image_id=im.image_id, path=image_root / im.filepath / im.filename,
+                          captions=im.captions, caption_ids=im.caption_ids) for im in ks.images]
+    if order == "id":
+        images.sort(key=lambda r: r.image_id)
+    if ks.dropped_images or ks.dropped_captions:
         log.warning("%s: dropped %d image(s) without captions and %d empty caption(s)",
-                    split_file, dropped_images, dropped_captions)
+                    split_file, ks.dropped_images, ks.dropped_captions)
     return CaptionedImages(images=images, name=f"karpathy:{split_file}:{split}",
-                           dropped_images=dropped_images, dropped_captions=dropped_captions)
+                           dropped_images=ks.dropped_images, dropped_captions=ks.dropped_captions)
 
 
-def protocol_description(name: str, data: CaptionedImages) -> str:
+def consecutive_folds(n: int, k: int = N_FOLDS_1K) -> list[list[int]]:
+    """k folds of consecutive rows of n (sizes differ by at most one): 5,000 -> 5 x 1,000."""
+    bounds = [round(i * n / k) for i in range(k + 1)]
+    return [list(range(a, b)) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+def protocol_description(name: str, data: CaptionedImages, folds: list[list[int]] | None = None) -> str:
     """One line naming the protocol and its size, e.g. for the report's Recall@K table."""
     n, m = len(data), len(data.caption_ids)
     subset = ":subset=" in data.name
     # Named from the real counts: only a 5,000-image Karpathy split is the published "COCO 5k" protocol.
     five_k = n == KARPATHY_5K
+    if data.dataset:  # a benchmark with a named protocol (Flickr): "flickr30k-test (Karpathy, 1,000 images x ...)"
+        origin = data.split_origin + (", seeded subset" if subset else "")
+        return f"{data.dataset}-{name} ({origin}, {n:,} images x {m:,} captions)"
+    if folds:
+        sizes = sorted({len(f) for f in folds})
+        return (f"Karpathy COCO 1K test: the 5k test split in {len(folds)} folds of "
+                f"{'-'.join(f'{s:,}' for s in sizes)} images, Recall@K averaged over the folds "
+                f"({n:,} images x {m:,} captions in all, all captions per image; {data.name})")
     kind = {
         "val": "validation subset (as during training)" if subset else "full validation split (as during training)",
         "val-full": "full validation split",
@@ -137,9 +129,14 @@ def resolve_eval_split(data_root: str | Path, split: str, cfg: Config, karpathy:
     if split.startswith(KARPATHY_PREFIX):
         if karpathy is None:
             raise DataError(f"--split {split} needs --karpathy PATH/dataset_coco.json (Karpathy's split file)")
+        if split == KARPATHY_1K:
+            data = load_karpathy_split(karpathy, data_root, "test", order="file")  # folds are cut in file order
+            folds = consecutive_folds(len(data))
+            return EvalSplit(data=data, name=split, protocol=protocol_description(split, data, folds), folds=folds)
         data = load_karpathy_split(karpathy, data_root, split[len(KARPATHY_PREFIX):])
     elif karpathy is not None:
-        raise DataError(f"{karpathy}: --karpathy is only used with --split karpathy-test (or karpathy-val)")
+        raise DataError(f"{karpathy}: --karpathy is only used with --split karpathy-test (or karpathy-val, "
+                        "karpathy-test-1k)")
     elif split == "val-full":
         data = load_split(data_root, cfg.data.val_split, _without_val_subset(cfg).data)
     elif split == "val-heldout":

@@ -113,6 +113,7 @@ class RunLog:
         self.run, self.enabled = run, enabled
         self.log = logger or log  # warnings are printed under the trainer's logger name
         self._f: IO[str] | None = None
+        self.mirror = None  # a clipft.tblog.TensorBoardMirror of every record (train.tensorboard)
 
     def __enter__(self) -> "RunLog":
         if self.enabled:
@@ -123,12 +124,17 @@ class RunLog:
         if self._f is not None:
             self._f.close()
             self._f = None
+        if self.mirror is not None:
+            self.mirror.close()
+            self.mirror = None
 
     def record(self, rec: dict) -> None:
         """Append one record to metrics.jsonl (the source of truth)."""
         if self._f is not None:
             self._f.write(json.dumps(rec) + "\n")
             self._f.flush()
+            if self.mirror is not None:
+                self.mirror.write(rec)
 
     def warnings(self, records: list[dict]) -> None:
         """Health warnings: printed once (rank 0) and logged as records."""

@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from . import distributed
+from . import distributed, tblog
 from .config import Config, save_config, to_dict, validate
 from .data import (CaptionedImages, TrainDataset, build_transform, collate_train, left_right_captions,
                    load_split, prepared_split_dir, swapped_text_cache_file, text_cache_file)
@@ -398,6 +398,8 @@ def _train(cfg: Config, data_root: str | Path, run: RunFiles, resume: bool, prog
     health = HealthMonitor(cfg.train.warmup_steps, cfg.model.max_logit_scale, cfg.model.learnable_temperature)
     stats = StepStats(rt.device)
     with RunLog(run, rt.main, log) as runlog:
+        runlog.mirror = tblog.open_mirror(rt.main and cfg.train.tensorboard, run.root,  # train.tensorboard
+                                          state.global_step + 1 if state.global_step else None)
         state.t_train = time.time()
         for epoch in range(state.start_epoch + 1, cfg.train.epochs + 1):
             loader = hooks.make_loader(plan.dataset, cfg, epoch, rt.device)

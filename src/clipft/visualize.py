@@ -118,7 +118,8 @@ def plot_text_to_image(results: list[dict], path: str | Path) -> Path:
     """One row per query: the query text, then its top-K images with their cosine scores.
 
     results: [{"query": str, "top": [(image path, score, is_correct), ...], "correct_rank": int | None}]
-    (correct_rank: 0-based rank of the correct image when the query is a dataset caption, else None).
+    (correct_rank: 0-based rank of the correct image when the query is a dataset caption, else None;
+    an optional "tag" says how the query was chosen and is printed under it).
     The correct image gets a green frame and a check mark.
     """
     k = max(len(r["top"]) for r in results)
@@ -129,7 +130,7 @@ def plot_text_to_image(results: list[dict], path: str | Path) -> Path:
     for r_i, r in enumerate(results):
         ax = fig.add_subplot(gs[r_i, 0])
         ax.axis("off")
-        note = ""
+        note = f"\n\n[{r['tag']}]" if r.get("tag") else ""  # how the query was chosen (the report's rule)
         if r.get("correct_rank") is not None:
             rank = r["correct_rank"] + 1
             note = f"\n\ncorrect image: rank {rank}" + (" (not shown)" if rank > k else "")
@@ -170,6 +171,7 @@ def plot_image_to_text(results: list[dict], path: str | Path) -> Path:
     captions are green with a check mark.
 
     results: [{"path": image path, "top": [(caption, score, is_ground_truth), ...], "gt_rank": int}]
+    (an optional "tag" says how the image was chosen and is printed beside its rank)
     """
     fig, text_axes = _image_beside_text_rows([r["path"] for r in results], image_to_text_size(len(results)))
     for r, ax in zip(results, text_axes):
@@ -179,7 +181,8 @@ def plot_image_to_text(results: list[dict], path: str | Path) -> Path:
             ax.text(0.0, 1 - (j + 0.5) / (n + 1), _wrap(f"{mark} #{j + 1}  {score:.3f}   {caption}", 105, "              "),
                     fontsize=10, va="center", ha="left", color=_OK if gt else "black",
                     fontweight="bold" if gt else "normal", transform=ax.transAxes)
-        ax.text(0.0, 0.5 / (n + 1), f"best ground-truth caption at rank {r['gt_rank'] + 1}", fontsize=9.5,
+        tag = f"   [{r['tag']}]" if r.get("tag") else ""
+        ax.text(0.0, 0.5 / (n + 1), f"best ground-truth caption at rank {r['gt_rank'] + 1}{tag}", fontsize=9.5,
                 color="dimgray", va="center", transform=ax.transAxes)
     fig.suptitle("Image \u2192 text: top-5 captions per image (green \u2713 = one of the image's own captions)",
                  fontsize=12)
@@ -312,4 +315,52 @@ def plot_data_samples(samples: list[dict], path: str | Path, title: str = "") ->
             ax.text(0.0, 1 - (j + 0.5) / n, line, fontsize=10.5 if j else 10, va="center", ha="left",
                     color="dimgray" if j == 0 else "black", transform=ax.transAxes)
     fig.suptitle(title or "Random image-caption pairs from the dataset", fontsize=12)
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------- comparisons (the report)
+
+COMPARISON_SIZE = (1100, 450)  # pixels of `plot_recall_comparison`
+RUN_CURVES_SIZE = (1200, 450)  # pixels of `plot_run_curves`
+
+
+def plot_recall_comparison(models: dict[str, dict], path: str | Path, title: str) -> Path:
+    """Grouped bars: one group per (direction, K), one bar per model, each labelled with its value.
+
+    models: {name: metrics with "image_to_text" / "text_to_image" {"R@k": percent}} (same Ks)."""
+    import numpy as np
+    names = list(models)
+    first = models[names[0]]
+    groups = [(d, k) for d in ("image_to_text", "text_to_image") for k in first[d]]
+    fig, ax = plt.subplots(figsize=(COMPARISON_SIZE[0] / DPI, COMPARISON_SIZE[1] / DPI))
+    width = 0.8 / len(names)
+    x = np.arange(len(groups))
+    for i, name in enumerate(names):
+        vals = [float(models[name][d][k]) for d, k in groups]
+        bars = ax.bar(x + (i - (len(names) - 1) / 2) * width, vals, width, label=name)
+        ax.bar_label(bars, fmt="%.1f", fontsize=8, padding=1)
+    ax.set_xticks(x, [f"{'i2t' if d == 'image_to_text' else 't2i'} {k}" for d, k in groups], fontsize=10)
+    ax.set(ylabel="recall (%)", ylim=(0, 105))
+    ax.set_title(title, fontsize=12)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=9, loc="upper left")
+    fig.subplots_adjust(left=0.07, right=0.98, top=0.9, bottom=0.1)
+    return _save(fig, path)
+
+
+def plot_run_curves(runs: dict[str, list[dict]], path: str | Path) -> Path:
+    """Two panels for several runs: train loss and mean validation R@5 per epoch.
+
+    runs: {name: the "epoch" records of its metrics.jsonl}."""
+    fig, (ax_loss, ax_rec) = plt.subplots(1, 2, figsize=(RUN_CURVES_SIZE[0] / DPI, RUN_CURVES_SIZE[1] / DPI))
+    for name, epochs in runs.items():
+        ax_loss.plot([r["epoch"] for r in epochs], [r["train_loss"] for r in epochs], "o-", label=name)
+        with_val = [r for r in epochs if "mean_R@5" in r]
+        ax_rec.plot([r["epoch"] for r in with_val], [r["mean_R@5"] for r in with_val], "o-", label=name)
+    ax_loss.set(xlabel="epoch", ylabel="symmetric InfoNCE", title="Train loss")
+    ax_rec.set(xlabel="epoch", ylabel="recall (%)", title="Mean validation R@5 (both directions)", ylim=(0, 100))
+    for ax in (ax_loss, ax_rec):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=9)
+    fig.subplots_adjust(left=0.07, right=0.98, top=0.9, bottom=0.13, wspace=0.25)
     return _save(fig, path)

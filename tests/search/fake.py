@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from clipft.shapes import COLORS
+from clipft.data.shapes import COLORS
 
 PALETTE = np.array(list(COLORS.values()), dtype=np.float32)  # [8, 3]
 NAMES = list(COLORS)

@@ -10,7 +10,7 @@ import pytest
 from clipft.search.index import update_index
 from clipft.search.query import load_index
 from clipft.search.quality import demo_search, precision_at_k, shapes_queries
-from clipft.shapes import load_shapes_labels, make_shapes_dataset
+from clipft.data.shapes import load_shapes_labels, make_shapes_dataset
 
 from .fake import FakeModel
 

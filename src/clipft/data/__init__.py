@@ -2,6 +2,9 @@
 
   records.py    CaptionedImages / ImageRecord, caption cleaning, DataError, shared file readers
   coco.py       COCO 2014: ROOT/annotations/captions_{split}2014.json + ROOT/{split}2014/
+  flickr.py     Flickr8k / Flickr30k, official and Kaggle layouts; splits from Karpathy's files,
+                Flickr8k's official lists, or a seeded split
+  karpathy.py   Karpathy's split files (dataset_coco.json, dataset_flickr*.json), one parser for all
   tabular.py    CSV/TSV (separator sniffed) and JSON Lines: an image column and a caption column
                 (also a directory holding a HuggingFace imagefolder metadata.jsonl / metadata.csv)
   folder.py     a directory of images, each with a same-stem .txt holding one caption per line
@@ -14,6 +17,7 @@
   validate.py   `clipft validate` and the preflight training runs before anything trains
   shapes.py     the synthetic shapes dataset, written in COCO layout
   download.py   `clipft download coco`: the official archives into COCO layout
+  kaggle.py     `clipft download ... --source kaggle`: the Kaggle copies through kagglehub
 
 Nothing downstream (text cache, training, evaluation) sees the format. Loaders validate annotations
 up front and raise `DataError("PATH: problem")`, but never open image files: the datasets decode
@@ -39,6 +43,8 @@ from .caches import (cache_location, eval_text_cache_file, prepared_dir, prepare
 from .coco import coco_annotation_path, load_coco_captions
 from .datasets import (EvalImageDataset, TrainDataset, collate_eval, collate_skip, collate_train,
                        epoch_caption_index)
+from .flickr import find_layout as find_flickr_layout
+from .flickr import load_flickr
 from .folder import load_folder_captions
 from .formats import FORMAT_REGISTRY, FORMATS, DataFormat, detect_format, load_dataset, resolve_format
 from .images import (FLIP_MODES, CenterSquareResize, build_transform, left_right_captions, load_image,
@@ -70,7 +76,8 @@ __all__ = [
     "DataError", "DataFormat", "EvalImageDataset", "ImageRecord", "SplitSource", "TrainDataset",
     "build_transform", "cache_location", "caption_problem", "coco_annotation_path", "collate_eval",
     "collate_skip", "collate_train", "detect_format", "epoch_caption_index", "eval_text_cache_file",
-    "left_right_captions", "load_coco_captions", "load_csv_captions", "load_dataset", "load_folder_captions",
+    "left_right_captions", "find_flickr_layout", "load_coco_captions", "load_csv_captions", "load_dataset", "load_flickr",
+    "load_folder_captions",
     "load_image", "load_jsonl_captions", "load_split", "prepared_dir", "prepared_split_dir", "resolve_format",
     "sniff_delimiter", "split_source", "subset_size", "swap_left_right", "swapped_text_cache_file",
     "text_cache_file", "text_cache_location", "text_cache_path",

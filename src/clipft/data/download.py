@@ -42,7 +42,7 @@ import tempfile
 import time
 import zipfile
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import Callable, Iterator
 
@@ -474,6 +474,12 @@ def _zip_payload(zip_path: Path) -> int | None:
             return sum(i.file_size for i in zf.infolist())
     except (zipfile.BadZipFile, OSError, EOFError):
         return None
+
+
+def karpathy_archive(split_file: str = KARPATHY_FILE) -> Archive:
+    """Karpathy's caption_datasets.zip, taking only `split_file` (dataset_coco.json,
+    dataset_flickr8k.json or dataset_flickr30k.json) into ROOT."""
+    return replace(COCO_ARCHIVES["karpathy"], targets=(split_file,), only=(split_file,))
 
 
 def download_coco(root: str | Path, splits=SPLITS, karpathy: bool = False, mirror: str | None = None, *,

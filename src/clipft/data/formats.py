@@ -14,6 +14,7 @@ from typing import Callable
 
 from ..config import DataConfig
 from .coco import is_coco_root, load_coco_captions
+from .flickr import describe_splits, is_flickr, load_flickr
 from .folder import has_images, load_folder_captions
 from .records import CaptionedImages, DataError
 from .tabular import is_csv, is_jsonl, load_csv_captions, load_jsonl_captions
@@ -27,12 +28,16 @@ class DataFormat:
     detect: Callable[[Path], bool]  # does an existing path look like this format?
     has_splits: bool = False  # the layout has its own splits: `part` is the split name
     title: str = ""  # how messages name the layout ("a COCO directory ...")
+    describe_splits: Callable[[Path], str] | None = None  # one line: where the splits come from
+    extra_splits: tuple[str, ...] = ()  # splits beyond train/val that `clipft validate` also checks
 
 
 # Detection order: specific layouts first, the generic image folder last.
 FORMAT_REGISTRY: dict[str, DataFormat] = {
     "coco": DataFormat("coco", lambda path, part, cfg: load_coco_captions(path, part), is_coco_root,
                        has_splits=True, title="COCO"),
+    "flickr": DataFormat("flickr", lambda path, part, cfg: load_flickr(path, part), is_flickr, has_splits=True,
+                         title="Flickr8k/Flickr30k", describe_splits=describe_splits, extra_splits=("test",)),
     "csv": DataFormat("csv", lambda path, part, cfg: load_csv_captions(path, cfg), is_csv),
     "jsonl": DataFormat("jsonl", lambda path, part, cfg: load_jsonl_captions(path, cfg), is_jsonl),
     "folder": DataFormat("folder", lambda path, part, cfg: load_folder_captions(path, cfg), has_images),
@@ -42,7 +47,8 @@ _FORMAT_ALIASES = {"tsv": "csv"}
 
 
 def detect_format(path: str | Path) -> str:
-    """The dataset format of `path`: "coco" (a dir with annotations/captions_*2014.json), "jsonl" /
+    """The dataset format of `path`: "coco" (a dir with annotations/captions_*2014.json), "flickr" (a
+    Flickr8k/Flickr30k folder, official or Kaggle layout: see `flickr.py`), "jsonl" /
     "csv" (a .jsonl/.ndjson or .csv/.tsv file, or a dir with metadata.jsonl/.csv), "folder" (a dir
     with image files)."""
     path = Path(path)
@@ -53,7 +59,7 @@ def detect_format(path: str | Path) -> str:
             return fmt.name
     if path.is_dir():
         raise DataError(f"{path}: unrecognised dataset layout (expected a COCO 2014 directory with "
-                        "annotations/captions_<split>2014.json, a metadata.jsonl, or image files with "
+                        "annotations/captions_<split>2014.json, a Flickr8k/Flickr30k folder, a metadata.jsonl, or image files with "
                         "same-stem .txt captions)")
     suffix = path.suffix.lower()
     raise DataError(f"{path}: unrecognised data file type {suffix or '(no extension)'!r} (expected .csv, "

@@ -45,10 +45,16 @@ class CaptionedImages:
     dropped_images: int = 0  # images in the annotations that had no usable caption
     dropped_captions: int = 0  # captions dropped while loading (sum of caption_problems)
     # reason -> number of dropped captions: empty, whitespace, placeholder, missing, not_text,
-    # malformed_row, no_image_path, not_utf8, no_image (a .txt without its image)
+    # malformed_row, no_image_path, not_utf8, no_image (a .txt without its image), image_not_found
+    # (a caption entry naming an image file the image folder does not hold)
     caption_problems: dict[str, int] = field(default_factory=dict)
     # reason (a caption_problems key, or "image_without_caption") -> a few "where: what" strings
     examples: dict[str, list[str]] = field(default_factory=dict)
+    # Benchmarks with a published protocol (Flickr): the dataset ("flickr30k") and where this
+    # split's image list comes from ("Karpathy", "official test list", "seeded split, seed 0");
+    # `protocols.protocol_description` names the protocol from them. Empty for other formats.
+    dataset: str = ""
+    split_origin: str = ""
 
     def __len__(self) -> int:
         return len(self.images)
@@ -91,7 +97,8 @@ class CaptionedImages:
         return CaptionedImages(images=[self.images[i] for i in rows], name=name,
                                dropped_images=self.dropped_images, dropped_captions=self.dropped_captions,
                                caption_problems=dict(self.caption_problems),
-                               examples={k: list(v) for k, v in self.examples.items()})
+                               examples={k: list(v) for k, v in self.examples.items()},
+                               dataset=self.dataset, split_origin=self.split_origin)
 
     def split_by_image(self, val_fraction: float, seed: int) -> tuple["CaptionedImages", "CaptionedImages"]:
         """(train, val): round(N * val_fraction) images (at least 1, and at least 1 left for train)

@@ -28,7 +28,7 @@ from typing import Any, Iterable, Sequence
 from PIL import Image
 
 from ..config import Config, DataConfig
-from .formats import resolve_format
+from .formats import FORMAT_REGISTRY, resolve_format
 from .images import load_image
 from .records import CaptionedImages, DataError
 from .splits import load_split, split_source
@@ -46,7 +46,8 @@ _EXIF_ORIENTATION = 0x0112
 REASON_WORDS = {"empty": "empty", "whitespace": "whitespace-only", "placeholder": "placeholder (None/NA/nan...)",
                 "missing": "missing (absent cell or null)", "not_text": "not text", "malformed_row": "in malformed rows",
                 "no_image_path": "without an image path", "no_image": "in .txt files without an image",
-                "not_utf8": "in .txt files that are not UTF-8"}
+                "not_utf8": "in .txt files that are not UTF-8",
+                "image_not_found": "naming an image file that is not in the image folder"}
 
 
 def _reasons(dropped: dict[str, int]) -> str:
@@ -351,8 +352,11 @@ def validate_data(data: str | Path, cfg: Config | None = None, val_data: str | P
         report.update(errors=[str(e)], warnings=[], ok=False, splits={})
         return report
     report["format"] = fmt
+    describe = FORMAT_REGISTRY[fmt].describe_splits
     if fmt == "coco" and not dcfg.val_path:
         report["split"] = f"COCO layout: {dcfg.train_split} / {dcfg.val_split}"
+    elif describe is not None and not dcfg.val_path:
+        report["split"] = describe(Path(data))
     elif dcfg.val_path:
         report["split"] = f"train: all of {data}; val: {dcfg.val_path}"
     else:
@@ -370,7 +374,8 @@ def validate_data(data: str | Path, cfg: Config | None = None, val_data: str | P
 
     splits: dict[str, CaptionedImages] = {}
     report["splits"] = {}
-    for role, split in (("train", dcfg.train_split), ("val", dcfg.val_split)):
+    extra = () if dcfg.val_path else FORMAT_REGISTRY[fmt].extra_splits  # e.g. Flickr's test split
+    for role, split in (("train", dcfg.train_split), ("val", dcfg.val_split), *((s, s) for s in extra)):
         try:
             splits[role] = load_split(data, split, dcfg)
         except DataError as e:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
-from ..shapes import COLORS, SHAPES, load_shapes_labels
+from ..data.shapes import COLORS, SHAPES, load_shapes_labels
 from .index import update_index
 from .query import LoadedIndex, load_index, search_text
 

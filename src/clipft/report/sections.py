@@ -1,14 +1,14 @@
-"""A Markdown report of one run, built only from the files in the run directory."""
+"""The report's sections that are read from the run's own files (see `clipft.report`)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from .evaluate import DIRECTIONS
-from .loss import chance_loss
-from .pictures import DATA_SAMPLES_PNG, HEATMAP_PNG, IMAGE_TO_TEXT_PNG, TEXT_TO_IMAGE_PNG
-from .runfiles import RunFiles, read_records
+from ..evaluate import DIRECTIONS
+from ..loss import chance_loss
+from ..pictures import DATA_SAMPLES_PNG, HEATMAP_PNG, IMAGE_TO_TEXT_PNG, TEXT_TO_IMAGE_PNG
+from ..runfiles import RunFiles, read_records
 
 
 def _load_json(path: Path) -> dict:
@@ -60,17 +60,10 @@ def health_lines(warnings: list[dict]) -> list[str]:
             for w in warnings]
 
 
-def write_report(run_dir: str | Path) -> Path:
-    """Write RUN/report.md: hyperparameters, hardware and time, data sizes, Recall@K, curves."""
-    run = RunFiles(Path(run_dir))
-    cfg = _load_json(run.config)
-    summary = _load_json(run.summary)
-    epochs = read_records(run.metrics, "epoch")
-    final = _load_json(run.root / "metrics.json") or summary.get("final_val") or {}
+def setup_section(run: RunFiles, cfg: dict, summary: dict, epochs: list[dict]) -> list[str]:
+    """Hyperparameters, data sizes, hardware, time and parameter counts, as a table."""
     t, m, d, x = cfg.get("train", {}), cfg.get("model", {}), cfg.get("data", {}), cfg.get("text", {})
-
-    lines = [f"# clipft run: `{run.root.name}`", ""]
-    lines += ["## Setup", "", "| setting | value |", "|---|---|"]
+    lines = ["## Setup", "", "| setting | value |", "|---|---|"]
     rows = [
         ("image backbone", f"{m.get('backbone')} (init: {m.get('image_weights')}), head hidden {m.get('head_hidden')}"),
         ("text encoder (frozen)", f"`{x.get('encoder')}`"),
@@ -102,30 +95,14 @@ def write_report(run_dir: str | Path) -> Path:
     params = summary.get("parameters")
     if params:
         rows.append(("parameters", f"{params['trainable']:,} trainable of {params['total']:,}"))
-    lines += [f"| {k} | {v} |" for k, v in rows] + [""]
-    if (run.root / DATA_SAMPLES_PNG).is_file():
-        lines += ["Random training image-caption pairs (integrity check):", "",
-                  f"![random image-caption pairs]({DATA_SAMPLES_PNG})", ""]
-
-    lines += retrieval_section(run.root, final)
-    lines += zero_shot_section(run.root)
-    lines += pictures_section(run.root)
-    if run.curves.is_file():
-        lines += ["## Training curves", "", f"![training curves]({run.curves.name})", ""]
-    lines += ["## Training stability", ""] + [f"- {n}" for n in stability_notes(epochs, t.get("batch_size", 1))]
-    lines += [f"- {n}" for n in log_observations(read_records(run.metrics, "step"), epochs, t.get("log_every"))]
-    lines += ["", "## Health warnings", ""] + health_lines(read_records(run.metrics, "warning"))
-    lines += [""] + loss_explanation(cfg, epochs[-1].get("logit_scale") if epochs else None)
-    lines += config_dump(cfg)
-    out = run.root / "report.md"
-    out.write_text("\n".join(lines))
-    return out
+    return lines + [f"| {k} | {v} |" for k, v in rows] + [""]
 
 
 # --------------------------------------------------------------------------- evaluation sections
 
 # Protocol order in the report: training-time subset first, the published-comparable split last.
-_PROTOCOL_ORDER = {"val": 0, "val-full": 1, "val-heldout": 2, "karpathy-val": 3, "karpathy-test": 4}
+_PROTOCOL_ORDER = {"val": 0, "val-full": 1, "val-heldout": 2, "karpathy-val": 3, "karpathy-test": 4,
+                   "karpathy-test-1k": 5, "test": 6}
 
 
 def _metrics_files(root: Path) -> list[tuple[str, dict]]:
@@ -149,36 +126,53 @@ def _comparison_table(metrics: dict) -> list[str]:
     return lines
 
 
-def retrieval_section(root: Path, final: dict) -> list[str]:
-    """One Recall@K table per evaluated protocol (metrics_<split>.json), each naming its protocol."""
+def _fold_spread(metrics: dict) -> list[str]:
+    """The per-fold spread of a protocol with folds (karpathy-test-1k): the table above is the mean."""
+    f = metrics["folds"]
+    lines = ["", f"Mean over {f['count']} folds; the spread across folds (sample std, min-max):", "",
+             "| direction | K | mean | std | min | max |", "|---|---:|---:|---:|---:|---:|"]
+    for d in DIRECTIONS:
+        for k, v in metrics[d].items():
+            lines.append(f"| {d.replace('_to_', ' -> ')} | {k.split('@')[1]} | {v:.2f} | {f['std'][d][k]:.2f} | "
+                         f"{f['min'][d][k]:.2f} | {f['max'][d][k]:.2f} |")
+    return lines
+
+
+def retrieval_section(root: Path, final: dict, chosen_by: str = "", figures: dict[str, str] | None = None,
+                      missing: str | None = None) -> list[str]:
+    """One Recall@K table per evaluated protocol (metrics_<split>.json), each naming its protocol;
+    `chosen_by` says which checkpoint was measured and which split chose it, `figures` maps a split
+    to its fine-tuned vs zero-shot CLIP chart, `missing` says how to fill an absent section."""
     files = _metrics_files(root)
     if not files and final and "image_to_text" in final:
         files = [(final.get("split", "val"), final)]
+    lines = ["## Retrieval (Recall@K, %)", ""]
     if not files:
-        return []
-    lines = ["## Retrieval (Recall@K, %)", "",
-             "COCO protocol: every image is a query against all captions of the split (a hit if any of its "
-             "own captions ranks in the top K), and every caption is a query against all images. Published "
-             "COCO numbers use the Karpathy 5k test split (`--split karpathy-test`); figures on other "
-             "protocols are comparable only with the same protocol.", "",
-             "Selection: best.pt is the epoch with the best mean R@5 on protocol `val` (the validation subset "
-             "evaluated every epoch), so figures on `val` are optimistic by that choice. `val-heldout` (the "
-             "validation images outside that subset) and `karpathy-test` played no part in training or "
-             "selection.", ""]
+        return lines + [f"*Missing:* {missing}." if missing else "*Missing:* no validation record in this run.", ""]
+    lines += ["COCO protocol: every image is a query against all captions of the split (a hit if any of its "
+              "own captions ranks in the top K), and every caption is a query against all images. Published "
+              "COCO numbers use the Karpathy 5k test split (`--split karpathy-test`); figures on other "
+              "protocols are comparable only with the same protocol.", ""]
+    lines += [chosen_by, ""] if chosen_by else []
     for split, m in files:
         proto = m.get("protocol") or (f"{m.get('num_images')} images x {m.get('num_captions')} captions, "
                                       "all captions per image")
         lines += [f"### `{split}`", "", f"Protocol: {proto}.", ""]
         lines += _comparison_table(m) if "zero_shot" in m else _recall_table(m)
+        if "folds" in m:
+            lines += _fold_spread(m)
         if m.get("skipped_images"):
             lines += ["", f"{m['skipped_images']} unreadable image(s) were left out with their captions."]
         lines.append("")
+        if figures and split in figures:
+            lines += [f"![fine-tuned vs zero-shot CLIP on {split}]({figures[split]})", ""]
     return lines
 
 
-def zero_shot_section(root: Path) -> list[str]:
-    """Zero-shot accuracy from every zeroshot_<split>.json, with its pictures."""
-    lines: list[str] = []
+def zero_shot_section(root: Path, missing: str | None = None, provenance: dict[str, dict] | None = None) -> list[str]:
+    """Zero-shot accuracy from every zeroshot_<split>.json, with its pictures ([] when there is none
+    and nothing is `missing`; else the section says what is missing and how to fill it)."""
+    lines: list[str] = ["## Zero-shot classification", "", f"*Missing:* {missing}.", ""] if missing else []
     for f in sorted(root.glob("zeroshot_*.json")):
         z = _load_json(f)
         if "top1" not in z:
@@ -203,26 +197,37 @@ def zero_shot_section(root: Path) -> list[str]:
             best = ", ".join(f"{c} {v['top1']:.0f}% (n={v['n']})" for c, v in per[::-1][:3])
             lines += [f"Hardest classes (top-1, at least 3 images): {worst}. Easiest: {best}.", ""]
         for key, alt in (("examples_png", "zero-shot examples"), ("confusion_png", "zero-shot confusion matrix")):
-            if z.get(key) and (root / Path(z[key]).name).is_file():
-                lines += [f"![{alt}]({Path(z[key]).name})", ""]
+            name = Path(z.get(key) or "").name
+            if name and (root / name).is_file():
+                rule = (provenance or {}).get(name, {}).get("rule")
+                lines += [f"![{alt}]({name})", ""] + ([f"Examples: {rule}.", ""] if rule and key == "examples_png" else [])
     return lines
 
 
-def pictures_section(root: Path) -> list[str]:
-    """Qualitative retrievals written by `clipft visualize` / the demo, if present."""
-    pics = [(TEXT_TO_IMAGE_PNG, "Text -> image: the top-5 images for dataset captions; the caption's own "
-                                "image is framed green."),
-            (IMAGE_TO_TEXT_PNG, "Image -> text: the top-5 captions for random images; the image's own captions "
-                                "are green."),
-            (HEATMAP_PNG, "Cosine similarity of random images with their own and each other's captions; a bright "
-                          "diagonal block means an image is closer to its own captions than to the others.")]
-    present = [(f, text) for f, text in pics if (root / f).is_file()]
+def pictures_section(root: Path, provenance: dict[str, dict] | None = None,
+                     missing: dict[str, str] | None = None) -> list[str]:
+    """The qualitative retrieval pictures in RUN, each with the rule that chose its examples (from
+    report_pictures.json when the report drew it), and what is missing with its command."""
+    pics = [(TEXT_TO_IMAGE_PNG, "text_to_image", "Text -> image: the top-5 images per caption query; the "
+                                "caption's own image is framed green."),
+            (IMAGE_TO_TEXT_PNG, "image_to_text", "Image -> text: the top-5 captions per image query; the image's "
+                                "own captions are green."),
+            (HEATMAP_PNG, "heatmap", "Cosine similarity of images with their own and each other's captions; a "
+                          "bright diagonal block means an image is closer to its own captions than to the others.")]
     lines = ["## Qualitative retrievals", ""]
-    if not present:
-        return lines + ["No retrieval pictures in this run directory yet: `clipft visualize all --checkpoint "
-                        f"{root}/best.pt --data DATA_ROOT` writes them here (the demo does this itself).", ""]
-    for f, text in present:
-        lines += [text, "", f"![{f[:-4].replace('_', ' ')}]({f})", ""]
+    for f, key, text in pics:
+        if not (root / f).is_file():
+            if missing and key in missing:
+                lines += [f"*Missing:* {missing[key]}.", ""]
+            continue
+        p = (provenance or {}).get(f)
+        how = (f" Chosen by rule: {p['rule']}; measured with {p['from']}." if p else
+               " Drawn by an earlier `clipft visualize` or `clipft demo` (seeded random queries, newer than the "
+               "checkpoint, so reused here).")
+        lines += [f"![{f[:-4].replace('_', ' ')}]({f})", "", text + how, ""]  # the caption under its picture
+    if len(lines) == 2:
+        lines += ["*Missing:* no retrieval picture in this run directory: `clipft report "
+                  f"{root} --data DATA` draws them.", ""]
     return lines
 
 

@@ -1,0 +1,102 @@
+"""report.md -> report.html (self-contained, print-friendly) -> report.pdf (headless Chromium).
+
+The Markdown stays the source of truth: the HTML is rendered from it (markdown-it, CommonMark plus
+tables), every picture inlined as a data: URI so the file has no external reference, and the PDF is
+Chromium's own print of that HTML (`--print-to-pdf`), not drawn by hand.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from .errors import ReportError
+
+CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+# Flags of a clean, offline, one-shot headless run (no profile reuse, no background traffic).
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run", "--no-pdf-header-footer")
+
+CSS = """
+body { font-family: "DejaVu Sans", Helvetica, Arial, sans-serif; font-size: 10.5pt; line-height: 1.4;
+       max-width: 190mm; margin: 0 auto; padding: 8mm; color: #111; }
+h1 { font-size: 18pt; border-bottom: 2px solid #333; padding-bottom: 2mm; }
+h2 { font-size: 14pt; border-bottom: 1px solid #999; margin-top: 8mm; break-after: avoid; }
+h3, h4 { font-size: 11.5pt; break-after: avoid; }
+table { border-collapse: collapse; margin: 3mm 0; font-size: 9pt; break-inside: avoid; }
+th, td { border: 1px solid #bbb; padding: 1mm 2mm; vertical-align: top; }
+th { background: #eee; }
+img { display: block; max-width: 100%; max-height: 240mm; margin: 3mm auto; break-inside: avoid; }
+p:has(> img) { break-inside: avoid; }
+code { font-size: 9pt; background: #f3f3f3; padding: 0 1mm; overflow-wrap: anywhere; }
+pre { background: #f6f6f6; border: 1px solid #ddd; padding: 2mm; font-size: 8pt; white-space: pre-wrap;
+      overflow-wrap: anywhere; }
+pre code { background: none; padding: 0; }
+blockquote { border-left: 3px solid #c60; margin: 3mm 0; padding: 1mm 4mm; background: #fff6ee; }
+summary { font-weight: bold; }
+details pre { column-count: 2; column-gap: 6mm; font-size: 7pt; }
+@page { size: A4; margin: 14mm 12mm; }
+@media print { body { padding: 0; max-width: none; } a { color: #111; } }
+"""
+
+_IMG = re.compile(r'<img src="([^"]+)"')
+
+
+def markdown_to_html(markdown: str, root: Path, title: str) -> str:
+    """A complete HTML document of the report; pictures (paths relative to root) are inlined."""
+    from markdown_it import MarkdownIt
+    body = MarkdownIt("commonmark", {"html": True}).enable("table").render(markdown)
+    body = body.replace("<details>", "<details open>")  # printed, a folded section would be lost
+
+    def inline(m: re.Match) -> str:
+        src = m.group(1)
+        if src.startswith("data:"):
+            return m.group(0)
+        path = root / html.unescape(src)
+        if not path.is_file():
+            raise ReportError(f"{path}: picture linked by the report is missing")
+        mime = "image/png" if path.suffix.lower() == ".png" else "image/jpeg"
+        return f'<img src="data:{mime};base64,{base64.b64encode(path.read_bytes()).decode()}"'
+
+    body = _IMG.sub(inline, body)
+    return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+            f"<title>{html.escape(title)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n{body}</body>\n</html>\n")
+
+
+def write_html(md_path: Path) -> Path:
+    """report.md -> report.html beside it."""
+    title = md_path.read_text().splitlines()[0].lstrip("# ").replace("`", "")
+    out = md_path.with_suffix(".html")
+    out.write_text(markdown_to_html(md_path.read_text(), md_path.parent, title))
+    return out
+
+
+def find_chromium() -> str | None:
+    """The first Chromium-family browser on PATH."""
+    return next((p for p in map(shutil.which, CHROMIUM_NAMES) if p), None)
+
+
+def write_pdf(html_path: Path, timeout: float = 180.0) -> Path:
+    """report.html -> report.pdf with headless Chromium's print-to-PDF (A4, the HTML's print CSS)."""
+    exe = find_chromium()
+    if exe is None:
+        raise ReportError("--pdf needs a Chromium browser on PATH (Debian/Ubuntu: apt-get install chromium)")
+    out = html_path.with_suffix(".pdf")
+    tmp_out = out.with_name(out.name + ".tmp")
+    with tempfile.TemporaryDirectory(prefix="clipft-chromium-") as profile:
+        cmd = [exe, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--print-to-pdf={tmp_out}",
+               html_path.resolve().as_uri()]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise ReportError(f"{html_path}: {exe} did not print the PDF within {timeout:.0f} s") from None
+    if proc.returncode != 0 or not tmp_out.is_file() or tmp_out.stat().st_size == 0:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise ReportError(f"{html_path}: {exe} failed to print the PDF (exit {proc.returncode}: {last})")
+    tmp_out.replace(out)
+    return out
