@@ -579,7 +579,7 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
 
 def _add_report_parser(sub) -> None:
     s = sub.add_parser("report", help="write RUN/report.md from a run directory, drawing what it lacks")
-    s.add_argument("run")
+    s.add_argument("run", metavar="RUN", help="run directory: the --out folder of clipft train")
     s.add_argument("--data", help="the run's dataset, when it moved (default: summary.json's data_root, RUN/data)")
     s.add_argument("--notes", metavar="FILE.md", help="your own section (observations, LLM-usage reflection, "
                                                        "conversation link), included verbatim")
@@ -588,9 +588,9 @@ def _add_report_parser(sub) -> None:
     s.add_argument("--html", action="store_true", help="also write report.html (self-contained, print-friendly)")
     s.add_argument("--pdf", action="store_true", help="also write report.pdf (headless Chromium; implies --html)")
     s.add_argument("--no-draw", action="store_true", help="only the files already in RUN: draw nothing")
-    s.add_argument("--seed", type=int, default=0, help="seed of the random examples (default 0)")
-    s.add_argument("--device", default="auto")
-    s.add_argument("--quiet", action="store_true")
+    s.add_argument("--seed", type=non_negative_int, default=0, help="seed of the random examples (default 0)")
+    _add_device(s)
+    _add_quiet(s)
     s.set_defaults(func=cmd_report)
 
 
