@@ -36,3 +36,17 @@ def test_embeddings_match_clipmodel_features(coco_root, clip_dir, tmp_path):
         ref_txt = getattr(ref_txt, "pooler_output", ref_txt)
     assert torch.allclose(img, F.normalize(ref_img, dim=-1), atol=1e-5)
     assert torch.allclose(txt, F.normalize(ref_txt, dim=-1), atol=1e-5)
+
+
+def test_compare_zero_shot_offline_hint_names_its_own_option(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from clipft.data.shapes import make_shapes_dataset
+    from clipft.model import ModelError
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    root = make_shapes_dataset(tmp_path / "d", n_train=1, n_val=2, image_size=32)
+    with pytest.raises(ModelError) as e:
+        clip_baseline_embeddings("openai/clip-vit-base-patch32", load_coco_captions(root, "val"),
+                                 tmp_path / "c.safetensors", torch.device("cpu"))
+    assert "--compare-zero-shot /path/to/" in str(e.value) and "text.encoder" not in str(e.value)

@@ -129,3 +129,23 @@ def test_a_read_only_shared_cache_is_read_where_it_is(tmp_path, tiny_clip_dir, m
     out = capsys.readouterr().out
     assert out.count(f"-> {root / 'cache'}/") == 2 and out.count("up to date (fingerprint matches)") == 2
     assert not (tmp_path / "xdg").exists()
+
+
+def test_a_prepared_cache_of_another_size_says_why_it_is_unused(tmp_path):
+    from clipft.data.caches import prepared_sizes, unused_prepared_note
+    from clipft.data.shapes import make_shapes_dataset
+    root = make_shapes_dataset(tmp_path / "d", n_train=2, n_val=2, image_size=32)
+    cfg = Config()
+    cfg.data.image_size = 64
+    assert unused_prepared_note(root, "train", cfg) is None  # nothing prepared: nothing to explain
+    for size in (32, 96):
+        d = prepared_dir(root / "cache", "train", size)
+        d.mkdir(parents=True)
+        (d / "index.json").write_text("{}")
+    assert prepared_sizes(root, "train", cfg) == [32, 96]
+    note = unused_prepared_note(root, "train", cfg)
+    assert "data.prepared_size is 256" in note and "--set data.prepared_size=96" in note
+    cfg.data.image_size = 128
+    assert "prepare-images --size 128" in unused_prepared_note(root, "train", cfg)
+    cfg.data.prepared_size = 96
+    assert unused_prepared_note(root, "train", cfg) is not None  # 32 px is still there, and too small

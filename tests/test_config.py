@@ -94,3 +94,14 @@ def test_presets_build_and_match_config_files():
         assert load_config(f) == c, f"configs/{name}.yaml differs from PRESETS[{name!r}]"
     with pytest.raises(ConfigError, match="unknown preset"):
         preset_config("nope")
+
+
+def test_device_templates_and_bounds_are_checked_and_printed_plainly():
+    from clipft.config import ConfigError, load_config
+    with pytest.raises(ConfigError, match=r"train.device must be auto, cpu, cuda or cuda:N, got 'gpu'"):
+        load_config(None, ["train.device=gpu"])
+    assert load_config(None, ["train.device=cuda:1"]).train.device == "cuda:1"
+    with pytest.raises(ConfigError, match=r"every template needs \{\}"):
+        load_config(None, ["eval.zeroshot_templates=a photo"])
+    with pytest.raises(ConfigError, match=r"train.batch_size must be in \[2, 1048576\], got 0"):
+        load_config(None, ["train.batch_size=0"])

@@ -445,3 +445,9 @@ def test_karpathy_flickr_split_file(source, serve, tmp_path, capsys):
     assert main(["download", "flickr8k", "--out", str(root2), "--karpathy", "--mirror", server.url, "--quiet"]) == 0
     out = capsys.readouterr().out
     assert (root2 / "dataset_flickr8k.json").is_file() and "https://forms.illinois.edu/sec/1713398" in out
+
+
+def test_mirror_without_scheme_says_the_url_needs_http(tmp_path):
+    with pytest.raises(DownloadError, match=r"needs its scheme, e.g. http://127.0.0.1:9"):
+        dl.download_coco(tmp_path / "coco", splits=["annotations"], mirror="127.0.0.1:9", progress=False)
+    assert not (tmp_path / "coco").exists() or not any((tmp_path / "coco").iterdir())

@@ -232,3 +232,12 @@ def test_parameter_parts_cover_every_parameter_once():
     assert [n for n, _ in parts["logit_scale"]] == ["logit_scale"]
     assert all(n.startswith("backbone.") for n, _ in parts["backbone"])
     assert any(n.startswith("pool.") for n, _ in parts["head"])  # new layers learn at the head's rate
+
+
+def test_a_run_directory_as_checkpoint_suggests_best_pt(tmp_path):
+    from clipft.model import ModelError, read_checkpoint
+    (tmp_path / "best.pt").write_bytes(b"")
+    with pytest.raises(ModelError, match=r"did you mean .*best\.pt"):
+        read_checkpoint(tmp_path)
+    with pytest.raises(ModelError, match="a checkpoint is a file such as RUN/best.pt"):
+        read_checkpoint(tmp_path / "..")

@@ -418,3 +418,25 @@ def test_a_full_disk_is_one_line_before_any_decoding(tmp_path, small_tmpfs, caps
     assert err.startswith(f"clipft: error: {array}: no space left on device (needs about 3.0 MB, ") and "\n" not in err
     assert array.stat().st_size == 0  # not left looking reserved
     assert not (array.parent / "done.json").exists()  # no chunk was decoded
+
+
+def test_default_size_never_upscales_small_images(tmp_path):
+    root = make_shapes_dataset(tmp_path / "d", n_train=3, n_val=1, image_size=48)
+    split = load_coco_captions(root, "train")
+    assert prep.default_size(split, cap=256) == 48
+    assert prep.default_size(split, cap=32) == 32
+
+
+def test_training_says_why_a_prepared_cache_of_another_size_is_unused(coco_root, tiny_clip_dir, tmp_path, caplog):
+    import logging
+    import shutil
+
+    from clipft.cli import main
+    from test_train import small_args
+    root = tmp_path / "coco"
+    shutil.copytree(coco_root, root, ignore=shutil.ignore_patterns("cache"))
+    assert main(["prepare-images", "--data", str(root), "--split", "train", "--size", "40", "--quiet"]) == 0
+    caplog.set_level(logging.INFO, logger="clipft.train")
+    assert main(["train", "--data", str(root), "--out", str(tmp_path / "run"), *small_args(tiny_clip_dir, 1)]) == 0
+    assert "prepared at 40 px but data.prepared_size is 256: decoding JPEGs instead; set --set " \
+           "data.prepared_size=40" in caplog.text

@@ -107,7 +107,8 @@ def test_evaluate_karpathy_test_end_to_end(coco_root, trained_run, karpathy_file
                  "--split", "karpathy-test", "--karpathy", str(path), "--out", str(out), "--quiet"]) == 0
     m = json.loads(out.read_text())
     assert m["split"] == "karpathy-test" and m["num_images"] == 7 and m["num_captions"] == 35
-    assert "Karpathy COCO 5k test split" in m["protocol"]
+    # 7 images: labelled by its real size, never as the published 5k protocol.
+    assert "Karpathy-format test split (7 images" in m["protocol"] and "COCO 5k test split" not in m["protocol"]
     rows = list(csv.DictReader(open(tmp_path / "k.csv")))
     assert len(rows) == 6 and {r["split"] for r in rows} == {"karpathy-test"}
     # Its caption cache has its own name, next to (not replacing) the val cache.
@@ -180,3 +181,22 @@ def test_evaluate_karpathy_test_1k(coco_root, trained_run, karpathy_file, tmp_pa
     assert main(["report", str(run)]) == 0
     report = (run / "report.md").read_text()
     assert "### `karpathy-test-1k`" in report and "Mean over 5 folds" in report
+
+
+def test_protocol_labels_come_from_the_real_counts():
+    from clipft.data import CaptionedImages, ImageRecord
+    from clipft.protocols import protocol_description
+
+    def split(n):
+        return CaptionedImages([ImageRecord(i, Path(f"{i}.jpg"), [f"c{i}"], [i]) for i in range(n)], name="k")
+    assert "Karpathy COCO 5k test split" in protocol_description("karpathy-test", split(5000))
+    small = protocol_description("karpathy-test", split(40))
+    assert "5k test split" not in small and "40 images" in small and "not comparable" in small
+    assert "5k validation" not in protocol_description("karpathy-val", split(40))
+
+
+def test_unknown_split_lists_the_protocols(coco_root):
+    from clipft.protocols import PROTOCOLS
+    with pytest.raises(DataError) as e:
+        resolve_eval_split(coco_root, "valfull", Config())
+    assert "valfull" in str(e.value) and all(p in str(e.value) for p in PROTOCOLS)

@@ -207,3 +207,10 @@ def test_auto_keeps_small_cpu_images_in_fp32():
     assert small.dtype is None and "below 64 px" in small.reason
     assert select_precision(cpu, "auto", cpu_bf16=True, image_size=CPU_BF16_MIN_SIZE).dtype == torch.bfloat16
     assert select_precision(cpu, "bf16", image_size=32).dtype == torch.bfloat16
+
+
+def test_worker_count_is_capped_at_the_cpus_available(monkeypatch):
+    import clipft.runtime as rt
+    monkeypatch.setattr(rt.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert rt.available_cpus() == 2
+    assert rt.worker_count(4) == 2 and rt.worker_count(2) == 2 and rt.worker_count(0) == 0

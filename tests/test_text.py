@@ -425,3 +425,15 @@ def test_cache_text_rebuilds_a_nan_cache_of_the_right_size(tiny_clip_dir, tmp_pa
     assert "1 of 20 embeddings are not finite" in caplog.text
     with safe_open(str(path), framework="pt") as f:
         assert torch.isfinite(f.get_tensor(CACHE_TENSOR)).all()
+
+
+# --------------------------------------------------------------------------- progress
+
+def test_caption_bar_counts_captions_with_rate():
+    from clipft.text import _NoBar, _progress
+    assert isinstance(_progress(10, False, "x"), _NoBar)
+    bar = _progress(10, True, "x")
+    try:
+        assert bar.unit == " captions" and bar.total == 10 and not bar.disable
+    finally:
+        bar.close()

@@ -154,3 +154,9 @@ def test_labelset_restrict_keeps_order():
     ls = LabelSet(["a", "b", "c"], {1: 0, 2: 2, 3: 1}, "x", "rule")
     r = ls.restrict(["c", "a"])
     assert r.targets == {1: 1, 2: 0} and r.unlabelled == [3]
+
+
+def test_shapes_labels_on_other_data_explain_where_they_exist(tmp_path):
+    from clipft.zeroshot import shapes_label_set
+    with pytest.raises(DataError, match="shapes dataset only"):
+        shapes_label_set(tmp_path, "val")

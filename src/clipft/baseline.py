@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from .data import CaptionedImages, EvalImageDataset, collate_eval
 from .model import ModelError
+from .runtime import worker_count
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ def clip_image_embeddings(model: torch.nn.Module, processor: Any, data: Captione
     # No JPEG draft decoding: the processor gets the fully decoded image, exactly as in HF's own usage,
     # so the baseline's numbers are CLIP's and not those of a different downsampling path.
     ds = EvalImageDataset(data, _ProcessorTransform(processor), draft_size=None)
-    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=worker_count(num_workers),
                         collate_fn=collate_eval, pin_memory=device.type == "cuda")
     embs, rows = [], []
     for pixels, idx, _skipped in tqdm(loader, desc="embed images (CLIP)", disable=None if progress else True,
@@ -89,9 +90,15 @@ def clip_baseline_embeddings(name: str, data: CaptionedImages, cache_file: Path,
                              amp_dtype: torch.dtype | None = None,
                              progress: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(image_emb [N_ok, D], rows [N_ok], text_emb [M, D]) of a full CLIP model on `data`."""
-    from .text import TextEncoderError, get_text_embeddings, load_text_encoder
+    from .text import TextEncoderError, TextEncoderUnavailable, get_text_embeddings, load_text_encoder
     try:
         encoder = load_text_encoder(name, device=device, max_length=max_length)
+    except TextEncoderUnavailable as e:
+        cause = str(e).split(" [", 1)[-1].split("]", 1)[0]
+        raise ModelError(f"--compare-zero-shot {name}: not a local directory, and not loadable from the Hugging Face "
+                         f"hub or the local HF cache (no network, or not cached) [{cause}]. Fix: pass a local "
+                         "directory, e.g. --compare-zero-shot /path/to/clip-vit-base-patch32 (a full CLIPModel "
+                         "saved with save_pretrained, with its tokenizer and preprocessor_config.json)") from None
     except TextEncoderError as e:
         raise ModelError(f"--compare-zero-shot {name}: its text tower could not be loaded ({e})") from None
     if encoder.kind != "clip":

@@ -9,12 +9,35 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sys
+import warnings
 from pathlib import Path
 
 from .config import PRESETS, Config, ConfigError, load_config, preset_config
 
 EXIT_USAGE = 2
+EXIT_UNEXPECTED = 1
+
+DESCRIPTION = """\
+clipft: teach an image encoder (ResNet + MLP head) to match a frozen CLIP text encoder on
+captioned images, then measure it (Recall@K, zero-shot classification, pictures, a report).
+
+The usual way through:
+  clipft download coco --out DATA          (or: clipft make-data shapes --out DATA, or your CSV/folder)
+  clipft validate --data DATA              check the dataset before spending time on it
+  clipft train --data DATA --out RUN       (--config coco-rn50 | demo | FILE; resumes an existing RUN)
+  clipft evaluate --checkpoint RUN/best.pt --data DATA
+  clipft report RUN
+Everything at once, on the CPU and offline: clipft demo.
+Run `clipft COMMAND --help` for a command's options."""
+
+TRAIN_EPILOG = f"""\
+Without --config the built-in defaults apply: ResNet50 with ImageNet weights against the frozen
+openai/clip-vit-base-patch32 text encoder, batch 128, 15 epochs (a GPU run on COCO). Presets:
+{", ".join(PRESETS)} (coco-rn50: that COCO run with a 5,000-image validation subset; demo: a ResNet18
+from scratch at 64 px against the offline MiniLM text encoder, on the CPU); or a YAML file such
+as configs/coco-rn50.yaml. Every value can be changed with --set SECTION.KEY=VALUE."""
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
@@ -32,11 +55,37 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
             SearchError, StorageError, TextEncoderError, TrainingError)
 
 
+# --------------------------------------------------------------------------- integer arguments
+
+def int_range(lo: int, hi: int | None = None):
+    """An argparse `type` for an integer in [lo, hi] (hi None = no upper bound): a bad value is a usage
+    error naming the option, never a traceback from deep inside a command."""
+    want = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < lo or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"must be {want}, got {value}")
+        return value
+
+    parse.__name__ = f"integer {want}"
+    return parse
+
+
+positive_int = int_range(1)
+non_negative_int = int_range(0)
+pixels = int_range(16, 4096)  # image sides, the range data.image_size / data.prepared_size accept
+
+
 # --------------------------------------------------------------------------- shared argument groups
 
 def _add_overrides(p: argparse.ArgumentParser, help: str | None = None) -> None:
     """--set SECTION.KEY=VALUE (repeatable); leftover --section.key=value arguments join them in main."""
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE", help=help)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help=help or "override one config value (repeatable); --section.key=value works too")
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -46,11 +95,11 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_device(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
 
 
 def _add_quiet(p: argparse.ArgumentParser, help: str | None = None) -> None:
-    p.add_argument("--quiet", action="store_true", help=help)
+    p.add_argument("--quiet", action="store_true", help=help or "no progress bars")
 
 
 def _build_config(args: argparse.Namespace, base: Config | None = None) -> Config:
@@ -82,7 +131,7 @@ def _split_extra(extra: list[str]) -> list[str]:
 
 def _add_split_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default="val",
-                   help="protocol: val (the configured subset, default), val-full (whole val2014), val-heldout "
+                   help="evaluation protocol: val (the configured subset, default), val-full (whole val2014), val-heldout "
                         "(validation images outside the subset that chose best.pt), "
                         "karpathy-test / karpathy-val / karpathy-test-1k (5 folds of 1,000; with --karpathy), "
                         "test (a Flickr folder's test split), or any split name")
@@ -93,6 +142,8 @@ def _add_split_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_make_data(args: argparse.Namespace) -> int:
     from .data.shapes import make_shapes_dataset
+    if args.train == 0 and args.val == 0:
+        raise ConfigError("make-data: --train 0 --val 0 would write an empty dataset; ask for some images")
     out = make_shapes_dataset(Path(args.out), n_train=args.train, n_val=args.val, seed=args.seed,
                               image_size=args.image_size)
     print(f"wrote shapes dataset ({args.train} train / {args.val} val images) in COCO 2014 layout to {out}")
@@ -113,18 +164,20 @@ def _val_data_override(args: argparse.Namespace) -> None:
 def cmd_cache_text(args: argparse.Namespace) -> int:
     from .data import load_split, text_cache_file
     from .runtime import resolve_device
-    from .text import get_text_embeddings
+    from .text import get_text_embeddings, load_text_encoder
     _val_data_override(args)
     cfg = _build_config(args)
     cfg.text.encoder = args.text_encoder or cfg.text.encoder
     root = Path(args.data)
     device = resolve_device(args.device)
-    for split in args.split:
-        data = load_split(root, split, cfg.data)
+    splits = [(split, load_split(root, split, cfg.data)) for split in args.split]  # bad data fails before the load
+    encoder = load_text_encoder(cfg.text.encoder, device=device, max_length=cfg.text.max_length,
+                                amp=cfg.train.amp)  # once for all splits
+    for split, data in splits:
         emb, info = get_text_embeddings(data.captions, cfg.text.encoder, text_cache_file(root, split, cfg),
                                         device=device, batch_size=cfg.text.batch_size,
                                         max_length=cfg.text.max_length, on_mismatch=cfg.text.on_mismatch,
-                                        amp=cfg.train.amp)
+                                        encoder=encoder, progress=not args.quiet)
         state = f"built in {info['seconds']:.1f}s" if info["built"] else "up to date (fingerprint matches)"
         print(f"{split}: {emb.shape[0]} captions x {emb.shape[1]} dims -> {info['path']} ({state})")
     return 0
@@ -132,6 +185,10 @@ def cmd_cache_text(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from .data.validate import format_report, report_destination, validate_data, write_report_json
+    from .data import DataError
+    for given in (args.data, args.val_data):
+        if given and not Path(given).exists():  # nothing to report on, and no report beside a missing path
+            raise DataError(f"{given}: no such file or directory")
     cfg = _build_config(args)
     cfg.text.encoder = args.text_encoder or cfg.text.encoder
     out = report_destination(args.data, args.out)  # checked before the work, not after it
@@ -148,6 +205,10 @@ def cmd_prepare_images(args: argparse.Namespace) -> int:
     cfg = _build_config(args)
     for split in args.split:
         info = prepare_split(args.data, split, cfg, size=args.size, workers=args.workers, progress=not args.quiet)
+        if info["size"] != cfg.data.prepared_size:  # training looks for data.prepared_size: say how to point it here
+            print(f"{split}: prepared at {info['size']} px (small images are never upscaled); train with "
+                  f"--set data.prepared_size={info['size']} to read it"
+                  + (f" (and data.image_size <= {info['size']})" if info["size"] < cfg.data.image_size else ""))
         print(f"{split}: {info['images']} images ({info['bad']} unreadable, skipped) -> {info['path']} "
               f"in {info['seconds']:.1f}s")
     return 0
@@ -163,22 +224,34 @@ def cmd_train(args: argparse.Namespace) -> int:
     base = preset_config(args.config) if args.config in PRESETS and not Path(args.config).exists() else None
     cfg_file = None if base is not None else args.config
     cfg = resolve_run_config(args.out, cfg_file, overrides, base=base, resume=args.resume)
+    created = not Path(args.out).exists()
     try:
         summary = train(cfg, args.data, args.out, resume=args.resume, progress=not args.quiet)
     except RuntimeError as e:  # torch.OutOfMemoryError is one too
         from .chunked import out_of_memory_advice
         from .runtime import is_out_of_memory
         from .train import TrainingError
+        _remove_if_empty(Path(args.out) if created and is_main() else None)
         if not is_out_of_memory(e):
             raise
         last = Path(args.out) / "last.pt"
         kept = f"; {last} is intact (rerun with the setting to resume from it)" if last.is_file() else ""
         raise TrainingError(out_of_memory_advice(cfg.train.batch_size, cfg.train.embed_chunk) + kept) from None
+    except BaseException:
+        _remove_if_empty(Path(args.out) if created and is_main() else None)
+        raise
     if not is_main():  # under torchrun: one line per job, from rank 0
         return 0
     print(f"done: {summary['epochs']} epochs, best mean R@5 {summary['best_mean_R@5']:.2f}% "
           f"(epoch {summary['best_epoch']}); checkpoints in {args.out}")
     return 0
+
+
+def _remove_if_empty(folder: Path | None) -> None:
+    """A run directory this command created and left holding nothing but its config (a failed start)
+    goes again: a rerun must not resume the config that failed."""
+    if folder is not None and folder.is_dir() and {p.name for p in folder.iterdir()} <= {"config.json"}:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -204,12 +277,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _checkpoint_config(args: argparse.Namespace) -> Config | None:
     """The checkpoint's saved config with --set overrides applied (None without overrides)."""
-    from .config import from_dict
+    from .config import from_dict, to_dict
     from .model import read_checkpoint
     overrides = list(getattr(args, "overrides", [])) + list(getattr(args, "extra_overrides", []))
     if not overrides:
         return None
-    return load_config(None, overrides, base=from_dict(read_checkpoint(args.checkpoint)["config"]))
+    saved = from_dict(read_checkpoint(args.checkpoint)["config"])
+    before = to_dict(saved)["model"]
+    cfg = load_config(None, overrides, base=saved)
+    # The architecture comes from the checkpoint's weights: a model key that says otherwise would be
+    # silently ignored (the tower is rebuilt from the checkpoint), so it is refused.
+    changed = [f"model.{k}={v} (the checkpoint has {before[k]!r})" for k, v in to_dict(cfg)["model"].items()
+               if v != before[k]]
+    if changed:
+        raise ConfigError(f"{args.checkpoint}: {'; '.join(changed)}: the model is fixed by the checkpoint; "
+                          "drop the --set model.* override (data, text and eval keys can be changed)")
+    return cfg
 
 
 def cmd_zeroshot(args: argparse.Namespace) -> int:
@@ -282,6 +365,8 @@ def cmd_inspect_data(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import make_report
+    from .runfiles import check_run_dir
+    check_run_dir(args.run)  # a dataset folder or a typo: one line, not a report of blanks
     r = make_report(args.run, data=args.data, notes=args.notes, ablation=args.ablation, compare=args.compare or (),
                     html=args.html, pdf=args.pdf, complete=not args.no_draw, device=args.device, seed=args.seed,
                     progress=not args.quiet)
@@ -400,36 +485,36 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _add_search_parsers(sub) -> None:
     s = sub.add_parser("index", help="index a folder of images for search (incremental; rerun after changes)")
-    s.add_argument("folder")
+    s.add_argument("folder", help="folder of images to index (searched recursively)")
     s.add_argument("--model", required=True, help="exported model dir, clipft checkpoint, or HF CLIP name/dir")
     s.add_argument("--index", help="index directory (default: FOLDER/.clipft-index)")
     s.add_argument("--rebuild", action="store_true", help="re-embed everything (needed to switch models)")
     s.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="stored embeddings")
     s.add_argument("--ann", action="store_true", help="also build an approximate index (faiss; automatic from 200k images)")
-    s.add_argument("--batch-size", type=int, default=64)
-    s.add_argument("--workers", type=int, default=None, help="decoding processes (default: automatic)")
-    s.add_argument("--device", default="cpu")
-    s.add_argument("--quiet", action="store_true")
+    s.add_argument("--batch-size", type=positive_int, default=64, help="images per forward pass (default 64)")
+    s.add_argument("--workers", type=non_negative_int, default=None, help="decoding processes (default: automatic)")
+    s.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_index)
 
     s = sub.add_parser("search", help="search an index by text, by example image, or list near-duplicates")
     s.add_argument("query", nargs="?", help='text, e.g. "a dog on the beach"')
     s.add_argument("--index", default=".clipft-index", help="index directory (default: ./.clipft-index)")
-    s.add_argument("--k", type=int, default=20, help="results (default 20)")
+    s.add_argument("--k", type=positive_int, default=20, help="results (default 20)")
     s.add_argument("--image", metavar="PATH", help="search by this example image instead of text")
     s.add_argument("--duplicates", action="store_true", help="list groups of near-identical images")
     s.add_argument("--threshold", type=float, default=0.95, help="cosine for --duplicates (default 0.95)")
     s.add_argument("--exact", action="store_true", help="exact search even where an approximate index exists")
     s.add_argument("--json", action="store_true", help="print one JSON object")
-    s.add_argument("--device", default="cpu")
+    s.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N: where queries are embedded")
     s.set_defaults(func=cmd_search)
 
     s = sub.add_parser("serve", help="local web page and JSON API over one or more indexes")
     s.add_argument("--index", action="append", metavar="PATH",
                    help="index directory, repeatable: several side by side (default: ./.clipft-index)")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    s.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
-    s.add_argument("--device", default="cpu")
+    s.add_argument("--port", type=int_range(0, 65535), default=8000, help="port (default 8000; 0 picks a free one)")
+    s.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N: where queries are embedded")
     s.set_defaults(func=cmd_serve)
 
 
@@ -479,8 +564,9 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--model", required=True, help="export folder, checkpoint, or HF CLIP model (name or dir)")
     s.add_argument("--images", required=True, help="folder of images (jpg, jpeg, png, webp, bmp, gif)")
     s.add_argument("--out", required=True, help="output .safetensors (embeddings, relative paths, sizes, mtimes)")
-    s.add_argument("--batch-size", type=int, default=64)
-    s.add_argument("--workers", type=int, default=None, help="decoding processes (default: CPUs - 1, at most 8)")
+    s.add_argument("--batch-size", type=positive_int, default=64, help="images per forward pass (default 64)")
+    s.add_argument("--workers", type=non_negative_int, default=None,
+                   help="decoding processes (default: CPUs - 1, at most 8)")
     _add_device(s)
     s.add_argument("--backend", choices=["torch", "onnx"], default="torch",
                    help="onnx: the export folder's image_tower.onnx with onnxruntime (CPU)")
@@ -492,7 +578,7 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
 
 def _add_report_parser(sub) -> None:
     s = sub.add_parser("report", help="write RUN/report.md from a run directory, drawing what it lacks")
-    s.add_argument("run")
+    s.add_argument("run", metavar="RUN", help="run directory: the --out folder of clipft train")
     s.add_argument("--data", help="the run's dataset, when it moved (default: summary.json's data_root, RUN/data)")
     s.add_argument("--notes", metavar="FILE.md", help="your own section (observations, LLM-usage reflection, "
                                                        "conversation link), included verbatim")
@@ -501,15 +587,18 @@ def _add_report_parser(sub) -> None:
     s.add_argument("--html", action="store_true", help="also write report.html (self-contained, print-friendly)")
     s.add_argument("--pdf", action="store_true", help="also write report.pdf (headless Chromium; implies --html)")
     s.add_argument("--no-draw", action="store_true", help="only the files already in RUN: draw nothing")
-    s.add_argument("--seed", type=int, default=0, help="seed of the random examples (default 0)")
-    s.add_argument("--device", default="auto")
-    s.add_argument("--quiet", action="store_true")
+    s.add_argument("--seed", type=non_negative_int, default=0, help="seed of the random examples (default 0)")
+    _add_device(s)
+    _add_quiet(s)
     s.set_defaults(func=cmd_report)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="clipft", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="clipft", description=DESCRIPTION,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--debug", action="store_true",
+                   help="show the Python traceback of an error (also accepted after the command)")
     sub = p.add_subparsers(dest="command", required=True)
     # Four groups, in the order `clipft --help` lists the commands.
     _add_data_and_train_commands(sub)
@@ -523,20 +612,22 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_data_and_train_commands(sub) -> None:
     """make-data, cache-text, validate, prepare-images, train."""
     s = sub.add_parser("make-data", help="write a synthetic dataset in COCO 2014 layout")
-    s.add_argument("kind", choices=["shapes"])
-    s.add_argument("--out", required=True)
-    s.add_argument("--train", type=int, default=2000, help="train images (default 2000)")
-    s.add_argument("--val", type=int, default=500, help="val images (default 500)")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--image-size", type=int, default=128)
+    s.add_argument("kind", choices=["shapes"], help="shapes: 1-3 coloured shapes per image, 5 captions each")
+    s.add_argument("--out", required=True, help="dataset folder to write (train2014/, val2014/, annotations/)")
+    s.add_argument("--train", type=non_negative_int, default=2000, help="train images (default 2000)")
+    s.add_argument("--val", type=non_negative_int, default=500, help="val images (default 500)")
+    s.add_argument("--seed", type=non_negative_int, default=0, help="random seed: the same seed writes the same "
+                                                                     "dataset (default 0)")
+    s.add_argument("--image-size", type=pixels, default=128, help="side of the square images in px (default 128)")
     s.set_defaults(func=cmd_make_data)
 
     s = sub.add_parser("cache-text", help="embed every caption of a split once with the frozen text encoder")
-    s.add_argument("--data", required=True)
-    s.add_argument("--split", nargs="+", default=["train", "val"])
+    s.add_argument("--data", required=True, help="COCO root, CSV/TSV/JSONL file, or image folder")
+    s.add_argument("--split", nargs="+", default=["train", "val"], help="splits to embed (default: train val)")
     s.add_argument("--text-encoder", help="HF name or local dir (default: text.encoder of the config)")
     _add_device(s)
     _add_val_data(s)
+    _add_quiet(s, "no progress bar")
     _add_config_args(s)
     s.set_defaults(func=cmd_cache_text)
 
@@ -554,17 +645,19 @@ def _add_data_and_train_commands(sub) -> None:
     s.set_defaults(func=cmd_validate)
 
     s = sub.add_parser("prepare-images", help="decode every image once into a uint8 cache that training reads")
-    s.add_argument("--data", required=True)
+    s.add_argument("--data", required=True, help="COCO root, CSV/TSV/JSONL file, or image folder")
     _add_val_data(s)
-    s.add_argument("--split", nargs="+", default=["train", "val"])
-    s.add_argument("--size", type=int, default=None,
-                   help="stored square side, short side resized, centre kept (default: data.prepared_size, 256)")
-    s.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    s.add_argument("--split", nargs="+", default=["train", "val"], help="splits to prepare (default: train val)")
+    s.add_argument("--size", type=pixels, default=None,
+                   help="stored square side, short side resized, centre kept (default: data.prepared_size, "
+                        "256, or the images' own short side when smaller: small images are never upscaled)")
+    s.add_argument("--workers", type=positive_int, default=None, help="processes (default: all cores)")
     _add_quiet(s)
     _add_config_args(s)
     s.set_defaults(func=cmd_prepare_images)
 
-    s = sub.add_parser("train", help="train the image tower (resumes a run already in --out)")
+    s = sub.add_parser("train", help="train the image tower (resumes a run already in --out)", epilog=TRAIN_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("--data", required=True, help="COCO root, CSV/TSV/JSONL file, or image folder")
     _add_val_data(s)
     s.add_argument("--out", required=True, help="run directory")
@@ -578,7 +671,7 @@ def _add_data_and_train_commands(sub) -> None:
 def _add_checkpoint_commands(sub) -> None:
     """evaluate, zeroshot, visualize: what is done with a trained checkpoint."""
     s = sub.add_parser("evaluate", help="Recall@K of a checkpoint under a protocol (val, val-full, karpathy-test)")
-    s.add_argument("--checkpoint", required=True)
+    s.add_argument("--checkpoint", required=True, help="RUN/best.pt (or last.pt) written by clipft train")
     s.add_argument("--data", required=True, help="dataset root or file (for Karpathy: the folder with train2014/ and val2014/)")
     _add_split_args(s)
     _add_val_data(s)
@@ -595,7 +688,7 @@ def _add_checkpoint_commands(sub) -> None:
     s.set_defaults(func=cmd_evaluate)
 
     s = sub.add_parser("zeroshot", help="zero-shot classification with class-name prompts")
-    s.add_argument("--checkpoint", required=True)
+    s.add_argument("--checkpoint", required=True, help="RUN/best.pt (or last.pt) written by clipft train")
     s.add_argument("--labels", nargs="+", metavar="NAME", help="class names (with --image: required; with "
                                                              "--data: restricts the label source's classes)")
     s.add_argument("--image", nargs="+", metavar="PATH", help="classify these image files")
@@ -607,46 +700,51 @@ def _add_checkpoint_commands(sub) -> None:
     s.add_argument("--template", action="append", metavar="TEXT",
                    help='prompt template with {} for the class name, repeatable (default: eval.zeroshot_templates, '
                         'e.g. "a photo of a {}.")')
-    s.add_argument("--top-k", type=int, default=5, help="classes printed per --image (default 5)")
+    s.add_argument("--top-k", type=positive_int, default=5, help="classes printed per --image (default 5)")
     s.add_argument("--plot", metavar="PNG", help="with --image: the images beside their probability bars")
     s.add_argument("--out", metavar="DIR", help="with --data: output folder (default: the checkpoint's folder)")
-    s.add_argument("--examples", type=int, default=6, help="images in the examples picture (default 6)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--examples", type=non_negative_int, default=6,
+                   help="images in the examples picture, 0 = none (default 6)")
+    s.add_argument("--seed", type=non_negative_int, default=0, help="which images the examples picture shows "
+                                                                     "(default 0)")
     _add_device(s)
     _add_quiet(s)
-    _add_overrides(s)
+    _add_overrides(s, "override the checkpoint's saved config (data and eval keys)")
     s.set_defaults(func=cmd_zeroshot)
 
     s = sub.add_parser("visualize", help="retrieval / zero-shot / heatmap / training-curve pictures (PNG)")
-    s.add_argument("kind", choices=["text-to-image", "image-to-text", "heatmap", "zero-shot", "curves", "all"])
+    s.add_argument("kind", choices=["text-to-image", "image-to-text", "heatmap", "zero-shot", "curves", "all"],
+                   help="which picture (all: every kind but curves)")
     s.add_argument("--checkpoint", help="trained checkpoint (all kinds but curves)")
     s.add_argument("--data", help="dataset root (all kinds but curves)")
     s.add_argument("--run", help="run directory (curves)")
     _add_split_args(s)
     s.add_argument("--queries", nargs="+", metavar="TEXT",
                    help="text-to-image: free-text queries (default: random captions of the split)")
-    s.add_argument("--n", type=int, default=4, help="rows per picture: queries / images (zero-shot: 2 images "
+    s.add_argument("--n", type=positive_int, default=4, help="rows per picture: queries / images (zero-shot: 2 images "
                                                     "per row) (default 4)")
-    s.add_argument("--heatmap-images", type=int, default=10, help="images in the heatmap (default 10)")
+    s.add_argument("--heatmap-images", type=int_range(2, 100), default=10, help="images in the heatmap (default 10)")
     s.add_argument("--labels", nargs="+", metavar="NAME", help="zero-shot: class names")
     s.add_argument("--labels-from", metavar="SOURCE", help="zero-shot: ground truth (default shapes)")
     s.add_argument("--template", action="append", metavar="TEXT", help="zero-shot: prompt template(s)")
-    s.add_argument("--embeddings", metavar="FILE", help="reuse a file written by evaluate --save-embeddings")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--embeddings", metavar="FILE", help="reuse a file written by evaluate --save-embeddings "
+                   "(the images are not embedded again; --checkpoint and --data are still needed)")
+    s.add_argument("--seed", type=non_negative_int, default=0, help="which random captions/images are shown "
+                                                                     "(default 0)")
     s.add_argument("--out", help="PNG path (for all and zero-shot: a folder); default: the checkpoint's folder")
     _add_device(s)
     _add_quiet(s)
-    _add_overrides(s)
+    _add_overrides(s, "override the checkpoint's saved config (data and eval keys)")
     s.set_defaults(func=cmd_visualize)
 
 
 def _add_tool_commands(sub) -> None:
     """inspect-data, report, download, ablate, demo."""
     s = sub.add_parser("inspect-data", help="picture of random image-caption pairs (integrity check)")
-    s.add_argument("--data", required=True)
-    s.add_argument("--split", default="train")
-    s.add_argument("--n", type=int, default=6)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--data", required=True, help="COCO root, CSV/TSV/JSONL file, or image folder")
+    s.add_argument("--split", default="train", help="split to draw from (default train)")
+    s.add_argument("--n", type=int_range(1, 64), default=6, help="image-caption pairs shown (default 6)")
+    s.add_argument("--seed", type=non_negative_int, default=0, help="which pairs are drawn (default 0)")
     s.add_argument("--out", help="PNG path (default: data_samples_<split>.png in the current folder)")
     _add_config_args(s)
     s.set_defaults(func=cmd_inspect_data)
@@ -655,7 +753,7 @@ def _add_tool_commands(sub) -> None:
 
     s = sub.add_parser("download", help="fetch MS COCO 2014 into the loader's layout (resumable, verified), "
                                         "or a Kaggle copy of COCO / Flickr8k / Flickr30k (--source kaggle)")
-    s.add_argument("dataset", choices=["coco", "flickr8k", "flickr30k"])
+    s.add_argument("dataset", choices=["coco", "flickr8k", "flickr30k"], help="which dataset to fetch")
     s.add_argument("--source", choices=["official", "kaggle"], default="official",
                    help="official hosts (COCO only: the Flickr images need a request form), or the Kaggle copy "
                         "through kagglehub (pip install 'clipft[kaggle]')")
@@ -667,7 +765,7 @@ def _add_tool_commands(sub) -> None:
     s.add_argument("--mirror", metavar="URL", help="base URL serving zips/train2014.zip, zips/val2014.zip, "
                    "annotations/annotations_trainval2014.zip, caption_datasets.zip (default: the official hosts)")
     s.add_argument("--keep-archives", action="store_true", help="keep the zips in OUT/downloads/ after extracting")
-    s.add_argument("--retries", type=int, default=3, help="resume a lost connection this many times (default 3)")
+    s.add_argument("--retries", type=non_negative_int, default=3, help="resume a lost connection this many times (default 3)")
     _add_quiet(s, "no progress bars")
     s.set_defaults(func=cmd_download)
 
@@ -678,7 +776,7 @@ def _add_tool_commands(sub) -> None:
                    help="configurations to compare (default: all; --quick: baseline batchnorm learnable_temp); "
                         "baseline is always included")
     s.add_argument("--configs-file", metavar="YAML", help="user configurations: name: {section: {key: value}}")
-    s.add_argument("--seeds", nargs="+", type=int, default=[0], help="train.seed values (default 0)")
+    s.add_argument("--seeds", nargs="+", type=non_negative_int, default=[0], help="train.seed values (default 0)")
     s.add_argument("--base-config", default="demo", metavar="FILE_OR_PRESET",
                    help="config every configuration starts from (default: the demo preset)")
     s.add_argument("--quick", action="store_true", help="small budget smoke study (baseline + two modifications)")
@@ -688,22 +786,54 @@ def _add_tool_commands(sub) -> None:
     s.set_defaults(func=cmd_ablate)
 
     s = sub.add_parser("demo", help="embedded end-to-end demo on synthetic data, CPU, offline")
-    s.add_argument("--out", default="runs/demo")
+    s.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo); a rerun resumes it")
     s.add_argument("--data", help="dataset dir (default: OUT/data, generated if absent)")
-    s.add_argument("--train-images", type=int, default=PRESETS["demo"]["data"]["train_images"])
-    s.add_argument("--val-images", type=int, default=PRESETS["demo"]["data"]["val_images"])
+    s.add_argument("--train-images", type=int_range(2), default=PRESETS["demo"]["data"]["train_images"],
+                   help=f"training images (default {PRESETS['demo']['data']['train_images']})")
+    s.add_argument("--val-images", type=int_range(2), default=PRESETS["demo"]["data"]["val_images"],
+                   help=f"validation images choosing best.pt; as many again are held out for the figures "
+                        f"(default {PRESETS['demo']['data']['val_images']})")
     _add_quiet(s)
-    _add_overrides(s)
+    _add_overrides(s, "override the demo preset (repeatable)")
     s.set_defaults(func=cmd_demo)
+
+
+def _interrupted_note(args: argparse.Namespace) -> str:
+    """What Ctrl-C left behind, for the command that was running."""
+    cmd, out = getattr(args, "command", None), getattr(args, "out", None)
+    if cmd == "train":
+        if out and (Path(out) / "last.pt").is_file():
+            return f"the last completed epoch is saved in {Path(out) / 'last.pt'}: rerun the same command to resume"
+        return "stopped before the first epoch finished: no checkpoint yet (finished caption caches are kept)"
+    return {
+        "cache-text": "the splits reported above are cached; a partly embedded split is not: rerun to finish",
+        "prepare-images": "finished chunks are kept: rerun the same command to resume",
+        "download": "partial downloads are kept: rerun the same command to resume",
+        "ablate": "finished runs are kept: rerun the same command to resume the study",
+        "demo": "finished steps and epochs are kept: rerun the same command to resume",
+        "validate": "no report was written",
+        "evaluate": "no metrics were written (finished caption caches are kept)",
+    }.get(cmd, "nothing was saved by the step that was running")
+
+
+def _configure_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # huggingface_hub prints through a handler of its own AND propagates to ours: every warning
+    # appeared twice. Its own handler stays (transformers already does this for its logger).
+    logging.getLogger("huggingface_hub").propagate = False
+    # PyTorch repeats "This DataLoader will create N worker processes ..." for every loader; the
+    # worker count is capped at the CPUs available instead (runtime.worker_count).
+    warnings.filterwarnings("once", message=r"This DataLoader will create")
 
 
 def main(argv: list[str] | None = None) -> int:
     from .runlog import record_command, run_dir_of
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    debug = "--debug" in argv  # accepted anywhere on the line, not only before the command
+    args, extra = parser.parse_known_args([a for a in argv if a != "--debug"])
+    _configure_logging(args.verbose)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # PyTorch's CPU allocator asks for transparent huge pages for buffers >= 2 MB: a 128-image float
     # batch is 77 MB, and faulting it in 4 KB pages costs more than normalising it (torch reads the
@@ -715,12 +845,23 @@ def main(argv: list[str] | None = None) -> int:
         code = args.func(args)
         return code
     except _expected_errors() as e:
+        if debug:
+            raise
         print(f"clipft: error: {e}", file=sys.stderr)
         code = EXIT_USAGE
         return code
     except KeyboardInterrupt:
-        print("clipft: interrupted (the last completed checkpoint is intact)", file=sys.stderr)
+        print(f"clipft: interrupted: {_interrupted_note(args)}", file=sys.stderr)
         code = 130
+        return code
+    except Exception as e:  # noqa: BLE001 - the one place that turns a surprise into one line
+        if debug:
+            raise
+        where = f"{args.command}: " if getattr(args, "command", None) else ""
+        text = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        print(f"clipft: error: {where}unexpected {type(e).__name__}{': ' + text if text else ''} "
+              "(run with --debug for the traceback)", file=sys.stderr)
+        code = EXIT_UNEXPECTED
         return code
     finally:
         if run_dir_of(args) is not None:  # how the run was made: RUN/commands.txt (see clipft.runlog)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -198,13 +199,21 @@ def _get(cfg: Config, dotted: str) -> Any:
     return getattr(getattr(cfg, section), key)
 
 
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def _num(x: float) -> str:
+    """1048576, not 1.04858e+06: bounds are printed as the user would type them."""
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
 def validate(cfg: Config, source: str = "config") -> Config:
     """Check every value against its allowed range or choices; raise one ConfigError naming the key."""
     problems = []
     for key, (lo, hi) in _RANGES.items():
         v = _get(cfg, key)
         if not (v == v) or (lo is not None and v < lo) or (hi is not None and v > hi):  # v == v: NaN is refused
-            want = (f">= {lo:g}" if hi is None else f"<= {hi:g}" if lo is None else f"in [{lo:g}, {hi:g}]")
+            want = (f">= {_num(lo)}" if hi is None else f"<= {_num(hi)}" if lo is None else f"in [{_num(lo)}, {_num(hi)}]")
             problems.append(f"{key} must be {want}, got {v!r}")
     for key in _POSITIVE:
         v = _get(cfg, key)
@@ -215,6 +224,11 @@ def validate(cfg: Config, source: str = "config") -> Config:
             _check_choices(getattr(cfg, section), section)
         except ConfigError as e:
             problems.append(str(e))
+    if not _DEVICE.fullmatch(cfg.train.device):
+        problems.append(f"train.device must be auto, cpu, cuda or cuda:N, got {cfg.train.device!r}")
+    if not cfg.eval.zeroshot_templates or any("{}" not in t for t in cfg.eval.zeroshot_templates):
+        problems.append("eval.zeroshot_templates: every template needs {} where the class name goes, got "
+                        f"{list(cfg.eval.zeroshot_templates)!r}")
     if not cfg.eval.ks or any(k < 1 for k in cfg.eval.ks):
         problems.append(f"eval.ks must be positive integers, got {list(cfg.eval.ks)!r}")
     if len(cfg.data.mean) != 3 or len(cfg.data.std) != 3 or any(not s > 0 for s in cfg.data.std):
@@ -346,7 +360,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
+            raise ConfigError(f"{path}: config file not found (--config takes a YAML file or a preset: "
+                              f"{', '.join(PRESETS)})")
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:

@@ -23,6 +23,7 @@ from .data import CaptionedImages, EvalImageDataset, build_transform, collate_ev
 from .loss import clip_loss
 from .model import ImageTower
 from .protocols import EvalSplit
+from .runtime import worker_count
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +170,7 @@ def embed_images(model: ImageTower, split: CaptionedImages, cfg: Config, device:
     that decoded; unreadable images are left out and counted by the caller)."""
     tf = build_transform(cfg.data.image_size, cfg.data.mean, cfg.data.std, train=False)
     loader = DataLoader(EvalImageDataset(split, tf, draft_size=cfg.data.image_size), batch_size=cfg.eval.batch_size,
-                        shuffle=False, num_workers=cfg.data.num_workers, collate_fn=collate_eval,
+                        shuffle=False, num_workers=worker_count(cfg.data.num_workers), collate_fn=collate_eval,
                         pin_memory=device.type == "cuda")
     was_training = model.training
     model.eval()
@@ -337,7 +338,8 @@ def checkpoint_embeddings(checkpoint: str | Path, data_root: str | Path, split: 
         text_emb, _ = get_text_embeddings(es.data.captions, cfg.text.encoder,
                                           eval_text_cache_file(data_root, es.name, cfg),
                                           device=dev, batch_size=cfg.text.batch_size, max_length=cfg.text.max_length,
-                                          on_mismatch=cfg.text.on_mismatch, amp=cfg.train.amp)
+                                          on_mismatch=cfg.text.on_mismatch, amp=cfg.train.amp,
+                                          progress=None if progress else False)
     if text_emb is not None and text_emb.shape[1] != model.embed_dim:
         raise ModelError(f"{checkpoint}: image tower outputs {model.embed_dim}-d embeddings but text encoder "
                          f"{cfg.text.encoder!r} gives {text_emb.shape[1]}-d")

@@ -267,6 +267,10 @@ def tower_state(model: ImageTower) -> dict:
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """Load a clipft checkpoint dict, or raise ModelError naming the file."""
     path = Path(path)
+    if path.is_dir():
+        found = [p.name for p in (path / "best.pt", path / "last.pt") if p.is_file()]
+        hint = f"; did you mean {path / found[0]}?" if found else " (a checkpoint is a file such as RUN/best.pt)"
+        raise ModelError(f"{path}: is a directory, not a checkpoint file{hint}")
     if not path.is_file():
         raise ModelError(f"{path}: checkpoint not found")
     try:

@@ -40,6 +40,9 @@ KARPATHY_PREFIX = "karpathy-"
 KARPATHY_1K = "karpathy-test-1k"
 N_FOLDS_1K = 5  # 5 folds of 1,000 images of the 5k test split
 VAL_PROTOCOLS = ("val", "val-full", "val-heldout")  # drawn from the dataset's validation split
+KARPATHY_SPLITS = ("test", "val", "train", "restval")  # the values of `split` in dataset_coco.json
+PROTOCOLS = VAL_PROTOCOLS + ("karpathy-test", "karpathy-val")  # and any split name of the dataset
+KARPATHY_5K = 5000  # images in each of Karpathy's COCO test and val splits
 
 
 @dataclass
@@ -97,6 +100,8 @@ def protocol_description(name: str, data: CaptionedImages, folds: list[list[int]
     """One line naming the protocol and its size, e.g. for the report's Recall@K table."""
     n, m = len(data), len(data.caption_ids)
     subset = ":subset=" in data.name
+    # Named from the real counts: only a 5,000-image Karpathy split is the published "COCO 5k" protocol.
+    five_k = n == KARPATHY_5K
     if data.dataset:  # a benchmark with a named protocol (Flickr): "flickr30k-test (Karpathy, 1,000 images x ...)"
         origin = data.split_origin + (", seeded subset" if subset else "")
         return f"{data.dataset}-{name} ({origin}, {n:,} images x {m:,} captions)"
@@ -109,8 +114,11 @@ def protocol_description(name: str, data: CaptionedImages, folds: list[list[int]
         "val": "validation subset (as during training)" if subset else "full validation split (as during training)",
         "val-full": "full validation split",
         "val-heldout": "validation images held out from checkpoint selection",
-        "karpathy-test": "Karpathy COCO 5k test split (the split published COCO numbers use)",
-        "karpathy-val": "Karpathy COCO 5k validation split",
+        "karpathy-test": ("Karpathy COCO 5k test split (the split published COCO numbers use)" if five_k else
+                          f"Karpathy-format test split ({n} images, not the 5,000-image COCO 5k protocol: "
+                          "not comparable with published numbers)"),
+        "karpathy-val": ("Karpathy COCO 5k validation split" if five_k else
+                         f"Karpathy-format validation split ({n} images, not the 5,000-image COCO 5k split)"),
     }.get(name, f"split {name!r}")
     return f"{kind}: {n} images x {m} captions, all captions per image ({data.name})"
 
@@ -134,7 +142,13 @@ def resolve_eval_split(data_root: str | Path, split: str, cfg: Config, karpathy:
     elif split == "val-heldout":
         data = heldout_val(load_split(data_root, cfg.data.val_split, _without_val_subset(cfg).data), cfg)
     else:
-        data = load_split(data_root, split, cfg.data)
+        try:
+            data = load_split(data_root, split, cfg.data)
+        except DataError as e:
+            if split in (cfg.data.train_split, cfg.data.val_split):
+                raise
+            raise DataError(f"{e} (--split {split} is read as a split name of the dataset; the protocols are "
+                            f"{', '.join(PROTOCOLS)})") from None
     return EvalSplit(data=data, name=split, protocol=protocol_description(split, data))
 
 

@@ -344,3 +344,27 @@ def overriding(obj: _T, **fields: Any) -> Iterator[_T]:
     finally:
         for k, v in saved.items():
             setattr(obj, k, v)
+
+
+_CAPPED: set[tuple[int, int]] = set()  # (asked, available) pairs already logged
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask: a container's or `taskset`'s limit), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def worker_count(asked: int) -> int:
+    """data.num_workers capped at the CPUs available: more decoding processes than cores only
+    compete for them (and PyTorch warns at every loader). Logged once per value."""
+    cpus = available_cpus()
+    if asked <= cpus:
+        return asked
+    if (asked, cpus) not in _CAPPED:
+        _CAPPED.add((asked, cpus))
+        import logging
+        logging.getLogger(__name__).info("data.num_workers=%d capped at the %d CPU(s) available", asked, cpus)
+    return cpus

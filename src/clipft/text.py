@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from .runtime import apply_umask, check_free_space, ensure_writable_dir, select_precision, storage_error
+from .hub import hub_offline
+from .runtime import select_precision
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,10 @@ CLIP_BOS_ID, CLIP_EOS_ID = 49406, 49407
 
 class TextEncoderError(RuntimeError):
     """A text encoder that cannot be loaded or used, or a text cache that cannot be used."""
+
+
+class TextEncoderUnavailable(TextEncoderError):
+    """A hub model that is neither reachable (no network) nor in the local Hugging Face cache."""
 
 
 # --------------------------------------------------------------------------- frozen-ness
@@ -207,9 +213,17 @@ class TextEncoder:
 
     def _encode_st(self, captions: list[str], batch_size: int, progress: bool) -> torch.Tensor:
         # sentence-transformers already sorts by length and pads per batch; it pools as its modules say.
-        emb = self.module.encode(captions, batch_size=batch_size, show_progress_bar=progress,
-                                 convert_to_tensor=True, normalize_embeddings=True)  # [M, D]
-        return F.normalize(emb.float(), dim=-1).cpu()
+        # Fed in chunks of 16 batches so the bar counts captions (its own bar counts batches, no ETA).
+        chunk = batch_size * 16
+        bar = _progress(len(captions), progress, f"text ({self.name})")
+        parts = []
+        for s in range(0, len(captions), chunk):
+            part = captions[s:s + chunk]
+            parts.append(self.module.encode(part, batch_size=batch_size, show_progress_bar=False,
+                                            convert_to_tensor=True, normalize_embeddings=True).float().cpu())
+            bar.update(len(part))
+        bar.close()
+        return F.normalize(torch.cat(parts), dim=-1)  # [M, D]
 
 
 class _NoBar:
@@ -220,11 +234,13 @@ class _NoBar:
         pass
 
 
-def _progress(total: int, enabled: bool, desc: str):
-    if not enabled:
+def _progress(total: int, enabled: bool | None, desc: str):
+    """A captions bar (captions/s, ETA); enabled None = only when stderr is a terminal."""
+    if enabled is False:
         return _NoBar()
     from tqdm.auto import tqdm
-    return tqdm(total=total, desc=desc, unit="cap")
+    return tqdm(total=total, desc=desc, unit=" captions", unit_scale=True, dynamic_ncols=True,
+                disable=None if enabled is None else False, leave=False)
 
 
 def _bundled_minilm() -> Path | None:
@@ -247,7 +263,7 @@ def _first_line(e: BaseException, limit: int = 200) -> str:
 
 
 def _offline_advice(name: str, e: BaseException) -> TextEncoderError:
-    return TextEncoderError(
+    return TextEncoderUnavailable(
         f"text encoder {name!r}: not an existing local directory, and it could not be loaded from the Hugging "
         f"Face hub or the local HF cache (no network, or not cached) [{_first_line(e)}]. Fix: pass a local "
         f"directory, e.g. --set text.encoder=/path/to/clip-vit-base-patch32 (a model saved with "
@@ -263,6 +279,7 @@ def _resolve(name: str) -> tuple[str, str, str, bool]:
         bundled = _bundled_minilm()
         if bundled is not None:
             return "sentence-transformers", str(bundled), MINILM_NAME, True
+        hub_offline()
         return "sentence-transformers", MINILM_NAME, MINILM_NAME, False
     path = Path(key).expanduser()
     if path.is_dir():
@@ -286,8 +303,10 @@ def _resolve(name: str) -> tuple[str, str, str, bool]:
     if _looks_like_path(key):
         raise TextEncoderError(f"text encoder {key!r}: directory not found")
     if key.startswith("sentence-transformers/"):
+        hub_offline()
         return "sentence-transformers", key, key, False
     # A hub name: its config (from the HF cache, or the network) says which kind it is.
+    hub_offline()  # no network: one quick failed connection, then the local HF cache only (no retries)
     from transformers import AutoConfig
     try:
         with _quiet_transformers():
@@ -516,12 +535,13 @@ def save_text_cache(path: Path, embeds: torch.Tensor, fingerprint: str, meta: di
 
 def get_text_embeddings(captions: list[str], encoder_name: str, cache_file: Path, device: str | torch.device = "cpu",
                         batch_size: int = 256, max_length: int = 77, on_mismatch: str = "rebuild",
-                        encoder: TextEncoder | None = None, progress: bool = False,
+                        encoder: TextEncoder | None = None, progress: bool | None = None,
                         amp: str = "auto") -> tuple[torch.Tensor, dict]:
     """Caption embeddings [M, D] (caption order) from `cache_file` if its fingerprint matches, else
     built with the frozen encoder and saved. on_mismatch="error" refuses to overwrite a cache built
     from other captions or another encoder. Pass `encoder` to reuse a loaded one (its own `amp` then
     applies); amp: train.amp for the encoder loaded here. The precision is part of the fingerprint.
+    progress: a captions bar with captions/s and ETA (None: only when stderr is a terminal).
     Returns (embeds, info) with info keys path, built, seconds, fingerprint, encoder, num_captions, dim."""
     if on_mismatch not in ON_MISMATCH:
         raise TextEncoderError(f"text.on_mismatch must be one of {', '.join(ON_MISMATCH)}, got {on_mismatch!r}")

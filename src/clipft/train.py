@@ -39,11 +39,13 @@ from .health import HealthMonitor
 from .loss import chance_loss, clip_loss
 from .model import build_image_tower, count_parameters, ensure_image_weights, parameter_parts, tower_state
 from .runfiles import RunFiles, RunLog, read_records
-from .runtime import Precision, hardware_info, overriding, seed_everything, select_precision
+from .runtime import Precision, hardware_info, overriding, seed_everything, select_precision, worker_count
 from .step import StepStats, non_finite_state, step_values, train_step
 from .text import get_text_embeddings, load_text_encoder
 from .data.caches import data_root as data_root_of
 from .data.prepare import VERIFY_SAMPLE, DeviceTransform, PreparedDataset, PreparedImages, PreparedLoader
+from .data.caches import unused_prepared_note
+from .data.prepare import DeviceTransform, PreparedDataset, PreparedImages, PreparedLoader
 from .data.validate import preflight
 
 log = logging.getLogger(__name__)
@@ -191,6 +193,9 @@ def open_prepared_train(cfg: Config, data_root: str | Path, train: CaptionedImag
         return None
     prepared = PreparedImages.open(prepared_split_dir(data_root, cfg.data.train_split, cfg))
     if prepared is None:
+        note = unused_prepared_note(data_root, cfg.data.train_split, cfg)  # one at another size: say so
+        if note:
+            log.warning("%s", note)
         return None
     if cfg.data.augment and (cfg.data.flip == "swap" or cfg.data.color_jitter > 0):
         log.info("prepared images found, but data.flip=swap / data.color_jitter need the JPEG path")
@@ -222,7 +227,7 @@ def make_train_loader(ds: TrainDataset | PreparedDataset, cfg: Config, epoch: in
     if isinstance(ds, PreparedDataset):
         # A prepared batch is one memcpy: a reader thread beats worker processes (see PreparedLoader).
         return PreparedLoader(ds, indices, cfg.train.batch_size, pin_memory=device.type == "cuda")
-    return DataLoader(ds, batch_size=cfg.train.batch_size, sampler=indices, num_workers=cfg.data.num_workers,
+    return DataLoader(ds, batch_size=cfg.train.batch_size, sampler=indices, num_workers=worker_count(cfg.data.num_workers),
                       collate_fn=collate_train, pin_memory=device.type == "cuda")
 
 

@@ -125,6 +125,10 @@ def shapes_label_set(root: str | Path, split: str, field_name: str = "color-shap
     if field_name not in SHAPES_FIELDS:
         raise DataError(f"--labels-from shapes:{field_name}: unknown field (known: {', '.join(SHAPES_FIELDS)})")
     path = Path(root) / "annotations" / f"shapes_labels_{split}2014.json"
+    if not path.is_file():
+        raise DataError(f"{path}: not found: --labels-from shapes uses the labels clipft make-data shapes writes, "
+                        "so it works on the shapes dataset only; for COCO give --labels-from "
+                        "annotations/instances_<split>2014.json")
     raw = read_json(path)
     if not isinstance(raw, dict):
         raise DataError(f"{path}: expected an object {{image id: [objects]}}")

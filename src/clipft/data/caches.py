@@ -18,6 +18,7 @@ $XDG_CACHE_HOME/clipft/<dataset folder name>-<hash of its absolute path> (XDG_CA
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import logging
 import os
@@ -158,3 +159,29 @@ def prepared_split_dirs(root: str | Path, split: str, cfg: Config) -> list[Path]
     images = Path(cache_dir) / "images"
     return sorted(p for p in images.glob(f"{name}-*") if p.is_dir() and pattern.fullmatch(p.name)) \
         if images.is_dir() else []
+
+
+def prepared_sizes(root: str | Path, split: str, cfg: Config) -> list[int]:
+    """Sizes (px) of the finished prepared caches of a split, whatever data.prepared_size says."""
+    cache_dir, name = cache_location(root, split, cfg)
+    sizes = []
+    for d in (Path(cache_dir) / "images").glob(f"{glob.escape(name)}-*"):
+        tail = d.name[len(name) + 1:]
+        if tail.isdigit() and (d / "index.json").is_file():
+            sizes.append(int(tail))
+    return sorted(sizes)
+
+
+def unused_prepared_note(root: str | Path, split: str, cfg: Config) -> str | None:
+    """Why no prepared cache is used although one exists at another size (and the override that uses
+    it), or None when there is none to explain."""
+    other = [s for s in prepared_sizes(root, split, cfg) if s != cfg.data.prepared_size]
+    if not other:
+        return None
+    usable = [s for s in other if s >= cfg.data.image_size]
+    shown = ", ".join(f"{s} px" for s in other)
+    if usable:
+        return (f"{split} images are prepared at {shown} but data.prepared_size is {cfg.data.prepared_size}: "
+                f"decoding JPEGs instead; set --set data.prepared_size={usable[0]} to use the prepared images")
+    return (f"{split} images are prepared at {shown}, smaller than data.image_size={cfg.data.image_size}: "
+            f"decoding JPEGs instead; run clipft prepare-images --size {cfg.data.image_size} (or larger)")

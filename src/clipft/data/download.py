@@ -502,6 +502,8 @@ def download_coco(root: str | Path, splits=SPLITS, karpathy: bool = False, mirro
         raise DownloadError(f"unknown split(s) {', '.join(bad)} (choose from {', '.join(SPLITS)})")
     if not keys:
         raise DownloadError("nothing to download: give --splits and/or --karpathy")
+    if mirror and not mirror.startswith(("http://", "https://")):
+        raise DownloadError(f"--mirror {mirror}: the URL needs its scheme, e.g. http://{mirror} or https://{mirror}")
     root = Path(root)
     try:
         (root / DOWNLOADS_DIR).mkdir(parents=True, exist_ok=True)
