@@ -14,6 +14,9 @@ import sys
 import warnings
 from pathlib import Path
 
+from .cli_args import (_add_config_args, _add_device, _add_overrides, _add_quiet, _build_config, _split_extra,
+                       int_range, non_negative_int, pixels, positive_int)
+from .cli_models import add_model_commands, add_search_commands
 from .config import PRESETS, Config, ConfigError, load_config, preset_config
 
 EXIT_USAGE = 2
@@ -53,80 +56,6 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from .train import TrainingError
     return (ConfigError, DataError, DistributedError, DownloadError, EvaluationError, ModelError, ReportError,
             SearchError, StorageError, TextEncoderError, TrainingError)
-
-
-# --------------------------------------------------------------------------- integer arguments
-
-def int_range(lo: int, hi: int | None = None):
-    """An argparse `type` for an integer in [lo, hi] (hi None = no upper bound): a bad value is a usage
-    error naming the option, never a traceback from deep inside a command."""
-    want = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < lo or (hi is not None and value > hi):
-            raise argparse.ArgumentTypeError(f"must be {want}, got {value}")
-        return value
-
-    parse.__name__ = f"integer {want}"
-    return parse
-
-
-positive_int = int_range(1)
-non_negative_int = int_range(0)
-pixels = int_range(16, 4096)  # image sides, the range data.image_size / data.prepared_size accept
-
-
-# --------------------------------------------------------------------------- shared argument groups
-
-def _add_overrides(p: argparse.ArgumentParser, help: str | None = None) -> None:
-    """--set SECTION.KEY=VALUE (repeatable); leftover --section.key=value arguments join them in main."""
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help=help or "override one config value (repeatable); --section.key=value works too")
-
-
-def _add_config_args(p: argparse.ArgumentParser) -> None:
-    """--config FILE_OR_PRESET and --set: the config of commands that build one."""
-    p.add_argument("--config", help=f"YAML config file, or a preset name ({', '.join(PRESETS)})")
-    _add_overrides(p, "override one config value (repeatable); --section.key=value works too")
-
-
-def _add_device(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
-
-
-def _add_quiet(p: argparse.ArgumentParser, help: str | None = None) -> None:
-    p.add_argument("--quiet", action="store_true", help=help or "no progress bars")
-
-
-def _build_config(args: argparse.Namespace, base: Config | None = None) -> Config:
-    """Preset/file then overrides (including bare --section.key=value arguments)."""
-    overrides = list(args.overrides) + list(getattr(args, "extra_overrides", []))
-    cfg_arg = getattr(args, "config", None)
-    if cfg_arg and cfg_arg in PRESETS and not Path(cfg_arg).exists():
-        return load_config(None, overrides, base=preset_config(cfg_arg))
-    return load_config(cfg_arg, overrides, base=base)
-
-
-def _split_extra(extra: list[str]) -> list[str]:
-    """Turn leftover `--section.key=value` / `--section.key value` args into override strings."""
-    out, i = [], 0
-    while i < len(extra):
-        a = extra[i]
-        if not a.startswith("--") or "." not in a.split("=", 1)[0]:
-            raise ConfigError(f"unrecognised argument {a!r}")
-        if "=" in a:
-            out.append(a[2:])
-            i += 1
-        elif i + 1 < len(extra):
-            out.append(f"{a[2:]}={extra[i + 1]}")
-            i += 2
-        else:
-            raise ConfigError(f"{a}: missing value")
-    return out
 
 
 def _add_split_args(p: argparse.ArgumentParser) -> None:
@@ -439,141 +368,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-# --------------------------------------------------------------------------- search your photos
-
-def cmd_index(args: argparse.Namespace) -> int:
-    from .api import load
-    from .search.index import default_index_dir, update_index
-    from .search.query import model_source, refresh_ann
-    index_dir = Path(args.index) if args.index else default_index_dir(args.folder)
-    model = load(args.model, device=args.device)
-    s = update_index(args.folder, model, index_dir, model_source=model_source(args.model), rebuild=args.rebuild,
-                     dtype=args.dtype, batch_size=args.batch_size, workers=args.workers, progress=not args.quiet)
-    print(f"{index_dir}: {s.summary()}")
-    if (ann := refresh_ann(index_dir, force=args.ann)) is not None:
-        print(f"approximate index (faiss IVF) up to date: {ann}")
-    return 0
-
-
-def cmd_search(args: argparse.Namespace) -> int:
-    import json
-    from .search import query as Q
-    if sum(map(bool, (args.query, args.image, args.duplicates))) != 1:
-        raise ConfigError("search: give one of QUERY, --image PATH or --duplicates")
-    idx = Q.load_index(args.index, use_ann=False if args.exact else None)
-    out = (Q.duplicates_answer(idx, args.threshold) if args.duplicates else
-           Q.answer(idx, Q.load_query_model(idx, args.device), args.k, text=args.query, image=args.image))
-    print(json.dumps(out) if args.json else Q.format_answer(out))
-    return 0
-
-
-def cmd_serve(args: argparse.Namespace) -> int:
-    try:
-        from .search.server import create_app, host_warning, is_loopback, open_indexes, serve
-    except ImportError as e:
-        raise ConfigError(f"serve needs Flask ({e}): pip install 'clipft[search]'") from None
-    warning = host_warning(args.host)
-    if warning:
-        print(warning, file=sys.stderr, flush=True)
-    served = open_indexes(args.index or [".clipft-index"], device=args.device)
-    app = create_app(served, loopback_only=is_loopback(args.host))
-    names = ", ".join(f"{len(s.idx)} images ({s.idx.model})" for s in served)
-    serve(app, args.host, args.port, on_ready=lambda port: print(
-        f"serving {names} on http://{args.host}:{port}/ (Ctrl-C to stop)", flush=True))
-    return 0
-
-
-def _add_search_parsers(sub) -> None:
-    s = sub.add_parser("index", help="index a folder of images for search (incremental; rerun after changes)")
-    s.add_argument("folder", help="folder of images to index (searched recursively)")
-    s.add_argument("--model", required=True, help="exported model dir, clipft checkpoint, or HF CLIP name/dir")
-    s.add_argument("--index", help="index directory (default: FOLDER/.clipft-index)")
-    s.add_argument("--rebuild", action="store_true", help="re-embed everything (needed to switch models)")
-    s.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="stored embeddings")
-    s.add_argument("--ann", action="store_true", help="also build an approximate index (faiss; automatic from 200k images)")
-    s.add_argument("--batch-size", type=positive_int, default=64, help="images per forward pass (default 64)")
-    s.add_argument("--workers", type=non_negative_int, default=None, help="decoding processes (default: automatic)")
-    s.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
-    s.add_argument("--quiet", action="store_true", help="no progress bar")
-    s.set_defaults(func=cmd_index)
-
-    s = sub.add_parser("search", help="search an index by text, by example image, or list near-duplicates")
-    s.add_argument("query", nargs="?", help='text, e.g. "a dog on the beach"')
-    s.add_argument("--index", default=".clipft-index", help="index directory (default: ./.clipft-index)")
-    s.add_argument("--k", type=positive_int, default=20, help="results (default 20)")
-    s.add_argument("--image", metavar="PATH", help="search by this example image instead of text")
-    s.add_argument("--duplicates", action="store_true", help="list groups of near-identical images")
-    s.add_argument("--threshold", type=float, default=0.95, help="cosine for --duplicates (default 0.95)")
-    s.add_argument("--exact", action="store_true", help="exact search even where an approximate index exists")
-    s.add_argument("--json", action="store_true", help="print one JSON object")
-    s.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N: where queries are embedded")
-    s.set_defaults(func=cmd_search)
-
-    s = sub.add_parser("serve", help="local web page and JSON API over one or more indexes")
-    s.add_argument("--index", action="append", metavar="PATH",
-                   help="index directory, repeatable: several side by side (default: ./.clipft-index)")
-    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    s.add_argument("--port", type=int_range(0, 65535), default=8000, help="port (default 8000; 0 picks a free one)")
-    s.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N: where queries are embedded")
-    s.set_defaults(func=cmd_serve)
-
-
-def cmd_embed(args: argparse.Namespace) -> int:
-    from .api import load
-    from .embed import embed_folder
-    if not Path(args.images).is_dir():
-        raise ConfigError(f"{args.images}: not a directory")
-    device = "cpu" if args.backend == "onnx" and args.device == "auto" else _auto_device(args.device)
-    model = load(args.model, device=device, backend=args.backend)
-    info = embed_folder(model, args.images, args.out, batch_size=args.batch_size, workers=args.workers,
-                        progress=not args.quiet)
-    print(f"{info['images']} images embedded ({info['skipped']} unreadable, skipped) in {info['seconds']:.1f}s: "
-          f"{info['images_per_s']:.1f} images/s; wrote {info['out']}")
-    return 0
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_checkpoint, format_size
-    info = export_checkpoint(args.checkpoint, args.out, onnx=args.onnx, check_images=args.check_images)
-    if info["onnx_max_abs_diff"] is not None:
-        print(f"ONNX check: onnxruntime matches PyTorch on real images (max abs difference "
-              f"{info['onnx_max_abs_diff']:.1e})")
-    for path, size in info["files"]:
-        print(f"wrote {path} ({format_size(size)})")
-    if info["open_clip"]:
-        print(f"open_clip timm-tower form not written: {info['open_clip']}")
-    return 0
-
-
-def _auto_device(device: str) -> str:
-    from .runtime import resolve_device
-    return str(resolve_device(device)) if device == "auto" else device
-
-
-def _add_model_commands(sub: argparse._SubParsersAction) -> None:
-    """Commands that take a trained model out of its run: export, embed."""
-    s = sub.add_parser("export", help="write a self-contained model folder (safetensors, config, model card, "
-                                      "optionally ONNX) in the Hugging Face hub layout")
-    s.add_argument("checkpoint", help="a clipft checkpoint (RUN/best.pt)")
-    s.add_argument("--out", required=True, help="output folder (new, empty, or an earlier export)")
-    s.add_argument("--onnx", action="store_true", help="also write image_tower.onnx, checked with onnxruntime")
-    s.add_argument("--check-images", metavar="FOLDER",
-                   help="real images for the ONNX check (default: the run's validation images)")
-    s.set_defaults(func=cmd_export)
-    s = sub.add_parser("embed", help="embed every image of a folder (recursive) into a safetensors file")
-    s.add_argument("--model", required=True, help="export folder, checkpoint, or HF CLIP model (name or dir)")
-    s.add_argument("--images", required=True, help="folder of images (jpg, jpeg, png, webp, bmp, gif)")
-    s.add_argument("--out", required=True, help="output .safetensors (embeddings, relative paths, sizes, mtimes)")
-    s.add_argument("--batch-size", type=positive_int, default=64, help="images per forward pass (default 64)")
-    s.add_argument("--workers", type=non_negative_int, default=None,
-                   help="decoding processes (default: CPUs - 1, at most 8)")
-    _add_device(s)
-    s.add_argument("--backend", choices=["torch", "onnx"], default="torch",
-                   help="onnx: the export folder's image_tower.onnx with onnxruntime (CPU)")
-    _add_quiet(s, "no progress bar")
-    s.set_defaults(func=cmd_embed)
-
-
 # --------------------------------------------------------------------------- parser
 
 def _add_report_parser(sub) -> None:
@@ -604,8 +398,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_and_train_commands(sub)
     _add_checkpoint_commands(sub)
     _add_tool_commands(sub)
-    _add_model_commands(sub)  # export, embed
-    _add_search_parsers(sub)  # index, search, serve
+    add_model_commands(sub)  # export, embed (cli_models)
+    add_search_commands(sub)  # index, search, serve (cli_models)
     return p
 
 

@@ -1,0 +1,83 @@
+"""Argument helpers shared by the command-line modules (`cli`, `cli_models`): integer ranges and the
+argument groups every command spells the same way (config/--set, device, quiet)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .config import PRESETS, Config, ConfigError, load_config, preset_config
+
+
+# --------------------------------------------------------------------------- integer arguments
+
+def int_range(lo: int, hi: int | None = None):
+    """An argparse `type` for an integer in [lo, hi] (hi None = no upper bound): a bad value is a usage
+    error naming the option, never a traceback from deep inside a command."""
+    want = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < lo or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"must be {want}, got {value}")
+        return value
+
+    parse.__name__ = f"integer {want}"
+    return parse
+
+
+positive_int = int_range(1)
+non_negative_int = int_range(0)
+pixels = int_range(16, 4096)  # image sides, the range data.image_size / data.prepared_size accept
+
+
+# --------------------------------------------------------------------------- shared argument groups
+
+def _add_overrides(p: argparse.ArgumentParser, help: str | None = None) -> None:
+    """--set SECTION.KEY=VALUE (repeatable); leftover --section.key=value arguments join them in main."""
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help=help or "override one config value (repeatable); --section.key=value works too")
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    """--config FILE_OR_PRESET and --set: the config of commands that build one."""
+    p.add_argument("--config", help=f"YAML config file, or a preset name ({', '.join(PRESETS)})")
+    _add_overrides(p, "override one config value (repeatable); --section.key=value works too")
+
+
+def _add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
+
+
+def _add_quiet(p: argparse.ArgumentParser, help: str | None = None) -> None:
+    p.add_argument("--quiet", action="store_true", help=help or "no progress bars")
+
+
+def _build_config(args: argparse.Namespace, base: Config | None = None) -> Config:
+    """Preset/file then overrides (including bare --section.key=value arguments)."""
+    overrides = list(args.overrides) + list(getattr(args, "extra_overrides", []))
+    cfg_arg = getattr(args, "config", None)
+    if cfg_arg and cfg_arg in PRESETS and not Path(cfg_arg).exists():
+        return load_config(None, overrides, base=preset_config(cfg_arg))
+    return load_config(cfg_arg, overrides, base=base)
+
+
+def _split_extra(extra: list[str]) -> list[str]:
+    """Turn leftover `--section.key=value` / `--section.key value` args into override strings."""
+    out, i = [], 0
+    while i < len(extra):
+        a = extra[i]
+        if not a.startswith("--") or "." not in a.split("=", 1)[0]:
+            raise ConfigError(f"unrecognised argument {a!r}")
+        if "=" in a:
+            out.append(a[2:])
+            i += 1
+        elif i + 1 < len(extra):
+            out.append(f"{a[2:]}={extra[i + 1]}")
+            i += 2
+        else:
+            raise ConfigError(f"{a}: missing value")
+    return out
