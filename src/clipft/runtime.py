@@ -173,6 +173,17 @@ def _errno_in_chain(e: BaseException) -> int | None:
     return None
 
 
+def make_parent_dir(path: str | Path) -> None:
+    """mkdir -p of `path`'s folder; a full disk or a read-only folder is a StorageError (one line)."""
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        err = storage_error(Path(path), e)
+        if err is not None:
+            raise err from None
+        raise
+
+
 def storage_error(path: str | Path, e: BaseException, needed: int | None = None) -> StorageError | None:
     """A one-line StorageError for a write to `path` that failed with `e` because the disk is full
     or the place is not writable (`needed`: bytes the write needed, when known); None otherwise."""

@@ -27,9 +27,9 @@ from typing import Any, Iterator
 import torch
 import torch.nn.functional as F
 
-from .runtime import apply_umask, check_free_space, ensure_writable_dir, select_precision, storage_error
+from .runtime import (apply_umask, check_free_space, ensure_writable_dir, make_parent_dir, select_precision,
+                      storage_error)
 from .hub import hub_offline
-from .runtime import select_precision
 
 log = logging.getLogger(__name__)
 
@@ -503,13 +503,7 @@ def save_text_cache(path: Path, embeds: torch.Tensor, fingerprint: str, meta: di
     with the process umask; StorageError (one line) when the disk is full or the folder read-only."""
     from safetensors.torch import save_file
     path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        err = storage_error(path, e)
-        if err is not None:
-            raise err from None
-        raise
+    make_parent_dir(path)
     embeds = embeds.detach().to("cpu", torch.float32).contiguous()
     if embeds.ndim != 2:
         raise TextEncoderError(f"{path}: text embeddings must be 2-D [M, D], got {tuple(embeds.shape)}")

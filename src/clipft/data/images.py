@@ -14,6 +14,8 @@ from torchvision import transforms as T
 
 from ..config import ConfigError, Flip, choices
 
+from ..preprocess import to_rgb
+
 log = logging.getLogger(__name__)
 
 _warned: set[str] = set()  # per process: DataLoader workers each warn at most once per path
@@ -26,26 +28,8 @@ def _warn_once(path: Path, reason: str) -> None:
         log.warning("%s: skipping image (%s)", path, reason)
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
-    """Any PIL mode -> RGB. Transparency is composited onto white, high bit depths scaled."""
-    if im.mode == "RGB":
-        return im
-    if im.mode == "P" and "transparency" in im.info:
-        im = im.convert("RGBA")
-    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = im.convert("RGBA")
-        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(bg, rgba).convert("RGB")
-    if im.mode in ("I", "F") or im.mode.startswith("I;16"):
-        # 16/32-bit grey (e.g. 16-bit PNG): PIL's own convert clips instead of rescaling.
-        arr = np.asarray(im, dtype=np.float64)
-        if im.mode == "F" and arr.size and np.nanmax(arr) <= 1.0:
-            arr = arr * 255.0
-        elif arr.size and np.nanmax(arr) > 255:
-            arr = arr * (255.0 / 65535.0)
-        arr = np.nan_to_num(np.clip(arr, 0, 255)).astype(np.uint8)
-        return Image.fromarray(arr).convert("RGB")  # 2-D uint8 -> "L"
-    return im.convert("RGB")  # L, 1, P, CMYK, YCbCr, ...
+# Any PIL mode -> RGB: one rule for training, evaluation and the inference API (clipft.preprocess).
+_to_rgb = to_rgb
 
 
 def load_image(path: str | Path, draft_size: int | None = None, warn: bool = True

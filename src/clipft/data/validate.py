@@ -31,7 +31,7 @@ from typing import Any, Iterable, Sequence
 from PIL import Image
 
 from ..config import Config, DataConfig
-from ..runtime import atomic_write_text, ensure_writable_dir, storage_error, writable_dir
+from ..runtime import atomic_write_text, ensure_writable_dir, make_parent_dir, writable_dir
 from .caches import prepared_split_dirs, user_cache_dir
 from .formats import FORMAT_REGISTRY, resolve_format
 from .images import load_image
@@ -457,13 +457,7 @@ def report_destination(data: str | Path, out: str | Path | None = None) -> Path:
 def write_report_json(report: dict, path: str | Path) -> Path:
     """Write the report as JSON (StorageError, one line, when it cannot be written)."""
     path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        err = storage_error(path, e)
-        if err is not None:
-            raise err from None
-        raise
+    make_parent_dir(path)
     atomic_write_text(path, json.dumps(report, indent=2, default=str) + "\n")
     return path
 
