@@ -25,10 +25,11 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from .model import ModelError
     from .report import ReportError
     from .search.index import SearchError
+    from .runlock import RunInUseError
     from .text import TextEncoderError
     from .train import TrainingError
     return (ConfigError, DataError, DistributedError, DownloadError, EvaluationError, ModelError, ReportError,
-            SearchError, TextEncoderError, TrainingError)
+            SearchError, TextEncoderError, TrainingError, RunInUseError)
 
 
 # --------------------------------------------------------------------------- shared argument groups

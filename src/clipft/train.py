@@ -39,6 +39,7 @@ from .health import HealthMonitor
 from .loss import chance_loss, clip_loss
 from .model import build_image_tower, count_parameters, ensure_image_weights, parameter_parts, tower_state
 from .runfiles import RunFiles, RunLog, read_records
+from .runlock import RunLock
 from .runtime import Precision, hardware_info, overriding, seed_everything, select_precision
 from .step import StepStats, non_finite_state, step_values, train_step
 from .text import get_text_embeddings, load_text_encoder
@@ -373,7 +374,9 @@ def train(cfg: Config, data_root: str | Path, out_dir: str | Path, resume: bool 
     validate(cfg)  # ranges and choices, before any work (configs built in code skip load_config)
     ctx = distributed.setup(cfg.train.device)
     try:
-        return _train(cfg, data_root, RunFiles(Path(out_dir)), resume, progress, ctx, _HOOKS)
+        # One writer per run directory (rank 0 writes RUN): taken before anything is written.
+        with RunLock(out_dir) if ctx.is_main else contextlib.nullcontext():
+            return _train(cfg, data_root, RunFiles(Path(out_dir)), resume, progress, ctx, _HOOKS)
     finally:
         distributed.teardown(ctx)
 
