@@ -25,11 +25,12 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from .model import ModelError
     from .report import ReportError
     from .search.index import SearchError
+    from .preempt import Preempted
     from .runlock import RunInUseError
     from .text import TextEncoderError
     from .train import TrainingError
     return (ConfigError, DataError, DistributedError, DownloadError, EvaluationError, ModelError, ReportError,
-            SearchError, TextEncoderError, TrainingError, RunInUseError)
+            SearchError, TextEncoderError, TrainingError, RunInUseError, Preempted)
 
 
 # --------------------------------------------------------------------------- shared argument groups
@@ -684,9 +685,9 @@ def main(argv: list[str] | None = None) -> int:
         args.extra_overrides = _split_extra(extra)
         code = args.func(args)
         return code
-    except _expected_errors() as e:
-        print(f"clipft: error: {e}", file=sys.stderr)
-        code = EXIT_USAGE
+    except _expected_errors() as e:  # one line; Preempted: its own line and 128 + signal (requeue)
+        print(getattr(e, "line", f"clipft: error: {e}"), file=sys.stderr)
+        code = getattr(e, "exit_code", EXIT_USAGE)
         return code
     except KeyboardInterrupt:
         print("clipft: interrupted (the last completed checkpoint is intact)", file=sys.stderr)
