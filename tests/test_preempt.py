@@ -62,3 +62,30 @@ def test_signal_mid_epoch_saves_and_rerun_resumes_exactly(coco_root, tiny_clip_d
     steps = [r["step"] for r in read_records(b / "metrics.jsonl", "step")]
     assert steps == [r["step"] for r in read_records(a / "metrics.jsonl", "step")] == list(range(1, 7))
     assert [r["epoch"] for r in read_records(b / "metrics.jsonl", "epoch")] == [1, 2]
+
+
+def test_real_sigterm_to_a_cli_process_saves_and_exits_143(coco_root, tiny_clip_dir, tmp_path):
+    import subprocess
+    import sys
+    import time
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "-m", "clipft", "train", "--data", str(coco_root), "--out", str(run),
+                             *small_args(tiny_clip_dir, 50)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600  # a hang guard, not a timing assertion
+    while not read_records_safe(run / "metrics.jsonl") and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 143, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("saved at epoch ")
+    assert torch.load(run / "last.pt", weights_only=False)["epoch_steps"] >= 1
+    assert not [p.name for p in run.iterdir() if ".tmp" in p.name or p.name == ".lock"]
+
+
+def read_records_safe(path):
+    try:
+        return read_records(path, "step")
+    except ValueError:  # a line being written
+        return []
