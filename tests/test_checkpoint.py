@@ -43,3 +43,14 @@ def test_truncate_logs_drops_records_after_the_checkpoint(tmp_path):
     assert read_records(run.metrics) == recs[:2]
     ckpt.truncate_logs(0)  # a fresh run into an old directory
     assert not run.metrics.exists()
+
+
+def test_truncate_logs_to_a_mid_epoch_checkpoint_keeps_its_steps(tmp_path):
+    run = RunFiles(tmp_path)
+    recs = [{"type": "step", "epoch": 1, "step": 1}, {"type": "epoch", "epoch": 1, "step": 1},
+            {"type": "step", "epoch": 2, "step": 2}, {"type": "step", "epoch": 2, "step": 3}]
+    run.metrics.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    Checkpointer(run, SINGLE).truncate_logs(1, step=2)  # saved after step 2, one step into epoch 2
+    assert read_records(run.metrics) == recs[:3]
+    Checkpointer(run, SINGLE).truncate_logs(0, step=1)  # mid-epoch 1: its step 1 stays, no epoch record
+    assert read_records(run.metrics) == recs[:1]

@@ -51,15 +51,17 @@ class Checkpointer:
             seed_everything(seed + 1000 * ckpt["epoch"] + self.ctx.rank)
         return ckpt
 
-    def truncate_logs(self, epoch: int) -> None:
+    def truncate_logs(self, epoch: int, step: int | None = None) -> None:
         """Drop log records written after the checkpoint of `epoch` (a crash mid-epoch), so logs ==
-        checkpoint; a fresh run (epoch 0) into an old directory starts fresh logs."""
+        checkpoint; a fresh run (epoch 0) into an old directory starts fresh logs. `step`: a mid-epoch
+        checkpoint at that global step also keeps the step records up to it."""
         if not self.ctx.is_main:
             return
-        if epoch == 0:
+        if epoch == 0 and step is None:
             self.run.metrics.unlink(missing_ok=True)
             return
-        kept = [r for r in read_records(self.run.metrics) if r.get("epoch", 0) <= epoch]
+        kept = [r for r in read_records(self.run.metrics) if r.get("epoch", 0) <= epoch
+                or (step is not None and r.get("type") == "step" and r.get("step", 0) <= step)]
         self.run.metrics.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     def save(self, state: dict[str, Any], is_best: bool) -> None:

@@ -52,10 +52,12 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from .report import ReportError
     from .runtime import StorageError
     from .search.index import SearchError
+    from .preempt import Preempted
+    from .runlock import RunInUseError
     from .text import TextEncoderError
     from .train import TrainingError
     return (ConfigError, DataError, DistributedError, DownloadError, EvaluationError, ModelError, ReportError,
-            SearchError, StorageError, TextEncoderError, TrainingError)
+            SearchError, StorageError, TextEncoderError, TrainingError, RunInUseError, Preempted)
 
 
 def _add_split_args(p: argparse.ArgumentParser) -> None:
@@ -638,11 +640,11 @@ def main(argv: list[str] | None = None) -> int:
         args.extra_overrides = _split_extra(extra)
         code = args.func(args)
         return code
-    except _expected_errors() as e:
+    except _expected_errors() as e:  # one line; Preempted: its own line and 128 + signal (requeue)
         if debug:
             raise
-        print(f"clipft: error: {e}", file=sys.stderr)
-        code = EXIT_USAGE
+        print(getattr(e, "line", f"clipft: error: {e}"), file=sys.stderr)
+        code = getattr(e, "exit_code", EXIT_USAGE)
         return code
     except KeyboardInterrupt:
         print(f"clipft: interrupted: {_interrupted_note(args)}", file=sys.stderr)

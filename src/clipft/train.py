@@ -39,13 +39,13 @@ from .health import HealthMonitor
 from .loss import chance_loss, clip_loss
 from .model import build_image_tower, count_parameters, ensure_image_weights, parameter_parts, tower_state
 from .runfiles import RunFiles, RunLog, read_records
-from .runtime import Precision, hardware_info, overriding, seed_everything, select_precision, worker_count
+from .preempt import StopFlag, between_steps, resume_loader, stop_if_signalled
+from .runlock import RunLock
+from .runtime import Precision, hardware_info, overriding, rng_state, seed_everything, select_precision, worker_count
 from .step import StepStats, non_finite_state, step_values, train_step
 from .text import get_text_embeddings, load_text_encoder
-from .data.caches import data_root as data_root_of
+from .data.caches import data_root as data_root_of, unused_prepared_note
 from .data.prepare import VERIFY_SAMPLE, DeviceTransform, PreparedDataset, PreparedImages, PreparedLoader
-from .data.caches import unused_prepared_note
-from .data.prepare import DeviceTransform, PreparedDataset, PreparedImages, PreparedLoader
 from .data.validate import preflight
 
 log = logging.getLogger(__name__)
@@ -216,14 +216,16 @@ def open_prepared_train(cfg: Config, data_root: str | Path, train: CaptionedImag
     return ds, tf
 
 
-def make_train_loader(ds: TrainDataset | PreparedDataset, cfg: Config, epoch: int, device: torch.device
-                      ) -> DataLoader | PreparedLoader:
+def make_train_loader(ds: TrainDataset | PreparedDataset, cfg: Config, epoch: int, device: torch.device,
+                      skip_batches: int = 0) -> DataLoader | PreparedLoader:
     """A fresh loader per epoch: the shuffle order and each image's caption depend only on
     (seed, epoch), so a resumed run sees exactly the batches an uninterrupted one would. Under
-    torchrun this process reads its slice of every global batch (`distributed.shard_train_indices`)."""
+    torchrun this process reads its slice of every global batch (`distributed.shard_train_indices`).
+    skip_batches: the loader batches a mid-epoch checkpoint already trained on (never decoded again)."""
     ds.set_epoch(epoch)
     indices = distributed.shard_train_indices(len(ds), cfg.train.batch_size, cfg.train.seed, epoch,
                                               distributed.get_rank(), distributed.get_world_size())
+    indices = indices[skip_batches * cfg.train.batch_size:]  # runs of batch_size: whole batches
     if isinstance(ds, PreparedDataset):
         # A prepared batch is one memcpy: a reader thread beats worker processes (see PreparedLoader).
         return PreparedLoader(ds, indices, cfg.train.batch_size, pin_memory=device.type == "cuda")
@@ -322,6 +324,8 @@ class TrainState:
     totals: dict[str, int] = field(default_factory=lambda: {"skipped_images": 0, "skipped_steps": 0})
     prior_seconds: float = 0.0  # training time of earlier invocations (resumed runs)
     start_epoch: int = 0  # the epoch this invocation started after
+    epoch_steps: int = 0  # optimizer steps of epoch `epoch + 1` done (a mid-epoch checkpoint; else 0)
+    resume_rng: dict | None = None  # a mid-epoch checkpoint's RNG state, put back once the loader exists
     t_train: float = field(default_factory=time.time)  # when this invocation's training began
 
     def train_seconds(self) -> float:
@@ -330,7 +334,7 @@ class TrainState:
     def state_dict(self, cfg: Config, text_info: dict) -> dict[str, Any]:
         return {**tower_state(self.model), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "epoch": self.epoch,
-                "step": self.global_step, "config": to_dict(cfg), "best_metric": self.best_metric,
+                "step": self.global_step, "epoch_steps": self.epoch_steps, "config": to_dict(cfg), "best_metric": self.best_metric,
                 "best_epoch": self.best_epoch, "totals": self.totals, "text": text_info,
                 "train_seconds": self.train_seconds()}
 
@@ -341,7 +345,7 @@ class TrainState:
         if self.scaler.is_enabled() and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         self.epoch = self.start_epoch = ckpt["epoch"]
-        self.global_step = ckpt["step"]
+        self.global_step, self.epoch_steps = ckpt["step"], ckpt.get("epoch_steps", 0)
         self.best_metric, self.best_epoch = ckpt["best_metric"], ckpt["best_epoch"]
         self.totals, self.prior_seconds = ckpt["totals"], ckpt.get("train_seconds", 0.0)
 
@@ -381,7 +385,9 @@ def train(cfg: Config, data_root: str | Path, out_dir: str | Path, resume: bool 
     validate(cfg)  # ranges and choices, before any work (configs built in code skip load_config)
     ctx = distributed.setup(cfg.train.device)
     try:
-        return _train(cfg, data_root, RunFiles(Path(out_dir)), resume, progress, ctx, _HOOKS)
+        # One writer per run directory (rank 0 writes RUN): taken before anything is written.
+        with RunLock(out_dir) if ctx.is_main else contextlib.nullcontext():
+            return _train(cfg, data_root, RunFiles(Path(out_dir)), resume, progress, ctx, _HOOKS)
     finally:
         distributed.teardown(ctx)
 
@@ -401,14 +407,14 @@ def _train(cfg: Config, data_root: str | Path, run: RunFiles, resume: bool, prog
     log_plan(cfg, plan, state, rt)
     health = HealthMonitor(cfg.train.warmup_steps, cfg.model.max_logit_scale, cfg.model.learnable_temperature)
     stats = StepStats(rt.device)
-    with RunLog(run, rt.main, log) as runlog:
+    with RunLog(run, rt.main, log) as runlog, StopFlag() as stop:  # SIGTERM/SIGUSR1: saved at a step boundary
         runlog.mirror = tblog.open_mirror(rt.main and cfg.train.tensorboard, run.root,  # train.tensorboard
                                           state.global_step + 1 if state.global_step else None)
         state.t_train = time.time()
         for epoch in range(state.start_epoch + 1, cfg.train.epochs + 1):
-            loader = hooks.make_loader(plan.dataset, cfg, epoch, rt.device)
+            loader = resume_loader(state, hooks.make_loader, plan.dataset, cfg, epoch, rt.device, plan.accum)
             ep = train_one_epoch(state, loader, runlog, epoch, Loop(cfg, rt, plan, health, stats, checkpointer,
-                                                                     hooks, progress))
+                                                                     hooks, progress, stop))
             record = validate_epoch(state, ep, cfg, rt, plan, hooks)
             end_epoch(state, record, runlog, checkpointer, health, cfg, rt, plan)
     return finish(state, cfg, data_root, run, rt, plan, t_start)
@@ -484,8 +490,11 @@ def restore(state: TrainState, checkpointer: Checkpointer, cfg: Config, rt: Runt
         ckpt = checkpointer.load_last(rt.device, cfg.train.seed)
         state.load_state_dict(ckpt)
         del ckpt
-        checkpointer.truncate_logs(state.epoch)
-        log.info("resuming %s from epoch %d (step %d)", checkpointer.run.root, state.epoch, state.global_step)
+        if state.epoch_steps:  # mid-epoch: this RNG state again once the epoch's loader has drawn its seed
+            state.resume_rng = rng_state()
+        checkpointer.truncate_logs(state.epoch, state.global_step if state.epoch_steps else None)
+        log.info("resuming %s from epoch %d (step %d)", checkpointer.run.root,
+                 state.epoch + (state.epoch_steps > 0), state.global_step)
     elif checkpointer.run.metrics.exists():
         checkpointer.truncate_logs(0)  # a fresh run into an old directory starts fresh logs
 
@@ -527,6 +536,7 @@ class Loop:
     checkpointer: Checkpointer
     hooks: TrainHooks
     progress: bool
+    stop: StopFlag = field(default_factory=StopFlag)  # set by SIGTERM / SIGUSR1
 
 
 def train_one_epoch(state: TrainState, loader: Any, runlog: RunLog, epoch: int, loop: Loop) -> EpochStats:
@@ -544,7 +554,11 @@ def train_one_epoch(state: TrainState, loader: Any, runlog: RunLog, epoch: int, 
     t_log, n_img_logged = time.time(), 0
     stats.new_epoch()
     groups = micro_batch_groups(loader, loop.plan.accum, counts)
-    for micro in itertools.islice(groups, loop.plan.steps_per_epoch):  # one group = one attempted step
+    done, state.epoch_steps = state.epoch_steps, 0  # steps of this epoch a mid-epoch checkpoint holds
+    bar.update(done)
+    # After each step, before the next batch is read: a signal saves here (`preempt.stop_if_signalled`).
+    checked = between_steps(groups, done, lambda n: stop_if_signalled(state, epoch, n, loop, groups))
+    for micro in itertools.islice(checked, loop.plan.steps_per_epoch - done):  # one group = one attempted step
         out = loop.hooks.step(state.ddp_model, micro, state.optimizer, state.scheduler, state.scaler, rt.amp_dtype,
                               cfg.train.grad_clip, gather=rt.world > 1,
                               channels_last=rt.precision.channels_last, transform=loop.plan.device_transform,
