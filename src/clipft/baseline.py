@@ -92,7 +92,9 @@ def clip_baseline_embeddings(name: str, data: CaptionedImages, cache_file: Path,
     """(image_emb [N_ok, D], rows [N_ok], text_emb [M, D]) of a full CLIP model on `data`."""
     from .text import TextEncoderError, TextEncoderUnavailable, get_text_embeddings, load_text_encoder
     try:
-        encoder = load_text_encoder(name, device=device, max_length=max_length)
+        # Captions in the precision the images get (None = fp32), so both towers are measured alike.
+        amp = {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
+        encoder = load_text_encoder(name, device=device, max_length=max_length, amp=amp)
     except TextEncoderUnavailable as e:
         cause = str(e).split(" [", 1)[-1].split("]", 1)[0]
         raise ModelError(f"--compare-zero-shot {name}: not a local directory, and not loadable from the Hugging Face "
