@@ -371,7 +371,8 @@ def test_two_process_training_resumes_exactly_and_validates_like_one_process(coc
     assert len(read_records(a / "metrics.jsonl", "step")) == 6
     summary = json.loads((a / "summary.json").read_text())
     assert summary["distributed"] == {"processes": 2, "backend": "gloo", "batch_per_process": 4, "global_batch": 8,
-                                      "grad_accum_steps": 1, "images_per_step": 8, "sync_batchnorm": False}
+                                      "grad_accum_steps": 1, "images_per_step": 8, "sync_batchnorm": False,
+                                      "embed_chunk": 0}
 
     # Validation: 2 ranks each embedded half of the images; the gathered metrics equal a
     # single-process evaluation of the saved weights (val loss in global batches of 8).
