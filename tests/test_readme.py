@@ -48,7 +48,7 @@ def _clipft_argvs(line: str) -> list[list[str]]:
         return []
     out, cmd = [], []
     for w in words + [";"]:
-        if w in (";", "&&", "||", "|"):
+        if w in (";", "&&", "||", "|", "&"):  # & ends a background command
             for i, x in enumerate(cmd):
                 if (x == "clipft" and i == 0) or (x == "clipft" and i > 0 and cmd[i - 1] == "-m"):
                     out.append(cmd[i + 1:])

@@ -212,7 +212,7 @@ def test_validate_a_missing_path_writes_no_report(tmp_path, monkeypatch, capsys)
     """`validate --data nope` used to write nope.validate.json beside a path that is not there."""
     monkeypatch.chdir(tmp_path)
     assert main(["validate", "--data", "nope", "--no-tokens", "--quiet"]) == 2
-    assert capsys.readouterr().err.strip() == "clipft: error: nope: no such file or folder"
+    assert capsys.readouterr().err.strip() == "clipft: error: nope: no such file or directory"
     assert list(tmp_path.iterdir()) == []
 
 

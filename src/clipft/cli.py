@@ -116,10 +116,6 @@ def cmd_cache_text(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from .data.validate import format_report, report_destination, validate_data, write_report_json
-    from .data import DataError
-    for given in (args.data, args.val_data):
-        if given and not Path(given).exists():  # nothing to report on, and no report beside a missing path
-            raise DataError(f"{given}: no such file or directory")
     cfg = _build_config(args)
     cfg.text.encoder = args.text_encoder or cfg.text.encoder
     out = report_destination(args.data, args.out)  # checked before the work, not after it
@@ -296,7 +292,7 @@ def cmd_inspect_data(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import make_report
-    from .runfiles import check_run_dir
+    from .report import check_run_dir
     check_run_dir(args.run)  # a dataset folder or a typo: one line, not a report of blanks
     r = make_report(args.run, data=args.data, notes=args.notes, ablation=args.ablation, compare=args.compare or (),
                     html=args.html, pdf=args.pdf, complete=not args.no_draw, device=args.device, seed=args.seed,

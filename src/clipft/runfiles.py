@@ -159,16 +159,3 @@ class RunLog:
         if self.enabled:
             from .visualize import plot_training_curves  # matplotlib import only when plotting
             plot_training_curves(self.epochs(), self.run.curves)
-
-
-def check_run_dir(run_dir: str | Path) -> RunFiles:
-    """RunFiles of `run_dir`, or a ConfigError when it is missing or not a training run's directory
-    (a dataset folder, say), so readers never fill a report with blanks."""
-    run = RunFiles(Path(run_dir))
-    if not run.root.is_dir():
-        raise ConfigError(f"{run.root}: no such run directory (give the --out folder of clipft train)")
-    missing = [p.name for p in (run.config, run.metrics) if not p.is_file()]
-    if missing:
-        raise ConfigError(f"{run.root}: not a run directory (no {' or '.join(missing)}); give the --out folder "
-                          "of clipft train, after at least one epoch")
-    return run

@@ -448,7 +448,7 @@ def report_destination(data: str | Path, out: str | Path | None = None) -> Path:
     the work: DataError for a `data` path that is not there (no report beside it), StorageError
     (one line) for a folder that cannot be written."""
     if not Path(data).exists():
-        raise DataError(f"{data}: no such file or folder")
+        raise DataError(f"{data}: no such file or directory")
     path = Path(out) if out else default_report_path(data)
     ensure_writable_dir(path.parent, "pass --out to write the report elsewhere")
     return path
