@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .config import ConfigError
 from .model import ModelError
 from .preprocess import EvalTransform, decode_image, pil_from_uint8, to_rgb
 
@@ -62,10 +63,11 @@ def text_fingerprint(encoder: Any) -> str:
     return hashlib.sha256(encoder.identity.encode("utf-8")).hexdigest()
 
 
-def _fill_template(template: str, label: str) -> str:
-    """template.format(label), "a {}" -> "an {}" before a vowel: what `clipft zeroshot` prompts."""
+def fill_template(template: str, label: str) -> str:
+    """template.format(label), with "a {}" turned into "an {}" before a vowel ("an orange star"): the
+    prompt rule of `clipft zeroshot` (which imports it from here; the API imports nothing of data)."""
     if "{}" not in template:
-        raise ValueError(f"zero-shot template {template!r} has no '{{}}' for the class name")
+        raise ConfigError(f"zero-shot template {template!r} has no '{{}}' for the class name")
     if label[:1].lower() in "aeiou":
         template = re.sub(r"\b([Aa]) \{\}", r"\1n {}", template)
     return template.format(label)
@@ -190,7 +192,7 @@ class ImageTextModel:
         classnames, templates = list(classnames), list(templates)
         if not classnames or not templates:
             raise ValueError("zero_shot needs at least one class name and one template")
-        prompts = [_fill_template(t, c) for c in classnames for t in templates]
+        prompts = [fill_template(t, c) for c in classnames for t in templates]
         cls = self.encode_texts(prompts).reshape(len(classnames), len(templates), -1).mean(1)  # [C, D]
         img = self.encode_images(images)  # [N, D]
         return (self.logit_scale * img @ F.normalize(cls, dim=-1).T).softmax(dim=-1)

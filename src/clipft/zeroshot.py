@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -28,6 +27,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from .api import fill_template
 from .config import ConfigError
 from .data import DataError, read_json
 from .protocols import VAL_PROTOCOLS
@@ -38,14 +38,6 @@ SHAPES_FIELDS = ("color-shape", "shape", "color")
 
 
 # --------------------------------------------------------------------------- prompts and classes
-
-def fill_template(template: str, label: str) -> str:
-    """template.format(label), with "a {}" turned into "an {}" before a vowel ("an orange star")."""
-    if "{}" not in template:
-        raise ConfigError(f"zero-shot template {template!r} has no '{{}}' for the class name")
-    if label[:1].lower() in "aeiou":
-        template = re.sub(r"\b([Aa]) \{\}", r"\1n {}", template)
-    return template.format(label)
 
 
 def class_prompts(labels: Sequence[str], templates: Sequence[str]) -> list[list[str]]:

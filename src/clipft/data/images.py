@@ -9,12 +9,12 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torchvision import transforms as T
 
 from ..config import ConfigError, Flip, choices
 
-from ..preprocess import to_rgb
+from ..preprocess import decode_image
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +28,6 @@ def _warn_once(path: Path, reason: str) -> None:
         log.warning("%s: skipping image (%s)", path, reason)
 
 
-# Any PIL mode -> RGB: one rule for training, evaluation and the inference API (clipft.preprocess).
-_to_rgb = to_rgb
 
 
 def load_image(path: str | Path, draft_size: int | None = None, warn: bool = True
@@ -41,34 +39,10 @@ def load_image(path: str | Path, draft_size: int | None = None, warn: bool = Tru
     smallest DCT scale whose sides are still >= draft_size (much faster for big photos).
     Each bad path is logged once per process (unless warn=False: `clipft validate` reports them).
     """
-    path = Path(path)
-    try:
-        # Open the file ourselves: closing a PIL-owned handle would also destroy the pixels.
-        with open(path, "rb") as f:
-            im = Image.open(f)
-            if draft_size and im.format == "JPEG":
-                im.draft("RGB", (draft_size, draft_size))
-            im.load()
-        rgb = _to_rgb(im)
-    except FileNotFoundError:
-        reason = "missing"
-    except (PermissionError, IsADirectoryError) as e:
-        reason = f"unreadable: {e.strerror or e}"
-    except Image.DecompressionBombError as e:
-        reason = f"undecodable: {e}"
-    except UnidentifiedImageError:
-        reason = "undecodable: not a recognised image format"
-    except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as e:
-        msg = str(e) or type(e).__name__
-        low = msg.lower()
-        kind = "truncated" if ("truncated" in low or "broken data stream" in low
-                               or isinstance(e, EOFError)) else "undecodable"
-        reason = f"{kind}: {msg}"
-    else:
-        return rgb, None
-    if warn:
-        _warn_once(path, reason)
-    return None, reason
+    rgb, reason = decode_image(path, draft_size)  # one decoder for training, evaluation and the API
+    if rgb is None and warn:
+        _warn_once(Path(path), reason)
+    return rgb, reason
 
 
 def build_transform(image_size: int, mean: Sequence[float], std: Sequence[float],
