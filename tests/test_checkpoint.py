@@ -54,3 +54,60 @@ def test_truncate_logs_to_a_mid_epoch_checkpoint_keeps_its_steps(tmp_path):
     assert read_records(run.metrics) == recs[:3]
     Checkpointer(run, SINGLE).truncate_logs(0, step=1)  # mid-epoch 1: its step 1 stays, no epoch record
     assert read_records(run.metrics) == recs[:1]
+
+
+def test_previous_last_is_kept_and_a_damaged_last_falls_back_to_it(tmp_path, caplog):
+    run = RunFiles(tmp_path)
+    ckpt = Checkpointer(run, SINGLE)
+    ckpt.save({"epoch": 1, "step": 4}, is_best=False)
+    assert not run.last_prev.exists()  # nothing older yet
+    ckpt.save({"epoch": 2, "step": 8}, is_best=False)
+    assert torch.load(run.last_prev, weights_only=False)["epoch"] == 1
+    assert Checkpointer(run, SINGLE).open_resume(True)["epoch"] == 2
+    data = run.last.read_bytes()
+    run.last.write_bytes(data[: len(data) // 2])  # truncated after it was written (a copy cut short, a full disk)
+    again = Checkpointer(run, SINGLE)
+    with caplog.at_level("WARNING"):
+        assert again.open_resume(True)["epoch"] == 1 and again.resumed_from == run.last_prev
+    assert "last.pt cannot be read" in caplog.text and "resuming from" in caplog.text
+    run.last_prev.write_bytes(b"not a checkpoint")
+    try:
+        Checkpointer(run, SINGLE).open_resume(True)
+    except Exception as e:  # noqa: BLE001
+        assert type(e).__name__ == "CheckpointError" and "\n" not in str(e)
+        assert "--no-resume" in str(e) and "last.prev.pt" in str(e)
+    else:
+        raise AssertionError("two unreadable checkpoints must be refused")
+    assert Checkpointer(run, SINGLE).open_resume(False) is None  # --no-resume never reads them
+
+
+def test_a_checkpoint_that_does_not_read_back_keeps_the_previous_one(tmp_path, monkeypatch):
+    import clipft.checkpoint as ck
+    run = RunFiles(tmp_path)
+    ckpt = Checkpointer(run, SINGLE)
+    ckpt.save({"epoch": 1, "step": 4}, is_best=False)
+
+    def unreadable(path):
+        raise ck.CheckpointError(f"{path}: does not read back")
+    monkeypatch.setattr(ck, "_readable", unreadable)
+    try:
+        ckpt.save({"epoch": 2, "step": 8}, is_best=False)
+    except ck.CheckpointError:
+        pass
+    assert torch.load(run.last, weights_only=False)["epoch"] == 1 and not run.last_prev.exists()
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_stale_temp_files_go_and_checkpoint_every_is_due_by_steps_or_clock(tmp_path):
+    run = RunFiles(tmp_path)
+    (tmp_path / ".last.pt.tmp1234").write_bytes(b"half")  # what a SIGKILL mid-write leaves
+    (tmp_path / "notes.tmp").write_text("a user's file")
+    ckpt = Checkpointer(run, SINGLE)
+    ckpt.remove_stale_temp()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.tmp"]
+    assert [s for s in range(1, 10) if ckpt.due(s, ("steps", 3))] == [3, 6, 9]
+    assert not ckpt.due(5, ("off", 0)) and not ckpt.due(5, ("minutes", 1.0))
+    ckpt.saved_at -= 61
+    assert ckpt.due(5, ("minutes", 1.0))
+    ckpt.save({"epoch": 1, "step": 5}, is_best=False)  # a save restarts the clock
+    assert not ckpt.due(6, ("minutes", 1.0))

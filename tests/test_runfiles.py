@@ -26,3 +26,26 @@ def test_resumed_run_starts_from_its_saved_config(tmp_path):
     save_config(saved, tmp_path / "config.json")
     assert resolve_run_config(tmp_path, overrides=["train.lr=0.5"]).train.epochs == 7
     assert resolve_run_config(tmp_path, resume=False).train.epochs == Config().train.epochs
+
+
+def test_a_named_config_is_not_replaced_by_the_saved_one_on_resume(tmp_path):
+    saved = Config()
+    saved.train.epochs = 7
+    save_config(saved, tmp_path / "config.json")
+    named = resolve_run_config(tmp_path, base=Config(), explicit=True)  # --config demo / FILE on a rerun
+    assert named.train.epochs == Config().train.epochs  # compared with the stored run, never ignored
+
+
+def test_a_torn_last_line_is_dropped_with_a_warning_and_a_damaged_one_is_refused(tmp_path, caplog):
+    import pytest
+
+    from clipft.config import ConfigError
+    path = tmp_path / "metrics.jsonl"
+    good = [{"type": "step", "step": 1}, {"type": "epoch", "epoch": 1}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in good) + '{"type": "step", "st')
+    with caplog.at_level("WARNING"):
+        assert read_records(path) == good
+    assert "line 3 is incomplete" in caplog.text and str(path) in caplog.text
+    path.write_text(json.dumps(good[0]) + "\n{not json\n" + json.dumps(good[1]) + "\n")
+    with pytest.raises(ConfigError, match=r"line 2 is not a JSON record"):
+        read_records(path)

@@ -34,6 +34,7 @@ import yaml
 from . import train as trainer
 from .config import (PRESETS, Config, ConfigError, from_dict, load_config, preset_config, save_config, validate,
                      to_dict, update_from_dict)
+from .resume import config_differences
 from .runfiles import RunFiles, read_records
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,8 @@ QUICK_OVERRIDES: dict[str, dict[str, Any]] = {
 DEMO_DATA_SIZES = (2000, 500)
 QUICK_DATA_SIZES = (200, 100)
 # Keys that do not change what a run computes: a saved run may differ in them and still count.
-IGNORED_KEYS = {"data.num_workers", "train.log_every", "text.batch_size", "text.cache_dir", "eval.batch_size"}
+IGNORED_KEYS = {"data.num_workers", "train.log_every", "text.batch_size", "text.cache_dir", "eval.batch_size",
+                "train.checkpoint_every"}
 FAILED_MARK = "ablation_failed.txt"
 
 
@@ -198,18 +200,6 @@ def plan_study(base: Config, configs: dict[str, dict], seeds: Sequence[int], out
     return runs
 
 
-def _flat(d: dict[str, Any]) -> dict[str, Any]:
-    return {f"{s}.{k}": v for s, kv in d.items() for k, v in kv.items()}
-
-
-def config_differences(saved: dict[str, Any], wanted: Config) -> list[str]:
-    """`key: saved -> wanted` for every key (outside IGNORED_KEYS) where a saved run config
-    differs from the one the study would use now."""
-    a, b = _flat(to_dict(from_dict(saved))), _flat(to_dict(wanted))
-    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
-            if k not in IGNORED_KEYS and a.get(k) != b.get(k)]
-
-
 def run_status(run: StudyRun) -> str:
     """"new", "partial" (train resumes it), "complete" or "failed" (failed or diverged before; delete the
     directory to retry). A directory holding a run of another config is an AblationError: its
@@ -217,7 +207,7 @@ def run_status(run: StudyRun) -> str:
     files = RunFiles(run.dir)
     if not files.config.is_file():
         return "new"
-    diffs = config_differences(json.loads(files.config.read_text()), run.cfg)
+    diffs = config_differences(json.loads(files.config.read_text()), run.cfg, IGNORED_KEYS)
     if diffs:
         raise AblationError(f"{run.dir}: holds a run with another config ({'; '.join(diffs[:4])}"
                             f"{'; ...' if len(diffs) > 4 else ''}); use another --out or delete that directory")

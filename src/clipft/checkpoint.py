@@ -1,6 +1,9 @@
 """Checkpoints of a run (timm's CheckpointSaver, for one last and one best): RUN/last.pt after every
-epoch, RUN/best.pt when the epoch is the best so far, both written atomically (temp file + rename), so
-an interrupt never leaves a half-written checkpoint.
+epoch (and mid-epoch every train.checkpoint_every, or on a preemption signal), RUN/best.pt when the
+epoch is the best so far, both written atomically (temp file + rename), so an interrupt never leaves a
+half-written checkpoint. A new last.pt is read back before it replaces the old one, which stays as
+RUN/last.prev.pt: a resume whose last.pt does not load (truncated later by a full disk, a copy cut
+short) falls back to it.
 
 A checkpoint holds the tower, optimizer, scheduler and scaler states, the RNG state of every rank,
 the counters of the loop and the config; resuming from it is exact (see `TrainState` in train.py).
@@ -10,6 +13,9 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,27 +26,85 @@ from .runtime import atomic_torch_save, rng_state, seed_everything, set_rng_stat
 
 log = logging.getLogger(__name__)
 
+_TEMP = re.compile(r"\..+\.tmp\d+")  # atomic writes' temp files (runtime.atomic_torch_save / atomic_write_text)
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint of the run directory can be resumed from (one line saying what to do)."""
+
+
+def read_checkpoint_file(path: Path, map_location: Any = "cpu") -> dict[str, Any]:
+    """A checkpoint dict, or CheckpointError naming the file and why it does not load."""
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # noqa: BLE001 - torch raises RuntimeError, EOFError, pickle errors, ...
+        first = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:160]  # torch's first sentence
+        raise CheckpointError(f"{path} cannot be read ({type(e).__name__}: {first})") from None
+    if not isinstance(ckpt, dict) or "epoch" not in ckpt or "step" not in ckpt:
+        raise CheckpointError(f"{path} is not a clipft training checkpoint")
+    return ckpt
+
+
+def _readable(path: Path) -> None:
+    """A freshly written checkpoint reads back (memory-mapped: the pickle and the tensor index)."""
+    try:
+        torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{path}: the checkpoint just written does not read back ({type(e).__name__}); "
+                              "the previous one is kept") from None
+
 
 class Checkpointer:
     """last.pt / best.pt of one run directory, for this process (`ctx`); rank 0 alone writes."""
 
     def __init__(self, run: RunFiles, ctx: distributed.DistContext):
         self.run, self.ctx = run, ctx
+        self._resume: dict[str, Any] | None = None
+        self.resumed_from: Path | None = None
+        self.saved_at = time.time()  # the clock of train.checkpoint_every in minutes
 
     def find_last(self, resume: bool) -> bool:
-        """Whether to resume from RUN/last.pt; every process must see the same answer."""
-        has_last = resume and self.run.last.is_file()
+        """Whether to resume (RUN/last.pt or RUN/last.prev.pt exists); every process must see the same."""
+        has_last = resume and (self.run.last.is_file() or self.run.last_prev.is_file())
         if self.ctx.world_size > 1 and len(set(distributed.all_gather_objects(has_last))) > 1:
             raise distributed.DistributedError(f"{self.run.last} is visible to some processes and not to others: "
                                                "the run directory must be on a filesystem shared by all nodes")
         return has_last
 
+    def open_resume(self, resume: bool) -> dict[str, Any] | None:
+        """The checkpoint a rerun continues from (on the CPU), or None for a fresh start: RUN/last.pt,
+        or RUN/last.prev.pt with a warning when last.pt is missing or does not load. CheckpointError
+        (one line) when neither loads. Kept for `load_last`."""
+        self._resume = None
+        if not self.find_last(resume):
+            return None
+        problems = []
+        for path in (self.run.last, self.run.last_prev):
+            if not path.is_file():
+                continue
+            try:
+                self._resume = read_checkpoint_file(path)
+            except CheckpointError as e:
+                problems.append(str(e))
+                continue
+            if problems and self.ctx.is_main:
+                log.warning("%s; resuming from %s instead (saved after epoch %d, global step %d)", problems[0], path,
+                            self._resume["epoch"], self._resume["step"])
+            self.resumed_from = path
+            return self._resume
+        raise CheckpointError(f"{'; '.join(problems)}; nothing to resume from: rerun with --no-resume to start "
+                              "over, or use another --out")
+
     def load_last(self, device: torch.device, seed: int) -> dict[str, Any]:
-        """RUN/last.pt, with this process's RNG stream restored from it.
+        """The checkpoint `open_resume` found (RUN/last.pt unless it was damaged), with this process's
+        RNG stream restored from it.
 
         Each rank continues its own RNG stream; with another number of processes the data order and
         global batch change anyway, so rank 0's state (reseeded per rank) is the best there is."""
-        ckpt = torch.load(self.run.last, map_location=device, weights_only=False)
+        ckpt = getattr(self, "_resume", None) or self.open_resume(True)
+        self._resume = None
+        if ckpt is None:
+            raise CheckpointError(f"{self.run.last}: no checkpoint to resume from")
         rngs = ckpt.get("rng_per_rank") or [ckpt["rng"]]
         if len(rngs) == self.ctx.world_size:
             set_rng_state(rngs[self.ctx.rank])
@@ -50,6 +114,34 @@ class Checkpointer:
             set_rng_state(rngs[0])
             seed_everything(seed + 1000 * ckpt["epoch"] + self.ctx.rank)
         return ckpt
+
+    def start_over(self) -> None:
+        """--no-resume into a directory holding an earlier run: its checkpoints go (rank 0), so none
+        of them can be mistaken for this run's, by a later resume or by evaluate."""
+        old = [p for p in (self.run.last, self.run.last_prev, self.run.best) if p.is_file()]
+        if self.ctx.is_main and old:
+            log.info("starting over in %s: removing the earlier run's %s", self.run.root,
+                     ", ".join(p.name for p in old))
+            for p in old:
+                p.unlink(missing_ok=True)
+
+    def remove_stale_temp(self) -> None:
+        """Temp files a SIGKILL left mid-write (rank 0, holding the run lock: no other writer exists)."""
+        if not self.ctx.is_main or not self.run.root.is_dir():
+            return
+        for p in self.run.root.iterdir():
+            if _TEMP.fullmatch(p.name) and p.is_file():
+                log.info("removing %s (left by an interrupted write)", p)
+                p.unlink(missing_ok=True)
+
+    def due(self, step: int, every: tuple[str, float]) -> bool:
+        """Whether train.checkpoint_every (`config.checkpoint_interval`) asks for a mid-epoch
+        checkpoint after global step `step`: every N steps, or N minutes after the last save. A host
+        clock read, no device sync; under torchrun the ranks agree on it (`preempt.at_step_boundary`)."""
+        kind, n = every
+        if kind == "steps":
+            return step % int(n) == 0
+        return kind == "minutes" and time.time() - self.saved_at >= 60 * n
 
     def truncate_logs(self, epoch: int, step: int | None = None) -> None:
         """Drop log records written after the checkpoint of `epoch` (a crash mid-epoch), so logs ==
@@ -67,10 +159,12 @@ class Checkpointer:
     def save(self, state: dict[str, Any], is_best: bool) -> None:
         """Write `state` (plus every rank's RNG stream, gathered here) to last.pt, and to best.pt."""
         rngs = distributed.all_gather_objects(rng_state())  # every rank's stream, for an exact resume
+        self.saved_at = time.time()
         if not self.ctx.is_main:
             return
         ckpt = {**state, "rng": rngs[0], "rng_per_rank": rngs, "world_size": self.ctx.world_size}
-        atomic_torch_save(ckpt, self.run.last)
+        # Read back before it replaces last.pt; the old one stays as last.prev.pt (the resume fallback).
+        atomic_torch_save(ckpt, self.run.last, verify=_readable, previous=self.run.last_prev)
         if is_best:
             atomic_torch_save(ckpt, self.run.best)
 

@@ -44,6 +44,7 @@ as configs/coco-rn50.yaml. Every value can be changed with --set SECTION.KEY=VAL
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
+    from .checkpoint import CheckpointError
     from .data import DataError
     from .distributed import DistributedError
     from .data.download import DownloadError
@@ -53,11 +54,13 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from .runtime import StorageError
     from .search.index import SearchError
     from .preempt import Preempted
+    from .resume import ResumeError
     from .runlock import RunInUseError
     from .text import TextEncoderError
     from .train import TrainingError
     return (ConfigError, DataError, DistributedError, DownloadError, EvaluationError, ModelError, ReportError,
-            SearchError, StorageError, TextEncoderError, TrainingError, RunInUseError, Preempted)
+            SearchError, StorageError, TextEncoderError, TrainingError, RunInUseError, Preempted, ResumeError,
+            CheckpointError)
 
 
 def _add_split_args(p: argparse.ArgumentParser) -> None:
@@ -150,7 +153,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + list(args.extra_overrides)
     base = preset_config(args.config) if args.config in PRESETS and not Path(args.config).exists() else None
     cfg_file = None if base is not None else args.config
-    cfg = resolve_run_config(args.out, cfg_file, overrides, base=base, resume=args.resume)
+    cfg = resolve_run_config(args.out, cfg_file, overrides, base=base, resume=args.resume,
+                             explicit=args.config is not None)
     created = not Path(args.out).exists()
     try:
         summary = train(cfg, args.data, args.out, resume=args.resume, progress=not args.quiet)
@@ -595,7 +599,8 @@ def _interrupted_note(args: argparse.Namespace) -> str:
     cmd, out = getattr(args, "command", None), getattr(args, "out", None)
     if cmd == "train":
         if out and (Path(out) / "last.pt").is_file():
-            return f"the last completed epoch is saved in {Path(out) / 'last.pt'}: rerun the same command to resume"
+            return (f"the last checkpoint (an epoch end, or train.checkpoint_every) is {Path(out) / 'last.pt'}: "
+                    "rerun the same command to resume")
         return "stopped before the first epoch finished: no checkpoint yet (finished caption caches are kept)"
     return {
         "cache-text": "the splits reported above are cached; a partly embedded split is not: rerun to finish",

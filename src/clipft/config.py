@@ -150,6 +150,9 @@ class TrainConfig:
     grad_accum_steps: int = 1
     sync_batchnorm: bool = False  # multi-GPU: BatchNorm statistics over the global batch (SyncBatchNorm, CUDA only)
     tensorboard: bool = False  # also mirror metrics.jsonl to RUN/tensorboard/ (rank 0; the `tensorboard` extra)
+    # A mid-epoch RUN/last.pt this often, so a SIGKILL (or a crash) loses at most this much work:
+    # "Nmin" = every N minutes, "N" (or "Nsteps") = every N optimizer steps, "0" = at epoch ends only.
+    checkpoint_every: str = "10min"
 
 
 @dataclass
@@ -207,6 +210,19 @@ def _num(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else f"{x:g}"
 
 
+_INTERVAL = re.compile(r"\s*(?:(?P<steps>\d+)\s*(?:steps?)?|(?P<minutes>\d+(?:\.\d*)?|\.\d+)\s*(?:min|m))\s*")
+
+
+def checkpoint_interval(value: str) -> tuple[str, float]:
+    """train.checkpoint_every parsed: ("steps", N), ("minutes", N) or ("off", 0); ConfigError otherwise."""
+    m = _INTERVAL.fullmatch(str(value))
+    if m is None:
+        raise ConfigError(f"train.checkpoint_every must be N (steps), Nsteps or Nmin (minutes), got {value!r}")
+    if m["steps"] is not None:
+        return ("steps", float(m["steps"])) if int(m["steps"]) > 0 else ("off", 0.0)
+    return ("minutes", float(m["minutes"])) if float(m["minutes"]) > 0 else ("off", 0.0)
+
+
 def validate(cfg: Config, source: str = "config") -> Config:
     """Check every value against its allowed range or choices; raise one ConfigError naming the key."""
     problems = []
@@ -224,6 +240,10 @@ def validate(cfg: Config, source: str = "config") -> Config:
             _check_choices(getattr(cfg, section), section)
         except ConfigError as e:
             problems.append(str(e))
+    try:
+        checkpoint_interval(cfg.train.checkpoint_every)
+    except ConfigError as e:
+        problems.append(str(e))
     if not _DEVICE.fullmatch(cfg.train.device):
         problems.append(f"train.device must be auto, cpu, cuda or cuda:N, got {cfg.train.device!r}")
     if not cfg.eval.zeroshot_templates or any("{}" not in t for t in cfg.eval.zeroshot_templates):

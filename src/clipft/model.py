@@ -40,8 +40,10 @@ def ensure_image_weights(backbone: str, weights: str) -> Path | None:
     """Make sure `build_backbone` will find its pretrained weights, before any expensive step
     (caption caching) runs: the cached file, else a download now. ModelError (one line naming the
     file to place) when neither works; None for image_weights=none."""
-    if weights != "imagenet" or backbone not in BACKBONES:
-        return None  # unknown names and values fail in build_backbone with their own message
+    if backbone not in BACKBONES:  # before any work (and before a run directory records it)
+        raise ModelError(f"unknown backbone {backbone!r} (choose from {', '.join(BACKBONES)})")
+    if weights != "imagenet":
+        return None  # other values fail in build_backbone with their own message
     w = imagenet_weights(backbone)
     cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(w.url).name
     if cache.is_file():

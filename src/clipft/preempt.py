@@ -1,6 +1,8 @@
 """Preemption: SIGTERM (what SLURM and Kubernetes send before killing a job) and SIGUSR1 (SLURM's
 `--signal=B:USR1@SECONDS` warning) stop `clipft train` at the next step boundary with a mid-epoch
-checkpoint, so a requeued rerun of the same command loses no finished step.
+checkpoint, so a requeued rerun of the same command loses no finished step. train.checkpoint_every
+writes the same mid-epoch checkpoint on a clock (or a step count), which bounds what a SIGKILL, an
+out-of-memory kill or a node failure can lose.
 
 The handler only sets a flag: the epoch loop reads it between steps (a Python bool, no device sync),
 saves last.pt through the Checkpointer and raises `Preempted`; the CLI prints one line and exits with
@@ -83,16 +85,21 @@ def between_steps(groups: Iterator, done: int, check: Callable[[int], None]) -> 
         check(done)
 
 
-def stop_if_signalled(state: Any, epoch: int, done: int, loop: Any, groups: Iterator) -> None:
-    """At a step boundary after SIGTERM / SIGUSR1: last.pt at (epoch, `done` steps of it; through the
-    Checkpointer, atomic), then `Preempted`. The flag is a host bool (no device sync); under torchrun
-    the ranks agree on it first (every rank must save and stop at the same step)."""
-    signum = loop.stop.signum or 0
+def at_step_boundary(state: Any, epoch: int, done: int, loop: Any, groups: Iterator) -> None:
+    """After a step (`done` steps of `epoch` finished): a mid-epoch last.pt when train.checkpoint_every
+    is due (`Checkpointer.due`), or after SIGTERM / SIGUSR1, and then `Preempted`. Both are host
+    values (a Python bool, the clock: no device sync); under torchrun the ranks agree on them in one
+    small all-gather first, since every rank must save and stop at the same step."""
+    signum, due = loop.stop.signum or 0, loop.checkpointer.due(state.global_step, loop.checkpoint_every)
     if loop.rt.world > 1:
-        signum = max(r[0] for r in distributed.all_gather_ints([signum]))
-    if not signum:
+        votes = distributed.all_gather_ints([signum, int(due)])
+        signum, due = max(v[0] for v in votes), any(v[1] for v in votes)
+    if not signum and not due:
         return
-    groups.close()  # the loader's workers first: they must not outlive the run
-    state.epoch_steps = done
-    loop.checkpointer.save(state.state_dict(loop.cfg, loop.plan.data.text_info) if loop.rt.main else {}, False)
-    raise Preempted(signum, epoch, done)
+    if signum:
+        groups.close()  # the loader's workers first: they must not outlive the run
+    state.epoch_steps = done  # through the Checkpointer: atomic, read back, last.prev.pt kept
+    loop.checkpointer.save(state.state_dict(loop.cfg, loop.plan.data) if loop.rt.main else {}, False)
+    state.epoch_steps = 0  # the epoch goes on (the epoch-end checkpoint is a whole-epoch one)
+    if signum:
+        raise Preempted(signum, epoch, done)

@@ -5,6 +5,7 @@ Layout of a run directory (RUN):
   metrics.jsonl     one JSON record per logged step and per epoch: the source of truth
   epochs.csv        the epoch records, flat, for spreadsheets
   last.pt / best.pt atomic checkpoints (best by mean validation Recall@5 over both directions)
+  last.prev.pt      the last.pt before the newest one (resumed from when last.pt does not load)
   loss_curves.png   loss and Recall@K per epoch
   summary.json      wall time, hardware, dataset sizes, best epoch, skipped images/steps
 
@@ -34,6 +35,7 @@ class RunFiles:
     metrics: Path = field(init=False)
     epochs_csv: Path = field(init=False)
     last: Path = field(init=False)
+    last_prev: Path = field(init=False)
     best: Path = field(init=False)
     summary: Path = field(init=False)
     curves: Path = field(init=False)
@@ -44,6 +46,7 @@ class RunFiles:
         self.metrics = self.root / "metrics.jsonl"
         self.epochs_csv = self.root / "epochs.csv"
         self.last = self.root / "last.pt"
+        self.last_prev = self.root / "last.prev.pt"
         self.best = self.root / "best.pt"
         self.summary = self.root / "summary.json"
         self.curves = self.root / "loss_curves.png"
@@ -51,25 +54,48 @@ class RunFiles:
 
 def resolve_run_config(out_dir: str | Path, config_file: str | Path | None = None,
                        overrides: list[str] | None = None, base: Config | None = None,
-                       resume: bool = True) -> Config:
+                       resume: bool = True, explicit: bool = False) -> Config:
     """The config a run uses: a resumed run starts from its saved config.json (big_vision-style
-    auto-resume), a new one from `base` (defaults when None); then the file, then the overrides."""
+    auto-resume), a new one from `base` (defaults when None); then the file, then the overrides.
+    explicit=True (the user named --config): `base` and the file are used on resume too, and the
+    trainer compares the result with the stored run (`resume.check_config`) instead of ignoring it."""
     saved = Path(out_dir) / "config.json"
-    if resume and saved.is_file():
+    if resume and saved.is_file() and not explicit:
         base = from_dict(json.loads(saved.read_text()))
     return load_config(config_file, overrides, base=base)
 
 
+_TORN_SEEN: set[tuple[str, int]] = set()  # (path, size) whose torn last line was already reported
+
+
 def read_records(path: Path, kind: str | None = None) -> list[dict]:
-    """Records of a metrics.jsonl (optionally only those of one `type`)."""
-    if not Path(path).is_file():
+    """Records of a metrics.jsonl (optionally only those of one `type`).
+
+    A last line cut short (a crash or a full disk mid-write) is dropped with a warning: the records
+    before it are intact, and a resume rewrites the file without it. Any other line that is not a
+    JSON record is a ConfigError naming the file and the line."""
+    path = Path(path)
+    if not path.is_file():
         return []
+    lines = [(n, line) for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1) if line.strip()]
     out = []
-    for line in Path(path).read_text().splitlines():
-        if line.strip():
+    for i, (n, line) in enumerate(lines):
+        try:
             rec = json.loads(line)
-            if kind is None or rec.get("type") == kind:
-                out.append(rec)
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise ConfigError(f"{path}: line {n} is not a JSON record (the file is damaged); remove that "
+                                  "line, then rerun") from None
+            key = (str(path), path.stat().st_size)
+            if key not in _TORN_SEEN:
+                _TORN_SEEN.add(key)
+                log.warning("%s: line %d is incomplete (a write cut short); ignoring it", path, n)
+            break
+        if not isinstance(rec, dict):
+            raise ConfigError(f"{path}: line {n} is not a JSON record (the file is damaged); remove that line, "
+                              "then rerun")
+        if kind is None or rec.get("type") == kind:
+            out.append(rec)
     return out
 
 

@@ -14,7 +14,7 @@ import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 import numpy as np
 import torch
@@ -262,10 +262,14 @@ def _payload_bytes(obj: Any) -> int:
     return total
 
 
-def atomic_torch_save(obj: Any, path: Path) -> None:
+def atomic_torch_save(obj: Any, path: Path, verify: Callable[[Path], Any] | None = None,
+                      previous: Path | None = None) -> None:
     """Write to a temp file beside `path`, fsync, then rename: a crash never leaves a half file,
     and a failed save leaves the previous file untouched (and no temp file behind). A full disk or
-    a read-only folder is a StorageError naming `path` and the space it needed."""
+    a read-only folder is a StorageError naming `path` and the space it needed.
+
+    verify(temp file) runs before the rename (it raises when the file does not read back);
+    previous: the file `path` held is kept under this name, replaced only by a verified new one."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
@@ -273,6 +277,10 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        if verify is not None:
+            verify(tmp)
+        if previous is not None and path.exists():
+            os.replace(path, previous)  # a crash between the two renames leaves `previous` (resume finds it)
         os.replace(tmp, path)
     except BaseException as e:
         tmp.unlink(missing_ok=True)

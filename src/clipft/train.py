@@ -30,29 +30,23 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import distributed, tblog
-from .config import Config, save_config, to_dict, validate
-from .data import (CaptionedImages, TrainDataset, build_transform, collate_train, left_right_captions,
-                   load_split, prepared_split_dir, swapped_text_cache_file, text_cache_file)
+from .config import Config, checkpoint_interval, save_config, to_dict, validate
+from .data import TrainDataset, build_transform, collate_train
 from .evaluate import EvaluationError, evaluate_split, mean_recall, sharded_embed_images
 from .checkpoint import Checkpointer
 from .health import HealthMonitor
 from .loss import chance_loss, clip_loss
-from .model import build_image_tower, count_parameters, ensure_image_weights, parameter_parts, tower_state
+from .model import build_image_tower, count_parameters, parameter_parts, tower_state
 from .runfiles import RunFiles, RunLog, read_records
-from .preempt import StopFlag, between_steps, resume_loader, stop_if_signalled
+from .preempt import StopFlag, at_step_boundary, between_steps, resume_loader
+from .resume import check_config, check_data
 from .runlock import RunLock
 from .runtime import Precision, hardware_info, overriding, rng_state, seed_everything, select_precision, worker_count
 from .step import StepStats, non_finite_state, step_values, train_step
-from .text import get_text_embeddings, load_text_encoder
-from .data.caches import data_root as data_root_of, unused_prepared_note
-from .data.prepare import VERIFY_SAMPLE, DeviceTransform, PreparedDataset, PreparedImages, PreparedLoader
-from .data.validate import preflight
+from .data.prepare import DeviceTransform, PreparedDataset, PreparedLoader
+from .traindata import PreparedData, TrainingError, open_prepared_train, prepare_data  # noqa: F401 (TrainingError: re-exported)
 
 log = logging.getLogger(__name__)
-
-
-class TrainingError(RuntimeError):
-    """A run that had to stop (e.g. diverged); the message says what is intact."""
 
 
 # --------------------------------------------------------------------------- small pieces
@@ -113,108 +107,6 @@ def _adamw(groups: list[dict], lr: float) -> torch.optim.AdamW:
 
 
 # --------------------------------------------------------------------------- data
-
-@dataclass
-class PreparedData:
-    train: CaptionedImages
-    val: CaptionedImages
-    train_text: torch.Tensor  # [M_train, D], L2-normalised, caption order of `train`
-    val_text: torch.Tensor  # [M_val, D]
-    text_info: dict
-    # data.flip=swap only: embeddings [K, D] of the train captions with left/right swapped, and
-    # each train caption's row in it [M_train] (-1 = no left/right); see data.left_right_captions.
-    train_flip_text: torch.Tensor | None = None
-    train_flip_rows: torch.Tensor | None = None
-
-
-def prepare_data(cfg: Config, data_root: str | Path, device: torch.device) -> PreparedData:
-    """Load and validate both splits (refusing bad annotation files, missing images and a train/val
-    leak before anything trains: `validate.preflight`), then load or build the cached caption
-    embeddings; the text encoder is freed afterwards."""
-    data_root = Path(data_root)
-    train = load_split(data_root, cfg.data.train_split, cfg.data)
-    val = load_split(data_root, cfg.data.val_split, cfg.data)
-    if len(train) == 0 or len(val) == 0:
-        raise TrainingError(f"{data_root}: no captioned images in split "
-                            f"{cfg.data.train_split if len(train) == 0 else cfg.data.val_split!r}")
-    preflight(train, val, cfg.data)
-    # Everything that can fail without computing fails here, before the captions are embedded.
-    ensure_image_weights(cfg.model.backbone, cfg.model.image_weights)
-    encoder = load_text_encoder(cfg.text.encoder, device=device, max_length=cfg.text.max_length, amp=cfg.train.amp)
-    embeds, infos = [], {}
-    for name, split in ((cfg.data.train_split, train), (cfg.data.val_split, val)):
-        emb, info = get_text_embeddings(
-            split.captions, cfg.text.encoder, text_cache_file(data_root, name, cfg),
-            device=device, batch_size=cfg.text.batch_size, max_length=cfg.text.max_length,
-            on_mismatch=cfg.text.on_mismatch, encoder=encoder)
-        embeds.append(emb)
-        infos[name] = {k: (str(v) if isinstance(v, Path) else v) for k, v in info.items()}
-    infos["encoder_dim"] = encoder.dim
-    flip_text, flip_rows = _left_right_swapped(cfg, train, swapped_text_cache_file(data_root, cfg), encoder, device,
-                                               infos)
-    del encoder  # frozen and no longer needed: training reads the cache only
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return PreparedData(train, val, embeds[0], embeds[1], infos, train_flip_text=flip_text, train_flip_rows=flip_rows)
-
-
-def _left_right_swapped(cfg: Config, train: CaptionedImages, swap_file: Path, encoder, device: torch.device,
-                        infos: dict) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """For data.flip=swap: embeddings of the train captions that mention left/right, with the two
-    words swapped, cached like any caption list (fingerprinted, `<split>-lrswap` cache file)."""
-    if not cfg.data.augment or cfg.data.flip == "off":
-        return None, None
-    rows, swapped = left_right_captions(train.captions)
-    if cfg.data.flip == "plain":
-        if swapped:
-            log.warning("%d of %d train captions mention left/right: with data.flip=plain they are wrong for "
-                        "flipped images (data.flip=swap fixes that, data.flip=off avoids it)",
-                        len(swapped), len(rows))
-        return None, None
-    if not swapped:
-        return torch.zeros(0, encoder.dim), rows
-    name = f"{cfg.data.train_split}-lrswap"
-    emb, info = get_text_embeddings(
-        swapped, cfg.text.encoder, swap_file, device=device,
-        batch_size=cfg.text.batch_size, max_length=cfg.text.max_length, on_mismatch=cfg.text.on_mismatch,
-        encoder=encoder)
-    infos[name] = {k: (str(v) if isinstance(v, Path) else v) for k, v in info.items()}
-    return emb, rows
-
-
-def open_prepared_train(cfg: Config, data_root: str | Path, train: CaptionedImages, text: torch.Tensor):
-    """(PreparedDataset, DeviceTransform) when a finished `clipft prepare-images` cache covers every
-    training image and the augmentation can run on the device; None otherwise (JPEG decoding).
-    A cache whose sizes or sampled chunk checksums do not match is refused (DataError, one line).
-
-    The device transform does resize, random resized crop and plain flips; left/right caption
-    swapping and colour jitter live in the JPEG path only, so those settings fall back to it."""
-    if not cfg.data.prepared:
-        return None
-    prepared = PreparedImages.open(prepared_split_dir(data_root, cfg.data.train_split, cfg))
-    if prepared is None:
-        note = unused_prepared_note(data_root, cfg.data.train_split, cfg)  # one at another size: say so
-        if note:
-            log.warning("%s", note)
-        return None
-    if cfg.data.augment and (cfg.data.flip == "swap" or cfg.data.color_jitter > 0):
-        log.info("prepared images found, but data.flip=swap / data.color_jitter need the JPEG path")
-        return None
-    if prepared.size < cfg.data.image_size:
-        log.info("prepared images are %d px, smaller than data.image_size=%d: decoding JPEGs instead",
-                 prepared.size, cfg.data.image_size)
-        return None
-    rows = prepared.rows_for(train, data_root_of(data_root, cfg.data.train_split, cfg))
-    if rows is None:
-        log.info("%s does not hold every training image: decoding JPEGs instead", prepared.path)
-        return None
-    prepared.verify(sample=VERIFY_SAMPLE, seed=cfg.train.seed)  # sizes were checked by open(); DataError if damaged
-    log.info("training images come from the prepared cache %s (%d px, no JPEG decoding)", prepared.path, prepared.size)
-    ds = PreparedDataset(prepared, rows, text, train.caption_offsets().tolist(), seed=cfg.train.seed)
-    tf = DeviceTransform(cfg.data.image_size, cfg.data.mean, cfg.data.std, augment=cfg.data.augment,
-                         flip=cfg.data.flip == "plain")
-    return ds, tf
-
 
 def make_train_loader(ds: TrainDataset | PreparedDataset, cfg: Config, epoch: int, device: torch.device,
                       skip_batches: int = 0) -> DataLoader | PreparedLoader:
@@ -331,11 +223,11 @@ class TrainState:
     def train_seconds(self) -> float:
         return self.prior_seconds + (time.time() - self.t_train)
 
-    def state_dict(self, cfg: Config, text_info: dict) -> dict[str, Any]:
+    def state_dict(self, cfg: Config, data: PreparedData) -> dict[str, Any]:
         return {**tower_state(self.model), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "epoch": self.epoch,
                 "step": self.global_step, "epoch_steps": self.epoch_steps, "config": to_dict(cfg), "best_metric": self.best_metric,
-                "best_epoch": self.best_epoch, "totals": self.totals, "text": text_info,
+                "best_epoch": self.best_epoch, "totals": self.totals, "text": data.text_info, "data": data.identity,
                 "train_seconds": self.train_seconds()}
 
     def load_state_dict(self, ckpt: dict[str, Any]) -> None:
@@ -399,10 +291,18 @@ def _train(cfg: Config, data_root: str | Path, run: RunFiles, resume: bool, prog
     if hooks.started:
         hooks.started(cfg, run.root)
     rt = setup_runtime(cfg, ctx, run)
-    plan = setup_data(cfg, data_root, rt, run)
-    state = setup_model(cfg, plan, rt, hooks)
     checkpointer = Checkpointer(run, ctx)
-    restore(state, checkpointer, cfg, rt, resume)
+    checkpointer.remove_stale_temp()  # a SIGKILL mid-write left it; this process holds the run lock
+    ckpt = checkpointer.open_resume(resume)  # last.pt, or last.prev.pt when last.pt does not load
+    if ckpt is not None:  # a rerun continues the same run or is refused, before anything is written
+        check_config(run.root, ckpt, checkpointer.resumed_from, cfg)
+    plan = setup_data(cfg, data_root, rt, None if ckpt is None else
+                      lambda identity: check_data(run.root, ckpt, checkpointer.resumed_from, identity))
+    state = setup_model(cfg, plan, rt, hooks)
+    restore(state, checkpointer, cfg, rt, ckpt is not None)
+    ckpt = None  # not held for the whole run (the lambda above is done with it)
+    if rt.main:  # accepted: only now is the run directory changed
+        save_config(cfg, run.config)
     state.ddp_model = wrap_for_training(state.model, cfg, rt)
     log_plan(cfg, plan, state, rt)
     health = HealthMonitor(cfg.train.warmup_steps, cfg.model.max_logit_scale, cfg.model.learnable_temperature)
@@ -437,13 +337,11 @@ def setup_runtime(cfg: Config, ctx: distributed.DistContext, run: RunFiles) -> R
     return rt
 
 
-def setup_data(cfg: Config, data_root: str | Path, rt: Runtime, run: RunFiles) -> Plan:
-    """Both splits and their caption caches (`prepare_data`), the training dataset (prepared images or
-    JPEG decoding) and the step budget of an epoch."""
+def setup_data(cfg: Config, data_root: str | Path, rt: Runtime, check: Callable[[dict], None] | None = None) -> Plan:
+    """Both splits and their caption caches (`prepare_data`; `check` sees the data identity first),
+    the training dataset (prepared images or JPEG decoding) and the step budget of an epoch."""
     with distributed.main_process_first("data preparation"):  # rank 0 builds the text cache, the others read it
-        data = prepare_data(cfg, data_root, rt.device)
-    if rt.main:
-        save_config(cfg, run.config)
+        data = prepare_data(cfg, data_root, rt.device, check=check)
     # Workers decode and crop to uint8; normalisation runs once per batch on the device (train_step).
     transform = build_transform(cfg.data.image_size, cfg.data.mean, cfg.data.std, train=True,
                                 augment=cfg.data.augment, flip=cfg.data.flip == "plain",
@@ -485,8 +383,9 @@ def setup_model(cfg: Config, plan: Plan, rt: Runtime, hooks: TrainHooks) -> Trai
 
 
 def restore(state: TrainState, checkpointer: Checkpointer, cfg: Config, rt: Runtime, resume: bool) -> None:
-    """Continue from RUN/last.pt when resuming and it exists (logs cut back to it); else fresh logs."""
-    if checkpointer.find_last(resume):
+    """Continue from the checkpoint `Checkpointer.open_resume` found (logs cut back to it); else a
+    fresh start: fresh logs, and an earlier run's checkpoints removed."""
+    if resume:
         ckpt = checkpointer.load_last(rt.device, cfg.train.seed)
         state.load_state_dict(ckpt)
         del ckpt
@@ -495,7 +394,8 @@ def restore(state: TrainState, checkpointer: Checkpointer, cfg: Config, rt: Runt
         checkpointer.truncate_logs(state.epoch, state.global_step if state.epoch_steps else None)
         log.info("resuming %s from epoch %d (step %d)", checkpointer.run.root,
                  state.epoch + (state.epoch_steps > 0), state.global_step)
-    elif checkpointer.run.metrics.exists():
+    else:
+        checkpointer.start_over()
         checkpointer.truncate_logs(0)  # a fresh run into an old directory starts fresh logs
 
 
@@ -538,6 +438,10 @@ class Loop:
     progress: bool
     stop: StopFlag = field(default_factory=StopFlag)  # set by SIGTERM / SIGUSR1
 
+    @property
+    def checkpoint_every(self) -> tuple[str, float]:  # train.checkpoint_every, parsed
+        return checkpoint_interval(self.cfg.train.checkpoint_every)
+
 
 def train_one_epoch(state: TrainState, loader: Any, runlog: RunLog, epoch: int, loop: Loop) -> EpochStats:
     """One epoch of optimizer steps: a host read of the step outputs every train.log_every steps (step
@@ -556,8 +460,8 @@ def train_one_epoch(state: TrainState, loader: Any, runlog: RunLog, epoch: int, 
     groups = micro_batch_groups(loader, loop.plan.accum, counts)
     done, state.epoch_steps = state.epoch_steps, 0  # steps of this epoch a mid-epoch checkpoint holds
     bar.update(done)
-    # After each step, before the next batch is read: a signal saves here (`preempt.stop_if_signalled`).
-    checked = between_steps(groups, done, lambda n: stop_if_signalled(state, epoch, n, loop, groups))
+    # After each step, before the next batch is read: a signal or train.checkpoint_every saves here.
+    checked = between_steps(groups, done, lambda n: at_step_boundary(state, epoch, n, loop, groups))
     for micro in itertools.islice(checked, loop.plan.steps_per_epoch - done):  # one group = one attempted step
         out = loop.hooks.step(state.ddp_model, micro, state.optimizer, state.scheduler, state.scaler, rt.amp_dtype,
                               cfg.train.grad_clip, gather=rt.world > 1,
@@ -661,7 +565,7 @@ def end_epoch(state: TrainState, record: dict[str, Any], runlog: RunLog, checkpo
     is_best = "mean_R@5" in record and record["mean_R@5"] > state.best_metric
     if is_best:
         state.best_metric, state.best_epoch = record["mean_R@5"], epoch
-    checkpointer.save(state.state_dict(cfg, plan.data.text_info) if rt.main else {}, is_best)
+    checkpointer.save(state.state_dict(cfg, plan.data) if rt.main else {}, is_best)
     runlog.plot_curves()
     msg = f"epoch {epoch}: train loss {record['train_loss']:.4f}"
     if "val" in record:

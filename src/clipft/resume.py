@@ -1,0 +1,112 @@
+"""Rerunning into a run directory: a resume must continue the same run, or say why it cannot.
+
+A rerun of `clipft train --out RUN` continues from RUN/last.pt (or RUN/last.prev.pt, see
+checkpoint.py). Before anything in RUN is written, the run it would continue is compared with the
+stored one:
+
+- the config: the checkpoint's own config (what was trained, so a hand-edited config.json is seen
+  too) against the config this invocation resolved. Only the keys in RESUMABLE_KEYS may differ;
+- the data: the dataset's identity (format, split sizes, a fingerprint of the captions and of the
+  image file names), compared once the splits are loaded and before any caption is embedded. A
+  dataset that only moved (same identity, another path: a copy on a node's local disk) is fine.
+
+Any other difference is a ResumeError: one line listing the differing keys, old -> new, and what to
+do ("use another --out, or --no-resume to start over"). `config.json` is written only after the
+run is accepted (train.py), so a refused or failed rerun leaves the stored run as it was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any, Iterable
+
+from .config import Config, from_dict, to_dict
+from .data.records import CaptionedImages
+
+log = logging.getLogger(__name__)
+
+# What a rerun may change: how long it runs, how often it logs and saves, where and how fast it runs.
+# train.epochs: a run can be extended (or shortened); the cosine schedule then spans the new total.
+# Everything else (data, model, optimisation, precision, seeds) would make the resumed run a
+# different experiment under the old run's name.
+RESUMABLE_KEYS = frozenset({
+    "train.epochs", "train.log_every", "train.checkpoint_every", "train.device", "train.tensorboard",
+    "train.compile", "data.num_workers", "text.batch_size", "text.cache_dir", "eval.batch_size",
+})
+
+HINT = "use another --out, or --no-resume to start over"
+
+
+class ResumeError(RuntimeError):
+    """A rerun into a run directory that holds another run (config or data)."""
+
+
+def _flat(d: dict[str, Any]) -> dict[str, Any]:
+    return {f"{s}.{k}": v for s, kv in d.items() for k, v in kv.items()}
+
+
+def config_differences(saved: dict[str, Any], wanted: Config, allowed: Iterable[str] = ()) -> list[str]:
+    """`key: saved -> wanted` for every key outside `allowed` where a saved run config (a to_dict
+    mapping) differs from `wanted`. The saved one is read through today's schema first, so a key
+    added since it was written takes its default instead of counting as a difference."""
+    allowed = set(allowed)
+    a, b = _flat(to_dict(from_dict(saved))), _flat(to_dict(wanted))
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
+            if k not in allowed and a.get(k) != b.get(k)]
+
+
+def _listing(diffs: list[str], most: int = 6) -> str:
+    return "; ".join(diffs[:most]) + (f"; and {len(diffs) - most} more" if len(diffs) > most else "")
+
+
+def check_config(run_root: Path, ckpt: dict[str, Any], checkpoint: Path, cfg: Config) -> None:
+    """ResumeError unless `cfg` continues the run `ckpt` (read from `checkpoint`) was trained with."""
+    saved = ckpt.get("config")
+    if not isinstance(saved, dict):
+        return  # a checkpoint from before configs were saved in it: nothing to compare
+    diffs = config_differences(saved, cfg, RESUMABLE_KEYS)
+    if diffs:
+        raise ResumeError(f"{run_root}: holds a run with another config ({_listing(diffs)}; compared with "
+                          f"{checkpoint.name}); only {', '.join(sorted(RESUMABLE_KEYS))} may change on resume: {HINT}")
+    changed = config_differences(saved, cfg)
+    if changed:
+        log.info("resuming with %s", "; ".join(changed))
+
+
+def _digest(items: Iterable[str]) -> str:
+    h = hashlib.sha256()
+    for s in items:
+        h.update(s.encode("utf-8", "surrogatepass"))
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def split_identity(split: CaptionedImages) -> dict[str, Any]:
+    """What identifies one split's data whatever its path: format, sizes, caption and file-name digests."""
+    return {"format": split.name.split(":", 1)[0], "images": len(split), "captions": len(split.captions),
+            "captions_sha256": _digest(split.captions),
+            "image_names_sha256": _digest(Path(rec.path).name for rec in split.images)}
+
+
+def data_identity(data_root: str | Path, train: CaptionedImages, val: CaptionedImages) -> dict[str, Any]:
+    """The identity of a run's data, stored in every checkpoint (key "data")."""
+    return {"path": str(Path(data_root).resolve()), "train": split_identity(train), "val": split_identity(val)}
+
+
+def check_data(run_root: Path, ckpt: dict[str, Any], checkpoint: Path, now: dict[str, Any]) -> None:
+    """ResumeError unless `now` (`data_identity`) is the data the checkpoint's run was trained on."""
+    saved = ckpt.get("data")
+    if not isinstance(saved, dict):
+        return  # a checkpoint from before the data identity was stored
+    diffs = [f"{split}.{key}: {saved.get(split, {}).get(key)!r} -> {now[split].get(key)!r}"
+             for split in ("train", "val") for key in now[split]
+             if saved.get(split, {}).get(key) != now[split][key]]
+    if diffs:
+        where = f" at {saved.get('path')}" if saved.get("path") != now["path"] else ""
+        raise ResumeError(f"{run_root}: holds a run trained on other data{where} ({_listing(diffs)}; compared with "
+                          f"{checkpoint.name}): {HINT}")
+    if saved.get("path") != now["path"]:
+        log.info("the data moved from %s to %s (same splits, captions and images): resuming", saved.get("path"),
+                 now["path"])

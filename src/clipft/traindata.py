@@ -1,0 +1,137 @@
+"""The data a training run reads: both splits loaded and checked, their caption embeddings
+(cached once, `text.get_text_embeddings`), and the prepared image cache when one covers the train
+split. `train.setup_data` builds the datasets and loaders from this.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .config import Config
+from .data import CaptionedImages, left_right_captions, load_split
+from .data import prepared_split_dir, swapped_text_cache_file, text_cache_file
+from .data.caches import data_root as data_root_of, unused_prepared_note
+from .data.prepare import VERIFY_SAMPLE, DeviceTransform, PreparedDataset, PreparedImages
+from .data.validate import preflight
+from .model import ensure_image_weights
+from .resume import data_identity
+from .text import get_text_embeddings, load_text_encoder
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """A run that had to stop (e.g. diverged); the message says what is intact."""
+
+
+@dataclass
+class PreparedData:
+    train: CaptionedImages
+    val: CaptionedImages
+    train_text: torch.Tensor  # [M_train, D], L2-normalised, caption order of `train`
+    val_text: torch.Tensor  # [M_val, D]
+    text_info: dict
+    identity: dict  # resume.data_identity: checked when a rerun resumes the run
+    # data.flip=swap only: embeddings [K, D] of the train captions with left/right swapped, and
+    # each train caption's row in it [M_train] (-1 = no left/right); see data.left_right_captions.
+    train_flip_text: torch.Tensor | None = None
+    train_flip_rows: torch.Tensor | None = None
+
+
+def prepare_data(cfg: Config, data_root: str | Path, device: torch.device,
+                 check: Callable[[dict], None] | None = None) -> PreparedData:
+    """Load and validate both splits (refusing bad annotation files, missing images and a train/val
+    leak before anything trains: `validate.preflight`), then load or build the cached caption
+    embeddings; the text encoder is freed afterwards. check(data identity): a resume's data check,
+    before any caption is embedded."""
+    data_root = Path(data_root)
+    train = load_split(data_root, cfg.data.train_split, cfg.data)
+    val = load_split(data_root, cfg.data.val_split, cfg.data)
+    if len(train) == 0 or len(val) == 0:
+        raise TrainingError(f"{data_root}: no captioned images in split "
+                            f"{cfg.data.train_split if len(train) == 0 else cfg.data.val_split!r}")
+    preflight(train, val, cfg.data)
+    identity = data_identity(data_root, train, val)
+    if check is not None:
+        check(identity)
+    # Everything that can fail without computing fails here, before the captions are embedded.
+    ensure_image_weights(cfg.model.backbone, cfg.model.image_weights)
+    encoder = load_text_encoder(cfg.text.encoder, device=device, max_length=cfg.text.max_length, amp=cfg.train.amp)
+    embeds, infos = [], {}
+    for name, split in ((cfg.data.train_split, train), (cfg.data.val_split, val)):
+        emb, info = get_text_embeddings(
+            split.captions, cfg.text.encoder, text_cache_file(data_root, name, cfg),
+            device=device, batch_size=cfg.text.batch_size, max_length=cfg.text.max_length,
+            on_mismatch=cfg.text.on_mismatch, encoder=encoder)
+        embeds.append(emb)
+        infos[name] = {k: (str(v) if isinstance(v, Path) else v) for k, v in info.items()}
+    infos["encoder_dim"] = encoder.dim
+    flip_text, flip_rows = _left_right_swapped(cfg, train, swapped_text_cache_file(data_root, cfg), encoder, device,
+                                               infos)
+    del encoder  # frozen and no longer needed: training reads the cache only
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return PreparedData(train, val, embeds[0], embeds[1], infos, identity, flip_text, flip_rows)
+
+
+def _left_right_swapped(cfg: Config, train: CaptionedImages, swap_file: Path, encoder, device: torch.device,
+                        infos: dict) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """For data.flip=swap: embeddings of the train captions that mention left/right, with the two
+    words swapped, cached like any caption list (fingerprinted, `<split>-lrswap` cache file)."""
+    if not cfg.data.augment or cfg.data.flip == "off":
+        return None, None
+    rows, swapped = left_right_captions(train.captions)
+    if cfg.data.flip == "plain":
+        if swapped:
+            log.warning("%d of %d train captions mention left/right: with data.flip=plain they are wrong for "
+                        "flipped images (data.flip=swap fixes that, data.flip=off avoids it)",
+                        len(swapped), len(rows))
+        return None, None
+    if not swapped:
+        return torch.zeros(0, encoder.dim), rows
+    name = f"{cfg.data.train_split}-lrswap"
+    emb, info = get_text_embeddings(
+        swapped, cfg.text.encoder, swap_file, device=device,
+        batch_size=cfg.text.batch_size, max_length=cfg.text.max_length, on_mismatch=cfg.text.on_mismatch,
+        encoder=encoder)
+    infos[name] = {k: (str(v) if isinstance(v, Path) else v) for k, v in info.items()}
+    return emb, rows
+
+
+def open_prepared_train(cfg: Config, data_root: str | Path, train: CaptionedImages, text: torch.Tensor):
+    """(PreparedDataset, DeviceTransform) when a finished `clipft prepare-images` cache covers every
+    training image and the augmentation can run on the device; None otherwise (JPEG decoding).
+    A cache whose sizes or sampled chunk checksums do not match is refused (DataError, one line).
+
+    The device transform does resize, random resized crop and plain flips; left/right caption
+    swapping and colour jitter live in the JPEG path only, so those settings fall back to it."""
+    if not cfg.data.prepared:
+        return None
+    prepared = PreparedImages.open(prepared_split_dir(data_root, cfg.data.train_split, cfg))
+    if prepared is None:
+        note = unused_prepared_note(data_root, cfg.data.train_split, cfg)  # one at another size: say so
+        if note:
+            log.warning("%s", note)
+        return None
+    if cfg.data.augment and (cfg.data.flip == "swap" or cfg.data.color_jitter > 0):
+        log.info("prepared images found, but data.flip=swap / data.color_jitter need the JPEG path")
+        return None
+    if prepared.size < cfg.data.image_size:
+        log.info("prepared images are %d px, smaller than data.image_size=%d: decoding JPEGs instead",
+                 prepared.size, cfg.data.image_size)
+        return None
+    rows = prepared.rows_for(train, data_root_of(data_root, cfg.data.train_split, cfg))
+    if rows is None:
+        log.info("%s does not hold every training image: decoding JPEGs instead", prepared.path)
+        return None
+    prepared.verify(sample=VERIFY_SAMPLE, seed=cfg.train.seed)  # sizes were checked by open(); DataError if damaged
+    log.info("training images come from the prepared cache %s (%d px, no JPEG decoding)", prepared.path, prepared.size)
+    ds = PreparedDataset(prepared, rows, text, train.caption_offsets().tolist(), seed=cfg.train.seed)
+    tf = DeviceTransform(cfg.data.image_size, cfg.data.mean, cfg.data.std, augment=cfg.data.augment,
+                         flip=cfg.data.flip == "plain")
+    return ds, tf

@@ -1,0 +1,187 @@
+"""clipft.resume, driven through `clipft train`: a rerun into a run directory continues the same run
+(allowed changes only), falls back from a damaged last.pt, drops a torn log line, and a refused
+rerun changes nothing in the directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from clipft import train as train_mod
+from clipft.cli import main
+from clipft.resume import RESUMABLE_KEYS, config_differences
+from clipft.config import Config
+from clipft.runfiles import read_records
+
+from test_train import small_args
+
+KEPT = ("config.json", "metrics.jsonl", "epochs.csv", "last.pt", "last.prev.pt", "best.pt", "summary.json")
+HINT = "use another --out, or --no-resume to start over"
+
+
+@pytest.fixture()
+def finished(trained_run, tmp_path):
+    """A private copy of the shared 2-epoch run (batch 8, lr 1e-3, resnet18 at 32 px)."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("commands.txt", "embeddings_*", "eval_*"))
+    return run
+
+
+@pytest.fixture(scope="module")
+def other_data(tmp_path_factory):
+    """A dataset of the same sizes and layout with other images and captions."""
+    from clipft.data.shapes import make_shapes_dataset
+    return make_shapes_dataset(tmp_path_factory.mktemp("other"), n_train=24, n_val=12, seed=1, image_size=48)
+
+
+def snapshot(run):
+    return {n: (run / n).read_bytes() for n in KEPT if (run / n).is_file()}
+
+
+def one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert "Traceback" not in err and lines[-1].startswith("clipft: error: "), err[-1500:]
+    return lines[-1]
+
+
+def test_the_allowed_list_and_differences():
+    a = Config()
+    b = Config()
+    b.train.epochs, b.train.lr, b.data.num_workers = 30, 5e-4, 1
+    diffs = config_differences(json.loads(json.dumps({"train": {"epochs": 15}})), b, RESUMABLE_KEYS)
+    assert diffs == [f"train.lr: {a.train.lr!r} -> 0.0005"]
+    assert {"train.epochs", "train.log_every", "data.num_workers", "train.device", "train.checkpoint_every"} \
+        <= RESUMABLE_KEYS and "train.lr" not in RESUMABLE_KEYS and "model.backbone" not in RESUMABLE_KEYS
+
+
+CASES = [
+    ("other-data", (), "holds a run trained on other data"),
+    ("batch", ("--set", "train.batch_size=4"), "train.batch_size: 8 -> 4"),
+    ("backbone", ("--set", "model.backbone=resnet34"), "model.backbone: 'resnet18' -> 'resnet34'"),
+    ("rejected-value", ("--set", "model.backbone=resnet152"), "model.backbone: 'resnet18' -> 'resnet152'"),
+    ("preset", ("--config", "demo"), "holds a run with another config"),
+    ("edited-config", (), "train.lr: 0.001 -> 0.01"),
+]
+
+
+@pytest.mark.parametrize("case, extra, expect", CASES, ids=[c[0] for c in CASES])
+def test_a_rerun_with_other_data_or_settings_is_refused_before_anything_is_written(
+        finished, coco_root, other_data, capsys, case, extra, expect):
+    if case == "edited-config":  # an lr edited by hand in RUN/config.json: the checkpoint knows better
+        cfg = json.loads((finished / "config.json").read_text())
+        cfg["train"]["lr"] = 0.01
+        (finished / "config.json").write_text(json.dumps(cfg, indent=2))
+    before = snapshot(finished)
+    capsys.readouterr()
+    data = other_data if case == "other-data" else coco_root
+    code = main(["train", "--data", str(data), "--out", str(finished), "--quiet", *extra])
+    line = one_error_line(capsys.readouterr().err)
+    assert code == 2 and expect in line and HINT in line, line
+    assert snapshot(finished) == before  # config.json, logs and checkpoints exactly as they were
+    assert not [p.name for p in finished.iterdir() if ".tmp" in p.name or p.name == ".lock"]
+
+
+def test_a_rejected_value_never_reaches_a_new_run_directory(coco_root, tiny_clip_dir, tmp_path, capsys):
+    run = tmp_path / "new"
+    code = main(["train", "--data", str(coco_root), "--out", str(run),
+                 *small_args(tiny_clip_dir, 1, ("--set", "model.backbone=resnet152"))])
+    assert code == 2 and "unknown backbone 'resnet152'" in one_error_line(capsys.readouterr().err)
+    assert not (run / "config.json").exists()
+
+
+def test_allowed_changes_resume_and_are_recorded(finished, coco_root, capsys):
+    code = main(["train", "--data", str(coco_root), "--out", str(finished), "--quiet",
+                 "--set", "train.epochs=3", "--set", "train.log_every=2", "--set", "train.checkpoint_every=5min"])
+    assert code == 0, capsys.readouterr().err[-2000:]
+    cfg = json.loads((finished / "config.json").read_text())
+    assert (cfg["train"]["epochs"], cfg["train"]["log_every"], cfg["train"]["checkpoint_every"]) == (3, 2, "5min")
+    assert [r["epoch"] for r in read_records(finished / "metrics.jsonl", "epoch")] == [1, 2, 3]
+
+
+def test_no_resume_starts_over_and_removes_the_earlier_checkpoints(finished, coco_root, tiny_clip_dir, capsys):
+    code = main(["train", "--data", str(coco_root), "--out", str(finished), "--no-resume",
+                 *small_args(tiny_clip_dir, 1, ("--set", "train.batch_size=4"))])
+    assert code == 0, capsys.readouterr().err[-2000:]
+    assert torch.load(finished / "last.pt", weights_only=False)["epoch"] == 1
+    assert not (finished / "last.prev.pt").exists()  # the earlier run's: gone, never a fallback for this one
+    assert [r["epoch"] for r in read_records(finished / "metrics.jsonl", "epoch")] == [1]
+
+
+def test_a_truncated_last_pt_and_a_torn_log_line_resume_from_last_prev_exactly(finished, trained_run, coco_root,
+                                                                               caplog):
+    assert torch.load(finished / "last.prev.pt", weights_only=False)["epoch"] == 1
+    data = (finished / "last.pt").read_bytes()
+    (finished / "last.pt").write_bytes(data[: len(data) // 3])
+    with open(finished / "metrics.jsonl", "a") as f:
+        f.write('{"type": "step", "epoch": 3, "lo')  # a write cut short
+    with caplog.at_level("WARNING"):
+        assert main(["train", "--data", str(coco_root), "--out", str(finished), "--quiet"]) == 0
+    err = caplog.text
+    assert "last.pt cannot be read" in err and "resuming from" in err and "is incomplete" in err, err[-2000:]
+    # Epoch 2 trained again from the epoch-1 checkpoint: the same weights as the original run.
+    a = torch.load(trained_run / "last.pt", weights_only=False)["model"]
+    b = torch.load(finished / "last.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    recs = read_records(finished / "metrics.jsonl")
+    assert [r["epoch"] for r in recs if r["type"] == "epoch"] == [1, 2]
+    steps = [r["step"] for r in recs if r["type"] == "step"]
+    assert steps == sorted(set(steps)) == list(range(1, 7))  # no duplicated or torn records
+
+
+def test_checkpoint_every_bounds_what_a_kill_loses_and_resumes_exactly(trained_run, coco_root, tiny_clip_dir,
+                                                                       tmp_path, capsys):
+    run = tmp_path / "killed"
+    real, calls = train_mod.train_step, []
+
+    def killed_at_step_5(*args, **kwargs):  # the process dies inside step 5 (no handler runs)
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+    with train_mod.use_hooks(step=killed_at_step_5):
+        code = main(["train", "--data", str(coco_root), "--out", str(run),
+                     *small_args(tiny_clip_dir, 2, ("--set", "train.checkpoint_every=2"))])
+    assert code == 130
+    saved = torch.load(run / "last.pt", weights_only=False)
+    assert (saved["step"], saved["epoch"], saved["epoch_steps"]) == (4, 1, 1)  # saved after step 4 (2 x 2)
+    assert main(["train", "--data", str(coco_root), "--out", str(run), "--quiet"]) == 0
+    a = torch.load(trained_run / "last.pt", weights_only=False)["model"]
+    b = torch.load(run / "last.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["step"] for r in read_records(run / "metrics.jsonl", "step")] == list(range(1, 7))
+
+
+def test_a_real_sigkill_loses_at_most_the_checkpoint_interval(coco_root, tiny_clip_dir, tmp_path):
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    args = ["train", "--data", str(coco_root), "--out", str(run),
+            *small_args(tiny_clip_dir, 40, ("--set", "train.checkpoint_every=1"))]
+    proc = subprocess.Popen([sys.executable, "-m", "clipft", *args], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600  # a hang guard, not a timing assertion
+    while proc.poll() is None and time.time() < deadline:
+        try:
+            if len(read_records(run / "metrics.jsonl", "step")) >= 5:
+                break
+        except ValueError:
+            pass
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    steps_logged = max(r["step"] for r in read_records(run / "metrics.jsonl", "step"))
+    ckpt = torch.load(run / "last.pt", weights_only=False) if (run / "last.pt").is_file() else \
+        torch.load(run / "last.prev.pt", weights_only=False)
+    assert ckpt["step"] >= steps_logged - 1  # every step was checkpointed: at most the one in flight is lost
+    # Resume, stop at once (epochs may shrink on resume): temp files of the killed write are gone.
+    assert main([*args[:5], "--quiet", "--set", f"train.epochs={ckpt['epoch'] + 1}"]) == 0
+    assert not [p.name for p in run.iterdir() if ".tmp" in p.name or p.name == ".lock"]
+    steps = [r["step"] for r in read_records(run / "metrics.jsonl", "step")]
+    assert steps == sorted(set(steps))  # logs were cut back to the checkpoint: no step twice
