@@ -20,6 +20,7 @@ import io
 import json
 import math
 import os
+import signal
 import socket
 from datetime import timedelta
 from pathlib import Path
@@ -313,7 +314,8 @@ def _train_args(text_dir):
 
 def _train_worker(rank: int, ports: list[int], data: str, text_dir: str, runs: str) -> None:
     """`clipft train` on 2 processes: run a uninterrupted; run b killed at the start of epoch 2 on
-    every rank (as when a job is stopped), then rerun with the same command."""
+    every rank (as when a job is stopped), then rerun with the same command; run c checkpointed every
+    2 steps and signalled on rank 0 alone mid-epoch, then rerun."""
     from clipft import train as train_mod
     from clipft.cli import main
 
@@ -338,6 +340,24 @@ def _train_runs(main, train_mod, ports, data, text_dir, runs) -> dict:
         codes["b_killed"] = main(["train", "--data", data, "--out", f"{runs}/b", *_train_args(text_dir)])
     os.environ["MASTER_PORT"] = str(ports[2])
     codes["b_resumed"] = main(["train", "--data", data, "--out", f"{runs}/b", "--quiet"])
+    # Run c: train.checkpoint_every=2 steps, and SIGTERM reaching rank 0 alone during step 4 (epoch 2,
+    # step 1): the ranks agree in their step-boundary all-gather, both save at step 2 and step 4 and
+    # stop with 143; the rerun resumes mid-epoch.
+    real_step, calls = train_mod.train_step, []
+
+    def sigterm_to_rank_0_at_step_4(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4 and os.environ["RANK"] == "0":
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(*args, **kwargs)
+    os.environ["MASTER_PORT"] = str(ports[3])
+    with train_mod.use_hooks(step=sigterm_to_rank_0_at_step_4):
+        codes["c_signalled"] = main(["train", "--data", data, "--out", f"{runs}/c", *_train_args(text_dir),
+                                     "--set", "train.checkpoint_every=2"])
+    saved = torch.load(f"{runs}/c/last.pt", weights_only=False)
+    codes["c_saved"] = [saved["step"], saved["epoch"], saved["epoch_steps"], len(calls)]
+    os.environ["MASTER_PORT"] = str(ports[4])
+    codes["c_resumed"] = main(["train", "--data", data, "--out", f"{runs}/c", "--quiet"])
     return codes
 
 
@@ -350,11 +370,12 @@ def test_two_process_training_resumes_exactly_and_validates_like_one_process(coc
     from clipft.text import get_text_embeddings
     from clipft.runfiles import read_records
 
-    _spawn(_train_worker, [_free_port() for _ in range(3)], str(coco_root), str(tiny_clip_dir), str(tmp_path))
+    _spawn(_train_worker, [_free_port() for _ in range(5)], str(coco_root), str(tiny_clip_dir), str(tmp_path))
     for r in range(WORLD):
-        assert json.loads((tmp_path / f"codes{r}.json").read_text()) == {"a": 0, "b_killed": 130, "b_resumed": 0}
-    # `done: ...` from rank 0 only, once per finished job (a, b resumed).
-    assert [(tmp_path / f"stdout{r}.txt").read_text().count("done:") for r in range(WORLD)] == [2, 0]
+        assert json.loads((tmp_path / f"codes{r}.json").read_text()) == {
+            "a": 0, "b_killed": 130, "b_resumed": 0, "c_signalled": 143, "c_saved": [4, 1, 1, 4], "c_resumed": 0}
+    # `done: ...` from rank 0 only, once per finished job (a, b resumed, c resumed).
+    assert [(tmp_path / f"stdout{r}.txt").read_text().count("done:") for r in range(WORLD)] == [3, 0]
 
     a, b = tmp_path / "a", tmp_path / "b"
     ca, cb = (torch.load(d / "last.pt", weights_only=False) for d in (a, b))
@@ -363,6 +384,9 @@ def test_two_process_training_resumes_exactly_and_validates_like_one_process(coc
     assert not torch.equal(ca["rng_per_rank"][0]["torch"], ca["rng_per_rank"][1]["torch"])  # own streams
     # Killed + resumed == uninterrupted: weights, optimizer moments, logs.
     assert all(torch.equal(ca["model"][k], cb["model"][k]) for k in ca["model"])
+    cc = torch.load(tmp_path / "c" / "last.pt", weights_only=False)  # signalled mid-epoch + resumed
+    assert all(torch.equal(ca["model"][k], cc["model"][k]) for k in ca["model"])
+    assert [r["step"] for r in read_records(tmp_path / "c" / "metrics.jsonl", "step")] == list(range(1, 7))
     ma, mb = ca["optimizer"]["state"], cb["optimizer"]["state"]
     assert all(torch.equal(ma[i]["exp_avg"], mb[i]["exp_avg"]) for i in ma)
     ea, eb = (read_records(d / "metrics.jsonl", "epoch") for d in (a, b))

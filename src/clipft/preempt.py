@@ -102,4 +102,5 @@ def at_step_boundary(state: Any, epoch: int, done: int, loop: Any, groups: Itera
     loop.checkpointer.save(state.state_dict(loop.cfg, loop.plan.data) if loop.rt.main else {}, False)
     state.epoch_steps = 0  # the epoch goes on (the epoch-end checkpoint is a whole-epoch one)
     if signum:
+        distributed.barrier()  # every process exits after rank 0's checkpoint is on disk
         raise Preempted(signum, epoch, done)
