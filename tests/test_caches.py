@@ -150,3 +150,44 @@ def test_a_prepared_cache_of_another_size_says_why_it_is_unused(tmp_path):
     assert "prepare-images --size 128" in unused_prepared_note(root, "train", cfg)
     cfg.data.prepared_size = 96
     assert unused_prepared_note(root, "train", cfg) is not None  # 32 px is still there, and too small
+
+
+def test_read_only_dataset_without_root_privileges(tmp_path, tiny_clip_dir):
+    """As an ordinary user meets it: a dataset folder owned by another user (uid 65534), readable by
+    all, writable by its owner only, used by a process the kernel checks like any user's: uid 0 with
+    the capabilities that bypass file permissions dropped (CAP_DAC_OVERRIDE, CAP_FOWNER; `setpriv`),
+    since root itself may write anywhere. cache-text and validate put everything in
+    $XDG_CACHE_HOME/clipft and write nothing into the dataset."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import pytest
+
+    from clipft.data.shapes import make_shapes_dataset
+    setpriv = shutil.which("setpriv")
+    if os.geteuid() != 0 or setpriv is None:
+        pytest.skip("needs root and setpriv (as an ordinary user, the chmod-based test above covers it)")
+    root = make_shapes_dataset(tmp_path / "data", n_train=8, n_val=4, seed=5, image_size=40)
+    for p in [root, *root.rglob("*")]:
+        os.chown(p, 65534, 65534)
+        os.chmod(p, 0o755 if p.is_dir() else 0o644)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "XDG_CACHE_HOME": str(tmp_path / "xdg"),
+           "HF_HUB_OFFLINE": "1"}
+    drop = [setpriv, "--inh-caps=-dac_override,-fowner", "--bounding-set=-dac_override,-fowner"]
+    probe = subprocess.run([*drop, "touch", str(root / "probe")], capture_output=True)
+    if probe.returncode == 0:
+        pytest.skip("dropping CAP_DAC_OVERRIDE does not restrict writes here")
+    before = _files(root)
+
+    def run(*args):
+        return subprocess.run([*drop, sys.executable, "-m", "clipft", *args], env=env, capture_output=True,
+                              text=True, timeout=600)
+    r = run("cache-text", "--data", str(root), "--text-encoder", str(tiny_clip_dir), "--device", "cpu")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"{root / 'cache'} cannot be written (read-only dataset folder): caches go to" in r.stderr
+    assert str(tmp_path / "xdg" / "clipft") in r.stdout
+    r = run("validate", "--data", str(root), "--no-tokens", "--quiet")
+    assert r.returncode == 0 and "validate_report.json" in r.stdout, r.stderr[-2000:]
+    assert _files(root) == before

@@ -267,8 +267,10 @@ def train(cfg: Config, data_root: str | Path, out_dir: str | Path, resume: bool 
           progress: bool = True) -> dict:
     """Train the image tower; returns the summary dict (also written to RUN/summary.json).
 
-    With resume=True and RUN/last.pt present, continues from it exactly (model, optimizer,
-    scheduler, scaler, RNG states, epoch), appending to the same logs.
+    With resume=True and RUN/last.pt present (or RUN/last.prev.pt when last.pt does not load),
+    continues from it exactly (model, optimizer, scheduler, scaler, RNG states, epoch and step),
+    appending to the same logs, once `resume.check_config` / `check_data` found that `cfg` and the
+    data continue the stored run (ResumeError otherwise, before anything is written).
 
     Under torchrun (WORLD_SIZE > 1) every process calls this: it joins the process group
     (`distributed.setup`), trains its shard of every global batch under DDP with global negatives,

@@ -22,7 +22,7 @@ from .model import ensure_image_weights
 from .resume import data_identity
 from .text import get_text_embeddings, load_text_encoder
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("clipft.train")  # part of the trainer: its messages keep the trainer's logger name
 
 
 class TrainingError(RuntimeError):
