@@ -402,6 +402,29 @@ def test_bf16_autocast_learns_like_fp32():
     assert r32 > 75 and r16 > 75 and abs(r16 - r32) <= 12.5, (r32, r16)
 
 
+@pytest.mark.slow
+def test_bf16_demo_run_learns_like_fp32(tmp_path):
+    """The demo's recipe (`--config demo`: ResNet18 from scratch at 64 px, frozen MiniLM, lr 1e-3) through
+    `clipft train`, once in fp32 and once in bf16 (what `auto` picks on a CPU with native bf16; forced,
+    so emulated where the CPU lacks it), same seed and data: caption caching, training and validation
+    all in that precision. Scaled to a test (480 train / 160 val images, batch 32, 6 epochs: 90 steps);
+    measured: best mean R@5 60.0 fp32 and 60.1 bf16 (chance 3.1%)."""
+    from clipft.cli import main
+    from clipft.data.shapes import make_shapes_dataset
+    data = make_shapes_dataset(tmp_path / "data", n_train=480, n_val=160, seed=0)
+    best = {}
+    for amp in ("off", "bf16"):
+        out = tmp_path / amp
+        assert main(["train", "--data", str(data), "--out", str(out), "--config", "demo", "--quiet",
+                     "--set", "data.train_images=480", "--set", "data.val_images=160", "--set", "train.epochs=6",
+                     "--set", "train.batch_size=32", "--set", "train.warmup_steps=10", "--set", f"train.amp={amp}"]) == 0
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["precision"]["dtype"] == ("bf16" if amp == "bf16" else "fp32")
+        best[amp] = summary["best_mean_R@5"]
+    assert best["off"] > 30 and best["bf16"] > 30, best  # ten times chance
+    assert abs(best["bf16"] - best["off"]) <= 6, best
+
+
 def test_step_stats_sums_and_runs_of_skipped_steps():
     stats = train_mod.StepStats(torch.device("cpu"))
     stats.new_epoch()
