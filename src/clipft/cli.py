@@ -40,7 +40,12 @@ Without --config the built-in defaults apply: ResNet50 with ImageNet weights aga
 openai/clip-vit-base-patch32 text encoder, batch 128, 15 epochs (a GPU run on COCO). Presets:
 {", ".join(PRESETS)} (coco-rn50: that COCO run with a 5,000-image validation subset; demo: a ResNet18
 from scratch at 64 px against the offline MiniLM text encoder, on the CPU); or a YAML file such
-as configs/coco-rn50.yaml. Every value can be changed with --set SECTION.KEY=VALUE."""
+as configs/coco-rn50.yaml. Every value can be changed with --set SECTION.KEY=VALUE.
+
+Rerunning into a run directory resumes it (from OUT/last.pt, or OUT/last.prev.pt when last.pt does
+not load) once the config and the data match the stored run; only train.epochs, train.log_every,
+train.checkpoint_every, train.device and a few speed settings may change. A mid-epoch checkpoint is
+written every train.checkpoint_every (default 10min) and on SIGTERM / SIGUSR1 (exit 143 / 138)."""
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
@@ -458,7 +463,8 @@ def _add_data_and_train_commands(sub) -> None:
     _add_val_data(s)
     s.add_argument("--out", required=True, help="run directory")
     s.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
-                   help="continue from OUT/last.pt if present (default); --no-resume starts over")
+                   help="continue from OUT/last.pt if present (default); --no-resume starts over, removing "
+                        "the earlier run's checkpoints")
     _add_quiet(s, "no progress bars")
     _add_config_args(s)
     s.set_defaults(func=cmd_train)
