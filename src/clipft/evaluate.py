@@ -348,7 +348,7 @@ def checkpoint_embeddings(checkpoint: str | Path, data_root: str | Path, split: 
     # Every consumer (recall, zero-shot, pictures, report) goes through here: refuse NaN/inf once.
     check_finite(emb, text_emb if text_emb is not None else emb[:0],
                  where=f"{checkpoint} on split {es.name!r}")
-    return SplitEmbeddings(es, emb, rows, text_emb, logit_scale=float(model.logit_scale.exp())), cfg
+    return SplitEmbeddings(es, emb, rows, text_emb, logit_scale=float(model.logit_scale.detach().exp())), cfg
 
 
 def save_split_embeddings(path: str | Path, emb: SplitEmbeddings, meta: dict | None = None) -> Path:
