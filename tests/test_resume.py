@@ -97,10 +97,13 @@ def test_a_rejected_value_never_reaches_a_new_run_directory(coco_root, tiny_clip
     assert not (run / "config.json").exists()
 
 
-def test_allowed_changes_resume_and_are_recorded(finished, coco_root, capsys):
-    code = main(["train", "--data", str(coco_root), "--out", str(finished), "--quiet",
-                 "--set", "train.epochs=3", "--set", "train.log_every=2", "--set", "train.checkpoint_every=5min"])
+def test_allowed_changes_resume_and_are_recorded(finished, coco_root, capsys, caplog):
+    with caplog.at_level("INFO"):
+        code = main(["train", "--data", str(coco_root), "--out", str(finished), "--quiet", "--set", "train.epochs=3",
+                     "--set", "train.log_every=2", "--set", "train.checkpoint_every=5min"])
     assert code == 0, capsys.readouterr().err[-2000:]
+    assert "resuming with train.checkpoint_every: '10min' -> '5min'; train.epochs: 2 -> 3" in caplog.text
+    assert "the learning-rate schedule now spans 3 epochs" in caplog.text
     cfg = json.loads((finished / "config.json").read_text())
     assert (cfg["train"]["epochs"], cfg["train"]["log_every"], cfg["train"]["checkpoint_every"]) == (3, 2, "5min")
     assert [r["epoch"] for r in read_records(finished / "metrics.jsonl", "epoch")] == [1, 2, 3]

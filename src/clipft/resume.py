@@ -73,6 +73,9 @@ def check_config(run_root: Path, ckpt: dict[str, Any], checkpoint: Path, cfg: Co
     changed = config_differences(saved, cfg)
     if changed:
         log.info("resuming with %s", "; ".join(changed))
+    if any(c.startswith("train.epochs:") for c in changed):
+        log.warning("train.epochs changed on resume: the learning-rate schedule now spans %d epochs, so the "
+                    "rate steps to where that schedule is at the resumed step", cfg.train.epochs)
 
 
 def _digest(items: Iterable[str]) -> str:
