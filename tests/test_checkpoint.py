@@ -102,9 +102,10 @@ def test_stale_temp_files_go_and_checkpoint_every_is_due_by_steps_or_clock(tmp_p
     run = RunFiles(tmp_path)
     (tmp_path / ".last.pt.tmp1234").write_bytes(b"half")  # what a SIGKILL mid-write leaves
     (tmp_path / "notes.tmp").write_text("a user's file")
+    (tmp_path / ".eval_val.json.tmp99").write_text("another command's write in flight")
     ckpt = Checkpointer(run, SINGLE)
     ckpt.remove_stale_temp()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".eval_val.json.tmp99", "notes.tmp"]
     assert [s for s in range(1, 10) if ckpt.due(s, ("steps", 3))] == [3, 6, 9]
     assert not ckpt.due(5, ("off", 0)) and not ckpt.due(5, ("minutes", 1.0))
     ckpt.saved_at -= 61

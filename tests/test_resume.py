@@ -188,3 +188,17 @@ def test_a_real_sigkill_loses_at_most_the_checkpoint_interval(coco_root, tiny_cl
     assert not [p.name for p in run.iterdir() if ".tmp" in p.name or p.name == ".lock"]
     steps = [r["step"] for r in read_records(run / "metrics.jsonl", "step")]
     assert steps == sorted(set(steps))  # logs were cut back to the checkpoint: no step twice
+
+
+def test_a_damaged_config_json_is_one_line_and_a_named_config_still_resumes(finished, coco_root, tiny_clip_dir,
+                                                                           capsys):
+    (finished / "config.json").write_text('{"data": {"image_si')  # cut short by hand or a full disk
+    assert main(["train", "--data", str(coco_root), "--out", str(finished), "--quiet"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "config.json: not valid JSON" in line and "--config" in line
+    cfg = finished.parent / "run.yaml"  # the run's own settings, written out again: compared with last.pt, accepted
+    import yaml
+    cfg.write_text(yaml.safe_dump(torch.load(finished / "last.pt", weights_only=False)["config"]))
+    assert main(["train", "--data", str(coco_root), "--out", str(finished), "--quiet", "--config", str(cfg),
+                 "--set", "train.epochs=3"]) == 0
+    assert json.loads((finished / "config.json").read_text())["train"]["epochs"] == 3

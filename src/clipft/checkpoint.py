@@ -26,7 +26,9 @@ from .runtime import atomic_torch_save, rng_state, seed_everything, set_rng_stat
 
 log = logging.getLogger(__name__)
 
-_TEMP = re.compile(r"\..+\.tmp\d+")  # atomic writes' temp files (runtime.atomic_torch_save / atomic_write_text)
+# Temp files of the trainer's own atomic writes (runtime.atomic_torch_save / atomic_write_text); other
+# commands writing beside best.pt at the same time (evaluate, report) keep theirs.
+_TEMP = re.compile(r"\.(last\.pt|best\.pt|last\.prev\.pt|summary\.json|config\.json)\.tmp\d+")
 
 
 class CheckpointError(RuntimeError):

@@ -61,7 +61,12 @@ def resolve_run_config(out_dir: str | Path, config_file: str | Path | None = Non
     trainer compares the result with the stored run (`resume.check_config`) instead of ignoring it."""
     saved = Path(out_dir) / "config.json"
     if resume and saved.is_file() and not explicit:
-        base = from_dict(json.loads(saved.read_text()))
+        try:
+            data = json.loads(saved.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{saved}: not valid JSON ({e.__class__.__name__}); name the run's config with "
+                              "--config FILE_OR_PRESET (it is compared with the checkpoint's), or --no-resume") from None
+        base = from_dict(data)
     return load_config(config_file, overrides, base=base)
 
 

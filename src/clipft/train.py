@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import distributed, tblog
-from .config import Config, checkpoint_interval, save_config, to_dict, validate
+from .config import Config, checkpoint_interval, to_dict, validate
 from .data import TrainDataset, build_transform, collate_train
 from .evaluate import EvaluationError, evaluate_split, mean_recall, sharded_embed_images
 from .checkpoint import Checkpointer
@@ -41,7 +41,7 @@ from .runfiles import RunFiles, RunLog, read_records
 from .preempt import StopFlag, at_step_boundary, between_steps, resume_loader
 from .resume import check_config, check_data
 from .runlock import RunLock
-from .runtime import Precision, hardware_info, overriding, rng_state, seed_everything, select_precision, worker_count
+from .runtime import Precision, atomic_write_text, hardware_info, overriding, rng_state, seed_everything, select_precision, worker_count
 from .step import StepStats, non_finite_state, step_values, train_step
 from .data.prepare import DeviceTransform, PreparedDataset, PreparedLoader
 from .traindata import PreparedData, TrainingError, open_prepared_train, prepare_data  # noqa: F401 (TrainingError: re-exported)
@@ -303,8 +303,8 @@ def _train(cfg: Config, data_root: str | Path, run: RunFiles, resume: bool, prog
     state = setup_model(cfg, plan, rt, hooks)
     restore(state, checkpointer, cfg, rt, ckpt is not None)
     ckpt = None  # not held for the whole run (the lambda above is done with it)
-    if rt.main:  # accepted: only now is the run directory changed
-        save_config(cfg, run.config)
+    if rt.main:  # accepted: only now is the run directory changed (atomically: never a half config.json)
+        atomic_write_text(run.config, json.dumps(to_dict(cfg), indent=2) + "\n")
     state.ddp_model = wrap_for_training(state.model, cfg, rt)
     log_plan(cfg, plan, state, rt)
     health = HealthMonitor(cfg.train.warmup_steps, cfg.model.max_logit_scale, cfg.model.learnable_temperature)
