@@ -202,3 +202,10 @@ def test_a_damaged_config_json_is_one_line_and_a_named_config_still_resumes(fini
     assert main(["train", "--data", str(coco_root), "--out", str(finished), "--quiet", "--config", str(cfg),
                  "--set", "train.epochs=3"]) == 0
     assert json.loads((finished / "config.json").read_text())["train"]["epochs"] == 3
+
+
+def test_refusals_are_training_errors_for_python_callers():
+    from clipft.checkpoint import CheckpointError
+    from clipft.resume import ResumeError
+    from clipft.train import TrainingError
+    assert issubclass(ResumeError, TrainingError) and issubclass(CheckpointError, TrainingError)

@@ -23,6 +23,7 @@ import torch
 from . import distributed
 from .runfiles import RunFiles, read_records
 from .runtime import atomic_torch_save, rng_state, seed_everything, set_rng_state
+from .traindata import TrainingError
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ log = logging.getLogger(__name__)
 _TEMP = re.compile(r"\.(last\.pt|best\.pt|last\.prev\.pt|summary\.json|config\.json)\.tmp\d+")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(TrainingError):
     """No checkpoint of the run directory can be resumed from (one line saying what to do)."""
 
 

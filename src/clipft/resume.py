@@ -6,8 +6,8 @@ stored one:
 
 - the config: the checkpoint's own config (what was trained, so a hand-edited config.json is seen
   too) against the config this invocation resolved. Only the keys in RESUMABLE_KEYS may differ;
-- the data: the dataset's identity (format, split sizes, a fingerprint of the captions and of the
-  image file names), compared once the splits are loaded and before any caption is embedded. A
+- the data: the dataset's identity (`traindata.data_identity`: format, split sizes, a fingerprint of
+  the captions and of the image file names), compared once the splits are loaded and before any caption is embedded. A
   dataset that only moved (same identity, another path: a copy on a node's local disk) is fine.
 
 Any other difference is a ResumeError: one line listing the differing keys, old -> new, and what to
@@ -17,13 +17,12 @@ run is accepted (train.py), so a refused or failed rerun leaves the stored run a
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 from typing import Any, Iterable
 
 from .config import Config, from_dict, to_dict
-from .data.records import CaptionedImages
+from .traindata import TrainingError
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +38,7 @@ RESUMABLE_KEYS = frozenset({
 HINT = "use another --out, or --no-resume to start over"
 
 
-class ResumeError(RuntimeError):
+class ResumeError(TrainingError):
     """A rerun into a run directory that holds another run (config or data)."""
 
 
@@ -78,28 +77,8 @@ def check_config(run_root: Path, ckpt: dict[str, Any], checkpoint: Path, cfg: Co
                     "rate steps to where that schedule is at the resumed step", cfg.train.epochs)
 
 
-def _digest(items: Iterable[str]) -> str:
-    h = hashlib.sha256()
-    for s in items:
-        h.update(s.encode("utf-8", "surrogatepass"))
-        h.update(b"\0")
-    return h.hexdigest()[:16]
-
-
-def split_identity(split: CaptionedImages) -> dict[str, Any]:
-    """What identifies one split's data whatever its path: format, sizes, caption and file-name digests."""
-    return {"format": split.name.split(":", 1)[0], "images": len(split), "captions": len(split.captions),
-            "captions_sha256": _digest(split.captions),
-            "image_names_sha256": _digest(Path(rec.path).name for rec in split.images)}
-
-
-def data_identity(data_root: str | Path, train: CaptionedImages, val: CaptionedImages) -> dict[str, Any]:
-    """The identity of a run's data, stored in every checkpoint (key "data")."""
-    return {"path": str(Path(data_root).resolve()), "train": split_identity(train), "val": split_identity(val)}
-
-
 def check_data(run_root: Path, ckpt: dict[str, Any], checkpoint: Path, now: dict[str, Any]) -> None:
-    """ResumeError unless `now` (`data_identity`) is the data the checkpoint's run was trained on."""
+    """ResumeError unless `now` (`traindata.data_identity`) is the data the checkpoint's run was trained on."""
     saved = ckpt.get("data")
     if not isinstance(saved, dict):
         return  # a checkpoint from before the data identity was stored

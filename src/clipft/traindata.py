@@ -5,10 +5,11 @@ split. `train.setup_data` builds the datasets and loaders from this.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -19,14 +20,35 @@ from .data.caches import data_root as data_root_of, unused_prepared_note
 from .data.prepare import VERIFY_SAMPLE, DeviceTransform, PreparedDataset, PreparedImages
 from .data.validate import preflight
 from .model import ensure_image_weights
-from .resume import data_identity
 from .text import get_text_embeddings, load_text_encoder
 
 log = logging.getLogger("clipft.train")  # part of the trainer: its messages keep the trainer's logger name
 
 
 class TrainingError(RuntimeError):
-    """A run that had to stop (e.g. diverged); the message says what is intact."""
+    """A run that had to stop (e.g. diverged), or could not start (a rerun refused: resume.ResumeError;
+    no checkpoint to resume from: checkpoint.CheckpointError); the message says what is intact."""
+
+
+def _digest(items: Iterable[str]) -> str:
+    h = hashlib.sha256()
+    for s in items:
+        h.update(s.encode("utf-8", "surrogatepass"))
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def split_identity(split: CaptionedImages) -> dict[str, Any]:
+    """What identifies one split's data whatever its path: format, sizes, caption and file-name digests."""
+    return {"format": split.name.split(":", 1)[0], "images": len(split), "captions": len(split.captions),
+            "captions_sha256": _digest(split.captions),
+            "image_names_sha256": _digest(Path(rec.path).name for rec in split.images)}
+
+
+def data_identity(data_root: str | Path, train: CaptionedImages, val: CaptionedImages) -> dict[str, Any]:
+    """The identity of a run's data, stored in every checkpoint (key "data") and compared on resume
+    (`resume.check_data`)."""
+    return {"path": str(Path(data_root).resolve()), "train": split_identity(train), "val": split_identity(val)}
 
 
 @dataclass
