@@ -371,7 +371,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """The embedded end-to-end demo (see clipft.demo); the library prints its six steps."""
     from .demo import run_demo
     run_demo(args.out, args.data, train_images=args.train_images, val_images=args.val_images,
-             overrides=list(args.overrides) + list(args.extra_overrides), progress=not args.quiet)
+             overrides=list(args.overrides) + list(args.extra_overrides), progress=not args.quiet,
+             resume=args.resume)
     return 0
 
 
@@ -595,6 +596,8 @@ def _add_tool_commands(sub) -> None:
     s.add_argument("--val-images", type=int_range(2), default=PRESETS["demo"]["data"]["val_images"],
                    help=f"validation images choosing best.pt; as many again are held out for the figures "
                         f"(default {PRESETS['demo']['data']['val_images']})")
+    s.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                   help="continue the run already in OUT (default); --no-resume trains it again from scratch")
     _add_quiet(s)
     _add_overrides(s, "override the demo preset (repeatable)")
     s.set_defaults(func=cmd_demo)

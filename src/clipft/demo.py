@@ -17,9 +17,9 @@ DEMO_VAL_IMAGES = PRESETS["demo"]["data"]["val_images"]
 
 def run_demo(out: str | Path, data: str | Path | None = None, train_images: int = DEMO_TRAIN_IMAGES,
              val_images: int = DEMO_VAL_IMAGES, overrides: Sequence[str] = (), progress: bool = True,
-             say: Callable[[str], None] = print) -> dict:
+             say: Callable[[str], None] = print, resume: bool = True) -> dict:
     """Run the six demo steps into `out` (the dataset in OUT/data unless `data` is given; generated when
-    absent). A rerun resumes the run already there. Returns {"metrics", "zero_shot" (or None), "report"}."""
+    absent). A rerun resumes the run already there (resume=False: trains it again from scratch). Returns {"metrics", "zero_shot" (or None), "report"}."""
     from .data import load_split
     from .data.shapes import make_shapes_dataset
     from .evaluate import checkpoint_embeddings, evaluate_checkpoint, format_recall_table
@@ -40,13 +40,13 @@ def run_demo(out: str | Path, data: str | Path | None = None, train_images: int 
     else:
         say(f"[1/6] using the dataset already in {data}")
     sizes = [f"data.train_images={train_images}", f"data.val_images={val_images}"]
-    cfg = resolve_run_config(out, None, sizes + list(overrides), base=preset_config("demo"), resume=True)
+    cfg = resolve_run_config(out, None, sizes + list(overrides), base=preset_config("demo"), resume=resume)
     train_split = load_split(data, cfg.data.train_split, cfg.data)
     plot_data_samples(data_samples(train_split, 4), out / DATA_SAMPLES_PNG,
                       title=f"4 random image-caption pairs of the training split ({train_split.name})")
     say(f"[2/6] training {cfg.model.backbone} against frozen {cfg.text.encoder} for {cfg.train.epochs} epochs "
         f"(best.pt chosen on {cfg.data.val_images} validation images)")
-    train(cfg, data, out, resume=True, progress=progress)
+    train(cfg, data, out, resume=resume, progress=progress)
     say("[3/6] evaluating best.pt on the held-out validation images (not used to choose it)")
     emb, _ = checkpoint_embeddings(out / "best.pt", data, "val-heldout", progress=progress)
     m = evaluate_checkpoint(out / "best.pt", data, split="val-heldout", embeddings=emb)

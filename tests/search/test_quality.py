@@ -79,3 +79,17 @@ def test_demo_search_indexes_the_validation_images_and_prints_the_serve_command(
     assert lines[2] == 'search "a red circle":' and len(lines) == 3 + 5 + 1
     assert lines[-1] == f"search them in your browser: clipft serve --index {tmp_path / 'search-index'}"
     assert len(load_index(tmp_path / "search-index")) == 16
+
+
+@pytest.mark.slow
+def test_demo_search_follows_a_retrained_model(shapes, demo_style_model, tmp_path):
+    """A resumed or restarted demo trains a new best.pt: its index is rebuilt, never refused."""
+    import torch
+    demo_search(demo_style_model, shapes, "val", tmp_path / "search-index")
+    ckpt = torch.load(demo_style_model, weights_only=False)
+    key = next(k for k, v in ckpt["model"].items() if v.is_floating_point() and v.ndim == 2)
+    ckpt["model"][key] = ckpt["model"][key] + 0.01  # another model, as a retrained demo has
+    other = tmp_path / "best.pt"
+    torch.save(ckpt, other)
+    text = demo_search(other, shapes, "val", tmp_path / "search-index")
+    assert "16 images (16 new" in text.splitlines()[0]

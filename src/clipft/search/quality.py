@@ -45,7 +45,10 @@ def demo_search(checkpoint: Path, data: Path, split: str, index_dir: Path, query
     from .query import model_source
     model = load(checkpoint)
     images = Path(data) / f"{split}2014"
-    stats = update_index(images, model, index_dir, model_source=model_source(str(checkpoint)), progress=False)
+    # rebuild: the demo's own index always follows its current best.pt (a resumed or restarted demo
+    # trains a new one; a few seconds for its 1,000 images).
+    stats = update_index(images, model, index_dir, model_source=model_source(str(checkpoint)), rebuild=True,
+                         progress=False)
     idx = load_index(index_dir, use_ann=False)
     p = precision_at_k(idx, model, shapes_queries(data, split))
     return "\n".join([
