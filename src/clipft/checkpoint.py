@@ -104,8 +104,8 @@ class Checkpointer:
 
         Each rank continues its own RNG stream; with another number of processes the data order and
         global batch change anyway, so rank 0's state (reseeded per rank) is the best there is."""
-        ckpt = getattr(self, "_resume", None) or self.open_resume(True)
-        self._resume = None
+        ckpt = self._resume or self.open_resume(True)
+        self._resume = None  # not held for the whole run
         if ckpt is None:
             raise CheckpointError(f"{self.run.last}: no checkpoint to resume from")
         rngs = ckpt.get("rng_per_rank") or [ckpt["rng"]]

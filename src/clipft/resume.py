@@ -65,11 +65,11 @@ def check_config(run_root: Path, ckpt: dict[str, Any], checkpoint: Path, cfg: Co
     saved = ckpt.get("config")
     if not isinstance(saved, dict):
         return  # a checkpoint from before configs were saved in it: nothing to compare
-    diffs = config_differences(saved, cfg, RESUMABLE_KEYS)
+    changed = config_differences(saved, cfg)  # "key: old -> new"
+    diffs = [c for c in changed if c.split(":", 1)[0] not in RESUMABLE_KEYS]
     if diffs:
         raise ResumeError(f"{run_root}: holds a run with another config ({_listing(diffs)}; compared with "
                           f"{checkpoint.name}); only {', '.join(sorted(RESUMABLE_KEYS))} may change on resume: {HINT}")
-    changed = config_differences(saved, cfg)
     if changed:
         log.info("resuming with %s", "; ".join(changed))
     if any(c.startswith("train.epochs:") for c in changed):

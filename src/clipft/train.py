@@ -439,10 +439,10 @@ class Loop:
     hooks: TrainHooks
     progress: bool
     stop: StopFlag = field(default_factory=StopFlag)  # set by SIGTERM / SIGUSR1
+    checkpoint_every: tuple[str, float] = field(init=False)  # train.checkpoint_every, parsed once
 
-    @property
-    def checkpoint_every(self) -> tuple[str, float]:  # train.checkpoint_every, parsed
-        return checkpoint_interval(self.cfg.train.checkpoint_every)
+    def __post_init__(self) -> None:
+        self.checkpoint_every = checkpoint_interval(self.cfg.train.checkpoint_every)
 
 
 def train_one_epoch(state: TrainState, loader: Any, runlog: RunLog, epoch: int, loop: Loop) -> EpochStats:
