@@ -21,10 +21,11 @@ import torch
 from torch.utils.data import Dataset
 
 from .config import Config
-from .data import build_transform, epoch_caption_index, load_image, load_split, text_cache_file
+from .data import build_transform, load_image, load_split, text_cache_file
+from .data.datasets import EpochCaptions
 
 
-class CaptionDataset(Dataset):
+class CaptionDataset(EpochCaptions, Dataset):
     """Items {"image": [3, S, S] float (normalised), "text_embedding": [D], "caption": str,
     "image_id": int}; with return_all_captions=True, "text_embeddings" [n, D] and "captions" (all n
     of the image's captions) instead. An unreadable image gives None, which `collate_captions` drops.
@@ -62,14 +63,6 @@ class CaptionDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.data)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Captions are drawn per (seed, epoch, image): a new epoch, new captions (as in training)."""
-        self.epoch = epoch
-
-    def caption_index(self, i: int) -> int:
-        """Flat caption index of image i in the current epoch."""
-        return epoch_caption_index(self.offsets, self.seed, self.epoch, i)
 
     def __getitem__(self, i: int) -> dict[str, Any] | None:
         rec = self.data.images[i]

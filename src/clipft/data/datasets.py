@@ -37,7 +37,26 @@ def epoch_caption_index(offsets: Sequence[int], seed: int, epoch: int, i: int) -
     return start + _mix(seed, epoch, i) % (end - start)
 
 
-class TrainDataset(Dataset):
+class EpochCaptions:
+    """The caption rule the training-style datasets share (TrainDataset, data.prepare.PreparedDataset,
+    clipft.CaptionDataset): set_epoch(e), then image i uses caption `caption_index(i)`
+    (`epoch_caption_index`), so switching the image source changes no caption. Needs `offsets`,
+    `seed` and `epoch` attributes."""
+
+    offsets: Sequence[int]
+    seed: int
+    epoch: int
+
+    def set_epoch(self, epoch: int) -> None:
+        """Captions are drawn per (seed, epoch, image): a new epoch, new captions."""
+        self.epoch = epoch
+
+    def caption_index(self, i: int) -> int:
+        """Flat caption index used for image i in the current epoch."""
+        return epoch_caption_index(self.offsets, self.seed, self.epoch, i)
+
+
+class TrainDataset(EpochCaptions, Dataset):
     """(image [3,H,W], text embedding [D] of one of its captions, image row) per image.
 
     The caption is a pure function of (seed, epoch, i), so it is reproducible and identical
@@ -73,13 +92,6 @@ class TrainDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.paths)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def caption_index(self, i: int) -> int:
-        """Flat caption index used for image i in the current epoch."""
-        return epoch_caption_index(self.offsets, self.seed, self.epoch, i)
 
     def flipped(self, i: int) -> bool:
         """Whether image i is mirrored in the current epoch (caption-aware flips only)."""

@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 
 from ..config import Config
 from .caches import data_root, prepared_split_dir
-from .datasets import epoch_caption_index
+from .datasets import EpochCaptions
 from .images import CenterSquareResize, load_image
 from ..runtime import atomic_write_text, check_free_space, ensure_writable_dir, storage_error
 from .records import CaptionedImages, DataError
@@ -406,7 +406,7 @@ class PreparedImages:
         return None if any(r is None for r in rows) else np.asarray(rows, dtype=np.int64)
 
 
-class PreparedDataset(torch.utils.data.Dataset):
+class PreparedDataset(EpochCaptions, torch.utils.data.Dataset):  # captions: the same rule as TrainDataset
     """uint8 images from a prepared cache: batches are fetched with one fancy-index read.
 
     Items are (image uint8 [S, S, 3], text_emb [D] or None, image row); `__getitems__` returns the
@@ -421,13 +421,6 @@ class PreparedDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.rows)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def caption_index(self, i: int) -> int:
-        """Same (seed, epoch, i) rule as the JPEG TrainDataset: switching image source changes nothing."""
-        return epoch_caption_index(self.offsets, self.seed, self.epoch, i)
 
     def __getitems__(self, idx: list[int]):
         n_asked = len(idx)
