@@ -21,7 +21,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from clipft.evaluate import retrieval_recall
+from clipft.eval.evaluate import retrieval_recall
 
 
 def reference_recall(image_emb, text_emb, text_to_image, ks=(1, 5, 10), batch_size=64):

@@ -243,7 +243,7 @@ def model_source(source: str) -> str:
 
 def load_query_model(idx: LoadedIndex, device: str = "cpu"):
     """The model that built idx (from its recorded source), refused if its fingerprint changed since."""
-    from ..api import load  # the model loader; deferred so index/query stay importable without it
+    from ..inference import load  # the model loader; deferred so index/query stay importable without it
     source = idx.info.get("model_source", "")
     model = load(source, device=device)
     if model.fingerprint != idx.info.get("fingerprint"):

@@ -17,13 +17,13 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from . import distributed
-from .config import Config
-from .data import CaptionedImages, EvalImageDataset, build_transform, collate_eval, eval_text_cache_file
-from .loss import clip_loss
-from .model import ImageTower
+from .. import distributed
+from ..config import Config
+from ..data import CaptionedImages, EvalImageDataset, build_transform, collate_eval, eval_text_cache_file
+from ..loss import clip_loss
+from ..model import ImageTower
 from .protocols import EvalSplit
-from .runtime import worker_count
+from ..runtime import worker_count
 
 log = logging.getLogger(__name__)
 
@@ -316,15 +316,15 @@ class SplitEmbeddings:
 def checkpoint_embeddings(checkpoint: str | Path, data_root: str | Path, split: str = "val",
                           cfg: Config | None = None, device: str = "auto", karpathy: str | Path | None = None,
                           progress: bool = False, with_text: bool = True) -> tuple[SplitEmbeddings, Config]:
-    """Resolve the protocol `split` (see clipft.protocols), embed its captions with the checkpoint's
+    """Resolve the protocol `split` (see clipft.eval.protocols), embed its captions with the checkpoint's
     frozen text encoder (cached under the protocol's name) and its images with the trained tower.
     `cfg` defaults to the config saved in the checkpoint. Returns (embeddings, config used).
     with_text=False skips the captions (text_emb is then None): zero-shot needs images only."""
-    from .config import from_dict
-    from .model import ModelError, read_checkpoint, tower_from_checkpoint
+    from ..config import from_dict
+    from ..model import ModelError, read_checkpoint, tower_from_checkpoint
     from .protocols import resolve_eval_split
-    from .runtime import amp_dtype_for, resolve_device
-    from .text import get_text_embeddings
+    from ..runtime import amp_dtype_for, resolve_device
+    from ..text import get_text_embeddings
 
     checkpoint = Path(checkpoint)
     ckpt = read_checkpoint(checkpoint)
@@ -378,7 +378,7 @@ def load_split_embeddings(path: str | Path) -> tuple[dict[str, torch.Tensor], di
     """(tensors, metadata) of a file written by `save_split_embeddings`; DataError if it is not one."""
     from safetensors import safe_open
 
-    from .data import DataError
+    from ..data import DataError
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: embeddings file not found")
@@ -399,9 +399,9 @@ def split_embeddings_from_file(path: str | Path, checkpoint: str | Path, data_ro
                                ) -> tuple[SplitEmbeddings, Config]:
     """Rebuild SplitEmbeddings from a `--save-embeddings` file and the split it was made from
     (matched by image and caption ids), without running any model."""
-    from .config import from_dict
-    from .data import DataError
-    from .model import read_checkpoint
+    from ..config import from_dict
+    from ..data import DataError
+    from ..model import read_checkpoint
     from .protocols import resolve_eval_split
     tensors, meta = load_split_embeddings(path)
     if cfg is None:
@@ -492,8 +492,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data_root: str | Path, split: st
     if emb is None:
         emb, cfg = checkpoint_embeddings(checkpoint, data_root, split, cfg, device, karpathy, progress)
     elif cfg is None:
-        from .config import from_dict
-        from .model import read_checkpoint
+        from ..config import from_dict
+        from ..model import read_checkpoint
         cfg = from_dict(read_checkpoint(checkpoint)["config"])
     data = emb.data
     metrics = score_split(emb.image_emb, emb.rows, emb.split, emb.text_emb, cfg.eval.ks)
@@ -521,8 +521,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data_root: str | Path, split: st
 def zero_shot_clip_metrics(model_name: str, split: "EvalSplit", cfg: Config, data_root: str | Path,
                            device: str = "auto", progress: bool = False) -> dict:
     """Recall@K of a full HF CLIP model (its own image and text towers) under the same protocol."""
-    from .baseline import clip_baseline_embeddings
-    from .runtime import amp_dtype_for, resolve_device
+    from .clip_baseline import clip_baseline_embeddings
+    from ..runtime import amp_dtype_for, resolve_device
     dev = resolve_device(device if device != "auto" else cfg.train.device)
     cache = eval_text_cache_file(data_root, split.name, cfg, encoder=model_name)
     image_emb, rows, text_emb = clip_baseline_embeddings(
