@@ -39,15 +39,19 @@ TIE_ATOL = 1e-9
 # recomputed in float64, so the ranks are exactly the float64 ones (tested). An fp32 dot product
 # of D terms is within D * 2**-24 * |x| |y| of the exact one, whatever the summation order
 # (Higham, "Accuracy and Stability of Numerical Algorithms", 3.1): FP32_SLACK * D * |x| |y| keeps a
-# factor 4 above that bound and above the rounding of the float64 thresholds to float32.
-FP32_SLACK = 4 * 2.0 ** -24
+# margin above that bound and above the rounding of the float64 thresholds to float32.
+FP32_SLACK = 1.25 * 2.0 ** -24
 
 
-def _tile_counts(s: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, dim: int, buf: torch.Tensor):
-    """(#entries >= lo, #entries > hi) along `dim`: s [r, c] float32, thresholds broadcastable."""
-    maybe = torch.ge(s, lo, out=buf).sum(dim)
-    sure = torch.gt(s, hi, out=buf).sum(dim)
-    return maybe, sure
+def _tile_counts(s: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, dim: int, buf: torch.Tensor,
+                 ones: torch.Tensor):
+    """(#entries >= lo, #entries > hi) along `dim`: s [r, c] float32, thresholds broadcastable.
+
+    The comparisons write 0/1 as float32 and a matrix-vector product with ones counts them: about 5x
+    faster on CPU than summing a bool tensor, and exact (counts stay far below 2**24)."""
+    def count(mask: torch.Tensor) -> torch.Tensor:
+        return (torch.mv(mask, ones[:mask.shape[1]]) if dim == 1 else torch.mv(mask.T, ones[:mask.shape[0]])).long()
+    return count(torch.ge(s, lo, out=buf)), count(torch.gt(s, hi, out=buf))
 
 
 def _exact_count(image_emb64, text_emb64, rows, cols, thresholds) -> torch.Tensor:
@@ -58,7 +62,7 @@ def _exact_count(image_emb64, text_emb64, rows, cols, thresholds) -> torch.Tenso
 
 @torch.inference_mode()
 def retrieval_ranks(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_image: torch.Tensor,
-                    chunk_size: int | None = None, col_chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+                    chunk_size: int | None = None, col_chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
     """Rank (0 = top) of the best positive for every image query and every caption query.
 
     image_emb [N, D], text_emb [M, D], text_to_image [M] (image row of each caption).
@@ -102,13 +106,14 @@ def retrieval_ranks(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_ima
     # Half-width of the undecided band around each threshold, per row / per column (float64).
     d = image_emb.shape[1]
     img_norm, txt_norm = img64.norm(dim=1), txt64.norm(dim=1)
-    band = FP32_SLACK * max(d, 1) * float(img_norm.max() if n else 0) * float(txt_norm.max() if m else 0)
+    band = FP32_SLACK * (d + 8) * float(img_norm.max() if n else 0) * float(txt_norm.max() if m else 0)
     band = max(band, 1e-30)
     best_in, best_out = (best_lo - band).float(), (best_lo + band).float()  # [N]
     pos_in, pos_out = (pos_lo - band).float(), (pos_lo + band).float()  # [M]
 
     if chunk_size is None:
-        chunk_size = 1024
+        chunk_size = 512  # a [512, 4096] float32 tile is 8 MiB: its four counting passes stay in cache
+    ones = torch.ones(max(chunk_size, col_chunk), dtype=torch.float32, device=dev)
     image_rank = torch.zeros(n, dtype=torch.long, device=dev)
     text_rank = torch.zeros(m, dtype=torch.long, device=dev)
     prec = torch.get_float32_matmul_precision()
@@ -123,9 +128,9 @@ def retrieval_ranks(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_ima
                 own = (t2i >= r0) & (t2i < r1)  # this tile's positives: never negatives
                 own_cols = torch.nonzero(own).squeeze(1)
                 s[t2i[own_cols] - r0, own_cols] = float("-inf")
-                buf = torch.empty_like(s, dtype=torch.bool)
-                i_maybe, i_sure = _tile_counts(s, best_in[r0:r1, None], best_out[r0:r1, None], 1, buf)
-                t_maybe, t_sure = _tile_counts(s, pos_in[None, c0:c1], pos_out[None, c0:c1], 0, buf)
+                buf = torch.empty_like(s)
+                i_maybe, i_sure = _tile_counts(s, best_in[r0:r1, None], best_out[r0:r1, None], 1, buf, ones)
+                t_maybe, t_sure = _tile_counts(s, pos_in[None, c0:c1], pos_out[None, c0:c1], 0, buf, ones)
                 image_rank[r0:r1] += i_sure
                 text_rank[c0:c1] += t_sure
                 if bool((i_maybe != i_sure).any()):
