@@ -75,6 +75,22 @@ def sharded_embed_images(model: torch.nn.Module, split: CaptionedImages, cfg: Co
     return distributed.all_gather_cat(emb.float()), distributed.all_gather_cat(rows)
 
 
+def row_of_images(num_images: int, rows: torch.Tensor) -> torch.Tensor:
+    """[num_images] row of each split image in an embedding matrix that holds only `rows` (the images
+    that decoded, in that order); -1 for an image that was skipped."""
+    row_of = torch.full((num_images,), -1, dtype=torch.long)
+    row_of[rows] = torch.arange(rows.numel())
+    return row_of
+
+
+def kept_captions(caption_to_image: torch.Tensor, num_images: int,
+                  rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keep [M] bool: the caption's image decoded, caption_to_row [M_kept]: its row in the embeddings)."""
+    c2r = row_of_images(num_images, rows)[caption_to_image]  # [M], -1 where the image was skipped
+    keep = c2r >= 0
+    return keep, c2r[keep]
+
+
 def evaluate_split(image_emb: torch.Tensor, rows: torch.Tensor, split: CaptionedImages,
                    text_emb: torch.Tensor, ks=(1, 5, 10), logit_scale: float | None = None,
                    batch_size: int = 256) -> dict:
@@ -84,12 +100,8 @@ def evaluate_split(image_emb: torch.Tensor, rows: torch.Tensor, split: Captioned
     query still has its image among the candidates.
     """
     check_finite(image_emb, text_emb, where=f"split {split.name!r}")
-    c2i = split.caption_to_image  # [M] image row per caption
-    row_of = torch.full((len(split),), -1, dtype=torch.long)
-    row_of[rows] = torch.arange(rows.numel())
-    new_c2i = row_of[c2i]  # [M] row in image_emb, -1 if its image was skipped
-    keep = new_c2i >= 0
-    metrics = retrieval_recall(image_emb, text_emb[keep], new_c2i[keep], ks=ks)
+    keep, caption_rows = kept_captions(split.caption_to_image, len(split), rows)
+    metrics = retrieval_recall(image_emb, text_emb[keep], caption_rows, ks=ks)
     out: dict[str, Any] = {**metrics, "num_images": int(rows.numel()), "num_captions": int(keep.sum())}
     if logit_scale is not None and rows.numel() > 1:
         # Validation loss: each image with its first caption, in fixed batches, like training.
@@ -112,8 +124,7 @@ def evaluate_folds(image_emb: torch.Tensor, rows: torch.Tensor, split: Captioned
     gallery of its own, its images against its captions only. Returns the fold means under the
     directions (so tables read it like any metrics), the summed counts, and under "folds" the
     per-fold figures with their spread: std (sample, n-1), min and max per direction and K."""
-    pos = torch.full((len(split),), -1, dtype=torch.long)
-    pos[rows] = torch.arange(rows.numel())  # row of each decoded image in image_emb
+    pos = row_of_images(len(split), rows)  # row of each decoded image in image_emb
     offsets = split.caption_offsets()
     per_fold = []
     for fold in folds:
@@ -170,11 +181,7 @@ class SplitEmbeddings:
 
     def kept_captions(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(keep [M] bool: caption's image decoded, caption_to_row [M_kept]: its row in image_emb)."""
-        row_of = torch.full((len(self.data),), -1, dtype=torch.long)
-        row_of[self.rows] = torch.arange(self.rows.numel())
-        c2r = row_of[self.data.caption_to_image]  # [M]
-        keep = c2r >= 0
-        return keep, c2r[keep]
+        return kept_captions(self.data.caption_to_image, len(self.data), self.rows)
 
 
 def checkpoint_embeddings(checkpoint: str | Path, data_root: str | Path, split: str = "val",
