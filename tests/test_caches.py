@@ -145,7 +145,7 @@ def test_a_prepared_cache_of_another_size_says_why_it_is_unused(tmp_path):
         (d / "index.json").write_text("{}")
     assert prepared_sizes(root, "train", cfg) == [32, 96]
     note = unused_prepared_note(root, "train", cfg)
-    assert "data.prepared_size is 256" in note and "--set data.prepared_size=96" in note
+    assert "data.prepared_size is 224" in note and "--set data.prepared_size=96" in note
     cfg.data.image_size = 128
     assert "prepare-images --size 128" in unused_prepared_note(root, "train", cfg)
     cfg.data.prepared_size = 96

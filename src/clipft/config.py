@@ -75,9 +75,11 @@ class DataConfig:
     # off = no flip (crop only).
     flip: Flip = "plain"
     # Use the decode-once uint8 image cache written by `clipft prepare-images` when it exists
-    # (<cache dir>/images/<split>-<prepared_size>/); JPEG decoding otherwise.
+    # (<cache dir>/images/<split>-<prepared_size>/); JPEG decoding otherwise. At prepared_size ==
+    # image_size the cache holds exactly the pixels evaluation decodes (clipft.preprocess's rule);
+    # a larger cache gives augmentation more pixels to crop from but is resized again (bilinear).
     prepared: bool = True
-    prepared_size: int = 256
+    prepared_size: int = 224
     color_jitter: float = 0.0  # train images: brightness/contrast/saturation jitter strength; 0 = off (hue never)
     num_workers: int = 4  # JPEG decoding processes (the prepared cache is read by one thread instead)
     # CLIP's own normalisation (the text tower was trained against images normalised like this).

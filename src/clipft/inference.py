@@ -28,7 +28,7 @@ from PIL import Image
 
 from .config import ConfigError
 from .model import ModelError
-from .preprocess import EvalTransform, decode_image, pil_from_uint8, to_rgb
+from .preprocess import EvalTransform, ProcessorTransform, pil_from_uint8, preprocess_file, to_rgb
 
 log = logging.getLogger(__name__)
 
@@ -142,10 +142,10 @@ class ImageTextModel:
     def pixels(self, image: Any) -> torch.Tensor:
         """One image (path, PIL image, uint8 [3, H, W] or normalised float [3, S, S]) -> [3, S, S]."""
         if isinstance(image, (str, Path)):
-            img, reason = decode_image(image, self.draft_size)
-            if img is None:
+            pixels, reason = preprocess_file(image, self.preprocess, self.draft_size)  # what embed/index do
+            if pixels is None:
                 raise ValueError(f"{image}: cannot use this image ({reason})")
-            return self.preprocess(img)
+            return pixels
         if isinstance(image, Image.Image):
             return self.preprocess(to_rgb(image))
         if isinstance(image, torch.Tensor):
@@ -406,16 +406,6 @@ def _from_export(folder: Path, dev: torch.device, backend: str, amp: str = "off"
                          cfg["std"], text, dev, backend, encode, "off" if onnx else amp)
 
 
-class _ProcessorTransform:
-    """PIL image -> pixel_values [3, H, W] with a HF image processor (a class: it pickles)."""
-
-    def __init__(self, processor: Any):
-        self.processor = processor
-
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        return self.processor(images=image, return_tensors="pt")["pixel_values"][0]
-
-
 class _ClipVision(torch.nn.Module):
     """CLIP's image side: vision transformer pooled output -> visual projection -> L2 norm."""
 
@@ -449,6 +439,6 @@ def _from_hf_clip(name: str, dev: torch.device, backend: str, amp: str = "off") 
     size = processor.crop_size["height"] if getattr(processor, "crop_size", None) else processor.size["shortest_edge"]
     text = _TextSide(name, int(model.config.text_config.max_position_embeddings), dev, dim, amp=amp)
     encode = _torch_tower(vision, dev, amp)
-    return ImageTextModel(name, dim, size, _ProcessorTransform(processor), encode, text,
+    return ImageTextModel(name, dim, size, ProcessorTransform(processor), encode, text,
                           float(model.logit_scale.detach().exp()), dev, "torch", state_digest(state),
                           {"kind": "hf-clip", "processor": processor.to_dict(), **_amp_id(amp)}, draft_size=None)
