@@ -34,6 +34,7 @@ from .model import ImageTower, ModelError, read_checkpoint, tower_from_checkpoin
 log = logging.getLogger(__name__)
 
 ONNX_TOLERANCE = 1e-4
+ONNX_MIN_TORCH = (2, 5)  # torch.onnx.export(dynamo=True, dynamic_shapes=..., external_data=...)
 CARD_FILE = "README.md"
 PARITY_IMAGES = 8
 
@@ -78,7 +79,12 @@ def _text_encoder_entry(cfg: dict, embed_dim: int) -> dict:
 # --------------------------------------------------------------------------- ONNX
 
 def check_onnx_tools() -> None:
-    """ModelError (one line, with the install hint) when the exporter's or the check's packages are missing."""
+    """ModelError (one line, with the install hint) when the exporter's or the check's packages are
+    missing, or torch predates the exporter clipft calls (torch.onnx.export(dynamo=True, ...): 2.5)."""
+    have = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
+    if have < ONNX_MIN_TORCH:
+        raise ModelError(f"--onnx needs torch >= {ONNX_MIN_TORCH[0]}.{ONNX_MIN_TORCH[1]} (its torch.export-based "
+                         f"exporter); this is torch {torch.__version__}: pip install 'clipft[onnx]'")
     try:
         import onnx  # noqa: F401 - the exporter needs both; fail with an install hint, not deep inside it
         import onnxruntime  # noqa: F401 - the parity check runs the file
