@@ -370,6 +370,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data_root: str | Path, split: st
     metrics = score_split(emb.image_emb, emb.rows, emb.split, emb.text_emb, cfg.eval.ks)
     metrics.update(split=emb.split.name, skipped_images=len(data) - int(emb.rows.numel()), checkpoint=str(checkpoint),
                    protocol=emb.split.protocol, protocol_name=emb.split.label, text_encoder=cfg.text.encoder)
+    if emb.split.selection_overlap is not None:  # Karpathy figures: images that also chose the checkpoint
+        metrics["selection_overlap"] = emb.split.selection_overlap
     if compare_zero_shot:
         metrics["zero_shot"] = zero_shot_clip_metrics(compare_zero_shot, emb.split, cfg, data_root, device, progress)
     json_path, csv_path = metrics_paths(checkpoint, emb.split.name)
