@@ -53,8 +53,8 @@ def test_the_site_builds_in_strict_mode(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     site = tmp_path / "site"
     for page in ["reference/config", "reference/cli", "reference/api", "design", "measurements"]:
-        assert (site / page / "index.html").is_file(), page
-    api = (site / "reference/api/index.html").read_text()
+        assert (site / f"{page}.html").is_file(), page
+    api = (site / "reference/api.html").read_text()
     assert "ImageTextModel" in api and "encode_images" in api and "clip_loss" in api  # docstrings rendered
     assert not (site / "notes").exists()  # docs/notes/ waits outside the site
     assert "fonts.googleapis.com" not in (site / "index.html").read_text()  # no font fetched at view time
