@@ -28,6 +28,18 @@ _REGISTRY_CHOICES = {
 }
 
 
+# Keys whose values `config.validate` checks in code rather than through a Literal type or `_RANGES`
+# (tests/test_docs.py checks that validate still names each of them).
+VALIDATED_IN_CODE = {
+    "train.checkpoint_every": "`N` or `Nsteps` (optimizer steps), `Nmin` (minutes), `0` (epoch ends only)",
+    "train.device": "`auto`, `cpu`, `cuda`, `cuda:N`",
+    "eval.ks": "positive integers",
+    "eval.zeroshot_templates": "each holds `{}`",
+    "data.mean": "3 values",
+    "data.std": "3 values, each > 0",
+}
+
+
 def _field_comments(cls: type) -> dict[str, str]:
     """The comments of each dataclass field in its source: the block of comment lines just above it
     and the comment at the end of its line, joined."""
@@ -114,6 +126,8 @@ def config_rows() -> list[dict[str, str]]:
                            else f"{C._num(lo)} to {C._num(hi)}")
             elif dotted in C._POSITIVE:
                 allowed = "> 0"
+            elif dotted in VALIDATED_IN_CODE:
+                allowed = VALIDATED_IN_CODE[dotted]
             rows.append({"key": dotted, "type": _type_name(tp), "default": _default_text(getattr(defaults, key)),
                          "allowed": allowed, "help": comments.get(key, "")})
     return rows

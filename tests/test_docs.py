@@ -177,6 +177,14 @@ def test_the_config_reference_lists_every_key_with_its_default_and_choices():
     assert rows["data.caption_column"]["help"] == rows["data.image_column"]["help"] != ""
 
 
+def test_the_keys_validated_in_code_are_still_checked_there():
+    import inspect
+    source = inspect.getsource(C.validate)
+    for key in gen_ref.VALIDATED_IN_CODE:
+        section, name = key.split(".")
+        assert f"cfg.{section}.{name}" in source or f'"{key}"' in source, key
+
+
 def test_the_cli_reference_lists_every_command_and_option():
     page = gen_ref.cli_reference()
     action = next(a for a in build_parser()._actions if a.__class__.__name__ == "_SubParsersAction")
