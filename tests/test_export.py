@@ -180,7 +180,7 @@ def test_open_clip_form_says_why_a_head_does_not_map(trained_run):
 
 
 def test_readme_numpy_preprocessing_gives_the_models_pixels(exported, tmp_path):
-    # The NumPy recipe of the README's "The ONNX file", for other runtimes.
+    # The NumPy recipe of docs/export.md ("The ONNX file"), for other runtimes.
     import numpy as np
     from PIL import Image
     out, _ = exported

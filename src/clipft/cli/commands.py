@@ -560,7 +560,7 @@ def _add_tool_commands(sub) -> None:
     s.add_argument("dataset", choices=["coco", "flickr8k", "flickr30k"], help="which dataset to fetch")
     s.add_argument("--source", choices=["official", "kaggle"], default="official",
                    help="official hosts (COCO only: the Flickr images need a request form), or the Kaggle copy "
-                        "through kagglehub (pip install 'clipft[kaggle]')")
+                        "through kagglehub (pip install -e '.[kaggle]' in the source checkout)")
     s.add_argument("--out", required=True, help="dataset root (gets train2014/, val2014/, annotations/)")
     s.add_argument("--splits", nargs="*", choices=["train", "val", "annotations"],
                    default=["train", "val", "annotations"], help="archives to fetch (default: all three)")
