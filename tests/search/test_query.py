@@ -103,3 +103,52 @@ def test_refresh_ann_builds_on_request_and_keeps_an_existing_one_current(photos,
     update_index(photos, fake_model, progress=False)
     assert load_index(d).ann is None  # stale until refreshed
     assert refresh_ann(d) == d / ANN_FILE and load_index(d).ann is not None
+
+
+# --------------------------------------------------------------------------- precision and tie order
+
+SCORE_TOL = 1e-4  # what query.py promises for the default float16 storage against exact float32 search
+
+
+def _clustered(n: int, d: int, clusters: int, seed: int = 0, spread: float = 0.04) -> torch.Tensor:
+    """[n, d] unit rows around `clusters` centres (near neighbours exist, as among real photos)."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.nn.functional.normalize(torch.randn(clusters, d, generator=g), dim=1)
+    x = centres[torch.randint(clusters, (n,), generator=g)] + spread * torch.randn(n, d, generator=g)
+    return torch.nn.functional.normalize(x, dim=1)
+
+
+def test_default_float16_storage_matches_exact_float32_search():
+    """The default storage (float16 rows) against exact float32 search: every score within SCORE_TOL,
+    and the same top-10 ids except where two exact scores are within SCORE_TOL of each other."""
+    n, d = 20_000, 512
+    x = _clustered(n, d, clusters=200)
+    idx = LoadedIndex(index_dir=None, root=None, info={}, ids=np.arange(n), paths=[""] * n, sha256=[""] * n,
+                      emb=x.half())  # what update_index stores by default
+    g = torch.Generator().manual_seed(1)
+    queries = torch.nn.functional.normalize(x[:40] + 0.03 * torch.randn(40, d, generator=g), dim=1)
+    for q in queries:
+        exact = x @ q  # [N] float32
+        hits = top_k(idx, q, 10)
+        for h in hits:
+            assert abs(h.score - float(exact[h.id])) <= SCORE_TOL
+        want = torch.topk(exact, 10).indices.tolist()
+        got = [h.id for h in hits]
+        for a, b in zip(got, want):
+            if a != b:  # only a within-tolerance tie may swap places
+                assert abs(float(exact[a]) - float(exact[b])) <= 2 * SCORE_TOL, (got, want)
+        assert len({h.score for h in hits}) == len(hits), "float16-rounded scores tie"
+
+
+def test_tied_scores_come_back_by_id():
+    """Identical rows (copies of one photo) score the same; they are ordered by id, whatever the row order."""
+    base = _clustered(64, 32, clusters=4)
+    rows = torch.cat([base, base[[5] * 12]])  # 12 copies of row 5 at rows 64..75
+    perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(3))
+    emb = rows[perm]
+    ids = np.arange(1000, 1000 + len(rows))
+    idx = LoadedIndex(index_dir=None, root=None, info={}, ids=ids, paths=[""] * len(rows), sha256=[""] * len(rows),
+                      emb=emb.half())
+    hits = top_k(idx, base[5], 13)
+    assert len({h.score for h in hits}) == 1
+    assert [h.id for h in hits] == sorted(h.id for h in hits)

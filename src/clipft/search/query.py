@@ -23,6 +23,7 @@ from .index import SearchError, connect, load_shard, read_info
 ANN_FILE = "ann.faiss"
 ANN_MIN_ROWS = 200_000  # below this the exact product answers in a few ms (see benchmarks/search.py)
 DUPLICATE_CHUNK = 2048  # rows of the [chunk, N] similarity block held at once by `duplicate_groups`
+SCORE_BLOCK = 8192  # float16 rows widened at a time by `scores_of`: [8192, 512] float32 = 16 MB, reused
 
 
 @dataclass
@@ -39,9 +40,11 @@ class Hit:
 class LoadedIndex:
     """An index in memory: ids [N] (ascending), paths, emb [N, D] L2-normalised in the stored dtype.
 
-    float16 (the default storage) halves the bytes one query's product reads, and a CPU matrix-vector
-    product is bound by memory: about 2x faster at 100k rows, with top-10 sets equal to float32's
-    (scores within 1e-4; benchmarks/search.py)."""
+    float16 (the default storage) halves the bytes one query's product reads (a CPU matrix-vector
+    product is bound by memory). Scores are computed in float32 from the float16 rows (`scores_of`),
+    so the only error left is the rows' own float16 rounding: within 1e-4 of exact float32 search
+    (measured ~1e-5 on clustered 512-d rows; tests/search/test_query.py checks 1e-4), and the top-k
+    ids equal float32's except where two exact scores are that close. Ties: by id, ascending."""
     index_dir: Path
     root: Path
     info: dict[str, str]
@@ -100,19 +103,48 @@ def load_index(index_dir: str | Path, use_ann: bool | None = None) -> LoadedInde
     return idx
 
 
+def scores_of(emb: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    """Cosine of every row of emb [N, D] (float16 or float32) with query [D]: [N] float32. float16 rows
+    are widened block by block (SCORE_BLOCK rows), so the product and its sums run in float32 while
+    the rows are still read once, at float16's 2 bytes a value."""
+    q = query.float()
+    if emb.dtype == torch.float32:
+        return emb @ q
+    out = torch.empty(len(emb), dtype=torch.float32)
+    buf = torch.empty(min(len(emb), SCORE_BLOCK), emb.shape[1], dtype=torch.float32)  # reused: no page faults
+    for s in range(0, len(emb), SCORE_BLOCK):
+        block = buf[:len(emb[s:s + SCORE_BLOCK])]
+        block.copy_(emb[s:s + SCORE_BLOCK])  # [block, D] float16 -> float32
+        torch.mv(block, q, out=out[s:s + SCORE_BLOCK])
+    return out
+
+
+def _ranked(scores: np.ndarray, rows: np.ndarray) -> list[tuple[float, int]]:
+    """(score, row) pairs by score descending, then row ascending: equal scores (copies of one photo)
+    always come back in the same order, by id (rows are in id order)."""
+    order = np.lexsort((rows, -scores))
+    return [(float(scores[i]), int(rows[i])) for i in order]
+
+
 def top_k(idx: LoadedIndex, query: torch.Tensor, k: int, exclude: int | None = None) -> list[Hit]:
     """The k rows most similar to one query vector [D]: approximate when idx.ann is set, else exact
-    (one [N, D] @ [D] product). `exclude` leaves one row out (the query image itself)."""
+    (`scores_of`: one [N, D] @ [D] product in float32). `exclude` leaves one row out (the query image
+    itself). Order: score descending, then id ascending."""
     n = len(idx)
     want = min(k + (exclude is not None), n)
     if want <= 0:
         return []
     if idx.ann is not None:
         scores, rows = _ann_search(idx.ann, query, want)
+        ranked = _ranked(np.array(scores, dtype=np.float32), np.array(rows, dtype=np.int64))
     else:
-        scores, rows = torch.topk((idx.emb @ query.to(idx.emb.dtype)).float(), want)  # [N] -> [want]
-        scores, rows = scores.tolist(), rows.tolist()
-    hits = [Hit(int(idx.ids[r]), idx.paths[r], float(s)) for s, r in zip(scores, rows) if r >= 0 and r != exclude]
+        all_scores = scores_of(idx.emb, query)  # [N]
+        kth = float(torch.topk(all_scores, want).values[-1])
+        # every row tied with the k-th score, so that which of them make the cut does not depend on
+        # topk's internal order
+        rows = torch.nonzero(all_scores >= kth).flatten()  # [>= want]
+        ranked = _ranked(all_scores[rows].numpy(), rows.numpy())[:want]
+    hits = [Hit(int(idx.ids[r]), idx.paths[r], s) for s, r in ranked if r >= 0 and r != exclude]
     return hits[:k]
 
 
