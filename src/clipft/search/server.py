@@ -40,7 +40,7 @@ THUMB_PX = 256
 STATIC = Path(__file__).parent / "static"
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "[::1]"}
 MIME = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".webp": "image/webp",
-        ".bmp": "image/bmp", ".gif": "image/gif"}
+        ".bmp": "image/bmp", ".gif": "image/gif", ".tif": "image/tiff", ".tiff": "image/tiff"}
 
 
 class ApiError(Exception):
