@@ -152,3 +152,47 @@ def test_tied_scores_come_back_by_id():
     hits = top_k(idx, base[5], 13)
     assert len({h.score for h in hits}) == 1
     assert [h.id for h in hits] == sorted(h.id for h in hits)
+
+
+# --------------------------------------------------------------------------- an index folder must not run code
+
+class _Payload:
+    """Unpickling this runs open(marker, "w"): what a crafted checkpoint could do with any code."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_pickle_payload_as_model_source_is_refused_without_running(photos, fake_model, tmp_path):
+    from clipft.search.query import load_query_model
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "model.pt"
+    torch.save({"model": {}, "model_config": {}, "x": _Payload(marker)}, evil)
+    update_index(photos, fake_model, progress=False, model_source=str(evil))
+    idx = load_index(default_index_dir(photos))
+    with pytest.raises(SearchError) as e:
+        load_query_model(idx)
+    assert not marker.exists()
+    assert "\n" not in str(e.value) and str(evil) in str(e.value) and "weights" in str(e.value)
+
+
+def test_cli_search_refuses_a_payload_model_source_in_one_line(photos, fake_model, tmp_path, capsys):
+    from clipft.cli import main
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "model.pt"
+    torch.save({"x": _Payload(marker)}, evil)
+    update_index(photos, fake_model, progress=False, model_source=str(evil))
+    rc = main(["search", "red", "--index", str(default_index_dir(photos))])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and str(evil) in err and not marker.exists()
+
+
+def test_a_plain_weights_checkpoint_passes_the_check(tmp_path):
+    from clipft.search.query import check_model_source
+    ok = tmp_path / "ok.pt"
+    torch.save({"model": {"w": torch.zeros(2)}, "rng": np.random.default_rng(0).bit_generator.state,
+                "np": np.arange(3, dtype=np.uint32)}, ok)
+    check_model_source(str(ok))  # plain tensors, dicts and numpy arrays: no code

@@ -273,10 +273,39 @@ def model_source(source: str) -> str:
     return str(p.resolve()) if p.exists() else source
 
 
+def _plain_numpy_globals() -> list:
+    """The numpy globals a checkpoint's plain arrays (RNG states) pickle with: array reconstruction and
+    numeric dtypes only, none of which runs code."""
+    kinds = ("Bool", "Int8", "Int16", "Int32", "Int64", "UInt8", "UInt16", "UInt32", "UInt64", "Float16",
+             "Float32", "Float64")
+    core = getattr(np, "_core", None) or np.core
+    return [core.multiarray._reconstruct, np.ndarray, np.dtype,
+            *(getattr(np.dtypes, f"{k}DType") for k in kinds if hasattr(np.dtypes, f"{k}DType"))]
+
+
+def check_model_source(source: str) -> None:
+    """Refuse (SearchError, one line) a model source whose loading could run code: an index folder
+    records its model's path, and whoever wrote the folder chose it. A file must load with
+    `torch.load(weights_only=True)` (tensors, containers, numbers, plain numpy arrays); a folder is
+    loaded by `clipft.load` from its config.json and safetensors weights; a hub name is left to it."""
+    p = Path(source).expanduser()
+    if not p.is_file():
+        return
+    try:
+        with torch.serialization.safe_globals(_plain_numpy_globals()):
+            torch.load(p, map_location="cpu", weights_only=True, mmap=True)  # mmap: nothing read twice
+    except Exception as e:  # noqa: BLE001 - whatever the unpickler refused, the file is not plain weights
+        first = (str(e).split("WeightsUnpickler error:")[-1].strip().splitlines() or [type(e).__name__])[0]
+        raise SearchError(f"{p}: refused as this index's model: not plain weights (torch.load with "
+                          f"weights_only=True failed: {first[:160]}); index with a folder written by "
+                          f"`clipft export` instead") from None
+
+
 def load_query_model(idx: LoadedIndex, device: str = "cpu"):
     """The model that built idx (from its recorded source), refused if its fingerprint changed since."""
     from ..api import load  # the model loader; deferred so index/query stay importable without it
     source = idx.info.get("model_source", "")
+    check_model_source(source)  # before anything unpickles it
     model = load(source, device=device)
     if model.fingerprint != idx.info.get("fingerprint"):
         raise SearchError(f"{idx.index_dir}: the model at {source} changed since this index was built "
@@ -291,7 +320,9 @@ def embed_query_image(model, path: str | Path) -> torch.Tensor:
     try:
         with Image.open(path) as im:
             im = im.convert("RGB")
-    except (OSError, UnidentifiedImageError, ValueError) as e:
+    except Image.DecompressionBombError as e:  # not an OSError: PIL's pixel limit, raised by open()
+        raise SearchError(f"{path}: image too large to decode ({e})") from None
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, EOFError) as e:
         raise SearchError(f"{path}: not a readable image ({e})") from None
     return model.encode_images([im])[0]
 
