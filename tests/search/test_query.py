@@ -230,3 +230,22 @@ def test_a_plain_weights_checkpoint_passes_the_check(tmp_path):
     torch.save({"model": {"w": torch.zeros(2)}, "rng": np.random.default_rng(0).bit_generator.state,
                 "np": np.arange(3, dtype=np.uint32)}, ok)
     check_model_source(str(ok))  # plain tensors, dicts and numpy arrays: no code
+
+
+def test_the_approximate_index_records_its_measured_text_query_recall(photos, fake_model):
+    """write_ann calibrates on the model's text queries and stores nprobe and recall@10 beside the index;
+    `ann_report` gives the line `clipft index` prints."""
+    pytest.importorskip("faiss")
+    import json
+    from clipft.search.query import ANN_INFO, ann_report, refresh_ann
+    for i in range(40):
+        draw(photos / "more" / f"p{i:02d}.png", ["red", "green", "blue", "yellow"][i % 4], seed=100 + i)
+    update_index(photos, fake_model, progress=False)
+    d = default_index_dir(photos)
+    texts = lambda: fake_model.encode_texts(["red", "a green thing", "blue", "yellow sky", "red and blue"])  # noqa: E731
+    assert refresh_ann(d, force=True, text_queries=texts) == d / "ann.faiss"
+    info = json.loads((d / ANN_INFO).read_text())
+    assert info["recall_at_10"] >= 0.95 and info["queries"] == "5 text queries" and 1 <= info["nprobe"] <= info["nlist"]
+    assert load_index(d).ann.nprobe == info["nprobe"]
+    line = ann_report(d)
+    assert "recall@10" in line and f"{info['recall_at_10']:.3f}" in line and "text queries" in line

@@ -21,9 +21,21 @@ import torch
 from .index import SearchError, connect, load_shard, read_info
 
 ANN_FILE = "ann.faiss"
+ANN_INFO = "ann.json"  # its settings and the recall@10 measured when it was built
 ANN_MIN_ROWS = 200_000  # below this the exact product answers in a few ms (see benchmarks/search.py)
 ANN_PROBE_FRACTION = 1 / 3  # cells an approximate query scans by default (see build_ann)
 ANN_TARGET_RECALL = 0.95  # recall@10 of text queries against exact search the automatic index must keep
+# Everyday photo-search queries, embedded by `clipft index` to measure (and calibrate) the approximate
+# index's recall on text queries, which lie outside the image cloud unlike copies of indexed images.
+CALIBRATION_TEXTS = (
+    "a dog", "a cat on a sofa", "a child playing", "people at a party", "a birthday cake", "a beach at sunset",
+    "snowy mountains", "a city street at night", "a car", "a bicycle", "a plate of food", "a cup of coffee",
+    "flowers in a garden", "a forest path", "a lake", "a boat on the water", "a bird", "a horse", "a wedding",
+    "a family photo", "a selfie", "a screenshot", "a document", "a receipt", "a building", "a bridge",
+    "a train", "an airplane", "a football match", "a concert", "a christmas tree", "a baby", "a kitchen",
+    "a living room", "a bedroom", "a book", "a laptop", "a phone", "a map", "a painting", "a statue",
+    "a red car", "a blue sky with clouds", "rain", "fireworks", "a tent in the woods", "a swimming pool",
+    "a museum", "a market", "an old photograph")
 DUPLICATE_CHUNK = 2048  # rows of the [chunk, N] similarity block held at once by `duplicate_groups`
 SCORE_BLOCK = 8192  # float16 rows widened at a time by `scores_of`: [8192, 512] float32 = 16 MB, reused
 
@@ -252,29 +264,76 @@ def ann_state(idx: LoadedIndex) -> str:
     return h.hexdigest()[:16]
 
 
-def write_ann(idx: LoadedIndex) -> Path:
-    """Build the approximate index for idx and save it beside the database (temp file + rename)."""
+def proxy_queries(emb: torch.Tensor, n: int = 200, seed: int = 0) -> torch.Tensor:
+    """Held-out-style queries [n, D] when no text encoder is at hand: rows with the collection's mean
+    direction taken out (text embeddings do not share the image cloud's mean), plus noise of equal
+    norm, renormalised. Easier than real text queries (they stay nearer their rows), so a recall
+    measured on them is labelled as such."""
+    g = torch.Generator().manual_seed(seed)
+    x = emb.float()
+    rows = x[torch.randint(len(x), (n,), generator=g)] - x.mean(0)
+    noise = torch.randn(n, x.shape[1], generator=g)
+    return torch.nn.functional.normalize(torch.nn.functional.normalize(rows, dim=1)
+                                         + torch.nn.functional.normalize(noise, dim=1), dim=1)
+
+
+def write_ann(idx: LoadedIndex, text_queries: torch.Tensor | None = None) -> Path:
+    """Build the approximate index for idx and save it beside the database (temp file + rename), with
+    ANN_INFO: its cells, nprobe, and recall@10 against exact search measured now, on `text_queries`
+    [Q, D] (nprobe raised until they reach ANN_TARGET_RECALL) or else on `proxy_queries`."""
+    import json
     faiss = _faiss()
     ann = build_ann(idx.emb)
+    if text_queries is not None and len(text_queries):
+        queries, label = text_queries, f"{len(text_queries)} text queries"
+    else:
+        queries, label = proxy_queries(idx.emb), "200 synthetic held-out queries (no text encoder)"
+    recall = calibrate_ann(ann, idx.emb, queries)
     out = idx.index_dir / ANN_FILE
     tmp = out.with_name(f".{ANN_FILE}.tmp")
     faiss.write_index(ann, str(tmp))
+    info = {"nlist": int(ann.nlist), "nprobe": int(ann.nprobe), "recall_at_10": round(recall, 4), "queries": label,
+            "rows": len(idx)}
+    (idx.index_dir / f".{ANN_INFO}.tmp").write_text(json.dumps(info))
     (idx.index_dir / f".{ANN_FILE}.state.tmp").write_text(ann_state(idx))
     os.replace(tmp, out)
+    os.replace(idx.index_dir / f".{ANN_INFO}.tmp", idx.index_dir / ANN_INFO)
     os.replace(idx.index_dir / f".{ANN_FILE}.state.tmp", idx.index_dir / f"{ANN_FILE}.state")
     return out
 
 
-def refresh_ann(index_dir: str | Path, force: bool = False) -> Path | None:
+def ann_info(index_dir: str | Path) -> dict:
+    """What write_ann recorded ({} for an index built before it recorded anything)."""
+    import json
+    try:
+        return json.loads((Path(index_dir) / ANN_INFO).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def ann_report(index_dir: str | Path) -> str:
+    """One line on the approximate index: its settings and measured recall."""
+    info = ann_info(index_dir)
+    if not info:
+        return f"approximate index (faiss IVF) up to date: {Path(index_dir) / ANN_FILE} (recall not recorded)"
+    return (f"approximate index (faiss IVF, {info['nprobe']} of {info['nlist']} cells scanned per query) up to "
+            f"date: {Path(index_dir) / ANN_FILE}; recall@10 against exact search {info['recall_at_10']:.3f} "
+            f"on {info['queries']} (`clipft search --exact` for exact)")
+
+
+def refresh_ann(index_dir: str | Path, force: bool = False, text_queries=None) -> Path | None:
     """After an update: (re)build the approximate index when asked, when one exists (it would be stale),
-    or when the index reached ANN_MIN_ROWS and faiss is installed; None when exact search stays."""
+    or when the index reached ANN_MIN_ROWS and faiss is installed; None when exact search stays.
+    text_queries: a callable giving [Q, D] text embeddings to measure recall on, called only to build."""
     index_dir = Path(index_dir)
     if not (force or (index_dir / ANN_FILE).exists()) and importlib.util.find_spec("faiss") is None:
         return None
     idx = load_index(index_dir, use_ann=False)
     if not (force or (index_dir / ANN_FILE).exists() or len(idx) >= ANN_MIN_ROWS):
         return None
-    return write_ann(idx) if load_ann(idx) is None else index_dir / ANN_FILE
+    if load_ann(idx) is not None:
+        return index_dir / ANN_FILE
+    return write_ann(idx, text_queries() if text_queries is not None else None)
 
 
 def load_ann(idx: LoadedIndex, required: bool = False):
@@ -285,7 +344,10 @@ def load_ann(idx: LoadedIndex, required: bool = False):
         if required:
             raise SearchError(f"{idx.index_dir}: no up-to-date approximate index (rerun `clipft index` with --ann)")
         return None
-    return _faiss().read_index(str(path))
+    ann = _faiss().read_index(str(path))
+    if "nprobe" in (info := ann_info(idx.index_dir)):
+        ann.nprobe = int(info["nprobe"])  # the calibrated value, whatever the file format keeps
+    return ann
 
 
 # --------------------------------------------------------------------------- for the CLI and the server
