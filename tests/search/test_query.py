@@ -152,9 +152,13 @@ def _clustered(n: int, d: int, clusters: int, seed: int = 0, spread: float = 0.0
     return torch.nn.functional.normalize(x, dim=1)
 
 
-def test_default_float16_storage_matches_exact_float32_search():
+@pytest.mark.parametrize("margin", [None, 0.0])
+def test_default_float16_storage_matches_exact_float32_search(margin, monkeypatch):
     """The default storage (float16 rows) against exact float32 search: every score within SCORE_TOL,
-    and the same top-10 ids except where two exact scores are within SCORE_TOL of each other."""
+    and the same top-10 ids except where two exact scores are within SCORE_TOL of each other. margin 0:
+    the float16 pre-ranking is never trusted, every row is scored in float32 (the fallback path)."""
+    if margin is not None:
+        monkeypatch.setattr("clipft.search.query.FP16_MARGIN", margin)
     n, d = 20_000, 512
     x = _clustered(n, d, clusters=200)
     idx = LoadedIndex(index_dir=None, root=None, info={}, ids=np.arange(n), paths=[""] * n, sha256=[""] * n,

@@ -37,6 +37,7 @@ CALIBRATION_TEXTS = (
     "a red car", "a blue sky with clouds", "rain", "fireworks", "a tent in the woods", "a swimming pool",
     "a museum", "a market", "an old photograph")
 DUPLICATE_CHUNK = 2048  # rows of the [chunk, N] similarity block held at once by `duplicate_groups`
+FP16_MARGIN = 4e-3  # float16-product scores this close to the k-th are rescored in float32 (see _exact_scores)
 SCORE_BLOCK = 8192  # float16 rows widened at a time by `scores_of`: [8192, 512] float32 = 16 MB, reused
 
 
@@ -55,7 +56,7 @@ class LoadedIndex:
     """An index in memory: ids [N] (ascending), paths, emb [N, D] L2-normalised in the stored dtype.
 
     float16 (the default storage) halves the bytes one query's product reads (a CPU matrix-vector
-    product is bound by memory). Scores are computed in float32 from the float16 rows (`scores_of`),
+    product is bound by memory). Scores are float32 products of the float16 rows (`_exact_scores`),
     so the only error left is the rows' own float16 rounding: within 1e-4 of exact float32 search
     (measured ~1e-5 on clustered 512-d rows; tests/search/test_query.py checks 1e-4), and the top-k
     ids equal float32's except where two exact scores are that close. Ties: by id, ascending."""
@@ -140,10 +141,27 @@ def _ranked(scores: np.ndarray, rows: np.ndarray) -> list[tuple[float, int]]:
     return [(float(scores[i]), int(rows[i])) for i in order]
 
 
+def _exact_scores(emb: torch.Tensor, query: torch.Tensor, want: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows [M], float32 scores [M]) holding every row whose score can reach the top `want`.
+    float16 rows: one float16 product ranks them (memory-bound, as fast as the storage allows; error
+    measured ~3e-4, from rounding its float16 output), then the rows within FP16_MARGIN of the
+    want-th are rescored in float32 (`scores_of`). FP16_MARGIN is over 10x that error, and if a
+    candidate's float16 score is off by more than a quarter of it (a platform whose float16 product
+    accumulates in float16), every row is scored in float32 instead."""
+    if emb.dtype == torch.float16:
+        rough = (emb @ query.to(torch.float16)).float()  # [N]
+        kth = float(torch.topk(rough, want).values[-1])
+        rows = torch.nonzero(rough >= kth - FP16_MARGIN).flatten()  # [M >= want]
+        scores = scores_of(emb[rows], query)
+        if float((scores - rough[rows]).abs().max()) <= FP16_MARGIN / 4:
+            return rows, scores
+    return torch.arange(len(emb)), scores_of(emb, query)
+
+
 def top_k(idx: LoadedIndex, query: torch.Tensor, k: int, exclude: int | None = None) -> list[Hit]:
     """The k rows most similar to one query vector [D]: approximate when idx.ann is set, else exact
-    (`scores_of`: one [N, D] @ [D] product in float32). `exclude` leaves one row out (the query image
-    itself). Order: score descending, then id ascending."""
+    (`_exact_scores`: float32 scores of the stored rows). `exclude` leaves one row out (the query
+    image itself). Order: score descending, then id ascending."""
     n = len(idx)
     want = min(k + (exclude is not None), n)
     if want <= 0:
@@ -152,12 +170,12 @@ def top_k(idx: LoadedIndex, query: torch.Tensor, k: int, exclude: int | None = N
         scores, rows = _ann_search(idx.ann, query, want)
         ranked = _ranked(np.array(scores, dtype=np.float32), np.array(rows, dtype=np.int64))
     else:
-        all_scores = scores_of(idx.emb, query)  # [N]
-        kth = float(torch.topk(all_scores, want).values[-1])
+        rows, scores = _exact_scores(idx.emb, query, want)  # [M], [M]
+        kth = float(torch.topk(scores, want).values[-1])
         # every row tied with the k-th score, so that which of them make the cut does not depend on
         # topk's internal order
-        rows = torch.nonzero(all_scores >= kth).flatten()  # [>= want]
-        ranked = _ranked(all_scores[rows].numpy(), rows.numpy())[:want]
+        keep = scores >= kth
+        ranked = _ranked(scores[keep].numpy(), rows[keep].numpy())[:want]
     hits = [Hit(int(idx.ids[r]), idx.paths[r], s) for s, r in ranked if r >= 0 and r != exclude]
     return hits[:k]
 
