@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from clipft.api import load
+from clipft.inference import load
 from clipft.embed import default_workers, embed_paths, list_images
 
 

@@ -124,7 +124,7 @@ def write_jpegs(out: Path, n: int, seed: int = 0) -> None:
 
 
 def throughput(model_source: str, n: int, workers: int, batch_size: int) -> None:
-    from clipft.api import load
+    from clipft.inference import load
     from clipft.search.index import update_index
     model = load(model_source)
     with tempfile.TemporaryDirectory() as tmp:
@@ -155,7 +155,7 @@ def throughput(model_source: str, n: int, workers: int, batch_size: int) -> None
 
 
 def quality(model_source: str, data: str, split: str) -> None:
-    from clipft.api import load
+    from clipft.inference import load
     from clipft.search.index import update_index
     from clipft.search.query import load_index
     from clipft.search.quality import precision_at_k, shapes_queries

@@ -34,8 +34,8 @@ from clipft.config import ModelConfig
 from clipft.loss import clip_loss
 from clipft.model import build_image_tower
 from clipft.runtime import select_precision
-from clipft.step import train_step
-from clipft.train import build_optimizer
+from clipft.train.step import train_step
+from clipft.train.loop import build_optimizer
 
 
 def sync(device: torch.device) -> None:

@@ -30,7 +30,7 @@ def trained_run(coco_root, tiny_clip_dir, tmp_path_factory):
     """A 2-epoch run on coco_root (resnet18 from scratch at 32 px, head 32, tiny CLIP text tower): the
     run directory, with best.pt. Evaluation tests write their outputs beside best.pt; a test that needs
     a pristine run directory copies it."""
-    from clipft.cli import main
+    from clipft.cli.commands import main
     run = tmp_path_factory.mktemp("trained") / "run"
     args = ["--set", f"text.encoder={tiny_clip_dir}", "--set", "train.epochs=2", "--set", "train.batch_size=8",
             "--set", "train.lr=1e-3", "--set", "train.warmup_steps=2", "--set", "model.backbone=resnet18",

@@ -1,4 +1,4 @@
-"""clipft.ablate: every preset builds, trains a few steps and changes what it claims; the runner
+"""clipft.cli.ablate: every preset builds, trains a few steps and changes what it claims; the runner
 resumes a partial study without rerunning finished runs; the table and charts agree with the
 per-run metrics files."""
 
@@ -14,15 +14,15 @@ import torch
 import yaml
 from torch import nn
 
-from clipft import ablate
-from clipft import train as train_mod
-from clipft.ablate import ABLATION_NOTES, ABLATIONS, AblationError
-from clipft.cli import main
+from clipft.cli import ablate
+from clipft.train import loop as train_mod
+from clipft.cli.ablate import ABLATION_NOTES, ABLATIONS, AblationError
+from clipft.cli.commands import main
 from clipft.config import Config, ConfigError, update_from_dict
 from clipft.data import build_transform
 from clipft.model import AttentionPool2d, build_image_tower
-from clipft.runfiles import read_records
-from clipft.train import build_optimizer, cosine_with_warmup, train_step
+from clipft.train.rundir import read_records
+from clipft.train.loop import build_optimizer, cosine_with_warmup, train_step
 
 TINY = {"model": {"backbone": "resnet18", "image_weights": "none", "head_hidden": 32},
         "data": {"image_size": 32, "num_workers": 0},

@@ -1,4 +1,4 @@
-"""clipft.api: load a checkpoint / export / original CLIP, embed images and texts, zero-shot."""
+"""clipft.inference: load a checkpoint / export / original CLIP, embed images and texts, zero-shot."""
 
 import json
 import subprocess
@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 import clipft
-from clipft.api import ImageTextModel, load, similarity, state_digest
+from clipft.inference import ImageTextModel, load, similarity, state_digest
 from clipft.model import ModelError
 
 
@@ -24,7 +24,7 @@ def saved_embeddings(trained_run, coco_root, tmp_path_factory):
     """`clipft evaluate --save-embeddings` of best.pt on the val split: (tensors, {image_id: path}, captions)."""
     from safetensors.torch import load_file
 
-    from clipft.cli import main
+    from clipft.cli.commands import main
     from clipft.config import from_dict
     from clipft.data import load_split
     out = tmp_path_factory.mktemp("eval")
@@ -80,7 +80,7 @@ def test_bad_image_inputs_name_the_problem(ckpt_model, tmp_path):
 
 def test_similarity_and_zero_shot(ckpt_model, trained_run, coco_root):
     from clipft.text import load_text_encoder
-    from clipft.zeroshot import class_embeddings, class_probabilities
+    from clipft.eval.zeroshot import class_embeddings, class_probabilities
     images = sorted((coco_root / "val2014").glob("*.jpg"))[:3]
     img = ckpt_model.encode_images(images)
     sim = ckpt_model.similarity(img, img)
@@ -96,7 +96,7 @@ def test_similarity_and_zero_shot(ckpt_model, trained_run, coco_root):
 
 
 def test_fingerprint_is_stable_and_tells_models_apart(ckpt_model, trained_run, tiny_clip_dir, tmp_path):
-    from clipft.baseline import save_tiny_clip_model
+    from clipft.eval.clip_baseline import save_tiny_clip_model
     again = load(trained_run / "best.pt")
     assert again.fingerprint == ckpt_model.fingerprint and len(ckpt_model.fingerprint) == 64
     clip = load(save_tiny_clip_model(tmp_path / "clip"))
@@ -108,7 +108,7 @@ def test_fingerprint_is_stable_and_tells_models_apart(ckpt_model, trained_run, t
 
 
 def test_original_clip_has_the_same_interface(coco_root, tmp_path):
-    from clipft.baseline import clip_image_embeddings, load_clip_vision, save_tiny_clip_model
+    from clipft.eval.clip_baseline import clip_image_embeddings, load_clip_vision, save_tiny_clip_model
     from clipft.config import Config
     from clipft.data import load_split
     from clipft.text import load_text_encoder
@@ -161,8 +161,8 @@ import sys, clipft
 assert "torch" not in sys.modules, "import clipft must stay light"
 m = clipft.load({str(trained_run / 'best.pt')!r})
 m.encode_images([{str(png)!r}]); m.encode_texts(["a red square"])
-training = ("clipft.train", "clipft.loss", "clipft.data", "clipft.dataset", "clipft.prepare",
-            "clipft.distributed", "clipft.evaluate", "clipft.health", "clipft.ablate", "clipft.zeroshot")
+training = ("clipft.train.loop", "clipft.loss", "clipft.data", "clipft.data.caption_dataset", "clipft.prepare",
+            "clipft.distributed", "clipft.eval.evaluate", "clipft.train.health", "clipft.cli.ablate", "clipft.eval.zeroshot")
 print(sorted(n for n in sys.modules if n.startswith(training)))
 """
     src = str(Path(clipft.__file__).parents[1])

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clipft.baseline import clip_baseline_embeddings, save_tiny_clip_model
+from clipft.eval.clip_baseline import clip_baseline_embeddings, save_tiny_clip_model
 from clipft.data import load_coco_captions, load_image
 
 

@@ -46,7 +46,7 @@ def test_read_only_dataset_caches_go_to_the_user_cache_dir(tmp_path, tiny_clip_d
     written into the dataset. (cache-text used to embed every caption, then die writing DATA/cache.)"""
     import logging
 
-    from clipft.cli import main
+    from clipft.cli.commands import main
     from clipft.data import caches
     from clipft.data.shapes import make_shapes_dataset
     from test_train import small_args
@@ -78,7 +78,7 @@ def test_read_only_dataset_caches_go_to_the_user_cache_dir(tmp_path, tiny_clip_d
 def test_read_only_cache_dir_is_refused_before_the_work(tmp_path, tiny_clip_dir, make_read_only, capsys):
     """An explicit text.cache_dir that cannot be written: one line, before any caption is embedded
     or any image decoded."""
-    from clipft.cli import main
+    from clipft.cli.commands import main
     from clipft.data.shapes import make_shapes_dataset
     root = make_shapes_dataset(tmp_path / "d", n_train=4, n_val=2, seed=6, image_size=40)
     ro = tmp_path / "ro-cache"
@@ -101,7 +101,7 @@ def test_caches_are_created_with_the_process_umask(tmp_path, tiny_clip_dir):
     """Text caches were 0600 whatever the umask: no one else on a shared cluster could read them."""
     import os
 
-    from clipft.cli import main
+    from clipft.cli.commands import main
     from clipft.data.shapes import make_shapes_dataset
     root = make_shapes_dataset(tmp_path / "d", n_train=4, n_val=2, seed=7, image_size=40)
     old = os.umask(0o002)
@@ -118,7 +118,7 @@ def test_caches_are_created_with_the_process_umask(tmp_path, tiny_clip_dir):
 def test_a_read_only_shared_cache_is_read_where_it_is(tmp_path, tiny_clip_dir, make_read_only, monkeypatch, capsys):
     """Caches built by whoever owns a dataset, then shared read-only: used as they are, not rebuilt
     in every user's cache directory."""
-    from clipft.cli import main
+    from clipft.cli.commands import main
     from clipft.data.shapes import make_shapes_dataset
     root = make_shapes_dataset(tmp_path / "shared", n_train=4, n_val=2, seed=10, image_size=40)
     args = ["cache-text", "--data", str(root), "--text-encoder", str(tiny_clip_dir), "--device", "cpu"]

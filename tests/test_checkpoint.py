@@ -1,4 +1,4 @@
-"""clipft.checkpoint: last.pt / best.pt, the RNG stream a resume continues, log truncation."""
+"""clipft.train.checkpoint: last.pt / best.pt, the RNG stream a resume continues, log truncation."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import json
 
 import torch
 
-from clipft.checkpoint import Checkpointer
+from clipft.train.checkpoint import Checkpointer
 from clipft.distributed import DistContext
-from clipft.runfiles import RunFiles, read_records
+from clipft.train.rundir import RunFiles, read_records
 
 SINGLE = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend=None, created=False)
 
@@ -82,7 +82,7 @@ def test_previous_last_is_kept_and_a_damaged_last_falls_back_to_it(tmp_path, cap
 
 
 def test_a_checkpoint_that_does_not_read_back_keeps_the_previous_one(tmp_path, monkeypatch):
-    import clipft.checkpoint as ck
+    import clipft.train.checkpoint as ck
     run = RunFiles(tmp_path)
     ckpt = Checkpointer(run, SINGLE)
     ckpt.save({"epoch": 1, "step": 4}, is_best=False)

@@ -18,11 +18,11 @@ import pytest
 import torch
 
 from clipft import distributed
-from clipft.chunked import chunked_clip_backward
+from clipft.train.chunked import chunked_clip_backward
 from clipft.config import ModelConfig
 from clipft.loss import clip_loss
 from clipft.model import ImageTower
-from clipft.step import step_values, train_step
+from clipft.train.step import step_values, train_step
 
 
 def _tower(seed=0, dropout=0.0, head_norm="none"):
@@ -148,7 +148,7 @@ def test_non_finite_loss_poisons_every_gradient():
 
 
 def test_out_of_memory_advice_and_detection():
-    from clipft.chunked import out_of_memory_advice
+    from clipft.train.chunked import out_of_memory_advice
     from clipft.runtime import is_out_of_memory
     assert "--set train.embed_chunk=64 " in out_of_memory_advice(1024, 0)
     assert "--set train.embed_chunk=16 " in out_of_memory_advice(32, 0)

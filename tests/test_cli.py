@@ -1,4 +1,4 @@
-"""clipft.cli: the front door. Bad values and nonsense get one line (never a traceback), every option
+"""clipft.cli.commands: the front door. Bad values and nonsense get one line (never a traceback), every option
 has a help text, Ctrl-C says what was kept, and a failed start leaves nothing behind."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import argparse
 
 import pytest
 
-from clipft import cli
-from clipft.cli import build_parser, int_range, main
+from clipft.cli import commands as cli
+from clipft.cli.commands import build_parser, int_range, main
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:

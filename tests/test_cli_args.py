@@ -4,7 +4,7 @@ import argparse
 
 import pytest
 
-from clipft.cli_args import _split_extra, int_range
+from clipft.cli.args import _split_extra, int_range
 from clipft.config import ConfigError
 
 

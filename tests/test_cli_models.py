@@ -2,7 +2,7 @@
 
 import pytest
 
-from clipft.cli import build_parser, main
+from clipft.cli.commands import build_parser, main
 
 
 @pytest.mark.parametrize("command", ["export", "embed", "index", "search", "serve"])

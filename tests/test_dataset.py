@@ -1,4 +1,4 @@
-"""clipft.dataset: the public CaptionDataset gives what `clipft train` trains on, as dicts."""
+"""clipft.data.caption_dataset: the public CaptionDataset gives what `clipft train` trains on, as dicts."""
 
 import json
 
@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader
 import clipft
 from clipft.config import Config
 from clipft.data import TrainDataset, build_transform, load_split
-from clipft.dataset import CaptionDataset, collate_captions
+from clipft.data.caption_dataset import CaptionDataset, collate_captions
 
 
 @pytest.fixture(scope="module")

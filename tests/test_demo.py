@@ -2,7 +2,7 @@
 
 import pytest
 
-from clipft.demo import run_demo
+from clipft.cli.demo import run_demo
 
 
 @pytest.mark.slow

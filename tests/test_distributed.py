@@ -37,7 +37,7 @@ from clipft.distributed import (DistContext, all_gather_cat, all_gather_ints, al
                                 shard_train_indices)
 from clipft.loss import clip_loss
 from clipft.model import ImageTower
-from clipft.train import step_values, train_step
+from clipft.train.loop import step_values, train_step
 
 WORLD = 2
 
@@ -172,7 +172,7 @@ def test_gradient_accumulation_is_the_mean_of_micro_batch_gradients():
 
 
 def test_micro_batch_groups():
-    from clipft.train import micro_batch_groups
+    from clipft.train.loop import micro_batch_groups
 
     def batch(n, skipped=0):  # (images [n,...], texts [n, D], index, n_skipped) like collate_train
         return torch.zeros(n, 3, 2, 2), torch.zeros(n, 4), torch.arange(n), skipped
@@ -223,7 +223,7 @@ def _spawn(fn, *args):
     fork of pytest with its threads or CUDA state), but torch and clipft are imported once in the
     server, not in every worker of every test (seconds each on a small machine)."""
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "torchvision", "clipft.train", "clipft.cli", "matplotlib.pyplot",
+    ctx.set_forkserver_preload(["torch", "torchvision", "clipft.train.loop", "clipft.cli.commands", "matplotlib.pyplot",
                                 "transformers.models.auto", "transformers.models.clip.modeling_clip"])
     mp.start_processes(fn, args=args, nprocs=WORLD, join=True, start_method="forkserver")
 
@@ -316,8 +316,8 @@ def _train_worker(rank: int, ports: list[int], data: str, text_dir: str, runs: s
     """`clipft train` on 2 processes: run a uninterrupted; run b killed at the start of epoch 2 on
     every rank (as when a job is stopped), then rerun with the same command; run c checkpointed every
     2 steps and signalled on rank 0 alone mid-epoch, then rerun."""
-    from clipft import train as train_mod
-    from clipft.cli import main
+    from clipft.train import loop as train_mod
+    from clipft.cli.commands import main
 
     _init_worker(rank, ports[0])
     stdout = io.StringIO()
@@ -364,11 +364,11 @@ def _train_runs(main, train_mod, ports, data, text_dir, runs) -> dict:
 def test_two_process_training_resumes_exactly_and_validates_like_one_process(coco_root, tiny_clip_dir, tmp_path):
     from clipft.config import from_dict
     from clipft.data import load_split
-    from clipft.evaluate import embed_images, evaluate_split
+    from clipft.eval.evaluate import embed_images, evaluate_split
     from clipft.model import load_image_tower
     from clipft.data import text_cache_path
     from clipft.text import get_text_embeddings
-    from clipft.runfiles import read_records
+    from clipft.train.rundir import read_records
 
     _spawn(_train_worker, [_free_port() for _ in range(5)], str(coco_root), str(tiny_clip_dir), str(tmp_path))
     for r in range(WORLD):

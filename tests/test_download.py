@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from clipft.data import download as dl
-from clipft.cli import main
+from clipft.cli.commands import main
 from clipft.data import load_coco_captions
 from clipft.data.download import (COCO_ARCHIVES, CorruptArchiveError, DiskSpaceError, DownloadError,
                              NetworkError, RemoteFileError, download_coco, fetch, parse_content_range)

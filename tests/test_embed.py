@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from clipft.api import load
-from clipft.cli import main
+from clipft.inference import load
+from clipft.cli.commands import main
 from clipft.embed import IMAGE_EXTENSIONS, embed_folder, embed_paths, list_images, read_folder_embeddings
 
 

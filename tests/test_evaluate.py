@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from clipft.evaluate import (DIRECTIONS, EvaluationError, evaluate_split, format_recall_table, mean_recall,
+from clipft.eval.evaluate import (DIRECTIONS, EvaluationError, evaluate_split, format_recall_table, mean_recall,
                              retrieval_ranks, retrieval_recall)
 
 
@@ -200,8 +200,8 @@ def test_evaluate_writes_metrics_by_split_csv_and_embeddings(coco_root, trained_
     import csv
     import json
 
-    from clipft.cli import main
-    from clipft.evaluate import load_split_embeddings
+    from clipft.cli.commands import main
+    from clipft.eval.evaluate import load_split_embeddings
 
     ckpt = trained_run / "best.pt"
     for f in ("metrics.json", "metrics_val.json", "metrics_val.csv", "embeddings_val.safetensors"):
@@ -239,7 +239,7 @@ def test_evaluate_writes_metrics_by_split_csv_and_embeddings(coco_root, trained_
 def test_split_embeddings_round_trip_through_the_file(coco_root, trained_run, tmp_path):
     import torch
 
-    from clipft.evaluate import checkpoint_embeddings, save_split_embeddings, split_embeddings_from_file
+    from clipft.eval.evaluate import checkpoint_embeddings, save_split_embeddings, split_embeddings_from_file
     emb, cfg = checkpoint_embeddings(trained_run / "best.pt", coco_root, "val")
     save_split_embeddings(tmp_path / "e.safetensors", emb)
     back, _ = split_embeddings_from_file(tmp_path / "e.safetensors", trained_run / "best.pt", coco_root, "val")
@@ -251,8 +251,8 @@ def test_compare_zero_shot_clip_side_by_side(coco_root, trained_run, tmp_path, c
     import csv
     import json
 
-    from clipft.baseline import save_tiny_clip_model
-    from clipft.cli import main
+    from clipft.eval.clip_baseline import save_tiny_clip_model
+    from clipft.cli.commands import main
 
     clip_dir = save_tiny_clip_model(tmp_path / "tiny-clip-full", image_size=32)
     out = tmp_path / "m.json"
@@ -280,7 +280,7 @@ def test_compare_zero_shot_clip_side_by_side(coco_root, trained_run, tmp_path, c
 def test_nan_checkpoint_is_refused_by_every_entry_point(coco_root, trained_run, tmp_path, capsys, command):
     """A checkpoint whose weights hold NaN: evaluate and zero-shot each say so in one line, exit 2,
     and write no metrics (a NaN tower would otherwise score 100% recall)."""
-    from clipft.cli import main
+    from clipft.cli.commands import main
     bad = tmp_path / "bad.pt"
     ckpt = torch.load(trained_run / "best.pt", weights_only=False)
     name = next(k for k, v in ckpt["model"].items() if v.is_floating_point() and "head" in k)

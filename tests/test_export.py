@@ -6,8 +6,8 @@ import shutil
 import pytest
 import torch
 
-from clipft.api import load
-from clipft.cli import main
+from clipft.inference import load
+from clipft.cli.commands import main
 from clipft.export import ONNX_TOLERANCE, export_checkpoint, format_size, onnx_parity
 from clipft.model import ModelError
 
@@ -71,7 +71,7 @@ def test_onnx_backend_gives_the_same_embeddings(exported, trained_run, coco_root
 
 
 def test_onnx_parity_check_refuses_a_file_that_differs(exported, trained_run, tmp_path):
-    from clipft.api import tower_from_export
+    from clipft.inference import tower_from_export
     out, _ = exported
     tower = tower_from_export(out)
     pixels = torch.randn(3, 3, 32, 32)
@@ -153,7 +153,7 @@ def test_open_clip_timm_tower_form_loads_in_open_clip(exported):
     from open_clip.timm_model import TimmModel
     from safetensors.torch import load_file
 
-    from clipft.api import tower_from_export
+    from clipft.inference import tower_from_export
     out, printed = exported
     cfg = json.loads((out / "open_clip_visual.json").read_text())
     v = cfg["vision_cfg"]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from clipft.cli import main
+from clipft.cli.commands import main
 from clipft.config import Config, DataConfig
 from clipft.data import DataError, detect_format, load_split
 from clipft.data.flickr import find_layout, load_flickr, seeded_split
@@ -231,7 +231,7 @@ def test_validate_train_evaluate_each_layout(tmp_path, tiny_clip_dir, layout, ka
     assert f"{m['num_images']} images x {m['num_captions']} captions)" == counts
     assert (run / "metrics_test.csv").read_text().splitlines()[1].startswith("fine-tuned,test,")
     if karpathy:  # the same protocol for a full CLIP model, side by side
-        from clipft.baseline import save_tiny_clip_model
+        from clipft.eval.clip_baseline import save_tiny_clip_model
         clip_dir = save_tiny_clip_model(tmp_path / "tiny-clip-full", image_size=32)
         out = tmp_path / "zs.json"
         assert main(["evaluate", "--checkpoint", str(run / "best.pt"), "--data", str(root), "--split", "test",

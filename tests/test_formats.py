@@ -11,12 +11,12 @@ import pytest
 from test_train import small_args as train_small_args
 from PIL import Image
 
-from clipft.cli import main
+from clipft.cli.commands import main
 from clipft.config import Config, DataConfig
 from clipft.data import (DataError, cache_location, caption_problem, detect_format, load_csv_captions, load_dataset,
                          load_folder_captions, load_jsonl_captions, load_split, sniff_delimiter,
                          split_source, text_cache_file)
-from clipft.runfiles import read_records
+from clipft.train.rundir import read_records
 
 
 def color(i: int) -> tuple[int, int, int]:

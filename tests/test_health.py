@@ -1,4 +1,4 @@
-"""clipft.health: the four run-health warnings as pure functions, the monitor's once-per-epoch rule,
+"""clipft.train.health: the four run-health warnings as pure functions, the monitor's once-per-epoch rule,
 and each warning triggered inside a real (tiny) training run by a crafted situation."""
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clipft import train as train_mod
-from clipft.cli import main
-from clipft.health import (HealthMonitor, chance_warning, collapse_warning, logit_scale_warning,
+from clipft.train import loop as train_mod
+from clipft.cli.commands import main
+from clipft.train.health import (HealthMonitor, chance_warning, collapse_warning, logit_scale_warning,
                            overfitting_warning, pairwise_cosine)
-from clipft.runfiles import read_records
+from clipft.train.rundir import read_records
 
 
 def test_pairwise_cosine():

@@ -12,7 +12,7 @@ import pytest
 import requests
 from test_flickr import kaggle_8k, kaggle_30k
 
-from clipft.cli import main
+from clipft.cli.commands import main
 from clipft.data import detect_format, load_split
 from clipft.config import DataConfig
 from clipft.data.download import NetworkError, RemoteFileError

@@ -2,7 +2,7 @@
 
 import shutil
 
-from clipft.cli import main
+from clipft.cli.commands import main
 from clipft.export import export_checkpoint
 from clipft.modelcard import _public_source, dataset_id
 

@@ -5,9 +5,9 @@ from pathlib import Path
 import torch
 
 from clipft.data import CaptionedImages, ImageRecord
-from clipft.evaluate import SplitEmbeddings
-from clipft.pictures import data_samples, heatmap_data, image_to_text_results, text_to_image_results
-from clipft.protocols import EvalSplit
+from clipft.eval.evaluate import SplitEmbeddings
+from clipft.eval.pictures import data_samples, heatmap_data, image_to_text_results, text_to_image_results
+from clipft.eval.protocols import EvalSplit
 
 
 def toy(skip_image_1: bool = False) -> SplitEmbeddings:
@@ -71,8 +71,8 @@ def ranked_toy() -> SplitEmbeddings:
 
 
 def test_example_queries_are_seeded_random_plus_the_best_and_worst_by_rank():
-    from clipft.evaluate import retrieval_ranks
-    from clipft.pictures import example_queries
+    from clipft.eval.evaluate import retrieval_ranks
+    from clipft.eval.pictures import example_queries
     emb = ranked_toy()
     picks = example_queries(emb, n=2, seed=0)
     assert picks == example_queries(emb, n=2, seed=0)  # seeded: the same command, the same examples

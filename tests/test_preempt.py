@@ -1,4 +1,4 @@
-"""clipft.preempt: SIGTERM / SIGUSR1 save a mid-epoch checkpoint at the next step boundary, and the
+"""clipft.train.preempt: SIGTERM / SIGUSR1 save a mid-epoch checkpoint at the next step boundary, and the
 rerun of the same command resumes from it exactly."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ import signal
 import pytest
 import torch
 
-from clipft import train as train_mod
-from clipft.cli import main
-from clipft.preempt import Preempted, StopFlag
-from clipft.runfiles import read_records
+from clipft.train import loop as train_mod
+from clipft.cli.commands import main
+from clipft.train.preempt import Preempted, StopFlag
+from clipft.train.rundir import read_records
 
 from test_train import small_args
 

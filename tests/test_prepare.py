@@ -176,8 +176,8 @@ def test_training_reads_the_prepared_cache(coco_root, tiny_clip_dir, tmp_path, c
     import logging
     import shutil
 
-    from clipft import train as train_mod
-    from clipft.cli import main
+    from clipft.train import loop as train_mod
+    from clipft.cli.commands import main
     from test_train import small_args
 
     root = tmp_path / "coco"
@@ -190,7 +190,7 @@ def test_training_reads_the_prepared_cache(coco_root, tiny_clip_dir, tmp_path, c
     def spy(model, micro, *a, **kw):
         seen.append((micro[0][0].dtype, micro[0][0].shape[1], kw.get("transform") is not None))
         return real(model, micro, *a, **kw)
-    caplog.set_level(logging.INFO, logger="clipft.train")
+    caplog.set_level(logging.INFO, logger="clipft.train.loop")
     args = small_args(tiny_clip_dir, 1, ["--set", "data.prepared_size=40", "--set", "data.augment=true"])
     with train_mod.use_hooks(step=spy):
         assert main(["train", "--data", str(root), "--out", str(tmp_path / "run"), *args]) == 0
@@ -213,7 +213,7 @@ def test_training_reads_the_prepared_cache(coco_root, tiny_clip_dir, tmp_path, c
 # --------------------------------------------------------------------------- integrity (driven through the CLI)
 
 def _prepare_cli(root, *extra):
-    from clipft.cli import main
+    from clipft.cli.commands import main
     return main(["prepare-images", "--data", str(root), "--split", "train", "--size", "32", "--workers", "1",
                  "--quiet", *extra])
 
@@ -258,7 +258,7 @@ def test_checksums_catch_a_flipped_byte_and_rerun_repairs_only_that_chunk(small_
 def test_zeroed_images_are_refused_by_training_and_rebuilt(small_coco, tiny_clip_dir, tmp_path, capsys, caplog):
     """256 zeroed images (here: a chunk's worth, 3) pass every size check; training refuses them with
     one line, `prepare-images` rebuilds them, and training then reads the cache."""
-    from clipft.cli import main
+    from clipft.cli.commands import main
     from test_train import small_args
     root, out = small_coco
     with open(out / "images.u8", "r+b") as f:
@@ -280,7 +280,7 @@ def test_zeroed_images_are_refused_by_training_and_rebuilt(small_coco, tiny_clip
 def test_truncated_cache_is_not_complete_and_training_says_so(small_coco, tiny_clip_dir, tmp_path, capsys,
                                                                  caplog):
     """A truncated images.u8 was once reported complete, then training died in mmap."""
-    from clipft.cli import main
+    from clipft.cli.commands import main
     from test_train import small_args
     root, out = small_coco
     pristine = np.array(PreparedImages.open(out).array)
@@ -408,7 +408,7 @@ def test_workers_die_with_their_parent(split, tmp_path):
 def test_a_full_disk_is_one_line_before_any_decoding(tmp_path, small_tmpfs, capsys):
     """16 images at 256 px need 3 MB; the 2 MB disk is found full before the first image is decoded
     (it used to end in a SIGBUS in a worker, or a broken process pool)."""
-    from clipft.cli import main
+    from clipft.cli.commands import main
     root = make_shapes_dataset(tmp_path / "coco", n_train=16, n_val=2, seed=8, image_size=40)
     args = ["prepare-images", "--data", str(root), "--split", "train", "--size", "256", "--workers", "1", "--quiet",
             "--set", f"text.cache_dir={small_tmpfs}"]
@@ -431,12 +431,12 @@ def test_training_says_why_a_prepared_cache_of_another_size_is_unused(coco_root,
     import logging
     import shutil
 
-    from clipft.cli import main
+    from clipft.cli.commands import main
     from test_train import small_args
     root = tmp_path / "coco"
     shutil.copytree(coco_root, root, ignore=shutil.ignore_patterns("cache"))
     assert main(["prepare-images", "--data", str(root), "--split", "train", "--size", "40", "--quiet"]) == 0
-    caplog.set_level(logging.INFO, logger="clipft.train")
+    caplog.set_level(logging.INFO, logger="clipft.train.loop")
     assert main(["train", "--data", str(root), "--out", str(tmp_path / "run"), *small_args(tiny_clip_dir, 1)]) == 0
     assert "prepared at 40 px but data.prepared_size is 256: decoding JPEGs instead; set --set " \
            "data.prepared_size=40" in caplog.text

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from clipft.cli import main
+from clipft.cli.commands import main
 from clipft.config import Config, apply_overrides
 from clipft.data import DataError, load_coco_captions
-from clipft.protocols import load_karpathy_split, resolve_eval_split
+from clipft.eval.protocols import load_karpathy_split, resolve_eval_split
 
 
 def write_karpathy(root: Path, path: Path) -> dict:
@@ -124,7 +124,7 @@ def test_evaluate_karpathy_test_end_to_end(coco_root, trained_run, karpathy_file
 # --------------------------------------------------------------------------- COCO 1K test (5 folds)
 
 def test_consecutive_folds():
-    from clipft.protocols import consecutive_folds
+    from clipft.eval.protocols import consecutive_folds
     folds = consecutive_folds(5000)
     assert [len(f) for f in folds] == [1000] * 5 and folds[1][0] == 1000 and folds[4][-1] == 4999
     assert [len(f) for f in consecutive_folds(7)] == [1, 2, 1, 2, 1]
@@ -135,7 +135,7 @@ def test_fold_metrics_equal_each_fold_scored_alone():
     import torch
 
     from clipft.data import CaptionedImages, ImageRecord
-    from clipft.evaluate import evaluate_folds, retrieval_recall
+    from clipft.eval.evaluate import evaluate_folds, retrieval_recall
     g = torch.Generator().manual_seed(0)
     n, per = 10, 3
     data = CaptionedImages([ImageRecord(i, Path(f"{i}.jpg"), [f"c{i}.{k}" for k in range(per)],
@@ -185,7 +185,7 @@ def test_evaluate_karpathy_test_1k(coco_root, trained_run, karpathy_file, tmp_pa
 
 def test_protocol_labels_come_from_the_real_counts():
     from clipft.data import CaptionedImages, ImageRecord
-    from clipft.protocols import protocol_description
+    from clipft.eval.protocols import protocol_description
 
     def split(n):
         return CaptionedImages([ImageRecord(i, Path(f"{i}.jpg"), [f"c{i}"], [i]) for i in range(n)], name="k")
@@ -196,7 +196,7 @@ def test_protocol_labels_come_from_the_real_counts():
 
 
 def test_unknown_split_lists_the_protocols(coco_root):
-    from clipft.protocols import PROTOCOLS
+    from clipft.eval.protocols import PROTOCOLS
     with pytest.raises(DataError) as e:
         resolve_eval_split(coco_root, "valfull", Config())
     assert "valfull" in str(e.value) and all(p in str(e.value) for p in PROTOCOLS)

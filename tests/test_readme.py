@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from clipft.cli import _split_extra, build_parser
+from clipft.cli.commands import _split_extra, build_parser
 from clipft.config import ConfigError
 
 README = Path(__file__).resolve().parents[1] / "README.md"

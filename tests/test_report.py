@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from clipft.cli import main
+from clipft.cli.commands import main
 from clipft.report import (log_observations, loss_explanation, loss_spikes, retrieval_section, write_report,
                            zero_shot_section)
 

@@ -1,6 +1,6 @@
 """report.errors: a report on something that is not a run is one error line, exit 2, nothing written."""
 
-from clipft.cli import main
+from clipft.cli.commands import main
 
 
 def test_report_on_a_missing_run_is_one_line(tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""clipft.resume, driven through `clipft train`: a rerun into a run directory continues the same run
+"""clipft.train.resume, driven through `clipft train`: a rerun into a run directory continues the same run
 (allowed changes only), falls back from a damaged last.pt, drops a torn log line, and a refused
 rerun changes nothing in the directory."""
 
@@ -15,11 +15,11 @@ import time
 import pytest
 import torch
 
-from clipft import train as train_mod
-from clipft.cli import main
-from clipft.resume import RESUMABLE_KEYS, config_differences
+from clipft.train import loop as train_mod
+from clipft.cli.commands import main
+from clipft.train.resume import RESUMABLE_KEYS, config_differences
 from clipft.config import Config
-from clipft.runfiles import read_records
+from clipft.train.rundir import read_records
 
 from test_train import small_args
 
@@ -205,7 +205,7 @@ def test_a_damaged_config_json_is_one_line_and_a_named_config_still_resumes(fini
 
 
 def test_refusals_are_training_errors_for_python_callers():
-    from clipft.checkpoint import CheckpointError
-    from clipft.resume import ResumeError
-    from clipft.train import TrainingError
+    from clipft.train.checkpoint import CheckpointError
+    from clipft.train.resume import ResumeError
+    from clipft.train.loop import TrainingError
     assert issubclass(ResumeError, TrainingError) and issubclass(CheckpointError, TrainingError)

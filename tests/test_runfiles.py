@@ -1,11 +1,11 @@
-"""clipft.runfiles: the run-directory layout and its readers (what report, ablate and visualize use)."""
+"""clipft.train.rundir: the run-directory layout and its readers (what report, ablate and visualize use)."""
 
 from __future__ import annotations
 
 import json
 
 from clipft.config import Config, save_config
-from clipft.runfiles import RunFiles, read_records, resolve_run_config, write_epochs_csv
+from clipft.train.rundir import RunFiles, read_records, resolve_run_config, write_epochs_csv
 
 
 def test_layout_records_and_epochs_csv(tmp_path):

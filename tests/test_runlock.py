@@ -1,4 +1,4 @@
-"""clipft.runlock: one writer per run directory (a live holder refuses, a dead one is taken over)."""
+"""clipft.train.lock: one writer per run directory (a live holder refuses, a dead one is taken over)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from clipft.cli import main
-from clipft.runlock import LOCK_NAME, RunInUseError, RunLock
+from clipft.cli.commands import main
+from clipft.train.lock import LOCK_NAME, RunInUseError, RunLock
 
 
 def _write_lock(run, pid, host=None):

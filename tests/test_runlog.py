@@ -1,4 +1,4 @@
-"""RUN/commands.txt (clipft.runlog): one line per clipft command run against a run directory."""
+"""RUN/commands.txt (clipft.train.commandlog): one line per clipft command run against a run directory."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import re
 import shutil
 
 from clipft import __version__
-from clipft.cli import main
-from clipft.runlog import read_commands, record_command
+from clipft.cli.commands import main
+from clipft.train.commandlog import read_commands, record_command
 
 LINE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d)  clipft (\S+)  (clipft .*)$")
 
@@ -46,8 +46,8 @@ def test_train_evaluate_visualize_and_report_are_recorded(trained_run, coco_root
 
 
 def test_which_directory_a_command_acts_on():
-    from clipft.cli import build_parser
-    from clipft.runlog import run_dir_of
+    from clipft.cli.commands import build_parser
+    from clipft.train.commandlog import run_dir_of
     p = build_parser()
     assert str(run_dir_of(p.parse_args(["train", "--data", "D", "--out", "R"]))) == "R"
     assert str(run_dir_of(p.parse_args(["demo", "--out", "R"]))) == "R"

@@ -169,7 +169,7 @@ def test_umask_is_applied(tmp_path):
 def test_train_on_a_full_disk_ends_in_one_line(coco_root, tiny_clip_dir, small_tmpfs, capsys):
     """`clipft train --out` on a 2 MB disk: the first checkpoint does not fit. One line naming the
     file and the space it needed (not two chained tracebacks), and no temp file left."""
-    from clipft.cli import main
+    from clipft.cli.commands import main
     from test_train import small_args
     run = small_tmpfs / "run"
     assert main(["train", "--data", str(coco_root), "--out", str(run), *small_args(tiny_clip_dir, 1)]) == 2

@@ -1,11 +1,11 @@
-"""clipft.step: the device-side sums the loop reads (`StepStats`) and the loss seam of `train_step`.
+"""clipft.train.step: the device-side sums the loop reads (`StepStats`) and the loss seam of `train_step`.
 The step itself is tested against its contract in tests/test_train.py (NaN guard, no host reads)."""
 
 from __future__ import annotations
 
 import torch
 
-from clipft.step import StepStats, step_values
+from clipft.train.step import StepStats, step_values
 
 
 def _out(loss: float, skipped: float) -> dict[str, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""TensorBoard mirror (clipft.tblog): what metrics.jsonl records, read back from the event file."""
+"""TensorBoard mirror (clipft.train.tensorboard): what metrics.jsonl records, read back from the event file."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from clipft.cli import main
-from clipft.tblog import TensorBoardMirror, read_scalars
+from clipft.cli.commands import main
+from clipft.train.tensorboard import TensorBoardMirror, read_scalars
 
 pytest.importorskip("tensorboard")
 

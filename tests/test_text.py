@@ -389,7 +389,7 @@ def test_cache_text_on_a_full_disk_is_one_line_before_embedding(tiny_clip_dir, c
     """cache-text refuses a disk too small for the cache before it embeds anything (the check names
     the folder; a failed write after embedding would name the file); a write that fails anyway (the
     disk filled meanwhile) is one line too, with no temp file left."""
-    from clipft.cli import main
+    from clipft.cli.commands import main
     from clipft.runtime import StorageError
     from clipft.text import save_text_cache
     _fill(small_tmpfs, 1024)
@@ -408,7 +408,7 @@ def test_cache_text_rebuilds_a_nan_cache_of_the_right_size(tiny_clip_dir, tmp_pa
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from clipft.cli import main
+    from clipft.cli.commands import main
     from clipft.data.shapes import make_shapes_dataset
     from clipft.text import CACHE_TENSOR
     root = make_shapes_dataset(tmp_path / "d", n_train=4, n_val=2, seed=9, image_size=40)

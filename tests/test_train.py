@@ -7,12 +7,12 @@ import math
 import pytest
 import torch
 
-from clipft import train as train_mod
-from clipft.cli import main
+from clipft.train import loop as train_mod
+from clipft.cli.commands import main
 from clipft.config import Config, ConfigError, apply_overrides, load_config
 from clipft.model import load_image_tower
-from clipft.runfiles import read_records
-from clipft.train import build_optimizer, cosine_with_warmup
+from clipft.train.rundir import read_records
+from clipft.train.loop import build_optimizer, cosine_with_warmup
 
 
 def small_args(text_dir, epochs=2, extra=()):
@@ -370,7 +370,7 @@ def _fit(amp: str, steps: int = 25, n: int = 32) -> tuple[list[float], dict]:
     """`steps` full-batch train_steps fitting n random images to n random caption embeddings with
     train.amp=`amp` (seed 0 for data and weights), then Recall@K of the eval-mode tower on them."""
     from clipft.config import ModelConfig
-    from clipft.evaluate import mean_recall, retrieval_recall
+    from clipft.eval.evaluate import mean_recall, retrieval_recall
     from clipft.model import ImageTower
     from clipft.runtime import select_precision
     g = torch.Generator().manual_seed(0)
@@ -409,7 +409,7 @@ def test_bf16_demo_run_learns_like_fp32(tmp_path):
     so emulated where the CPU lacks it), same seed and data: caption caching, training and validation
     all in that precision. Scaled to a test (480 train / 160 val images, batch 32, 6 epochs: 90 steps);
     measured: best mean R@5 60.0 fp32 and 60.1 bf16 (chance 3.1%)."""
-    from clipft.cli import main
+    from clipft.cli.commands import main
     from clipft.data.shapes import make_shapes_dataset
     data = make_shapes_dataset(tmp_path / "data", n_train=480, n_val=160, seed=0)
     best = {}

@@ -1,4 +1,4 @@
-"""clipft.traindata: the data a run reads, and the identity a resume compares."""
+"""clipft.train.data_setup: the data a run reads, and the identity a resume compares."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from clipft.config import Config
 from clipft.data import load_split
 from clipft.data.shapes import make_shapes_dataset
-from clipft.traindata import data_identity, prepare_data
+from clipft.train.data_setup import data_identity, prepare_data
 
 
 @pytest.fixture()

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clipft.cli import main
+from clipft.cli.commands import main
 from clipft.config import Config, ConfigError, DataConfig
 from clipft.data import DataError, load_csv_captions
 from clipft.data.validate import find_shared_images, inspect_image, preflight, validate_data

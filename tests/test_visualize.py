@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from clipft import pictures as P
-from clipft import visualize as V
-from clipft.cli import main
+from clipft.eval import pictures as P
+from clipft.eval import plots as V
+from clipft.cli.commands import main
 
 
 def assert_png(path: Path, size: tuple[int, int]) -> None:
@@ -38,7 +38,7 @@ def test_sizes_are_what_the_layout_says():
 
 @pytest.fixture(scope="module")
 def embeddings(trained_run, coco_root):
-    from clipft.evaluate import checkpoint_embeddings
+    from clipft.eval.evaluate import checkpoint_embeddings
     emb, _cfg = checkpoint_embeddings(trained_run / "best.pt", coco_root, "val")
     return emb
 

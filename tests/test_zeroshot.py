@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from clipft.cli import main
+from clipft.cli.commands import main
 from clipft.config import ConfigError
 from clipft.data import DataError
 from clipft.data.shapes import load_shapes_labels
-from clipft.zeroshot import (LabelSet, accuracy_at_k, class_embeddings, class_probabilities, class_prompts,
+from clipft.eval.zeroshot import (LabelSet, accuracy_at_k, class_embeddings, class_probabilities, class_prompts,
                              coco_instances_label_set, confusion_matrix, fill_template, largest_object,
                              shapes_label_set, top_k)
 
@@ -157,6 +157,6 @@ def test_labelset_restrict_keeps_order():
 
 
 def test_shapes_labels_on_other_data_explain_where_they_exist(tmp_path):
-    from clipft.zeroshot import shapes_label_set
+    from clipft.eval.zeroshot import shapes_label_set
     with pytest.raises(DataError, match="shapes dataset only"):
         shapes_label_set(tmp_path, "val")

@@ -1,17 +1,24 @@
 """clipft: teach an image encoder to speak the language of a frozen CLIP text encoder.
 
-Stages, one module each: config, data (+ shapes), text, model, loss, train, evaluate, visualize,
-report, cli. The library never parses argv; `clipft.cli` does.
+The library (what a user imports): `config`, `model` (the image tower), `loss`, `text` (the frozen
+text encoder and its caption cache), `preprocess`, `inference` (`clipft.load`: use a trained model),
+`export` + `modelcard`, `embed`, `search/`, `data/` (one module per dataset format behind one
+registry) and `report/`. Its tools: `train/` (training runs), `eval/` (evaluation, zero-shot,
+pictures) and `cli/` (the only place that parses argv). A loaded model imports nothing of `train/`,
+`eval/` or `cli/`.
 
-Use a trained model: `clipft.load(DIR)` (see clipft.api); write your own loop on
-`clipft.CaptionDataset` (see clipft.dataset). Both are imported on first use, so `import clipft`
-stays light.
+`clipft.load(DIR)` and `clipft.CaptionDataset` are imported on first use, so `import clipft` stays light.
 """
 
 __version__ = "0.1.0"
 
+from ._compat import install_moved_module_aliases  # noqa: E402
+
+install_moved_module_aliases()
+
 # name -> module that defines it, imported on first attribute access (PEP 562).
-_LAZY = {"load": "api", "ImageTextModel": "api", "similarity": "api", "CaptionDataset": "dataset"}
+_LAZY = {"load": "inference", "ImageTextModel": "inference", "similarity": "inference",
+         "CaptionDataset": "data.caption_dataset"}
 
 
 def __getattr__(name: str):

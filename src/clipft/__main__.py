@@ -1,6 +1,6 @@
 """`python -m clipft ...` (also what `torchrun -m clipft` runs)."""
 import sys
 
-from .cli import main
+from .cli.commands import main
 
 sys.exit(main())

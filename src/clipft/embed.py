@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .api import ImageTextModel
+from .inference import ImageTextModel
 from .preprocess import IMAGE_EXTENSIONS, decode_image
 
 log = logging.getLogger(__name__)

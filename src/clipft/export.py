@@ -27,7 +27,7 @@ from typing import Sequence
 import torch
 
 from . import __version__
-from .api import (CONFIG_FILE, EXPORT_FORMAT, EXPORT_FORMAT_VERSION, ONNX_FILE, WEIGHTS_FILE, load,
+from .inference import (CONFIG_FILE, EXPORT_FORMAT, EXPORT_FORMAT_VERSION, ONNX_FILE, WEIGHTS_FILE, load,
                   text_fingerprint)
 from .model import ImageTower, ModelError, read_checkpoint, tower_from_checkpoint
 

@@ -1,6 +1,6 @@
 """Inference-time image preprocessing, importable without the datasets or the trainer.
 
-A loaded model (`clipft.api`) must not pull in clipft's dataset loaders, so the evaluation-time
+A loaded model (`clipft.inference`) must not pull in clipft's dataset loaders, so the evaluation-time
 path of `clipft.data` lives here in its inference form: decode to RGB (`decode_image`, with JPEG
 draft decoding at the model's image size, as `evaluate.embed_images` does), then the centre
 square resized bicubically and normalised (`EvalTransform`). tests/test_preprocess.py checks

@@ -1,4 +1,4 @@
-"""A deterministic stand-in for `clipft.api.ImageTextModel`, so search tests need no trained model.
+"""A deterministic stand-in for `clipft.inference.ImageTextModel`, so search tests need no trained model.
 
 Image embedding [8 + 48]: the fraction of pixels near each shapes palette colour (clipft.shapes.COLORS),
 then a centred 4x4 RGB thumbnail at half weight; L2-normalised. A text embeds as the palette colours

@@ -29,8 +29,8 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def indexed(coco_root, tmp_path_factory):
     """The 12 synthetic val photos indexed with a tiny original CLIP: (folder, index dir, model)."""
-    from clipft.api import load
-    from clipft.baseline import save_tiny_clip_model
+    from clipft.inference import load
+    from clipft.eval.clip_baseline import save_tiny_clip_model
     from clipft.search.index import update_index
     tmp = tmp_path_factory.mktemp("page")
     folder = Path(shutil.copytree(coco_root / "val2014", tmp / "photos"))

@@ -24,7 +24,7 @@ def shapes(tmp_path_factory) -> Path:
 def demo_style_model(shapes, tmp_path_factory):
     """`clipft train` with the demo preset at test size (64 images, 6 epochs at 24 px, offline MiniLM text)."""
     pytest.importorskip("sentence_transformers")
-    from clipft.cli import main
+    from clipft.cli.commands import main
     run = tmp_path_factory.mktemp("run")
     args = ["--config", "demo", "--set", "train.epochs=6", "--set", "train.batch_size=16", "--set", "train.lr=2e-3",
             "--set", "train.warmup_steps=2", "--set", "data.image_size=24", "--set", "model.head_hidden=64",
@@ -64,7 +64,7 @@ def test_a_colour_model_finds_colour_shape_queries_above_chance(shapes, tmp_path
 @pytest.mark.slow
 def test_a_trained_model_finds_colour_shape_queries_well_above_chance(shapes, demo_style_model, tmp_path):
     """On the 64 images it was trained on (robust at test size; the demo's held-out figure is in the README)."""
-    from clipft.api import load
+    from clipft.inference import load
     model = load(demo_style_model)
     update_index(shapes / "train2014", model, tmp_path / "i", progress=False)
     p = precision_at_k(load_index(tmp_path / "i"), model, shapes_queries(shapes, "train", min_relevant=2))

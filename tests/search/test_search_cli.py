@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from clipft.cli import main
+from clipft.cli.commands import main
 
 
 @pytest.fixture
@@ -23,7 +23,7 @@ def folder(coco_root, tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
-    from clipft.baseline import save_tiny_clip_model
+    from clipft.eval.clip_baseline import save_tiny_clip_model
     return save_tiny_clip_model(tmp_path_factory.mktemp("clip") / "clip", image_size=32)
 
 

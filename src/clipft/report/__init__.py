@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-from ..runfiles import RunFiles, read_records
+from ..train.rundir import RunFiles, read_records
 from .errors import ReportError
 from .sections import (config_dump, health_lines, log_observations, loss_explanation, loss_spikes,
                        pictures_section, retrieval_section, setup_section, stability_notes, zero_shot_section)

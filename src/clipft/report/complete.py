@@ -14,8 +14,8 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..pictures import DATA_SAMPLES_PNG, HEATMAP_PNG, IMAGE_TO_TEXT_PNG, TEXT_TO_IMAGE_PNG
-from ..runfiles import RunFiles, read_records
+from ..eval.pictures import DATA_SAMPLES_PNG, HEATMAP_PNG, IMAGE_TO_TEXT_PNG, TEXT_TO_IMAGE_PNG
+from ..train.rundir import RunFiles, read_records
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def complete_run(run_dir: str | Path, data: str | Path | None = None, device: st
     done = Completion(checkpoint=checkpoint_of(run.root), split="val-heldout" if d.get("val_images") else "val")
     epochs = read_records(run.metrics, "epoch")
     if epochs and not run.curves.is_file():
-        from ..visualize import plot_training_curves
+        from ..eval.plots import plot_training_curves
         plot_training_curves(epochs, run.curves)
         done.drawn.append(run.curves.name)
     todo = wanted(run.root, done.checkpoint, done.split)
@@ -137,7 +137,7 @@ def _recoverable_errors() -> tuple[type[BaseException], ...]:
 def _draw(root: Path, done: Completion, todo: list[str], seed: int, device: str, progress: bool) -> None:
     """Embed the validation split once with the checkpoint, then draw every wanted item from it."""
     from ..data import DataError
-    from ..evaluate import checkpoint_embeddings, evaluate_checkpoint
+    from ..eval.evaluate import checkpoint_embeddings, evaluate_checkpoint
     from ..model import read_checkpoint
     ckpt, data_root, split = done.checkpoint, done.data_root, done.split
     if "data_samples" in todo:
@@ -169,7 +169,7 @@ def _draw(root: Path, done: Completion, todo: list[str], seed: int, device: str,
                 f"shapes_labels_{cfg.data.val_split}2014.json nor instances_{cfg.data.val_split}2014.json): "
                 f"`clipft zeroshot --checkpoint {ckpt} --data {data_root} --labels-from INSTANCES.json` fills it")
             return
-        from ..zeroshot import zeroshot_dataset
+        from ..eval.zeroshot import zeroshot_dataset
         r = zeroshot_dataset(ckpt, data_root, split=split, labels_from=source, cfg=cfg, device=device,
                              embeddings=emb, n_examples=6, seed=seed)
         done.drawn += [Path(r[k]).name for k in ("json", "examples_png", "confusion_png") if k in r]
@@ -179,8 +179,8 @@ def _draw(root: Path, done: Completion, todo: list[str], seed: int, device: str,
 
 def _retrieval_pictures(root: Path, emb, kinds: list[str], seed: int, where: str) -> list[str]:
     """The report's retrieval pictures: seeded random queries plus the best and worst by rank."""
-    from .. import pictures as P
-    from .. import visualize as V
+    from ..eval import pictures as P
+    from ..eval import plots as V
     picks = P.example_queries(emb, N_RANDOM, seed)
     then = "then the best and the worst remaining query by the rank of its ground truth"
     rules = {P.TEXT_TO_IMAGE_PNG: f"one random caption of each of {N_RANDOM} seeded random images (seed {seed}), "
@@ -209,8 +209,8 @@ def _retrieval_pictures(root: Path, emb, kinds: list[str], seed: int, where: str
 def _data_samples(root: Path, data_root: Path, seed: int) -> None:
     from ..config import from_dict
     from ..data import load_split
-    from ..pictures import data_samples
-    from ..visualize import plot_data_samples
+    from ..eval.pictures import data_samples
+    from ..eval.plots import plot_data_samples
     cfg = from_dict(json.loads((root / "config.json").read_text()))
     train = load_split(data_root, cfg.data.train_split, cfg.data)
     plot_data_samples(data_samples(train, 4, seed), root / DATA_SAMPLES_PNG,

@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..evaluate import DIRECTIONS
-from ..runfiles import RunFiles, read_records
+from ..eval.evaluate import DIRECTIONS
+from ..train.rundir import RunFiles, read_records
 from .errors import ReportError
 
 ABLATION_RECALL_PNG = "ablation_recall.png"
@@ -25,7 +25,7 @@ def _pm(mean: float | None, std: float | None, signed: bool = False) -> str:
 def ablation_study(study_dir: str | Path) -> dict:
     """DIR/ablation.json with its per-run results and rows recomputed from each run's own files
     (metrics.jsonl, summary.json), so the report's table is what the runs measured."""
-    from ..ablate import StudyRun, run_result, summarise
+    from ..cli.ablate import StudyRun, run_result, summarise
     study_dir = Path(study_dir)
     path = study_dir / "ablation.json"
     if not path.is_file():
@@ -43,7 +43,7 @@ def ablation_study(study_dir: str | Path) -> dict:
 def ablation_section(root: Path, study_dir: str | Path) -> list[str]:
     """The study's table (mean ± sample std over seeds, change against the baseline paired by seed)
     and its two charts, redrawn into RUN from the per-run files."""
-    from ..ablate import describe, plot_recall_curves, plot_recall_deltas
+    from ..cli.ablate import describe, plot_recall_curves, plot_recall_deltas
     study = ablation_study(study_dir)
     ms = [m for m in study["metric_names"] if m != "mean_recall"]
     seeds = " ".join(str(s) for s in study["seeds"])
@@ -93,7 +93,7 @@ def protocol_of(run: RunFiles) -> dict:
 def compare_section(root: Path, others: list[str | Path]) -> list[str]:
     """Final-epoch validation Recall@K of this run and others side by side, their curves, and a check
     that all were measured under the same protocol."""
-    from ..visualize import plot_recall_comparison, plot_run_curves
+    from ..eval.plots import plot_recall_comparison, plot_run_curves
     runs = [RunFiles(root)] + [RunFiles(Path(o)) for o in others]
     for r in runs[1:]:
         if not r.metrics.is_file():
@@ -131,7 +131,7 @@ def compare_section(root: Path, others: list[str | Path]) -> list[str]:
 def clip_comparison_figures(root: Path, files: list[tuple[str, dict]]) -> dict[str, str]:
     """split -> PNG name of a fine-tuned vs zero-shot CLIP bar chart, for every metrics file written by
     `clipft evaluate --compare-zero-shot` (redrawn when older than its metrics file)."""
-    from ..visualize import plot_recall_comparison
+    from ..eval.plots import plot_recall_comparison
     out = {}
     for split, m in files:
         if "zero_shot" not in m:
@@ -146,7 +146,7 @@ def clip_comparison_figures(root: Path, files: list[tuple[str, dict]]) -> dict[s
 
 def reproduce_section(root: Path) -> list[str]:
     """RUN/commands.txt: every clipft command run against this run, in order."""
-    from ..runlog import COMMANDS_TXT, read_commands
+    from ..train.commandlog import COMMANDS_TXT, read_commands
     lines = ["## Reproduce", ""]
     cmds = read_commands(root)
     if not cmds:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..evaluate import DIRECTIONS
+from ..eval.evaluate import DIRECTIONS
 from ..loss import chance_loss
-from ..pictures import DATA_SAMPLES_PNG, HEATMAP_PNG, IMAGE_TO_TEXT_PNG, TEXT_TO_IMAGE_PNG
-from ..runfiles import RunFiles, read_records
+from ..eval.pictures import DATA_SAMPLES_PNG, HEATMAP_PNG, IMAGE_TO_TEXT_PNG, TEXT_TO_IMAGE_PNG
+from ..train.rundir import RunFiles, read_records
 
 
 def _load_json(path: Path) -> dict:
@@ -51,7 +51,7 @@ def stability_notes(epochs: list[dict], batch_size: int) -> list[str]:
 
 
 def health_lines(warnings: list[dict]) -> list[str]:
-    """Markdown bullets for the "warning" records of metrics.jsonl (see clipft.health)."""
+    """Markdown bullets for the "warning" records of metrics.jsonl (see clipft.train.health)."""
     if not warnings:
         return ["- None raised. Checked during training: loss within 2% of chance after warmup, embedding "
                 "collapse (mean pairwise cosine > 0.95), logit scale pinned at its clamp, validation recall "

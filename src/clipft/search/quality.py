@@ -41,7 +41,7 @@ def precision_at_k(idx: LoadedIndex, model, queries: dict[str, set[str]], k: int
 def demo_search(checkpoint: Path, data: Path, split: str, index_dir: Path, query: str = "a red circle") -> str:
     """Index the demo's validation images with its trained model; report precision@10 of the
     colour+shape queries, one sample search, and the command that opens them in a browser."""
-    from ..api import load
+    from ..inference import load
     from .query import model_source
     model = load(checkpoint)
     images = Path(data) / f"{split}2014"

@@ -407,7 +407,7 @@ def check_model_source(source: str) -> None:
 
 def load_query_model(idx: LoadedIndex, device: str = "cpu"):
     """The model that built idx (from its recorded source), refused if its fingerprint changed since."""
-    from ..api import load  # the model loader; deferred so index/query stay importable without it
+    from ..inference import load  # the model loader; deferred so index/query stay importable without it
     source = idx.info.get("model_source", "")
     check_model_source(source)  # before anything unpickles it
     model = load(source, device=device)

@@ -57,7 +57,7 @@ class ApiError(Exception):
 
 @dataclass
 class Served:
-    """One index and the model that embeds its text queries (`clipft.api.ImageTextModel`)."""
+    """One index and the model that embeds its text queries (`clipft.inference.ImageTextModel`)."""
     idx: LoadedIndex
     model: object
     duplicates: dict[float, list[list[int]]] = field(default_factory=dict)

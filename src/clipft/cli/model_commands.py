@@ -8,8 +8,8 @@ import logging
 import sys
 from pathlib import Path
 
-from .cli_args import _add_device, _add_quiet, int_range, non_negative_int, positive_int
-from .config import ConfigError
+from .args import _add_device, _add_quiet, int_range, non_negative_int, positive_int
+from ..config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -17,9 +17,9 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------- search your photos
 
 def cmd_index(args: argparse.Namespace) -> int:
-    from .api import load
-    from .search.index import default_index_dir, update_index
-    from .search.query import CALIBRATION_TEXTS, ann_report, check_model_source, model_source, refresh_ann
+    from ..inference import load
+    from ..search.index import default_index_dir, update_index
+    from ..search.query import CALIBRATION_TEXTS, ann_report, check_model_source, model_source, refresh_ann
     index_dir = Path(args.index) if args.index else default_index_dir(args.folder)
     check_model_source(args.model)  # what `clipft search` will accept as this index's model
     model = load(args.model, device=args.device)
@@ -33,7 +33,7 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 def cmd_search(args: argparse.Namespace) -> int:
     import json
-    from .search import query as Q
+    from ..search import query as Q
     if sum(map(bool, (args.query, args.image, args.duplicates))) != 1:
         raise ConfigError("search: give one of QUERY, --image PATH or --duplicates")
     if args.duplicates and not -1.0 <= args.threshold <= 1.0:  # also refuses nan (every comparison is False)
@@ -47,7 +47,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
-        from .search.server import create_app, host_warning, is_loopback, open_indexes, serve
+        from ..search.server import create_app, host_warning, is_loopback, open_indexes, serve
     except ImportError as e:
         raise ConfigError(f"serve needs Flask ({e}): pip install 'clipft[search]'") from None
     warning = host_warning(args.host)
@@ -97,8 +97,8 @@ def add_search_commands(sub) -> None:
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-    from .api import load
-    from .embed import embed_folder
+    from ..inference import load
+    from ..embed import embed_folder
     if not Path(args.images).is_dir():
         raise ConfigError(f"{args.images}: not a directory")
     device = "cpu" if args.backend == "onnx" and args.device == "auto" else _auto_device(args.device)
@@ -111,7 +111,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_checkpoint, format_size
+    from ..export import export_checkpoint, format_size
     info = export_checkpoint(args.checkpoint, args.out, onnx=args.onnx, check_images=args.check_images)
     if info["onnx_max_abs_diff"] is not None:
         print(f"ONNX check: onnxruntime matches PyTorch on real images (max abs difference "
@@ -124,7 +124,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def _auto_device(device: str) -> str:
-    from .runtime import resolve_device
+    from ..runtime import resolve_device
     return str(resolve_device(device)) if device == "auto" else device
 
 

@@ -20,9 +20,9 @@ from typing import Any, Callable
 import torch
 from torch.utils.data import Dataset
 
-from .config import Config
-from .data import build_transform, load_image, load_split, text_cache_file
-from .data.datasets import EpochCaptions
+from ..config import Config
+from . import build_transform, load_image, load_split, text_cache_file
+from .datasets import EpochCaptions
 
 
 class CaptionDataset(EpochCaptions, Dataset):
@@ -41,7 +41,7 @@ class CaptionDataset(EpochCaptions, Dataset):
     def __init__(self, data: str | Path, split: str = "train", text_encoder: str | None = None,
                  transform: Callable | None = None, return_all_captions: bool = False,
                  config: Config | None = None, device: str | torch.device = "cpu", progress: bool = False):
-        from .text import get_text_embeddings
+        from ..text import get_text_embeddings
         cfg = deepcopy(config) if config is not None else Config()
         if text_encoder is not None:
             cfg.text.encoder = str(text_encoder)

@@ -31,11 +31,11 @@ from typing import Any, Callable, Sequence
 import torch
 import yaml
 
-from . import train as trainer
-from .config import (PRESETS, Config, ConfigError, from_dict, load_config, preset_config, save_config, validate,
+from ..train import loop as trainer
+from ..config import (PRESETS, Config, ConfigError, from_dict, load_config, preset_config, save_config, validate,
                      to_dict, update_from_dict)
-from .resume import config_differences
-from .runfiles import RunFiles, read_records
+from ..train.resume import config_differences
+from ..train.rundir import RunFiles, read_records
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ def validate_config(cfg: Config, where: str) -> None:
     """Refuse values the run would only reject after data loading: every range and choice of the
     schema (`config.validate`), then the model options (built on the meta device: no memory, no
     download)."""
-    from .model import ModelError, build_image_tower
+    from ..model import ModelError, build_image_tower
     try:
         validate(cfg, source=where)
         with torch.device("meta"):
@@ -224,7 +224,7 @@ def run_status(run: StudyRun) -> str:
 def ensure_data(out_dir: str | Path, quick: bool) -> Path:
     """The default target: the embedded synthetic shapes data (COCO 2014 layout) under
     DIR/data (DIR/data-quick with --quick), generated once."""
-    from .data.shapes import make_shapes_dataset
+    from ..data.shapes import make_shapes_dataset
     n_train, n_val = QUICK_DATA_SIZES if quick else DEMO_DATA_SIZES
     root = Path(out_dir) / ("data-quick" if quick else "data")
     if not (root / "annotations" / "captions_val2014.json").is_file():
@@ -492,7 +492,7 @@ def recall_delta_bars(study: dict) -> dict:
 def plot_recall_deltas(path: Path, study: dict) -> Path:
     """Grouped bars: per configuration (x), the change of each Recall@K against the baseline
     (percentage points), error bars = std of the per-seed differences."""
-    from .visualize import plt
+    from ..eval.plots import plt
     bars = recall_delta_bars(study)
     configs, ms = bars["configs"], bars["metrics"]
     fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(configs) + 3), 4.8))
@@ -546,7 +546,7 @@ def plot_recall_curves(path: Path, study: dict) -> Path:
     one panel per direction."""
     from matplotlib.ticker import MaxNLocator
 
-    from .visualize import plt
+    from ..eval.plots import plt
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
     curves = recall_curves(study)
     for ax, (d, title) in zip(axes, (("image_to_text", "image->text R@5"), ("text_to_image", "text->image R@5"))):

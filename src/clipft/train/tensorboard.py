@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterator
 
-from .config import ConfigError
+from ..config import ConfigError
 
 TENSORBOARD_DIR = "tensorboard"
 _NOT_SCALARS = ("type", "step", "epoch")  # the record's position, not a measurement

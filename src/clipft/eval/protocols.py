@@ -30,9 +30,9 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import Config
-from .data import CaptionedImages, DataError, ImageRecord, load_split
-from .data.karpathy import read_karpathy_split
+from ..config import Config
+from ..data import CaptionedImages, DataError, ImageRecord, load_split
+from ..data.karpathy import read_karpathy_split
 
 log = logging.getLogger(__name__)
 

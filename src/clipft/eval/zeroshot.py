@@ -27,9 +27,9 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .api import fill_template
-from .config import ConfigError
-from .data import DataError, read_json
+from ..inference import fill_template
+from ..config import ConfigError
+from ..data import DataError, read_json
 from .protocols import VAL_PROTOCOLS
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,7 @@ def largest_object(objects: list[dict]) -> dict | None:
 
 def shapes_label_set(root: str | Path, split: str, field_name: str = "color-shape") -> LabelSet:
     """Labels of the synthetic shapes dataset (see the module docstring for the rule)."""
-    from .data.shapes import COLORS, SHAPES
+    from ..data.shapes import COLORS, SHAPES
     if field_name not in SHAPES_FIELDS:
         raise DataError(f"--labels-from shapes:{field_name}: unknown field (known: {', '.join(SHAPES_FIELDS)})")
     path = Path(root) / "annotations" / f"shapes_labels_{split}2014.json"
@@ -211,7 +211,7 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int)
 # --------------------------------------------------------------------------- entry points
 
 def _text_encoder(cfg, device):
-    from .text import load_text_encoder
+    from ..text import load_text_encoder
     return load_text_encoder(cfg.text.encoder, device=device, max_length=cfg.text.max_length, amp=cfg.train.amp)
 
 
@@ -224,16 +224,16 @@ def zeroshot_dataset(checkpoint: str | Path, data_root: str | Path, split: str =
     zeroshot_<split>_examples.png (images beside their class-probability bars). Returns the result.
     Pass `embeddings` (evaluate.SplitEmbeddings) to reuse image embeddings already computed."""
     from .evaluate import checkpoint_embeddings
-    from .runtime import resolve_device
-    from .visualize import plot_confusion_matrix, plot_zero_shot
+    from ..runtime import resolve_device
+    from .plots import plot_confusion_matrix, plot_zero_shot
 
     checkpoint = Path(checkpoint)
     if embeddings is None:
         embeddings, cfg = checkpoint_embeddings(checkpoint, data_root, split, cfg, device, karpathy,
                                                 progress=progress, with_text=False)
     elif cfg is None:
-        from .config import from_dict
-        from .model import read_checkpoint
+        from ..config import from_dict
+        from ..model import read_checkpoint
         cfg = from_dict(read_checkpoint(checkpoint)["config"])
     split_name = embeddings.split.name
     # The shapes labels file is named by the dataset's split (val for both val protocols).
@@ -289,10 +289,10 @@ def zeroshot_images(checkpoint: str | Path, images: Sequence[str | Path], labels
                     plot: str | Path | None = None) -> list[dict]:
     """Classify individual image files: [{"path", "top": [(label, p), ...]}] (k best, best first);
     unreadable files raise DataError. With `plot`, writes the image-beside-bars picture there."""
-    from .config import from_dict
-    from .data import build_transform, load_image
-    from .model import read_checkpoint, tower_from_checkpoint
-    from .runtime import resolve_device
+    from ..config import from_dict
+    from ..data import build_transform, load_image
+    from ..model import read_checkpoint, tower_from_checkpoint
+    from ..runtime import resolve_device
 
     ckpt = read_checkpoint(checkpoint)
     cfg = from_dict(ckpt["config"])
@@ -314,7 +314,7 @@ def zeroshot_images(checkpoint: str | Path, images: Sequence[str | Path], labels
     probs = class_probabilities(emb, class_emb, float(model.logit_scale.exp()))
     results = [{"path": str(p), "top": top} for p, top in zip(images, top_k(probs, list(labels), k))]
     if plot:
-        from .visualize import plot_zero_shot
+        from .plots import plot_zero_shot
         plot_zero_shot([{"path": Path(p), "probs": pr, "target": None} for p, pr in zip(images, probs)],
                        list(labels), plot)
     return results

@@ -1,7 +1,7 @@
 """Qualitative pictures of a checkpoint on a split: the data side of `clipft visualize`.
 
 Each function turns a split's embeddings (`evaluate.SplitEmbeddings`: computed once, or loaded)
-into the rows a plotting function of `clipft.visualize` draws. Samples are drawn with a seeded
+into the rows a plotting function of `clipft.eval.plots` draws. Samples are drawn with a seeded
 generator, so the same command gives the same picture.
 
 Default file names inside a run directory (what `clipft report` embeds):
@@ -16,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-from .data import CaptionedImages
+from ..data import CaptionedImages
 from .evaluate import SplitEmbeddings, retrieval_ranks
 from .protocols import VAL_PROTOCOLS
 
@@ -150,8 +150,8 @@ def write_data_samples(data_root: str | Path, split: str, cfg, out: str | Path, 
                        ) -> tuple[CaptionedImages, list[dict]]:
     """`clipft inspect-data`: a picture of n random image-caption pairs of a split at `out`;
     returns (the split, the samples shown)."""
-    from .data import load_split
-    from .visualize import plot_data_samples
+    from ..data import load_split
+    from .plots import plot_data_samples
     data = load_split(Path(data_root), split, cfg.data)
     samples = data_samples(data, n, seed)
     plot_data_samples(samples, out, title=f"{n} random image-caption pairs of {data.name}")
@@ -160,7 +160,7 @@ def write_data_samples(data_root: str | Path, split: str, cfg, out: str | Path, 
 
 def embed_queries(cfg, queries: Sequence[str], device: str = "cpu") -> torch.Tensor:
     """Free-text queries -> [Q, D] with the checkpoint's frozen text encoder (no cache: a handful)."""
-    from .text import load_text_encoder
+    from ..text import load_text_encoder
     enc = load_text_encoder(cfg.text.encoder, device=device, max_length=cfg.text.max_length, amp=cfg.train.amp)
     return enc.encode(list(queries))
 
@@ -169,7 +169,7 @@ def write_pictures(emb: SplitEmbeddings, out_dir: str | Path, n: int = 4, seed: 
                    heatmap_images: int = 10) -> dict[str, Path]:
     """The three retrieval pictures of a split into out_dir (default names above): text->image for
     n dataset captions, image->text for n images, and the similarity heatmap."""
-    from .visualize import plot_image_to_text, plot_similarity_heatmap, plot_text_to_image
+    from .plots import plot_image_to_text, plot_similarity_heatmap, plot_text_to_image
     out_dir = Path(out_dir)
     sim, labels, owner = heatmap_data(emb, heatmap_images, seed)
     return {
@@ -203,7 +203,7 @@ def write_visualization(kind: str, checkpoint: str | Path, data_root: str | Path
     checkpoint's config. "all" skips the zero-shot picture (with a note) when nothing labels the split.
     """
     from .evaluate import checkpoint_embeddings, split_embeddings_from_file
-    from .visualize import plot_image_to_text, plot_similarity_heatmap, plot_text_to_image
+    from .plots import plot_image_to_text, plot_similarity_heatmap, plot_text_to_image
     if embeddings_file:
         emb, cfg = split_embeddings_from_file(embeddings_file, checkpoint, data_root, split, cfg, karpathy)
     else:
@@ -212,7 +212,7 @@ def write_visualization(kind: str, checkpoint: str | Path, data_root: str | Path
     written: list[Path] = []
     notes: list[str] = []
     if kind in ("text-to-image", "all"):
-        from .runtime import resolve_device
+        from ..runtime import resolve_device
         dev = resolve_device(device if device != "auto" else cfg.train.device)
         q_emb = embed_queries(cfg, queries, dev) if queries else None
         rows = text_to_image_results(emb, queries, q_emb, n=n, seed=seed)

@@ -14,10 +14,10 @@ import sys
 import warnings
 from pathlib import Path
 
-from .cli_args import (_add_config_args, _add_device, _add_overrides, _add_quiet, _build_config, _split_extra,
+from .args import (_add_config_args, _add_device, _add_overrides, _add_quiet, _build_config, _split_extra,
                        int_range, non_negative_int, pixels, positive_int)
-from .cli_models import add_model_commands, add_search_commands
-from .config import PRESETS, Config, ConfigError, load_config, preset_config
+from .model_commands import add_model_commands, add_search_commands
+from ..config import PRESETS, Config, ConfigError, load_config, preset_config
 
 EXIT_USAGE = 2
 EXIT_UNEXPECTED = 1
@@ -49,20 +49,20 @@ written every train.checkpoint_every (default 10min) and on SIGTERM / SIGUSR1 (e
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
-    from .checkpoint import CheckpointError
-    from .data import DataError
-    from .distributed import DistributedError
-    from .data.download import DownloadError
-    from .evaluate import EvaluationError
-    from .model import ModelError
-    from .report import ReportError
-    from .runtime import StorageError
-    from .search.index import SearchError
-    from .preempt import Preempted
-    from .resume import ResumeError
-    from .runlock import RunInUseError
-    from .text import TextEncoderError
-    from .train import TrainingError
+    from ..train.checkpoint import CheckpointError
+    from ..data import DataError
+    from ..distributed import DistributedError
+    from ..data.download import DownloadError
+    from ..eval.evaluate import EvaluationError
+    from ..model import ModelError
+    from ..report import ReportError
+    from ..runtime import StorageError
+    from ..search.index import SearchError
+    from ..train.preempt import Preempted
+    from ..train.resume import ResumeError
+    from ..train.lock import RunInUseError
+    from ..text import TextEncoderError
+    from ..train.errors import TrainingError
     return (ConfigError, DataError, DistributedError, DownloadError, EvaluationError, ModelError, ReportError,
             SearchError, StorageError, TextEncoderError, TrainingError, RunInUseError, Preempted, ResumeError,
             CheckpointError)
@@ -80,7 +80,7 @@ def _add_split_args(p: argparse.ArgumentParser) -> None:
 # --------------------------------------------------------------------------- commands
 
 def cmd_make_data(args: argparse.Namespace) -> int:
-    from .data.shapes import make_shapes_dataset
+    from ..data.shapes import make_shapes_dataset
     if args.train == 0 and args.val == 0:
         raise ConfigError("make-data: --train 0 --val 0 would write an empty dataset; ask for some images")
     out = make_shapes_dataset(Path(args.out), n_train=args.train, n_val=args.val, seed=args.seed,
@@ -101,9 +101,9 @@ def _val_data_override(args: argparse.Namespace) -> None:
 
 
 def cmd_cache_text(args: argparse.Namespace) -> int:
-    from .data import load_split, text_cache_file
-    from .runtime import resolve_device
-    from .text import get_text_embeddings, load_text_encoder
+    from ..data import load_split, text_cache_file
+    from ..runtime import resolve_device
+    from ..text import get_text_embeddings, load_text_encoder
     _val_data_override(args)
     cfg = _build_config(args)
     cfg.text.encoder = args.text_encoder or cfg.text.encoder
@@ -123,7 +123,7 @@ def cmd_cache_text(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from .data.validate import format_report, report_destination, validate_data, write_report_json
+    from ..data.validate import format_report, report_destination, validate_data, write_report_json
     cfg = _build_config(args)
     cfg.text.encoder = args.text_encoder or cfg.text.encoder
     out = report_destination(args.data, args.out)  # checked before the work, not after it
@@ -135,7 +135,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare_images(args: argparse.Namespace) -> int:
-    from .data.prepare import prepare_split
+    from ..data.prepare import prepare_split
     _val_data_override(args)
     cfg = _build_config(args)
     for split in args.split:
@@ -151,9 +151,9 @@ def cmd_prepare_images(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Also the entry point of every process under `torchrun ... -m clipft train` (see distributed.py)."""
-    from .distributed import is_main
-    from .runfiles import resolve_run_config
-    from .train import train
+    from ..distributed import is_main
+    from ..train.rundir import resolve_run_config
+    from ..train.loop import train
     _val_data_override(args)
     overrides = list(args.overrides) + list(args.extra_overrides)
     base = preset_config(args.config) if args.config in PRESETS and not Path(args.config).exists() else None
@@ -164,9 +164,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         summary = train(cfg, args.data, args.out, resume=args.resume, progress=not args.quiet)
     except RuntimeError as e:  # torch.OutOfMemoryError is one too
-        from .chunked import out_of_memory_advice
-        from .runtime import is_out_of_memory
-        from .train import TrainingError
+        from ..train.chunked import out_of_memory_advice
+        from ..runtime import is_out_of_memory
+        from ..train.errors import TrainingError
         _remove_if_empty(Path(args.out) if created and is_main() else None)
         if not is_out_of_memory(e):
             raise
@@ -191,7 +191,7 @@ def _remove_if_empty(folder: Path | None) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate_checkpoint, format_comparison_table, format_fold_spread, format_recall_table
+    from ..eval.evaluate import evaluate_checkpoint, format_comparison_table, format_fold_spread, format_recall_table
     _val_data_override(args)
     cfg = _checkpoint_config(args)
     save = args.save_embeddings
@@ -213,8 +213,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _checkpoint_config(args: argparse.Namespace) -> Config | None:
     """The checkpoint's saved config with --set overrides applied (None without overrides)."""
-    from .config import from_dict, to_dict
-    from .model import read_checkpoint
+    from ..config import from_dict, to_dict
+    from ..model import read_checkpoint
     overrides = list(getattr(args, "overrides", [])) + list(getattr(args, "extra_overrides", []))
     if not overrides:
         return None
@@ -232,7 +232,7 @@ def _checkpoint_config(args: argparse.Namespace) -> Config | None:
 
 
 def cmd_zeroshot(args: argparse.Namespace) -> int:
-    from .zeroshot import zeroshot_dataset, zeroshot_images
+    from ..eval.zeroshot import zeroshot_dataset, zeroshot_images
     if bool(args.image) == bool(args.data):
         raise ConfigError("zeroshot: give either --image PATH ... or --data ROOT")
     if args.image:
@@ -267,14 +267,14 @@ def cmd_zeroshot(args: argparse.Namespace) -> int:
 
 def cmd_visualize(args: argparse.Namespace) -> int:
     if args.kind == "curves":
-        from .runfiles import plot_run_curves
+        from ..train.rundir import plot_run_curves
         if not args.run:
             raise ConfigError("visualize curves: give the run directory with --run RUN")
         print(f"wrote {plot_run_curves(args.run, args.out)}")
         return 0
     if not args.checkpoint or not args.data:
         raise ConfigError(f"visualize {args.kind}: needs --checkpoint CKPT and --data ROOT")
-    from .pictures import write_visualization
+    from ..eval.pictures import write_visualization
     written, notes = write_visualization(
         args.kind, args.checkpoint, args.data, split=args.split, cfg=_checkpoint_config(args), device=args.device,
         karpathy=args.karpathy, embeddings_file=args.embeddings, queries=args.queries, n=args.n, seed=args.seed,
@@ -288,7 +288,7 @@ def cmd_visualize(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect_data(args: argparse.Namespace) -> int:
-    from .pictures import write_data_samples
+    from ..eval.pictures import write_data_samples
     out = Path(args.out) if args.out else Path(f"data_samples_{args.split}.png")
     data, samples = write_data_samples(args.data, args.split, _build_config(args), out, n=args.n, seed=args.seed)
     for s in samples:
@@ -300,8 +300,8 @@ def cmd_inspect_data(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import make_report
-    from .report import check_run_dir
+    from ..report import make_report
+    from ..report import check_run_dir
     check_run_dir(args.run)  # a dataset folder or a typo: one line, not a report of blanks
     r = make_report(args.run, data=args.data, notes=args.notes, ablation=args.ablation, compare=args.compare or (),
                     html=args.html, pdf=args.pdf, complete=not args.no_draw, device=args.device, seed=args.seed,
@@ -317,7 +317,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-    from .data.download import download_coco, next_steps
+    from ..data.download import download_coco, next_steps
     if args.source == "kaggle" or args.dataset != "coco":
         return _download_kaggle(args)
     results = download_coco(args.out, splits=args.splits, karpathy=args.karpathy, mirror=args.mirror,
@@ -330,8 +330,8 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 def _download_kaggle(args: argparse.Namespace) -> int:
     """download ... --source kaggle (and Flickr's Karpathy file); the official Flickr images need a form."""
-    from .data.download import COCO_ARCHIVES, DownloadError, download_coco, karpathy_archive, next_steps
-    from .data.kaggle import download_kaggle, official_flickr_message
+    from ..data.download import COCO_ARCHIVES, DownloadError, download_coco, karpathy_archive, next_steps
+    from ..data.kaggle import download_kaggle, official_flickr_message
     if args.source != "kaggle" and not args.karpathy:
         raise DownloadError(official_flickr_message(args.dataset, args.out))
     if args.source == "kaggle":
@@ -368,7 +368,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The embedded end-to-end demo (see clipft.demo); the library prints its six steps."""
+    """The embedded end-to-end demo (see clipft.cli.demo); the library prints its six steps."""
     from .demo import run_demo
     run_demo(args.out, args.data, train_images=args.train_images, val_images=args.val_images,
              overrides=list(args.overrides) + list(args.extra_overrides), progress=not args.quiet,
@@ -634,7 +634,7 @@ def _configure_logging(verbose: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .runlog import record_command, run_dir_of
+    from ..train.commandlog import record_command, run_dir_of
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     debug = "--debug" in argv  # accepted anywhere on the line, not only before the command
@@ -670,7 +670,7 @@ def main(argv: list[str] | None = None) -> int:
         code = EXIT_UNEXPECTED
         return code
     finally:
-        if run_dir_of(args) is not None:  # how the run was made: RUN/commands.txt (see clipft.runlog)
+        if run_dir_of(args) is not None:  # how the run was made: RUN/commands.txt (see clipft.train.commandlog)
             record_command(run_dir_of(args), argv, code)
 
 

@@ -21,8 +21,8 @@ import logging
 from pathlib import Path
 from typing import Any, Iterable
 
-from .config import Config, from_dict, to_dict
-from .traindata import TrainingError
+from ..config import Config, from_dict, to_dict
+from .errors import TrainingError
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .config import PRESETS, Config, ConfigError, load_config, preset_config
+from ..config import PRESETS, Config, ConfigError, load_config, preset_config
 
 
 # --------------------------------------------------------------------------- integer arguments

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from .config import Config, ConfigError, from_dict, load_config
+from ..config import Config, ConfigError, from_dict, load_config
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def write_epochs_csv(path: Path, records: list[dict]) -> None:
 def plot_run_curves(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """loss_curves.png of a run directory (or `out`) from its epoch records; ConfigError when the
     directory has no metrics.jsonl or no completed epoch yet."""
-    from .visualize import plot_training_curves  # matplotlib import only when plotting
+    from ..eval.plots import plot_training_curves  # matplotlib import only when plotting
     run = RunFiles(Path(run_dir))
     if not run.metrics.is_file():
         raise ConfigError(f"{run.metrics}: not found (is {run_dir} a run directory?)")
@@ -144,7 +144,7 @@ class RunLog:
         self.run, self.enabled = run, enabled
         self.log = logger or log  # warnings are printed under the trainer's logger name
         self._f: IO[str] | None = None
-        self.mirror = None  # a clipft.tblog.TensorBoardMirror of every record (train.tensorboard)
+        self.mirror = None  # a clipft.train.tensorboard.TensorBoardMirror of every record (train.tensorboard)
 
     def __enter__(self) -> "RunLog":
         if self.enabled:
@@ -188,5 +188,5 @@ class RunLog:
 
     def plot_curves(self) -> None:
         if self.enabled:
-            from .visualize import plot_training_curves  # matplotlib import only when plotting
+            from ..eval.plots import plot_training_curves  # matplotlib import only when plotting
             plot_training_curves(self.epochs(), self.run.curves)

@@ -10,10 +10,10 @@ import logging
 
 import torch
 
-from . import distributed
+from .. import distributed
 from .chunked import chunked_clip_backward
 from .health import pairwise_cosine
-from .loss import clip_loss
+from ..loss import clip_loss
 
 log = logging.getLogger(__name__)
 

@@ -64,7 +64,7 @@ def _thumb(path: str | Path, side: int = 256):
     """RGB thumbnail as a numpy array (a grey placeholder with a note for an unreadable file)."""
     import numpy as np
 
-    from .data import load_image
+    from ..data import load_image
     img, _reason = load_image(path)
     if img is None:
         return np.full((side, side, 3), 200, dtype=np.uint8)

@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .data import CaptionedImages, EvalImageDataset, collate_eval
-from .model import ModelError
-from .runtime import worker_count
+from ..data import CaptionedImages, EvalImageDataset, collate_eval
+from ..model import ModelError
+from ..runtime import worker_count
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def load_clip_vision(name: str, device: torch.device) -> tuple[torch.nn.Module, 
     checkpoint; ModelError naming the model when either cannot be loaded."""
     from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
-    from .text import _quiet_transformers
+    from ..text import _quiet_transformers
     try:
         with _quiet_transformers():
             model = CLIPVisionModelWithProjection.from_pretrained(name)
@@ -90,7 +90,7 @@ def clip_baseline_embeddings(name: str, data: CaptionedImages, cache_file: Path,
                              amp_dtype: torch.dtype | None = None,
                              progress: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(image_emb [N_ok, D], rows [N_ok], text_emb [M, D]) of a full CLIP model on `data`."""
-    from .text import TextEncoderError, TextEncoderUnavailable, get_text_embeddings, load_text_encoder
+    from ..text import TextEncoderError, TextEncoderUnavailable, get_text_embeddings, load_text_encoder
     try:
         # Captions in the precision the images get (None = fp32), so both towers are measured alike.
         amp = {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
@@ -120,7 +120,7 @@ def save_tiny_clip_model(out_dir: Path, image_size: int = 32, seed: int = 0) -> 
     what the tests use for `--compare-zero-shot`."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
-    from .text import CLIP_BOS_ID, CLIP_EOS_ID, CLIP_VOCAB_SIZE, _quiet_transformers, write_clip_tokenizer_files
+    from ..text import CLIP_BOS_ID, CLIP_EOS_ID, CLIP_VOCAB_SIZE, _quiet_transformers, write_clip_tokenizer_files
     text = dict(vocab_size=CLIP_VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                 num_attention_heads=2, max_position_embeddings=77, bos_token_id=CLIP_BOS_ID,
                 eos_token_id=CLIP_EOS_ID, pad_token_id=CLIP_EOS_ID, projection_dim=16)

@@ -29,22 +29,24 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from . import distributed, tblog
-from .config import Config, checkpoint_interval, to_dict, validate
-from .data import TrainDataset, build_transform, collate_train
-from .evaluate import EvaluationError, evaluate_split, mean_recall, sharded_embed_images
+from .. import distributed
+from . import tensorboard as tblog
+from ..config import Config, checkpoint_interval, to_dict, validate
+from ..data import TrainDataset, build_transform, collate_train
+from ..eval.evaluate import EvaluationError, evaluate_split, mean_recall, sharded_embed_images
 from .checkpoint import Checkpointer
 from .health import HealthMonitor
-from .loss import chance_loss, clip_loss
-from .model import build_image_tower, count_parameters, parameter_parts, tower_state
-from .runfiles import RunFiles, RunLog, read_records
+from ..loss import chance_loss, clip_loss
+from ..model import build_image_tower, count_parameters, parameter_parts, tower_state
+from .rundir import RunFiles, RunLog, read_records
 from .preempt import StopFlag, at_step_boundary, between_steps, resume_loader
 from .resume import check_config, check_data
-from .runlock import RunLock
-from .runtime import Precision, atomic_write_text, hardware_info, overriding, rng_state, seed_everything, select_precision, worker_count
+from .lock import RunLock
+from ..runtime import Precision, atomic_write_text, hardware_info, overriding, rng_state, seed_everything, select_precision, worker_count
 from .step import StepStats, non_finite_state, step_values, train_step
-from .data.prepare import DeviceTransform, PreparedDataset, PreparedLoader
-from .traindata import PreparedData, TrainingError, open_prepared_train, prepare_data  # noqa: F401 (TrainingError: re-exported)
+from ..data.prepare import DeviceTransform, PreparedDataset, PreparedLoader
+from .data_setup import PreparedData, open_prepared_train, prepare_data
+from .errors import TrainingError  # noqa: F401 (re-exported for callers of the loop)
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .config import PRESETS, preset_config
+from ..config import PRESETS, preset_config
 
 DEMO_TRAIN_IMAGES = PRESETS["demo"]["data"]["train_images"]
 DEMO_VAL_IMAGES = PRESETS["demo"]["data"]["val_images"]
@@ -20,15 +20,15 @@ def run_demo(out: str | Path, data: str | Path | None = None, train_images: int 
              say: Callable[[str], None] = print, resume: bool = True) -> dict:
     """Run the six demo steps into `out` (the dataset in OUT/data unless `data` is given; generated when
     absent). A rerun resumes the run already there (resume=False: trains it again from scratch). Returns {"metrics", "zero_shot" (or None), "report"}."""
-    from .data import load_split
-    from .data.shapes import make_shapes_dataset
-    from .evaluate import checkpoint_embeddings, evaluate_checkpoint, format_recall_table
-    from .pictures import DATA_SAMPLES_PNG, data_samples, write_pictures
-    from .report import write_report
-    from .runfiles import resolve_run_config
-    from .train import train
-    from .visualize import plot_data_samples
-    from .zeroshot import zeroshot_dataset
+    from ..data import load_split
+    from ..data.shapes import make_shapes_dataset
+    from ..eval.evaluate import checkpoint_embeddings, evaluate_checkpoint, format_recall_table
+    from ..eval.pictures import DATA_SAMPLES_PNG, data_samples, write_pictures
+    from ..report import write_report
+    from ..train.rundir import resolve_run_config
+    from ..train.loop import train
+    from ..eval.plots import plot_data_samples
+    from ..eval.zeroshot import zeroshot_dataset
 
     out = Path(out)
     data = Path(data) if data else out / "data"
@@ -66,6 +66,6 @@ def run_demo(out: str | Path, data: str | Path | None = None, train_images: int 
     say(f"[6/6] wrote {report}")
     if (data / "annotations" / f"shapes_labels_{cfg.data.val_split}2014.json").is_file():
         # The loop closed: search the validation images with the model just trained.
-        from .search.quality import demo_search
+        from ..search.quality import demo_search
         say(demo_search(out / "best.pt", data, cfg.data.val_split, out / "search-index"))
     return {"metrics": m, "zero_shot": z, "report": report}

@@ -13,21 +13,18 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from .config import Config
-from .data import CaptionedImages, left_right_captions, load_split
-from .data import prepared_split_dir, swapped_text_cache_file, text_cache_file
-from .data.caches import data_root as data_root_of, unused_prepared_note
-from .data.prepare import VERIFY_SAMPLE, DeviceTransform, PreparedDataset, PreparedImages
-from .data.validate import preflight
-from .model import ensure_image_weights
-from .text import get_text_embeddings, load_text_encoder
+from ..config import Config
+from .errors import TrainingError
+from ..data import CaptionedImages, left_right_captions, load_split
+from ..data import prepared_split_dir, swapped_text_cache_file, text_cache_file
+from ..data.caches import data_root as data_root_of, unused_prepared_note
+from ..data.prepare import VERIFY_SAMPLE, DeviceTransform, PreparedDataset, PreparedImages
+from ..data.validate import preflight
+from ..model import ensure_image_weights
+from ..text import get_text_embeddings, load_text_encoder
 
-log = logging.getLogger("clipft.train")  # part of the trainer: its messages keep the trainer's logger name
+log = logging.getLogger("clipft.train.loop")  # part of the trainer: its messages keep the trainer's logger name
 
-
-class TrainingError(RuntimeError):
-    """A run that had to stop (e.g. diverged), or could not start (a rerun refused: resume.ResumeError;
-    no checkpoint to resume from: checkpoint.CheckpointError); the message says what is intact."""
 
 
 def _digest(items: Iterable[str]) -> str:

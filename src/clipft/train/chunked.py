@@ -38,8 +38,8 @@ from typing import Callable
 
 import torch
 
-from . import distributed
-from .loss import clip_loss
+from .. import distributed
+from ..loss import clip_loss
 
 
 def out_of_memory_advice(batch_size: int, embed_chunk: int) -> str:

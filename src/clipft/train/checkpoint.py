@@ -20,10 +20,10 @@ from typing import Any
 
 import torch
 
-from . import distributed
-from .runfiles import RunFiles, read_records
-from .runtime import atomic_torch_save, rng_state, seed_everything, set_rng_state
-from .traindata import TrainingError
+from .. import distributed
+from .rundir import RunFiles, read_records
+from ..runtime import atomic_torch_save, rng_state, seed_everything, set_rng_state
+from .errors import TrainingError
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ import signal
 import threading
 from typing import Any, Callable, Iterator
 
-from . import distributed
-from .runtime import set_rng_state
+from .. import distributed
+from ..runtime import set_rng_state
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 

@@ -38,7 +38,7 @@ def command_line(argv: list[str]) -> str:
 def record_command(run_dir: str | Path, argv: list[str], exit_code: int | None = None) -> bool:
     """Append one line to RUN/commands.txt; False (nothing written) when RUN is not a run
     directory yet (no config.json) or on a torchrun rank other than 0."""
-    from . import __version__
+    from .. import __version__
     run_dir = Path(run_dir)
     if os.environ.get("RANK", "0") != "0" or not (run_dir / "config.json").is_file():
         return False
