@@ -76,6 +76,13 @@ def test_search_errors_are_one_line(folder, tmp_path, trained_run, capsys):
     (tmp_path / "bad.png").write_bytes(b"nope")
     rc, _, err = _run(capsys, "search", "--image", tmp_path / "bad.png", "--index", folder / ".clipft-index")
     assert rc == 2 and "bad.png: not a readable image" in err
+    from PIL import Image
+    Image.new("1", (16_000, 16_000)).save(tmp_path / "bomb.png")  # 256 Mpx: over PIL's bomb limit
+    rc, out, err = _run(capsys, "search", "--image", tmp_path / "bomb.png", "--index", folder / ".clipft-index")
+    assert rc == 2 and err.count("\n") == 1 and "bomb.png" in err and "unexpected" not in err
+    for bad in ("nan", "inf", "-inf", "1.5"):
+        rc, out, err = _run(capsys, "search", "--duplicates", f"--threshold={bad}", "--index", folder / ".clipft-index")
+        assert rc == 2 and err.count("\n") == 1 and "threshold" in err and "no near-duplicates" not in out, bad
     rc, _, err = _run(capsys, "index", tmp_path / "missing", "--model", trained_run / "best.pt")
     assert rc == 2 and "not a folder" in err
 
