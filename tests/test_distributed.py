@@ -421,3 +421,42 @@ def test_unwrap_sees_through_torch_compile():
     m = torch.nn.Linear(2, 2)
     assert distributed.unwrap(torch.compile(m)) is m
     assert distributed.unwrap(m) is m
+
+
+# --------------------------------------------------------------------------- a backbone frozen for an epoch
+
+FREEZE_ARGS = ["--set", "train.freeze_backbone_epochs=1", "--set", "model.learnable_temperature=true",
+               # BatchNorm on running statistics: per-rank batch statistics would differ from the
+               # concatenated batch's (module docstring), everything else must be equal.
+               "--set", "model.freeze_bn_stats=true", "--set", "train.checkpoint_every=0"]
+
+
+def _freeze_worker(rank: int, port: int, data: str, text_dir: str, runs: str) -> None:
+    from clipft.cli.commands import main
+
+    _init_worker(rank, port)
+    code = main(["train", "--data", data, "--out", f"{runs}/ddp", *_train_args(text_dir), *FREEZE_ARGS])
+    Path(runs, f"freeze{rank}.json").write_text(json.dumps(code))
+
+
+def test_two_processes_with_a_frozen_backbone_and_learnable_temperature_equal_one_process(
+        coco_root, tiny_clip_dir, tmp_path, monkeypatch):
+    """train.freeze_backbone_epochs > 0 makes DDP look for unused parameters; the logit scale must
+    then come out of the model's forward, or DDP marks it unused and fails when its gradient arrives
+    ("Expected to mark a variable ready only once"). 2 processes x batch 4 through the real `train`
+    (AdamW, the unfreeze warm-up, both epochs) == 1 process x batch 8."""
+    from clipft.cli.commands import main
+
+    _spawn(_freeze_worker, _free_port(), str(coco_root), str(tiny_clip_dir), str(tmp_path))
+    assert [json.loads((tmp_path / f"freeze{r}.json").read_text()) for r in range(WORLD)] == [0, 0]
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    args = [a if a != "train.batch_size=4" else "train.batch_size=8" for a in _train_args(str(tiny_clip_dir))]
+    assert main(["train", "--data", str(coco_root), "--out", str(tmp_path / "one"), *args, *FREEZE_ARGS]) == 0
+    ddp, one = (torch.load(tmp_path / d / "last.pt", weights_only=False) for d in ("ddp", "one"))
+    assert ddp["step"] == one["step"] == 6 and ddp["epoch"] == one["epoch"] == 2
+    start = _tower().state_dict()  # (only its keys)
+    for k in start:
+        if ddp["model"][k].is_floating_point():
+            torch.testing.assert_close(ddp["model"][k], one["model"][k], rtol=1e-3, atol=1e-5, msg=k)
+    assert not torch.equal(ddp["model"]["logit_scale"], torch.tensor(math.log(1 / 0.07)))  # it learned

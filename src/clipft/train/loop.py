@@ -35,6 +35,7 @@ from ..config import Config, checkpoint_interval, to_dict, validate
 from ..data import TrainDataset, build_transform, collate_train
 from ..eval.evaluate import EvaluationError, evaluate_split, mean_recall, sharded_embed_images
 from .checkpoint import Checkpointer
+from .chunked import train_mode_batchnorms
 from .health import HealthMonitor
 from ..loss import chance_loss, clip_loss
 from ..model import build_image_tower, count_parameters, parameter_parts, tower_state
@@ -427,6 +428,12 @@ def log_plan(cfg: Config, plan: Plan, state: TrainState, rt: Runtime) -> None:
         log.info("train.embed_chunk=%d: each batch of %d is embedded in chunks of %d, twice (activations for %d "
                  "images at a time; the loss still has all %d negatives)", cfg.train.embed_chunk,
                  cfg.train.batch_size, cfg.train.embed_chunk, cfg.train.embed_chunk, plan.global_batch)
+        state.model.set_backbone_trainable(True)  # what the tower is once every freeze is over
+        state.model.train()
+        if train_mode_batchnorms(state.model):  # the chunked step puts them in eval mode (chunked.py)
+            log.warning("train.embed_chunk=%d: every BatchNorm layer runs on its running statistics (eval mode, "
+                        "not updated) so that the chunked loss is exactly the unchunked one; set "
+                        "model.freeze_bn_stats=true to say so in the config", cfg.train.embed_chunk)
 
 
 @dataclass
