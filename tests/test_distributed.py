@@ -261,8 +261,26 @@ def _step_worker(rank: int, port: int, out_dir: str) -> None:
              for j in range(2)]
     results["accum"] = _step(model, micro, gather=True)
     results["accum_params"] = {k: v.detach().clone() for k, v in distributed.unwrap(model).state_dict().items()}
+
+    # 4. The training optimizer (fused AdamW on the CPU: a bad step is skipped on the device through
+    # found_inf): a NaN on rank 1 skips the step on both ranks, then a step equals one process's.
+    model = distributed.wrap_model(_tower().eval(), ctx)
+    parts = _adamw(distributed.unwrap(model))
+    before = {k: v.clone() for k, v in distributed.unwrap(model).state_dict().items()}
+    results["adamw_nan"] = step_values(train_step(model, [(bad, texts[lo:hi])], *parts, None, 1.0, gather=True))
+    results["adamw_unchanged"] = all(torch.equal(v, before[k]) for k, v in
+                                     distributed.unwrap(model).state_dict().items())
+    results["adamw"] = step_values(train_step(model, [(images[lo:hi], texts[lo:hi])], *parts, None, 1.0, gather=True))
+    results["adamw_params"] = {k: v.detach().clone() for k, v in distributed.unwrap(model).state_dict().items()}
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     distributed.teardown(ctx)
+
+
+def _adamw(model):
+    from clipft.train.loop import build_optimizer
+    opt = build_optimizer(model, 1e-3, 0.05)
+    assert opt.defaults["fused"]
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), torch.amp.GradScaler("cpu", enabled=False)
 
 
 def test_two_processes_step_equals_one_process_with_the_concatenated_batch(tmp_path):
@@ -293,6 +311,17 @@ def test_two_processes_step_equals_one_process_with_the_concatenated_batch(tmp_p
     assert r0["accum"]["loss"] == pytest.approx(ref_out["loss"], rel=1e-5)
     _assert_same_update(r0["accum_params"], ref.state_dict())
     assert all(torch.equal(r0["accum_params"][k], r1["accum_params"][k]) for k in r0["accum_params"])
+
+    # AdamW under DDP: the NaN step skipped on both ranks (weights untouched), then == one process.
+    ref = _tower().eval()
+    ref_out = step_values(train_step(ref, [(images, texts)], *_adamw(ref), None, 1.0))
+    for r in (r0, r1):
+        assert r["adamw_nan"]["skipped"] and r["adamw_unchanged"] and not r["adamw"]["skipped"]
+        assert r["adamw"]["loss"] == pytest.approx(ref_out["loss"], rel=1e-5)
+    # (Adam's first step is ~lr x g/|g|: a weight whose gradient is ~eps amplifies float rounding, so
+    # the update is compared per tensor, in norm.)
+    _assert_same_update(r0["adamw_params"], ref.state_dict())
+    assert all(torch.equal(r0["adamw_params"][k], r1["adamw_params"][k]) for k in r0["adamw_params"])
 
 
 def _assert_same_update(after: dict, ref_after: dict) -> None:
