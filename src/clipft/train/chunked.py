@@ -101,11 +101,20 @@ def chunked_clip_backward(model: torch.nn.Module, images: torch.Tensor, texts: t
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     tower = distributed.unwrap(model)
-    batchnorms = train_mode_batchnorms(tower)
-    for m in batchnorms:
-        m.eval()  # running statistics: each image's embedding no longer depends on its chunk
-    try:
+    with batchnorm_on_running_statistics(tower):  # each image's embedding no longer depends on its chunk
         return _chunked(model, tower, images, texts, chunk, objective, amp_dtype, gather, loss_fn)
+
+
+@contextlib.contextmanager
+def batchnorm_on_running_statistics(model: torch.nn.Module):
+    """Inside the block every BatchNorm of `model` that was in train mode is in eval mode (running
+    statistics, not updated); back in train mode after it. A chunked run's batches that fit in one
+    chunk use it too (train_step), so every step of the run optimises the same loss."""
+    batchnorms = train_mode_batchnorms(model)
+    for m in batchnorms:
+        m.eval()
+    try:
+        yield
     finally:
         for m in batchnorms:
             m.train()

@@ -507,7 +507,8 @@ def train_one_epoch(state: TrainState, loader: Any, runlog: RunLog, epoch: int, 
         out = loop.hooks.step(state.ddp_model, micro, state.optimizer, state.scheduler, state.scaler, rt.amp_dtype,
                               cfg.train.grad_clip, gather=rt.world > 1,
                               channels_last=rt.precision.channels_last, transform=loop.plan.device_transform,
-                              loss_fn=loop.hooks.loss, embed_chunk=cfg.train.embed_chunk)
+                              loss_fn=loop.hooks.loss,
+                              embed_chunk=cfg.train.embed_chunk if cfg.train.embed_chunk < cfg.train.batch_size else 0)
         state.global_step += 1
         stats.add(out)  # device-side sums: the host does not wait for this step here
         bar.update(1)
