@@ -10,6 +10,10 @@ stored one:
   the captions and of the image file names), compared once the splits are loaded and before any caption is embedded. A
   dataset that only moved (same identity, another path: a copy on a node's local disk) is fine.
 
+- the number of processes (torchrun's world size): it sets the global batch (the negatives of every
+  loss), the steps of an epoch and which batches a mid-epoch checkpoint already trained on, so
+  another number would continue a different run.
+
 Any other difference is a ResumeError: one line listing the differing keys, old -> new, and what to
 do ("use another --out, or --no-resume to start over"). `config.json` is written only after the
 run is accepted (train.py), so a refused or failed rerun leaves the stored run as it was.
@@ -92,3 +96,13 @@ def check_data(run_root: Path, ckpt: dict[str, Any], checkpoint: Path, now: dict
     if saved.get("path") != now["path"]:
         log.info("the data moved from %s to %s (same splits, captions and images): resuming", saved.get("path"),
                  now["path"])
+
+
+def check_world_size(run_root: Path, ckpt: dict[str, Any], checkpoint: Path, world_size: int) -> None:
+    """ResumeError unless this run has as many processes as the one that wrote `ckpt` (its global
+    batch, steps per epoch and skipped batches depend on it)."""
+    saved = ckpt.get("world_size") or len(ckpt.get("rng_per_rank") or [None])
+    if saved != world_size:
+        raise ResumeError(f"{run_root}: {checkpoint.name} was written by {saved} process(es), this run has "
+                          f"{world_size}: the global batch and the steps of an epoch would change; resume with "
+                          f"{saved} process(es) (torchrun --nproc-per-node), or {HINT}")
