@@ -97,3 +97,81 @@ def test_resuming_with_another_number_of_processes_is_refused(coco_root, tiny_cl
     assert main(["train", "--data", str(coco_root), "--out", str(run), *small_args(tiny_clip_dir, 2)]) != 0
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "written by 2 process(es), this run has 1" in err, err
+
+
+class _Payload:
+    """Pickles to a call of os.system: loading it with a full unpickler touches `marker`."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def _plant(path, marker):
+    """A .pt that looks like a clipft checkpoint and runs a command when unpickled."""
+    torch.save({"model": _Payload(marker), "model_config": {}, "embed_dim": 16, "epoch": 1, "step": 3,
+                "config": {}}, path)
+
+
+@pytest.mark.parametrize("command", ["load", "export", "evaluate", "embed", "resume"])
+def test_a_checkpoint_with_a_payload_never_runs_it(command, coco_root, tiny_clip_dir, tmp_path, capsys):
+    marker, bad = tmp_path / "ran", tmp_path / "model.pt"
+    _plant(bad, marker)
+    if command == "load":
+        import clipft
+        from clipft.model import ModelError
+        with pytest.raises(ModelError) as e:
+            clipft.load(bad)
+        err = str(e.value)
+    else:
+        argv = {"export": ["export", str(bad), "--out", str(tmp_path / "out")],
+                "evaluate": ["evaluate", "--checkpoint", str(bad), "--data", str(coco_root), "--quiet"],
+                "embed": ["embed", "--model", str(bad), "--images", str(coco_root), "--out", str(tmp_path / "e.st")],
+                "resume": ["train", "--data", str(coco_root), "--out", str(tmp_path / "run"),
+                           *small_args(tiny_clip_dir, 1)]}[command]
+        if command == "resume":
+            (tmp_path / "run").mkdir()
+            shutil.copy(bad, tmp_path / "run" / "last.pt")
+        capsys.readouterr()
+        assert main(argv) != 0
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0, err
+    assert not marker.exists(), "the checkpoint's payload ran"
+    assert "not a clipft" in err and "refused without running it" in err, err
+
+
+def test_evaluate_names_what_is_wrong_with_a_file(trained_run, coco_root, tmp_path, capsys):
+    csv = tmp_path / "data.csv"
+    csv.write_text("image,caption\na.jpg,a cat\n")
+    assert main(["evaluate", "--checkpoint", str(csv), "--data", str(coco_root), "--quiet"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "data.csv" in err and "not a readable checkpoint" in err, err
+    ckpt = torch.load(trained_run / "best.pt", map_location="cpu", weights_only=True)
+    del ckpt["embed_dim"], ckpt["checksum"]
+    torch.save(ckpt, tmp_path / "no_dim.pt")
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "no_dim.pt"), "--data", str(coco_root), "--quiet"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "no_dim.pt: not a clipft checkpoint (no embed_dim entries)" in err, err
+
+
+def test_checkpoints_hold_plain_data_and_older_ones_still_load(trained_run, tmp_path):
+    """weights_only=True reads what clipft writes; a checkpoint with numpy's RNG state as an ndarray
+    (written before) loads too, and the resume puts that numpy state back."""
+    import numpy as np
+    from clipft.model import read_checkpoint
+    from clipft.runtime import rng_state, set_rng_state
+    ckpt = torch.load(trained_run / "last.pt", map_location="cpu", weights_only=True)
+    old = {k: v for k, v in ckpt.items() if k != "checksum"}
+    np.random.seed(7)
+    old["rng"] = {**ckpt["rng"], "numpy": np.random.get_state()}
+    torch.save(old, tmp_path / "old.pt")
+    again = read_checkpoint(tmp_path / "old.pt", require=("epoch", "step"))
+    np.random.seed(1)
+    set_rng_state(again["rng"])
+    np.random.seed(7)
+    want = np.random.rand(3)
+    set_rng_state(again["rng"])
+    assert np.array_equal(np.random.rand(3), want)
+    set_rng_state(rng_state())  # the plain form round-trips too
