@@ -175,3 +175,51 @@ def test_checkpoints_hold_plain_data_and_older_ones_still_load(trained_run, tmp_
     set_rng_state(again["rng"])
     assert np.array_equal(np.random.rand(3), want)
     set_rng_state(rng_state())  # the plain form round-trips too
+
+
+def _flip_tensor_byte(path, member_suffix, offset_in_data, xor=0x40):
+    """Flip one byte inside the stored bytes of a torch.save zip member (tensor data, not the pickle)."""
+    import zipfile
+    with zipfile.ZipFile(path) as z:
+        info = max((i for i in z.infolist() if i.filename.endswith(member_suffix)), key=lambda i: i.file_size)
+    with open(path, "r+b") as f:
+        f.seek(info.header_offset + 26)
+        name_len, extra_len = int.from_bytes(f.read(2), "little"), int.from_bytes(f.read(2), "little")
+        at = info.header_offset + 30 + name_len + extra_len + offset_in_data
+        f.seek(at)
+        b = f.read(1)[0]
+        f.seek(at)
+        f.write(bytes([b ^ xor]))
+
+
+def test_a_flipped_byte_in_last_pt_falls_back_to_last_prev(tmp_path, caplog):
+    from clipft import distributed
+    from clipft.train.checkpoint import Checkpointer
+    from clipft.train.rundir import RunFiles
+    run = RunFiles(tmp_path)
+    single = distributed.DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend=None,
+                                     created=False)
+    ck = Checkpointer(run, single)
+    weights = torch.ones(1000)  # 1.0 = 0x3f800000: one flipped exponent bit and it is another number
+    ck.save({"epoch": 1, "step": 3, "model": {"w": weights}}, is_best=False)
+    ck.save({"epoch": 2, "step": 6, "model": {"w": weights * 2}}, is_best=False)
+    _flip_tensor_byte(run.last, "/data/0", 4 * 500 + 3)  # the exponent byte of element 500
+    with caplog.at_level("WARNING"):
+        got = Checkpointer(run, single).open_resume(True)
+    assert got["epoch"] == 1 and torch.equal(got["model"]["w"], weights)
+    assert "does not match its checksum" in caplog.text and "resuming from" in caplog.text
+
+
+def test_a_flipped_byte_in_a_text_cache_rebuilds_it(tiny_clip_dir, tmp_path, caplog):
+    from clipft.text import get_text_embeddings
+    captions = ["a red square", "a blue circle", "two green triangles"]
+    cache = tmp_path / "text.safetensors"
+    emb, info = get_text_embeddings(captions, str(tiny_clip_dir), cache)
+    assert info["built"]
+    data = bytearray(cache.read_bytes())
+    data[-5] ^= 0x40  # inside the last embedding's float bytes
+    cache.write_bytes(bytes(data))
+    with caplog.at_level("WARNING"):
+        again, info = get_text_embeddings(captions, str(tiny_clip_dir), cache)
+    assert info["built"] and torch.equal(again, emb)
+    assert "do not match their checksum" in caplog.text and "rebuilding" in caplog.text
