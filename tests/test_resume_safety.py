@@ -223,3 +223,47 @@ def test_a_flipped_byte_in_a_text_cache_rebuilds_it(tiny_clip_dir, tmp_path, cap
         again, info = get_text_embeddings(captions, str(tiny_clip_dir), cache)
     assert info["built"] and torch.equal(again, emb)
     assert "do not match their checksum" in caplog.text and "rebuilding" in caplog.text
+
+
+class _Killed(BaseException):
+    """Stands in for a SIGKILL: nothing after it runs."""
+
+
+def test_a_kill_while_best_pt_is_written_is_repaired_by_the_rerun(coco_root, tiny_clip_dir, tmp_path, monkeypatch):
+    from clipft.train import checkpoint as ck
+    run = tmp_path / "run"
+    real, seen = ck.atomic_torch_save, []
+
+    def killed_writing_epoch2_best(obj, path, *args, **kwargs):
+        if path.name == "best.pt" and obj["epoch"] == 2:
+            raise _Killed()
+        return real(obj, path, *args, **kwargs)
+
+    def rising(val, k):  # every epoch is the best so far
+        seen.append(1)
+        return float(len(seen))
+    monkeypatch.setattr(ck, "atomic_torch_save", killed_writing_epoch2_best)
+    with train_mod.use_hooks(metric=rising), pytest.raises(_Killed):
+        main(["train", "--data", str(coco_root), "--out", str(run), *small_args(tiny_clip_dir, 2)])
+    monkeypatch.setattr(ck, "atomic_torch_save", real)
+    assert torch.load(run / "best.pt", weights_only=False)["epoch"] == 1  # the kill left epoch 1's
+    with train_mod.use_hooks(metric=rising):
+        assert main(["train", "--data", str(coco_root), "--out", str(run), "--quiet"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    best = torch.load(run / "best.pt", weights_only=False)
+    assert summary["best_epoch"] == best["epoch"] == 2
+    assert all(torch.equal(v, best["model"][k]) for k, v in _weights(run / "last.pt").items())
+
+
+def test_an_image_edited_in_place_is_other_data(coco_root, tiny_clip_dir, tmp_path, capsys):
+    from PIL import Image
+    root, run = tmp_path / "coco", tmp_path / "run"
+    shutil.copytree(coco_root, root)
+    assert main(["train", "--data", str(root), "--out", str(run), *small_args(tiny_clip_dir, 1)]) == 0
+    image = sorted((root / "train2014").glob("*.jpg"))[3]
+    with Image.open(image) as im:
+        im.convert("L").convert("RGB").save(image, quality=60)  # same name, other pixels
+    capsys.readouterr()
+    assert main(["train", "--data", str(root), "--out", str(run), *small_args(tiny_clip_dir, 2)]) != 0
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "trained on other data" in err and "image" in err, err

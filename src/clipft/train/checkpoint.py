@@ -110,6 +110,31 @@ class Checkpointer:
         set_rng_state(rngs[self.ctx.rank])  # each rank continues its own RNG stream
         return ckpt
 
+    def reconcile_best(self, ckpt: dict[str, Any]) -> None:
+        """After a resume: make RUN/best.pt hold the epoch the run records as best (`ckpt["best_epoch"]`,
+        what summary.json will name). A kill between writing last.pt and best.pt at the end of an epoch
+        leaves last.pt naming that epoch as best and best.pt an older one: best.pt is then rewritten
+        from the resumed checkpoint, which is that epoch's state (rank 0)."""
+        best_epoch = ckpt.get("best_epoch", -1)
+        if not self.ctx.is_main or not isinstance(best_epoch, int) or best_epoch < 0:
+            return
+        held = None
+        if self.run.best.is_file():
+            try:
+                held = _read(self.run.best, mmap=True).get("epoch")  # checksum verified
+            except ModelError as e:
+                log.warning("%s", e)
+        if held == best_epoch:
+            return
+        what = f"holds epoch {held}" if held is not None else "is missing or damaged"
+        if best_epoch == ckpt["epoch"] and not ckpt.get("epoch_steps"):
+            log.warning("%s %s, but the run's best epoch is %d (a write was interrupted): rewriting it from %s",
+                        self.run.best, what, best_epoch, self.resumed_from)
+            atomic_torch_save(ckpt, self.run.best)
+        else:
+            log.warning("%s %s, but the run's best epoch is %d, which no checkpoint holds any more",
+                        self.run.best, what, best_epoch)
+
     def start_over(self) -> None:
         """--no-resume into a directory holding an earlier run: its checkpoints go (rank 0), so none
         of them can be mistaken for this run's, by a later resume or by evaluate."""

@@ -414,6 +414,7 @@ def restore(state: TrainState, checkpointer: Checkpointer, cfg: Config, rt: Runt
     if resume:
         ckpt = checkpointer.load_last(rt.device, cfg.train.seed)
         state.load_state_dict(ckpt)
+        checkpointer.reconcile_best(ckpt)  # best.pt == the best epoch summary.json will name, after any kill
         del ckpt
         if state.epoch_steps:  # mid-epoch: this RNG state again once the epoch's loader has drawn its seed
             state.resume_rng = rng_state()
