@@ -480,12 +480,12 @@ def _read_cache(path: Path) -> tuple[torch.Tensor, dict[str, str]]:
         raise _CorruptCache("metadata lacks num_captions/dim") from None
     if emb.dtype != torch.float32 or emb.shape != (n, d) or "fingerprint" not in meta:
         raise _CorruptCache(f"tensor {tuple(emb.shape)} {emb.dtype} does not match its metadata ({n}, {d})")
-    stored = meta.get("content_blake2b")  # absent in caches written before checksums: read unchecked
-    if stored is not None and stored != _content_digest(emb):
-        raise _CorruptCache("its embeddings do not match their checksum: the file was damaged after it was written")
     bad = int((~torch.isfinite(emb).all(dim=1)).sum()) if emb.numel() else 0
     if bad:  # the right size but NaN/inf rows: never train or evaluate on them
         raise _CorruptCache(f"{bad} of {n} embeddings are not finite")
+    stored = meta.get("content_blake2b")  # absent in caches written before checksums: read unchecked
+    if stored is not None and stored != _content_digest(emb):
+        raise _CorruptCache("its embeddings do not match their checksum: the file was damaged after it was written")
     return emb, meta
 
 
