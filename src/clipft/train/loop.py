@@ -41,7 +41,7 @@ from ..loss import chance_loss, clip_loss
 from ..model import build_image_tower, count_parameters, parameter_parts, tower_state
 from .rundir import RunFiles, RunLog, read_records
 from .preempt import StopFlag, at_step_boundary, between_steps, resume_loader
-from .resume import check_config, check_data
+from .resume import check_config, check_data, check_world_size
 from .lock import RunLock
 from ..runtime import Precision, atomic_write_text, hardware_info, overriding, rng_state, seed_everything, select_precision, worker_count
 from .step import StepStats, non_finite_state, step_values, train_step
@@ -164,8 +164,8 @@ def micro_batch_groups(loader: DataLoader, k: int, counts: dict) -> Iterator[lis
     last group of an epoch may be shorter). A batch is left out, by every rank alike, when some rank
     holds fewer than 2 readable images (the loss needs negatives). Updates counts (all ranks
     summed): "skipped_images" (unreadable), "images" (in kept batches), "batch" (last kept global batch)."""
-    group = []
-    for images, texts, _idx, n_skipped in loader:
+    group = MicroBatches()
+    for images, texts, idx, n_skipped in loader:
         per_rank = distributed.all_gather_ints([images.shape[0], n_skipped])  # [[B_r, skipped_r], ...]
         counts["skipped_images"] += sum(r[1] for r in per_rank)
         if min(r[0] for r in per_rank) < 2:
@@ -173,11 +173,32 @@ def micro_batch_groups(loader: DataLoader, k: int, counts: dict) -> Iterator[lis
         counts["batch"] = sum(r[0] for r in per_rank)
         counts["images"] += counts["batch"]
         group.append((images, texts))
+        group.indices.append(idx)
         if len(group) == k:
             yield group
-            group = []
+            group = MicroBatches()
     if group:
         yield group
+
+
+class MicroBatches(list):
+    """One optimizer step's [(images, texts), ...], with `indices`: each micro-batch's dataset rows [B]
+    (the keys of its on-device augmentation, `keyed_transform`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.indices: list[torch.Tensor] = []
+
+
+def keyed_transform(transform: Any, micro: list, seed: int, epoch: int) -> Any:
+    """The device transform for one step's micro-batches: with augmentation, each call (train_step
+    makes one per micro-batch, in order) crops and flips its samples by their (seed, epoch, row)
+    (`DeviceTransform.sample_keys`), so a resumed epoch augments exactly as an uninterrupted one."""
+    indices = getattr(micro, "indices", None)
+    if not getattr(transform, "augment", False) or not indices or len(indices) != len(micro):
+        return transform
+    keys = iter([transform.sample_keys(seed, epoch, idx) for idx in indices])
+    return lambda images: transform(images, keys=next(keys))
 
 
 # --------------------------------------------------------------------------- seams
@@ -332,6 +353,7 @@ def _train(cfg: Config, data_root: str | Path, run: RunFiles, resume: bool, prog
     ckpt = checkpointer.open_resume(resume)  # last.pt, or last.prev.pt when last.pt does not load
     if ckpt is not None:  # a rerun continues the same run or is refused, before anything is written
         check_config(run.root, ckpt, checkpointer.resumed_from, cfg)
+        check_world_size(run.root, ckpt, checkpointer.resumed_from, ctx.world_size)
     plan = setup_data(cfg, data_root, rt, None if ckpt is None else
                       lambda identity: check_data(run.root, ckpt, checkpointer.resumed_from, identity))
     state = setup_model(cfg, plan, rt, hooks)
@@ -423,6 +445,7 @@ def restore(state: TrainState, checkpointer: Checkpointer, cfg: Config, rt: Runt
     if resume:
         ckpt = checkpointer.load_last(rt.device, cfg.train.seed)
         state.load_state_dict(ckpt)
+        checkpointer.reconcile_best(ckpt)  # best.pt == the best epoch summary.json will name, after any kill
         del ckpt
         if state.epoch_steps:  # mid-epoch: this RNG state again once the epoch's loader has drawn its seed
             state.resume_rng = rng_state()
@@ -506,7 +529,8 @@ def train_one_epoch(state: TrainState, loader: Any, runlog: RunLog, epoch: int, 
     for micro in itertools.islice(checked, loop.plan.steps_per_epoch - done):  # one group = one attempted step
         out = loop.hooks.step(state.ddp_model, micro, state.optimizer, state.scheduler, state.scaler, rt.amp_dtype,
                               cfg.train.grad_clip, gather=rt.world > 1,
-                              channels_last=rt.precision.channels_last, transform=loop.plan.device_transform,
+                              channels_last=rt.precision.channels_last,
+                              transform=keyed_transform(loop.plan.device_transform, micro, cfg.train.seed, epoch),
                               loss_fn=loop.hooks.loss,
                               embed_chunk=cfg.train.embed_chunk if cfg.train.embed_chunk < cfg.train.batch_size else 0)
         state.global_step += 1
