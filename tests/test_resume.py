@@ -223,3 +223,19 @@ def test_a_metrics_record_with_a_string_epoch_is_one_line_naming_the_file_and_li
     assert main(["train", "--data", str(coco_root), "--out", str(finished), "--quiet", "--set", "train.epochs=3"]) == 2
     line = one_error_line(capsys.readouterr().err)
     assert f"metrics.jsonl: line {n + 1}" in line and '"epoch"' in line and "unexpected" not in line, line
+
+
+def test_a_checkpoint_with_other_optimizer_groups_is_one_line():
+    """A run written when the frozen backbone shared the head's optimizer group cannot load into the
+    split groups this version builds: a TrainingError that says what to do, not a PyTorch ValueError."""
+    import torch
+    from clipft.train.errors import TrainingError
+    from clipft.train.loop import TrainState
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    old = torch.optim.AdamW(model.parameters())  # one group
+    new = torch.optim.AdamW([{"params": model[0].parameters()}, {"params": model[1].parameters()}])
+    sched = torch.optim.lr_scheduler.LambdaLR(new, lambda s: 1.0)
+    state = TrainState(model, new, sched, torch.amp.GradScaler("cpu", enabled=False))
+    ckpt = {"model": model.state_dict(), "optimizer": old.state_dict()}
+    with pytest.raises(TrainingError, match="parameter groups.*--no-resume"):
+        state.load_state_dict(ckpt)

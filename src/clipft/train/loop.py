@@ -287,6 +287,13 @@ class TrainState:
 
     def load_state_dict(self, ckpt: dict[str, Any]) -> None:
         self.model.load_state_dict(ckpt["model"])
+        saved_groups = len(ckpt["optimizer"].get("param_groups", []))
+        if saved_groups != len(self.optimizer.param_groups):
+            # e.g. a run started by clipft 0.1 with train.freeze_backbone_epochs > 0 and
+            # backbone_lr_ratio=1 (one group then; the backbone has its own groups now, for its warm-up).
+            raise TrainingError(f"the checkpoint's optimizer has {saved_groups} parameter groups where this "
+                                f"version builds {len(self.optimizer.param_groups)}: it was written by an older "
+                                "clipft; finish it with that version, or rerun with --no-resume to start over")
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         if self.scaler.is_enabled() and ckpt.get("scaler"):

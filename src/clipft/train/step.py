@@ -96,6 +96,18 @@ def train_step(model: torch.nn.Module, micro_batches: list[tuple[torch.Tensor, t
         for name, v in terms.items():
             terms_sum[name] = terms_sum.get(name, 0.0) + v.detach() / k
 
+    grad_norm, skipped = apply_update(model, optimizer, scaler, grad_clip, buffers, saved_buffers)
+    scheduler.step()  # also after a skipped step: the schedule follows attempted steps
+    tower.clamp_logit_scale_()  # keep 1/tau <= max_logit_scale (only moves if learnable)
+    return {**terms_sum, "grad_norm": grad_norm.detach(), "logit_scale": logit_scale.detach(),
+            "embed_cos": pairwise_cosine(image_emb), "skipped": skipped}
+
+
+def apply_update(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler, grad_clip: float,
+                 buffers: list[torch.Tensor], saved_buffers: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The update half of `train_step`: unscale, clip, step unless a gradient is non-finite (decided
+    on the device, see the NaN guard there), restore the buffers of a skipped step, zero the
+    gradients. Returns (grad_norm, skipped), 0-d tensors on the device."""
     scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
     params = [p for p in model.parameters() if p.requires_grad]
     # Identical on every rank (the gradients were all-reduced); NaN/inf when any micro-batch failed.
@@ -116,10 +128,7 @@ def train_step(model: torch.nn.Module, micro_batches: list[tuple[torch.Tensor, t
             b.copy_(torch.where(skipped > 0, saved, b))
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    scheduler.step()  # also after a skipped step: the schedule follows attempted steps
-    tower.clamp_logit_scale_()  # keep 1/tau <= max_logit_scale (only moves if learnable)
-    return {**terms_sum, "grad_norm": grad_norm.detach(), "logit_scale": logit_scale.detach(),
-            "embed_cos": pairwise_cosine(image_emb), "skipped": skipped}
+    return grad_norm, skipped
 
 
 def non_finite_state(model: torch.nn.Module) -> str | None:
