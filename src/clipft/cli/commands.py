@@ -399,10 +399,14 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """The embedded end-to-end demo (see clipft.cli.demo); the library prints its six steps."""
+    from ..train.commandlog import record_command
     from .demo import run_demo
+
+    def record() -> None:  # before the report, so that its Reproduce section lists this command
+        args.command_recorded = record_command(args.out, args.argv, 0)
     run_demo(args.out, args.data, train_images=args.train_images, val_images=args.val_images,
              overrides=list(args.overrides) + list(args.extra_overrides), progress=not args.quiet,
-             resume=args.resume)
+             resume=args.resume, before_report=record)
     return 0
 
 
@@ -670,6 +674,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     debug = "--debug" in argv  # accepted anywhere on the line, not only before the command
     args, extra = parser.parse_known_args([a for a in argv if a != "--debug"])
+    args.argv = argv
     _configure_logging(args.verbose)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # PyTorch's CPU allocator asks for transparent huge pages for buffers >= 2 MB: a 128-image float
@@ -704,7 +709,7 @@ def main(argv: list[str] | None = None) -> int:
         code = EXIT_UNEXPECTED
         return code
     finally:
-        if run_dir_of(args) is not None:  # how the run was made: RUN/commands.txt (see clipft.train.commandlog)
+        if run_dir_of(args) is not None and not getattr(args, "command_recorded", False):  # how the run was made: RUN/commands.txt (see clipft.train.commandlog)
             record_command(run_dir_of(args), argv, code)
 
 

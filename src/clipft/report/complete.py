@@ -52,6 +52,21 @@ def data_root_candidates(root: Path, summary: dict, data: str | Path | None) -> 
     return out + [root / "data"]
 
 
+def data_hint(root: Path) -> str:
+    """The run's data path for a suggested command: summary.json's data_root (or config.json's
+    data.path), else the placeholder DATA."""
+    for name, key in (("summary.json", ("data_root",)), ("config.json", ("data", "path"))):
+        try:
+            value = json.loads((Path(root) / name).read_text())
+            for k in key:
+                value = value[k]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if isinstance(value, str) and value:
+            return value
+    return "DATA"
+
+
 def find_data_root(root: Path, summary: dict, data: str | Path | None) -> Path | None:
     """The first candidate that exists (an explicit --data must exist)."""
     if data:
@@ -163,6 +178,14 @@ def _draw(root: Path, done: Completion, todo: list[str], seed: int, device: str,
     done.drawn += drawn
     if "zero_shot" in todo:
         source = label_source(data_root, cfg.data.val_split)
+        if source is None and not (Path(data_root) / "annotations").is_dir():
+            # A CSV/TSV/JSONL file, an image folder, a Flickr layout: no class labels clipft can read there
+            # (the COCO-only advice named paths such as captions.csv/annotations/instances_val2014.json).
+            done.missing["zero_shot"] = (
+                f"{data_root} holds captions but no class labels (zero-shot over a dataset reads the shapes "
+                "labels or a COCO instances file); classify your own images by class name with "
+                f"`clipft zeroshot --checkpoint {ckpt} --image IMAGE ... --labels NAME ...`")
+            return
         if source is None:
             done.missing["zero_shot"] = (
                 f"no zero-shot labels next to the data ({data_root}/annotations has neither "
