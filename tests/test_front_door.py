@@ -141,3 +141,12 @@ def test_configure_cpu_threads_honours_the_user_and_sleeps_while_waiting():
     assert configure_cpu_threads(env)[0] == 3 and env["OMP_WAIT_POLICY"] == "PASSIVE"
     env = {"CLIPFT_THREADS": "1", "OMP_WAIT_POLICY": "ACTIVE"}
     assert configure_cpu_threads(env)[0] == 1 and env["OMP_NUM_THREADS"] == "1" and env["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
+def test_the_report_suggests_the_runs_own_data_path(tmp_path):
+    from clipft.report.extras import reproduce_section
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "summary.json").write_text(json.dumps({"data_root": "/data/captions.csv"}))
+    text = "\n".join(reproduce_section(run))
+    assert "--data /data/captions.csv" in text and "DATA" not in text
