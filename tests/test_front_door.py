@@ -150,3 +150,21 @@ def test_the_report_suggests_the_runs_own_data_path(tmp_path):
     (run / "summary.json").write_text(json.dumps({"data_root": "/data/captions.csv"}))
     text = "\n".join(reproduce_section(run))
     assert "--data /data/captions.csv" in text and "DATA" not in text
+
+
+def test_search_prints_absolute_paths(tmp_path, capsys, monkeypatch):
+    from types import SimpleNamespace
+    from clipft.cli.commands import main
+    from clipft.search import query as Q
+    root = tmp_path / "photos"
+    fake = SimpleNamespace(root=root, model="m")
+    monkeypatch.setattr(Q, "load_index", lambda *a, **k: fake)
+    monkeypatch.setattr(Q, "duplicates_answer", lambda idx, t: {
+        "groups": [[{"id": 1, "path": "a/x.jpg"}, {"id": 2, "path": "y.jpg"}]], "model": "m", "threshold": t})
+    assert main(["search", "--duplicates", "--json", "--index", str(tmp_path)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [f["path"] for f in out["groups"][0]] == [str(root / "a" / "x.jpg"), str(root / "y.jpg")]
+    assert [f["relative_path"] for f in out["groups"][0]] == ["a/x.jpg", "y.jpg"]
+    assert [f["id"] for f in out["groups"][0]] == [1, 2]
+    assert main(["search", "--duplicates", "--index", str(tmp_path)]) == 0
+    assert str(root / "a" / "x.jpg") in capsys.readouterr().out
