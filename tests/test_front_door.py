@@ -168,3 +168,53 @@ def test_search_prints_absolute_paths(tmp_path, capsys, monkeypatch):
     assert [f["id"] for f in out["groups"][0]] == [1, 2]
     assert main(["search", "--duplicates", "--index", str(tmp_path)]) == 0
     assert str(root / "a" / "x.jpg") in capsys.readouterr().out
+
+
+def test_make_demo_installs_what_the_demo_needs_and_no_test_tools():
+    import re
+    import tomllib
+    root = Path(__file__).resolve().parents[1]
+    extras = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert any(d.startswith("flask") for d in extras["demo"])  # the demo ends with a `clipft serve` line
+    make = (root / "Makefile").read_text()
+    demo_deps = re.search(r"^demo:(.*)$", make, re.M).group(1).split()
+    recipes = {m.group(1): m.group(2) for m in re.finditer(r"^(\S+):[^\n]*\n((?:\t[^\n]*\n)+)", make, re.M)}
+    demo_install = "".join(recipes.get(d, "") for d in demo_deps)
+    assert '".[demo]"' in demo_install and "dev" not in demo_install
+
+
+def test_pdf_returns_once_printed_even_when_chromium_lingers(tmp_path, monkeypatch):
+    """Headless Chromium can stay up after --print-to-pdf, and its helper processes hold the output
+    pipes open: `report --pdf` kept running long after the PDF was written."""
+    from clipft.report.html import write_pdf
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    pidfile = tmp_path / "pids"
+    fake = bin_dir / "chromium"
+    fake.write_text(f"""#!/bin/sh
+for a in "$@"; do case "$a" in --print-to-pdf=*) out="${{a#--print-to-pdf=}}";; esac; done
+printf '%%PDF-1.4 fake' > "$out"
+sleep 30 &
+echo $! >> {pidfile}
+echo $$ >> {pidfile}
+sleep 30
+""")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    html = tmp_path / "report.html"
+    html.write_text("<html><body>hi</body></html>")
+    pdf = write_pdf(html, timeout=20)
+    assert pdf.read_bytes().startswith(b"%PDF")
+    import time
+    for _ in range(50):  # the helper processes go with it (killed as a group; reaped by init)
+        alive = []
+        for pid in map(int, pidfile.read_text().split()):
+            try:
+                os.kill(pid, 0)
+                alive.append(pid)
+            except ProcessLookupError:
+                pass
+        if not alive:
+            break
+        time.sleep(0.1)
+    assert not alive

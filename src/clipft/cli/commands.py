@@ -76,25 +76,26 @@ def _is_expected(error: BaseException) -> bool:
     return isinstance(error, _expected_errors())
 
 
-# Commands whose inputs must exist, checked before any library is imported: (attribute, what it is).
+# Commands whose inputs must exist, checked before any library is imported: (attribute, the line
+# when it is missing; the same words the command's library gives).
+_DATA = ("data", "{}: no such file or directory")
+_CKPT = ("checkpoint", "{}: checkpoint not found")
+_RUN = ("run", "{}: no such run directory")
 _MUST_EXIST = {
-    "cache-text": [("data", "data path")], "validate": [("data", "data path")],
-    "prepare-images": [("data", "data path")], "train": [("data", "data path")],
-    "evaluate": [("checkpoint", "checkpoint"), ("data", "data path")],
-    "zeroshot": [("checkpoint", "checkpoint"), ("data", "data path")],
-    "visualize": [("checkpoint", "checkpoint"), ("data", "data path"), ("run", "run directory")],
-    "inspect-data": [("data", "data path")], "export": [("checkpoint", "checkpoint")],
-    "index": [("folder", "image folder")], "embed": [("images", "image folder")],
-    "report": [("run", "run directory")], "ablate": [("data", "data path")],
+    "cache-text": [_DATA], "validate": [_DATA], "prepare-images": [_DATA], "train": [_DATA],
+    "evaluate": [_CKPT, _DATA], "zeroshot": [_CKPT, _DATA], "visualize": [_CKPT, _DATA, _RUN],
+    "inspect-data": [_DATA], "export": [_CKPT], "report": [_RUN], "ablate": [_DATA],
+    "index": [("folder", "{}: not a folder (it does not exist)")],
+    "embed": [("images", "{}: not a directory (it does not exist)")],
 }
 
 
 def _check_inputs_exist(args: argparse.Namespace) -> None:
     """A missing --data / --checkpoint / folder is one line before torch is imported (seconds)."""
-    for attr, what in _MUST_EXIST.get(getattr(args, "command", None), []):
+    for attr, line in _MUST_EXIST.get(getattr(args, "command", None), []):
         value = getattr(args, attr, None)
         if value and not Path(value).exists():
-            raise ConfigError(f"{value}: {what} not found")
+            raise ConfigError(line.format(value))
 
 
 def _add_split_args(p: argparse.ArgumentParser) -> None:
