@@ -180,7 +180,7 @@ def test_make_demo_installs_what_the_demo_needs_and_no_test_tools():
     demo_deps = re.search(r"^demo:(.*)$", make, re.M).group(1).split()
     recipes = {m.group(1): m.group(2) for m in re.finditer(r"^(\S+):[^\n]*\n((?:\t[^\n]*\n)+)", make, re.M)}
     demo_install = "".join(recipes.get(d, "") for d in demo_deps)
-    assert '".[demo]"' in demo_install and "dev" not in demo_install
+    assert '".[demo]"' in demo_install and "[dev" not in demo_install and "dev," not in demo_install
 
 
 def test_pdf_returns_once_printed_even_when_chromium_lingers(tmp_path, monkeypatch):
