@@ -218,3 +218,42 @@ sleep 30
             break
         time.sleep(0.1)
     assert not alive
+
+
+def test_each_loss_has_its_own_panel_chance_line_and_integer_epochs():
+    import math
+    import matplotlib.pyplot as plt
+    from clipft.eval.plots import training_curves_figure, val_loss_chance
+    val = {"image_to_text": {"R@1": 10.0}, "text_to_image": {"R@1": 12.0}, "num_images": 300}
+    epochs = [{"epoch": e, "train_loss": 4.0 - e / 4, "val_loss": 5.0 - e / 5, "val": val} for e in (1, 2, 3)]
+    fig = training_curves_figure(epochs, batch_size=128)
+    ax_train, ax_val, _ = fig.axes
+    labels = lambda ax: [line.get_label() for line in ax.get_lines()]  # noqa: E731
+    assert "train loss" in labels(ax_train) and "val loss" not in labels(ax_train)
+    assert "val loss" in labels(ax_val)
+    chance_train = [l for l in ax_train.get_lines() if l.get_label().startswith("chance")]
+    chance_val = [l for l in ax_val.get_lines() if l.get_label().startswith("chance")]
+    assert abs(chance_train[0].get_ydata()[0] - math.log(128)) < 1e-9
+    assert abs(chance_val[0].get_ydata()[0] - val_loss_chance(300, 128)) < 1e-9
+    fig.canvas.draw()
+    assert all(float(t).is_integer() for t in ax_train.get_xticks())
+    plt.close(fig)
+
+
+def test_zero_shot_plot_without_true_classes_says_no_green_and_names_files(tmp_path, monkeypatch):
+    import torch
+    from PIL import Image
+    from clipft.eval import plots as V
+    png = tmp_path / "holiday.png"
+    Image.new("RGB", (32, 32), (0, 0, 200)).save(png)
+    seen = {}
+    real_save = V._save
+
+    def save(fig, path):
+        seen["suptitle"] = fig._suptitle.get_text()
+        seen["titles"] = [ax.get_title() for ax in fig.axes]
+        return real_save(fig, path)
+    monkeypatch.setattr(V, "_save", save)
+    V.plot_zero_shot([{"path": png, "probs": torch.tensor([0.7, 0.3]), "target": None}], ["cat", "dog"],
+                     tmp_path / "z.png")
+    assert "green" not in seen["suptitle"] and any("holiday.png" in t for t in seen["titles"])

@@ -118,8 +118,8 @@ def complete_run(run_dir: str | Path, data: str | Path | None = None, device: st
     done = Completion(checkpoint=checkpoint_of(run.root), split="val-heldout" if d.get("val_images") else "val")
     epochs = read_records(run.metrics, "epoch")
     if epochs and not run.curves.is_file():
-        from ..eval.plots import plot_training_curves
-        plot_training_curves(epochs, run.curves)
+        from ..eval.plots import plot_training_curves, run_batch_size
+        plot_training_curves(epochs, run.curves, batch_size=run_batch_size(run.root))
         done.drawn.append(run.curves.name)
     todo = wanted(run.root, done.checkpoint, done.split)
     if not todo:
