@@ -156,11 +156,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from ..data.validate import format_report, report_destination, validate_data, write_report_json
     cfg = _build_config(args)
     cfg.text.encoder = args.text_encoder or cfg.text.encoder
-    out = report_destination(args.data, args.out)  # checked before the work, not after it
+    # The JSON only where asked (--out): the user's data folder is theirs, not a place for our files.
+    out = report_destination(args.data, args.out) if args.out else None  # checked before the work
     report = validate_data(args.data, cfg, val_data=args.val_data, check_tokens=not args.no_tokens,
                            progress=not args.quiet, deep=args.deep)
     print(format_report(report))
-    print(f"wrote {write_report_json(report, out)}")
+    if out is not None:
+        print(f"wrote {write_report_json(report, out)}")
     return 0 if report["ok"] else 1
 
 
@@ -473,8 +475,8 @@ def _add_data_and_train_commands(sub) -> None:
                                         "exit 1 if training would be spoiled)")
     s.add_argument("--data", required=True, help="COCO root, CSV/TSV/JSONL file, or image folder")
     _add_val_data(s)
-    s.add_argument("--out", help="report JSON (default: DATA/validate_report.json, or <stem>.validate.json "
-                                 "beside a data file; in the user cache dir when that folder is read-only)")
+    s.add_argument("--out", metavar="FILE.json", help="also write the report as JSON to this file (default: "
+                                                      "printed only; nothing is written into the data folder)")
     s.add_argument("--text-encoder", help="tokenizer for the token-length check (default: text.encoder)")
     s.add_argument("--no-tokens", action="store_true", help="skip the token-length check (no text encoder load)")
     s.add_argument("--deep", action="store_true", help="also hash every chunk of the prepared image caches")
