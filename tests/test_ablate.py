@@ -14,7 +14,7 @@ import torch
 import yaml
 from torch import nn
 
-from clipft.cli.commands import ablate
+from clipft.cli import ablate
 from clipft.train import loop as train_mod
 from clipft.cli.ablate import ABLATION_NOTES, ABLATIONS, AblationError
 from clipft.cli.commands import main
