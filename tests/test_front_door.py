@@ -147,9 +147,11 @@ def test_the_report_suggests_the_runs_own_data_path(tmp_path):
     from clipft.report.extras import reproduce_section
     run = tmp_path / "run"
     run.mkdir()
-    (run / "summary.json").write_text(json.dumps({"data_root": "/data/captions.csv"}))
+    data = tmp_path / "captions.csv"
+    data.write_text("image,caption\n")
+    (run / "summary.json").write_text(json.dumps({"data_root": str(data)}))
     text = "\n".join(reproduce_section(run))
-    assert "--data /data/captions.csv" in text and "DATA" not in text
+    assert f"--data {data}" in text and "DATA" not in text
 
 
 def test_search_prints_absolute_paths(tmp_path, capsys, monkeypatch):

@@ -54,7 +54,7 @@ def data_root_candidates(root: Path, summary: dict, data: str | Path | None) -> 
 
 def data_hint(root: Path) -> str:
     """The run's data path for a suggested command: summary.json's data_root (or config.json's
-    data.path), else the placeholder DATA."""
+    data.path) where it still exists, else the placeholder DATA (data that moved is not suggested)."""
     for name, key in (("summary.json", ("data_root",)), ("config.json", ("data", "path"))):
         try:
             value = json.loads((Path(root) / name).read_text())
@@ -62,7 +62,7 @@ def data_hint(root: Path) -> str:
                 value = value[k]
         except (OSError, ValueError, KeyError, TypeError):
             continue
-        if isinstance(value, str) and value:
+        if isinstance(value, str) and value and Path(value).exists():
             return value
     return "DATA"
 
