@@ -343,8 +343,8 @@ def hardware_info(device: torch.device) -> dict:
                 break
     except OSError:
         pass
-    info = {"device": str(device), "cpu": cpu, "cpu_count": os.cpu_count(), "torch": torch.__version__,
-            "platform": platform.platform()}
+    info = {"device": str(device), "cpu": cpu, "cpu_count": os.cpu_count(), "cpus_available": available_cpus(),
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "platform": platform.platform()}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["gpu_count"] = torch.cuda.device_count()
@@ -374,12 +374,7 @@ def overriding(obj: _T, **fields: Any) -> Iterator[_T]:
 _CAPPED: set[tuple[int, int]] = set()  # (asked, available) pairs already logged
 
 
-def available_cpus() -> int:
-    """CPUs this process may run on (its affinity mask: a container's or `taskset`'s limit), at least 1."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):  # not Linux
-        return max(1, os.cpu_count() or 1)
+from .threads import available_cpus, configure_cpu_threads, plan_cpu_threads  # noqa: E402,F401 (no torch there)
 
 
 def worker_count(asked: int) -> int:

@@ -43,15 +43,16 @@ def test_index_then_search_by_text_image_and_duplicates(folder, trained_run, cap
     rc, out, _ = _run(capsys, "search", "a red circle", "--index", index, "--k", 5, "--json")
     body = json.loads(out)
     assert rc == 0 and set(body) == {"results", "model", "took_ms"} and len(body["results"]) == 5
-    assert all(set(h) == {"id", "path", "score"} for h in body["results"])
+    assert all(set(h) == {"id", "path", "relative_path", "score"} for h in body["results"])
+    assert all(h["path"] == str(folder.resolve() / h["relative_path"]) for h in body["results"])  # absolute
     some = sorted(folder.glob("*.jpg"))[3]
     rc, out, _ = _run(capsys, "search", "--image", some, "--index", index, "--k", 3)
     first = out.splitlines()[0].split()
-    assert rc == 0 and first[1] == some.name and float(first[0]) > 0.999  # a photo is closest to itself
+    assert rc == 0 and first[1] == str(some.resolve()) and float(first[0]) > 0.999  # a photo is closest to itself
     shutil.copy(some, folder / "copy.jpg")
     _run(capsys, "index", folder, "--model", ckpt, "--quiet")
     rc, out, _ = _run(capsys, "search", "--duplicates", "--threshold", "0.999", "--index", index, "--json")
-    groups = [{f["path"] for f in g} for g in json.loads(out)["groups"]]
+    groups = [{f["relative_path"] for f in g} for g in json.loads(out)["groups"]]
     assert rc == 0 and any({"copy.jpg", some.name} <= g for g in groups)  # (a 2-epoch model finds more)
 
 

@@ -41,8 +41,17 @@ def cmd_search(args: argparse.Namespace) -> int:
     idx = Q.load_index(args.index, use_ann=False if args.exact else None)
     out = (Q.duplicates_answer(idx, args.threshold) if args.duplicates else
            Q.answer(idx, Q.load_query_model(idx, args.device), args.k, text=args.query, image=args.image))
+    _absolute_paths(out, Path(idx.root))
     print(json.dumps(out) if args.json else Q.format_answer(out))
     return 0
+
+
+def _absolute_paths(out: dict, root: Path) -> None:
+    """In place: each hit's "path" becomes absolute (a user's shell is rarely in the indexed folder);
+    the folder-relative path the index stores stays as "relative_path", beside the id."""
+    for hit in [h for g in out.get("groups", []) for h in g] + out.get("results", []):
+        hit["relative_path"] = hit["path"]
+        hit["path"] = str(root / hit["path"])
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
