@@ -91,9 +91,10 @@ class LoadedIndex:
             return None
 
 
-def load_index(index_dir: str | Path, use_ann: bool | None = None) -> LoadedIndex:
+def load_index(index_dir: str | Path, use_ann: bool | None = None, mmap: bool = False) -> LoadedIndex:
     """Read an index written by `update_index`. `use_ann`: None = use ann.faiss when present and
-    current, True = require it, False = exact only."""
+    current, True = require it, False = exact only. mmap: map the compacted rows instead of copying
+    them (always so under an IVF-PQ index)."""
     index_dir = Path(index_dir)
     conn = connect(index_dir, readonly=True)
     try:
@@ -105,14 +106,19 @@ def load_index(index_dir: str | Path, use_ann: bool | None = None) -> LoadedInde
     if rows:
         shards = {s: load_shard(index_dir, s) for s in {r[3] for r in rows}}
         if len(shards) == 1 and [r[4] for r in rows] == list(range(len(rows))):
-            emb = np.array(next(iter(shards.values())))  # compacted: one shard in id order (a copy)
+            only = next(iter(shards.values()))
+            # compacted: one shard in id order; a copy, or under the PQ index (built for collections
+            # beyond RAM) a copy-on-write memory map that re-ranking reads a few rows of per query
+            emb = (np.load(only.filename, mmap_mode="c") if mmap or (ann_info(index_dir).get("kind") == "pq"
+                   and use_ann is not False) else np.array(only))
         else:  # a killed run's chunks: still a complete, searchable index
             emb = np.stack([shards[s][r] for _, _, _, s, r in rows])
     else:
         emb = np.zeros((0, dim), dtype=info.get("dtype", "float32"))
     idx = LoadedIndex(index_dir=index_dir.resolve(), root=Path(info.get("root", ".")), info=info,
                       ids=np.array([r[0] for r in rows], dtype=np.int64), paths=[r[1] for r in rows],
-                      sha256=[r[2] for r in rows], emb=torch.from_numpy(np.ascontiguousarray(emb)))
+                      sha256=[r[2] for r in rows],
+                      emb=torch.from_numpy(emb if isinstance(emb, np.memmap) else np.ascontiguousarray(emb)))
     if use_ann is not False:
         idx.ann = load_ann(idx, required=bool(use_ann))
     return idx
@@ -334,34 +340,129 @@ def ann_report(index_dir: str | Path) -> str:
     info = ann_info(index_dir)
     if not info:
         return f"approximate index (faiss IVF) up to date: {Path(index_dir) / ANN_FILE} (recall not recorded)"
+    if info.get("kind") == "pq":
+        return (f"approximate index (faiss IVF-PQ, {info['m']} x {info['nbits']}-bit codes, {info['nprobe']} of "
+                f"{info['nlist']} cells scanned, top {info['rerank']} x k re-ranked exactly) up to date: "
+                f"{Path(index_dir) / _ann_file('pq')}; recall@10 against exact search {info['recall_at_10']:.3f} "
+                f"({info['recall_at_10_before_rerank']:.3f} before re-ranking) on {info['queries']} "
+                f"(`clipft search --exact` for exact)")
     return (f"approximate index (faiss IVF, {info['nprobe']} of {info['nlist']} cells scanned per query) up to "
             f"date: {Path(index_dir) / ANN_FILE}; recall@10 against exact search {info['recall_at_10']:.3f} "
             f"on {info['queries']} (`clipft search --exact` for exact)")
 
 
-def refresh_ann(index_dir: str | Path, force: bool = False, text_queries=None) -> Path | None:
+ANN_KINDS = ("flat", "pq")
+
+
+def _ann_file(kind: str) -> str:
+    from .pq import PQ_FILE
+    return PQ_FILE if kind == "pq" else ANN_FILE
+
+
+def _existing_kind(index_dir: Path) -> str | None:
+    from .pq import PQ_FILE
+    if (index_dir / PQ_FILE).exists():
+        return "pq"
+    return "flat" if (index_dir / ANN_FILE).exists() else None
+
+
+def refresh_ann(index_dir: str | Path, force: bool | str = False, text_queries=None) -> Path | None:
     """After an update: (re)build the approximate index when asked, when one exists (it would be stale),
     or when the index reached ANN_MIN_ROWS and faiss is installed; None when exact search stays.
+    force: True or "flat" asks for IVF-Flat, "pq" for IVF-PQ (`pq.py`); unasked, an existing index
+    keeps its kind and the collection gets IVF-PQ from PQ_MIN_ROWS rows, IVF-Flat from ANN_MIN_ROWS.
+    An IVF-PQ index is updated in place (rows added and removed); IVF-Flat is rebuilt.
     text_queries: a callable giving [Q, D] text embeddings to measure recall on, called only to build."""
+    from .pq import PQ_MIN_ROWS
     index_dir = Path(index_dir)
-    if not (force or (index_dir / ANN_FILE).exists()) and importlib.util.find_spec("faiss") is None:
+    kind = "flat" if force is True else (force or None)
+    if kind is not None and kind not in ANN_KINDS:
+        raise SearchError(f"--ann must be one of {', '.join(ANN_KINDS)}, got {kind!r}")
+    existing = _existing_kind(index_dir)
+    if not (kind or existing) and importlib.util.find_spec("faiss") is None:
         return None
-    idx = load_index(index_dir, use_ann=False)
-    if not (force or (index_dir / ANN_FILE).exists() or len(idx) >= ANN_MIN_ROWS):
-        return None
-    if load_ann(idx) is not None:
+    idx = load_index(index_dir, use_ann=False, mmap=True)  # IVF-PQ reads the rows block by block
+    if kind is None:
+        if existing == "pq" or len(idx) >= PQ_MIN_ROWS:
+            kind = "pq"
+        elif existing == "flat" or len(idx) >= ANN_MIN_ROWS:
+            kind = "flat"
+        else:
+            return None
+    other = index_dir / _ann_file("flat" if kind == "pq" else "pq")
+    for stale in (other, other.with_name(other.name + ".state")):
+        stale.unlink(missing_ok=True)  # one approximate index at a time: the kind asked for now
+    if kind == "pq":
+        if ann_info(index_dir).get("kind") == "pq" and load_ann(idx) is not None:
+            return index_dir / _ann_file("pq")
+        return write_pq(idx, text_queries)
+    if ann_info(index_dir).get("kind", "flat") == "flat" and load_ann(idx) is not None:
         return index_dir / ANN_FILE
     return write_ann(idx, text_queries() if text_queries is not None else None)
 
 
+def write_pq(idx: LoadedIndex, text_queries=None, **params) -> Path:
+    """Create or update the IVF-PQ index of idx (`pq.py`): in place when one exists and the
+    collection has not outgrown its training sample (PQ_RETRAIN_GROWTH), else trained anew; then
+    nprobe is calibrated (doubled from its current value) until text queries' recall@10 after
+    re-ranking reaches ANN_TARGET_RECALL, and ann.json records it with the recall before re-ranking.
+    params: nlist, m, nbits, rerank for a fresh build (defaults: `pq.pq_params`, PQ_RERANK)."""
+    import json
+    from . import pq
+    faiss = _faiss()
+    d = idx.index_dir
+    path, members_path = d / pq.PQ_FILE, d / pq.PQ_MEMBERS
+    info, new = ann_info(d), pq.members_of(idx.ids, idx.sha256)
+    rerank = int(params.pop("rerank", info.get("rerank", pq.PQ_RERANK)))
+    index = None
+    if (not params and info.get("kind") == "pq" and path.is_file() and members_path.is_file()
+            and len(idx) <= pq.PQ_RETRAIN_GROWTH * max(1, int(info.get("trained_rows", 0)))):
+        index = faiss.read_index(str(path))  # whole, writable: a memory map cannot be changed
+        added, removed = pq.sync_pq(index, np.load(members_path), new, idx.emb.numpy())
+    if index is None:
+        index = pq.build_pq(idx.emb.numpy(), idx.ids, **params)
+        info = {"trained_rows": len(idx), "nprobe": max(1, math.ceil(faiss.extract_index_ivf(index).nlist / 64))}
+    searcher = pq.PQSearcher(index, idx.emb.numpy(), idx.ids, rerank=rerank)
+    searcher.nprobe = min(searcher.nlist, int(info.get("nprobe", 1)))
+    qs = text_queries() if text_queries is not None else None
+    if qs is not None and len(qs):
+        label = f"{len(qs)} text queries"
+    else:
+        qs, label = proxy_queries(idx.emb), "200 synthetic held-out queries (no text encoder)"
+    exact = pq.exact_topk(idx.emb.numpy(), qs, min(10, max(1, len(idx))))
+    before, after = pq.calibrate_pq(searcher, qs, exact, ANN_TARGET_RECALL)
+    ivf = searcher.ivf
+    out = {"kind": "pq", "nlist": int(ivf.nlist), "m": int(ivf.pq.M), "nbits": int(ivf.pq.nbits),
+           "nprobe": searcher.nprobe, "rerank": rerank, "recall_at_10": round(after, 4),
+           "recall_at_10_before_rerank": round(before, 4), "queries": label, "rows": len(idx),
+           "trained_rows": int(info["trained_rows"]), "bytes_per_vector": int(ivf.code_size) + 8}
+    pq.atomic_write_index(index, path)
+    pq.atomic_save(members_path, new)
+    (d / f".{ANN_INFO}.tmp").write_text(json.dumps(out))
+    (d / f".{pq.PQ_FILE}.state.tmp").write_text(ann_state(idx))
+    os.replace(d / f".{ANN_INFO}.tmp", d / ANN_INFO)
+    os.replace(d / f".{pq.PQ_FILE}.state.tmp", d / f"{pq.PQ_FILE}.state")
+    return path
+
+
 def load_ann(idx: LoadedIndex, required: bool = False):
     """The saved approximate index when it matches idx's rows (else None, or SearchError if required)."""
-    path, state = idx.index_dir / ANN_FILE, idx.index_dir / f"{ANN_FILE}.state"
+    info = ann_info(idx.index_dir)
+    name = _ann_file(info.get("kind", "flat"))
+    path, state = idx.index_dir / name, idx.index_dir / f"{name}.state"
     current = path.is_file() and state.is_file() and state.read_text() == ann_state(idx)
     if not current:
         if required:
             raise SearchError(f"{idx.index_dir}: no up-to-date approximate index (rerun `clipft index` with --ann)")
         return None
+    if info.get("kind") == "pq":
+        from .pq import PQSearcher
+        faiss = _faiss()
+        # memory-mapped: the codes stay on disk until read, shared by every process serving it
+        searcher = PQSearcher(faiss.read_index(str(path), faiss.IO_FLAG_MMAP), idx.emb.numpy(), idx.ids,
+                              rerank=int(info.get("rerank", 10)))
+        searcher.nprobe = int(info["nprobe"])
+        return searcher
     ann = _faiss().read_index(str(path))
     if "nprobe" in (info := ann_info(idx.index_dir)):
         ann.nprobe = int(info["nprobe"])  # the calibrated value, whatever the file format keeps
