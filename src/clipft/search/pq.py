@@ -61,10 +61,12 @@ def build_pq(emb: torch.Tensor | np.ndarray, ids: np.ndarray, nlist: int | None 
     nlist, m, nbits = nlist or p["nlist"], m or p["m"], nbits or p["nbits"]
     index = faiss.index_factory(d, f"IVF{nlist},PQ{m}x{nbits}", faiss.METRIC_INNER_PRODUCT)
     rng = np.random.default_rng(seed)
-    sample = np.sort(rng.choice(n, size=min(n, train_max), replace=False))
-    ivf = faiss.extract_index_ivf(index)
-    ivf.cp.seed = seed
-    ivf.pq.cp.seed = seed
+    # the coarse k-means wants >= 39 points per cell: 40 x nlist rows even above train_max
+    sample = np.sort(rng.choice(n, size=min(n, max(train_max, 40 * nlist)), replace=False))
+    ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+    for cp in (ivf.cp, ivf.pq.cp):
+        cp.seed = seed
+        cp.min_points_per_centroid = 1  # a small collection: no stderr warning per sub-quantizer
     index.train(_f32(x[sample]))
     add_rows(index, x, np.asarray(ids, dtype=np.int64), np.arange(n))
     return index
@@ -101,7 +103,7 @@ class PQSearcher:
     def __init__(self, index, emb, ids: np.ndarray, rerank: int = PQ_RERANK):
         from .query import _faiss
         self.index, self.emb, self.ids, self.rerank = index, emb, np.asarray(ids), rerank
-        self.ivf = _faiss().extract_index_ivf(index)
+        self.ivf = _faiss().downcast_index(_faiss().extract_index_ivf(index))
 
     @property
     def nprobe(self) -> int:
