@@ -138,17 +138,72 @@ def embed_paths(model: ImageTextModel, root: str | Path, paths: Sequence[Path], 
     return emb, rows
 
 
+PART_CHUNK = 512  # images per part file of a multi-process `clipft embed`: the most a kill can lose
+
+
+def _embed_ranks(model, folder: Path, out: Path, paths: list[Path], batch_size: int, workers: int | None,
+                 progress: bool, chunk_size: int) -> tuple[torch.Tensor, list[int]]:
+    """Under torchrun: rank r embeds paths[r::world] in chunks, each saved as OUT.parts/<key>/
+    rank<r>-<chunk>.safetensors (temp file + rename; an existing one is a finished chunk of a killed
+    run and is not embedded again). <key> hashes the file list, model and process layout, so parts of
+    another listing are never mixed in. After a barrier rank 0 reads every part and puts the rows
+    back in listing order: (emb [N_ok, D], rows into `paths`), as `embed_paths` gives; others get None."""
+    import hashlib
+    import shutil
+    from safetensors.torch import load_file, save_file
+    from . import distributed
+    rank, world = distributed.get_rank(), distributed.get_world_size()
+    key = hashlib.sha256(json.dumps([model.fingerprint, world, chunk_size, [p.as_posix() for p in paths]])
+                         .encode()).hexdigest()[:16]
+    parts = out.with_name(out.name + ".parts")
+    here = parts / key
+    here.mkdir(parents=True, exist_ok=True)
+    mine = list(range(rank, len(paths), world))
+    chunks = [mine[s:s + chunk_size] for s in range(0, len(mine), chunk_size)]
+    for c, chunk in enumerate(tqdm(chunks, desc=f"embed images (rank 0 of {world})", unit="chunk",
+                                   disable=None if progress and rank == 0 else True)):
+        f = here / f"rank{rank}-{c:06d}.safetensors"
+        if f.is_file():
+            continue  # finished by a killed run
+        emb, ok = embed_paths(model, folder, [paths[i] for i in chunk], batch_size=batch_size, workers=workers,
+                              progress=False)
+        tmp = f.with_name(f".{f.name}.tmp")
+        save_file({"embeddings": emb.contiguous(), "rows": torch.tensor([chunk[i] for i in ok], dtype=torch.int64)},
+                  str(tmp))
+        tmp.replace(f)
+    distributed.barrier()
+    if rank != 0:
+        return None, None
+    got = [load_file(str(f)) for f in sorted(here.glob("rank*.safetensors"))]
+    rows = torch.cat([g["rows"] for g in got]) if got else torch.zeros(0, dtype=torch.int64)
+    emb = torch.cat([g["embeddings"] for g in got]) if got else torch.zeros(0, model.embed_dim)
+    order = torch.argsort(rows)
+    result = emb[order], rows[order].tolist()
+    shutil.rmtree(parts, ignore_errors=True)  # leftovers of other listings too: the file is written next
+    return result
+
+
 def embed_folder(model: ImageTextModel, folder: str | Path, out: str | Path, batch_size: int = 64,
-                 workers: int | None = None, progress: bool = True) -> dict:
+                 workers: int | None = None, progress: bool = True, chunk_size: int = PART_CHUNK) -> dict:
     """Embed every image under `folder` (see `list_images`) and write `out` (safetensors):
     embeddings [N, D] float32, sizes [N] int64 bytes, mtimes [N] float64 seconds; metadata: the
     relative paths (JSON list, row order), model name and fingerprint, skipped count. Returns a
-    summary: images, skipped, seconds, images_per_s, out."""
+    summary: images, skipped, seconds, images_per_s, out. Under torchrun every process embeds its
+    share (`_embed_ranks`, resumable) and rank 0 writes the same file a single process would."""
     from safetensors.torch import save_file
+    from . import distributed
     folder, out = Path(folder), Path(out)
     paths = list_images(folder)
     t0 = time.perf_counter()
-    emb, rows = embed_paths(model, folder, paths, batch_size=batch_size, workers=workers, progress=progress)
+    if distributed.is_distributed():
+        paths = distributed.all_gather_objects(paths)[0]  # rank 0's listing, should the folder change meanwhile
+        emb, rows = _embed_ranks(model, folder, out, paths, batch_size, workers, progress, chunk_size)
+        if emb is None:
+            n = len(range(distributed.get_rank(), len(paths), distributed.get_world_size()))
+            return {"images": n, "skipped": 0, "seconds": time.perf_counter() - t0, "images_per_s": 0.0,
+                    "out": str(out)}
+    else:
+        emb, rows = embed_paths(model, folder, paths, batch_size=batch_size, workers=workers, progress=progress)
     seconds = time.perf_counter() - t0
     kept = [paths[r] for r in rows]
     stats = [(folder / p).stat() for p in kept]

@@ -20,11 +20,20 @@ def cmd_index(args: argparse.Namespace) -> int:
     from ..inference import load
     from ..search.index import default_index_dir, update_index
     from ..search.query import CALIBRATION_TEXTS, ann_report, check_model_source, model_source, refresh_ann
+    from .. import distributed
     index_dir = Path(args.index) if args.index else default_index_dir(args.folder)
     check_model_source(args.model)  # what `clipft search` will accept as this index's model
-    model = load(args.model, device=args.device)
-    s = update_index(args.folder, model, index_dir, model_source=model_source(args.model), rebuild=args.rebuild,
-                     dtype=args.dtype, batch_size=args.batch_size, workers=args.workers, progress=not args.quiet)
+    ctx = distributed.setup(args.device)  # under torchrun: one process group, gloo on the CPU
+    try:
+        model = load(args.model, device=str(ctx.device) if ctx.distributed else args.device)
+        extra = {"chunk_size": args.chunk_size} if args.chunk_size else {}
+        s = update_index(args.folder, model, index_dir, model_source=model_source(args.model),
+                         rebuild=args.rebuild, dtype=args.dtype, batch_size=args.batch_size, workers=args.workers,
+                         progress=not args.quiet, **extra)
+    finally:
+        distributed.teardown(ctx)
+    if not ctx.is_main:  # under torchrun: rank 0 reports and builds the approximate index
+        return 0
     print(f"{index_dir}: {s.summary()}")
     if refresh_ann(index_dir, force=args.ann, text_queries=lambda: model.encode_texts(CALIBRATION_TEXTS)) is not None:
         print(ann_report(index_dir))
@@ -77,7 +86,11 @@ def add_search_commands(sub) -> None:
     s.add_argument("--index", help="index directory (default: FOLDER/.clipft-index)")
     s.add_argument("--rebuild", action="store_true", help="re-embed everything (needed to switch models)")
     s.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="stored embeddings")
-    s.add_argument("--ann", action="store_true", help="also build an approximate index (faiss; automatic from 200k images)")
+    s.add_argument("--ann", nargs="?", const="flat", choices=["flat", "pq"], default=None,
+                   help="also build an approximate index (faiss): flat (IVF-Flat, what --ann alone gives; automatic "
+                        "from 200k images) or pq (IVF-PQ, memory-mapped, re-ranked exactly; automatic from 5M)")
+    s.add_argument("--chunk-size", type=positive_int, default=None,
+                   help="images per committed chunk: the most work a kill can lose (default 512)")
     s.add_argument("--batch-size", type=positive_int, default=64, help="images per forward pass (default 64)")
     s.add_argument("--workers", type=non_negative_int, default=None, help="decoding processes (default: automatic)")
     s.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
@@ -110,10 +123,20 @@ def cmd_embed(args: argparse.Namespace) -> int:
     from ..embed import embed_folder
     if not Path(args.images).is_dir():
         raise ConfigError(f"{args.images}: not a directory")
-    device = "cpu" if args.backend == "onnx" and args.device == "auto" else _auto_device(args.device)
-    model = load(args.model, device=device, backend=args.backend)
-    info = embed_folder(model, args.images, args.out, batch_size=args.batch_size, workers=args.workers,
-                        progress=not args.quiet)
+    from .. import distributed
+    ctx = distributed.setup("cpu" if args.backend == "onnx" else args.device)  # under torchrun: gloo on the CPU
+    if ctx.distributed:
+        device = str(ctx.device)
+    else:
+        device = "cpu" if args.backend == "onnx" and args.device == "auto" else _auto_device(args.device)
+    try:
+        model = load(args.model, device=device, backend=args.backend)
+        info = embed_folder(model, args.images, args.out, batch_size=args.batch_size, workers=args.workers,
+                            progress=not args.quiet)
+    finally:
+        distributed.teardown(ctx)
+    if not ctx.is_main:
+        return 0
     print(f"{info['images']} images embedded ({info['skipped']} unreadable, skipped) in {info['seconds']:.1f}s: "
           f"{info['images_per_s']:.1f} images/s; wrote {info['out']}")
     return 0

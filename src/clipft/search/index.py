@@ -13,12 +13,20 @@ that points rows at it commits, so the database only ever references complete sh
 never leaves a half-written index. A killed run keeps every chunk it committed; rerunning embeds
 only what is left, and a finished run compacts all shards into one (rows in id order).
 
+Under torchrun (`torchrun --nproc_per_node N -m clipft index ...`, gloo on CPU) rank 0 plans and
+broadcasts the files to embed; rank r embeds every N-th of them (r::N), writing each chunk's shard
+and then one line of parts/rank<r>.jsonl (fsync'd) naming the shard and its files; after a barrier
+rank 0 merges the lines into the database in path order (the ids a single process would give) and
+compacts. A killed run's lines are merged first thing by the next run, whatever its process count,
+so finished chunks are never embedded again.
+
 Ids are SQLite AUTOINCREMENT keys: a changed file keeps its id, a deleted id is never reused, so an id
 in a bookmark or a cached thumbnail never names another image.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import os
@@ -224,6 +232,67 @@ def _embed_chunk(conn: sqlite3.Connection, index_dir: Path, folder: Path, model,
     return len(ok), len(chunk) - len(ok)
 
 
+PARTS = "parts"
+
+
+def _upsert(conn: sqlite3.Connection, path: str, size: int, mtime: int, sha: str, shard: str, row: int) -> None:
+    conn.execute("INSERT INTO files (path, size, mtime_ns, sha256, shard, row) VALUES (?, ?, ?, ?, ?, ?) "
+                 "ON CONFLICT(path) DO UPDATE SET size = excluded.size, mtime_ns = excluded.mtime_ns, "
+                 "sha256 = excluded.sha256, shard = excluded.shard, row = excluded.row",
+                 (path, size, mtime, sha, shard, row))
+    conn.execute("DELETE FROM unreadable WHERE path = ?", (path,))
+
+
+def _mark_unreadable(conn: sqlite3.Connection, path: str, size: int, mtime: int) -> None:
+    conn.execute("DELETE FROM files WHERE path = ?", (path,))
+    conn.execute("INSERT OR REPLACE INTO unreadable VALUES (?, ?, ?)", (path, size, mtime))
+
+
+def _embed_part_chunk(index_dir: Path, folder: Path, model, chunk: list[tuple[str, int, int]], dtype: str,
+                      batch_size: int, workers: int | None, part) -> tuple[int, int]:
+    """One chunk of one rank: its shard, then its line in the rank's part file (the shard is in place
+    before the line that names it, so a merged line never points at a missing shard)."""
+    import json
+    hashes = [file_sha256(folder / p) for p, _, _ in chunk]
+    emb, ok = embed_paths(model, folder, [Path(p) for p, _, _ in chunk], batch_size=batch_size,
+                          workers=workers, progress=False)  # emb: [len(ok), D]
+    shard = _write_shard(index_dir, emb.numpy().astype(dtype)) if ok else None
+    row_of = {i: r for r, i in enumerate(ok)}
+    files = [[p, size, mtime, hashes[i], row_of.get(i, -1)] for i, (p, size, mtime) in enumerate(chunk)]
+    part.write(json.dumps({"shard": shard, "files": files}) + "\n")
+    part.flush()
+    os.fsync(part.fileno())
+    return len(ok), len(chunk) - len(ok)
+
+
+def _merge_parts(conn: sqlite3.Connection, index_dir: Path) -> int:
+    """Take the finished chunks recorded in parts/*.jsonl into the database (in path order, one
+    transaction), then delete the part files. A torn last line (a kill mid-write) is skipped: its
+    files are simply embedded again. Idempotent if killed between the commit and the deletion."""
+    import json
+    parts = sorted((Path(index_dir) / PARTS).glob("rank*.jsonl"))
+    entries = []
+    for f in parts:
+        for line in f.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if rec["shard"] is not None and not (Path(index_dir) / SHARDS / rec["shard"]).is_file():
+                continue
+            entries += [(p, size, mtime, sha, rec["shard"], row) for p, size, mtime, sha, row in rec["files"]]
+    entries.sort(key=lambda e: e[0])  # the order a single process inserts them: ids alike
+    with conn:
+        for p, size, mtime, sha, shard, row in entries:
+            if row >= 0:
+                _upsert(conn, p, size, mtime, sha, shard, row)
+            else:
+                _mark_unreadable(conn, p, size, mtime)
+    for f in parts:
+        f.unlink(missing_ok=True)
+    return len(entries)
+
+
 def _compact(conn: sqlite3.Connection, index_dir: Path, dtype: str) -> None:
     """Merge every shard into one with rows in id order, then delete the shards nothing references.
     Crash-safe in either order of events: the new shard is complete before the rows point at it."""
@@ -249,6 +318,11 @@ def update_index(folder: str | Path, model, index_dir: str | Path | None = None,
     """Bring the index of `folder` up to date with `model` (an `ImageTextModel`): embed new and changed
     images, drop removed ones. Resumes a killed run. `model_source` is what `clipft.load` reloads for
     text queries (default: model.name)."""
+    from .. import distributed
+    if distributed.is_distributed():
+        return _update_index_ranks(folder, model, index_dir, model_source=model_source, rebuild=rebuild,
+                                   dtype=dtype, batch_size=batch_size, workers=workers, chunk_size=chunk_size,
+                                   progress=progress)
     t0 = time.perf_counter()
     folder = Path(folder)
     if not folder.is_dir():
@@ -268,6 +342,7 @@ def update_index(folder: str | Path, model, index_dir: str | Path | None = None,
                 ("schema", SCHEMA_VERSION), ("root", str(folder.resolve())), ("model", model.name),
                 ("model_source", model_source or model.name), ("fingerprint", model.fingerprint),
                 ("embed_dim", str(model.embed_dim)), ("dtype", dtype)])
+        _merge_parts(conn, index_dir)  # chunks a killed multi-process run finished
         stats = UpdateStats()
         todo = _plan(conn, folder, list_images(folder, skip_dirs=tuple(skip)), stats)
         bar = tqdm(total=len(todo), desc="index", unit="img", disable=not progress or not todo)
@@ -281,5 +356,78 @@ def update_index(folder: str | Path, model, index_dir: str | Path | None = None,
         _compact(conn, index_dir, dtype)
         stats.total = conn.execute("SELECT COUNT(*) FROM files").fetchone()[0]
     conn.close()
+    stats.seconds = time.perf_counter() - t0
+    return stats
+
+
+def _prepare(conn: sqlite3.Connection, folder: Path, index_dir: Path, model, model_source: str | None,
+             rebuild: bool, dtype: str, stats: UpdateStats) -> list[tuple[str, int, int]]:
+    """Check, record the model, take in a killed run's parts, and plan: the files left to embed."""
+    _check_model(conn, index_dir, folder, model, rebuild)
+    if rebuild:
+        _reset(conn)
+    with conn:
+        conn.executemany("INSERT OR REPLACE INTO info VALUES (?, ?)", [
+            ("schema", SCHEMA_VERSION), ("root", str(folder.resolve())), ("model", model.name),
+            ("model_source", model_source or model.name), ("fingerprint", model.fingerprint),
+            ("embed_dim", str(model.embed_dim)), ("dtype", dtype)])
+    _merge_parts(conn, index_dir)
+    skip = {INDEX_DIRNAME}
+    if index_dir.resolve().is_relative_to(folder.resolve()) and index_dir.resolve() != folder.resolve():
+        skip.add(index_dir.resolve().relative_to(folder.resolve()).parts[0])
+    return _plan(conn, folder, list_images(folder, skip_dirs=tuple(skip)), stats)
+
+
+def _update_index_ranks(folder, model, index_dir, *, model_source, rebuild, dtype, batch_size, workers,
+                        chunk_size, progress) -> UpdateStats:
+    """`update_index` inside a process group: rank 0 plans (holding the write lock throughout), each
+    rank embeds todo[rank::world] into its part file, rank 0 merges after a barrier. Rank 0's stats
+    are the run's; the others return their share (embedded, unreadable)."""
+    import torch.distributed as dist
+    from .. import distributed
+    t0 = time.perf_counter()
+    rank, world = distributed.get_rank(), distributed.get_world_size()
+    folder = Path(folder)
+    index_dir = Path(index_dir) if index_dir is not None else default_index_dir(folder)
+    stats = UpdateStats()
+    with contextlib.ExitStack() as stack:
+        msg: list = [None]
+        if rank == 0:
+            try:
+                if not folder.is_dir():
+                    raise SearchError(f"{folder}: not a folder")
+                if dtype not in DTYPES:
+                    raise SearchError(f"index dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+                stack.enter_context(_write_lock(index_dir))
+                conn = stack.enter_context(contextlib.closing(connect(index_dir)))
+                msg = [("ok", _prepare(conn, folder, index_dir, model, model_source, rebuild, dtype, stats))]
+            except Exception as e:
+                msg = [("error", f"{type(e).__name__}: {e}")]
+                dist.broadcast_object_list(msg, src=0)
+                raise
+        dist.broadcast_object_list(msg, src=0)
+        status, todo = msg[0]
+        if status == "error":
+            raise SearchError(f"rank 0 failed before indexing ({todo}); stopping rank {rank} too")
+        mine = todo[rank::world]
+        (index_dir / PARTS).mkdir(parents=True, exist_ok=True)
+        bar = tqdm(total=len(mine), desc=f"index (rank 0 of {world})", unit="img",
+                   disable=not progress or rank != 0 or not mine)
+        with open(index_dir / PARTS / f"rank{rank}.jsonl", "a") as part:
+            for start in range(0, len(mine), chunk_size):
+                chunk = mine[start:start + chunk_size]
+                ok, bad = _embed_part_chunk(index_dir, folder, model, chunk, dtype, batch_size, workers, part)
+                stats.embedded += ok
+                stats.unreadable += bad
+                bar.update(len(chunk))
+        bar.close()
+        counts = distributed.all_gather_ints([stats.embedded, stats.unreadable])  # also the barrier
+        if rank == 0:
+            stats.embedded = sum(c[0] for c in counts)
+            stats.unreadable += sum(c[1] for c in counts) - counts[0][1]
+            _merge_parts(conn, index_dir)
+            _compact(conn, index_dir, dtype)
+            stats.total = conn.execute("SELECT COUNT(*) FROM files").fetchone()[0]
+    distributed.barrier()  # nobody leaves (or reads the index) before rank 0 has merged
     stats.seconds = time.perf_counter() - t0
     return stats
