@@ -433,7 +433,7 @@ def write_pq(idx: LoadedIndex, text_queries=None, **params) -> Path:
     before, after = pq.calibrate_pq(searcher, qs, exact, ANN_TARGET_RECALL)
     ivf = searcher.ivf
     out = {"kind": "pq", "nlist": int(ivf.nlist), "m": int(ivf.pq.M), "nbits": int(ivf.pq.nbits),
-           "nprobe": searcher.nprobe, "rerank": rerank, "recall_at_10": round(after, 4),
+           "nprobe": searcher.nprobe, "rerank": searcher.rerank, "recall_at_10": round(after, 4),
            "recall_at_10_before_rerank": round(before, 4), "queries": label, "rows": len(idx),
            "trained_rows": int(info["trained_rows"]), "bytes_per_vector": int(ivf.code_size) + 8}
     pq.atomic_write_index(index, path)
