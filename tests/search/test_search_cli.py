@@ -101,3 +101,51 @@ def test_serve_warns_when_bound_beyond_loopback(folder, trained_run, capsys):
         proc.kill()
         proc.wait()
     assert warning.startswith("clipft: warning: serving on 0.0.0.0") and "127.0.0.1" in warning
+
+
+def test_index_ann_pq_then_search(folder, tiny_clip, capsys):
+    """`--ann pq`: the IVF-PQ index is built, reported with its recall, and serves `clipft search`."""
+    pytest.importorskip("faiss")
+    rc, out, err = _run(capsys, "index", folder, "--model", tiny_clip, "--ann", "pq", "--quiet")
+    assert rc == 0, err
+    assert "IVF-PQ" in out and "recall@10 against exact search" in out and "before re-ranking" in out
+    info = json.loads((folder / ".clipft-index" / "ann.json").read_text())
+    assert info["kind"] == "pq" and info["rows"] == 12
+    rc, out, err = _run(capsys, "search", "a photo", "--index", folder / ".clipft-index", "--k", "3", "--json")
+    assert rc == 0 and len(json.loads(out)["results"]) == 3, err
+    with pytest.raises(SystemExit) as e:
+        main(["index", str(folder), "--model", str(tiny_clip), "--ann", "hnsw"])
+    assert e.value.code == 2 and "invalid choice: 'hnsw'" in capsys.readouterr().err
+
+
+def test_index_under_torchrun_equals_one_process(folder, tiny_clip, tmp_path):
+    """`torchrun --nproc_per_node 2 -m clipft index` (the environment torchrun sets, 2 gloo processes on
+    the CPU): the same index as one process, reported once (by rank 0)."""
+    import socket
+    import sqlite3
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]), RANK=str(rank),
+                   LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, "-m", "clipft", "index", str(folder), "--model", str(tiny_clip),
+                                       "--index", str(tmp_path / "two"), "--quiet", "--workers", "0",
+                                       "--chunk-size", "4"], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    assert "12 images (12 new" in outs[0][0] and outs[1][0] == ""
+    assert main(["index", str(folder), "--model", str(tiny_clip), "--index", str(tmp_path / "one"), "--quiet",
+                 "--workers", "0"]) == 0
+    from clipft.search.query import load_index
+    rows = []
+    for name in ("one", "two"):
+        with sqlite3.connect(tmp_path / name / "meta.sqlite") as conn:
+            rows.append(conn.execute("SELECT id, path, sha256 FROM files ORDER BY id").fetchall())
+    assert rows[0] == rows[1]
+    a, b = load_index(tmp_path / "one"), load_index(tmp_path / "two")
+    assert (a.emb.float() - b.emb.float()).abs().max() < 2e-3  # float16 rows, one process vs two
