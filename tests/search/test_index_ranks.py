@@ -143,3 +143,28 @@ def test_killed_two_process_index_resumes_without_re_embedding_finished_chunks(p
     a, b = load_index(index_dir), load_index(fresh)
     order = [a.paths.index(p) for p in b.paths]
     assert torch.allclose(a.emb[order].float(), b.emb.float(), atol=1e-3)
+
+
+def test_killed_two_process_embed_resumes_from_its_part_files(photos, tmp_path):
+    from clipft.embed import embed_folder, read_folder_embeddings
+    out = tmp_path / "emb.safetensors"
+    procs = _start("embed", photos, out, delay=0.4)
+    parts = out.with_name(out.name + ".parts")
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and all(p.poll() is None for p in procs):
+        names = {f.name.split("-")[0] for f in parts.glob("*/rank*.safetensors")}
+        if names == {"rank0", "rank1"}:
+            break
+        time.sleep(0.05)
+    for p in procs:
+        p.send_signal(signal.SIGKILL)
+    for p in procs:
+        p.wait()
+    done = len(list(parts.glob("*/rank*.safetensors")))  # chunks of 2 images
+    assert 2 <= done < 6 and not out.exists()
+    ranks = _finish(_start("embed", photos, out))
+    assert sum(seen for seen, _ in ranks) == 12 - 2 * done  # finished chunks are not embedded again
+    embed_folder(FakeModel(), photos, tmp_path / "one.safetensors", workers=0, progress=False)
+    t1, p1, _ = read_folder_embeddings(tmp_path / "one.safetensors")
+    t2, p2, _ = read_folder_embeddings(out)
+    assert p1 == p2 and torch.allclose(t1["embeddings"], t2["embeddings"], atol=1e-6)
