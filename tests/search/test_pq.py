@@ -19,6 +19,16 @@ from .test_query import _gap_collection
 faiss = pytest.importorskip("faiss")
 
 
+@pytest.fixture(autouse=True)
+def one_faiss_thread():
+    """On a small shared machine faiss's OpenMP regions wait for descheduled threads: its k-means ran
+    3x faster on one thread than on two here."""
+    n = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(n)
+
+
 def test_pq_text_query_recall_before_and_after_reranking():
     """100k x 512 clustered images, CLIP-like text queries (test_query._gap_collection: isotropic noise
     around the clusters, the hardest case for PQ: neighbours differ only in noise that 64-byte codes
