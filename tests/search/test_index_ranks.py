@@ -168,3 +168,18 @@ def test_killed_two_process_embed_resumes_from_its_part_files(photos, tmp_path):
     t1, p1, _ = read_folder_embeddings(tmp_path / "one.safetensors")
     t2, p2, _ = read_folder_embeddings(out)
     assert p1 == p2 and torch.allclose(t1["embeddings"], t2["embeddings"], atol=1e-6)
+
+
+def test_rebuild_drops_a_killed_runs_parts(photos, tmp_path):
+    """Parts left by a killed multi-process run hold the old model's rows: --rebuild must not merge them."""
+    index_dir = tmp_path / "idx"
+    update_index(photos, FakeModel(), index_dir, progress=False)
+    parts = index_dir / PARTS
+    parts.mkdir()
+    shard = next((index_dir / "shards").iterdir()).name  # fake-1's rows, as a killed run's chunk would hold
+    st = (photos / "green_01.png").stat()
+    line = {"shard": shard, "files": [["green_01.png", st.st_size, st.st_mtime_ns, "x", 0]]}
+    (parts / "rank0.jsonl").write_text(json.dumps(line) + "\n")
+    model = FakeModel("fake-2")
+    s = update_index(photos, model, index_dir, rebuild=True, progress=False)
+    assert (s.total, s.embedded, model.images_seen) == (12, 12, 12) and not list(parts.glob("*.jsonl"))

@@ -163,7 +163,11 @@ def _check_model(conn: sqlite3.Connection, index_dir: Path, folder: Path, model,
                           f"pass --rebuild to re-index, or --index OTHER_DIR")
 
 
-def _reset(conn: sqlite3.Connection) -> None:
+def _reset(conn: sqlite3.Connection, index_dir: Path | None = None) -> None:
+    """Empty the index, and drop the part files of a killed multi-process run (another model's rows)."""
+    if index_dir is not None:
+        for f in (Path(index_dir) / PARTS).glob("rank*.jsonl"):
+            f.unlink()
     with conn:
         conn.execute("DELETE FROM files")
         conn.execute("DELETE FROM unreadable")
@@ -336,7 +340,7 @@ def update_index(folder: str | Path, model, index_dir: str | Path | None = None,
     with _write_lock(index_dir), connect(index_dir) as conn:
         _check_model(conn, index_dir, folder, model, rebuild)
         if rebuild:
-            _reset(conn)
+            _reset(conn, index_dir)
         with conn:
             conn.executemany("INSERT OR REPLACE INTO info VALUES (?, ?)", [
                 ("schema", SCHEMA_VERSION), ("root", str(folder.resolve())), ("model", model.name),
@@ -365,7 +369,7 @@ def _prepare(conn: sqlite3.Connection, folder: Path, index_dir: Path, model, mod
     """Check, record the model, take in a killed run's parts, and plan: the files left to embed."""
     _check_model(conn, index_dir, folder, model, rebuild)
     if rebuild:
-        _reset(conn)
+        _reset(conn, index_dir)
     with conn:
         conn.executemany("INSERT OR REPLACE INTO info VALUES (?, ?)", [
             ("schema", SCHEMA_VERSION), ("root", str(folder.resolve())), ("model", model.name),
