@@ -148,10 +148,10 @@ def pq(n: int, n_queries: int, threads: int, sweep: bool) -> None:
               f"(train on {min(n, max(65_536, 40 * ivf.nlist)):,} rows + add), {bpv:.1f} bytes/vector on disk "
               f"(float16 rows: {emb.shape[1] * 2} bytes/vector); exact float16 scan of all rows "
               f"{1000 * exact_s:.0f} ms/query (batched)")
-        settings = [(s.nprobe, PQ_RERANK)]
+        settings = [(s.nprobe, s.rerank)]  # the calibrated values: what `clipft index` would keep
         if sweep:
-            settings += [(p, r) for p in (max(1, s.nprobe // 2), 2 * s.nprobe) for r in (PQ_RERANK,)]
-            settings += [(s.nprobe, r) for r in (1, 3, 30)]
+            settings += [(p, s.rerank) for p in (max(1, s.nprobe // 2), min(s.nlist, 2 * s.nprobe))]
+            settings += [(s.nprobe, r) for r in (1, PQ_RERANK, 2 * s.rerank)]
         for nprobe, rerank in settings:
             s.nprobe, s.rerank = nprobe, rerank
             before, after = pq_recall(s, test, exact_test)
