@@ -5,10 +5,10 @@
   jpeg      clipft's JPEG fallback as training runs it, same workers: Pillow draft (DCT downscaling
             while decoding) + the centre square resized in one pass (`data.CenterSquareResize`) to
             uint8 in the workers (`data.build_transform(..., output="uint8")`, `TrainDataset`),
-            normalised per batch by `prepare.DeviceTransform`
+            normalised per batch by `device_transform.DeviceTransform`
   prepared  clipft's prepared cache: uint8 memmap rows read per batch by a background thread
-            (`prepare.PreparedLoader`: no worker processes, a batch is one memcpy), resized +
-            normalised per batch by `prepare.DeviceTransform` (on the CPU here; on a GPU in
+            (`prepared_reader.PreparedLoader`: no worker processes, a batch is one memcpy), resized +
+            normalised per batch by `device_transform.DeviceTransform` (on the CPU here; on a GPU in
             training, where only uint8 crosses the bus)
 
 Inputs: synthetic COCO-sized 640x480 JPEGs (smooth random colour fields plus noise, quality 90,
@@ -41,7 +41,9 @@ from torchvision import transforms as T
 
 from clipft.config import DataConfig
 from clipft.data import CaptionedImages, ImageRecord, TrainDataset, build_transform, collate_train
-from clipft.data.prepare import DeviceTransform, PreparedDataset, PreparedImages, PreparedLoader, prepare_images
+from clipft.data.device_transform import DeviceTransform
+from clipft.data.prepared_reader import PreparedDataset, PreparedImages, PreparedLoader
+from clipft.data.prepare import prepare_images
 
 MEAN, STD = DataConfig().mean, DataConfig().std
 

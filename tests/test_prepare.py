@@ -9,9 +9,10 @@ from torch.utils.data import DataLoader
 
 from clipft.data import prepare as prep
 from clipft.config import DataConfig
-from clipft.data import TrainDataset, build_transform, load_coco_captions, load_image, prepared_dir
-from clipft.data.prepare import (DeviceTransform, PreparedDataset, PreparedImages, PreparedLoader, identity_collate,
-                                 prepare_images)
+from clipft.data import DataError, TrainDataset, build_transform, load_coco_captions, load_image, prepared_dir
+from clipft.data.device_transform import DeviceTransform
+from clipft.data.prepared_reader import PreparedDataset, PreparedImages, PreparedLoader, identity_collate
+from clipft.data.prepare import prepare_images
 from clipft.data.shapes import make_shapes_dataset
 
 MEAN, STD = DataConfig().mean, DataConfig().std
@@ -244,7 +245,7 @@ def test_checksums_catch_a_flipped_byte_and_rerun_repairs_only_that_chunk(small_
         f.write(bytes([b[0] ^ 0x01]))
     p = PreparedImages.open(out)  # the sizes are right: only the checksums can tell
     assert p.damaged_chunks() == [1]
-    with pytest.raises(prep.DataError, match=r"images\.u8: 1 of 4 checked chunk\(s\) do not match .*images 3-5"):
+    with pytest.raises(DataError, match=r"images\.u8: 1 of 4 checked chunk\(s\) do not match .*images 3-5"):
         p.verify()
     decoded = []
     info = prepare_images(load_coco_captions(root, "train"), out, size=32, workers=1, progress=False, root=root,

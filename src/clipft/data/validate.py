@@ -35,7 +35,7 @@ from ..runtime import atomic_write_text, ensure_writable_dir, make_parent_dir, w
 from .caches import prepared_split_dirs, user_cache_dir
 from .formats import FORMAT_REGISTRY, resolve_format
 from .images import load_image
-from .prepare import PreparedImages
+from .prepared_reader import PreparedImages
 from . import tabular
 from .records import CaptionedImages, DataError
 from .splits import load_split, split_source

@@ -45,7 +45,8 @@ from .resume import check_config, check_data, check_world_size
 from .lock import RunLock
 from ..runtime import Precision, atomic_write_text, hardware_info, overriding, rng_state, seed_everything, select_precision, worker_count
 from .step import StepStats, non_finite_state, step_values, train_step
-from ..data.prepare import DeviceTransform, PreparedDataset, PreparedLoader
+from ..data.device_transform import DeviceTransform
+from ..data.prepared_reader import PreparedDataset, PreparedLoader
 from .data_setup import PreparedData, open_prepared_train, prepare_data
 from .errors import TrainingError  # noqa: F401 (re-exported for callers of the loop)
 
