@@ -31,12 +31,13 @@ from tqdm.auto import tqdm
 
 from .. import distributed
 from . import tensorboard as tblog
-from ..config import Config, checkpoint_interval, to_dict, validate
+from ..config import Config, DataConfig, checkpoint_interval, to_dict, validate
 from ..data import TrainDataset, build_transform, collate_train
 from ..eval.evaluate import EvaluationError, evaluate_split, mean_recall, sharded_embed_images
 from .checkpoint import Checkpointer
 from .health import HealthMonitor
 from ..loss import chance_loss, clip_loss
+from ..backbones import check_model_config
 from ..model import build_image_tower, count_parameters, parameter_parts, tower_state
 from .rundir import RunFiles, RunLog, read_records
 from .preempt import StopFlag, at_step_boundary, between_steps, resume_loader
@@ -279,6 +280,9 @@ def train(cfg: Config, data_root: str | Path, out_dir: str | Path, resume: bool 
     and rank 0 alone logs and writes RUN/; the group is left again at the end.
     """
     validate(cfg)  # ranges and choices, before any work (configs built in code skip load_config)
+    # The backbone name, pooling, stages and a weights file (checked, sha256 recorded in the config):
+    # before any data is read, and before a resume compares configs.
+    check_model_config(cfg.model)
     ctx = distributed.setup(cfg.train.device)
     try:
         # One writer per run directory (rank 0 writes RUN): taken before anything is written.
@@ -419,6 +423,7 @@ def log_plan(cfg: Config, plan: Plan, state: TrainState, rt: Runtime) -> None:
     log.info("image tower %s: %d trainable / %d parameters; %d train / %d val images; device %s",
              cfg.model.backbone, params["trainable"], params["total"], len(plan.data.train), len(plan.data.val),
              rt.device)
+    log_normalisation(cfg, getattr(state.model, "weights_info", None))
     if rt.world > 1 or plan.accum > 1:
         log.info("%d process(es) x batch %d = %d negatives per loss; x %d accumulated micro-batches = %d images "
                  "per optimizer step", rt.world, cfg.train.batch_size, plan.global_batch, plan.accum,
@@ -427,6 +432,20 @@ def log_plan(cfg: Config, plan: Plan, state: TrainState, rt: Runtime) -> None:
         log.info("train.embed_chunk=%d: each batch of %d is embedded in chunks of %d, twice (activations for %d "
                  "images at a time; the loss still has all %d negatives)", cfg.train.embed_chunk,
                  cfg.train.batch_size, cfg.train.embed_chunk, cfg.train.embed_chunk, plan.global_batch)
+
+
+def log_normalisation(cfg: Config, weights: dict | None) -> None:
+    """Say which mean/std the images get, and the one the backbone's pretrained weights expect."""
+    if not weights:
+        return
+    used = f"mean {list(cfg.data.mean)}, std {list(cfg.data.std)}"
+    clip = tuple(cfg.data.mean) == DataConfig().mean and tuple(cfg.data.std) == DataConfig().std
+    expected = weights.get("mean"), weights.get("std")
+    log.info("image weights: %s; normalisation: %s (%s)", weights["source"], used,
+             "CLIP's, the default" if clip else "data.mean/data.std")
+    if expected[0] and (tuple(expected[0]) != tuple(cfg.data.mean) or tuple(expected[1]) != tuple(cfg.data.std)):
+        log.info("the backbone's pretrained weights were trained with mean %s, std %s (set data.mean/data.std to "
+                 "use theirs)", [round(x, 6) for x in expected[0]], [round(x, 6) for x in expected[1]])
 
 
 @dataclass
