@@ -350,3 +350,26 @@ def check_model_config(cfg) -> None:
                  ", matched by order and shape" if how == "order" else "")
     elif cfg.image_weights_sha256:
         raise _model_error("model.image_weights_sha256 is only for a weights file (model.image_weights=PATH)")
+
+
+# --------------------------------------------------------------------------- descriptions
+
+def describe_backbone(backbone: str) -> str:
+    """'timm convnext_tiny' / 'torchvision resnet50' (reports, model cards)."""
+    return f"timm {timm_arch(backbone)}" if is_timm(backbone) else f"torchvision {backbone}"
+
+
+def describe_weights(model: dict) -> str:
+    """Where a recorded ModelConfig's backbone weights came from, in words (no download, no file read)."""
+    w, backbone = str(model.get("image_weights", "imagenet")), str(model.get("backbone", ""))
+    if w == "none":
+        return "random init"
+    if is_weight_file(w):
+        sha = model.get("image_weights_sha256") or ""
+        return f"file {Path(w).name}" + (f" (sha256 {sha[:12]})" if sha else "")
+    if not is_timm(backbone):
+        return "torchvision ImageNet weights"
+    try:
+        return f"timm {pretrained_name(backbone, w)}"
+    except Exception:  # noqa: BLE001 - a timm that no longer knows the tag: say what was asked for
+        return f"timm {w}"
