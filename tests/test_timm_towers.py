@@ -172,9 +172,8 @@ def test_train_resume_exactly_export_onnx_load_embed(backbone, coco_root, tiny_c
     from_onnx = load(out, backend="onnx").encode_images(images)
     assert torch.equal(from_ckpt, from_export)
     assert float((from_onnx - from_export).abs().max()) <= ONNX_TOLERANCE
-    emb = embed_paths(load(out), [str(p) for p in images])
-    got = emb[0] if isinstance(emb, tuple) else emb
-    assert torch.allclose(torch.as_tensor(got), from_export, atol=1e-6)
+    got, rows = embed_paths(load(out), coco_root / "val2014", [p.name for p in images], workers=0, progress=False)
+    assert rows == list(range(len(images))) and torch.allclose(got, from_export, atol=1e-6)
     capsys.readouterr()
 
 
