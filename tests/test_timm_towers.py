@@ -364,3 +364,33 @@ def test_imagenet_for_a_timm_name_reads_the_hub_cache_offline_or_says_what_to_do
     t = ImageTower(ModelConfig(backbone="timm:resnet18", image_weights="imagenet", head_hidden=16), 8)
     assert torch.equal(t.backbone.conv1.weight, resnet18_state["conv1.weight"])
     assert t.weights_info["source"] == f"timm {name}" and t.weights_info["mean"] == (0.485, 0.456, 0.406)
+
+
+# --------------------------------------------------------------------------- ablation, open_clip form
+
+def test_an_ablation_study_may_vary_the_backbone():
+    from clipft.cli.ablate import AblationError, validate_config
+    from clipft.config import Config
+    cfg = Config()
+    cfg.model.backbone = "timm:convnext_atto"
+    validate_config(cfg, "configuration cnx")  # built on the meta device: no memory, no download
+    cfg.model.backbone = "timm:convnext_atoo"
+    with pytest.raises(AblationError, match="configuration cnx: unknown timm model 'convnext_atoo'.*convnext_atto"):
+        validate_config(cfg, "configuration cnx")
+
+
+def test_open_clip_form_of_a_timm_tower_uses_its_own_pooling():
+    from open_clip.timm_model import TimmModel
+
+    from clipft.export import open_clip_form
+    torch.manual_seed(0)
+    tower = ImageTower(ModelConfig(backbone="timm:convnext_atto", image_weights="none", head_hidden=16), 8).eval()
+    cfg, state = open_clip_form(tower, {"image_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3, "logit_scale": 10.0,
+                                        "text_encoder": {"name": "x"}})
+    v = cfg["vision_cfg"]
+    assert v["timm_model_name"] == "convnext_atto" and v["timm_pool"] == "avg"
+    visual = TimmModel(v["timm_model_name"], 8, image_size=32, pool=v["timm_pool"], proj="mlp", proj_bias=True)
+    visual.load_state_dict(state)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(torch.nn.functional.normalize(visual.eval()(x), dim=-1), tower(x), atol=1e-5)
