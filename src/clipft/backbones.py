@@ -318,6 +318,13 @@ def check_weight_file(net: nn.Module, path: str | Path) -> str:
 
 # --------------------------------------------------------------------------- early check
 
+def fill_weights_sha256(cfg) -> None:
+    """Record a weights file's sha256 in cfg.image_weights_sha256 when none is recorded yet (what a
+    resume compares); every other check is `check_model_config`'s."""
+    if is_weight_file(cfg.image_weights) and not cfg.image_weights_sha256 and Path(cfg.image_weights).is_file():
+        cfg.image_weights_sha256 = file_sha256(cfg.image_weights)
+
+
 def check_model_config(cfg) -> None:
     """Everything about model.backbone / image_weights / pooling / trainable_stages that can fail,
     checked before any data is read. A weights file is checked against the architecture and its

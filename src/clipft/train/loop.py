@@ -37,7 +37,7 @@ from ..eval.evaluate import EvaluationError, evaluate_split, mean_recall, sharde
 from .checkpoint import Checkpointer
 from .health import HealthMonitor
 from ..loss import chance_loss, clip_loss
-from ..backbones import check_model_config
+from ..backbones import check_model_config, fill_weights_sha256
 from ..model import build_image_tower, count_parameters, parameter_parts, tower_state
 from .rundir import RunFiles, RunLog, read_records
 from .preempt import StopFlag, at_step_boundary, between_steps, resume_loader
@@ -280,9 +280,7 @@ def train(cfg: Config, data_root: str | Path, out_dir: str | Path, resume: bool 
     and rank 0 alone logs and writes RUN/; the group is left again at the end.
     """
     validate(cfg)  # ranges and choices, before any work (configs built in code skip load_config)
-    # The backbone name, pooling, stages and a weights file (checked, sha256 recorded in the config):
-    # before any data is read, and before a resume compares configs.
-    check_model_config(cfg.model)
+    fill_weights_sha256(cfg.model)  # a weights file's identity, in the config before a resume compares configs
     ctx = distributed.setup(cfg.train.device)
     try:
         # One writer per run directory (rank 0 writes RUN): taken before anything is written.
@@ -304,6 +302,9 @@ def _train(cfg: Config, data_root: str | Path, run: RunFiles, resume: bool, prog
     ckpt = checkpointer.open_resume(resume)  # last.pt, or last.prev.pt when last.pt does not load
     if ckpt is not None:  # a rerun continues the same run or is refused, before anything is written
         check_config(run.root, ckpt, checkpointer.resumed_from, cfg)
+    # The backbone name, pooling, stages and a weights file (checked against the architecture): before
+    # any data is read.
+    check_model_config(cfg.model)
     plan = setup_data(cfg, data_root, rt, None if ckpt is None else
                       lambda identity: check_data(run.root, ckpt, checkpointer.resumed_from, identity))
     state = setup_model(cfg, plan, rt, hooks)

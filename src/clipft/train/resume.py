@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 RESUMABLE_KEYS = frozenset({
     "train.epochs", "train.log_every", "train.checkpoint_every", "train.device", "train.tensorboard",
     "train.compile", "data.num_workers", "text.batch_size", "text.cache_dir", "eval.batch_size",
+    "model.grad_checkpointing",  # recomputes activations: the same gradients, less memory
 })
 
 HINT = "use another --out, or --no-resume to start over"
