@@ -242,6 +242,10 @@ def test_training_starts_from_the_file_and_records_its_sha256(resnet18_state, co
     assert str(moved) in line and "model.image_weights_sha256" in line and "the file changed" in line, line
 
 
+class NotWeights:
+    """A pickled object that is not a state dict."""
+
+
 def _bad_files(tmp_path: Path, state: dict) -> dict[str, tuple[Path, str]]:
     torch.manual_seed(0)
     r34 = timm.create_model("resnet34", num_classes=0).state_dict()
@@ -250,9 +254,6 @@ def _bad_files(tmp_path: Path, state: dict) -> dict[str, tuple[Path, str]]:
     trunc.write_bytes(good[: len(good) // 2])
     extra = dict(state, **{"extra_block.weight": torch.zeros(3)})
     missing = {k: v for k, v in state.items() if k != "layer4.1.conv2.weight"}
-
-    class NotWeights:
-        pass
     not_sd = tmp_path / "object.pth"
     not_sd.write_bytes(pickle.dumps(NotWeights()))
     a_list = tmp_path / "list.pt"

@@ -198,9 +198,12 @@ def weights_info(cfg, net: nn.Module | None = None) -> dict:
 def ensure_timm_weights(backbone: str, weights: str) -> None:
     """Make sure timm's pretrained weights are in the hub cache (download now when there is network),
     before any caption is embedded; ModelError with what to do otherwise."""
+    import warnings
     name = pretrained_name(backbone, weights)
     try:
-        with torch.device("meta"):  # the download and cache lookup happen; no memory for the tensors
+        # The download and cache lookup happen; no memory for the tensors (copies onto meta are no-ops).
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter")
             _create(name, pretrained=True)
     except Exception as e:  # noqa: BLE001
         raise _model_error(_download_hint(name, e)) from None
@@ -273,21 +276,24 @@ def fit_state_dict(net: nn.Module, state: dict[str, torch.Tensor], path: str | P
         return k not in want and ((classifier is not None and k.startswith(classifier + ".")) or
                                   bool(_CLASSIFIER.search(k)))
 
-    state = {k: v for k, v in state.items() if not is_classifier(k)}
+    full, state = state, {k: v for k, v in state.items() if not is_classifier(k)}
     missing = [k for k in want if k not in state]
     unexpected = [k for k in state if k not in want]
     shaped = [k for k in want if k in state and tuple(state[k].shape) != tuple(want[k].shape)]
     if not (missing or unexpected or shaped):
         return {k: state[k] for k in want}, "names"
-    # Same network, other names: num_batches_tracked counters may be absent on one side.
-    a = [k for k in state if not k.endswith("num_batches_tracked")]
+    # Same network, other names: num_batches_tracked counters may be absent on one side. Tried without
+    # the file's classifier (a tower has none), then with it (a model that keeps its classifier).
     b = [k for k in want if not k.endswith("num_batches_tracked")]
-    if len(a) == len(b) and all(tuple(state[x].shape) == tuple(want[y].shape) for x, y in zip(a, b)):
-        mapped = dict(zip(b, (state[x] for x in a)))
-        for k in want:
-            if k not in mapped:  # a counter the file lacks
-                mapped[k] = want[k].clone() if want[k].device.type != "meta" else torch.zeros((), dtype=torch.long)
-        return {k: mapped[k] for k in want}, "order"
+    for candidate in (state, full):
+        a = [k for k in candidate if not k.endswith("num_batches_tracked")]
+        if len(a) == len(b) and all(tuple(candidate[x].shape) == tuple(want[y].shape) for x, y in zip(a, b)):
+            mapped = dict(zip(b, (candidate[x] for x in a)))
+            for k in want:
+                if k not in mapped:  # a counter the file lacks
+                    mapped[k] = want[k].clone() if want[k].device.type != "meta" else torch.zeros((), dtype=torch.long)
+            return {k: mapped[k] for k in want}, "order"
+    a = [k for k in state if not k.endswith("num_batches_tracked")]
     parts = [f"{len(x)} {what} ({_listing(x)})" for x, what in
              ((missing, "missing"), (unexpected, "unexpected"),
               ([f"{k} {tuple(state[k].shape)} vs {tuple(want[k].shape)}" for k in shaped], "mis-shaped")) if x]
