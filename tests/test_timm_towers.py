@@ -395,3 +395,15 @@ def test_open_clip_form_of_a_timm_tower_uses_its_own_pooling():
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(torch.nn.functional.normalize(visual.eval()(x), dim=-1), tower(x), atol=1e-5)
+
+
+def test_the_log_says_which_normalisation_is_used(caplog):
+    from clipft.config import Config
+    cfg = Config()
+    t = ImageTower(ModelConfig(backbone="timm:resnet18", image_weights="none", head_hidden=16), 8)
+    assert t.weights_info == {"source": "random init", "mean": None, "std": None}
+    with caplog.at_level("INFO", logger="clipft.train.loop"):
+        train_mod.log_normalisation(cfg, {"source": "timm resnet18.a1_in1k", "mean": (0.485, 0.456, 0.406),
+                                          "std": (0.229, 0.224, 0.225)})
+    assert "image weights: timm resnet18.a1_in1k; normalisation: mean [0.48145466" in caplog.text
+    assert "CLIP's, the default" in caplog.text and "trained with mean [0.485, 0.456, 0.406]" in caplog.text
