@@ -125,12 +125,23 @@ def _create(arch: str, pretrained: bool = False, **kw) -> nn.Module:
 @functools.lru_cache(maxsize=None)
 def probe(arch: str) -> dict[str, Any]:
     """What the tower needs to know about a timm architecture, from a meta-device copy (no memory,
-    no weights): pooled width, feature-map shape rank and channels, stage count, pretrained_cfg."""
+    no weights): pooled width, whether forward_features gives a spatial map (and in which layout) and its
+    channels, stage count, pretrained_cfg."""
     with torch.device("meta"):
         net = _create(arch)
-        fmap = net.forward_features(torch.zeros(1, 3, 64, 64))
-    return {"pooled_dim": int(getattr(net, "head_hidden_size", None) or net.num_features),
-            "spatial": fmap.ndim == 4, "map_dim": int(fmap.shape[1]) if fmap.ndim == 4 else int(fmap.shape[-1]),
+        fmap = None
+        # 64 px first (cheap); a model fixed to its own input size gets that size.
+        for size in (64, tuple(net.pretrained_cfg.get("input_size", (3, 224, 224)))[-1]):
+            try:
+                fmap = net.forward_features(torch.zeros(1, 3, size, size))
+                break
+            except Exception:  # noqa: BLE001 - a size the model does not take
+                continue
+    spatial = fmap is not None and fmap.ndim == 4
+    nhwc = spatial and str(getattr(net, "output_fmt", "NCHW")) == "NHWC"  # Swin & co: [B, H, W, C]
+    return {"pooled_dim": int(getattr(net, "head_hidden_size", None) or net.num_features), "nhwc": nhwc,
+            "spatial": spatial, "map_dim": int(fmap.shape[-1] if nhwc else fmap.shape[1]) if spatial else
+            int(net.num_features),
             "stages": len(stage_parameter_names(net)), "pretrained_cfg": dict(net.pretrained_cfg),
             "has_batchnorm": any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())}
 

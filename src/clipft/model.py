@@ -229,7 +229,9 @@ class ImageTower(nn.Module):
     def feature_map(self, images: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] -> the last stage's map [B, F, H/32, W/32] (before pooling; timm: forward_features)."""
         if self.is_timm:
-            return self.backbone.forward_features(images)
+            x = self.backbone.forward_features(images)
+            nhwc = backbones.probe(backbones.timm_arch(self.cfg.backbone))["nhwc"]
+            return x.permute(0, 3, 1, 2) if nhwc else x  # [B, H, W, C] (Swin) -> [B, C, H, W]
         b = self.backbone
         x = b.maxpool(b.relu(b.bn1(b.conv1(images))))
         return b.layer4(b.layer3(b.layer2(b.layer1(x))))
