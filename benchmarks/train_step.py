@@ -16,6 +16,12 @@ process (CPU; `ru_maxrss`, which sees PyTorch's allocations, unlike tracemalloc)
     python benchmarks/train_step.py --backbone resnet18 --size 64 --batch 1024 --chunks 0,64
     python benchmarks/train_step.py --batch 256 --compile                  # GPU
     python benchmarks/train_step.py --batch 1024 --chunks 0,64             # GPU: ResNet50 224 px
+    python benchmarks/train_step.py --backbone timm:convnext_tiny          # any timm model (model.backbone)
+
+Towers (--towers resnet50,timm:convnext_tiny,...): one fresh process per tower (so each peak memory is
+its own) with clipft's step in the default precision (train.amp=auto): parameters, train-step img/s,
+peak memory (RSS on CPU, allocated on CUDA) and embedding img/s (eval forward under inference_mode,
+batch --batch, the same precision as `clipft embed` on that device).
 """
 
 from __future__ import annotations
@@ -153,6 +159,37 @@ def chunk_table(args) -> None:
               f"{r['peak_mb'] - r['setup_mb']:.0f} | {r['img_s']:.1f} |")
 
 
+def tower_worker(args, device: torch.device) -> None:
+    """--tower-worker: one tower in this (fresh) process, one JSON line."""
+    args.backbone = args.tower_worker
+    step, prec = clipft_step(args, device, "auto")
+    times = [seconds(step, args.steps, device) for _ in range(args.rounds)]
+    train_peak = peak_mb(device)
+    model = build_image_tower(ModelConfig(backbone=args.backbone, image_weights="none", head_hidden=1024),
+                              512).to(device).eval()
+    params = sum(p.numel() for p in model.parameters())
+    x = batch_for(args, device)[0].to(device)
+    with torch.inference_mode():
+        model(x)  # warm-up
+        emb = [seconds(lambda: model(x), args.steps, device) for _ in range(args.rounds)]
+    print(json.dumps({"backbone": args.backbone, "params": params, "precision": prec.name,
+                      "train_img_s": args.batch * args.steps / statistics.median(times), "peak_mb": train_peak,
+                      "embed_img_s": args.batch * args.steps / statistics.median(emb)}))
+
+
+def tower_table(args) -> None:
+    where = "peak GPU memory allocated" if torch.cuda.is_available() else "peak RSS"
+    print(f"| tower | parameters (tower, 512-d head) | precision | train step img/s | {where} (MB) | "
+          "embedding img/s |\n|---|---|---|---|---|---|")
+    for backbone in args.towers:
+        cmd = [sys.executable, __file__, "--tower-worker", backbone, "--size", str(args.size), "--batch",
+               str(args.batch), "--steps", str(args.steps), "--rounds", str(args.rounds)]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        r = json.loads(out.strip().splitlines()[-1])
+        print(f"| {r['backbone']} | {r['params'] / 1e6:.1f} M | {r['precision']} | {r['train_img_s']:.1f} | "
+              f"{r['peak_mb']:.0f} | {r['embed_img_s']:.1f} |", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--backbone", default="resnet50")
@@ -167,6 +204,9 @@ def main() -> None:
     p.add_argument("--no-thread-plan", action="store_true",
                    help="leave torch's thread count and OpenMP's wait policy at their defaults (as before clipft.threads)")
     p.add_argument("--worker-chunk", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--towers", type=lambda s: s.split(","), default=None,
+                   help="compare towers, e.g. resnet50,timm:convnext_tiny (one process each)")
+    p.add_argument("--tower-worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     args.batch = args.batch or (256 if device.type == "cuda" else 16)
@@ -177,10 +217,14 @@ def main() -> None:
         torch.backends.cudnn.allow_tf32 = True
     if args.worker_chunk is not None:
         return chunk_worker(args, device)
+    if args.tower_worker is not None:
+        return tower_worker(args, device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"torch {torch.__version__} on {name} ({torch.get_num_threads()} threads); {args.backbone} + head, "
           f"{args.size} px, batch {args.batch}, {args.rounds} rounds x {args.steps} steps")
-    if args.chunks:
+    if args.towers:
+        tower_table(args)
+    elif args.chunks:
         chunk_table(args)
     else:
         precision_table(args, device)

@@ -363,4 +363,8 @@ def convert_to_sync_batchnorm(model: torch.nn.Module, ctx: DistContext, enabled:
     if ctx.device.type != "cuda":
         raise ConfigError("train.sync_batchnorm=true needs CUDA (torch's SyncBatchNorm has no CPU "
                           "implementation); set it to false for CPU runs")
+    if getattr(model, "is_timm", False):
+        # timm's converter keeps the activation of its fused BatchNormAct2d layers (torch's would drop it)
+        from timm.layers import convert_sync_batchnorm
+        return convert_sync_batchnorm(model)
     return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)

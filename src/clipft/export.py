@@ -170,6 +170,22 @@ def _parity_pixels(model, paths: Sequence[Path]) -> torch.Tensor:
 OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS = "open_clip_visual.json", "open_clip_visual.safetensors"
 
 
+def _timm_arch(backbone: str) -> str:
+    from .backbones import is_timm, timm_arch
+    return timm_arch(backbone) if is_timm(backbone) else backbone  # torchvision ResNets: timm's keys are the same
+
+
+def _own_pool(tower: ImageTower) -> str:
+    """The backbone's own pooling as timm names it (avg; token for a ViT): open_clip resets the trunk
+    with it, so its pooled features are the tower's."""
+    pool = getattr(tower.backbone, "global_pool", None)
+    pool = getattr(pool, "pool_type", pool)  # SelectAdaptivePool2d (ResNet, EfficientNet) or a ViT's string
+    if pool is None:
+        head_pool = getattr(getattr(tower.backbone, "head", None), "global_pool", None)  # ConvNeXt's NormMlpHead
+        pool = getattr(head_pool, "pool_type", None)
+    return str(pool or "avg")
+
+
 def open_clip_form(tower: ImageTower, config: dict) -> tuple[dict, dict[str, torch.Tensor]] | str:
     """The tower as open_clip's timm image tower (`open_clip.timm_model.TimmModel` with pool avg and
     `timm_proj: mlp`: Linear(F, 2D) -> GELU -> Linear(2D, D)): (open_clip vision config, state dict
@@ -187,7 +203,8 @@ def open_clip_form(tower: ImageTower, config: dict) -> tuple[dict, dict[str, tor
     for name, lin in zip(("fc1", "fc2"), linears):
         state[f"head.mlp.{name}.weight"], state[f"head.mlp.{name}.bias"] = lin.weight.detach(), lin.bias.detach()
     cfg = {"embed_dim": d,
-           "vision_cfg": {"timm_model_name": m.backbone, "timm_model_pretrained": False, "timm_pool": "avg",
+           "vision_cfg": {"timm_model_name": _timm_arch(m.backbone), "timm_model_pretrained": False,
+                          "timm_pool": _own_pool(tower),
                           "timm_proj": "mlp", "timm_proj_bias": True, "timm_drop": m.head_dropout,
                           "image_size": config["image_size"]},
            "preprocess_cfg": {"mean": config["mean"], "std": config["std"], "interpolation": "bicubic",

@@ -399,11 +399,7 @@ def _from_checkpoint(path: Path, dev: torch.device, amp: str = "off") -> ImageTe
     cfg = ckpt.get("config")
     if not isinstance(cfg, dict) or not {"data", "text"} <= set(cfg):
         raise ModelError(f"{path}: the checkpoint records no training config (data and text settings)")
-    try:
-        tower = tower_from_checkpoint(ckpt)
-    except (RuntimeError, TypeError, KeyError) as e:
-        raise ModelError(f"{path}: the tower's weights do not fit its recorded config "
-                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    tower = tower_from_checkpoint(ckpt, source=str(path))
     del ckpt  # optimizer state: not needed
     d, t = cfg["data"], cfg["text"]
     text = _TextSide(t["encoder"], int(t.get("max_length", 77)), dev, tower.embed_dim, amp=amp)
@@ -475,20 +471,12 @@ def read_export_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def tower_from_export(folder: str | Path, cfg: dict | None = None) -> torch.nn.Module:
-    """The ImageTower of an export folder, in eval mode on CPU."""
-    from .config import ModelConfig
-    from .model import ImageTower
+    """The ImageTower of an export folder, in eval mode on CPU (`model.rebuild_tower`, as for a checkpoint)."""
+    from .model import rebuild_tower
     folder = Path(folder)
     cfg = cfg or read_export_config(folder)
     state = read_export_weights(folder)
-    try:
-        fields = dict(cfg["model_config"])
-        tower = ImageTower(ModelConfig(**{**fields, "image_weights": "none"}), int(cfg["embed_dim"]))
-        tower.load_state_dict(state)
-    except (RuntimeError, TypeError, ValueError) as e:
-        raise ModelError(f"{folder / WEIGHTS_FILE}: does not fit the tower in {CONFIG_FILE} "
-                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-    return tower.eval()
+    return rebuild_tower(cfg["model_config"], cfg["embed_dim"], state, source=str(folder / WEIGHTS_FILE))
 
 
 def _onnx_encoder(path: Path) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -79,7 +79,8 @@ def _setup_rows(ckpt: dict, cfg: dict, config: dict, summary: dict) -> list[tupl
     h = config["head"]
     head = f"{h['layers']}-layer MLP, hidden {h['hidden_size']}, norm {h['norm']}, dropout {h['dropout']}" \
            + (", residual linear shortcut" if h["residual"] else "")
-    rows = [("image backbone", f"torchvision {m['backbone']} (initialised from: {m['image_weights']}), "
+    from .backbones import describe_backbone, describe_weights
+    rows = [("image backbone", f"{describe_backbone(m['backbone'])} (initialised from: {describe_weights(m)}), "
                                f"{m['pooling']} pooling"),
             ("projection head", f"{head} -> {config['embed_dim']}-d, L2-normalised"),
             ("text encoder (frozen, never trained)", f"`{x['encoder']}` (max {x['max_length']} tokens)"),

@@ -60,12 +60,21 @@ def health_lines(warnings: list[dict]) -> list[str]:
             for w in warnings]
 
 
+def _backbone_row(m: dict, summary: dict) -> str:
+    """The tower named (torchvision / timm architecture), its parameter count and its weights' source."""
+    from ..backbones import describe_backbone, describe_weights
+    total = (summary.get("parameters") or {}).get("total")
+    size = f", {total / 1e6:.1f} M parameters (tower)" if total else ""
+    return (f"{describe_backbone(str(m.get('backbone')))}{size}; init: {describe_weights(m)}; "
+            f"{m.get('pooling', 'avg')} pooling, head hidden {m.get('head_hidden')}")
+
+
 def setup_section(run: RunFiles, cfg: dict, summary: dict, epochs: list[dict]) -> list[str]:
     """Hyperparameters, data sizes, hardware, time and parameter counts, as a table."""
     t, m, d, x = cfg.get("train", {}), cfg.get("model", {}), cfg.get("data", {}), cfg.get("text", {})
     lines = ["## Setup", "", "| setting | value |", "|---|---|"]
     rows = [
-        ("image backbone", f"{m.get('backbone')} (init: {m.get('image_weights')}), head hidden {m.get('head_hidden')}"),
+        ("image backbone", _backbone_row(m, summary)),
         ("text encoder (frozen)", f"`{x.get('encoder')}`"),
         ("temperature", f"{m.get('temperature')} ({'learnable' if m.get('learnable_temperature') else 'fixed'}, "
                         f"1/tau <= {m.get('max_logit_scale')})"),

@@ -31,13 +31,14 @@ from tqdm.auto import tqdm
 
 from .. import distributed
 from . import tensorboard as tblog
-from ..config import Config, checkpoint_interval, to_dict, validate
+from ..config import Config, DataConfig, checkpoint_interval, to_dict, validate
 from ..data import TrainDataset, build_transform, collate_train
 from ..eval.evaluate import EvaluationError, evaluate_split, mean_recall, sharded_embed_images
 from .checkpoint import Checkpointer
 from .chunked import train_mode_batchnorms
 from .health import HealthMonitor
 from ..loss import chance_loss, clip_loss
+from ..backbones import check_model_config, fill_weights_sha256
 from ..model import build_image_tower, count_parameters, parameter_parts, tower_state
 from .rundir import RunFiles, RunLog, read_records
 from .preempt import StopFlag, at_step_boundary, between_steps, resume_loader
@@ -340,6 +341,7 @@ def train(cfg: Config, data_root: str | Path, out_dir: str | Path, resume: bool 
     and rank 0 alone logs and writes RUN/; the group is left again at the end.
     """
     validate(cfg)  # ranges and choices, before any work (configs built in code skip load_config)
+    fill_weights_sha256(cfg.model)  # a weights file's identity, in the config before a resume compares configs
     ctx = distributed.setup(cfg.train.device)
     try:
         # One writer per run directory (rank 0 writes RUN): taken before anything is written.
@@ -362,6 +364,9 @@ def _train(cfg: Config, data_root: str | Path, run: RunFiles, resume: bool, prog
     if ckpt is not None:  # a rerun continues the same run or is refused, before anything is written
         check_config(run.root, ckpt, checkpointer.resumed_from, cfg)
         check_world_size(run.root, ckpt, checkpointer.resumed_from, ctx.world_size)
+    # The backbone name, pooling, stages and a weights file (checked against the architecture): before
+    # any data is read.
+    check_model_config(cfg.model)
     plan = setup_data(cfg, data_root, rt, None if ckpt is None else
                       lambda identity: check_data(run.root, ckpt, checkpointer.resumed_from, identity))
     state = setup_model(cfg, plan, rt, hooks)
@@ -481,6 +486,7 @@ def log_plan(cfg: Config, plan: Plan, state: TrainState, rt: Runtime) -> None:
     log.info("image tower %s: %d trainable / %d parameters; %d train / %d val images; device %s",
              cfg.model.backbone, params["trainable"], params["total"], len(plan.data.train), len(plan.data.val),
              rt.device)
+    log_normalisation(cfg, getattr(state.model, "weights_info", None))
     if rt.world > 1 or plan.accum > 1:
         log.info("%d process(es) x batch %d = %d negatives per loss; x %d accumulated micro-batches = %d images "
                  "per optimizer step", rt.world, cfg.train.batch_size, plan.global_batch, plan.accum,
@@ -495,6 +501,20 @@ def log_plan(cfg: Config, plan: Plan, state: TrainState, rt: Runtime) -> None:
             log.warning("train.embed_chunk=%d: every BatchNorm layer runs on its running statistics (eval mode, "
                         "not updated) so that the chunked loss is exactly the unchunked one; set "
                         "model.freeze_bn_stats=true to say so in the config", cfg.train.embed_chunk)
+
+
+def log_normalisation(cfg: Config, weights: dict | None) -> None:
+    """Say which mean/std the images get, and the one the backbone's pretrained weights expect."""
+    if not weights:
+        return
+    used = f"mean {list(cfg.data.mean)}, std {list(cfg.data.std)}"
+    clip = tuple(cfg.data.mean) == DataConfig().mean and tuple(cfg.data.std) == DataConfig().std
+    expected = weights.get("mean"), weights.get("std")
+    log.info("image weights: %s; normalisation: %s (%s)", weights["source"], used,
+             "CLIP's, the default" if clip else "data.mean/data.std")
+    if expected[0] and (tuple(expected[0]) != tuple(cfg.data.mean) or tuple(expected[1]) != tuple(cfg.data.std)):
+        log.info("the backbone's pretrained weights were trained with mean %s, std %s (set data.mean/data.std to "
+                 "use theirs)", [round(x, 6) for x in expected[0]], [round(x, 6) for x in expected[1]])
 
 
 @dataclass
