@@ -109,14 +109,18 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from ..export import export_checkpoint, format_size
-    info = export_checkpoint(args.checkpoint, args.out, onnx=args.onnx, check_images=args.check_images)
+    info = export_checkpoint(args.checkpoint, args.out, onnx=args.onnx, check_images=args.check_images,
+                             format=args.format, quantize=args.quantize)
     if info["onnx_max_abs_diff"] is not None:
         print(f"ONNX check: onnxruntime matches PyTorch on real images (max abs difference "
               f"{info['onnx_max_abs_diff']:.1e})")
+    if (q := info.get("onnx_int8")) is not None:
+        print(f"int8 check: mean cosine to the float tower {q['mean_cosine']:.4f}, mean R@5 drop "
+              f"{q['mean_r5_drop']:.1f} points on {q['measured_images']} validation images, {q['speedup']:.2f}x speed")
     for path, size in info["files"]:
         print(f"wrote {path} ({format_size(size)})")
     if info["open_clip"]:
-        print(f"open_clip timm-tower form not written: {info['open_clip']}")
+        print(f"open_clip model not written: {info['open_clip']}")
     return 0
 
 
@@ -134,6 +138,11 @@ def add_model_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--onnx", action="store_true", help="also write image_tower.onnx, checked with onnxruntime")
     s.add_argument("--check-images", metavar="FOLDER",
                    help="real images for the ONNX check (default: the run's validation images)")
+    s.add_argument("--format", choices=["clipft", "open_clip"], default=None,
+                   help="open_clip: require the whole open_clip model (open_clip_config.json + weights; refused "
+                        "with the reason when the towers do not map). Default: written wherever they map")
+    s.add_argument("--quantize", choices=["int8"], default=None,
+                   help="with --onnx: also write image_tower.int8.onnx, measured on the validation images")
     s.set_defaults(func=cmd_export)
     s = sub.add_parser("embed", help="embed every image of a folder (recursive) into a safetensors file")
     s.add_argument("--model", required=True, help="export folder, checkpoint, or HF CLIP model (name or dir)")
