@@ -31,7 +31,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -160,7 +160,7 @@ def open_clip_parity(folder: Path, tower, encoder, pixels: torch.Tensor,
         txt = F.normalize(model.encode_text(tokenizer(list(captions))).float(), dim=-1)
         want_img = tower.eval()(pixels).float()
     want_txt = encoder.encode(list(captions))
-    scale = float(model.logit_scale.exp())
+    scale = float(model.logit_scale.detach().exp())
     return {"image_max_abs_diff": float((img - want_img).abs().max()),
             "text_max_abs_diff": float((txt - want_txt).abs().max()),
             "logit_scale_abs_diff": abs(scale - float(tower.logit_scale.detach().exp())),
@@ -235,7 +235,3 @@ def commit_open_clip(stage: Path | None, out: Path) -> list[str]:
 def discard(stage: Path | None) -> None:
     if stage is not None:
         shutil.rmtree(stage, ignore_errors=True)
-
-
-def _unused(*_: Any) -> None:  # pragma: no cover
-    pass

@@ -1,0 +1,139 @@
+"""The export folder as a whole open_clip model, checked from outside clipft: open_clip loads it with
+`local-dir:` in a process that never imports clipft and gives clipft's image and text embeddings."""
+
+import contextlib
+import io
+import json
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from clipft.cli.commands import main
+from clipft.inference import load
+from clipft.model import ModelError
+
+pytest.importorskip("open_clip")
+pytest.importorskip("timm")
+
+CAPTIONS = ["a red circle", "a blue square on a white background", "", "three green triangles!",
+            " ".join(["a long caption about a yellow star"] * 20)]
+
+# Run by a fresh interpreter with only open_clip: the folder must stand on its own.
+OUTSIDE = r"""
+import json, sys, torch
+import open_clip
+folder, pixels_file, out_file = sys.argv[1:4]
+captions = json.loads(sys.argv[4])
+model, _, preprocess = open_clip.create_model_and_transforms("local-dir:" + folder)
+tokenizer = open_clip.get_tokenizer("local-dir:" + folder)
+model.eval()
+with torch.no_grad():
+    img = model.encode_image(torch.load(pixels_file), normalize=True)
+    txt = model.encode_text(tokenizer(captions), normalize=True)
+    probs = (model.logit_scale.exp() * img @ txt.T).softmax(dim=-1)
+torch.save({"image": img, "text": txt, "probs": probs, "logit_scale": float(model.logit_scale.exp()),
+            "clipft_imported": any(m == "clipft" or m.startswith("clipft.") for m in sys.modules),
+            "transform": repr(preprocess)}, out_file)
+"""
+
+
+@pytest.fixture(scope="module")
+def oc_export(trained_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("oc") / "shapes-open-clip"
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(["export", str(trained_run / "best.pt"), "--out", str(out), "--format", "open_clip"]) == 0
+    return out, buf.getvalue()
+
+
+def _val_images(coco_root):
+    return sorted((coco_root / "val2014").glob("*.jpg"))
+
+
+def test_folder_holds_the_whole_open_clip_model(oc_export):
+    out, printed = oc_export
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["README.md", "config.json", "model.safetensors", "open_clip_config.json",
+                     "open_clip_model.safetensors"]
+    assert f"wrote {out / 'open_clip_config.json'}" in printed
+    oc = json.loads((out / "open_clip_config.json").read_text())
+    m = oc["model_cfg"]
+    assert m["vision_cfg"]["timm_model_name"] == "resnet18" and m["vision_cfg"]["timm_pool"] == "avg"
+    assert m["vision_cfg"]["timm_proj"] == "mlp" and m["vision_cfg"]["timm_proj_bias"] is True
+    # The tiny text tower of the test suite: width 32, 2 heads, 2 layers, QuickGELU, CLIP's vocabulary.
+    assert m["text_cfg"] == {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2,
+                             "mlp_ratio": 4.0}
+    assert m["quick_gelu"] is True and m["embed_dim"] == 16
+    cfg = json.loads((out / "config.json").read_text())
+    assert oc["preprocess_cfg"]["mean"] == cfg["mean"] and oc["preprocess_cfg"]["std"] == cfg["std"]
+    rec = cfg["open_clip"]
+    assert rec["written"] and rec["image_max_abs_diff"] <= 1e-4 and rec["text_max_abs_diff"] <= 1e-4
+    # no staging folder left beside the export
+    assert [p.name for p in out.parent.iterdir()] == [out.name]
+
+
+def test_open_clip_outside_clipft_gives_clipfts_embeddings(oc_export, trained_run, coco_root, tmp_path):
+    out, _ = oc_export
+    ref = load(trained_run / "best.pt")
+    images = _val_images(coco_root)[:6]
+    pixels = torch.stack([ref.pixels(p) for p in images])  # clipft's evaluation-time pixels [6, 3, 32, 32]
+    torch.save(pixels, tmp_path / "pixels.pt")
+    r = subprocess.run([sys.executable, "-c", OUTSIDE, str(out), str(tmp_path / "pixels.pt"),
+                        str(tmp_path / "got.pt"), json.dumps(CAPTIONS)], capture_output=True, text=True,
+                       env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = torch.load(tmp_path / "got.pt")
+    assert got["clipft_imported"] is False
+    want_img, want_txt = ref.encode_images(images), ref.encode_texts(CAPTIONS)
+    assert float((got["image"] - want_img).abs().max()) <= 1e-4
+    assert float((got["text"] - want_txt).abs().max()) <= 1e-4
+    assert got["logit_scale"] == pytest.approx(ref.logit_scale, rel=1e-6)
+    # Zero-shot probabilities (one prompt per class) agree with clipft's.
+    want = ref.zero_shot(images, CAPTIONS, templates=("{}",))
+    assert float((got["probs"] - want).abs().max()) <= 1e-4
+
+
+def test_format_open_clip_refuses_a_head_that_does_not_map_and_writes_nothing(trained_run, tmp_path, capsys):
+    ckpt = torch.load(trained_run / "best.pt", weights_only=False)
+    ckpt["model_config"] = {**ckpt["model_config"], "head_norm": "layernorm"}
+    from clipft.config import ModelConfig
+    from clipft.model import ImageTower
+    tower = ImageTower(ModelConfig(**{**ckpt["model_config"], "image_weights": "none"}), ckpt["embed_dim"])
+    ckpt["model"] = tower.state_dict()
+    bad = tmp_path / "run" / "best.pt"
+    bad.parent.mkdir()
+    torch.save(ckpt, bad)
+    out = tmp_path / "exports" / "m"
+    assert main(["export", str(bad), "--out", str(out), "--format", "open_clip"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot write the open_clip format: head norm layernorm" in err
+    assert not out.exists() or not any(out.iterdir())
+    assert [p.name for p in out.parent.iterdir()] in ([], ["m"])  # no staging folder left
+    # Without --format open_clip the clipft folder is written and config.json says why open_clip is not.
+    capsys.readouterr()
+    assert main(["export", str(bad), "--out", str(out)]) == 0
+    assert "open_clip model not written: head norm layernorm" in capsys.readouterr().out
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["open_clip"] == {"written": False, "reason": "head norm layernorm"}
+    assert not (out / "open_clip_config.json").exists()
+
+
+def test_text_towers_that_do_not_map_are_named():
+    from clipft.export_open_clip import text_tower_form
+    st = SimpleNamespace(kind="sentence-transformers", name="minilm")
+    assert "sentence-transformers model" in text_tower_form(st, 384)
+    cfg = SimpleNamespace(vocab_size=30522, hidden_act="relu", layer_norm_eps=1e-12, projection_dim=16,
+                          hidden_size=32, num_attention_heads=2)
+    enc = SimpleNamespace(kind="clip", name="odd", module=SimpleNamespace(config=cfg), tokenizer=None)
+    why = text_tower_form(enc, 16)
+    for part in ("vocabulary 30522", "activation relu", "layer_norm_eps 1e-12", "not OpenAI's CLIP BPE"):
+        assert part in why
+
+
+def test_timm_names():
+    from clipft.export_open_clip import timm_model_name
+    assert timm_model_name("resnet50") == "resnet50"
+    assert timm_model_name("timm:convnext_tiny") == "convnext_tiny"
