@@ -137,3 +137,37 @@ def test_timm_names():
     from clipft.export_open_clip import timm_model_name
     assert timm_model_name("resnet50") == "resnet50"
     assert timm_model_name("timm:convnext_tiny") == "convnext_tiny"
+
+
+def test_clip_benchmark_agrees_with_clipft_evaluate(oc_export, trained_run, coco_root, tmp_path):
+    """CLIP_benchmark's own command line on the exported folder (open_clip's `local-dir:`) and a
+    COCO-format test set this test writes give `clipft evaluate`'s recall on the same images and captions."""
+    import shutil
+    pytest.importorskip("clip_benchmark")
+    out, _ = oc_export
+    root = tmp_path / "coco-test"  # clipft's COCO layout + the annotation file clip_benchmark's test split reads
+    shutil.copytree(coco_root / "val2014", root / "val2014")
+    (root / "annotations").mkdir()
+    ann = json.loads((coco_root / "annotations" / "captions_val2014.json").read_text())
+    (root / "annotations" / "captions_val2014.json").write_text(json.dumps(ann))
+    (root / "coco_test_karpathy.json").write_text(json.dumps(ann))
+    exe = shutil.which("clip_benchmark") or pytest.skip("no clip_benchmark command")
+    result = tmp_path / "clip_benchmark.json"
+    r = subprocess.run([exe, "eval", "--model_type", "open_clip", "--model", f"local-dir:{out}",
+                        "--pretrained", "local", "--dataset", "mscoco_captions", "--dataset_root", str(root),
+                        "--task", "zeroshot_retrieval", "--recall_k", "1", "5", "10", "--no_amp",
+                        "--num_workers", "0", "--batch_size", "8", "--output", str(result)],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                       env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "CUDA_VISIBLE_DEVICES": ""})
+    assert r.returncode == 0, r.stderr[-2000:]
+    theirs = json.loads(result.read_text())["metrics"]
+    mine_file = tmp_path / "clipft.json"
+    # Both sides in fp32 (clip_benchmark --no_amp; clipft's train.amp=off): bf16 noise could flip a rank.
+    assert main(["evaluate", "--checkpoint", str(trained_run / "best.pt"), "--data", str(root), "--split", "val",
+                 "--out", str(mine_file), "--device", "cpu", "--set", "train.amp=off", "--quiet"]) == 0
+    mine = json.loads(mine_file.read_text())
+    assert mine["num_images"] == len(ann["images"]) and mine["num_captions"] == len(ann["annotations"])
+    for k in (1, 5, 10):
+        # clip_benchmark: image_retrieval = caption queries -> images; text_retrieval = image queries -> captions
+        assert 100 * theirs[f"image_retrieval_recall@{k}"] == pytest.approx(mine["text_to_image"][f"R@{k}"], abs=1e-4)
+        assert 100 * theirs[f"text_retrieval_recall@{k}"] == pytest.approx(mine["image_to_text"][f"R@{k}"], abs=1e-4)
