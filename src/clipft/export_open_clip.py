@@ -26,6 +26,7 @@ files are moved into the export folder.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -153,8 +154,13 @@ def open_clip_parity(folder: Path, tower, encoder, pixels: torch.Tensor,
     except ImportError:
         raise ModelError("the open_clip form needs open_clip_torch and timm: pip install open_clip_torch") from None
     name = f"local-dir:{folder}"
-    model = open_clip.create_model(name, device="cpu").eval()
-    tokenizer = open_clip.get_tokenizer(name)
+    previous = logging.root.manager.disable
+    logging.disable(logging.INFO)  # open_clip narrates every step on the root logger at INFO
+    try:
+        model = open_clip.create_model(name, device="cpu").eval()
+        tokenizer = open_clip.get_tokenizer(name)
+    finally:
+        logging.disable(previous)
     with torch.inference_mode():
         img = F.normalize(model.encode_image(pixels).float(), dim=-1)
         txt = F.normalize(model.encode_text(tokenizer(list(captions))).float(), dim=-1)

@@ -24,9 +24,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .inference import INT8_ONNX_FILE
 from .model import ModelError
 
-INT8_ONNX_FILE = "image_tower.int8.onnx"
 MIN_MEAN_COSINE = 0.99  # mean cosine(int8, float) over the validation images
 MAX_RECALL_DROP = 2.0  # points of mean R@5 (image->text and text->image) the int8 file may lose
 CALIBRATION_IMAGES = 32

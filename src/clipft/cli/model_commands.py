@@ -37,7 +37,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         raise ConfigError("search: give one of QUERY, --image PATH or --duplicates")
     idx = Q.load_index(args.index, use_ann=False if args.exact else None)
     out = (Q.duplicates_answer(idx, args.threshold) if args.duplicates else
-           Q.answer(idx, Q.load_query_model(idx, args.device), args.k, text=args.query, image=args.image))
+           Q.answer(idx, Q.load_query_model(idx, args.device, args.query_encoder), args.k, text=args.query, image=args.image))
     print(json.dumps(out) if args.json else Q.format_answer(out))
     return 0
 
@@ -50,7 +50,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     warning = host_warning(args.host)
     if warning:
         print(warning, file=sys.stderr, flush=True)
-    served = open_indexes(args.index or [".clipft-index"], device=args.device)
+    served = open_indexes(args.index or [".clipft-index"], device=args.device, query_encoder=args.query_encoder)
     app = create_app(served, loopback_only=is_loopback(args.host))
     names = ", ".join(f"{len(s.idx)} images ({s.idx.model})" for s in served)
     serve(app, args.host, args.port, on_ready=lambda port: print(
@@ -81,6 +81,9 @@ def add_search_commands(sub) -> None:
     s.add_argument("--threshold", type=float, default=0.95, help="cosine for --duplicates (default 0.95)")
     s.add_argument("--exact", action="store_true", help="exact search even where an approximate index exists")
     s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.add_argument("--query-encoder", metavar="NAME_OR_PATH",
+                   help="embed text queries with this encoder (e.g. a multilingual one) instead of the frozen one; "
+                        "it must declare the model's text space (clipft_query_encoder.json)")
     s.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N: where queries are embedded")
     s.set_defaults(func=cmd_search)
 
@@ -89,6 +92,9 @@ def add_search_commands(sub) -> None:
                    help="index directory, repeatable: several side by side (default: ./.clipft-index)")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=int_range(0, 65535), default=8000, help="port (default 8000; 0 picks a free one)")
+    s.add_argument("--query-encoder", metavar="NAME_OR_PATH",
+                   help="embed text queries with this encoder (e.g. a multilingual one) instead of the frozen one; "
+                        "it must declare the model's text space (clipft_query_encoder.json)")
     s.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N: where queries are embedded")
     s.set_defaults(func=cmd_serve)
 

@@ -241,11 +241,12 @@ def model_source(source: str) -> str:
     return str(p.resolve()) if p.exists() else source
 
 
-def load_query_model(idx: LoadedIndex, device: str = "cpu"):
-    """The model that built idx (from its recorded source), refused if its fingerprint changed since."""
+def load_query_model(idx: LoadedIndex, device: str = "cpu", query_encoder: str | None = None):
+    """The model that built idx (from its recorded source), refused if its fingerprint changed since.
+    query_encoder: text queries go through this encoder instead (clipft.query_encoder)."""
     from ..inference import load  # the model loader; deferred so index/query stay importable without it
     source = idx.info.get("model_source", "")
-    model = load(source, device=device)
+    model = load(source, device=device, text_encoder=query_encoder)
     if model.fingerprint != idx.info.get("fingerprint"):
         raise SearchError(f"{idx.index_dir}: the model at {source} changed since this index was built "
                           f"(fingerprint {model.fingerprint}, index {idx.info.get('fingerprint')}); "
