@@ -45,7 +45,8 @@ def oc_export(trained_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("oc") / "shapes-open-clip"
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        assert main(["export", str(trained_run / "best.pt"), "--out", str(out), "--format", "open_clip"]) == 0
+        assert main(["export", str(trained_run / "best.pt"), "--out", str(out), "--format", "open_clip", "--onnx",
+                     "--quantize", "int8"]) == 0
     return out, buf.getvalue()
 
 
@@ -56,8 +57,8 @@ def _val_images(coco_root):
 def test_folder_holds_the_whole_open_clip_model(oc_export):
     out, printed = oc_export
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["README.md", "config.json", "model.safetensors", "open_clip_config.json",
-                     "open_clip_model.safetensors"]
+    assert names == ["README.md", "config.json", "image_tower.int8.onnx", "image_tower.onnx", "model.safetensors",
+                     "open_clip_config.json", "open_clip_model.safetensors"]
     assert f"wrote {out / 'open_clip_config.json'}" in printed
     oc = json.loads((out / "open_clip_config.json").read_text())
     m = oc["model_cfg"]
@@ -171,3 +172,103 @@ def test_clip_benchmark_agrees_with_clipft_evaluate(oc_export, trained_run, coco
         # clip_benchmark: image_retrieval = caption queries -> images; text_retrieval = image queries -> captions
         assert 100 * theirs[f"image_retrieval_recall@{k}"] == pytest.approx(mine["text_to_image"][f"R@{k}"], abs=1e-4)
         assert 100 * theirs[f"text_retrieval_recall@{k}"] == pytest.approx(mine["image_to_text"][f"R@{k}"], abs=1e-4)
+
+
+# --------------------------------------------------------------------------- int8 ONNX
+
+
+def test_int8_tower_is_measured_recorded_and_loadable(oc_export, trained_run, coco_root, tmp_path, capsys):
+    out, printed = oc_export
+    assert "int8 check: mean cosine to the float tower" in printed
+    q = json.loads((out / "config.json").read_text())["onnx_int8"]
+    assert q["file"] == "image_tower.int8.onnx" and q["measured_images"] == 12 and q["measured_captions"] == 60
+    assert q["mean_cosine"] >= q["thresholds"]["min_mean_cosine"] and q["mean_r5_drop"] <= 2.0
+    assert q["speedup"] > 0 and q["bytes_int8"] < q["bytes_float"] / 2
+    for d in ("image_to_text", "text_to_image"):
+        assert set(q["recall_int8"][d]) == {"R@1", "R@5", "R@10"}
+    images = _val_images(coco_root)
+    float_model, int8 = load(out, backend="onnx"), load(out, backend="onnx", quantized=True)
+    assert int8.quantized and not float_model.quantized
+    cos = (int8.encode_images(images) * float_model.encode_images(images)).sum(-1)
+    assert float(cos.mean()) == pytest.approx(q["mean_cosine"], abs=1e-4)
+    assert int8.fingerprint != float_model.fingerprint  # an index never mixes the two
+    by_path = load(out / "image_tower.int8.onnx")
+    assert by_path.fingerprint == int8.fingerprint and by_path.backend == "onnx"
+    # clipft index --model takes the int8 file; search reloads it from the index's record.
+    index = tmp_path / "idx"
+    assert main(["index", str(coco_root / "val2014"), "--model", str(out / "image_tower.int8.onnx"),
+                 "--index", str(index), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["search", "a red circle", "--index", str(index), "--json", "--k", "3"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["results"]) == 3
+
+
+def test_int8_below_the_threshold_is_refused_and_leaves_nothing(oc_export, trained_run, tmp_path, monkeypatch):
+    import clipft.quantize as Q
+    out, _ = oc_export
+    float_onnx = tmp_path / "image_tower.onnx.tmp"
+    float_onnx.write_bytes((out / "image_tower.onnx").read_bytes())
+    cfg = torch.load(trained_run / "best.pt", weights_only=False)["config"]
+    monkeypatch.setattr(Q, "MIN_MEAN_COSINE", 1.01)  # no int8 file reaches it
+    with pytest.raises(ModelError, match=r"image_tower.int8.onnx: refused, int8 mean cosine to the float tower 0\.9"):
+        Q.prepare_quantized(tmp_path, trained_run / "best.pt", cfg, None, "int8", float_onnx)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["image_tower.onnx.tmp"]
+
+
+def test_int8_needs_onnx_and_an_int8_file(oc_export, trained_run, tmp_path, capsys):
+    assert main(["export", str(trained_run / "best.pt"), "--out", str(tmp_path / "o"), "--quantize", "int8"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--quantize int8 needs --onnx" in err and not (tmp_path / "o").exists()
+    with pytest.raises(ModelError, match="quantized=True runs the int8 ONNX image tower: pass backend='onnx'"):
+        load(oc_export[0], quantized=True)
+    lone = tmp_path / "x.onnx"
+    lone.write_bytes(b"x")
+    with pytest.raises(ModelError, match="no config.json beside it"):
+        load(lone)
+    bare = tmp_path / "float-only"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors", "image_tower.onnx"):
+        (bare / name).write_bytes((oc_export[0] / name).read_bytes())
+    with pytest.raises(ModelError, match="image_tower.int8.onnx: not found"):
+        load(bare, backend="onnx", quantized=True)
+
+
+# --------------------------------------------------------------------------- query encoders
+
+
+def test_query_encoder_must_declare_the_models_text_space(oc_export, tiny_clip_dir, coco_root, tmp_path, capsys):
+    import shutil
+    from clipft.query_encoder import QUERY_ENCODER_FILE, declare_query_encoder
+    from clipft.text import save_random_clip_text_model
+    out, _ = oc_export
+    base = load(out)
+    other = tmp_path / "my-query-encoder"  # the frozen tower under another name: the same output space
+    shutil.copytree(tiny_clip_dir, other)
+    with pytest.raises(ModelError, match="does not declare this model's text space"):
+        load(out, text_encoder=str(other))
+    declare_query_encoder(other, base, note="a copy of the frozen tower")
+    m = load(out, text_encoder=str(other))
+    assert m.fingerprint == base.fingerprint and m.text_encoder_name == str(other)
+    texts = ["a red circle", "ein roter Kreis"]
+    assert torch.allclose(m.encode_texts(texts), base.encode_texts(texts), atol=1e-6)
+    # A declaration for another space, and another dimension, are refused in one line.
+    decl = json.loads((other / QUERY_ENCODER_FILE).read_text())
+    (other / QUERY_ENCODER_FILE).write_text(json.dumps({**decl, "output_space": "0" * 64}))
+    with pytest.raises(ModelError, match="declares output space 000000000000"):
+        load(out, text_encoder=str(other))
+    narrow = save_random_clip_text_model(tmp_path / "narrow", projection_dim=8)
+    with pytest.raises(ModelError, match="gives 8-d embeddings, the model 16-d"):
+        load(out, text_encoder=str(narrow))
+    # The CLI: search with --query-encoder, and a one-line refusal.
+    (other / QUERY_ENCODER_FILE).write_text(json.dumps(decl))
+    index = tmp_path / "idx"
+    assert main(["index", str(coco_root / "val2014"), "--model", str(out), "--index", str(index), "--quiet"]) == 0
+    capsys.readouterr()
+    args = ["search", "ein roter Kreis", "--index", str(index), "--json", "--k", "2"]
+    assert main([*args, "--query-encoder", str(other)]) == 0
+    with_query = json.loads(capsys.readouterr().out)["results"]
+    assert main(args) == 0
+    assert with_query == json.loads(capsys.readouterr().out)["results"]  # same space, same answers
+    assert main([*args, "--query-encoder", str(narrow)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "gives 8-d embeddings, the model 16-d" in err

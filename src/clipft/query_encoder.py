@@ -59,7 +59,9 @@ def use_query_encoder(model: Any, name: str) -> Any:
     from .text import TextEncoderError, load_text_encoder
     frozen = model._text
     try:
-        enc = load_text_encoder(str(name), device=model.device, max_length=int(getattr(frozen, "max_length", 77)))
+        # In the frozen side's precision (fp32 unless load(..., amp=) said otherwise), like its encoder.
+        enc = load_text_encoder(str(name), device=model.device, max_length=int(getattr(frozen, "max_length", 77)),
+                                amp=getattr(frozen, "amp", "off"))
     except TextEncoderError as e:
         raise ModelError(f"query encoder {name!r}: {e}") from None
     if enc.dim != model.embed_dim:
