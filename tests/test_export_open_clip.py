@@ -272,3 +272,24 @@ def test_query_encoder_must_declare_the_models_text_space(oc_export, tiny_clip_d
     assert main([*args, "--query-encoder", str(narrow)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "gives 8-d embeddings, the model 16-d" in err
+
+
+def test_model_card_names_every_way_to_load_with_its_parity(oc_export):
+    out, _ = oc_export
+    card = (out / "README.md").read_text()
+    cfg = json.loads((out / "config.json").read_text())
+    section = card.split("## Ways to load this folder", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| way")]
+    assert [r.split(" | ")[0][2:] for r in rows] == ["clipft (PyTorch)", "ONNX (onnxruntime)", "int8 ONNX", "open_clip",
+                                                    "CLIP_benchmark"]
+    name = out.name
+    assert f'clipft.load("{name}", backend="onnx", quantized=True)' in section
+    assert f'open_clip.create_model_and_transforms("local-dir:{name}")' in section
+    assert f"clip_benchmark eval --model_type open_clip --model local-dir:{name}" in section
+    q, oc = cfg["onnx_int8"], cfg["open_clip"]
+    assert f"mean cosine {q['mean_cosine']:.4f}" in section and f"{q['speedup']:.2f}x" in section
+    assert f"encode_image within {oc['image_max_abs_diff']:.1e}" in section
+    assert f"encode_text within {oc['text_max_abs_diff']:.1e}" in section
+    body = card.split("---\n", 2)[2]
+    for placeholder in ("TODO", "None", "nan", "{", "}", "<", "XXX"):
+        assert placeholder not in body, placeholder

@@ -5,8 +5,9 @@
     DIR/README.md           a model card generated from the run (clipft.modelcard)
     DIR/image_tower.onnx    with --onnx: pixel_values [B, 3, H, W] float32 (normalised) ->
                             image_embeds [B, D] (L2-normalised), dynamic batch axis
-    DIR/open_clip_visual.*  where the head maps onto open_clip's timm image tower (avg pooling,
-                            2-layer head with hidden = 2 x embedding): that tower's config + weights
+    DIR/open_clip_config.json, open_clip_model.safetensors
+                            the whole model for open_clip where the towers map (clipft.export_open_clip)
+    DIR/image_tower.int8.onnx  with --onnx --quantize int8 (clipft.quantize)
 
 The ONNX file is run with onnxruntime on real images before it is kept and compared with the
 PyTorch tower (max abs difference <= ONNX_TOLERANCE at two batch sizes); an export that fails is
@@ -151,6 +152,8 @@ def _parity_pixels(model, paths: Sequence[Path]) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- open_clip form
 
+# The image-tower-only form earlier versions wrote; an export now removes them (export_open_clip
+# writes the whole model instead).
 OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS = "open_clip_visual.json", "open_clip_visual.safetensors"
 
 

@@ -86,8 +86,9 @@ def text_tower_form(encoder, embed_dim: int) -> tuple[dict, bool, dict[str, torc
     """(open_clip text_cfg, quick_gelu, state dict with open_clip's CLIP text keys) for a loaded clipft
     TextEncoder, or why it does not map onto open_clip's TextTransformer."""
     if encoder.kind != "clip":
-        return (f"text encoder {encoder.name!r} is a {encoder.kind} model: open_clip's text transformer is CLIP's, "
-                "and its HF text tower adds an untrained projection, so the embeddings would not match")
+        return (f"text encoder {encoder.name!r} is a {encoder.kind} model, not a CLIP text tower: open_clip's "
+                "own text transformer cannot hold it, and its HF text tower (hf_model_name) rebuilds the "
+                "transformer from a hub name or path when loaded, so the folder would not stand on its own")
     c = encoder.module.config
     act = getattr(c, "hidden_act", "quick_gelu")
     why = [w for bad, w in (

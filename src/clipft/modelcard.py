@@ -199,7 +199,7 @@ def loading_section(config: dict, name: str = "DIR") -> list[str]:
         rows.append(("int8 ONNX", '`clipft.load("DIR", backend="onnx", quantized=True)`, '
                      "`clipft index FOLDER --model DIR/image_tower.int8.onnx`",
                      f"mean cosine {q['mean_cosine']:.4f} (min {q['min_cosine']:.4f}) to the float tower, mean R@5 "
-                     f"change {-q['mean_r5_drop']:+.1f} points on {q['measured_images']} validation images; {q['speedup']:.2f}x the float "
+                     f"change {0.0 - q['mean_r5_drop'] + 0.0:+.1f} points on {q['measured_images']} validation images; {q['speedup']:.2f}x the float "
                      f"file's speed, {q['bytes_int8'] / max(1, q['bytes_float']):.0%} of its size"))
     oc = config.get("open_clip") or {}
     if oc.get("written"):
@@ -211,9 +211,9 @@ def loading_section(config: dict, name: str = "DIR") -> list[str]:
                      "--dataset mscoco_captions --dataset_root COCO --task zeroshot_retrieval --recall_k 1 5 10 "
                      "--no_amp`", "loads through open_clip as above, so the same parity; its retrieval recall "
                      "equals `clipft evaluate --set train.amp=off` on the same images and captions"))
+    rows = [(a, b.replace("DIR", name), c) for a, b, c in rows]  # DIR: this folder, under its own name
     lines = ["## Ways to load this folder", "", "| way | how | measured parity |", "|---|---|---|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
-    rows = [(a, b.replace("DIR", name), c) for a, b, c in rows]
     if not oc.get("written") and oc.get("reason"):
         lines += ["", f"No open_clip form: {oc['reason']}."]
     return lines + [""]

@@ -104,7 +104,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
     from ..embed import embed_folder
     if not Path(args.images).is_dir():
         raise ConfigError(f"{args.images}: not a directory")
-    device = "cpu" if args.backend == "onnx" and args.device == "auto" else _auto_device(args.device)
+    onnx = args.backend == "onnx" or str(args.model).endswith(".onnx")  # an .onnx file runs on onnxruntime
+    device = "cpu" if onnx and args.device == "auto" else _auto_device(args.device)
     model = load(args.model, device=device, backend=args.backend)
     info = embed_folder(model, args.images, args.out, batch_size=args.batch_size, workers=args.workers,
                         progress=not args.quiet)
