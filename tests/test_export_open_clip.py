@@ -293,3 +293,50 @@ def test_model_card_names_every_way_to_load_with_its_parity(oc_export):
     body = card.split("---\n", 2)[2]
     for placeholder in ("TODO", "None", "nan", "{", "}", "<", "XXX"):
         assert placeholder not in body, placeholder
+
+
+def _open_clip_text_model(cfg, quick_gelu, state, embed_dim):
+    """open_clip's CLIP with `cfg` as its text tower (a throwaway timm image tower) and `state` loaded."""
+    from open_clip.model import CLIP
+    vision = {"timm_model_name": "resnet18", "timm_model_pretrained": False, "timm_pool": "avg",
+              "timm_proj": "linear", "image_size": 32}
+    model = CLIP(embed_dim, vision, cfg, quick_gelu=quick_gelu).eval()
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert unexpected == [] and all(k.startswith("visual.") or k == "logit_scale" for k in missing)
+    return model
+
+
+def test_clip_vit_b32_text_tower_maps_onto_open_clips_own(tmp_path):
+    """A text tower shaped like CLIP ViT-B/32's (random weights) converts to open_clip's ViT-B-32-quickgelu
+    text configuration, and open_clip's encode_text then equals clipft's."""
+    import open_clip
+
+    from clipft.export_open_clip import text_tower_form
+    from clipft.text import load_text_encoder, save_random_clip_text_model
+    folder = save_random_clip_text_model(tmp_path / "b32-text", hidden_size=512, num_layers=12, heads=8,
+                                         projection_dim=512, seed=1)
+    enc = load_text_encoder(str(folder), amp="off")
+    cfg, quick_gelu, state = text_tower_form(enc, 512)
+    assert cfg == {"context_length": 77, "vocab_size": 49408, "width": 512, "heads": 8, "layers": 12, "mlp_ratio": 4.0}
+    builtin = open_clip.get_model_config("ViT-B-32-quickgelu")
+    assert quick_gelu is builtin["quick_gelu"] is True
+    assert all(builtin["text_cfg"][k] == cfg[k] for k in ("context_length", "vocab_size", "width", "heads", "layers"))
+    model = _open_clip_text_model(cfg, quick_gelu, state, 512)
+    with torch.no_grad():
+        got = model.encode_text(open_clip.get_tokenizer("ViT-B-32-quickgelu")(CAPTIONS), normalize=True)
+    assert float((got - enc.encode(CAPTIONS)).abs().max()) <= 1e-4
+
+
+def test_a_shorter_max_length_becomes_open_clips_context(tiny_clip_dir):
+    """text.max_length=20: open_clip's context is 20 (the first 20 positions), so it truncates as clipft does."""
+    import open_clip
+
+    from clipft.export_open_clip import text_tower_form
+    from clipft.text import load_text_encoder
+    enc = load_text_encoder(str(tiny_clip_dir), max_length=20, amp="off")
+    cfg, quick_gelu, state = text_tower_form(enc, 16)
+    assert cfg["context_length"] == 20 and state["positional_embedding"].shape == (20, 32)
+    model = _open_clip_text_model(cfg, quick_gelu, state, 16)
+    with torch.no_grad():
+        got = model.encode_text(open_clip.get_tokenizer("ViT-B-32", context_length=20)(CAPTIONS), normalize=True)
+    assert float((got - enc.encode(CAPTIONS)).abs().max()) <= 1e-4
