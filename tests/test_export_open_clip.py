@@ -269,6 +269,9 @@ def test_query_encoder_must_declare_the_models_text_space(oc_export, tiny_clip_d
     with_query = json.loads(capsys.readouterr().out)["results"]
     assert main(args) == 0
     assert with_query == json.loads(capsys.readouterr().out)["results"]  # same space, same answers
+    from clipft.search.server import open_indexes
+    (served,) = open_indexes([index], query_encoder=str(other))  # clipft serve --query-encoder
+    assert served.model.text_encoder_name == str(other)
     assert main([*args, "--query-encoder", str(narrow)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "gives 8-d embeddings, the model 16-d" in err
@@ -340,3 +343,20 @@ def test_a_shorter_max_length_becomes_open_clips_context(tiny_clip_dir):
     with torch.no_grad():
         got = model.encode_text(open_clip.get_tokenizer("ViT-B-32", context_length=20)(CAPTIONS), normalize=True)
     assert float((got - enc.encode(CAPTIONS)).abs().max()) <= 1e-4
+
+
+def test_without_open_clip_installed_the_form_is_skipped_or_refused(tiny_clip_dir, tmp_path, monkeypatch):
+    import clipft.export_open_clip as OC
+    from clipft.config import ModelConfig
+    from clipft.model import ImageTower
+    monkeypatch.setattr(OC, "missing_packages", lambda: ["open_clip_torch"])
+    tower = ImageTower(ModelConfig(backbone="resnet18", image_weights="none", head_hidden=32), 16).eval()
+    config = {"image_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3, "logit_scale": 10.0,
+              "text_encoder": {"name": str(tiny_clip_dir), "max_length": 77}}
+    pixels = torch.zeros(2, 3, 32, 32)
+    stage, rec = OC.prepare_open_clip(tmp_path / "m", tower, config, pixels, required=False)
+    assert stage is None and rec == {"written": False, "reason": "open_clip_torch not installed "
+                                                                  "(pip install 'clipft[open_clip]')"}
+    with pytest.raises(ModelError, match="m: cannot write the open_clip format: open_clip_torch not installed"):
+        OC.prepare_open_clip(tmp_path / "m", tower, config, pixels, required=True)
+    assert list(tmp_path.iterdir()) == []

@@ -145,6 +145,15 @@ def open_clip_model_form(tower, encoder, config: dict) -> tuple[dict, dict[str, 
     return oc, {k: v.detach().float().contiguous() for k, v in state.items()}
 
 
+def tower_embeddings(tower, pixels: torch.Tensor) -> torch.Tensor:
+    """clipft's image tower on pixels [B, 3, S, S] -> L2-normalised [B, D] float32, whether its forward
+    returns the embeddings or (embeddings, logit scale)."""
+    out = tower.eval()(pixels)
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    return F.normalize(out.float(), dim=-1)
+
+
 def open_clip_parity(folder: Path, tower, encoder, pixels: torch.Tensor,
                      captions: Sequence[str] = PARITY_CAPTIONS) -> dict[str, float]:
     """Load `folder` with open_clip's own loader and compare: encode_image on `pixels` [B, 3, S, S]
@@ -165,13 +174,20 @@ def open_clip_parity(folder: Path, tower, encoder, pixels: torch.Tensor,
     with torch.inference_mode():
         img = F.normalize(model.encode_image(pixels).float(), dim=-1)
         txt = F.normalize(model.encode_text(tokenizer(list(captions))).float(), dim=-1)
-        want_img = tower.eval()(pixels).float()
+        want_img = tower_embeddings(tower, pixels)
     want_txt = encoder.encode(list(captions))
     scale = float(model.logit_scale.detach().exp())
     return {"image_max_abs_diff": float((img - want_img).abs().max()),
             "text_max_abs_diff": float((txt - want_txt).abs().max()),
             "logit_scale_abs_diff": abs(scale - float(tower.logit_scale.detach().exp())),
             "checked_images": int(pixels.shape[0]), "checked_captions": len(captions)}
+
+
+def missing_packages() -> list[str]:
+    """The packages open_clip's loader needs that are not installed (it builds the image tower with timm)."""
+    import importlib.util
+    return [pkg for mod, pkg in (("open_clip", "open_clip_torch"), ("timm", "timm"))
+            if importlib.util.find_spec(mod) is None]
 
 
 def prepare_open_clip(out: Path, tower, config: dict, pixels: torch.Tensor, required: bool) -> tuple[Path | None, dict]:
@@ -184,14 +200,18 @@ def prepare_open_clip(out: Path, tower, config: dict, pixels: torch.Tensor, requ
     from safetensors.torch import save_file
 
     from .text import load_text_encoder
-    t = config["text_encoder"]
-    encoder = load_text_encoder(t["name"], max_length=int(t.get("max_length", 77)), amp="off")
-    form = open_clip_model_form(tower, encoder, config)
 
     def refuse(reason: str) -> tuple[None, dict]:
         if required:
             raise ModelError(f"{out}: cannot write the open_clip format: {reason}")
         return None, {"written": False, "reason": reason}
+
+    missing = missing_packages()
+    if missing:  # the check loads the folder with open_clip: without it nothing is written unchecked
+        return refuse(f"{' and '.join(missing)} not installed (pip install 'clipft[open_clip]')")
+    t = config["text_encoder"]
+    encoder = load_text_encoder(t["name"], max_length=int(t.get("max_length", 77)), amp="off")
+    form = open_clip_model_form(tower, encoder, config)
 
     if isinstance(form, str):
         return refuse(form)
