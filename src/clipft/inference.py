@@ -235,7 +235,7 @@ def load(source: str | Path, device: str | torch.device = "cpu", backend: str = 
     quantized=True (with backend="onnx") runs the folder's image_tower.int8.onnx (`clipft export --onnx
     --quantize int8`); a path to an .onnx file inside an export folder picks that file (backend onnx).
     text_encoder: a query encoder used for encode_texts instead of the frozen one, accepted only when
-    it declares the frozen encoder's output space (`query_encoder.check_query_encoder`).
+    it declares the frozen encoder's output space (`query_encoder.use_query_encoder`).
     Bad input raises ModelError with one line naming the file and the problem."""
     model = _load(source, device, backend, amp, quantized)
     if text_encoder is not None:
