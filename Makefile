@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.clipft-installed
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test docs clean
 
 setup: $(STAMP)
 
@@ -21,5 +21,9 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
+# The manual (docs/) as a static site in site/; strict: a broken link or a missing page fails the build.
+docs: setup
+	$(BIN)/python -m mkdocs build --strict -d site
+
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf runs .pytest_cache site

@@ -21,7 +21,7 @@ def test_coco_cache_names(coco_root):
     assert eval_text_cache_file(coco_root, "val", cfg) == text_cache_file(coco_root, "val", cfg)
     assert eval_text_cache_file(coco_root, "karpathy-test", cfg) == cache / f"karpathy-test_text_embeds_{ENC}.safetensors"
     assert eval_text_cache_file(coco_root, "val", cfg, encoder="my/clip") == cache / "val_text_embeds_my_clip.safetensors"
-    assert prepared_split_dir(coco_root, "train", cfg) == cache / "images" / "train-256"
+    assert prepared_split_dir(coco_root, "train", cfg) == cache / "images" / "train-224"
     assert prepared_split_dir(coco_root, "val", cfg, 96) == prepared_dir(cache, "val", 96) == cache / "images" / "val-96"
 
 
@@ -31,7 +31,7 @@ def test_subset_and_cache_dir_settings(coco_root, tmp_path):
     cfg.text.cache_dir = str(tmp_path / "elsewhere")
     assert swapped_text_cache_file(coco_root, cfg) == \
         tmp_path / "elsewhere" / f"train-subset10-seed4-lrswap_text_embeds_{ENC}.safetensors"
-    assert prepared_split_dir(coco_root, "train", cfg) == tmp_path / "elsewhere" / "images" / "train-256"
+    assert prepared_split_dir(coco_root, "train", cfg) == tmp_path / "elsewhere" / "images" / "train-224"
     assert text_cache_path(Path("/c"), "x", "a b/c") == Path("/c/x_text_embeds_a_b_c.safetensors")
 
 
@@ -145,7 +145,7 @@ def test_a_prepared_cache_of_another_size_says_why_it_is_unused(tmp_path):
         (d / "index.json").write_text("{}")
     assert prepared_sizes(root, "train", cfg) == [32, 96]
     note = unused_prepared_note(root, "train", cfg)
-    assert "data.prepared_size is 256" in note and "--set data.prepared_size=96" in note
+    assert "data.prepared_size is 224" in note and "--set data.prepared_size=96" in note
     cfg.data.image_size = 128
     assert "prepare-images --size 128" in unused_prepared_note(root, "train", cfg)
     cfg.data.prepared_size = 96

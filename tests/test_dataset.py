@@ -68,7 +68,7 @@ def test_a_broken_image_is_skipped_by_the_loader(coco_root, cfg, tmp_path):
 
 
 def test_the_readme_custom_loop_runs(coco_root, tiny_clip_dir, cfg):
-    # The ten-line loop of the README's "Use your model" section, on the tiny data.
+    # The ten-line loop of docs/using-a-model.md ("Your own training loop"), on the tiny data.
     from clipft.config import ModelConfig
     from clipft.loss import clip_loss
     from clipft.model import build_image_tower

@@ -181,7 +181,7 @@ def test_open_clip_form_says_why_a_head_does_not_map(trained_run):
 
 
 def test_readme_numpy_preprocessing_gives_the_models_pixels(exported, tmp_path):
-    # The NumPy recipe of the README's "The ONNX file", for other runtimes.
+    # The NumPy recipe of docs/export.md ("The ONNX file"), for other runtimes.
     import numpy as np
     from PIL import Image
     out, _ = exported
@@ -200,3 +200,76 @@ def test_readme_numpy_preprocessing_gives_the_models_pixels(exported, tmp_path):
     ours = pixel_values(png, cfg["image_size"], cfg["mean"], cfg["std"])
     assert ours.dtype == np.float32
     assert np.allclose(ours, load(out).pixels(png).numpy(), atol=1e-6)
+
+
+# --------------------------------------------------------------------------- hardening
+
+@pytest.mark.parametrize("change", [{"image_size": -5}, {"image_size": 1e9}, {"image_size": "big"},
+                                    {"std": [0.0, 0.26, 0.27]}, {"mean": [0.5]}, {"std": [float("nan")] * 3},
+                                    {"embed_dim": 0}, {"logit_scale": -1.0}])
+def test_a_config_with_impossible_preprocessing_values_is_one_model_error(exported, tmp_path, change):
+    out, _ = exported
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**cfg, **change}))
+    key = next(iter(change))
+    with pytest.raises(ModelError) as e:
+        load(bad).encode_images([torch.zeros(3, 8, 8, dtype=torch.uint8)])
+    msg = str(e.value)
+    assert "\n" not in msg and "config.json" in msg and key in msg, msg
+
+
+def _tampered_onnx(src, dst):
+    """A valid ONNX file of a different tower: one initializer of `src` shifted."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+    m = onnx.load(str(src))
+    init = max(m.graph.initializer, key=lambda t: int(np.prod(t.dims)) if t.dims else 0)
+    arr = numpy_helper.to_array(init).copy() + 0.25
+    init.CopyFrom(numpy_helper.from_array(arr.astype(numpy_helper.to_array(init).dtype), init.name))
+    onnx.save(m, str(dst))
+
+
+def test_a_tampered_onnx_file_is_refused_or_fingerprinted_apart(exported, tmp_path):
+    out, _ = exported
+    good = load(out, backend="onnx").fingerprint
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    _tampered_onnx(out / "image_tower.onnx", bad / "image_tower.onnx")
+    with pytest.raises(ModelError, match=r"image_tower\.onnx.*sha256"):
+        load(bad, backend="onnx")  # the export recorded the file's sha256: checked on load
+    # an export without the recorded digest: the fingerprint covers the file's bytes
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["onnx"].pop("sha256", None)
+    (bad / "config.json").write_text(json.dumps(cfg))
+    assert load(bad, backend="onnx").fingerprint != good
+    shutil.copy(out / "image_tower.onnx", bad / "image_tower.onnx")
+    assert load(bad, backend="onnx").fingerprint == good
+
+
+def test_export_files_follow_the_umask(trained_run, tmp_path):
+    import os
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "perm"
+        export_checkpoint(trained_run / "best.pt", out)
+    finally:
+        os.umask(old)
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in out.iterdir()}
+    assert set(modes.values()) == {"0o644"}, modes
+
+
+def test_export_onnx_checks_for_parity_images_before_the_slow_work(trained_run, tmp_path, monkeypatch):
+    import clipft.export as E
+    ckpt = tmp_path / "lonely" / "best.pt"
+    ckpt.parent.mkdir()
+    shutil.copy(trained_run / "best.pt", ckpt)  # no summary.json beside it: no validation data known
+    calls = []
+    monkeypatch.setattr(E, "export_onnx", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(E, "_text_encoder_entry", lambda *a, **k: calls.append("text") or {})
+    with pytest.raises(ModelError, match="--check-images"):
+        export_checkpoint(ckpt, tmp_path / "o", onnx=True)
+    assert calls == []  # refused before loading the text encoder or exporting anything
+    assert not (tmp_path / "o").exists()

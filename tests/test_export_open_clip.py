@@ -360,3 +360,17 @@ def test_without_open_clip_installed_the_form_is_skipped_or_refused(tiny_clip_di
     with pytest.raises(ModelError, match="m: cannot write the open_clip format: open_clip_torch not installed"):
         OC.prepare_open_clip(tmp_path / "m", tower, config, pixels, required=True)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_quantize_recall_counts_like_clipft_evaluate():
+    from clipft.eval.metrics import retrieval_recall as reference
+    from clipft.quantize import retrieval_recall
+    g = torch.Generator().manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(9, 8, generator=g), dim=-1)
+    txt = torch.nn.functional.normalize(torch.randn(30, 8, generator=g), dim=-1)
+    txt[5] = txt[4]  # a tie between two captions
+    c2i = torch.arange(30) % 7  # images 7 and 8 own no caption
+    ours, want = retrieval_recall(img, txt, c2i), reference(img, txt, c2i)
+    for d in ("image_to_text", "text_to_image"):
+        for k in ("R@1", "R@5", "R@10"):
+            assert ours[d][k] == pytest.approx(want[d][k], abs=1e-9), (d, k)

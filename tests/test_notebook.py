@@ -25,7 +25,7 @@ def test_committed_notebook_has_no_outputs():
     dirty = [i for i, c in enumerate(_code_cells(nb))
              if c.get("outputs") or c.get("execution_count") is not None or "execution" in c.get("metadata", {})]
     assert dirty == [], (f"{NOTEBOOK}: code cells {dirty} hold outputs, execution counts or run timestamps; "
-                         "strip them before committing (README: The notebook)")
+                         "strip them before committing (docs/getting-started.md: The notebook)")
 
 
 def test_first_cell_is_the_small_switch():

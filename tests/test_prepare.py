@@ -438,5 +438,5 @@ def test_training_says_why_a_prepared_cache_of_another_size_is_unused(coco_root,
     assert main(["prepare-images", "--data", str(root), "--split", "train", "--size", "40", "--quiet"]) == 0
     caplog.set_level(logging.INFO, logger="clipft.train.loop")
     assert main(["train", "--data", str(root), "--out", str(tmp_path / "run"), *small_args(tiny_clip_dir, 1)]) == 0
-    assert "prepared at 40 px but data.prepared_size is 256: decoding JPEGs instead; set --set " \
+    assert "prepared at 40 px but data.prepared_size is 224: decoding JPEGs instead; set --set " \
            "data.prepared_size=40" in caplog.text

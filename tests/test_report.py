@@ -105,7 +105,7 @@ def test_demo_writes_the_full_report(demo_run):
 
 
 def test_zero_shot_after_demo_style_training_is_well_above_chance(demo_run, capsys):
-    """The demo's own figure (val, 40 colour+shape classes) is in the README; here, robustly at test size:
+    """The demo's own figure (val, 40 colour+shape classes) is in docs/measurements.md; here, robustly at test size:
     the colour of the largest object on the 64 training images (8 classes, chance 12.5%)."""
     out = demo_run / "zs_train"
     assert main(["zeroshot", "--checkpoint", str(demo_run / "best.pt"), "--data", str(demo_run / "data"),

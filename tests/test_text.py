@@ -303,7 +303,7 @@ def test_bf16_encoding_is_close_to_fp32_and_cached_apart(enc, tiny_clip_dir, tmp
     assert load_text_encoder(str(tiny_clip_dir)).amp_dtype == (torch.bfloat16 if cpu_has_native_bf16() else None)
     e16, e32 = bf16.encode(CAPTIONS), enc.encode(CAPTIONS)
     assert e16.dtype == torch.float32 and not torch.equal(e16, e32)  # autocast did run
-    assert torch.nn.functional.cosine_similarity(e16, e32).min() > 0.99  # a tiny random tower; real size: README
+    assert torch.nn.functional.cosine_similarity(e16, e32).min() > 0.99  # a tiny random tower; real size: docs/measurements.md
     cache = tmp_path / "val.safetensors"
     _, info32 = get_text_embeddings(CAPTIONS, str(tiny_clip_dir), cache, encoder=enc)
     with caplog.at_level("WARNING"):

@@ -75,9 +75,11 @@ class DataConfig:
     # off = no flip (crop only).
     flip: Flip = "plain"
     # Use the decode-once uint8 image cache written by `clipft prepare-images` when it exists
-    # (<cache dir>/images/<split>-<prepared_size>/); JPEG decoding otherwise.
+    # (<cache dir>/images/<split>-<prepared_size>/); JPEG decoding otherwise. At prepared_size ==
+    # image_size the cache holds exactly the pixels evaluation decodes (clipft.preprocess's rule);
+    # a larger cache gives augmentation more pixels to crop from but is resized again (bilinear).
     prepared: bool = True
-    prepared_size: int = 256
+    prepared_size: int = 224
     color_jitter: float = 0.0  # train images: brightness/contrast/saturation jitter strength; 0 = off (hue never)
     num_workers: int = 4  # JPEG decoding processes (the prepared cache is read by one thread instead)
     # CLIP's own normalisation (the text tower was trained against images normalised like this).
@@ -411,7 +413,9 @@ def save_config(cfg: Config, path: str | Path) -> None:
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # The paper-style run: ResNet50 (ImageNet) vs frozen CLIP ViT-B/32 text on COCO 2014, one GPU.
     "coco-rn50": {
-        "data": {"train_images": 0, "val_images": 5000, "num_workers": 8},
+        # best.pt chosen on Karpathy's val split when ROOT/dataset_coco.json is there (never on a Karpathy
+        # test image); else on a seeded 5,000-image subset of val2014, with a warning (data/karpathy.py).
+        "data": {"train_images": 0, "val_split": "karpathy-val", "val_images": 5000, "num_workers": 8},
         "text": {"encoder": "openai/clip-vit-base-patch32"},
         "model": {"backbone": "resnet50", "image_weights": "imagenet"},
         "train": {"epochs": 15, "batch_size": 128, "lr": 1e-4, "warmup_steps": 500},

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .inference import ImageTextModel
-from .preprocess import decode_image
+from .preprocess import preprocess_file
 
 log = logging.getLogger(__name__)
 
@@ -80,13 +80,9 @@ class _Files(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        img, reason = decode_image(self.root / self.paths[i], self.draft_size)
-        if img is None:
-            return None, i, reason
-        try:
-            return self.preprocess(img), i, None
-        except Exception as e:  # noqa: BLE001 - a pathological image (e.g. 0 px wide) is skipped, not fatal
-            return None, i, f"undecodable: {type(e).__name__}: {e}"
+        # The one rule (clipft.preprocess); a pathological image (e.g. 0 px wide) is skipped, not fatal.
+        pixels, reason = preprocess_file(self.root / self.paths[i], self.preprocess, self.draft_size)
+        return pixels, i, reason
 
 
 def _collate(batch: list) -> tuple[torch.Tensor, list[int], list[tuple[int, str]]]:

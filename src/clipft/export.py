@@ -28,13 +28,14 @@ from typing import Sequence
 import torch
 
 from . import __version__
-from .inference import (CONFIG_FILE, EXPORT_FORMAT, EXPORT_FORMAT_VERSION, ONNX_FILE, WEIGHTS_FILE, load,
-                  text_fingerprint)
+from .inference import (CONFIG_FILE, EXPORT_FORMAT, EXPORT_FORMAT_VERSION, ONNX_FILE, WEIGHTS_FILE, file_sha256,
+                        load, text_fingerprint)
 from .model import ImageTower, ModelError, read_checkpoint, tower_from_checkpoint
 
 log = logging.getLogger(__name__)
 
 ONNX_TOLERANCE = 1e-4
+ONNX_MIN_TORCH = (2, 5)  # torch.onnx.export(dynamo=True, dynamic_shapes=..., external_data=...)
 CARD_FILE = "README.md"
 PARITY_IMAGES = 8
 
@@ -78,14 +79,26 @@ def _text_encoder_entry(cfg: dict, embed_dim: int) -> dict:
 
 # --------------------------------------------------------------------------- ONNX
 
+def check_onnx_tools() -> None:
+    """ModelError (one line, with the install hint) when the exporter's or the check's packages are
+    missing, or torch predates the exporter clipft calls (torch.onnx.export(dynamo=True, ...): 2.5)."""
+    have = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
+    if have < ONNX_MIN_TORCH:
+        raise ModelError(f"--onnx needs torch >= {ONNX_MIN_TORCH[0]}.{ONNX_MIN_TORCH[1]} (its torch.export-based "
+                         f"exporter); this is torch {torch.__version__}: pip install 'clipft[onnx]'")
+    try:
+        import onnx  # noqa: F401 - the exporter needs both; fail with an install hint, not deep inside it
+        import onnxruntime  # noqa: F401 - the parity check runs the file
+        import onnxscript  # noqa: F401
+    except ImportError:
+        raise ModelError("--onnx needs the onnx, onnxscript and onnxruntime packages: "
+                         "pip install 'clipft[onnx]'") from None
+
+
 def export_onnx(tower: ImageTower, path: Path, image_size: int) -> Path:
     """Write `tower` as ONNX (torch.export-based exporter): input pixel_values [B, 3, S, S],
     output image_embeds [B, D], B dynamic. Needs the onnx and onnxscript packages."""
-    try:
-        import onnx  # noqa: F401 - the exporter needs both; fail with an install hint, not deep inside it
-        import onnxscript  # noqa: F401
-    except ImportError:
-        raise ModelError("--onnx needs the onnx and onnxscript packages: pip install 'clipft[onnx]'") from None
+    check_onnx_tools()
     example = torch.zeros(2, 3, image_size, image_size)
     batch = torch.export.Dim("batch", min=1)
     with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints its progress
@@ -123,7 +136,10 @@ def parity_images(ckpt_path: Path, cfg: dict, check_images: str | Path | None) -
         folder = Path(check_images)
         if not folder.is_dir():
             raise ModelError(f"{folder}: --check-images must be a folder of images")
-        return [folder / p for p in list_images(folder)]
+        found = [folder / p for p in list_images(folder)]
+        if not found:
+            raise ModelError(f"{folder}: --check-images holds no images to check the ONNX file on")
+        return found
     summary = ckpt_path.parent / "summary.json"
     try:
         root = json.loads(summary.read_text())["data_root"]
@@ -186,9 +202,17 @@ def open_clip_form(tower: ImageTower, config: dict) -> tuple[dict, dict[str, tor
 
 # --------------------------------------------------------------------------- export
 
+def _umask_mode() -> int:
+    """0o666 less the process umask: the mode a plain open() gives a new file."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def _atomic_write(path: Path, write) -> None:
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
+    os.chmod(tmp, _umask_mode())  # safetensors creates its files 0600: every file of the folder alike
     os.replace(tmp, path)
 
 
@@ -230,6 +254,10 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, onnx: bool = Fals
         raise ModelError(f"{ckpt_path}: the checkpoint records no training config (data, text and model settings)")
     tower = tower_from_checkpoint(ckpt)
     _check_out_dir(out)
+    check_paths = None
+    if onnx:  # before the text encoder and the minutes of exporting: the packages, and images to check on
+        check_onnx_tools()
+        check_paths = parity_images(ckpt_path, cfg, check_images)
     text = _text_encoder_entry(cfg, tower.embed_dim)
     source = {"checkpoint": ckpt_path.name, "epoch": ckpt.get("epoch"), "best_epoch": ckpt.get("best_epoch")}
     config = export_config(tower, cfg, text, source)
@@ -241,7 +269,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, onnx: bool = Fals
         try:
             export_onnx(tower, tmp, config["image_size"])
             probe = load(ckpt_path)
-            diff = onnx_parity(tower, tmp, _parity_pixels(probe, parity_images(ckpt_path, cfg, check_images)))
+            diff = onnx_parity(tower, tmp, _parity_pixels(probe, check_paths))
         except Exception:
             tmp.unlink(missing_ok=True)
             raise
@@ -250,8 +278,10 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, onnx: bool = Fals
             raise ModelError(f"{out / ONNX_FILE}: refused, onnxruntime differs from PyTorch by {diff:.2e} "
                              f"(max abs, > {ONNX_TOLERANCE:g}) on real images")
         config["files"]["onnx"] = ONNX_FILE
+        os.chmod(tmp, _umask_mode())
+        # The file's bytes, checked by `load(..., backend="onnx")`: a file altered after this check is refused.
         config["onnx"] = {"input": "pixel_values", "output": "image_embeds", "max_abs_diff": diff,
-                          "checked_images": PARITY_IMAGES}
+                          "checked_images": PARITY_IMAGES, "sha256": file_sha256(tmp)}
     # The whole open_clip model (clipft.export_open_clip) and the int8 ONNX file (clipft.quantize) are
     # staged and checked before anything is written into `out`; a refusal removes every staged file.
     stage = quant_tmp = None
@@ -278,11 +308,14 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, onnx: bool = Fals
     else:
         (out / ONNX_FILE).unlink(missing_ok=True)  # an earlier export's file would not match these weights
     names = [WEIGHTS_FILE, CONFIG_FILE, CARD_FILE] + ([ONNX_FILE] if onnx else [])
-    names += OC.commit_open_clip(stage, out)
+    staged = OC.commit_open_clip(stage, out)
     for stale in (OPEN_CLIP_WEIGHTS, OPEN_CLIP_CONFIG):  # the image-tower-only form of earlier versions
         (out / stale).unlink(missing_ok=True)
     from .quantize import commit_quantized
-    names += commit_quantized(quant_tmp, out)
+    staged += commit_quantized(quant_tmp, out)
+    for name in staged:
+        os.chmod(out / name, _umask_mode())  # like every other file of the folder
+    names += staged
     return {"files": [(out / n, (out / n).stat().st_size) for n in names], "onnx_max_abs_diff": diff,
             "open_clip": None if stage is not None else config["open_clip"]["reason"],
             "onnx_int8": config.get("onnx_int8")}

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import re
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -28,7 +29,7 @@ from PIL import Image
 
 from .config import ConfigError
 from .model import ModelError
-from .preprocess import EvalTransform, decode_image, pil_from_uint8, to_rgb
+from .preprocess import EvalTransform, ProcessorTransform, pil_from_uint8, preprocess_file, to_rgb
 
 log = logging.getLogger(__name__)
 
@@ -144,10 +145,10 @@ class ImageTextModel:
     def pixels(self, image: Any) -> torch.Tensor:
         """One image (path, PIL image, uint8 [3, H, W] or normalised float [3, S, S]) -> [3, S, S]."""
         if isinstance(image, (str, Path)):
-            img, reason = decode_image(image, self.draft_size)
-            if img is None:
+            pixels, reason = preprocess_file(image, self.preprocess, self.draft_size)  # what embed/index do
+            if pixels is None:
                 raise ValueError(f"{image}: cannot use this image ({reason})")
-            return self.preprocess(img)
+            return pixels
         if isinstance(image, Image.Image):
             return self.preprocess(to_rgb(image))
         if isinstance(image, torch.Tensor):
@@ -333,11 +334,15 @@ def _amp_id(amp: str) -> dict:
 
 def _clipft_model(name: str, tower: Any, state: dict, image_size: int, mean: Sequence[float],
                   std: Sequence[float], text: _TextSide, dev: torch.device, backend: str,
-                  encode: Callable[[torch.Tensor], torch.Tensor], amp: str = "off") -> ImageTextModel:
+                  encode: Callable[[torch.Tensor], torch.Tensor], amp: str = "off",
+                  onnx_sha256: str | None = None) -> ImageTextModel:
     preprocess_id = {"kind": "clipft-eval", "image_size": int(image_size), "mean": [float(m) for m in mean],
                      "std": [float(s) for s in std], "jpeg_draft": int(image_size), **_amp_id(amp)}
+    digest = state_digest(state)
+    if onnx_sha256 is not None:  # the ONNX backend computes with the file, not the weights: its bytes count
+        digest = hashlib.sha256(f"{digest}:onnx:{onnx_sha256}".encode()).hexdigest()
     return ImageTextModel(name, tower.embed_dim, image_size, EvalTransform(image_size, mean, std), encode, text,
-                          float(tower.logit_scale.detach().exp()), dev, backend, state_digest(state), preprocess_id,
+                          float(tower.logit_scale.detach().exp()), dev, backend, digest, preprocess_id,
                           draft_size=int(image_size))
 
 
@@ -377,7 +382,36 @@ def read_export_config(folder: str | Path) -> dict:
     missing = [k for k in EXPORT_KEYS if k not in cfg]
     if missing:
         raise ModelError(f"{cfg_file}: missing {', '.join(missing)}")
+    _check_export_values(cfg, cfg_file)
     return cfg
+
+
+IMAGE_SIZE_RANGE = (16, 4096)  # the sides data.image_size accepts
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_export_values(cfg: dict, cfg_file: Path) -> None:
+    """The values preprocessing and the tower are built from, in range: a bad one is a ModelError
+    naming config.json and the entry, not a ValueError or MemoryError deep in resizing."""
+    lo, hi = IMAGE_SIZE_RANGE
+    size = cfg["image_size"]
+    if not (_finite(size) and float(size).is_integer() and lo <= size <= hi):
+        raise ModelError(f"{cfg_file}: image_size {size!r} is not a whole number of pixels in [{lo}, {hi}]")
+    cfg["image_size"] = int(size)
+    for key in ("mean", "std"):
+        v = cfg[key]
+        if not (isinstance(v, list) and len(v) == 3 and all(_finite(x) for x in v)):
+            raise ModelError(f"{cfg_file}: {key} {v!r} is not a list of 3 finite numbers (one per RGB channel)")
+    if not all(s > 0 for s in cfg["std"]):
+        raise ModelError(f"{cfg_file}: std {cfg['std']!r} has an entry <= 0 (pixels are divided by it)")
+    dim = cfg["embed_dim"]
+    if not (_finite(dim) and float(dim).is_integer() and dim >= 1):
+        raise ModelError(f"{cfg_file}: embed_dim {dim!r} is not a positive whole number")
+    if not (_finite(cfg["logit_scale"]) and cfg["logit_scale"] > 0):
+        raise ModelError(f"{cfg_file}: logit_scale {cfg['logit_scale']!r} is not a positive finite number")
 
 
 def read_export_weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -437,34 +471,38 @@ def _from_export(folder: Path, dev: torch.device, backend: str, amp: str = "off"
     if onnx_file == INT8_ONNX_FILE and not onnx_path.is_file():
         raise ModelError(f"{onnx_path}: not found (export with: clipft export CKPT --out DIR --onnx --quantize int8)")
     encode = _onnx_encoder(onnx_path) if onnx else _torch_tower(tower, dev, amp)
+    onnx_sha = _checked_onnx_sha256(folder, cfg, onnx_path.name) if onnx else None
     model = _clipft_model(folder.name or str(folder), tower, tower.state_dict(), cfg["image_size"], cfg["mean"],
-                          cfg["std"], text, dev, backend, encode, "off" if onnx else amp)
+                          cfg["std"], text, dev, backend, encode, "off" if onnx else amp, onnx_sha256=onnx_sha)
     if onnx and onnx_path.name != ONNX_FILE:
-        # Not the float tower (int8 embeddings differ by ~1e-2): its own fingerprint, so an index built
-        # with it is never mixed with one of the float model. [B, D] outputs are re-normalised.
-        model._image_digest = hashlib.sha256(f"{model._image_digest}:{_file_digest(onnx_path)}".encode()).hexdigest()
+        # Not the float tower (int8 embeddings differ by ~1e-2): its file's sha256 is in the fingerprint
+        # (above), so an index built with it is never mixed with the float model's. Outputs re-normalised.
         model._preprocess_id = {**model._preprocess_id, "onnx_file": onnx_path.name}
         model._encode_pixels = lambda pixels, f=encode: F.normalize(f(pixels), dim=-1)
         model.quantized = onnx_path.name == INT8_ONNX_FILE
     return model
 
 
-def _file_digest(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
+        for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()
 
 
-class _ProcessorTransform:
-    """PIL image -> pixel_values [3, H, W] with a HF image processor (a class: it pickles)."""
-
-    def __init__(self, processor: Any):
-        self.processor = processor
-
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        return self.processor(images=image, return_tensors="pt")["pixel_values"][0]
+def _checked_onnx_sha256(folder: Path, cfg: dict, name: str = ONNX_FILE) -> str:
+    """sha256 of the export's ONNX file `name` (the float one, or the int8 one recorded under
+    "onnx_int8"); ModelError when config.json recorded another one (the file was altered or replaced
+    after `clipft export` checked it)."""
+    path = folder / name
+    got = file_sha256(path)
+    entry = cfg.get("onnx") if name == ONNX_FILE else cfg.get("onnx_int8") if name == INT8_ONNX_FILE else None
+    want = entry.get("sha256") if isinstance(entry, dict) else None
+    if want is not None and got != want:
+        raise ModelError(f"{path}: its sha256 {got[:12]}... is not the {str(want)[:12]}... {CONFIG_FILE} records: "
+                         "altered or replaced after export; export again (clipft export CKPT --out DIR --onnx)")
+    return got
 
 
 class _ClipVision(torch.nn.Module):
@@ -500,6 +538,6 @@ def _from_hf_clip(name: str, dev: torch.device, backend: str, amp: str = "off") 
     size = processor.crop_size["height"] if getattr(processor, "crop_size", None) else processor.size["shortest_edge"]
     text = _TextSide(name, int(model.config.text_config.max_position_embeddings), dev, dim, amp=amp)
     encode = _torch_tower(vision, dev, amp)
-    return ImageTextModel(name, dim, size, _ProcessorTransform(processor), encode, text,
+    return ImageTextModel(name, dim, size, ProcessorTransform(processor), encode, text,
                           float(model.logit_scale.detach().exp()), dev, "torch", state_digest(state),
                           {"kind": "hf-clip", "processor": processor.to_dict(), **_amp_id(amp)}, draft_size=None)

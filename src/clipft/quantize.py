@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .inference import INT8_ONNX_FILE
+from .inference import INT8_ONNX_FILE, file_sha256
 from .model import ModelError
 
 MIN_MEAN_COSINE = 0.99  # mean cosine(int8, float) over the validation images
@@ -101,6 +101,27 @@ def quantize_int8(float_onnx: Path, out_path: Path, calibration: torch.Tensor) -
     return out_path
 
 
+def retrieval_recall(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_image: torch.Tensor,
+                     ks=(1, 5, 10)) -> dict[str, dict[str, float]]:
+    """COCO-protocol Recall@K in percent, as `clipft evaluate` counts it (kept here: the library does not
+    import the evaluation tools). image_emb [N, D], text_emb [M, D], text_to_image [M] (image row per
+    caption). A query's rank is the number of negatives scoring at least its best positive (ties count
+    against it)."""
+    s = image_emb.double() @ text_emb.double().T  # [N, M]
+    pos = torch.zeros_like(s, dtype=torch.bool)
+    pos[text_to_image, torch.arange(text_emb.shape[0])] = True
+    best_i2t = s.masked_fill(~pos, float("-inf")).max(dim=1, keepdim=True).values  # [N, 1]
+    rank_i2t = ((s >= best_i2t) & ~pos).sum(1)[pos.any(1)]  # images that own a caption
+    best_t2i = s[text_to_image, torch.arange(text_emb.shape[0])]  # [M]
+    rank_t2i = ((s >= best_t2i[None, :]) & ~pos).sum(0)  # [M]
+    return {d: {f"R@{k}": 100.0 * float((r < k).float().mean()) for k in ks}
+            for d, r in (("image_to_text", rank_i2t), ("text_to_image", rank_t2i))}
+
+
+def _mean_r5(recall: dict[str, dict[str, float]]) -> float:
+    return (recall["image_to_text"]["R@5"] + recall["text_to_image"]["R@5"]) / 2
+
+
 def prepare_quantized(out: Path, ckpt_path: Path, cfg: dict, check_images, mode: str,
                       onnx_tmp: Path | None) -> tuple[Path, dict]:
     """Quantize the (already checked) float ONNX file `onnx_tmp` into a temporary file in `out`,
@@ -136,7 +157,7 @@ def prepare_quantized(out: Path, ckpt_path: Path, cfg: dict, check_images, mode:
         text = probe.encode_texts(captions)  # [M, D]
         r_float = retrieval_recall(f_emb, text, text_to_image)
         r_int8 = retrieval_recall(q_emb, text, text_to_image)
-        drop = mean_recall(r_float, 5) - mean_recall(r_int8, 5)
+        drop = _mean_r5(r_float) - _mean_r5(r_int8)
         speedup = _seconds(f_sess, x) / max(_seconds(q_sess, x), 1e-9)
         record = {"file": INT8_ONNX_FILE, "method": "onnxruntime static QDQ int8 (per-channel weights, uint8 "
                   "activations)", "calibration_images": min(CALIBRATION_IMAGES, x.shape[0]),
@@ -144,6 +165,7 @@ def prepare_quantized(out: Path, ckpt_path: Path, cfg: dict, check_images, mode:
                   "mean_cosine": float(cos.mean()), "min_cosine": float(cos.min()),
                   "recall_float": r_float, "recall_int8": r_int8, "mean_r5_drop": float(drop),
                   "speedup": float(speedup), "bytes_float": onnx_tmp.stat().st_size, "bytes_int8": tmp.stat().st_size,
+                  "sha256": file_sha256(tmp),
                   "thresholds": {"min_mean_cosine": MIN_MEAN_COSINE, "max_mean_r5_drop": MAX_RECALL_DROP}}
         if record["mean_cosine"] < MIN_MEAN_COSINE or drop > MAX_RECALL_DROP:
             raise ModelError(f"{out / INT8_ONNX_FILE}: refused, int8 mean cosine to the float tower "

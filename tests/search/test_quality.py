@@ -63,7 +63,7 @@ def test_a_colour_model_finds_colour_shape_queries_above_chance(shapes, tmp_path
 
 @pytest.mark.slow
 def test_a_trained_model_finds_colour_shape_queries_well_above_chance(shapes, demo_style_model, tmp_path):
-    """On the 64 images it was trained on (robust at test size; the demo's held-out figure is in the README)."""
+    """On the 64 images it was trained on (robust at test size; the demo's held-out figure is in docs/measurements.md)."""
     from clipft.inference import load
     model = load(demo_style_model)
     update_index(shapes / "train2014", model, tmp_path / "i", progress=False)

@@ -38,8 +38,9 @@ Run `clipft COMMAND --help` for a command's options."""
 TRAIN_EPILOG = f"""\
 Without --config the built-in defaults apply: ResNet50 with ImageNet weights against the frozen
 openai/clip-vit-base-patch32 text encoder, batch 128, 15 epochs (a GPU run on COCO). Presets:
-{", ".join(PRESETS)} (coco-rn50: that COCO run with a 5,000-image validation subset; demo: a ResNet18
-from scratch at 64 px against the offline MiniLM text encoder, on the CPU); or a YAML file such
+{", ".join(PRESETS)} (coco-rn50: that COCO run, choosing best.pt on Karpathy's val split when
+DATA holds dataset_coco.json; demo: a ResNet18 from scratch at 64 px against the offline MiniLM
+text encoder, on the CPU); or a YAML file such
 as configs/coco-rn50.yaml. Every value can be changed with --set SECTION.KEY=VALUE.
 
 Rerunning into a run directory resumes it (from OUT/last.pt, or OUT/last.prev.pt when last.pt does
@@ -559,7 +560,7 @@ def _add_tool_commands(sub) -> None:
     s.add_argument("dataset", choices=["coco", "flickr8k", "flickr30k"], help="which dataset to fetch")
     s.add_argument("--source", choices=["official", "kaggle"], default="official",
                    help="official hosts (COCO only: the Flickr images need a request form), or the Kaggle copy "
-                        "through kagglehub (pip install 'clipft[kaggle]')")
+                        "through kagglehub (pip install -e '.[kaggle]' in the source checkout)")
     s.add_argument("--out", required=True, help="dataset root (gets train2014/, val2014/, annotations/)")
     s.add_argument("--splits", nargs="*", choices=["train", "val", "annotations"],
                    default=["train", "val", "annotations"], help="archives to fetch (default: all three)")

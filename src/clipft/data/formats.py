@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Callable
 
 from ..config import DataConfig
-from .coco import is_coco_root, load_coco_captions
+from .coco import is_coco_root
 from .flickr import describe_splits, is_flickr, load_flickr
 from .folder import has_images, load_folder_captions
+from .karpathy import load_coco_split  # train / val, and karpathy-val etc. from dataset_coco.json
 from .records import CaptionedImages, DataError
 from .tabular import is_csv, is_jsonl, load_csv_captions, load_jsonl_captions
 
@@ -34,7 +35,7 @@ class DataFormat:
 
 # Detection order: specific layouts first, the generic image folder last.
 FORMAT_REGISTRY: dict[str, DataFormat] = {
-    "coco": DataFormat("coco", lambda path, part, cfg: load_coco_captions(path, part), is_coco_root,
+    "coco": DataFormat("coco", lambda path, part, cfg: load_coco_split(path, part), is_coco_root,
                        has_splits=True, title="COCO"),
     "flickr": DataFormat("flickr", lambda path, part, cfg: load_flickr(path, part), is_flickr, has_splits=True,
                          title="Flickr8k/Flickr30k", describe_splits=describe_splits, extra_splits=("test",)),

@@ -129,7 +129,7 @@ def _layout_flickr(src: Path, root: Path, linked: list[str], dataset: str) -> No
     if lay is None:
         raise KaggleLayoutError(f"{src}: the Kaggle copy of {dataset} has no Flickr caption file and image folder "
                                 f"(found {_listing(src)}; the copy may have changed); pass a folder laid out as "
-                                "the README's Flickr section shows with --data")
+                                "docs/own-data.md (Flickr30k and Flickr8k) shows with --data")
     for entry in sorted(src.iterdir()):
         if not entry.name.startswith("."):
             _link(entry, root / entry.name, linked)

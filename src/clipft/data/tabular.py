@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..config import DataConfig
-from .records import CaptionedImages, DataError, Entry, group_entries, image_path, read_text
+from .records import IMAGE_EXTENSIONS, CaptionedImages, DataError, Entry, group_entries, image_path, read_text
 
 # Auto-detected column (CSV header) / key (JSONL) names, first match wins, case-insensitive.
 IMAGE_COLUMNS = ("filepath", "image", "file_name", "filename", "image_path", "path", "file", "img")
@@ -106,12 +106,48 @@ def sniff_delimiter(text: str, source: Path | str = "<text>", image_column: str 
                     "expected an image path column and a caption column")
 
 
+MAX_FIELD_LINES = 4  # a quoted field spanning more physical lines than this is a quote left open
+
+
+def _looks_like_row(line: str, delim: str, img_col: int) -> bool:
+    """A line whose image cell (split on the separator) names an image file: a row of the file."""
+    cells = line.split(delim)
+    if len(cells) < 2 or img_col >= len(cells):
+        return False
+    return Path(cells[img_col].strip().strip('"')).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _check_quotes(row: list[str], path: Path, start: int, end: int, delim: str, img_col: int,
+                  at_eof: bool) -> None:
+    """DataError (one line, naming the file and line) for a row that a quote left open has made
+    swallow other rows. Python's csv reader (like Excel's) reads a field that opens with `"` up to
+    the next `"`, across newlines, and at the end of the file without complaint: one stray quote
+    turns the rest of the file into one caption. Quoted captions that really hold a newline stay
+    legal; refused is a field that spans more than MAX_FIELD_LINES lines, holds a line that looks
+    like a row of the file (an image path, the separator), or runs to the end of the file."""
+    for field in row:
+        if "\n" not in field and "\r" not in field:
+            continue
+        inner = field.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+        swallowed = sum(_looks_like_row(line, delim, img_col) for line in inner[1:])
+        open_at_eof = at_eof and field.endswith(("\n", "\r"))
+        if end - start + 1 > MAX_FIELD_LINES or swallowed or open_at_eof:
+            until = "the end of the file" if open_at_eof else f"line {end}"
+            raise DataError(
+                f"{path}: line {start}: a quote (\") opened in this row is not closed until {until}: one "
+                f"{len(field):,}-character field spans {end - start + 1} lines"
+                + (f" and swallows {swallowed} row(s) that name images" if swallowed else "")
+                + "; close the quote, or write a quote inside a quoted caption as \"\"")
+
+
 def load_csv_captions(path: str | Path, cfg: DataConfig | None = None) -> CaptionedImages:
     """A CSV/TSV file with a header row: image path column + caption column (separator sniffed).
 
     Image paths are absolute or relative to the file. Rows naming the same image are grouped into
     one image with several captions. Quoted fields may hold separators and newlines. A row with
     more fields than the header (an unquoted separator in a caption) is dropped as malformed_row.
+    A quote left open (it would swallow the rows after it into one caption) is refused with a
+    DataError naming the file and line (`_check_quotes`).
     """
     cfg = cfg or DataConfig()
     path = Path(path)
@@ -128,10 +164,14 @@ def load_csv_captions(path: str | Path, cfg: DataConfig | None = None) -> Captio
         img_col = header.index(_pick_column(header, cfg.image_column, IMAGE_COLUMNS, "image", "image_column", path))
         cap_col = header.index(_pick_column(header, cfg.caption_column, CAPTION_COLUMNS, "caption",
                                             "caption_column", path))
+        end = reader.line_num  # physical line the previous row ended on
+        n_lines = len(text.rstrip("\r\n").splitlines())  # the reader stops here when a quote runs to the end
         for row in reader:
+            start, end = end + 1, reader.line_num  # the physical lines this row spans
+            _check_quotes(row, path, start, end, delim, img_col, at_eof=end >= n_lines)
             if not any(c.strip() for c in row):
                 continue  # blank line
-            where = f"{path}:{reader.line_num}"
+            where = f"{path}:{start}"
             cell = row[img_col].strip() if img_col < len(row) else ""
             image = image_path(cell, path.parent) if cell else None
             if len(row) > len(header):
@@ -142,6 +182,22 @@ def load_csv_captions(path: str | Path, cfg: DataConfig | None = None) -> Captio
     except csv.Error as e:
         raise DataError(f"{path}: line {reader.line_num}: {e}") from None
     return group_entries(entries, f"csv:{path}", path)
+
+
+def csv_row_lines(path: str | Path, cfg: DataConfig | None = None) -> tuple[Path, int]:
+    """(the CSV file, how many of its physical lines look like rows: an image path with an image
+    extension in the image column, then the separator). `clipft validate` checks the rows read
+    against it, so no reader can lose rows of the file unseen. A path without an image extension is
+    not counted (the count is a lower bound)."""
+    cfg = cfg or DataConfig()
+    path = Path(path)
+    if path.is_dir():
+        path = metadata_file(path, ".csv")
+    text = read_text(path)
+    delim = sniff_delimiter(text, path, cfg.image_column, cfg.caption_column)
+    header = next(csv.reader([text.split("\n", 1)[0].rstrip("\r")], delimiter=delim))
+    img_col = header.index(_pick_column(header, cfg.image_column, IMAGE_COLUMNS, "image", "image_column", path))
+    return path, sum(_looks_like_row(line, delim, img_col) for line in text.splitlines()[1:])
 
 
 def load_jsonl_captions(path: str | Path, cfg: DataConfig | None = None) -> CaptionedImages:

@@ -36,6 +36,7 @@ from .caches import prepared_split_dirs, user_cache_dir
 from .formats import FORMAT_REGISTRY, resolve_format
 from .images import load_image
 from .prepare import PreparedImages
+from . import tabular
 from .records import CaptionedImages, DataError
 from .splits import load_split, split_source
 
@@ -366,6 +367,25 @@ def _findings(name: str, rep: dict, errors: list[str], warnings: list[str]) -> N
                         f"tokens (truncated), longest {tok['max']}")
 
 
+def _check_csv_rows(data: str | Path, dcfg: Any, errors: list[str]) -> None:
+    """A CSV/TSV source: the rows read (captions kept + dropped) against the physical lines of the
+    file that look like rows (`tabular.csv_row_lines`). Fewer rows read than such lines means rows
+    vanished inside another field (a quote left open) or were lost otherwise: an error."""
+    for source in dict.fromkeys(p for p in (data, dcfg.val_path) if p):
+        source = Path(source)
+        if not tabular.is_csv(source):
+            continue
+        try:
+            path, lines = tabular.csv_row_lines(source, dcfg)
+            whole = tabular.load_csv_captions(path, dcfg)
+        except DataError:
+            continue  # already reported by the split that failed to load
+        read = len(whole.captions) + whole.dropped_captions
+        if read < lines:
+            errors.append(f"{path}: {lines} rows name image files but only {read} were read: rows are "
+                          "swallowed (a quote left open?) or lost; check the file around the first missing image")
+
+
 def validate_data(data: str | Path, cfg: Config | None = None, val_data: str | Path | None = None,
                   check_tokens: bool = True, progress: bool = False, deep: bool = False) -> dict[str, Any]:
     """The full report on a dataset (and its validation data) as a JSON-ready dict; see the module
@@ -422,6 +442,7 @@ def validate_data(data: str | Path, cfg: Config | None = None, val_data: str | P
             if entry["problem"]:
                 (errors if entry["status"] == "damaged" else warnings).append(f"{role}: {entry['problem']}")
 
+    _check_csv_rows(data, dcfg, errors)
     if "train" in splits and "val" in splits:
         pairs = find_shared_images((r.path for r in splits["train"].images), (r.path for r in splits["val"].images))
         report["leak"] = {"images_in_both": len(pairs), "method": "sha256 of the file content",

@@ -21,20 +21,10 @@ from tqdm.auto import tqdm
 
 from ..data import CaptionedImages, EvalImageDataset, collate_eval
 from ..model import ModelError
+from ..preprocess import ProcessorTransform
 from ..runtime import worker_count
 
 log = logging.getLogger(__name__)
-
-
-class _ProcessorTransform:
-    """PIL image -> pixel_values [3, H, W] with a HF image processor (a class, so it pickles into
-    DataLoader workers)."""
-
-    def __init__(self, processor: Any):
-        self.processor = processor
-
-    def __call__(self, image) -> torch.Tensor:
-        return self.processor(images=image, return_tensors="pt")["pixel_values"][0]
 
 
 def load_clip_vision(name: str, device: torch.device) -> tuple[torch.nn.Module, Any]:
@@ -69,7 +59,7 @@ def clip_image_embeddings(model: torch.nn.Module, processor: Any, data: Captione
     unreadable images left out exactly like `evaluate.embed_images` does."""
     # No JPEG draft decoding: the processor gets the fully decoded image, exactly as in HF's own usage,
     # so the baseline's numbers are CLIP's and not those of a different downsampling path.
-    ds = EvalImageDataset(data, _ProcessorTransform(processor), draft_size=None)
+    ds = EvalImageDataset(data, ProcessorTransform(processor), draft_size=None)
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=worker_count(num_workers),
                         collate_fn=collate_eval, pin_memory=device.type == "cuda")
     embs, rows = [], []

@@ -1,8 +1,5 @@
-"""Retrieval metrics (pure functions over embeddings) and checkpoint evaluation.
-
-COCO has ~5 captions per image, so every metric takes an explicit caption->image index
-(`text_to_image`, LongTensor [M]) instead of assuming a 1:1 diagonal.
-"""
+"""Evaluation of a checkpoint on a split: embed its images, score them with the pure metrics of
+`clipft.eval.metrics`, and write the figures (metrics.json, CSV, tables)."""
 
 from __future__ import annotations
 
@@ -22,145 +19,12 @@ from ..config import Config
 from ..data import CaptionedImages, EvalImageDataset, build_transform, collate_eval, eval_text_cache_file
 from ..loss import clip_loss
 from ..model import ImageTower
+from .metrics import (DIRECTIONS, TIE_ATOL, EvaluationError, check_finite, format_fold_spread,  # noqa: F401
+                      format_recall_table, mean_recall, recall_from_ranks, retrieval_ranks, retrieval_recall)
 from .protocols import EvalSplit
 from ..runtime import worker_count
 
 log = logging.getLogger(__name__)
-
-DIRECTIONS = ("image_to_text", "text_to_image")
-
-
-class EvaluationError(ValueError):
-    """Embeddings that cannot be scored (non-finite values, wrong shapes): refused, never ranked."""
-
-
-def check_finite(image_emb: torch.Tensor, text_emb: torch.Tensor, where: str = "embeddings") -> None:
-    """Raise EvaluationError naming `where` and how many image/text rows hold NaN or inf.
-
-    Every comparison with NaN is false, so a NaN query would otherwise outrank every negative and
-    score a perfect recall: a broken model must never look good."""
-    bad_img = int((~torch.isfinite(image_emb)).any(dim=-1).sum()) if image_emb.numel() else 0
-    bad_txt = int((~torch.isfinite(text_emb)).any(dim=-1).sum()) if text_emb.numel() else 0
-    if bad_img or bad_txt:
-        raise EvaluationError(f"{where}: {bad_img} of {image_emb.shape[0]} image embeddings and {bad_txt} of "
-                              f"{text_emb.shape[0]} text embeddings are not finite (NaN/inf): the model diverged "
-                              "or its input is broken; refusing to score them")
-
-
-# Scores are compared in float64: fp32 inputs give float64 dot products exact to ~1e-16, so two
-# scores that are equal in exact arithmetic (identical embeddings) are equal here within TIE_ATOL,
-# whichever kernel computed them (the elementwise positive vs the chunked matmul), while two scores
-# that differ in fp32 differ by far more.
-TIE_ATOL = 1e-9
-
-
-@torch.inference_mode()
-def retrieval_ranks(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_image: torch.Tensor,
-                    chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rank (0 = top) of the best positive for every image query and every caption query.
-
-    image_emb [N, D], text_emb [M, D], text_to_image [M] (image row of each caption).
-    Returns (image_rank [N], text_rank [M]) as LongTensors. Non-finite embeddings are refused
-    (`EvaluationError`).
-
-    One pass over row chunks of the score matrix S = image_emb @ text_emb.T (float64); the full
-    [N, M] matrix is never held. Instead of sorting, each query's rank is the number of *negatives*
-    that score at least as high as its best positive. Ties count AGAINST the query: a negative
-    scoring equal to the positive ranks ahead of it, so a collapsed tower (every image the same
-    embedding) scores 0 text->image and about chance image->text, never better.
-      image i:   #{captions j of other images : S[i, j] >= max_{j' of i} S[i, j'] - TIE_ATOL}
-      caption j: #{images i != img(j)         : S[i, j] >= S[img(j), j] - TIE_ATOL}
-    Positives are masked out of the comparison (they are not negatives, even when tied).
-    """
-    if image_emb.ndim != 2 or text_emb.ndim != 2 or image_emb.shape[1] != text_emb.shape[1]:
-        raise EvaluationError(f"expected [N, D] and [M, D] embeddings, got {tuple(image_emb.shape)} "
-                              f"and {tuple(text_emb.shape)}")
-    text_to_image = torch.as_tensor(text_to_image, dtype=torch.long, device=image_emb.device)
-    n, m = image_emb.shape[0], text_emb.shape[0]
-    if text_to_image.shape != (m,):
-        raise EvaluationError(f"text_to_image must have shape [{m}], got {tuple(text_to_image.shape)}")
-    if m and (int(text_to_image.min()) < 0 or int(text_to_image.max()) >= n):
-        raise EvaluationError("text_to_image holds an index outside [0, num_images)")
-    check_finite(image_emb, text_emb)
-    image_emb = image_emb.double()
-    text_emb = text_emb.to(image_emb.device, torch.float64)
-
-    # Positive score of every caption with its own image: [M].
-    pos = (image_emb[text_to_image] * text_emb).sum(-1)
-    # Best positive per image: [N]; an image without captions keeps -inf (it is no image query;
-    # retrieval_recall leaves it out).
-    best_pos = torch.full((n,), float("-inf"), dtype=pos.dtype, device=pos.device)
-    best_pos.scatter_reduce_(0, text_to_image, pos, reduce="amax")
-    pos_lo, best_lo = pos - TIE_ATOL, best_pos - TIE_ATOL  # a score >= these counts as a tie or better
-
-    if chunk_size is None:
-        # Keep one [chunk, M] float64 block around 256 MiB.
-        chunk_size = max(1, min(n, (256 * 2**20) // max(1, 8 * m)))
-
-    image_rank = torch.zeros(n, dtype=torch.long, device=image_emb.device)
-    text_rank = torch.zeros(m, dtype=torch.long, device=image_emb.device)
-    cols = torch.arange(m, device=image_emb.device)
-    above = torch.empty(min(n, chunk_size), m, dtype=torch.bool, device=image_emb.device)  # reused [c, M]
-    for start in range(0, n, chunk_size):
-        stop = min(n, start + chunk_size)
-        s = image_emb[start:stop] @ text_emb.T  # [c, M] float64
-        # Mask each caption's own image row inside this chunk (positives never count as negatives).
-        own = (text_to_image >= start) & (text_to_image < stop)
-        s[text_to_image[own] - start, cols[own]] = float("-inf")
-        buf = above[:stop - start]
-        image_rank[start:stop] = torch.ge(s, best_lo[start:stop, None], out=buf).sum(1)
-        text_rank += torch.ge(s, pos_lo[None, :], out=buf).sum(0)
-        del s
-    return image_rank, text_rank
-
-
-def recall_from_ranks(ranks: torch.Tensor, ks: Iterable[int]) -> dict[str, float]:
-    """{"R@k": percent of queries whose best positive ranks < k}."""
-    total = max(1, ranks.numel())
-    return {f"R@{k}": 100.0 * float((ranks < k).sum()) / total for k in ks}
-
-
-def retrieval_recall(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_image: torch.Tensor,
-                     ks: Sequence[int] = (1, 5, 10), chunk_size: int | None = None) -> dict[str, dict[str, float]]:
-    """COCO-protocol Recall@K in percent, both directions.
-
-    image->text: an image is a hit at K if ANY of its captions is in the top K captions.
-    text->image: a caption is a hit at K if its image is in the top K images.
-    Images that own no caption are not image queries.
-    """
-    text_to_image = torch.as_tensor(text_to_image, dtype=torch.long)
-    image_rank, text_rank = retrieval_ranks(image_emb, text_emb, text_to_image, chunk_size)
-    has_caption = torch.zeros(image_emb.shape[0], dtype=torch.bool, device=image_rank.device)
-    has_caption[text_to_image.to(image_rank.device)] = True
-    return {
-        "image_to_text": recall_from_ranks(image_rank[has_caption], ks),
-        "text_to_image": recall_from_ranks(text_rank, ks),
-    }
-
-
-def mean_recall(metrics: dict[str, dict[str, float]], k: int | None = None) -> float:
-    """Mean of R@k over both directions (k=None: over every K, the usual 'rsum / 6')."""
-    vals = [v for d in DIRECTIONS for name, v in metrics[d].items() if k is None or name == f"R@{k}"]
-    return sum(vals) / max(1, len(vals))
-
-
-def format_recall_table(metrics: dict[str, dict[str, float]]) -> str:
-    """A small fixed-width table: one row per direction, one column per K."""
-    ks = list(metrics["image_to_text"].keys())
-    lines = [f"{'direction':<15}" + "".join(f"{k:>8}" for k in ks)]
-    for d in DIRECTIONS:
-        lines.append(f"{d:<15}" + "".join(f"{metrics[d][k]:8.2f}" for k in ks))
-    return "\n".join(lines)
-
-
-def format_fold_spread(metrics: dict) -> str:
-    """The per-fold spread of a protocol with folds: std (min-max) per direction and K."""
-    f = metrics["folds"]
-    lines = [f"mean over {f['count']} folds; per-fold spread, std (min-max):"]
-    for d in DIRECTIONS:
-        lines.append(f"{d:<15}" + "  ".join(f"{k} {f['std'][d][k]:.2f} ({f['min'][d][k]:.2f}-{f['max'][d][k]:.2f})"
-                                            for k in f["std"][d]))
-    return "\n".join(lines)
 
 
 @torch.inference_mode()
@@ -211,6 +75,22 @@ def sharded_embed_images(model: torch.nn.Module, split: CaptionedImages, cfg: Co
     return distributed.all_gather_cat(emb.float()), distributed.all_gather_cat(rows)
 
 
+def row_of_images(num_images: int, rows: torch.Tensor) -> torch.Tensor:
+    """[num_images] row of each split image in an embedding matrix that holds only `rows` (the images
+    that decoded, in that order); -1 for an image that was skipped."""
+    row_of = torch.full((num_images,), -1, dtype=torch.long)
+    row_of[rows] = torch.arange(rows.numel())
+    return row_of
+
+
+def kept_captions(caption_to_image: torch.Tensor, num_images: int,
+                  rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keep [M] bool: the caption's image decoded, caption_to_row [M_kept]: its row in the embeddings)."""
+    c2r = row_of_images(num_images, rows)[caption_to_image]  # [M], -1 where the image was skipped
+    keep = c2r >= 0
+    return keep, c2r[keep]
+
+
 def evaluate_split(image_emb: torch.Tensor, rows: torch.Tensor, split: CaptionedImages,
                    text_emb: torch.Tensor, ks=(1, 5, 10), logit_scale: float | None = None,
                    batch_size: int = 256) -> dict:
@@ -220,12 +100,8 @@ def evaluate_split(image_emb: torch.Tensor, rows: torch.Tensor, split: Captioned
     query still has its image among the candidates.
     """
     check_finite(image_emb, text_emb, where=f"split {split.name!r}")
-    c2i = split.caption_to_image  # [M] image row per caption
-    row_of = torch.full((len(split),), -1, dtype=torch.long)
-    row_of[rows] = torch.arange(rows.numel())
-    new_c2i = row_of[c2i]  # [M] row in image_emb, -1 if its image was skipped
-    keep = new_c2i >= 0
-    metrics = retrieval_recall(image_emb, text_emb[keep], new_c2i[keep], ks=ks)
+    keep, caption_rows = kept_captions(split.caption_to_image, len(split), rows)
+    metrics = retrieval_recall(image_emb, text_emb[keep], caption_rows, ks=ks)
     out: dict[str, Any] = {**metrics, "num_images": int(rows.numel()), "num_captions": int(keep.sum())}
     if logit_scale is not None and rows.numel() > 1:
         # Validation loss: each image with its first caption, in fixed batches, like training.
@@ -248,8 +124,7 @@ def evaluate_folds(image_emb: torch.Tensor, rows: torch.Tensor, split: Captioned
     gallery of its own, its images against its captions only. Returns the fold means under the
     directions (so tables read it like any metrics), the summed counts, and under "folds" the
     per-fold figures with their spread: std (sample, n-1), min and max per direction and K."""
-    pos = torch.full((len(split),), -1, dtype=torch.long)
-    pos[rows] = torch.arange(rows.numel())  # row of each decoded image in image_emb
+    pos = row_of_images(len(split), rows)  # row of each decoded image in image_emb
     offsets = split.caption_offsets()
     per_fold = []
     for fold in folds:
@@ -306,11 +181,7 @@ class SplitEmbeddings:
 
     def kept_captions(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(keep [M] bool: caption's image decoded, caption_to_row [M_kept]: its row in image_emb)."""
-        row_of = torch.full((len(self.data),), -1, dtype=torch.long)
-        row_of[self.rows] = torch.arange(self.rows.numel())
-        c2r = row_of[self.data.caption_to_image]  # [M]
-        keep = c2r >= 0
-        return keep, c2r[keep]
+        return kept_captions(self.data.caption_to_image, len(self.data), self.rows)
 
 
 def checkpoint_embeddings(checkpoint: str | Path, data_root: str | Path, split: str = "val",
@@ -499,6 +370,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data_root: str | Path, split: st
     metrics = score_split(emb.image_emb, emb.rows, emb.split, emb.text_emb, cfg.eval.ks)
     metrics.update(split=emb.split.name, skipped_images=len(data) - int(emb.rows.numel()), checkpoint=str(checkpoint),
                    protocol=emb.split.protocol, protocol_name=emb.split.label, text_encoder=cfg.text.encoder)
+    if emb.split.selection_overlap is not None:  # Karpathy figures: images that also chose the checkpoint
+        metrics["selection_overlap"] = emb.split.selection_overlap
     if compare_zero_shot:
         metrics["zero_shot"] = zero_shot_clip_metrics(compare_zero_shot, emb.split, cfg, data_root, device, progress)
     json_path, csv_path = metrics_paths(checkpoint, emb.split.name)

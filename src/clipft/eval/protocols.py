@@ -27,12 +27,13 @@ never invalidates another protocol's cache.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import Config
 from ..data import CaptionedImages, DataError, ImageRecord, load_split
-from ..data.karpathy import read_karpathy_split
+from ..data.karpathy import coco_karpathy_images
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,9 @@ class EvalSplit:
     protocol: str  # human description, written into metrics files and the report
     # karpathy-test-1k: image rows of each fold (a gallery of its own); None = one gallery
     folds: list[list[int]] | None = None
+    # Karpathy protocols: how many of its images were in the split that chose the checkpoint
+    # (`selection_overlap`); None for the other protocols
+    selection_overlap: dict | None = None
 
     @property
     def label(self) -> str:
@@ -62,32 +66,35 @@ class EvalSplit:
 
 def load_karpathy_split(split_file: str | Path, image_root: str | Path, split: str = "test",
                         order: str = "id") -> CaptionedImages:
-    """Karpathy's `dataset_coco.json` -> the images of one split (`split` field), as CaptionedImages.
+    """Karpathy's `dataset_coco.json` -> the images of one split, as CaptionedImages
+    (`clipft.data.karpathy.coco_karpathy_images`, which training's data.val_split=karpathy-val reads too)."""
+    return coco_karpathy_images(split_file, image_root, split, order)
 
-    Format: {"images": [{"filepath": "val2014", "filename": "COCO_val2014_...jpg", "cocoid": 391895,
-    "split": "test", "sentences": [{"raw": "A man ...", "sentid": 770337, ...}, ...]}, ...]}
-    (parsed by `clipft.data.karpathy.read_karpathy_split`, shared with the Flickr files).
-    Image path = image_root / filepath / filename. Images are ordered by cocoid (order="id") or
-    as the file lists them (order="file": the order the 1K-test folds are cut in); captions keep
-    the file's order; caption ids are `sentid` when present (else cocoid * 100 + position).
-    Image files are not opened (unreadable ones are skipped later and counted), but every
-    `filepath` directory must exist, so a wrong --data fails here and not as 5,000 warnings.
-    """
-    split_file, image_root = Path(split_file), Path(image_root)
-    ks = read_karpathy_split(split_file, split, id_key="cocoid")
-    for d in sorted({im.filepath for im in ks.images}):
-        if not (image_root / d).is_dir():
-            raise DataError(f"{image_root / d}: image directory not found (named by 'filepath' in {split_file}; "
-                            "--data must be the folder that holds train2014/ and val2014/)")
-    images = [ImageRecord(image_id=im.image_id, path=image_root / im.filepath / im.filename,
-                          captions=im.captions, caption_ids=im.caption_ids) for im in ks.images]
-    if order == "id":
-        images.sort(key=lambda r: r.image_id)
-    if ks.dropped_images or ks.dropped_captions:
-        log.warning("%s: dropped %d image(s) without captions and %d empty caption(s)",
-                    split_file, ks.dropped_images, ks.dropped_captions)
-    return CaptionedImages(images=images, name=f"karpathy:{split_file}:{split}",
-                           dropped_images=ks.dropped_images, dropped_captions=ks.dropped_captions)
+
+def selection_overlap(data_root: str | Path, cfg: Config, data: CaptionedImages) -> dict:
+    """How many images of `data` (a Karpathy test or val split) were in the validation split that
+    chose the checkpoint (cfg.data.val_split with data.val_images, loaded as training loads it):
+    {"images": count or None when the selection split cannot be loaded here, "of": len(data),
+    "selection": its name, "note": why unknown}. Matched by resolved image path."""
+    try:
+        chosen = load_split(data_root, cfg.data.val_split, cfg.data)
+    except DataError as e:
+        return {"images": None, "of": len(data), "selection": None, "note": str(e)}
+    taken = {os.path.abspath(r.path) for r in chosen.images}
+    n = sum(os.path.abspath(r.path) in taken for r in data.images)
+    return {"images": n, "of": len(data), "selection": chosen.name}
+
+
+def selection_note(overlap: dict) -> str:
+    """The protocol line's statement of `selection_overlap`: zero, a warning, or unknown."""
+    n, of = overlap["images"], overlap["of"]
+    if n is None:
+        return ("; whether its images took part in checkpoint selection is unknown (the run's validation split "
+                "cannot be loaded here): the figure may not be comparable with published numbers")
+    if n == 0:
+        return f"; none of its {of:,} images took part in checkpoint selection ({overlap['selection']})"
+    return (f"; WARNING: {n:,} of its {of:,} images were in the validation split that chose the checkpoint "
+            f"({overlap['selection']}): the figure is optimistic and not comparable with published numbers")
 
 
 def consecutive_folds(n: int, k: int = N_FOLDS_1K) -> list[list[int]]:
@@ -132,8 +139,13 @@ def resolve_eval_split(data_root: str | Path, split: str, cfg: Config, karpathy:
         if split == KARPATHY_1K:
             data = load_karpathy_split(karpathy, data_root, "test", order="file")  # folds are cut in file order
             folds = consecutive_folds(len(data))
-            return EvalSplit(data=data, name=split, protocol=protocol_description(split, data, folds), folds=folds)
+            overlap = selection_overlap(data_root, cfg, data)
+            return EvalSplit(data=data, name=split, protocol=protocol_description(split, data, folds)
+                             + selection_note(overlap), folds=folds, selection_overlap=overlap)
         data = load_karpathy_split(karpathy, data_root, split[len(KARPATHY_PREFIX):])
+        overlap = selection_overlap(data_root, cfg, data)
+        return EvalSplit(data=data, name=split, protocol=protocol_description(split, data) + selection_note(overlap),
+                         selection_overlap=overlap)
     elif karpathy is not None:
         raise DataError(f"{karpathy}: --karpathy is only used with --split karpathy-test (or karpathy-val, "
                         "karpathy-test-1k)")
@@ -142,8 +154,8 @@ def resolve_eval_split(data_root: str | Path, split: str, cfg: Config, karpathy:
     elif split == "val-heldout":
         data = heldout_val(load_split(data_root, cfg.data.val_split, _without_val_subset(cfg).data), cfg)
     else:
-        try:
-            data = load_split(data_root, split, cfg.data)
+        try:  # "val": the validation split as training selected on it (data.val_split, e.g. karpathy-val)
+            data = load_split(data_root, cfg.data.val_split if split == "val" else split, cfg.data)
         except DataError as e:
             if split in (cfg.data.train_split, cfg.data.val_split):
                 raise

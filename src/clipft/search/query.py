@@ -255,14 +255,14 @@ def load_query_model(idx: LoadedIndex, device: str = "cpu", query_encoder: str |
 
 
 def embed_query_image(model, path: str | Path) -> torch.Tensor:
-    """One image file as a query vector [D]; a SearchError naming the file when it does not decode."""
-    from PIL import Image, UnidentifiedImageError
-    try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-    except (OSError, UnidentifiedImageError, ValueError) as e:
-        raise SearchError(f"{path}: not a readable image ({e})") from None
-    return model.encode_images([im])[0]
+    """One image file as a query vector [D]; a SearchError naming the file when it does not decode.
+    The same preprocessing as the index (`embed.embed_paths`): clipft.preprocess's one rule (JPEG
+    draft decoding, transparency on white), so a file embeds as its own indexed copy."""
+    from ..preprocess import preprocess_file
+    pixels, reason = preprocess_file(path, model.preprocess, getattr(model, "draft_size", None))
+    if pixels is None:
+        raise SearchError(f"{path}: not a readable image ({reason})")
+    return model.encode_pixels(pixels[None])[0]
 
 
 def answer(idx: LoadedIndex, model, k: int, text: str | None = None, image: str | Path | None = None) -> dict:
