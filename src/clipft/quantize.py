@@ -114,7 +114,7 @@ def retrieval_recall(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_im
     rank_i2t = ((s >= best_i2t) & ~pos).sum(1)[pos.any(1)]  # images that own a caption
     best_t2i = s[text_to_image, torch.arange(text_emb.shape[0])]  # [M]
     rank_t2i = ((s >= best_t2i[None, :]) & ~pos).sum(0)  # [M]
-    return {d: {f"R@{k}": 100.0 * float((r < k).float().mean()) for k in ks}
+    return {d: {f"R@{k}": 100.0 * float((r < k).double().mean()) for k in ks}
             for d, r in (("image_to_text", rank_i2t), ("text_to_image", rank_t2i))}
 
 
@@ -127,7 +127,6 @@ def prepare_quantized(out: Path, ckpt_path: Path, cfg: dict, check_images, mode:
     """Quantize the (already checked) float ONNX file `onnx_tmp` into a temporary file in `out`,
     measure it (module docstring) and return (temporary path, config.json "onnx_int8" record);
     ModelError, with nothing left behind, when it is refused."""
-    from .eval.evaluate import mean_recall, retrieval_recall
     from .inference import load
     if mode not in MODES:
         raise ModelError(f"--quantize must be one of {', '.join(MODES)}, got {mode!r}")
