@@ -28,6 +28,10 @@ import subprocess
 import sys
 import time
 
+if "--no-thread-plan" not in sys.argv:  # what `clipft` does before importing torch (clipft.threads)
+    from clipft.threads import configure_cpu_threads
+    configure_cpu_threads()
+
 import torch
 
 from clipft.config import ModelConfig
@@ -160,6 +164,8 @@ def main() -> None:
     p.add_argument("--chunks", type=lambda s: [int(v) for v in s.split(",")], default=None,
                    help="compare train.embed_chunk values, e.g. 0,64 (one process each)")
     p.add_argument("--amp", default="auto", help="train.amp for --chunks")
+    p.add_argument("--no-thread-plan", action="store_true",
+                   help="leave torch's thread count and OpenMP's wait policy at their defaults (as before clipft.threads)")
     p.add_argument("--worker-chunk", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

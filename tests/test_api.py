@@ -74,8 +74,41 @@ def test_bad_image_inputs_name_the_problem(ckpt_model, tmp_path):
         ckpt_model.encode_images([bad])
     with pytest.raises(ValueError, match="uint8 pixels"):
         ckpt_model.encode_images([torch.zeros(3, 7, 7)])
-    with pytest.raises(ValueError, match="list of strings"):
-        ckpt_model.encode_texts("a dog")
+    with pytest.raises(ValueError, match="cannot embed a int"):
+        ckpt_model.encode_images([3])
+
+
+def test_a_single_input_is_one_item_like_sentence_transformers(ckpt_model, tmp_path):
+    import numpy as np
+    png = tmp_path / "one.png"
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(png)
+    many = ckpt_model.encode_images([png])  # [1, D]
+    for one in (str(png), png, Image.open(png), ckpt_model.pixels(str(png))):
+        got = ckpt_model.encode_images(one)  # a path is one image, not its characters
+        assert got.shape == (ckpt_model.embed_dim,) and torch.allclose(got, many[0], atol=1e-6)
+    t = ckpt_model.encode_texts("a red square")
+    assert t.shape == (ckpt_model.embed_dim,)
+    assert torch.allclose(t, ckpt_model.encode_texts(["a red square"])[0], atol=1e-6)
+    arr = ckpt_model.encode_texts(["a red square", "a blue circle"], convert_to_numpy=True)
+    assert isinstance(arr, np.ndarray) and arr.shape == (2, ckpt_model.embed_dim) and arr.dtype == np.float32
+    assert isinstance(ckpt_model.encode_images(png, as_numpy=True), np.ndarray)
+    assert torch.allclose(ckpt_model.encode_images([png], normalize=True).norm(dim=-1), torch.ones(1), atol=1e-5)
+    assert ckpt_model.encode_images([png], show_progress=True).shape == (1, ckpt_model.embed_dim)
+    assert ckpt_model.to("cpu") is ckpt_model and ckpt_model.device == torch.device("cpu")
+
+
+def test_zero_shot_default_templates_are_the_clis(ckpt_model, coco_root):
+    from clipft.config import EvalConfig
+    from clipft.eval.zeroshot import class_embeddings, class_probabilities
+    from clipft.text import load_text_encoder
+    images = sorted((coco_root / "val2014").glob("*.jpg"))[:2]
+    labels = ["red circle", "blue square"]
+    probs = ckpt_model.zero_shot(images, labels)  # no templates: eval.zeroshot_templates, as `clipft zeroshot`
+    enc = load_text_encoder(ckpt_model.text_encoder_name, amp="off")
+    want = class_probabilities(ckpt_model.encode_images(images),
+                               class_embeddings(enc, labels, list(EvalConfig().zeroshot_templates)),
+                               ckpt_model.logit_scale)
+    assert torch.allclose(probs, want, atol=1e-5)
 
 
 def test_similarity_and_zero_shot(ckpt_model, trained_run, coco_root):

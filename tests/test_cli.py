@@ -111,6 +111,9 @@ def test_interrupt_says_what_was_kept(monkeypatch, tmp_path, capsys):
         raise KeyboardInterrupt
     for name in ("cmd_train", "cmd_cache_text", "cmd_evaluate"):
         monkeypatch.setattr(cli, name, interrupt)
+    monkeypatch.chdir(tmp_path)  # D and C exist: missing inputs are refused before the command runs
+    (tmp_path / "D").mkdir()
+    (tmp_path / "C").write_bytes(b"")
     out = tmp_path / "run"
     assert main(["train", "--data", "D", "--out", str(out)]) == 130
     assert "no checkpoint yet" in capsys.readouterr().err

@@ -94,11 +94,16 @@ def test_validate_messy_folder_counts_each_problem(messy, tiny_clip_dir, tmp_pat
     assert "3 placeholder (None/NA/nan...)" in printed and "1 over the limit of 77" in printed
 
 
-def test_validate_without_leak_passes_and_default_report_path(messy, capsys):
+def test_validate_without_leak_passes_and_writes_nothing_into_the_data(messy, capsys, tmp_path):
     root, _ = messy
+    before = sorted(p.name for p in root.iterdir())
     # the folder split into train/val by image (val_fraction); no text encoder needed with --no-tokens
     code = main(["validate", "--data", str(root), "--no-tokens", "--quiet", "--set", "data.val_fraction=0.3"])
-    rep = json.loads((root / "validate_report.json").read_text())
+    assert code == 0 and sorted(p.name for p in root.iterdir()) == before  # the JSON only with --out
+    out = tmp_path / "report.json"
+    code = main(["validate", "--data", str(root), "--no-tokens", "--quiet", "--set", "data.val_fraction=0.3",
+                 "--out", str(out)])
+    rep = json.loads(out.read_text())
     assert code == 0 and rep["ok"] and rep["errors"] == []
     assert rep["leak"]["images_in_both"] == 0 and "tokens" not in rep["splits"]["train"]
     assert rep["splits"]["train"]["images"]["with_captions"] + rep["splits"]["val"]["images"]["with_captions"] == 7
@@ -221,9 +226,9 @@ def test_validate_deep_hashes_every_prepared_chunk(tmp_path, capsys):
     from clipft.data.shapes import make_shapes_dataset
     root = make_shapes_dataset(tmp_path / "coco", n_train=9, n_val=3, seed=4, image_size=40)
     assert main(["prepare-images", "--data", str(root), "--size", "24", "--workers", "1", "--quiet"]) == 0
-    args = ["validate", "--data", str(root), "--no-tokens", "--quiet"]
+    args = ["validate", "--data", str(root), "--no-tokens", "--quiet", "--out", str(tmp_path / "report.json")]
     assert main(args + ["--deep"]) == 0
-    rep = json.loads((root / "validate_report.json").read_text())
+    rep = json.loads((tmp_path / "report.json").read_text())
     assert [e["status"] for role in ("train", "val") for e in rep["splits"][role]["prepared"]] == ["ok", "ok"]
     array = root / "cache" / "images" / "train-24" / "images.u8"
     data = bytearray(array.read_bytes())
@@ -231,7 +236,7 @@ def test_validate_deep_hashes_every_prepared_chunk(tmp_path, capsys):
     array.write_bytes(bytes(data))
     assert main(args) == 0  # the sizes match
     assert main(args + ["--deep"]) == 1
-    rep = json.loads((root / "validate_report.json").read_text())
+    rep = json.loads((tmp_path / "report.json").read_text())
     assert rep["splits"]["train"]["prepared"][0]["status"] == "damaged"
     assert any(e.startswith(f"train: {array}: 1 of 1 checked chunk(s)") for e in rep["errors"]), rep["errors"]
     array.write_bytes(bytes(data[:-1]))  # truncated: found without --deep

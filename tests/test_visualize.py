@@ -87,7 +87,7 @@ def test_every_picture_from_the_cli(trained_run, coco_root, tmp_path, capsys):
 
     curves = tmp_path / "curves.png"
     assert main(["visualize", "curves", "--run", str(trained_run), "--out", str(curves)]) == 0
-    assert_png(curves, (1320, 495))  # 12 x 4.5 inches at 110 dpi, two panels
+    assert_png(curves, (1650, 495))  # 15 x 4.5 inches at 110 dpi, three panels
 
     samples = tmp_path / "samples.png"
     assert main(["inspect-data", "--data", str(coco_root), "--split", "train", "--n", "3", "--out", str(samples)]) == 0

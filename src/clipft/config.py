@@ -26,7 +26,7 @@ class ConfigError(ValueError):
 
 
 # The choices of the string-valued keys: the one list each (data.FLIP_MODES, model.HEAD_NORMS and
-# model.POOLINGS are these). data.format and model.backbone are checked by the registries that own them.
+# model.POOLINGS are these). data.format is checked by the registry that owns it.
 Flip = Literal["plain", "swap", "off"]
 LeakCheck = Literal["error", "warn", "off"]
 OnMismatch = Literal["rebuild", "error"]
@@ -34,6 +34,12 @@ ImageWeights = Literal["imagenet", "none"]
 HeadNorm = Literal["none", "batchnorm", "layernorm"]
 Pooling = Literal["avg", "attention"]
 Amp = Literal["auto", "bf16", "fp16", "off"]  # train.amp (runtime.select_precision)
+
+
+# model.backbone: the torchvision ResNets model.BACKBONES builds (a test keeps the two lists equal).
+# Checked here, with the rest of the config, so that a typo is refused before any data is read
+# (and without importing torch).
+BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
 
 
 def choices(tp: Any) -> tuple[str, ...]:
@@ -138,8 +144,10 @@ class TrainConfig:
     # Also used for caption caching and image embedding. true/false (older configs) read as auto/off.
     amp: Amp = "auto"
     channels_last: bool = True  # NHWC where autocast runs (CUDA, CPU bf16); false keeps NCHW
-    # Images per forward pass: 0 = the whole batch at once; N = the batch's loss computed exactly in
-    # chunks of N images (activations held for one chunk at a time, a second forward pass; chunked.py).
+    # Images per forward pass: 0 = the whole batch at once; N < batch_size = the batch's loss over all its
+    # images with the tower run on N at a time (activations for one chunk, a second forward pass;
+    # chunked.py). Every BatchNorm then uses its running statistics (eval mode, not updated): the gradient
+    # is exactly the unchunked one with BatchNorm in eval mode. Refused with model.head_norm=batchnorm.
     embed_chunk: int = 0
     compile: bool = False  # torch.compile the training model (GPU runs: faster steps after a one-off compile)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -246,6 +254,8 @@ def validate(cfg: Config, source: str = "config") -> Config:
         checkpoint_interval(cfg.train.checkpoint_every)
     except ConfigError as e:
         problems.append(str(e))
+    if cfg.model.backbone not in BACKBONES:
+        problems.append(f"model.backbone: unknown backbone {cfg.model.backbone!r} (choose from {', '.join(BACKBONES)})")
     if not _DEVICE.fullmatch(cfg.train.device):
         problems.append(f"train.device must be auto, cpu, cuda or cuda:N, got {cfg.train.device!r}")
     if not cfg.eval.zeroshot_templates or any("{}" not in t for t in cfg.eval.zeroshot_templates):
@@ -255,6 +265,11 @@ def validate(cfg: Config, source: str = "config") -> Config:
         problems.append(f"eval.ks must be positive integers, got {list(cfg.eval.ks)!r}")
     if len(cfg.data.mean) != 3 or len(cfg.data.std) != 3 or any(not s > 0 for s in cfg.data.std):
         problems.append("data.mean and data.std must hold 3 values each, std > 0")
+    if 0 < cfg.train.embed_chunk < cfg.train.batch_size and cfg.model.head_norm == "batchnorm":
+        # A chunked step runs BatchNorm on running statistics (chunked.py); a new head's are never learned.
+        problems.append(f"train.embed_chunk={cfg.train.embed_chunk} cannot be used with model.head_norm=batchnorm "
+                        "(a chunked step runs BatchNorm on its running statistics, which the new head never "
+                        "learns): use model.head_norm=layernorm or none, or train.embed_chunk=0")
     if problems:
         raise ConfigError(f"{source}: " + "; ".join(problems))
     return cfg
@@ -381,6 +396,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     cfg = base if base is not None else Config()
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"{path}: a folder, not a config file (--config takes a YAML file or a preset: "
+                              f"{', '.join(PRESETS)})")
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found (--config takes a YAML file or a preset: "
                               f"{', '.join(PRESETS)})")
@@ -436,3 +454,31 @@ def preset_config(name: str) -> Config:
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r} (known: {', '.join(PRESETS)})")
     return validate(update_from_dict(Config(), PRESETS[name], source=f"preset {name}"), source=f"preset {name}")
+
+
+def resolve_config_arg(arg: str) -> tuple[str, str]:
+    """What `--config ARG` names: ("preset", name) or ("file", path).
+
+    A preset name wins unless ARG is a file: a folder called `demo` (say, the output of
+    `clipft demo --out demo`) never shadows the demo preset, and a folder is never a config.
+    A missing file or a folder is a ConfigError (one line)."""
+    path = Path(arg)
+    if path.is_file():
+        return "file", arg
+    if arg in PRESETS:
+        return "preset", arg
+    if path.is_dir():
+        raise ConfigError(f"{arg}: a folder, not a config file (--config takes a YAML file or a preset: "
+                          f"{', '.join(PRESETS)})")
+    raise ConfigError(f"{arg}: config file not found (--config takes a YAML file or a preset: {', '.join(PRESETS)})")
+
+
+def config_from_arg(arg: str | None, overrides: list[str] | None = None, base: Config | None = None) -> Config:
+    """`--config ARG` (a preset name or a YAML file, see `resolve_config_arg`; None = the defaults or
+    `base`) with `overrides` applied."""
+    if arg is None:
+        return load_config(None, overrides, base=base)
+    kind, value = resolve_config_arg(arg)
+    if kind == "preset":
+        return load_config(None, overrides, base=preset_config(value))
+    return load_config(value, overrides, base=base)

@@ -1,7 +1,7 @@
 """Embeddings of a folder of images: `clipft embed --model DIR --images FOLDER --out FILE.safetensors`.
 
 `list_images` walks the folder (recursively, sorted, hidden folders and links that leave it
-skipped); `embed_paths` decodes in parallel DataLoader workers (decoding and resizing dominate
+skipped, each file once whatever the links); `embed_paths` decodes in parallel DataLoader workers (decoding and resizing dominate
 on CPU) while the main process runs the model batch by batch; unreadable files are skipped,
 counted and reported in one line. `embed_folder` writes the embeddings with each file's relative
 path, size and mtime, so a later run can tell which files changed.
@@ -21,53 +21,69 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .inference import ImageTextModel
-from .preprocess import preprocess_file
+from .preprocess import IMAGE_EXTENSIONS, preprocess_file
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 EMBEDDINGS_FORMAT = "clipft-folder-embeddings-v1"
 
 
 def list_images(folder: str | Path, skip_dirs: Iterable[str] = (".clipft-index",)) -> list[Path]:
     """Image files under `folder` (IMAGE_EXTENSIONS, any case), recursive, sorted, as paths relative
-    to it. Hidden directories, `skip_dirs`, and links resolving outside the folder are skipped."""
+    to it. Hidden directories, `skip_dirs`, and links resolving outside the folder are skipped.
+
+    Each file is listed once, by its resolved path, whatever the links: every real directory is walked
+    once (so link loops of any shape end), and a file reachable by several paths is named by its
+    link-free path when it has one, else by the first in sorted order."""
     root = Path(folder)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: not a directory")
     real_root = root.resolve()
     skip = set(skip_dirs)
-    found: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        here = Path(dirpath)
-        # Prune in place: os.walk then never descends there. A linked folder outside the root (or
-        # a link loop back up into it) is left out.
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in skip
-                             and _inside(here / d, real_root) and not _is_loop(here / d))
-        for name in filenames:
-            p = here / name
-            if name.startswith(".") or p.suffix.lower() not in IMAGE_EXTENSIONS or not _inside(p, real_root):
+    seen_dirs: set[Path] = set()
+    via_link: set[Path] = set()  # relative folders whose path goes through a link
+    best: dict[Path, tuple[bool, str, Path]] = {}  # real file -> (via a link?, posix path, relative path)
+    pending, linked = [Path(".")], []  # folders to walk: reached without links, and through one
+    while pending or linked:
+        # every folder reachable without a link is walked (and named) before any link is followed
+        rel_dir = pending.pop() if pending else linked.pop()
+        try:
+            real_dir = (root / rel_dir).resolve(strict=True)
+        except (OSError, RuntimeError):
+            continue
+        if real_dir in seen_dirs or not real_dir.is_relative_to(real_root):
+            continue
+        seen_dirs.add(real_dir)
+        try:
+            entries = sorted(os.scandir(root / rel_dir), key=lambda e: e.name)
+        except OSError:
+            continue
+        for e in entries:
+            if e.name.startswith("."):
                 continue
-            found.append(p.relative_to(root))
-    return sorted(found)
-
-
-def _inside(p: Path, real_root: Path) -> bool:
-    if not p.is_symlink():
-        return True
-    try:
-        p.resolve().relative_to(real_root)
-        return True
-    except (ValueError, OSError):
-        return False
-
-
-def _is_loop(d: Path) -> bool:
-    """A linked directory that points at one of its own ancestors (os.walk would never end)."""
-    if not d.is_symlink():
-        return False
-    target = d.resolve()
-    return target == d.parent.resolve() or target in d.parent.resolve().parents
+            rel = rel_dir / e.name
+            try:
+                is_dir = e.is_dir()  # follows links
+            except OSError:
+                continue
+            if is_dir:
+                if e.name not in skip:
+                    (linked if e.is_symlink() or rel_dir in via_link else pending).append(rel)
+                    if e.is_symlink() or rel_dir in via_link:
+                        via_link.add(rel)
+            elif e.name.lower().endswith(IMAGE_EXTENSIONS):
+                try:
+                    real = (root / rel).resolve(strict=True)
+                except (OSError, RuntimeError):
+                    continue
+                if not real.is_relative_to(real_root):
+                    continue  # a link leaving the folder
+                key = (real != real_root / rel, rel.as_posix(), rel)
+                if real not in best or key < best[real]:
+                    best[real] = key
+        pending.sort(reverse=True)  # depth-first, in name order: deterministic
+        linked.sort(reverse=True)
+    return sorted(rel for _, _, rel in best.values())
 
 
 class _Files(Dataset):

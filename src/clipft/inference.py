@@ -101,6 +101,13 @@ class _TextSide:
     def fingerprint(self) -> str:
         return self.expected or text_fingerprint(self.encoder())
 
+    def move(self, device: torch.device) -> None:
+        """Embed on `device` from now on (a loaded encoder is moved, an unloaded one loads there)."""
+        self.device = device
+        if self._encoder is not None:
+            self._encoder.module.to(device)
+            self._encoder.device = device
+
 
 class ImageTextModel:
     """An image tower and its frozen text encoder behind one interface (see `load`).
@@ -168,37 +175,103 @@ class ImageTextModel:
             out = self._encode_pixels(pixels.float())
         return out.clone()  # a plain tensor, outside inference mode
 
-    def encode_images(self, images: Sequence[Any], batch_size: int = 64) -> torch.Tensor:
-        """[N, D] float32 CPU L2-normalised embeddings of paths, PIL images or tensors (a [B, 3, H, W]
-        tensor counts as B images), with the evaluation-time preprocessing, `batch_size` at a time."""
+    def _is_one_image(self, images: Any) -> bool:
+        """A single path, PIL image or [3, H, W] tensor (not a list of them, nor a [B, 3, H, W] batch)."""
+        return (isinstance(images, (str, Path, Image.Image))
+                or (isinstance(images, torch.Tensor) and images.ndim == 3))
+
+    def encode_images(self, images: Any, batch_size: int = 64, normalize: bool = True,
+                      convert_to_numpy: bool = False, show_progress: bool | None = None,
+                      as_numpy: bool | None = None) -> Any:
+        """[N, D] float32 CPU embeddings of paths, PIL images or tensors (a [B, 3, H, W] tensor counts
+        as B images), with the evaluation-time preprocessing, `batch_size` at a time.
+
+        One image (a path, a PIL image, a [3, H, W] tensor) gives one [D] vector, as sentence-transformers
+        does for one input. normalize: L2-normalise the result (default True; the towers already return
+        unit vectors, so False returns the same numbers without the extra division). convert_to_numpy
+        (or its alias as_numpy): a float32 NumPy array instead of a tensor. show_progress: a progress
+        bar over the batches (default: only for more than 8 batches)."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        items = list(images.unbind(0)) if isinstance(images, torch.Tensor) and images.ndim == 4 else list(images)
-        out = [self.encode_pixels(torch.stack([self.pixels(x) for x in items[s:s + batch_size]]))
-               for s in range(0, len(items), batch_size)]
-        return torch.cat(out) if out else torch.zeros(0, self.embed_dim)
+        one = self._is_one_image(images)
+        if one:
+            items = [images]
+        elif isinstance(images, torch.Tensor) and images.ndim == 4:
+            items = list(images.unbind(0))
+        else:
+            items = list(images)
+        starts = _batches(len(items), batch_size, show_progress, "images")
+        out = [self.encode_pixels(torch.stack([self.pixels(x) for x in items[s:s + batch_size]])) for s in starts]
+        emb = torch.cat(out) if out else torch.zeros(0, self.embed_dim)  # [N, D]
+        return _finish(emb, one, normalize, convert_to_numpy or bool(as_numpy))
 
-    def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
-        """[N, D] float32 CPU L2-normalised embeddings from the frozen text encoder."""
-        if isinstance(texts, str):
-            raise ValueError("encode_texts takes a list of strings, not one string")
-        return self._text.encoder().encode(list(texts), batch_size=batch_size)
+    def encode_texts(self, texts: str | Sequence[str], batch_size: int = 256, normalize: bool = True,
+                     convert_to_numpy: bool = False, show_progress: bool | None = None,
+                     as_numpy: bool | None = None) -> Any:
+        """[N, D] float32 CPU embeddings from the frozen text encoder; one string gives one [D] vector.
+        normalize, convert_to_numpy / as_numpy, show_progress: as in `encode_images`."""
+        one = isinstance(texts, str)
+        texts = [texts] if one else list(texts)
+        encoder = self._text.encoder()
+        step = max(1, int(batch_size))
+        starts = _batches(len(texts), step, show_progress, "texts")
+        out = [encoder.encode(texts[s:s + step], batch_size=step) for s in starts]
+        emb = torch.cat(out) if out else torch.zeros(0, self.embed_dim)  # [N, D]
+        return _finish(emb, one, normalize, convert_to_numpy or bool(as_numpy))
 
     def similarity(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """Cosine similarity [Na, Nb] of two sets of embeddings."""
         return similarity(a, b)
 
-    def zero_shot(self, images: Sequence[Any], classnames: Sequence[str],
-                  templates: Sequence[str] = ("a photo of a {}.",)) -> torch.Tensor:
+    def to(self, device: str | torch.device) -> "ImageTextModel":
+        """Move the image tower and the text encoder to `device` (in place; returns self, like
+        nn.Module.to). The ONNX backend stays on the CPU."""
+        dev = _device(device)
+        if self.backend == "onnx" and dev.type != "cpu":
+            raise ModelError(f"backend='onnx' runs on CPU; got device {str(device)!r}")
+        if isinstance(self._encode_pixels, _TorchTower):
+            self._encode_pixels.move(dev)
+        self._text.move(dev)
+        self.device = dev
+        return self
+
+    def zero_shot(self, images: Any, classnames: Sequence[str],
+                  templates: Sequence[str] | None = None) -> torch.Tensor:
         """[N, C] class probabilities: softmax(1/tau x cosine) against each class's prompts, averaged
-        over `templates` ("{}" = the class name) and renormalised, as `clipft zeroshot` does."""
-        classnames, templates = list(classnames), list(templates)
+        over `templates` ("{}" = the class name) and renormalised, as `clipft zeroshot` does. The
+        default templates are `clipft zeroshot`'s (eval.zeroshot_templates of the default config)."""
+        from .config import EvalConfig
+        classnames = list(classnames)
+        templates = list(EvalConfig().zeroshot_templates if templates is None else templates)
         if not classnames or not templates:
             raise ValueError("zero_shot needs at least one class name and one template")
         prompts = [fill_template(t, c) for c in classnames for t in templates]
         cls = self.encode_texts(prompts).reshape(len(classnames), len(templates), -1).mean(1)  # [C, D]
-        img = self.encode_images(images)  # [N, D]
+        img = self.encode_images(images)  # [N, D] ([D] for one image)
         return (self.logit_scale * img @ F.normalize(cls, dim=-1).T).softmax(dim=-1)
+
+
+PROGRESS_MIN_BATCHES = 8  # show_progress=None: a bar only for inputs longer than this many batches
+
+
+def _batches(n: int, batch_size: int, show_progress: bool | None, what: str):
+    """The start index of each batch of `n` items, through a tqdm bar when asked (or when long)."""
+    starts = range(0, n, batch_size)
+    if show_progress is None:
+        show_progress = len(starts) > PROGRESS_MIN_BATCHES
+    if not show_progress:
+        return starts
+    from tqdm.auto import tqdm
+    return tqdm(starts, desc=f"embedding {n} {what}", unit="batch")
+
+
+def _finish(emb: torch.Tensor, one: bool, normalize: bool, numpy: bool) -> Any:
+    """[N, D] -> normalised, [D] for a single input, NumPy on request."""
+    if normalize and emb.numel():
+        emb = F.normalize(emb, dim=-1)
+    if one:
+        emb = emb[0]
+    return emb.numpy() if numpy else emb
 
 
 # --------------------------------------------------------------------------- loading
@@ -311,7 +384,12 @@ class _TorchTower:
         from .runtime import select_precision
         self.tower = tower.to(dev).eval()
         self.tower.requires_grad_(False)
-        self.dev, self.precision = dev, select_precision(dev, amp)
+        self.dev, self.precision, self.amp = dev, select_precision(dev, amp), amp
+
+    def move(self, dev: torch.device) -> None:
+        from .runtime import select_precision
+        self.tower = self.tower.to(dev)
+        self.dev, self.precision = dev, select_precision(dev, self.amp)
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         dtype = self.precision.dtype

@@ -7,6 +7,9 @@ loaded for inference without the trainer or the text side: `load_image_tower(pat
 from __future__ import annotations
 
 import math
+import pickle
+import re
+import zipfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -194,7 +197,17 @@ class ImageTower(nn.Module):
         x = b.maxpool(b.relu(b.bn1(b.conv1(images))))
         return b.layer4(b.layer3(b.layer2(b.layer1(x))))
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, with_logit_scale: bool = False):
+        """images [B, 3, H, W] -> embeddings [B, D] (inference, evaluation, ONNX export); with
+        with_logit_scale=True (training) -> (embeddings [B, D], 1/tau 0-d fp32): everything the loss
+        uses comes out of the forward, so DDP sees the logit scale's use and reduces its gradient
+        once (used outside the forward, with find_unused_parameters DDP marks it unused and then
+        fails when its gradient arrives)."""
+        emb = self.encode(images)
+        return (emb, self.logit_scale.float().exp()) if with_logit_scale else emb
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """images [B, 3, H, W] -> L2-normalised embeddings [B, D], fp32."""
         if self.pool is None:
             feats = self.backbone(images)  # [B, F] (the ResNet's own average pool)
         else:
@@ -266,8 +279,24 @@ def tower_state(model: ImageTower) -> dict:
     return {"model_config": asdict(model.cfg), "embed_dim": model.embed_dim, "model": model.state_dict()}
 
 
-def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """Load a clipft checkpoint dict, or raise ModelError naming the file."""
+# What `read_checkpoint` requires by default: the entries that rebuild the tower (`tower_state`).
+TOWER_KEYS = ("model", "model_config", "embed_dim")
+_TYPES = {"model": dict, "model_config": dict, "embed_dim": int, "config": dict, "epoch": int, "step": int}
+
+
+def _first_sentence(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0].split(". ")[0][:160]
+
+
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", require: tuple[str, ...] = TOWER_KEYS,
+                    what: str = "clipft checkpoint", mmap: bool = False) -> dict:
+    """A clipft checkpoint dict, or ModelError (one line naming the file and what is wrong).
+
+    The one reader of checkpoint files (inference, export, evaluate, resume): `torch.load` with
+    weights_only=True (no code in the file runs; `checkpoint_file.load_safely`), the content
+    checked against its stored checksum (`checkpoint_file.checksum_problem`), and the entries
+    `require` present with the right types (`what` names the kind of file in the message)."""
+    from .checkpoint_file import checksum_problem, load_safely
     path = Path(path)
     if path.is_dir():
         found = [p.name for p in (path / "best.pt", path / "last.pt") if p.is_file()]
@@ -275,20 +304,43 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise ModelError(f"{path}: is a directory, not a checkpoint file{hint}")
     if not path.is_file():
         raise ModelError(f"{path}: checkpoint not found")
+    if not zipfile.is_zipfile(path):  # every torch.save file is a zip archive; a pickle alone never loads
+        raise ModelError(f"{path} cannot be read: not a readable checkpoint (not a PyTorch file: "
+                         "another kind of file, or one cut short)")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise ModelError(f"{path}: not a readable checkpoint ({e.__class__.__name__}: {e})") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
-        raise ModelError(f"{path}: not a clipft checkpoint (no model / model_config entries)")
+        ckpt = load_safely(path, map_location=map_location, mmap=mmap)
+    except pickle.UnpicklingError as e:  # the restricted unpickler refused a global: code, not data
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        call = f" ({found.group(1)})" if found else ""
+        raise ModelError(f"{path}: not a {what} (it holds a pickled object or call{call} clipft never "
+                         "writes; refused without running it)") from None
+    except Exception as e:  # noqa: BLE001 - torch raises RuntimeError, EOFError, zip errors, ...
+        raise ModelError(f"{path} cannot be read: not a readable checkpoint ({type(e).__name__}: "
+                         f"{_first_sentence(e)})") from None
+    if not isinstance(ckpt, dict):
+        raise ModelError(f"{path}: not a {what} (it holds a {type(ckpt).__name__}, not a dict)")
+    missing = [k for k in require if k not in ckpt]
+    if missing:
+        raise ModelError(f"{path}: not a {what} (no {' / '.join(missing)} entries)")
+    wrong = [f"{k} is a {type(ckpt[k]).__name__}" for k in require
+             if k in _TYPES and not isinstance(ckpt[k], _TYPES[k])]
+    if wrong:
+        raise ModelError(f"{path}: not a {what} ({'; '.join(wrong)})")
+    problem = checksum_problem(ckpt)
+    if problem:
+        raise ModelError(f"{path}: damaged checkpoint ({problem})")
     return ckpt
 
 
 def tower_from_checkpoint(ckpt: dict) -> ImageTower:
-    """Rebuild the tower from a checkpoint dict; backbone weights come from it, never downloaded."""
+    """Rebuild the tower from a checkpoint dict; backbone weights come from it, never downloaded.
+    ModelError (one line) when its entries do not describe a tower."""
     fields = dict(ckpt["model_config"])
-    model = ImageTower(ModelConfig(**{**fields, "image_weights": "none"}), ckpt["embed_dim"])
-    model.load_state_dict(ckpt["model"])
+    try:
+        model = ImageTower(ModelConfig(**{**fields, "image_weights": "none"}), ckpt["embed_dim"])
+        model.load_state_dict(ckpt["model"])
+    except (TypeError, KeyError, RuntimeError) as e:  # unknown config fields, missing or misshapen weights
+        raise ModelError(f"the checkpoint's tower does not rebuild ({type(e).__name__}: {_first_sentence(e)})") from None
     model.cfg = ModelConfig(**fields)  # keep the record of how it was initialised
     return model.eval()
 

@@ -25,6 +25,10 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+# The image files clipft reads, everywhere: training data (clipft.data) and the search index
+# (clipft.embed.list_images) use this one list, so a file that can be trained on is also indexed.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
 
 def to_rgb(im: Image.Image) -> Image.Image:
     """Any PIL mode -> RGB: transparency composited onto white, high bit depths scaled to 8 bits."""

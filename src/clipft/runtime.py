@@ -307,7 +307,11 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's RNG streams as plain data and tensors (a checkpoint loads with weights_only=True):
+    numpy's MT19937 state as (name, key [624] int64 tensor, pos, has_gauss, cached_gaussian)."""
+    name, key, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = (str(name), torch.from_numpy(key.astype(np.int64)), int(pos), int(has_gauss), float(gauss))
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -315,7 +319,9 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, key, *rest = state["numpy"]  # key: a tensor (plain checkpoints) or an ndarray (older ones)
+    key = key.numpy() if isinstance(key, torch.Tensor) else np.asarray(key)
+    np.random.set_state((name, key.astype(np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -337,8 +343,8 @@ def hardware_info(device: torch.device) -> dict:
                 break
     except OSError:
         pass
-    info = {"device": str(device), "cpu": cpu, "cpu_count": os.cpu_count(), "torch": torch.__version__,
-            "platform": platform.platform()}
+    info = {"device": str(device), "cpu": cpu, "cpu_count": os.cpu_count(), "cpus_available": available_cpus(),
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "platform": platform.platform()}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["gpu_count"] = torch.cuda.device_count()
@@ -368,12 +374,7 @@ def overriding(obj: _T, **fields: Any) -> Iterator[_T]:
 _CAPPED: set[tuple[int, int]] = set()  # (asked, available) pairs already logged
 
 
-def available_cpus() -> int:
-    """CPUs this process may run on (its affinity mask: a container's or `taskset`'s limit), at least 1."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):  # not Linux
-        return max(1, os.cpu_count() or 1)
+from .threads import available_cpus, configure_cpu_threads, plan_cpu_threads  # noqa: E402,F401 (no torch there)
 
 
 def worker_count(asked: int) -> int:

@@ -181,3 +181,43 @@ def test_float32_storage(photos, fake_model):
     idx = load_index(default_index_dir(photos))
     row = idx.paths.index("green_01.png")
     assert torch.allclose(idx.emb[row].float(), fake_model.encode_images([photos / "green_01.png"])[0], atol=1e-6)
+
+
+def _linked_folders(root: Path, links_per_dir: int) -> Path:
+    """photos/a and photos/b, one photo each, every folder holding `links_per_dir` links to the other."""
+    for name, colour, seed in (("a", "red", 1), ("b", "blue", 2)):
+        draw(root / name / f"{colour}.png", colour, seed=seed)
+    for i in range(links_per_dir):
+        os.symlink("../b", root / "a" / f"to_b{i}")
+        os.symlink("../a", root / "b" / f"to_a{i}")
+    return root
+
+
+@pytest.mark.parametrize("links_per_dir", [1, 2])
+def test_symlink_loops_index_each_file_once_and_end(tmp_path, links_per_dir):
+    """A mutual loop (a -> b -> a) and two links per folder: each photo once, by its link-free path.
+    Run in a child process so that a walk that never ends fails the test instead of hanging it."""
+    root = _linked_folders(tmp_path / "photos", links_per_dir)
+    code = "import sys; from clipft.embed import list_images; print([p.as_posix() for p in list_images(sys.argv[1])])"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2] / "src"))
+    try:
+        out = subprocess.run([sys.executable, "-c", code, str(root)], env=env, capture_output=True, text=True,
+                             timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("list_images did not finish on a folder with symlink loops")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "['a/red.png', 'b/blue.png']"
+
+
+def test_a_linked_file_is_indexed_once(photos, fake_model):
+    os.symlink(photos / "green_01.png", photos / "trip" / "alias.png")
+    s = update_index(photos, fake_model, progress=False)
+    assert s.total == 12 and "green_01.png" in load_index(default_index_dir(photos)).paths
+
+
+def test_a_tiff_is_indexed(photos, fake_model):
+    """The extensions training reads (clipft.data) are the ones the index reads: no silent gap."""
+    draw(photos / "scan.tif", "red", seed=40)
+    draw(photos / "scan2.TIFF", "blue", seed=41, fmt="TIFF")
+    update_index(photos, fake_model, progress=False)
+    assert {"scan.tif", "scan2.TIFF"} <= set(load_index(default_index_dir(photos)).paths)

@@ -43,15 +43,16 @@ def test_index_then_search_by_text_image_and_duplicates(folder, trained_run, cap
     rc, out, _ = _run(capsys, "search", "a red circle", "--index", index, "--k", 5, "--json")
     body = json.loads(out)
     assert rc == 0 and set(body) == {"results", "model", "took_ms"} and len(body["results"]) == 5
-    assert all(set(h) == {"id", "path", "score"} for h in body["results"])
+    assert all(set(h) == {"id", "path", "relative_path", "score"} for h in body["results"])
+    assert all(h["path"] == str(folder.resolve() / h["relative_path"]) for h in body["results"])  # absolute
     some = sorted(folder.glob("*.jpg"))[3]
     rc, out, _ = _run(capsys, "search", "--image", some, "--index", index, "--k", 3)
     first = out.splitlines()[0].split()
-    assert rc == 0 and first[1] == some.name and float(first[0]) > 0.999  # a photo is closest to itself
+    assert rc == 0 and first[1] == str(some.resolve()) and float(first[0]) > 0.999  # a photo is closest to itself
     shutil.copy(some, folder / "copy.jpg")
     _run(capsys, "index", folder, "--model", ckpt, "--quiet")
     rc, out, _ = _run(capsys, "search", "--duplicates", "--threshold", "0.999", "--index", index, "--json")
-    groups = [{f["path"] for f in g} for g in json.loads(out)["groups"]]
+    groups = [{f["relative_path"] for f in g} for g in json.loads(out)["groups"]]
     assert rc == 0 and any({"copy.jpg", some.name} <= g for g in groups)  # (a 2-epoch model finds more)
 
 
@@ -76,6 +77,13 @@ def test_search_errors_are_one_line(folder, tmp_path, trained_run, capsys):
     (tmp_path / "bad.png").write_bytes(b"nope")
     rc, _, err = _run(capsys, "search", "--image", tmp_path / "bad.png", "--index", folder / ".clipft-index")
     assert rc == 2 and "bad.png: not a readable image" in err
+    from PIL import Image
+    Image.new("1", (16_000, 16_000)).save(tmp_path / "bomb.png")  # 256 Mpx: over PIL's bomb limit
+    rc, out, err = _run(capsys, "search", "--image", tmp_path / "bomb.png", "--index", folder / ".clipft-index")
+    assert rc == 2 and err.count("\n") == 1 and "bomb.png" in err and "unexpected" not in err
+    for bad in ("nan", "inf", "-inf", "1.5"):
+        rc, out, err = _run(capsys, "search", "--duplicates", f"--threshold={bad}", "--index", folder / ".clipft-index")
+        assert rc == 2 and err.count("\n") == 1 and "threshold" in err and "no near-duplicates" not in out, bad
     rc, _, err = _run(capsys, "index", tmp_path / "missing", "--model", trained_run / "best.pt")
     assert rc == 2 and "not a folder" in err
 

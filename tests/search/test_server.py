@@ -188,3 +188,54 @@ def test_unreadable_thumb_is_a_clean_404(client, indexed):
     (indexed / "green_01.png").write_bytes(b"garbage")
     assert client.get(f"/thumb/{rid}").status_code == 404
     assert Image  # PIL imported for the fixtures' formats
+
+
+# --------------------------------------------------------------------------- hostile and odd requests
+
+def test_non_ascii_digits_are_a_clean_400(client):
+    for url in ("/api/search?q=red&k=%C2%B2", "/api/search?q=red&k=%D9%A3", "/thumb/%C2%B2", "/api/similar/%D9%A3"):
+        r = client.get(url)
+        assert r.status_code in (400, 404) and "error" in r.get_json(), url
+
+
+def test_a_decompression_bomb_swapped_into_an_indexed_file_is_a_clean_4xx(client, indexed):
+    rid = _id_of(client, "trip/red_00.jpg")
+    Image.new("1", (16_000, 16_000)).save(indexed / "trip" / "red_00.jpg", format="PNG")  # 256 Mpx, tiny file
+    r = client.get(f"/thumb/{rid}")
+    assert 400 <= r.status_code < 500 and "error" in r.get_json()
+
+
+def test_a_cached_thumbnail_of_a_deleted_file_is_not_served(client, indexed):
+    rid = _id_of(client, "green_01.png")
+    assert client.get(f"/thumb/{rid}").status_code == 200  # now cached
+    (indexed / "green_01.png").unlink()
+    r = client.get(f"/thumb/{rid}")
+    assert r.status_code == 404 and "gone" in r.get_json()["error"]
+
+
+def test_a_huge_png_thumbnail_decodes_nothing_over_the_pixel_cap(client, indexed, monkeypatch):
+    """12,000 x 12,000 PNG: refused (413) before its pixels are decoded; nothing larger than the cap loads."""
+    from clipft.search import server
+    rid = _id_of(client, "blue_02.webp")
+    Image.new("1", (12_000, 12_000)).save(indexed / "blue_02.webp", format="PNG")
+    loaded = []
+    real_load = Image.Image.load
+    monkeypatch.setattr(Image.Image, "load", lambda self: (loaded.append(self.size), real_load(self))[1])
+    r = client.get(f"/thumb/{rid}")
+    assert r.status_code == 413 and "too large" in r.get_json()["error"]
+    assert all(w * h <= server.THUMB_MAX_PIXELS for w, h in loaded)
+
+
+def test_a_big_jpeg_thumbnail_is_decoded_reduced(client, indexed, monkeypatch):
+    from clipft.search import server
+    monkeypatch.setattr(server, "THUMB_MAX_PIXELS", 1_000_000)
+    rid = _id_of(client, "trip/red_00.jpg")
+    Image.new("RGB", (4000, 3000), (200, 10, 10)).save(indexed / "trip" / "red_00.jpg", quality=80)  # 12 Mpx
+    loaded = []
+    real_load = Image.Image.load
+    monkeypatch.setattr(Image.Image, "load", lambda self: (loaded.append(self.size), real_load(self))[1])
+    r = client.get(f"/thumb/{rid}")
+    assert r.status_code == 200
+    with Image.open(__import__("io").BytesIO(r.data)) as im:
+        assert max(im.size) <= server.THUMB_PX
+    assert loaded and all(w * h <= 1_000_000 for w, h in loaded)  # draft: 1/8 scale, 500 x 375

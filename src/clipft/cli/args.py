@@ -4,9 +4,8 @@ argument groups every command spells the same way (config/--set, device, quiet).
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from ..config import PRESETS, Config, ConfigError, load_config, preset_config
+from ..config import PRESETS, Config, ConfigError, config_from_arg
 
 
 # --------------------------------------------------------------------------- integer arguments
@@ -59,10 +58,7 @@ def _add_quiet(p: argparse.ArgumentParser, help: str | None = None) -> None:
 def _build_config(args: argparse.Namespace, base: Config | None = None) -> Config:
     """Preset/file then overrides (including bare --section.key=value arguments)."""
     overrides = list(args.overrides) + list(getattr(args, "extra_overrides", []))
-    cfg_arg = getattr(args, "config", None)
-    if cfg_arg and cfg_arg in PRESETS and not Path(cfg_arg).exists():
-        return load_config(None, overrides, base=preset_config(cfg_arg))
-    return load_config(cfg_arg, overrides, base=base)
+    return config_from_arg(getattr(args, "config", None), overrides, base=base)
 
 
 def _split_extra(extra: list[str]) -> list[str]:

@@ -17,7 +17,8 @@ from pathlib import Path
 from .args import (_add_config_args, _add_device, _add_overrides, _add_quiet, _build_config, _split_extra,
                        int_range, non_negative_int, pixels, positive_int)
 from .model_commands import add_model_commands, add_search_commands
-from ..config import PRESETS, Config, ConfigError, load_config, preset_config
+from .. import __version__
+from ..config import PRESETS, Config, ConfigError, load_config, preset_config, resolve_config_arg
 
 EXIT_USAGE = 2
 EXIT_UNEXPECTED = 1
@@ -49,24 +50,53 @@ train.checkpoint_every, train.device and a few speed settings may change. A mid-
 written every train.checkpoint_every (default 10min) and on SIGTERM / SIGUSR1 (exit 143 / 138)."""
 
 
+# The error classes a command raises for a user's mistake, by module: an error can only come from a
+# module that was imported, so they are looked up in sys.modules instead of importing every module
+# (and torch with them) just to name the classes, which made every argument error wait for torch.
+_EXPECTED_ERRORS = {
+    "clipft.config": ("ConfigError",), "clipft.train.checkpoint": ("CheckpointError",),
+    "clipft.data.records": ("DataError",), "clipft.distributed": ("DistributedError",),
+    "clipft.data.download": ("DownloadError",), "clipft.eval.evaluate": ("EvaluationError",),
+    "clipft.model": ("ModelError",), "clipft.report.errors": ("ReportError",), "clipft.runtime": ("StorageError",),
+    "clipft.search.index": ("SearchError",), "clipft.train.preempt": ("Preempted",),
+    "clipft.train.resume": ("ResumeError",), "clipft.train.lock": ("RunInUseError",),
+    "clipft.text": ("TextEncoderError",), "clipft.train.errors": ("TrainingError",),
+}
+
+
 def _expected_errors() -> tuple[type[BaseException], ...]:
-    from ..train.checkpoint import CheckpointError
-    from ..data import DataError
-    from ..distributed import DistributedError
-    from ..data.download import DownloadError
-    from ..eval.evaluate import EvaluationError
-    from ..model import ModelError
-    from ..report import ReportError
-    from ..runtime import StorageError
-    from ..search.index import SearchError
-    from ..train.preempt import Preempted
-    from ..train.resume import ResumeError
-    from ..train.lock import RunInUseError
-    from ..text import TextEncoderError
-    from ..train.errors import TrainingError
-    return (ConfigError, DataError, DistributedError, DownloadError, EvaluationError, ModelError, ReportError,
-            SearchError, StorageError, TextEncoderError, TrainingError, RunInUseError, Preempted, ResumeError,
-            CheckpointError)
+    """The expected-error classes of the modules imported so far (see _EXPECTED_ERRORS)."""
+    found = [ConfigError]
+    for module, names in _EXPECTED_ERRORS.items():
+        if (mod := sys.modules.get(module)) is not None:
+            found += [getattr(mod, n) for n in names if hasattr(mod, n)]
+    return tuple(found)
+
+
+def _is_expected(error: BaseException) -> bool:
+    return isinstance(error, _expected_errors())
+
+
+# Commands whose inputs must exist, checked before any library is imported: (attribute, the line
+# when it is missing; the same words the command's library gives).
+_DATA = ("data", "{}: no such file or directory")
+_CKPT = ("checkpoint", "{}: checkpoint not found")
+_RUN = ("run", "{}: no such run directory")
+_MUST_EXIST = {
+    "cache-text": [_DATA], "validate": [_DATA], "prepare-images": [_DATA], "train": [_DATA],
+    "evaluate": [_CKPT, _DATA], "zeroshot": [_CKPT, _DATA], "visualize": [_CKPT, _DATA, _RUN],
+    "inspect-data": [_DATA], "export": [_CKPT], "report": [_RUN], "ablate": [_DATA],
+    "index": [("folder", "{}: not a folder (it does not exist)")],
+    "embed": [("images", "{}: not a directory (it does not exist)")],
+}
+
+
+def _check_inputs_exist(args: argparse.Namespace) -> None:
+    """A missing --data / --checkpoint / folder is one line before torch is imported (seconds)."""
+    for attr, line in _MUST_EXIST.get(getattr(args, "command", None), []):
+        value = getattr(args, attr, None)
+        if value and not Path(value).exists():
+            raise ConfigError(line.format(value))
 
 
 def _add_split_args(p: argparse.ArgumentParser) -> None:
@@ -127,11 +157,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from ..data.validate import format_report, report_destination, validate_data, write_report_json
     cfg = _build_config(args)
     cfg.text.encoder = args.text_encoder or cfg.text.encoder
-    out = report_destination(args.data, args.out)  # checked before the work, not after it
+    # The JSON only where asked (--out): the user's data folder is theirs, not a place for our files.
+    out = report_destination(args.data, args.out) if args.out else None  # checked before the work
     report = validate_data(args.data, cfg, val_data=args.val_data, check_tokens=not args.no_tokens,
                            progress=not args.quiet, deep=args.deep)
     print(format_report(report))
-    print(f"wrote {write_report_json(report, out)}")
+    if out is not None:
+        print(f"wrote {write_report_json(report, out)}")
     return 0 if report["ok"] else 1
 
 
@@ -152,15 +184,16 @@ def cmd_prepare_images(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Also the entry point of every process under `torchrun ... -m clipft train` (see distributed.py)."""
-    from ..distributed import is_main
     from ..train.rundir import resolve_run_config
-    from ..train.loop import train
     _val_data_override(args)
     overrides = list(args.overrides) + list(args.extra_overrides)
-    base = preset_config(args.config) if args.config in PRESETS and not Path(args.config).exists() else None
-    cfg_file = None if base is not None else args.config
+    kind, value = resolve_config_arg(args.config) if args.config is not None else ("file", None)
+    base = preset_config(value) if kind == "preset" else None
+    cfg_file = value if kind == "file" else None
     cfg = resolve_run_config(args.out, cfg_file, overrides, base=base, resume=args.resume,
-                             explicit=args.config is not None)
+                             explicit=args.config is not None)  # a bad config is refused before torch loads
+    from ..distributed import is_main
+    from ..train.loop import train
     created = not Path(args.out).exists()
     try:
         summary = train(cfg, args.data, args.out, resume=args.resume, progress=not args.quiet)
@@ -173,7 +206,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise
         last = Path(args.out) / "last.pt"
         kept = f"; {last} is intact (rerun with the setting to resume from it)" if last.is_file() else ""
-        raise TrainingError(out_of_memory_advice(cfg.train.batch_size, cfg.train.embed_chunk) + kept) from None
+        raise TrainingError(out_of_memory_advice(cfg.train.batch_size, cfg.train.embed_chunk, cfg.model.head_norm) + kept) from None
     except BaseException:
         _remove_if_empty(Path(args.out) if created and is_main() else None)
         raise
@@ -370,10 +403,14 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """The embedded end-to-end demo (see clipft.cli.demo); the library prints its six steps."""
+    from ..train.commandlog import record_command
     from .demo import run_demo
+
+    def record() -> None:  # before the report, so that its Reproduce section lists this command
+        args.command_recorded = record_command(args.out, args.argv, 0)
     run_demo(args.out, args.data, train_images=args.train_images, val_images=args.val_images,
              overrides=list(args.overrides) + list(args.extra_overrides), progress=not args.quiet,
-             resume=args.resume)
+             resume=args.resume, before_report=record)
     return 0
 
 
@@ -400,6 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="clipft", description=DESCRIPTION,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--version", action="version", version=f"clipft {__version__}")
     p.add_argument("--debug", action="store_true",
                    help="show the Python traceback of an error (also accepted after the command)")
     sub = p.add_subparsers(dest="command", required=True)
@@ -438,8 +476,8 @@ def _add_data_and_train_commands(sub) -> None:
                                         "exit 1 if training would be spoiled)")
     s.add_argument("--data", required=True, help="COCO root, CSV/TSV/JSONL file, or image folder")
     _add_val_data(s)
-    s.add_argument("--out", help="report JSON (default: DATA/validate_report.json, or <stem>.validate.json "
-                                 "beside a data file; in the user cache dir when that folder is read-only)")
+    s.add_argument("--out", metavar="FILE.json", help="also write the report as JSON to this file (default: "
+                                                      "printed only; nothing is written into the data folder)")
     s.add_argument("--text-encoder", help="tokenizer for the token-length check (default: text.encoder)")
     s.add_argument("--no-tokens", action="store_true", help="skip the token-length check (no text encoder load)")
     s.add_argument("--deep", action="store_true", help="also hash every chunk of the prepared image caches")
@@ -640,22 +678,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     debug = "--debug" in argv  # accepted anywhere on the line, not only before the command
     args, extra = parser.parse_known_args([a for a in argv if a != "--debug"])
+    args.argv = argv
     _configure_logging(args.verbose)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # PyTorch's CPU allocator asks for transparent huge pages for buffers >= 2 MB: a 128-image float
     # batch is 77 MB, and faulting it in 4 KB pages costs more than normalising it (torch reads the
     # variable at allocation time; DataLoader workers inherit it).
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    # Before torch is imported: threads = the CPUs left idle by the machine's load, and threads that
+    # wait sleep instead of spinning (clipft.threads; measured in docs/notes/front-door.md).
+    from ..threads import configure_cpu_threads
+    configure_cpu_threads()
     code = 1  # an unexpected exception propagates with this status in RUN/commands.txt
     try:
         args.extra_overrides = _split_extra(extra)
+        _check_inputs_exist(args)
         code = args.func(args)
-        return code
-    except _expected_errors() as e:  # one line; Preempted: its own line and 128 + signal (requeue)
-        if debug:
-            raise
-        print(getattr(e, "line", f"clipft: error: {e}"), file=sys.stderr)
-        code = getattr(e, "exit_code", EXIT_USAGE)
         return code
     except KeyboardInterrupt:
         print(f"clipft: interrupted: {_interrupted_note(args)}", file=sys.stderr)
@@ -664,6 +702,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - the one place that turns a surprise into one line
         if debug:
             raise
+        if _is_expected(e):  # one line; Preempted: its own line and 128 + signal (requeue)
+            print(getattr(e, "line", f"clipft: error: {e}"), file=sys.stderr)
+            code = getattr(e, "exit_code", EXIT_USAGE)
+            return code
         where = f"{args.command}: " if getattr(args, "command", None) else ""
         text = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
         print(f"clipft: error: {where}unexpected {type(e).__name__}{': ' + text if text else ''} "
@@ -671,7 +713,7 @@ def main(argv: list[str] | None = None) -> int:
         code = EXIT_UNEXPECTED
         return code
     finally:
-        if run_dir_of(args) is not None:  # how the run was made: RUN/commands.txt (see clipft.train.commandlog)
+        if run_dir_of(args) is not None and not getattr(args, "command_recorded", False):  # how the run was made: RUN/commands.txt (see clipft.train.commandlog)
             record_command(run_dir_of(args), argv, code)
 
 

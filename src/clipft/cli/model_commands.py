@@ -19,14 +19,15 @@ log = logging.getLogger(__name__)
 def cmd_index(args: argparse.Namespace) -> int:
     from ..inference import load
     from ..search.index import default_index_dir, update_index
-    from ..search.query import model_source, refresh_ann
+    from ..search.query import CALIBRATION_TEXTS, ann_report, check_model_source, model_source, refresh_ann
     index_dir = Path(args.index) if args.index else default_index_dir(args.folder)
+    check_model_source(args.model)  # what `clipft search` will accept as this index's model
     model = load(args.model, device=args.device)
     s = update_index(args.folder, model, index_dir, model_source=model_source(args.model), rebuild=args.rebuild,
                      dtype=args.dtype, batch_size=args.batch_size, workers=args.workers, progress=not args.quiet)
     print(f"{index_dir}: {s.summary()}")
-    if (ann := refresh_ann(index_dir, force=args.ann)) is not None:
-        print(f"approximate index (faiss IVF) up to date: {ann}")
+    if refresh_ann(index_dir, force=args.ann, text_queries=lambda: model.encode_texts(CALIBRATION_TEXTS)) is not None:
+        print(ann_report(index_dir))
     return 0
 
 
@@ -35,11 +36,22 @@ def cmd_search(args: argparse.Namespace) -> int:
     from ..search import query as Q
     if sum(map(bool, (args.query, args.image, args.duplicates))) != 1:
         raise ConfigError("search: give one of QUERY, --image PATH or --duplicates")
+    if args.duplicates and not -1.0 <= args.threshold <= 1.0:  # also refuses nan (every comparison is False)
+        raise ConfigError(f"search: --threshold is a cosine from -1 to 1, got {args.threshold}")
     idx = Q.load_index(args.index, use_ann=False if args.exact else None)
     out = (Q.duplicates_answer(idx, args.threshold) if args.duplicates else
            Q.answer(idx, Q.load_query_model(idx, args.device, args.query_encoder), args.k, text=args.query, image=args.image))
+    _absolute_paths(out, Path(idx.root))
     print(json.dumps(out) if args.json else Q.format_answer(out))
     return 0
+
+
+def _absolute_paths(out: dict, root: Path) -> None:
+    """In place: each hit's "path" becomes absolute (a user's shell is rarely in the indexed folder);
+    the folder-relative path the index stores stays as "relative_path", beside the id."""
+    for hit in [h for g in out.get("groups", []) for h in g] + out.get("results", []):
+        hit["relative_path"] = hit["path"]
+        hit["path"] = str(root / hit["path"])
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

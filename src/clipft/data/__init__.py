@@ -38,36 +38,50 @@ evaluation need no change.
 """
 
 from ..config import Config, ConfigError, DataConfig  # importable from here before the split too
-from .caches import (cache_location, eval_text_cache_file, prepared_dir, prepared_split_dir,
-                     swapped_text_cache_file, text_cache_file, text_cache_location, text_cache_path)
-from .coco import coco_annotation_path, load_coco_captions
-from .datasets import (EvalImageDataset, TrainDataset, collate_eval, collate_skip, collate_train,
-                       epoch_caption_index)
-from .flickr import find_layout as find_flickr_layout
-from .flickr import load_flickr
-from .folder import load_folder_captions
-from .formats import FORMAT_REGISTRY, FORMATS, DataFormat, detect_format, load_dataset, resolve_format
-from .images import (FLIP_MODES, CenterSquareResize, build_transform, left_right_captions, load_image,
-                     swap_left_right)
-from .records import (IMAGE_EXTENSIONS, MAX_EXAMPLES, PLACEHOLDER_CAPTIONS, CaptionedImages, DataError,
-                      ImageRecord, caption_problem, is_int, read_json)
-from .splits import SplitSource, load_split, split_source, subset_size
-from .tabular import (CAPTION_COLUMNS, CSV_DELIMITERS, IMAGE_COLUMNS, load_csv_captions, load_jsonl_captions,
-                      sniff_delimiter)
+# Every name below is imported from its module on first use (PEP 562): the loaders, datasets and
+# image transforms need torch, and `clipft download` or an argument error must not wait for it.
+# name -> module, or (module, name there) for the private names the single-file `data` module had
+# before the split (still importable from here for code written against it).
+_LAZY = {
+    "cache_location": "caches", "eval_text_cache_file": "caches", "prepared_dir": "caches",
+    "prepared_split_dir": "caches", "swapped_text_cache_file": "caches", "text_cache_file": "caches",
+    "text_cache_location": "caches", "text_cache_path": "caches", "coco_annotation_path": "coco",
+    "load_coco_captions": "coco", "EvalImageDataset": "datasets", "TrainDataset": "datasets",
+    "collate_eval": "datasets", "collate_skip": "datasets", "collate_train": "datasets",
+    "epoch_caption_index": "datasets", "find_flickr_layout": ("flickr", "find_layout"),
+    "load_flickr": "flickr", "load_folder_captions": "folder", "FORMAT_REGISTRY": "formats",
+    "FORMATS": "formats", "DataFormat": "formats", "detect_format": "formats", "load_dataset": "formats",
+    "resolve_format": "formats", "FLIP_MODES": "images", "CenterSquareResize": "images",
+    "build_transform": "images", "left_right_captions": "images", "load_image": "images",
+    "swap_left_right": "images", "IMAGE_EXTENSIONS": "records", "MAX_EXAMPLES": "records",
+    "PLACEHOLDER_CAPTIONS": "records", "CaptionedImages": "records", "DataError": "records",
+    "ImageRecord": "records", "caption_problem": "records", "is_int": "records", "read_json": "records",
+    "SplitSource": "splits", "load_split": "splits", "split_source": "splits", "subset_size": "splits",
+    "CAPTION_COLUMNS": "tabular", "CSV_DELIMITERS": "tabular", "IMAGE_COLUMNS": "tabular",
+    "load_csv_captions": "tabular", "load_jsonl_captions": "tabular", "sniff_delimiter": "tabular",
+    "_Entry": ("records", "Entry"), "_group": ("records", "group_entries"),
+    "_image_path": ("records", "image_path"), "_log_drops": ("records", "log_drops"),
+    "_note": ("records", "note_problem"), "_read_text": ("records", "read_text"),
+    "_walk_files": ("records", "walk_files"), "_pick_column": "tabular",
+    "_metadata_file": ("tabular", "metadata_file"), "_is_int": ("records", "is_int"),
+    "_read_json": ("records", "read_json"),
+}
 
-# Private names of the single-file `data` module before the split, still importable from here for code
-# written against it (new code imports the public names from their modules).
-from .records import Entry as _Entry
-from .records import group_entries as _group
-from .records import image_path as _image_path
-from .records import log_drops as _log_drops
-from .records import note_problem as _note
-from .records import read_text as _read_text
-from .records import walk_files as _walk_files
-from .tabular import _pick_column, metadata_file as _metadata_file
 
-_is_int = is_int
-_read_json = read_json
+def __getattr__(name: str):
+    where = _LAZY.get(name)
+    if where is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module, attr = (where, name) if isinstance(where, str) else where
+    import importlib
+    value = getattr(importlib.import_module(f".{module}", __name__), attr)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + list(_LAZY))
+
 
 __all__ = [
     "CAPTION_COLUMNS", "CSV_DELIMITERS", "Config", "ConfigError", "DataConfig", "FLIP_MODES", "FORMATS",

@@ -29,6 +29,14 @@ def _mix(*values: int) -> int:
     return h
 
 
+def sample_seed(seed: int, epoch: int, i: int) -> int:
+    """The augmentation seed of sample i in `epoch` (random crop, flip, colour jitter): a pure
+    function of (seed, epoch, i), so which DataLoader worker decodes the sample, how many workers
+    there are, and which batches a resumed epoch skipped change no pixel. 63 bits (a valid
+    torch.Generator seed and int64)."""
+    return _mix(seed, epoch, i, 0xA116) >> 1
+
+
 def epoch_caption_index(offsets: Sequence[int], seed: int, epoch: int, i: int) -> int:
     """The flat caption index image i uses in `epoch`: a pure function of (seed, epoch, i), so it is
     the same in every DataLoader worker, after a resume, and for every image source (JPEG or
@@ -59,8 +67,9 @@ class EpochCaptions:
 class TrainDataset(EpochCaptions, Dataset):
     """(image [3,H,W], text embedding [D] of one of its captions, image row) per image.
 
-    The caption is a pure function of (seed, epoch, i), so it is reproducible and identical
-    whether items are loaded in the main process or in DataLoader workers. set_epoch must be
+    The caption and the augmentation (crop, flip, colour jitter: `augment`) are pure functions of
+    (seed, epoch, i), so they are reproducible and identical whether items are loaded in the main
+    process or in any number of DataLoader workers, and after a mid-epoch resume. set_epoch must be
     called before the DataLoader is iterated; with persistent_workers=True the workers keep
     the dataset copy (and epoch) they started with, so do not combine the two.
 
@@ -93,6 +102,15 @@ class TrainDataset(EpochCaptions, Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
+    def augment(self, img: Image.Image, i: int):
+        """self.transform(img) with the CPU RNG seeded from (seed, epoch, i) (`sample_seed`); the
+        process's own RNG stream is put back afterwards, so the main process (num_workers=0) draws
+        the same numbers as with workers. torchvision's random transforms draw from the global CPU
+        generator: seeding that one (not torch.manual_seed, which also reseeds CUDA) is enough."""
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(sample_seed(self.seed, self.epoch, i))
+            return self.transform(img)
+
     def flipped(self, i: int) -> bool:
         """Whether image i is mirrored in the current epoch (caption-aware flips only)."""
         return self.flip_rows is not None and _mix(self.seed, self.epoch, i, 0xF11B) & 1 == 1
@@ -109,7 +127,7 @@ class TrainDataset(EpochCaptions, Dataset):
             if row >= 0:
                 text = self.flip_embeds[row]
         # clone: a view would drag the whole [M, D] storage through worker shared memory
-        return self.transform(img), text.clone(), i
+        return self.augment(img, i), text.clone(), i
 
 
 class EvalImageDataset(Dataset):

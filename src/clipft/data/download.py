@@ -48,7 +48,6 @@ from typing import Callable, Iterator
 
 from tqdm.auto import tqdm
 
-from ..runtime import overriding
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +184,10 @@ def _session():
 @contextlib.contextmanager
 def _lock(root: Path) -> Iterator[None]:
     """One download per ROOT at a time (two would write the same .part). flock is released by the
-    kernel when the process dies, so a killed run leaves no stale lock. No-op where fcntl is absent."""
+    kernel when the process dies, so a killed run leaves no stale lock. No-op where fcntl is absent.
+    The lock file goes when the download ends, finished or failed (removed while still held: a second
+    download that opened it before fails its non-blocking flock; one that opens it after makes a new
+    file), and OUT/downloads with it when nothing else is in it (no partial archive to resume)."""
     try:
         import fcntl
     except ImportError:  # Windows
@@ -200,7 +202,10 @@ def _lock(root: Path) -> Iterator[None]:
         try:
             yield
         finally:
+            path.unlink(missing_ok=True)
             fcntl.flock(f, fcntl.LOCK_UN)
+    with contextlib.suppress(OSError):
+        path.parent.rmdir()  # only when empty
 
 
 # --------------------------------------------------------------------------- download
@@ -254,6 +259,7 @@ _HOOKS = DownloadHooks()
 
 def use_hooks(**parts) -> contextlib.AbstractContextManager[DownloadHooks]:
     """Downloads inside the block run with these parts of `DownloadHooks` replaced."""
+    from ..runtime import overriding  # imported here: runtime imports torch, which a download never needs
     return overriding(_HOOKS, **parts)
 
 

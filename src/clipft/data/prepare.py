@@ -526,10 +526,21 @@ class DeviceTransform(torch.nn.Module):
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255.0, persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255.0, persistent=False)
 
-    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    @staticmethod
+    def sample_keys(seed: int, epoch: int, indices: torch.Tensor | Sequence[int]) -> torch.Tensor:
+        """[B] int64 augmentation seeds of the samples `indices` (dataset rows) in `epoch`:
+        `datasets.sample_seed`, the rule of the JPEG path too."""
+        from .datasets import sample_seed
+        return torch.tensor([sample_seed(seed, epoch, int(i)) for i in indices], dtype=torch.int64)
+
+    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None,
+                keys: torch.Tensor | None = None) -> torch.Tensor:
+        """keys [B] (`sample_keys`): each sample's crop and flip drawn from its own generator, so they
+        depend on (seed, epoch, sample) only, not on the batch it came in or the RNG's state (an
+        exact mid-epoch resume). Without keys: from `generator` (or the global CPU RNG)."""
         x = images.permute(0, 3, 1, 2)  # [B, 3, S, S] uint8, a channels_last view (no copy)
         if self.augment:
-            x = self._random_resized_crop(x.float(), generator)
+            x = self._random_resized_crop(x.float(), generator, keys)
         elif x.shape[-1] != self.size:
             # CPU: resize the uint8 batch itself (a vectorised uint8 kernel, ~10x the float one);
             # CUDA: in float, where the resize is cheap next to the model.
@@ -551,17 +562,27 @@ class DeviceTransform(torch.nn.Module):
             return rows.mul_(scale).sub_(shift).view(b, h, w, c).permute(0, 3, 1, 2)  # channels_last [B, 3, H, W]
         return x.float().sub_(self.mean.to(x.device)).div_(self.std.to(x.device))  # in place on the fresh copy
 
-    def _random_resized_crop(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        # Crop parameters are drawn on the CPU (B numbers each, tiny) so a CPU generator seeds them.
+    @staticmethod
+    def _draws(b: int, generator: torch.Generator | None, keys: torch.Tensor | None) -> torch.Tensor:
+        """[B, 5] uniforms in [0, 1): area, log-ratio, centre x, centre y, flip of each sample; row k from
+        torch.Generator().manual_seed(keys[k]) when keys are given (B tiny draws: ~10 us a sample)."""
+        if keys is None:
+            return torch.rand(b, 5, generator=generator)
+        return torch.stack([torch.rand(5, generator=torch.Generator().manual_seed(int(k))) for k in keys.tolist()])
+
+    def _random_resized_crop(self, x: torch.Tensor, generator: torch.Generator | None,
+                             keys: torch.Tensor | None = None) -> torch.Tensor:
+        # Crop parameters are drawn on the CPU (5 numbers a sample, tiny) so CPU generators seed them.
         b = x.shape[0]
-        g = dict(generator=generator)
-        area = torch.empty(b).uniform_(*self.scale, **g)  # crop area / image area
-        ratio = torch.exp(torch.empty(b).uniform_(math.log(3 / 4), math.log(4 / 3), **g))
+        u = self._draws(b, generator, keys)  # [B, 5]
+        lo, hi = self.scale
+        area = lo + (hi - lo) * u[:, 0]  # crop area / image area
+        ratio = torch.exp(math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * u[:, 1])
         w = torch.sqrt(area * ratio).clamp(max=1.0)  # crop width / image width
         h = torch.sqrt(area / ratio).clamp(max=1.0)
-        cx = (torch.rand(b, **g) * 2 - 1) * (1 - w)  # centre in [-1+w, 1-w] (normalised coords)
-        cy = (torch.rand(b, **g) * 2 - 1) * (1 - h)
-        sign = torch.where(torch.rand(b, **g) < 0.5, -1.0, 1.0) if self.flip else torch.ones(b)
+        cx = (u[:, 2] * 2 - 1) * (1 - w)  # centre in [-1+w, 1-w] (normalised coords)
+        cy = (u[:, 3] * 2 - 1) * (1 - h)
+        sign = torch.where(u[:, 4] < 0.5, -1.0, 1.0) if self.flip else torch.ones(b)
         theta = torch.zeros(b, 2, 3)
         theta[:, 0, 0], theta[:, 0, 2] = w * sign, cx
         theta[:, 1, 1], theta[:, 1, 2] = h, cy

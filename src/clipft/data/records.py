@@ -21,6 +21,8 @@ from typing import Any, Sequence
 
 import torch
 
+from ..preprocess import IMAGE_EXTENSIONS  # noqa: F401 - one list for training and the search index
+
 log = logging.getLogger(__name__)
 
 
@@ -160,7 +162,6 @@ def log_drops(where: Path | str, ds: "CaptionedImages") -> None:
 
 # --------------------------------------------------------------------------- shared by the format modules
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 @dataclass
 class Entry:

@@ -192,13 +192,13 @@ def checkpoint_embeddings(checkpoint: str | Path, data_root: str | Path, split: 
     `cfg` defaults to the config saved in the checkpoint. Returns (embeddings, config used).
     with_text=False skips the captions (text_emb is then None): zero-shot needs images only."""
     from ..config import from_dict
-    from ..model import ModelError, read_checkpoint, tower_from_checkpoint
+    from ..model import TOWER_KEYS, ModelError, read_checkpoint, tower_from_checkpoint
     from .protocols import resolve_eval_split
     from ..runtime import amp_dtype_for, resolve_device
     from ..text import get_text_embeddings
 
     checkpoint = Path(checkpoint)
-    ckpt = read_checkpoint(checkpoint)
+    ckpt = read_checkpoint(checkpoint, require=(*TOWER_KEYS, "config"))  # evaluation needs the run's config
     model = tower_from_checkpoint(ckpt)
     cfg = cfg if cfg is not None else from_dict(ckpt["config"])
     del ckpt  # optimizer state is not needed for evaluation
@@ -272,11 +272,11 @@ def split_embeddings_from_file(path: str | Path, checkpoint: str | Path, data_ro
     (matched by image and caption ids), without running any model."""
     from ..config import from_dict
     from ..data import DataError
-    from ..model import read_checkpoint
+    from ..model import TOWER_KEYS, read_checkpoint
     from .protocols import resolve_eval_split
     tensors, meta = load_split_embeddings(path)
     if cfg is None:
-        cfg = from_dict(read_checkpoint(checkpoint)["config"])
+        cfg = from_dict(read_checkpoint(checkpoint, require=(*TOWER_KEYS, "config"))["config"])
     es = resolve_eval_split(data_root, split, cfg, karpathy)
     if meta.get("split") not in (None, split):
         raise DataError(f"{path}: embeddings of split {meta.get('split')!r}, not {split!r}")
@@ -364,8 +364,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data_root: str | Path, split: st
         emb, cfg = checkpoint_embeddings(checkpoint, data_root, split, cfg, device, karpathy, progress)
     elif cfg is None:
         from ..config import from_dict
-        from ..model import read_checkpoint
-        cfg = from_dict(read_checkpoint(checkpoint)["config"])
+        from ..model import TOWER_KEYS, read_checkpoint
+        cfg = from_dict(read_checkpoint(checkpoint, require=(*TOWER_KEYS, "config"))["config"])
     data = emb.data
     metrics = score_split(emb.image_emb, emb.rows, emb.split, emb.text_emb, cfg.eval.ks)
     metrics.update(split=emb.split.name, skipped_images=len(data) - int(emb.rows.numel()), checkpoint=str(checkpoint),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import matplotlib
@@ -10,23 +11,53 @@ matplotlib.use("Agg")  # headless: runs on servers and in CI
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def plot_training_curves(epochs: list[dict], path: str | Path) -> Path | None:
-    """Two panels: train/val loss per epoch, and validation Recall@K per epoch (both directions).
+CURVES_INCHES = (15, 4.5)  # three panels, saved at 110 dpi
 
-    `epochs` are the "epoch" records of metrics.jsonl. Returns the path, or None without records.
-    """
-    if not epochs:
+
+def loss_chance(n: int) -> float | None:
+    """The symmetric InfoNCE of a model that knows nothing (uniform logits) over a batch of n pairs:
+    ln n in each direction, so ln n for their mean. None for n < 2."""
+    return math.log(n) if n and n >= 2 else None
+
+
+def val_loss_chance(num_images: int, batch_size: int) -> float | None:
+    """Chance level of evaluation's val_loss, which is computed in fixed batches of `batch_size` over the
+    `num_images` validation images (a last batch of 1 skipped) and averaged weighted by batch size."""
+    sizes = [min(batch_size, num_images - s) for s in range(0, num_images, batch_size)]
+    sizes = [n for n in sizes if n >= 2]
+    return sum(n * math.log(n) for n in sizes) / sum(sizes) if sizes else None
+
+
+def run_batch_size(run_dir: str | Path) -> int | None:
+    """train.batch_size of a run directory's config.json (None when it cannot be read)."""
+    import json
+    try:
+        return int(json.loads((Path(run_dir) / "config.json").read_text())["train"]["batch_size"])
+    except (OSError, ValueError, KeyError, TypeError):
         return None
-    path = Path(path)
-    fig, (ax_loss, ax_rec) = plt.subplots(1, 2, figsize=(12, 4.5))
+
+
+def training_curves_figure(epochs: list[dict], batch_size: int | None = None):
+    """The figure of `plot_training_curves`: train loss, validation loss and Recall@K, one panel each.
+    The two losses have different chance levels (ln B over a training batch of B pairs; the validation
+    batches' ln n), so each gets its own panel and its dashed chance line (when batch_size is known)."""
+    from matplotlib.ticker import MaxNLocator
+    fig, (ax_train, ax_val, ax_rec) = plt.subplots(1, 3, figsize=CURVES_INCHES)
     x = [r["epoch"] for r in epochs]
-    ax_loss.plot(x, [r["train_loss"] for r in epochs], "o-", label="train loss")
+    ax_train.plot(x, [r["train_loss"] for r in epochs], "o-", label="train loss")
+    if (c := loss_chance(batch_size)) is not None:
+        ax_train.axhline(c, color="grey", ls="--", label=f"chance: ln {batch_size} = {c:.2f}")
+    ax_train.set(xlabel="epoch", ylabel="symmetric InfoNCE", title="Training loss (batch mean)")
     val = [(r["epoch"], r["val_loss"]) for r in epochs if r.get("val_loss") is not None]
     if val:
-        ax_loss.plot(*zip(*val), "s-", label="val loss")
-    ax_loss.set(xlabel="epoch", ylabel="symmetric InfoNCE", title="Loss")
-    ax_loss.grid(alpha=0.3)
-    ax_loss.legend()
+        ax_val.plot(*zip(*val), "s-", color="C1", label="val loss")
+        n_val = next((r["val"].get("num_images") for r in reversed(epochs) if isinstance(r.get("val"), dict)
+                      and r["val"].get("num_images")), None)
+        if batch_size and n_val and (c := val_loss_chance(int(n_val), batch_size)) is not None:
+            ax_val.axhline(c, color="grey", ls="--", label=f"chance over {n_val} images = {c:.2f}")
+    else:
+        ax_val.text(0.5, 0.5, "no validation loss logged", ha="center", va="center", transform=ax_val.transAxes)
+    ax_val.set(xlabel="epoch", ylabel="symmetric InfoNCE", title="Validation loss")
 
     with_val = [r for r in epochs if "val" in r]
     styles = {"image_to_text": "-", "text_to_image": "--"}
@@ -37,13 +68,25 @@ def plot_training_curves(epochs: list[dict], path: str | Path) -> Path | None:
                 ax_rec.plot([r["epoch"] for r in with_val], [r["val"][direction][k] for r in with_val],
                             ls, marker="o", label=f"{names[direction]} {k}")
     ax_rec.set(xlabel="epoch", ylabel="recall (%)", title="Validation Recall@K", ylim=(0, 100))
-    ax_rec.grid(alpha=0.3)
-    if with_val:
-        ax_rec.legend(fontsize=8, ncol=2)
-    if len(x) == 1:
-        for ax in (ax_loss, ax_rec):
-            ax.set_xticks(x)
+    for ax in (ax_train, ax_val, ax_rec):
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8, ncol=2 if ax is ax_rec else 1)
     fig.tight_layout()
+    return fig
+
+
+def plot_training_curves(epochs: list[dict], path: str | Path, batch_size: int | None = None) -> Path | None:
+    """Three panels: training loss, validation loss (each with its chance line when `batch_size`, the
+    run's train.batch_size, is known) and validation Recall@K per epoch (both directions).
+
+    `epochs` are the "epoch" records of metrics.jsonl. Returns the path, or None without records.
+    """
+    if not epochs:
+        return None
+    path = Path(path)
+    fig = training_curves_figure(epochs, batch_size)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -215,9 +258,9 @@ def plot_zero_shot(items: list[dict], classes: list[str], path: str | Path, top:
         if t is not None and t not in order:
             order = order[:-1] + [t]
         pred = order[0]
-        title = None
+        title = Path(it["path"]).name  # which image this is: its file name, always
         if t is not None:
-            title = ("\u2713 " if pred == t else "\u2717 ") + f"true: {classes[t]}"
+            title = ("\u2713 " if pred == t else "\u2717 ") + f"true: {classes[t]}\n{title}"
         _image_axis(fig.add_subplot(gs[r, 2 * c]), it["path"], title or "",
                     title_color=(_OK if t is not None and pred == t else "firebrick") if t is not None else "black")
         ax = fig.add_subplot(gs[r, 2 * c + 1])
@@ -231,7 +274,9 @@ def plot_zero_shot(items: list[dict], classes: list[str], path: str | Path, top:
         ax.tick_params(axis="x", labelsize=9)
         for y, v in enumerate(vals):
             ax.text(min(v + 0.02, 0.8), y, f"{v:.2f}", va="center", fontsize=9)
-    fig.suptitle("Zero-shot classification: class probabilities per image (green = true class)", fontsize=12)
+    # "green = true class" only when some image has one (`clipft zeroshot --image` has none)
+    legend = " (green = true class)" if any(it.get("target") is not None for it in items) else ""
+    fig.suptitle(f"Zero-shot classification: class probabilities per image{legend}", fontsize=12)
     return _save(fig, path)
 
 

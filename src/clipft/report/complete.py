@@ -52,6 +52,21 @@ def data_root_candidates(root: Path, summary: dict, data: str | Path | None) -> 
     return out + [root / "data"]
 
 
+def data_hint(root: Path) -> str:
+    """The run's data path for a suggested command: summary.json's data_root (or config.json's
+    data.path) where it still exists, else the placeholder DATA (data that moved is not suggested)."""
+    for name, key in (("summary.json", ("data_root",)), ("config.json", ("data", "path"))):
+        try:
+            value = json.loads((Path(root) / name).read_text())
+            for k in key:
+                value = value[k]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if isinstance(value, str) and value and Path(value).exists():
+            return value
+    return "DATA"
+
+
 def find_data_root(root: Path, summary: dict, data: str | Path | None) -> Path | None:
     """The first candidate that exists (an explicit --data must exist)."""
     if data:
@@ -103,8 +118,8 @@ def complete_run(run_dir: str | Path, data: str | Path | None = None, device: st
     done = Completion(checkpoint=checkpoint_of(run.root), split="val-heldout" if d.get("val_images") else "val")
     epochs = read_records(run.metrics, "epoch")
     if epochs and not run.curves.is_file():
-        from ..eval.plots import plot_training_curves
-        plot_training_curves(epochs, run.curves)
+        from ..eval.plots import plot_training_curves, run_batch_size
+        plot_training_curves(epochs, run.curves, batch_size=run_batch_size(run.root))
         done.drawn.append(run.curves.name)
     todo = wanted(run.root, done.checkpoint, done.split)
     if not todo:
@@ -163,6 +178,14 @@ def _draw(root: Path, done: Completion, todo: list[str], seed: int, device: str,
     done.drawn += drawn
     if "zero_shot" in todo:
         source = label_source(data_root, cfg.data.val_split)
+        if source is None and not (Path(data_root) / "annotations").is_dir():
+            # A CSV/TSV/JSONL file, an image folder, a Flickr layout: no class labels clipft can read there
+            # (the COCO-only advice named paths such as captions.csv/annotations/instances_val2014.json).
+            done.missing["zero_shot"] = (
+                f"{data_root} holds captions but no class labels (zero-shot over a dataset reads the shapes "
+                "labels or a COCO instances file); classify your own images by class name with "
+                f"`clipft zeroshot --checkpoint {ckpt} --image IMAGE ... --labels NAME ...`")
+            return
         if source is None:
             done.missing["zero_shot"] = (
                 f"no zero-shot labels next to the data ({data_root}/annotations has neither "

@@ -147,12 +147,13 @@ def clip_comparison_figures(root: Path, files: list[tuple[str, dict]]) -> dict[s
 def reproduce_section(root: Path) -> list[str]:
     """RUN/commands.txt: every clipft command run against this run, in order."""
     from ..train.commandlog import COMMANDS_TXT, read_commands
+    from .complete import data_hint
     lines = ["## Reproduce", ""]
     cmds = read_commands(root)
     if not cmds:
         return lines + [f"No `{COMMANDS_TXT}` in this run (it was made before clipft recorded its commands). "
-                        f"Rerunning `clipft train --data DATA --out {root}` continues it from its saved "
-                        "config.json.", ""]
+                        f"Rerunning `clipft train --data {data_hint(root)} --out {root}` continues it from its "
+                        "saved config.json.", ""]
     return lines + [f"Every clipft command run against this run directory, from `{COMMANDS_TXT}` (date, clipft "
                     "version, command line):", "", "```text", *cmds, "```", ""]
 

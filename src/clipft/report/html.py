@@ -82,21 +82,71 @@ def find_chromium() -> str | None:
 
 
 def write_pdf(html_path: Path, timeout: float = 180.0) -> Path:
-    """report.html -> report.pdf with headless Chromium's print-to-PDF (A4, the HTML's print CSS)."""
+    """report.html -> report.pdf with headless Chromium's print-to-PDF (A4, the HTML's print CSS).
+
+    Chromium is started in a session of its own and its output goes to a file, not a pipe: headless
+    Chromium can stay up after printing, and its helper processes (zygote, crashpad) inherit the
+    output, so waiting for the pipes to close (subprocess.run) waited for them. The PDF is done when
+    Chromium exits, or when the file it prints to has stopped growing; the whole group is then ended."""
     exe = find_chromium()
     if exe is None:
         raise ReportError("--pdf needs a Chromium browser on PATH (Debian/Ubuntu: apt-get install chromium)")
     out = html_path.with_suffix(".pdf")
     tmp_out = out.with_name(out.name + ".tmp")
+    tmp_out.unlink(missing_ok=True)
     with tempfile.TemporaryDirectory(prefix="clipft-chromium-") as profile:
         cmd = [exe, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--print-to-pdf={tmp_out}",
                html_path.resolve().as_uri()]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            raise ReportError(f"{html_path}: {exe} did not print the PDF within {timeout:.0f} s") from None
-    if proc.returncode != 0 or not tmp_out.is_file() or tmp_out.stat().st_size == 0:
-        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise ReportError(f"{html_path}: {exe} failed to print the PDF (exit {proc.returncode}: {last})")
+        log_file = Path(profile) / "chromium-output.txt"
+        with open(log_file, "w+") as log_f:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_f, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+            try:
+                code = _wait_for_pdf(proc, tmp_out, timeout)
+            finally:
+                _end_group(proc)
+            log_f.seek(0)
+            output = log_f.read()
+    if code is None:
+        tmp_out.unlink(missing_ok=True)
+        raise ReportError(f"{html_path}: {exe} did not print the PDF within {timeout:.0f} s")
+    if not tmp_out.is_file() or tmp_out.stat().st_size == 0:
+        tmp_out.unlink(missing_ok=True)
+        last = (output.strip().splitlines() or ["no output"])[-1]
+        raise ReportError(f"{html_path}: {exe} failed to print the PDF (exit {code}: {last})")
     tmp_out.replace(out)
     return out
+
+
+def _wait_for_pdf(proc: subprocess.Popen, pdf: Path, timeout: float, settle: float = 1.0) -> int | None:
+    """Chromium's exit code, 0 once `pdf` exists and has kept its size for `settle` seconds while
+    Chromium is still up, or None after `timeout` seconds without either."""
+    import time
+    start, last_size, since = time.monotonic(), -1, time.monotonic()
+    while time.monotonic() - start < timeout:
+        code = proc.poll()
+        if code is not None:
+            return code
+        size = pdf.stat().st_size if pdf.is_file() else -1
+        if size != last_size:
+            last_size, since = size, time.monotonic()
+        elif size > 0 and time.monotonic() - since >= settle:
+            return 0  # printed; what is left of Chromium is ended by the caller
+        time.sleep(0.1)
+    return None
+
+
+def _end_group(proc: subprocess.Popen) -> None:
+    """End Chromium and every process it started (its own session), then reap it."""
+    import os
+    import signal
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            break
+        try:
+            proc.wait(timeout=3)
+            break
+        except subprocess.TimeoutExpired:
+            continue

@@ -226,8 +226,9 @@ def pictures_section(root: Path, provenance: dict[str, dict] | None = None,
                "checkpoint, so reused here).")
         lines += [f"![{f[:-4].replace('_', ' ')}]({f})", "", text + how, ""]  # the caption under its picture
     if len(lines) == 2:
+        from .complete import data_hint
         lines += ["*Missing:* no retrieval picture in this run directory: `clipft report "
-                  f"{root} --data DATA` draws them.", ""]
+                  f"{root} --data {data_hint(root)}` draws them.", ""]
     return lines
 
 

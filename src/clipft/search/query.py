@@ -21,8 +21,24 @@ import torch
 from .index import SearchError, connect, load_shard, read_info
 
 ANN_FILE = "ann.faiss"
+ANN_INFO = "ann.json"  # its settings and the recall@10 measured when it was built
 ANN_MIN_ROWS = 200_000  # below this the exact product answers in a few ms (see benchmarks/search.py)
+ANN_PROBE_FRACTION = 1 / 3  # cells an approximate query scans by default (see build_ann)
+ANN_TARGET_RECALL = 0.95  # recall@10 of text queries against exact search the automatic index must keep
+# Everyday photo-search queries, embedded by `clipft index` to measure (and calibrate) the approximate
+# index's recall on text queries, which lie outside the image cloud unlike copies of indexed images.
+CALIBRATION_TEXTS = (
+    "a dog", "a cat on a sofa", "a child playing", "people at a party", "a birthday cake", "a beach at sunset",
+    "snowy mountains", "a city street at night", "a car", "a bicycle", "a plate of food", "a cup of coffee",
+    "flowers in a garden", "a forest path", "a lake", "a boat on the water", "a bird", "a horse", "a wedding",
+    "a family photo", "a selfie", "a screenshot", "a document", "a receipt", "a building", "a bridge",
+    "a train", "an airplane", "a football match", "a concert", "a christmas tree", "a baby", "a kitchen",
+    "a living room", "a bedroom", "a book", "a laptop", "a phone", "a map", "a painting", "a statue",
+    "a red car", "a blue sky with clouds", "rain", "fireworks", "a tent in the woods", "a swimming pool",
+    "a museum", "a market", "an old photograph")
 DUPLICATE_CHUNK = 2048  # rows of the [chunk, N] similarity block held at once by `duplicate_groups`
+FP16_MARGIN = 4e-3  # float16-product scores this close to the k-th are rescored in float32 (see _exact_scores)
+SCORE_BLOCK = 8192  # float16 rows widened at a time by `scores_of`: [8192, 512] float32 = 16 MB, reused
 
 
 @dataclass
@@ -39,9 +55,11 @@ class Hit:
 class LoadedIndex:
     """An index in memory: ids [N] (ascending), paths, emb [N, D] L2-normalised in the stored dtype.
 
-    float16 (the default storage) halves the bytes one query's product reads, and a CPU matrix-vector
-    product is bound by memory: about 2x faster at 100k rows, with top-10 sets equal to float32's
-    (scores within 1e-4; benchmarks/search.py)."""
+    float16 (the default storage) halves the bytes one query's product reads (a CPU matrix-vector
+    product is bound by memory). Scores are float32 products of the float16 rows (`_exact_scores`),
+    so the only error left is the rows' own float16 rounding: within 1e-4 of exact float32 search
+    (measured ~1e-5 on clustered 512-d rows; tests/search/test_query.py checks 1e-4), and the top-k
+    ids equal float32's except where two exact scores are that close. Ties: by id, ascending."""
     index_dir: Path
     root: Path
     info: dict[str, str]
@@ -100,19 +118,65 @@ def load_index(index_dir: str | Path, use_ann: bool | None = None) -> LoadedInde
     return idx
 
 
+def scores_of(emb: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    """Cosine of every row of emb [N, D] (float16 or float32) with query [D]: [N] float32. float16 rows
+    are widened block by block (SCORE_BLOCK rows), so the product and its sums run in float32 while
+    the rows are still read once, at float16's 2 bytes a value."""
+    q = query.float()
+    if emb.dtype == torch.float32:
+        return emb @ q
+    out = torch.empty(len(emb), dtype=torch.float32)
+    buf = torch.empty(min(len(emb), SCORE_BLOCK), emb.shape[1], dtype=torch.float32)  # reused: no page faults
+    for s in range(0, len(emb), SCORE_BLOCK):
+        block = buf[:len(emb[s:s + SCORE_BLOCK])]
+        block.copy_(emb[s:s + SCORE_BLOCK])  # [block, D] float16 -> float32
+        torch.mv(block, q, out=out[s:s + SCORE_BLOCK])
+    return out
+
+
+def _ranked(scores: np.ndarray, rows: np.ndarray) -> list[tuple[float, int]]:
+    """(score, row) pairs by score descending, then row ascending: equal scores (copies of one photo)
+    always come back in the same order, by id (rows are in id order)."""
+    order = np.lexsort((rows, -scores))
+    return [(float(scores[i]), int(rows[i])) for i in order]
+
+
+def _exact_scores(emb: torch.Tensor, query: torch.Tensor, want: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows [M], float32 scores [M]) holding every row whose score can reach the top `want`.
+    float16 rows: one float16 product ranks them (memory-bound, as fast as the storage allows; error
+    measured ~3e-4, from rounding its float16 output), then the rows within FP16_MARGIN of the
+    want-th are rescored in float32 (`scores_of`). FP16_MARGIN is over 10x that error, and if a
+    candidate's float16 score is off by more than a quarter of it (a platform whose float16 product
+    accumulates in float16), every row is scored in float32 instead."""
+    if emb.dtype == torch.float16:
+        rough = (emb @ query.to(torch.float16)).float()  # [N]
+        kth = float(torch.topk(rough, want).values[-1])
+        rows = torch.nonzero(rough >= kth - FP16_MARGIN).flatten()  # [M >= want]
+        scores = scores_of(emb[rows], query)
+        if float((scores - rough[rows]).abs().max()) <= FP16_MARGIN / 4:
+            return rows, scores
+    return torch.arange(len(emb)), scores_of(emb, query)
+
+
 def top_k(idx: LoadedIndex, query: torch.Tensor, k: int, exclude: int | None = None) -> list[Hit]:
     """The k rows most similar to one query vector [D]: approximate when idx.ann is set, else exact
-    (one [N, D] @ [D] product). `exclude` leaves one row out (the query image itself)."""
+    (`_exact_scores`: float32 scores of the stored rows). `exclude` leaves one row out (the query
+    image itself). Order: score descending, then id ascending."""
     n = len(idx)
     want = min(k + (exclude is not None), n)
     if want <= 0:
         return []
     if idx.ann is not None:
         scores, rows = _ann_search(idx.ann, query, want)
+        ranked = _ranked(np.array(scores, dtype=np.float32), np.array(rows, dtype=np.int64))
     else:
-        scores, rows = torch.topk((idx.emb @ query.to(idx.emb.dtype)).float(), want)  # [N] -> [want]
-        scores, rows = scores.tolist(), rows.tolist()
-    hits = [Hit(int(idx.ids[r]), idx.paths[r], float(s)) for s, r in zip(scores, rows) if r >= 0 and r != exclude]
+        rows, scores = _exact_scores(idx.emb, query, want)  # [M], [M]
+        kth = float(torch.topk(scores, want).values[-1])
+        # every row tied with the k-th score, so that which of them make the cut does not depend on
+        # topk's internal order
+        keep = scores >= kth
+        ranked = _ranked(scores[keep].numpy(), rows[keep].numpy())[:want]
+    hits = [Hit(int(idx.ids[r]), idx.paths[r], s) for s, r in ranked if r >= 0 and r != exclude]
     return hits[:k]
 
 
@@ -167,8 +231,12 @@ def _faiss():
 
 def build_ann(emb: torch.Tensor, nlist: int | None = None, nprobe: int | None = None, seed: int = 0):
     """A faiss IVF-Flat inner-product index over emb [N, D]: k-means into `nlist` cells (default
-    sqrt(N)), trained on 40 sampled points per cell (faiss wants >= 39), `nprobe` cells (default 32)
-    scanned per query, so a query reads about nprobe / nlist of the rows."""
+    sqrt(N)), trained on 40 sampled points per cell (faiss wants >= 39), `nprobe` cells scanned per
+    query (default: a third of them, ANN_PROBE_FRACTION), so a query reads about nprobe / nlist of
+    the rows. Why a third: text queries lie outside the image cloud (CLIP's modality gap), so their
+    neighbours spread over many cells; on synthetic clustered data with such a gap, 32 of 447 cells
+    found 0.87 of the exact top 10 while copies of indexed rows found 1.0 (benchmarks/search.py;
+    tests/search/test_query.py checks >= 0.95 at the defaults)."""
     faiss = _faiss()
     x = np.ascontiguousarray(emb.float().numpy())
     n, d = x.shape
@@ -179,8 +247,26 @@ def build_ann(emb: torch.Tensor, nlist: int | None = None, nprobe: int | None = 
     ann.cp.seed = seed
     ann.train(x[rng.choice(n, size=min(n, 40 * nlist), replace=False)])
     ann.add(x)
-    ann.nprobe = min(nlist, nprobe or 32)
+    ann.nprobe = min(nlist, nprobe or max(1, math.ceil(nlist * ANN_PROBE_FRACTION)))
     return ann
+
+
+def ann_recall(ann, emb: torch.Tensor, queries: torch.Tensor, k: int = 10) -> float:
+    """Mean recall@k of `ann` against exact search over emb [N, D] for queries [Q, D]."""
+    exact = torch.topk(queries.float() @ emb.float().T, min(k, len(emb)), dim=1).indices.numpy()  # [Q, k]
+    _, found = ann.search(np.ascontiguousarray(queries.float().numpy()), exact.shape[1])  # [Q, k]
+    return float(np.mean([len(set(a) & set(b)) / len(a) for a, b in zip(found.tolist(), exact.tolist())]))
+
+
+def calibrate_ann(ann, emb: torch.Tensor, queries: torch.Tensor, target: float = ANN_TARGET_RECALL,
+                  k: int = 10) -> float:
+    """Raise ann.nprobe (doubling, up to every cell: exact) until the queries' recall@k reaches
+    `target`; returns the recall measured at the nprobe kept."""
+    recall = ann_recall(ann, emb, queries, k)
+    while recall < target and ann.nprobe < ann.nlist:
+        ann.nprobe = min(ann.nlist, 2 * ann.nprobe)
+        recall = ann_recall(ann, emb, queries, k)
+    return recall
 
 
 def _ann_search(ann, query: torch.Tensor, k: int) -> tuple[list[float], list[int]]:
@@ -196,29 +282,76 @@ def ann_state(idx: LoadedIndex) -> str:
     return h.hexdigest()[:16]
 
 
-def write_ann(idx: LoadedIndex) -> Path:
-    """Build the approximate index for idx and save it beside the database (temp file + rename)."""
+def proxy_queries(emb: torch.Tensor, n: int = 200, seed: int = 0) -> torch.Tensor:
+    """Held-out-style queries [n, D] when no text encoder is at hand: rows with the collection's mean
+    direction taken out (text embeddings do not share the image cloud's mean), plus noise of equal
+    norm, renormalised. Easier than real text queries (they stay nearer their rows), so a recall
+    measured on them is labelled as such."""
+    g = torch.Generator().manual_seed(seed)
+    x = emb.float()
+    rows = x[torch.randint(len(x), (n,), generator=g)] - x.mean(0)
+    noise = torch.randn(n, x.shape[1], generator=g)
+    return torch.nn.functional.normalize(torch.nn.functional.normalize(rows, dim=1)
+                                         + torch.nn.functional.normalize(noise, dim=1), dim=1)
+
+
+def write_ann(idx: LoadedIndex, text_queries: torch.Tensor | None = None) -> Path:
+    """Build the approximate index for idx and save it beside the database (temp file + rename), with
+    ANN_INFO: its cells, nprobe, and recall@10 against exact search measured now, on `text_queries`
+    [Q, D] (nprobe raised until they reach ANN_TARGET_RECALL) or else on `proxy_queries`."""
+    import json
     faiss = _faiss()
     ann = build_ann(idx.emb)
+    if text_queries is not None and len(text_queries):
+        queries, label = text_queries, f"{len(text_queries)} text queries"
+    else:
+        queries, label = proxy_queries(idx.emb), "200 synthetic held-out queries (no text encoder)"
+    recall = calibrate_ann(ann, idx.emb, queries)
     out = idx.index_dir / ANN_FILE
     tmp = out.with_name(f".{ANN_FILE}.tmp")
     faiss.write_index(ann, str(tmp))
+    info = {"nlist": int(ann.nlist), "nprobe": int(ann.nprobe), "recall_at_10": round(recall, 4), "queries": label,
+            "rows": len(idx)}
+    (idx.index_dir / f".{ANN_INFO}.tmp").write_text(json.dumps(info))
     (idx.index_dir / f".{ANN_FILE}.state.tmp").write_text(ann_state(idx))
     os.replace(tmp, out)
+    os.replace(idx.index_dir / f".{ANN_INFO}.tmp", idx.index_dir / ANN_INFO)
     os.replace(idx.index_dir / f".{ANN_FILE}.state.tmp", idx.index_dir / f"{ANN_FILE}.state")
     return out
 
 
-def refresh_ann(index_dir: str | Path, force: bool = False) -> Path | None:
+def ann_info(index_dir: str | Path) -> dict:
+    """What write_ann recorded ({} for an index built before it recorded anything)."""
+    import json
+    try:
+        return json.loads((Path(index_dir) / ANN_INFO).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def ann_report(index_dir: str | Path) -> str:
+    """One line on the approximate index: its settings and measured recall."""
+    info = ann_info(index_dir)
+    if not info:
+        return f"approximate index (faiss IVF) up to date: {Path(index_dir) / ANN_FILE} (recall not recorded)"
+    return (f"approximate index (faiss IVF, {info['nprobe']} of {info['nlist']} cells scanned per query) up to "
+            f"date: {Path(index_dir) / ANN_FILE}; recall@10 against exact search {info['recall_at_10']:.3f} "
+            f"on {info['queries']} (`clipft search --exact` for exact)")
+
+
+def refresh_ann(index_dir: str | Path, force: bool = False, text_queries=None) -> Path | None:
     """After an update: (re)build the approximate index when asked, when one exists (it would be stale),
-    or when the index reached ANN_MIN_ROWS and faiss is installed; None when exact search stays."""
+    or when the index reached ANN_MIN_ROWS and faiss is installed; None when exact search stays.
+    text_queries: a callable giving [Q, D] text embeddings to measure recall on, called only to build."""
     index_dir = Path(index_dir)
     if not (force or (index_dir / ANN_FILE).exists()) and importlib.util.find_spec("faiss") is None:
         return None
     idx = load_index(index_dir, use_ann=False)
     if not (force or (index_dir / ANN_FILE).exists() or len(idx) >= ANN_MIN_ROWS):
         return None
-    return write_ann(idx) if load_ann(idx) is None else index_dir / ANN_FILE
+    if load_ann(idx) is not None:
+        return index_dir / ANN_FILE
+    return write_ann(idx, text_queries() if text_queries is not None else None)
 
 
 def load_ann(idx: LoadedIndex, required: bool = False):
@@ -229,7 +362,10 @@ def load_ann(idx: LoadedIndex, required: bool = False):
         if required:
             raise SearchError(f"{idx.index_dir}: no up-to-date approximate index (rerun `clipft index` with --ann)")
         return None
-    return _faiss().read_index(str(path))
+    ann = _faiss().read_index(str(path))
+    if "nprobe" in (info := ann_info(idx.index_dir)):
+        ann.nprobe = int(info["nprobe"])  # the calibrated value, whatever the file format keeps
+    return ann
 
 
 # --------------------------------------------------------------------------- for the CLI and the server
@@ -241,11 +377,40 @@ def model_source(source: str) -> str:
     return str(p.resolve()) if p.exists() else source
 
 
+def _plain_numpy_globals() -> list:
+    """The numpy globals a checkpoint's plain arrays (RNG states) pickle with: array reconstruction and
+    numeric dtypes only, none of which runs code."""
+    kinds = ("Bool", "Int8", "Int16", "Int32", "Int64", "UInt8", "UInt16", "UInt32", "UInt64", "Float16",
+             "Float32", "Float64")
+    core = getattr(np, "_core", None) or np.core
+    return [core.multiarray._reconstruct, np.ndarray, np.dtype,
+            *(getattr(np.dtypes, f"{k}DType") for k in kinds if hasattr(np.dtypes, f"{k}DType"))]
+
+
+def check_model_source(source: str) -> None:
+    """Refuse (SearchError, one line) a model source whose loading could run code: an index folder
+    records its model's path, and whoever wrote the folder chose it. A file must load with
+    `torch.load(weights_only=True)` (tensors, containers, numbers, plain numpy arrays); a folder is
+    loaded by `clipft.load` from its config.json and safetensors weights; a hub name is left to it."""
+    p = Path(source).expanduser()
+    if not p.is_file() or p.suffix == ".onnx":  # an export's .onnx file is read by onnxruntime, never unpickled
+        return
+    try:
+        with torch.serialization.safe_globals(_plain_numpy_globals()):
+            torch.load(p, map_location="cpu", weights_only=True, mmap=True)  # mmap: nothing read twice
+    except Exception as e:  # noqa: BLE001 - whatever the unpickler refused, the file is not plain weights
+        first = (str(e).split("WeightsUnpickler error:")[-1].strip().splitlines() or [type(e).__name__])[0]
+        raise SearchError(f"{p}: refused as this index's model: not plain weights (torch.load with "
+                          f"weights_only=True failed: {first[:160]}); index with a folder written by "
+                          f"`clipft export` instead") from None
+
+
 def load_query_model(idx: LoadedIndex, device: str = "cpu", query_encoder: str | None = None):
     """The model that built idx (from its recorded source), refused if its fingerprint changed since.
     query_encoder: text queries go through this encoder instead (clipft.query_encoder)."""
     from ..inference import load  # the model loader; deferred so index/query stay importable without it
     source = idx.info.get("model_source", "")
+    check_model_source(source)  # before anything unpickles it
     model = load(source, device=device, text_encoder=query_encoder)
     if model.fingerprint != idx.info.get("fingerprint"):
         raise SearchError(f"{idx.index_dir}: the model at {source} changed since this index was built "

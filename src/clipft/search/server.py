@@ -37,10 +37,16 @@ MAX_K = 200
 MAX_QUERY_CHARS = 300
 MIN_THRESHOLD = 0.5  # lower thresholds group almost everything and cost O(N^2) pairs
 THUMB_PX = 256
+# Pixels a thumbnail may decode: a JPEG is first reduced by its DCT draft (up to 1/8 a side); any other
+# format, or a JPEG still above this, is refused (413) before decoding. 40 Mpx RGB is 120 MB at most.
+THUMB_MAX_PIXELS = 40_000_000
+THUMB_WORKERS = 2  # thumbnails decoded at once, whatever the number of requests: bounds peak memory
+THUMB_WAIT_S = 30.0  # a request waiting longer than this for a decoding slot gets 503
+_thumb_slots = threading.BoundedSemaphore(THUMB_WORKERS)
 STATIC = Path(__file__).parent / "static"
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "[::1]"}
 MIME = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".webp": "image/webp",
-        ".bmp": "image/bmp", ".gif": "image/gif"}
+        ".bmp": "image/bmp", ".gif": "image/gif", ".tif": "image/tiff", ".tiff": "image/tiff"}
 
 
 class ApiError(Exception):
@@ -98,7 +104,7 @@ def _int_param(name: str, default: int, lo: int, hi: int) -> int:
     raw = request.args.get(name)
     if raw is None:
         return default
-    if not raw.isdigit() or len(raw) > 9:
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 9:  # "²".isdigit() is True, int("²") fails
         raise ApiError(400, f"{name} must be a whole number from {lo} to {hi}, got {raw[:20]!r}")
     value = int(raw)
     if not lo <= value <= hi:
@@ -107,7 +113,7 @@ def _int_param(name: str, default: int, lo: int, hi: int) -> int:
 
 
 def _parse_id(raw: str) -> int:
-    if not raw.isdigit() or len(raw) > 18:
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:
         raise ApiError(400, f"image id must be a positive whole number, got {raw[:20]!r}")
     return int(raw)
 
@@ -143,19 +149,41 @@ def indexed_file(idx: LoadedIndex, row: int) -> Path:
     return real
 
 
+def _decode_thumbnail(path: Path) -> Image.Image:
+    """path's image reduced to at most THUMB_PX a side, decoding at most THUMB_MAX_PIXELS pixels
+    (ApiError 413 above that, 404 when it does not decode)."""
+    try:
+        with Image.open(path) as im:
+            if im.format == "JPEG":
+                im.draft("RGB", (THUMB_PX, THUMB_PX))  # decode at 1/2, 1/4 or 1/8 scale: fewer pixels
+            w, h = im.size
+            if w * h > THUMB_MAX_PIXELS:
+                raise ApiError(413, f"image too large for a thumbnail ({w} x {h} pixels, at most "
+                                    f"{THUMB_MAX_PIXELS // 1_000_000} megapixels)")
+            im = im.convert("RGB")
+            im.thumbnail((THUMB_PX, THUMB_PX))
+            return im
+    except Image.DecompressionBombError:  # PIL's own limit (2 x Image.MAX_IMAGE_PIXELS), hit in open()
+        raise ApiError(413, "image too large for a thumbnail (a decompression bomb)") from None
+    except (OSError, ValueError, SyntaxError, EOFError):
+        raise ApiError(404, "image no longer decodes (rerun `clipft index`)") from None
+
+
 def _thumbnail(s: Served, row: int) -> tuple[bytes | Path, str]:
     """A JPEG thumbnail, cached in INDEX/thumbs/ under the id and content hash (so an edited photo
-    gets a new one); made in memory when the index folder is not writable."""
+    gets a new one); made in memory when the index folder is not writable. The file must still be
+    there (a cached thumbnail of a deleted photo is not served); THUMB_WORKERS decode at once."""
     idx = s.idx
+    real = indexed_file(idx, row)  # ApiError 404 when the photo is gone
     cache = idx.index_dir / "thumbs" / f"{int(idx.ids[row])}-{idx.sha256[row][:16]}.jpg"
     if cache.is_file():
         return cache, "image/jpeg"
+    if not _thumb_slots.acquire(timeout=THUMB_WAIT_S):
+        raise ApiError(503, "busy making thumbnails; try again")
     try:
-        with Image.open(indexed_file(idx, row)) as im:
-            im = im.convert("RGB")
-            im.thumbnail((THUMB_PX, THUMB_PX))
-    except (OSError, ValueError):
-        raise ApiError(404, "image no longer decodes (rerun `clipft index`)") from None
+        im = _decode_thumbnail(real)
+    finally:
+        _thumb_slots.release()
     buf = io.BytesIO()
     im.save(buf, format="JPEG", quality=85)
     try:

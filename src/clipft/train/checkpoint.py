@@ -3,7 +3,9 @@ epoch (and mid-epoch every train.checkpoint_every, or on a preemption signal), R
 epoch is the best so far, both written atomically (temp file + rename), so an interrupt never leaves a
 half-written checkpoint. A new last.pt is read back before it replaces the old one, which stays as
 RUN/last.prev.pt: a resume whose last.pt does not load (truncated later by a full disk, a copy cut
-short) falls back to it.
+short, a flipped byte that the stored checksum catches) falls back to it. Checkpoints are read by
+`model.read_checkpoint` (weights_only=True: no code in a file runs) and hold only tensors and plain
+data, with a checksum of their content (`checkpoint_file`).
 
 A checkpoint holds the tower, optimizer, scheduler and scaler states, the RNG state of every rank,
 the counters of the loop and the config; resuming from it is exact (see `TrainState` in train.py).
@@ -22,7 +24,9 @@ import torch
 
 from .. import distributed
 from .rundir import RunFiles, read_records
-from ..runtime import atomic_torch_save, rng_state, seed_everything, set_rng_state
+from ..checkpoint_file import add_checksum
+from ..model import ModelError, read_checkpoint
+from ..runtime import atomic_torch_save, rng_state, set_rng_state
 from .errors import TrainingError
 
 log = logging.getLogger(__name__)
@@ -36,25 +40,19 @@ class CheckpointError(TrainingError):
     """No checkpoint of the run directory can be resumed from (one line saying what to do)."""
 
 
-def read_checkpoint_file(path: Path, map_location: Any = "cpu") -> dict[str, Any]:
-    """A checkpoint dict, or CheckpointError naming the file and why it does not load."""
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:  # noqa: BLE001 - torch raises RuntimeError, EOFError, pickle errors, ...
-        first = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:160]  # torch's first sentence
-        raise CheckpointError(f"{path} cannot be read ({type(e).__name__}: {first})") from None
-    if not isinstance(ckpt, dict) or "epoch" not in ckpt or "step" not in ckpt:
-        raise CheckpointError(f"{path} is not a clipft training checkpoint")
-    return ckpt
+TRAINING_KEYS = ("epoch", "step")  # what `model.read_checkpoint` requires of a checkpoint to resume from
+
+
+def _read(path: Path, mmap: bool = False) -> dict[str, Any]:
+    return read_checkpoint(path, "cpu", require=TRAINING_KEYS, what="clipft training checkpoint", mmap=mmap)
 
 
 def _readable(path: Path) -> None:
-    """A freshly written checkpoint reads back (memory-mapped: the pickle and the tensor index)."""
+    """A freshly written checkpoint reads back, memory-mapped, and matches its checksum."""
     try:
-        torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"{path}: the checkpoint just written does not read back ({type(e).__name__}); "
-                              "the previous one is kept") from None
+        _read(path, mmap=True)
+    except ModelError as e:
+        raise CheckpointError(f"the checkpoint just written does not read back ({e}); the previous one is kept") from None
 
 
 class Checkpointer:
@@ -86,8 +84,8 @@ class Checkpointer:
             if not path.is_file():
                 continue
             try:
-                self._resume = read_checkpoint_file(path)
-            except CheckpointError as e:
+                self._resume = _read(path)  # safe load, checksum verified
+            except ModelError as e:
                 problems.append(str(e))
                 continue
             if problems and self.ctx.is_main:
@@ -100,23 +98,42 @@ class Checkpointer:
 
     def load_last(self, device: torch.device, seed: int) -> dict[str, Any]:
         """The checkpoint `open_resume` found (RUN/last.pt unless it was damaged), with this process's
-        RNG stream restored from it.
-
-        Each rank continues its own RNG stream; with another number of processes the data order and
-        global batch change anyway, so rank 0's state (reseeded per rank) is the best there is."""
+        RNG stream restored from it (the same number of processes: `resume.check_world_size`)."""
         ckpt = self._resume or self.open_resume(True)
         self._resume = None  # not held for the whole run
         if ckpt is None:
             raise CheckpointError(f"{self.run.last}: no checkpoint to resume from")
         rngs = ckpt.get("rng_per_rank") or [ckpt["rng"]]
-        if len(rngs) == self.ctx.world_size:
-            set_rng_state(rngs[self.ctx.rank])
-        else:
-            log.warning("%s was written by %d process(es), this run has %d: the global batch and data order "
-                        "change from here on", self.run.last, len(rngs), self.ctx.world_size)
-            set_rng_state(rngs[0])
-            seed_everything(seed + 1000 * ckpt["epoch"] + self.ctx.rank)
+        if len(rngs) != self.ctx.world_size:  # `resume.check_world_size` refused it already, with the hint
+            raise CheckpointError(f"{self.resumed_from or self.run.last} was written by {len(rngs)} process(es), "
+                                  f"this run has {self.ctx.world_size}: resume with as many processes")
+        set_rng_state(rngs[self.ctx.rank])  # each rank continues its own RNG stream
         return ckpt
+
+    def reconcile_best(self, ckpt: dict[str, Any]) -> None:
+        """After a resume: make RUN/best.pt hold the epoch the run records as best (`ckpt["best_epoch"]`,
+        what summary.json will name). A kill between writing last.pt and best.pt at the end of an epoch
+        leaves last.pt naming that epoch as best and best.pt an older one: best.pt is then rewritten
+        from the resumed checkpoint, which is that epoch's state (rank 0)."""
+        best_epoch = ckpt.get("best_epoch", -1)
+        if not self.ctx.is_main or not isinstance(best_epoch, int) or best_epoch < 0:
+            return
+        held = None
+        if self.run.best.is_file():
+            try:
+                held = _read(self.run.best, mmap=True).get("epoch")  # checksum verified
+            except ModelError as e:
+                log.warning("%s", e)
+        if held == best_epoch:
+            return
+        what = f"holds epoch {held}" if held is not None else "is missing or damaged"
+        if best_epoch == ckpt["epoch"] and not ckpt.get("epoch_steps"):
+            log.warning("%s %s, but the run's best epoch is %d (a write was interrupted): rewriting it from %s",
+                        self.run.best, what, best_epoch, self.resumed_from)
+            atomic_torch_save(ckpt, self.run.best)
+        else:
+            log.warning("%s %s, but the run's best epoch is %d, which no checkpoint holds any more",
+                        self.run.best, what, best_epoch)
 
     def start_over(self) -> None:
         """--no-resume into a directory holding an earlier run: its checkpoints go (rank 0), so none
@@ -165,7 +182,8 @@ class Checkpointer:
         self.saved_at = time.time()
         if not self.ctx.is_main:
             return
-        ckpt = {**state, "rng": rngs[0], "rng_per_rank": rngs, "world_size": self.ctx.world_size}
+        # Plain data and tensors only (read with weights_only=True), plus the checksum of it all.
+        ckpt = add_checksum({**state, "rng": rngs[0], "rng_per_rank": rngs, "world_size": self.ctx.world_size})
         # Read back before it replaces last.pt; the old one stays as last.prev.pt (the resume fallback).
         atomic_torch_save(ckpt, self.run.last, verify=_readable, previous=self.run.last_prev)
         if is_best:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -35,11 +36,42 @@ def _digest(items: Iterable[str]) -> str:
     return h.hexdigest()[:16]
 
 
+# Images whose whole content goes into the identity (evenly spaced over the split): with the byte
+# size of every image, an image edited in place is seen, whatever the split's size, at the cost of
+# one stat per image plus reading IDENTITY_SAMPLE files.
+IDENTITY_SAMPLE = 32
+
+
+def _byte_size(path: str | Path) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return -1
+
+
+def _file_digest(path: str | Path) -> str:
+    try:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        return h.hexdigest()[:16]
+    except OSError:
+        return "unreadable"
+
+
 def split_identity(split: CaptionedImages) -> dict[str, Any]:
-    """What identifies one split's data whatever its path: format, sizes, caption and file-name digests."""
+    """What identifies one split's data whatever its path (and its files' times, which a copy
+    changes): format, sizes, caption and file-name digests, the byte size of every image and the
+    content of IDENTITY_SAMPLE of them."""
+    paths = [rec.path for rec in split.images]
+    n = len(paths)
+    sample = sorted({i * n // IDENTITY_SAMPLE for i in range(IDENTITY_SAMPLE)}) if n else []
     return {"format": split.name.split(":", 1)[0], "images": len(split), "captions": len(split.captions),
             "captions_sha256": _digest(split.captions),
-            "image_names_sha256": _digest(Path(rec.path).name for rec in split.images)}
+            "image_names_sha256": _digest(Path(p).name for p in paths),
+            "image_bytes_sha256": _digest(str(_byte_size(p)) for p in paths),
+            "image_sample_sha256": _digest(_file_digest(paths[i]) for i in sample)}
 
 
 def data_identity(data_root: str | Path, train: CaptionedImages, val: CaptionedImages) -> dict[str, Any]:

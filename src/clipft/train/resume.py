@@ -6,9 +6,14 @@ stored one:
 
 - the config: the checkpoint's own config (what was trained, so a hand-edited config.json is seen
   too) against the config this invocation resolved. Only the keys in RESUMABLE_KEYS may differ;
-- the data: the dataset's identity (`traindata.data_identity`: format, split sizes, a fingerprint of
-  the captions and of the image file names), compared once the splits are loaded and before any caption is embedded. A
+- the data: the dataset's identity (`data_setup.data_identity`: format, split sizes, a fingerprint of
+  the captions, of the image file names, of every image's byte size and of the content of a sample
+  of images; not file times, which a copy changes), compared once the splits are loaded and before any caption is embedded. A
   dataset that only moved (same identity, another path: a copy on a node's local disk) is fine.
+
+- the number of processes (torchrun's world size): it sets the global batch (the negatives of every
+  loss), the steps of an epoch and which batches a mid-epoch checkpoint already trained on, so
+  another number would continue a different run.
 
 Any other difference is a ResumeError: one line listing the differing keys, old -> new, and what to
 do ("use another --out, or --no-resume to start over"). `config.json` is written only after the
@@ -82,13 +87,24 @@ def check_data(run_root: Path, ckpt: dict[str, Any], checkpoint: Path, now: dict
     saved = ckpt.get("data")
     if not isinstance(saved, dict):
         return  # a checkpoint from before the data identity was stored
+    # Keys a checkpoint predates (the image byte sizes and sample) are not compared: nothing to compare with.
     diffs = [f"{split}.{key}: {saved.get(split, {}).get(key)!r} -> {now[split].get(key)!r}"
              for split in ("train", "val") for key in now[split]
-             if saved.get(split, {}).get(key) != now[split][key]]
+             if key in saved.get(split, {}) and saved[split][key] != now[split][key]]
     if diffs:
         where = f" at {saved.get('path')}" if saved.get("path") != now["path"] else ""
         raise ResumeError(f"{run_root}: holds a run trained on other data{where} ({_listing(diffs)}; compared with "
                           f"{checkpoint.name}): {HINT}")
     if saved.get("path") != now["path"]:
-        log.info("the data moved from %s to %s (same splits, captions and images): resuming", saved.get("path"),
-                 now["path"])
+        log.info("the data moved from %s to %s (same splits, captions, image names, image byte sizes and a "
+                 "sample of image contents): resuming", saved.get("path"), now["path"])
+
+
+def check_world_size(run_root: Path, ckpt: dict[str, Any], checkpoint: Path, world_size: int) -> None:
+    """ResumeError unless this run has as many processes as the one that wrote `ckpt` (its global
+    batch, steps per epoch and skipped batches depend on it)."""
+    saved = ckpt.get("world_size") or len(ckpt.get("rng_per_rank") or [None])
+    if saved != world_size:
+        raise ResumeError(f"{run_root}: {checkpoint.name} was written by {saved} process(es), this run has "
+                          f"{world_size}: the global batch and the steps of an epoch would change; resume with "
+                          f"{saved} process(es) (torchrun --nproc-per-node), or {HINT}")

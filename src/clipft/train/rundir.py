@@ -99,6 +99,10 @@ def read_records(path: Path, kind: str | None = None) -> list[dict]:
         if not isinstance(rec, dict):
             raise ConfigError(f"{path}: line {n} is not a JSON record (the file is damaged); remove that line, "
                               "then rerun")
+        for key in ("epoch", "step"):  # compared as numbers by the resume (truncate_logs) and the report
+            if key in rec and (not isinstance(rec[key], int) or isinstance(rec[key], bool)):
+                raise ConfigError(f"{path}: line {n}: \"{key}\" must be a whole number, got {rec[key]!r} (the "
+                                  "file was edited or damaged); fix or remove that line, then rerun")
         if kind is None or rec.get("type") == kind:
             out.append(rec)
     return out
@@ -124,11 +128,12 @@ def write_epochs_csv(path: Path, records: list[dict]) -> None:
 def plot_run_curves(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """loss_curves.png of a run directory (or `out`) from its epoch records; ConfigError when the
     directory has no metrics.jsonl or no completed epoch yet."""
-    from ..eval.plots import plot_training_curves  # matplotlib import only when plotting
+    from ..eval.plots import plot_training_curves, run_batch_size  # matplotlib import only when plotting
     run = RunFiles(Path(run_dir))
     if not run.metrics.is_file():
         raise ConfigError(f"{run.metrics}: not found (is {run_dir} a run directory?)")
-    path = plot_training_curves(read_records(run.metrics, "epoch"), out or run.curves)
+    path = plot_training_curves(read_records(run.metrics, "epoch"), out or run.curves,
+                                batch_size=run_batch_size(run.root))
     if path is None:
         raise ConfigError(f"{run.metrics}: no completed epoch logged yet")
     return path
@@ -188,5 +193,5 @@ class RunLog:
 
     def plot_curves(self) -> None:
         if self.enabled:
-            from ..eval.plots import plot_training_curves  # matplotlib import only when plotting
-            plot_training_curves(self.epochs(), self.run.curves)
+            from ..eval.plots import plot_training_curves, run_batch_size  # matplotlib import only when plotting
+            plot_training_curves(self.epochs(), self.run.curves, batch_size=run_batch_size(self.run.root))

