@@ -263,3 +263,43 @@ def test_truncated_and_corrupt_shards_are_skipped_counted_and_reported(coco_root
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["skipped_images"] == 1  # the corrupt member, once (19 samples / batch 8: 2 steps of 16)
     assert "1 of 3 shard(s) skipped" in caplog.text
+
+
+# --------------------------------------------------------------------------- 2 processes (gloo)
+
+def _two_process_worker(rank: int, ports: list[int], data: str, text_dir: str, runs: str) -> None:
+    """2 ranks x batch 4 on shards: run a uninterrupted, recording each rank's rows per epoch; run b
+    SIGTERM'd on rank 0 during step 2, then rerun."""
+    from test_distributed import _init_worker, _train_args
+    _init_worker(rank, ports[0])
+    rec = Recorder()
+    with train_mod.use_hooks(make_loader=rec):
+        codes = {"a": main(["train", "--data", data, "--out", f"{runs}/a", *_train_args(text_dir)])}
+    keys = {e: keys_of(rec.paths[i] for i in rows) for e, rows in rec.rows.items()}
+    real_step, calls = train_mod.train_step, []
+
+    def sigterm_rank_0_at_step_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2 and rank == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(*args, **kwargs)
+    os.environ["MASTER_PORT"] = str(ports[1])
+    with train_mod.use_hooks(step=sigterm_rank_0_at_step_2):
+        codes["b_signalled"] = main(["train", "--data", data, "--out", f"{runs}/b", *_train_args(text_dir)])
+    os.environ["MASTER_PORT"] = str(ports[2])
+    codes["b_resumed"] = main(["train", "--data", data, "--out", f"{runs}/b", "--quiet"])
+    Path(runs, f"rank{rank}.json").write_text(json.dumps({"codes": codes, "keys": keys}))
+
+
+def test_two_processes_split_the_samples_and_resume_exactly(shard_dir, tiny_clip_dir, tmp_path):
+    from test_distributed import WORLD, _free_port, _spawn
+    _spawn(_two_process_worker, [_free_port() for _ in range(3)], f"{shard_dir}/train-{{000000..000002}}.tar",
+           str(tiny_clip_dir), str(tmp_path))
+    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    assert all(g["codes"] == {"a": 0, "b_signalled": 143, "b_resumed": 0} for g in got)
+    for epoch in ("1", "2"):
+        per_rank = [g["keys"][epoch] for g in got]
+        assert len(per_rank[0]) == len(per_rank[1]) == 12  # 3 steps x 4 per rank
+        assert sorted(per_rank[0] + per_rank[1]) == [f"{i:09d}.jpg" for i in range(24)]  # disjoint, complete
+    sa, sb = (torch.load(tmp_path / d / "last.pt", weights_only=False)["model"] for d in ("a", "b"))
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
