@@ -303,3 +303,16 @@ def test_two_processes_split_the_samples_and_resume_exactly(shard_dir, tiny_clip
         assert sorted(per_rank[0] + per_rank[1]) == [f"{i:09d}.jpg" for i in range(24)]  # disjoint, complete
     sa, sb = (torch.load(tmp_path / d / "last.pt", weights_only=False)["model"] for d in ("a", "b"))
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_the_leak_check_compares_shard_members_by_content(shard_dir, tmp_path):
+    import shutil
+    from clipft.data.validate import preflight
+    leaky = tmp_path / "leaky"
+    shutil.copytree(shard_dir, leaky, ignore=shutil.ignore_patterns("cache"))
+    shutil.copy(leaky / "train-000001.tar", leaky / "val-000001.tar")  # 10 train samples also in val
+    train, val = load_split(leaky, "train", DataConfig()), load_split(leaky, "val", DataConfig())
+    with pytest.raises(DataError, match="10 validation image"):
+        preflight(train, val, DataConfig())
+    assert preflight(load_split(shard_dir, "train", DataConfig()), load_split(shard_dir, "val", DataConfig()),
+                     DataConfig()) == []

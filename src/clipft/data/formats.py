@@ -18,6 +18,7 @@ from .flickr import describe_splits, is_flickr, load_flickr
 from .folder import has_images, load_folder_captions
 from .karpathy import load_coco_split  # train / val, and karpathy-val etc. from dataset_coco.json
 from .records import CaptionedImages, DataError
+from .shards import describe_splits as describe_shard_splits
 from .shards import is_pattern, is_shards, load_shards
 from .tabular import is_csv, is_jsonl, load_csv_captions, load_jsonl_captions
 
@@ -41,7 +42,8 @@ FORMAT_REGISTRY: dict[str, DataFormat] = {
     "flickr": DataFormat("flickr", lambda path, part, cfg: load_flickr(path, part), is_flickr, has_splits=True,
                          title="Flickr8k/Flickr30k", describe_splits=describe_splits, extra_splits=("test",)),
     # Before csv/folder: a directory of .tar shards (or a pattern naming them); splits: train / val shard sets.
-    "webdataset": DataFormat("webdataset", load_shards, is_shards, has_splits=True, title="webdataset shard"),
+    "webdataset": DataFormat("webdataset", load_shards, is_shards, has_splits=True, title="webdataset shard",
+                             describe_splits=describe_shard_splits),
     "csv": DataFormat("csv", lambda path, part, cfg: load_csv_captions(path, cfg), is_csv),
     "jsonl": DataFormat("jsonl", lambda path, part, cfg: load_jsonl_captions(path, cfg), is_jsonl),
     "folder": DataFormat("folder", lambda path, part, cfg: load_folder_captions(path, cfg), has_images),

@@ -183,7 +183,7 @@ _PID = os.getpid()
 
 
 def _open_tar(tar: str):
-    """wids' indexed view of a local tar (member offsets over an mmap), least recently used closed
+    """wids' indexed view of a local tar (member offsets over an mmap), least recently used dropped
     beyond 2 x SHARD_WINDOW. Reopened after a fork: a DataLoader worker must not share the parent's."""
     global _PID
     from wids.wids import IndexedTarSamples
@@ -195,8 +195,8 @@ def _open_tar(tar: str):
         if itf is None:
             itf = IndexedTarSamples(path=tar)
         _OPEN[tar] = itf
-        while len(_OPEN) > 2 * SHARD_WINDOW:
-            _OPEN.popitem(last=False)[1].close()
+        while len(_OPEN) > 2 * SHARD_WINDOW:  # dropped, not closed: a thread may still read it (GC closes)
+            _OPEN.popitem(last=False)
         return itf
 
 
@@ -219,6 +219,17 @@ def open_member(path: str | Path) -> io.BytesIO:
     if name not in reader.by_name:
         raise FileNotFoundError(str(path))
     return io.BytesIO(bytes(reader.get_by_name(name)[1]))
+
+
+def member_size(path: str | Path) -> int | None:
+    """The byte size of a shard member (FileNotFoundError when the shard lacks it); None: not a member path."""
+    found = split_member(path)
+    if found is None:
+        return None
+    reader = _open_tar(found[0]).reader
+    if found[1] not in reader.by_name:
+        raise FileNotFoundError(str(path))
+    return len(reader.get_by_name(found[1])[1])
 
 
 def member_exists(path: str | Path) -> bool:
@@ -381,6 +392,12 @@ def windowed_order(shard_ids: Sequence[int], seed: int, epoch: int, window: int 
     row_window = window_of[shards]  # [N]
     noise = torch.rand(n, generator=g, dtype=torch.float64)  # rows of a window in random order
     return torch.from_numpy(np.lexsort((noise.numpy(), row_window.numpy()))).long()  # by window, then noise
+
+
+def describe_splits(path: Path) -> str:
+    """validate's one line on where the splits come from."""
+    return (f"webdataset shards: train = {_text(path)}; val = the val shard set beside it "
+            f"({VAL_INDEX} or val-*.tar), or data.val_path")
 
 
 def is_shard_split(split: CaptionedImages) -> bool:

@@ -67,7 +67,7 @@ def _reasons(dropped: dict[str, int]) -> str:
 def _hash_file(path: Path, limit: int | None = None) -> str:
     """sha256 of the whole file, or of its first `limit` bytes."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with _open_image_file(path) as f:  # a file, or a webdataset shard member
         if limit is not None:
             h.update(f.read(limit))
         else:
@@ -76,11 +76,18 @@ def _hash_file(path: Path, limit: int | None = None) -> str:
     return h.hexdigest()
 
 
+def _member_size(path: Path) -> int:
+    """The size of a webdataset shard member ('SHARD.tar/KEY.jpg'), or of a file of that name."""
+    from .shards import member_size
+    size = member_size(path)
+    return os.stat(path).st_size if size is None else size
+
+
 def _sizes(paths: Iterable[Path]) -> dict[Path, int]:
     out = {}
     for p in paths:
         try:
-            out[p] = os.stat(p).st_size
+            out[p] = os.stat(p).st_size if ".tar/" not in str(p) else _member_size(p)
         except OSError:
             continue  # missing files cannot leak; they are reported elsewhere
     return out
