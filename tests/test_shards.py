@@ -316,3 +316,12 @@ def test_the_leak_check_compares_shard_members_by_content(shard_dir, tmp_path):
         preflight(train, val, DataConfig())
     assert preflight(load_split(shard_dir, "train", DataConfig()), load_split(shard_dir, "val", DataConfig()),
                      DataConfig()) == []
+
+
+def test_an_image_folder_keeping_a_tar_archive_is_still_a_folder(tmp_path):
+    from clipft.data import detect_format
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.jpg")
+    (tmp_path / "a.txt").write_text("a black square\n")
+    with tarfile.open(tmp_path / "backup.tar", "w"):
+        pass
+    assert detect_format(tmp_path) == "folder"

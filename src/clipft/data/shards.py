@@ -47,6 +47,7 @@ import torch
 
 from ..config import DataConfig
 from .datasets import TrainDataset
+from .folder import has_images
 from .records import IMAGE_EXTENSIONS, CaptionedImages, DataError, Entry, group_entries
 
 log = logging.getLogger(__name__)
@@ -81,10 +82,11 @@ def _dir_tars(path: Path) -> list[Path]:
 
 
 def is_shards(path: Path) -> bool:
-    """Detection: a shard pattern/URL, a .tar file, or a directory with shards.json or top-level .tar files."""
+    """Detection: a shard pattern/URL, a .tar file, or a directory with shards.json, or with top-level
+    .tar files and no image files (an image folder that also keeps an archive stays a folder)."""
     if is_pattern(path):
         return True
-    return path.is_dir() and ((path / SHARD_INDEX).is_file() or bool(_dir_tars(path)))
+    return path.is_dir() and ((path / SHARD_INDEX).is_file() or (bool(_dir_tars(path)) and not has_images(path)))
 
 
 def expand(spec: str | Path) -> list[str]:
