@@ -182,6 +182,18 @@ def cmd_prepare_images(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_shard(args: argparse.Namespace) -> int:
+    from ..data.shards import write_shards
+    _val_data_override(args)
+    cfg = _build_config(args)
+    report = write_shards(args.data, cfg.data, args.out, shard_size=args.shard_size, image_size=args.image_size,
+                          splits=args.split, progress=not args.quiet)
+    for split, info in report.items():
+        print(f"{split}: {info['samples']} samples in {len(info['shards'])} shard(s) ({info['bad']} unreadable "
+              f"image(s) skipped) -> {args.out} in {info['seconds']:.1f}s")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """Also the entry point of every process under `torchrun ... -m clipft train` (see distributed.py)."""
     from ..train.rundir import resolve_run_config
@@ -496,6 +508,19 @@ def _add_data_and_train_commands(sub) -> None:
     _add_quiet(s)
     _add_config_args(s)
     s.set_defaults(func=cmd_prepare_images)
+
+    s = sub.add_parser("shard", help="write webdataset shards (train-*.tar, val-*.tar, shards.json, sizes.json) "
+                       "from any dataset clipft reads")
+    s.add_argument("data", help="COCO root, Flickr folder, CSV/TSV/JSONL file, or image folder")
+    s.add_argument("--out", required=True, help="directory for the shards")
+    _add_val_data(s)
+    s.add_argument("--split", nargs="+", default=None, help="splits to write (default: train val)")
+    s.add_argument("--shard-size", type=positive_int, default=1000, help="samples per shard (default 1000)")
+    s.add_argument("--image-size", type=pixels, default=256,
+                   help="short side of the stored JPEGs (default 256; smaller images are kept as they are)")
+    _add_quiet(s)
+    _add_config_args(s)
+    s.set_defaults(func=cmd_shard)
 
     s = sub.add_parser("train", help="train the image tower (resumes a run already in --out)", epilog=TRAIN_EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)

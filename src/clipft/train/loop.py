@@ -48,6 +48,7 @@ from ..runtime import Precision, atomic_write_text, hardware_info, overriding, r
 from .step import StepStats, non_finite_state, step_values, train_step
 from ..data.device_transform import DeviceTransform
 from ..data.prepared_reader import PreparedDataset, PreparedLoader
+from ..data.shards import ShardTrainDataset, is_shard_split
 from .data_setup import PreparedData, open_prepared_train, prepare_data
 from .errors import TrainingError  # noqa: F401 (re-exported for callers of the loop)
 
@@ -151,8 +152,10 @@ def make_train_loader(ds: TrainDataset | PreparedDataset, cfg: Config, epoch: in
     torchrun this process reads its slice of every global batch (`distributed.shard_train_indices`).
     skip_batches: the loader batches a mid-epoch checkpoint already trained on (never decoded again)."""
     ds.set_epoch(epoch)
+    # Shards: an order that reads a few shards at a time (`ShardTrainDataset.epoch_order`), same rules.
+    order = ds.epoch_order(cfg.train.seed, epoch) if hasattr(ds, "epoch_order") else None
     indices = distributed.shard_train_indices(len(ds), cfg.train.batch_size, cfg.train.seed, epoch,
-                                              distributed.get_rank(), distributed.get_world_size())
+                                              distributed.get_rank(), distributed.get_world_size(), order=order)
     indices = indices[skip_batches * cfg.train.batch_size:]  # runs of batch_size: whole batches
     if isinstance(ds, PreparedDataset):
         # A prepared batch is one memcpy: a reader thread beats worker processes (see PreparedLoader).
@@ -424,7 +427,8 @@ def setup_data(cfg: Config, data_root: str | Path, rt: Runtime, check: Callable[
         dataset = prepared[0]
     else:
         # draft_size: large JPEGs are DCT-downscaled while decoding (never below image_size).
-        dataset = TrainDataset(data.train, data.train_text, transform, seed=cfg.train.seed,
+        dataset = (ShardTrainDataset if is_shard_split(data.train) else TrainDataset)(
+                               data.train, data.train_text, transform, seed=cfg.train.seed,
                                draft_size=cfg.data.image_size, flip_embeds=data.train_flip_text,
                                flip_rows=data.train_flip_rows)
     if len(dataset) < 2 * rt.world:
