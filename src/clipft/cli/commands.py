@@ -173,10 +173,10 @@ def cmd_prepare_images(args: argparse.Namespace) -> int:
     cfg = _build_config(args)
     for split in args.split:
         info = prepare_split(args.data, split, cfg, size=args.size, workers=args.workers, progress=not args.quiet)
-        if info["size"] != cfg.data.prepared_size:  # training looks for data.prepared_size: say how to point it here
-            print(f"{split}: prepared at {info['size']} px (small images are never upscaled); train with "
-                  f"--set data.prepared_size={info['size']} to read it"
-                  + (f" (and data.image_size <= {info['size']})" if info["size"] < cfg.data.image_size else ""))
+        if info["size"] != cfg.data.prepared_size:  # an explicit --size: training looks for data.prepared_size
+            print(f"{split}: prepared at {info['size']} px; train with --set data.prepared_size={info['size']} "
+                  "to read it" + (f" (and data.image_size <= {info['size']})" if info["size"] < cfg.data.image_size
+                                  else ""))
         print(f"{split}: {info['images']} images ({info['bad']} unreadable, skipped) -> {info['path']} "
               f"in {info['seconds']:.1f}s")
     return 0
@@ -502,8 +502,8 @@ def _add_data_and_train_commands(sub) -> None:
     _add_val_data(s)
     s.add_argument("--split", nargs="+", default=["train", "val"], help="splits to prepare (default: train val)")
     s.add_argument("--size", type=pixels, default=None,
-                   help="stored square side, short side resized, centre kept (default: data.prepared_size, "
-                        "256, or the images' own short side when smaller: small images are never upscaled)")
+                   help="stored square side, centre square resized as evaluation does (default: "
+                        "data.prepared_size, 224: the size training reads, small images included)")
     s.add_argument("--workers", type=positive_int, default=None, help="processes (default: all cores)")
     _add_quiet(s)
     _add_config_args(s)

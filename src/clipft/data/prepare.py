@@ -90,24 +90,6 @@ def _square(img: Image.Image, size: int) -> np.ndarray:
     return np.asarray(CenterSquareResize(size)(img), dtype=np.uint8)
 
 
-def default_size(split: CaptionedImages, cap: int = 256, sample: int = 500, seed: int = 0) -> int:
-    """`clipft prepare-images`' default side: `cap` (data.prepared_size), or the smallest short side
-    among up to `sample` images of the split (headers only) when that is smaller, so small images
-    are never upscaled into a bigger cache. Unreadable images are skipped (prepare_images counts them)."""
-    rng = np.random.default_rng(seed)
-    paths = [r.path for r in split.images]
-    if len(paths) > sample:
-        paths = [paths[i] for i in sorted(rng.choice(len(paths), sample, replace=False))]
-    sides = []
-    for path in paths:
-        try:
-            with Image.open(path) as img:
-                sides.append(min(img.size))
-        except (OSError, ValueError):
-            continue
-    return min([cap] + sides)
-
-
 def _work(args: tuple) -> tuple[int, list[tuple[int, str | None]], str | None]:
     """Worker: decode a chunk of images straight into the shared memmap; returns its bad rows and
     the checksum of its bytes (read back from the file, as verification reads them)."""
@@ -311,10 +293,11 @@ def _write_index(out: Path, state: dict, rel: list[str], size: int, paths: list[
 def prepare_split(root: str | Path, split: str, cfg: Config, size: int | None = None, workers: int | None = None,
                   progress: bool = True) -> dict:
     """`clipft prepare-images` for one split: load it, and prepare it where training looks for it
-    (`caches.prepared_split_dir`, at `size` px; default: data.prepared_size, or the images' own short
-    side when smaller, `default_size`). Returns `prepare_images`'s dict with "size" added."""
+    (`caches.prepared_split_dir`, at `size` px; default: data.prepared_size, what training reads, even
+    for images smaller than that: they are resized as evaluation resizes them, so the next `clipft
+    train` uses the cache). Returns `prepare_images`'s dict with "size" added."""
     data = load_split(Path(root), split, cfg.data)
-    size = size or default_size(data, cfg.data.prepared_size)
+    size = size or cfg.data.prepared_size
     info = prepare_images(data, prepared_split_dir(root, split, cfg, size), size=size, workers=workers,
                           progress=progress, root=data_root(root, split, cfg))
     return {**info, "size": size}
