@@ -431,9 +431,14 @@ def _from_checkpoint(path: Path, dev: torch.device, amp: str = "off") -> ImageTe
     if not isinstance(cfg, dict) or not {"data", "text"} <= set(cfg):
         raise ModelError(f"{path}: the checkpoint records no training config (data and text settings)")
     tower = tower_from_checkpoint(ckpt, source=str(path))
+    ckpt_text = ckpt.get("text")
     del ckpt  # optimizer state: not needed
     d, t = cfg["data"], cfg["text"]
-    text = _TextSide(t["encoder"], int(t.get("max_length", 77)), dev, tower.embed_dim, amp=amp)
+    # The encoder's fingerprint as training recorded it (runs since 0.2): an image-only use (clipft
+    # index) then never loads the text encoder; older checkpoints load it once to compute it.
+    recorded = [v.get("encoder_fingerprint") for v in (ckpt_text or {}).values() if isinstance(v, dict)]
+    text = _TextSide(t["encoder"], int(t.get("max_length", 77)), dev, tower.embed_dim,
+                     expected_fingerprint=next((f for f in recorded if isinstance(f, str) and f), None), amp=amp)
     state = tower.state_dict()
     return _clipft_model(str(path), tower, state, d["image_size"], d["mean"], d["std"], text, dev, "torch",
                          _torch_tower(tower, dev, amp), amp)
