@@ -711,7 +711,7 @@ def main(argv: list[str] | None = None) -> int:
     # variable at allocation time; DataLoader workers inherit it).
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     # Before torch is imported: threads = the CPUs left idle by the machine's load, and threads that
-    # wait sleep instead of spinning (clipft.threads; measured in docs/notes/front-door.md).
+    # wait sleep instead of spinning (clipft.threads; measured in docs/measurements.md).
     from ..threads import configure_cpu_threads
     configure_cpu_threads()
     code = 1  # an unexpected exception propagates with this status in RUN/commands.txt
