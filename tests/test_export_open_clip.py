@@ -106,7 +106,8 @@ def test_format_open_clip_refuses_a_head_that_does_not_map_and_writes_nothing(tr
     ckpt["model"] = tower.state_dict()
     bad = tmp_path / "run" / "best.pt"
     bad.parent.mkdir()
-    torch.save(ckpt, bad)
+    from clipft.checkpoint_file import add_checksum
+    torch.save(add_checksum(ckpt), bad)  # as training writes it: its checksum matches, the content is the problem
     out = tmp_path / "exports" / "m"
     assert main(["export", str(bad), "--out", str(out), "--format", "open_clip"]) == 2
     err = capsys.readouterr().err

@@ -43,8 +43,9 @@ def test_a_typo_in_a_timm_name_gets_the_closest_names():
 
 
 def test_a_typo_is_refused_before_any_data_is_read(tiny_clip_dir, tmp_path, capsys):
-    # --data does not even exist: the name is refused first, in one line.
-    code = main(["train", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run"),
+    # --data is an empty folder (no dataset to read): the name is refused first, in one line.
+    (tmp_path / "empty").mkdir()
+    code = main(["train", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "run"),
                  *timm_args(tiny_clip_dir, "timm:resnet81")])
     line = one_error_line(capsys.readouterr().err)
     assert code == 2 and "unknown timm model 'resnet81'" in line and "timm:resnet18" in line, line

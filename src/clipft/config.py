@@ -264,8 +264,12 @@ def validate(cfg: Config, source: str = "config") -> Config:
         checkpoint_interval(cfg.train.checkpoint_every)
     except ConfigError as e:
         problems.append(str(e))
-    if cfg.model.backbone not in BACKBONES:
-        problems.append(f"model.backbone: unknown backbone {cfg.model.backbone!r} (choose from {', '.join(BACKBONES)})")
+    # timm names are checked against timm's model list by backbones.check_model_config (before any data
+    # is read); here only their form, so that validating a config never imports torch or timm.
+    timm_name = cfg.model.backbone.startswith("timm:") and len(cfg.model.backbone) > len("timm:")
+    if cfg.model.backbone not in BACKBONES and not timm_name:
+        problems.append(f"model.backbone: unknown backbone {cfg.model.backbone!r} (choose from {', '.join(BACKBONES)}, "
+                        "or any timm model as timm:NAME)")
     if not _DEVICE.fullmatch(cfg.train.device):
         problems.append(f"train.device must be auto, cpu, cuda or cuda:N, got {cfg.train.device!r}")
     if not cfg.eval.zeroshot_templates or any("{}" not in t for t in cfg.eval.zeroshot_templates):
