@@ -91,10 +91,18 @@ _MUST_EXIST = {
 }
 
 
+def _names_shards(spec: str) -> bool:
+    """`--data` as a shard URL or brace pattern (`pipe:...`, `file:...`, `DIR/train-{000000..000123}.tar`),
+    not a path that must exist (the same forms as `data.shards.is_pattern`, without importing it)."""
+    return spec.startswith(("pipe:", "file:")) or ("{" in spec and ".." in spec and "}" in spec)
+
+
 def _check_inputs_exist(args: argparse.Namespace) -> None:
     """A missing --data / --checkpoint / folder is one line before torch is imported (seconds)."""
     for attr, line in _MUST_EXIST.get(getattr(args, "command", None), []):
         value = getattr(args, attr, None)
+        if attr == "data" and value and _names_shards(str(value)):
+            continue  # a webdataset pattern or URL: data/shards.py checks what it names
         if value and not Path(value).exists():
             raise ConfigError(line.format(value))
 
