@@ -22,7 +22,7 @@ from clipft.config import Config, ConfigError, update_from_dict
 from clipft.data import build_transform
 from clipft.model import AttentionPool2d, build_image_tower
 from clipft.train.rundir import read_records
-from clipft.train.loop import build_optimizer, cosine_with_warmup, train_step
+from clipft.train.loop import build_optimizer, build_scheduler, cosine_with_warmup
 
 TINY = {"model": {"backbone": "resnet18", "image_weights": "none", "head_hidden": 32},
         "data": {"image_size": 32, "num_workers": 0},
@@ -40,26 +40,42 @@ def test_presets_are_data_with_notes_and_valid_keys():
     assert set(ablate.QUICK_CONFIGS) <= set(ABLATIONS) and ablate.QUICK_CONFIGS[0] == "baseline"
 
 
-def _tiny_step_setup(name):
-    """What train() does for a config, on random tensors: tower, optimizer, per-epoch freeze."""
+def _tiny_step_setup(name, **train):
+    """What train() does for a config, on random tensors: tower, optimizer, schedule (2 steps an epoch)."""
     cfg = update_from_dict(update_from_dict(Config(), copy.deepcopy(TINY)), copy.deepcopy(ABLATIONS[name]))
+    cfg = update_from_dict(cfg, {"train": train})
     torch.manual_seed(0)
     model = build_image_tower(cfg.model, embed_dim=16)
-    opt = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.backbone_lr_ratio)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_with_warmup(s, 8, cfg.train.warmup_steps))
-    return cfg, model, opt, sched
+    opt = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.backbone_lr_ratio,
+                          split_backbone=cfg.train.freeze_backbone_epochs > 0)
+    return cfg, model, opt, build_scheduler(opt, cfg, steps_per_epoch=2)
 
 
 def _steps(cfg, model, opt, sched, epoch=1, n=2):
-    if cfg.train.freeze_backbone_epochs > 0:
-        model.set_backbone_trainable(epoch > cfg.train.freeze_backbone_epochs)
-    model.train()
+    """`n` steps of epoch `epoch` through the real `train_one_epoch` (its per-epoch freeze included)."""
+    from types import SimpleNamespace
+    from clipft import distributed
+    from clipft.runtime import select_precision
+    from clipft.train.health import HealthMonitor
+    from clipft.train.loop import Loop, Runtime, TrainHooks, TrainState, train_one_epoch
+    from clipft.train.rundir import RunLog
+    from clipft.train.step import StepStats
+
+    cpu = torch.device("cpu")
     g = torch.Generator().manual_seed(epoch)
-    for _ in range(n):
+    loader = []
+    for _ in range(n):  # (images, texts, index, n_skipped) batches, as collate_train gives them
         images = torch.randn(8, 3, 32, 32, generator=g)
-        texts = nn.functional.normalize(torch.randn(8, 16, generator=g), dim=-1)
-        out = train_step(model, [(images, texts)], opt, sched, torch.amp.GradScaler("cpu", enabled=False), None, 1.0)
-        assert not out["skipped"]
+        loader.append((images, nn.functional.normalize(torch.randn(8, 16, generator=g), dim=-1), None, 0))
+    state = TrainState(model, opt, sched, torch.amp.GradScaler("cpu", enabled=False), ddp_model=model,
+                       global_step=(epoch - 1) * n)
+    rt = Runtime(distributed.DistContext(0, 1, 0, cpu, None, False), cpu, select_precision(cpu, "off", False))
+    plan = SimpleNamespace(steps_per_epoch=n, accum=1, device_transform=None, data=None)
+    never = SimpleNamespace(due=lambda *a: False)
+    loop = Loop(cfg, rt, plan, HealthMonitor(cfg.train.warmup_steps, 100.0, False), StepStats(cpu), never,
+                TrainHooks(), progress=False)
+    ep = train_one_epoch(state, loader, RunLog(SimpleNamespace(), enabled=False), epoch, loop)
+    assert ep.steps == n and ep.skipped_steps == 0
 
 
 def _changed(before, after, prefix):
@@ -132,6 +148,7 @@ def test_every_preset_builds_trains_and_changes_what_it_claims(name):
         mid = {k: v.clone() for k, v in model.state_dict().items()}
         _steps(cfg, model, opt, sched, epoch=3)  # after the frozen epochs: the backbone trains
         assert _changed(mid, model.state_dict(), "backbone.conv1.weight")["backbone.conv1.weight"]
+        assert [g["name"] for g in opt.param_groups][:2] == ["head/decay", "head/no_decay"]
     elif name == "last_stages":
         for k, moved in changed_backbone.items():
             if k.startswith(("backbone.conv1", "backbone.bn1", "backbone.layer1", "backbone.layer2")):
@@ -329,3 +346,26 @@ def test_diverged_run_is_recorded_and_the_study_goes_on(coco_root, tiny_study, t
     again = ablate.run_study(out, data_root=coco_root, names=["batchnorm"], base_config=str(base),
                              train_fn=lambda *a, **k: pytest.fail("nothing should rerun"))
     assert [r["status"] for r in again["runs"]] == ["ok", "diverged"]
+
+
+def test_an_unfrozen_backbone_warms_up_again():
+    """AdamW's first update of a parameter is ~lr x sign(gradient) (empty moments): a backbone that
+    joins after train.freeze_backbone_epochs at the full rate would move every pretrained weight by
+    lr at once. Its groups warm up again over train.warmup_steps steps from the unfreeze step."""
+    warm = 10
+    cfg, model, opt, sched = _tiny_step_setup("freeze_backbone", warmup_steps=warm, epochs=6)
+    for epoch in (1, 2):  # frozen: 2 steps each
+        _steps(cfg, model, opt, sched, epoch=epoch)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    lrs = {g["name"]: g["lr"] for g in opt.param_groups}  # the rates of the next step (step 4)
+    assert lrs["backbone/decay"] == pytest.approx(lrs["head/decay"] / warm)
+    _steps(cfg, model, opt, sched, epoch=3, n=1)  # the first step with the backbone trainable
+    moved = torch.cat([(p.detach() - before[n]).abs().flatten() for n, p in model.named_parameters()
+                       if n.startswith("backbone.") and p.ndim >= 2])
+    # Adam's first step is at most the rate per weight (|m|/sqrt(v) = 1 where the gradient is well above
+    # eps): here at most ~lr/10, where the full rate moved weights by lr.
+    assert 0.05 * lrs["head/decay"] < float(moved.max()) < 0.2 * lrs["head/decay"]
+    # The head's rate is the run's schedule; the backbone's reaches it `warm` steps after unfreezing.
+    from clipft.train.loop import unfreeze_warmup
+    assert [unfreeze_warmup(s, 4, warm) for s in (0, 3, 4, 8, 13, 14)] == [1.0, 1.0, 0.1, 0.5, 1.0, 1.0]
+    assert unfreeze_warmup(4, 4, 0) == 1.0  # train.warmup_steps=0: no warm-up at all

@@ -1,12 +1,14 @@
 """chunked.chunked_clip_backward: the full-batch contrastive gradient with the image tower run in chunks.
 
-Compared against references computed with the whole graph in memory:
-* BatchNorm in eval mode (a fixed affine map, as when frozen) and no dropout: the chunked gradient is
-  the unchunked step's gradient, logit scale included, to float tolerance. In train mode BatchNorm
-  normalises each chunk with its own statistics, so no equality with the unchunked step can hold there;
-* BatchNorm in train mode + head dropout: the gradient of a reference that embeds the same chunks
-  in the same order WITH a graph (same per-chunk statistics, same dropout draws), the running
-  statistics updated once per chunk, and the RNG stream left where that reference leaves it;
+Compared against references computed with the whole graph in memory, the whole batch in ONE forward
+pass (never the same chunks):
+* BatchNorm: a chunked step runs every BatchNorm on its running statistics, so the chunked gradient
+  is the unchunked step's gradient with BatchNorm in eval mode, logit scale included, to float
+  tolerance: for the default tower (train-mode backbone BatchNorm), a BatchNorm head (the
+  `batchnorm` ablation preset) and a LayerNorm head, each from a tower in train mode;
+* head dropout: the same dropout draws as a reference that embeds the same chunks in the same order
+  WITH a graph (dropout masks are drawn per forward call), and the RNG stream left where that
+  reference leaves it;
 * 2 gloo processes (global negatives, uneven shards, DDP; and `train_step` with accumulation): the
   same gradient and update as one process with the concatenated batch and no chunking.
 """
@@ -43,7 +45,9 @@ def _grads(model):
 
 
 def _chunked(model, images, texts, chunk, objective=lambda loss: loss, **kw):
-    return chunked_clip_backward(model, images, texts, model.logit_scale.exp(), chunk, objective, **kw)
+    terms, emb, scale = chunked_clip_backward(model, images, texts, chunk, objective, **kw)
+    assert float(scale) == pytest.approx(float(distributed.unwrap(model).logit_scale.detach().exp()))
+    return terms, emb
 
 
 def _assert_close_grads(got: dict, want: dict, rtol=1e-4, atol=1e-6):
@@ -78,33 +82,59 @@ def test_objective_scales_the_gradient_and_accumulates():
     _assert_close_grads(_grads(b), _grads(a))
 
 
-def test_train_mode_batchnorm_and_dropout_replay_the_first_pass():
+def _eval_batchnorm(model):
+    """The reference's tower: BatchNorm on running statistics, everything else as it is."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.eval()
+    return model
+
+
+@pytest.mark.parametrize("head_norm", ["none", "batchnorm", "layernorm"])  # default; the ablation presets
+@pytest.mark.parametrize("chunk", [1, 3])  # 3: an uneven last chunk
+def test_train_mode_tower_equals_the_unchunked_gradient_with_running_statistics(head_norm, chunk):
+    """A tower in train mode (backbone BatchNorm on batch statistics, as by default): the chunked
+    gradient is that of ONE unchunked forward with every BatchNorm on its running statistics; the
+    BatchNorm layers are back in train mode afterwards and their statistics unchanged. (Before,
+    each chunk was normalised with its own statistics: another loss, gradient cosine 0.02-0.41.)"""
     images, texts = _batch(10)
-    chunk, n_chunks = 4, 3  # 4 + 4 + 2
-    # Reference: the same chunks, in the same order, each embedded once WITH its graph.
-    ref = _tower(dropout=0.3, head_norm="batchnorm").train()
+    ref = _eval_batchnorm(_tower(head_norm=head_norm).train())
+    clip_loss(ref(images), texts, ref.logit_scale.exp())["loss"].backward()
+    model = _tower(head_norm=head_norm).train()
+    before = {n: b.clone() for n, b in model.named_buffers()}
+    terms, _ = _chunked(model, images, texts, chunk)
+    _assert_close_grads(_grads(model), _grads(ref), atol=1e-5)  # summed over 10 chunks: float rounding
+    assert all(m.training for m in model.modules())
+    assert all(torch.equal(b, before[n]) for n, b in model.named_buffers())
+    # The check bites: the unchunked train-mode gradient (batch statistics) is another one.
+    plain = _tower(head_norm=head_norm).train()
+    clip_loss(plain(images), texts, plain.logit_scale.exp())["loss"].backward()
+    got, other = _grads(model), _grads(plain)
+    assert any(not torch.allclose(got[n], other[n], rtol=1e-3, atol=1e-6) for n in other)
+
+
+def test_dropout_replays_the_first_pass():
+    images, texts = _batch(10)
+    chunk = 4  # 4 + 4 + 2
+    # Reference: the same chunks (dropout masks are drawn per forward call), in the same order, each
+    # embedded once WITH its graph; BatchNorm on running statistics as in every chunked step.
+    ref = _eval_batchnorm(_tower(dropout=0.3).train())
     torch.manual_seed(123)
     emb = torch.cat([ref(images[s:s + chunk]) for s in range(0, 10, chunk)])
     clip_loss(emb, texts, ref.logit_scale.exp())["loss"].backward()
     ref_next = torch.rand(3)  # where the RNG stream is after the reference
-    model = _tower(dropout=0.3, head_norm="batchnorm").train()
+    model = _tower(dropout=0.3).train()
     torch.manual_seed(123)
     _, got_emb = _chunked(model, images, texts, chunk)
     assert torch.equal(torch.rand(3), ref_next)
-    torch.testing.assert_close(got_emb, emb.detach())  # the same dropout masks and chunk statistics
+    torch.testing.assert_close(got_emb, emb.detach())  # the same dropout masks
     _assert_close_grads(_grads(model), _grads(ref))
-    # Running statistics: updated once per chunk (the replays leave no trace).
-    ref_buffers = dict(ref.named_buffers())
-    for name, buf in model.named_buffers():
-        torch.testing.assert_close(buf, ref_buffers[name], msg=name)
-        if name.endswith("num_batches_tracked"):
-            assert int(buf) == n_chunks, name
 
 
 def test_without_replayed_randomness_the_gradient_would_differ():
     """The check above can fail: a replay that draws fresh dropout masks gives another gradient."""
     images, texts = _batch(10)
-    ref = _tower(dropout=0.3).train()
+    ref = _eval_batchnorm(_tower(dropout=0.3).train())
     torch.manual_seed(123)
     emb = torch.cat([ref(images[s:s + 4]) for s in range(0, 10, 4)])
     clip_loss(emb, texts, ref.logit_scale.exp())["loss"].backward()
@@ -154,6 +184,10 @@ def test_out_of_memory_advice_and_detection():
     assert "--set train.embed_chunk=16 " in out_of_memory_advice(32, 0)
     assert "--set train.embed_chunk=32 " in out_of_memory_advice(1024, 64)
     assert "lower data.image_size" in out_of_memory_advice(1024, 2)
+    assert "running statistics" in out_of_memory_advice(1024, 0)  # what chunking does to BatchNorm, said
+    # A BatchNorm head cannot be chunked (config.validate): never suggested for it.
+    head_bn = out_of_memory_advice(1024, 0, head_norm="batchnorm")
+    assert "embed_chunk=" not in head_bn and "model.head_norm=layernorm" in head_bn
     with pytest.raises(RuntimeError) as real:
         torch.empty(2**45, dtype=torch.uint8)  # the CPU allocator's own error
     assert is_out_of_memory(real.value) and is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory"))
@@ -177,8 +211,7 @@ def _chunked_worker(rank: int, port: int, out_dir: str) -> None:
     lo, hi = ((0, 5), (5, 8))[rank]  # uneven shards: 3 chunks of <= 2 on rank 0, 2 on rank 1
     model = distributed.wrap_model(_tower().eval(), ctx)
     tower = distributed.unwrap(model)
-    terms, _ = chunked_clip_backward(model, images[lo:hi], texts[lo:hi], tower.logit_scale.exp(), 2,
-                                     lambda loss: loss, gather=True)
+    terms, _, _ = chunked_clip_backward(model, images[lo:hi], texts[lo:hi], 2, lambda loss: loss, gather=True)
     result = {"loss": float(terms["loss"]), "grads": _grads(tower)}
     # Through train_step (train.embed_chunk=2), 2 accumulated micro-batches per rank, SGD.
     model = distributed.wrap_model(_tower().eval(), ctx)
@@ -217,3 +250,13 @@ def test_two_processes_chunked_equal_one_process_unchunked(tmp_path):
         assert r["step"]["loss"] == pytest.approx(want["loss"], rel=1e-5) and not r["step"]["skipped"]
         for n, p in ref.named_parameters():
             torch.testing.assert_close(r["params"][n], p.detach(), rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_chunking_a_batchnorm_head_is_refused_in_one_line():
+    from clipft.config import ConfigError, load_config
+    with pytest.raises(ConfigError, match="model.head_norm=batchnorm") as e:
+        load_config(overrides=["train.embed_chunk=32", "model.head_norm=batchnorm"])
+    assert "\n" not in str(e.value) and "train.embed_chunk=0" in str(e.value)
+    load_config(overrides=["train.embed_chunk=32", "model.head_norm=layernorm"])
+    load_config(overrides=["train.embed_chunk=0", "model.head_norm=batchnorm"])
+    load_config(overrides=["train.embed_chunk=128", "train.batch_size=128", "model.head_norm=batchnorm"])  # no chunks

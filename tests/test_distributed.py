@@ -261,8 +261,26 @@ def _step_worker(rank: int, port: int, out_dir: str) -> None:
              for j in range(2)]
     results["accum"] = _step(model, micro, gather=True)
     results["accum_params"] = {k: v.detach().clone() for k, v in distributed.unwrap(model).state_dict().items()}
+
+    # 4. The training optimizer (fused AdamW on the CPU: a bad step is skipped on the device through
+    # found_inf): a NaN on rank 1 skips the step on both ranks, then a step equals one process's.
+    model = distributed.wrap_model(_tower().eval(), ctx)
+    parts = _adamw(distributed.unwrap(model))
+    before = {k: v.clone() for k, v in distributed.unwrap(model).state_dict().items()}
+    results["adamw_nan"] = step_values(train_step(model, [(bad, texts[lo:hi])], *parts, None, 1.0, gather=True))
+    results["adamw_unchanged"] = all(torch.equal(v, before[k]) for k, v in
+                                     distributed.unwrap(model).state_dict().items())
+    results["adamw"] = step_values(train_step(model, [(images[lo:hi], texts[lo:hi])], *parts, None, 1.0, gather=True))
+    results["adamw_params"] = {k: v.detach().clone() for k, v in distributed.unwrap(model).state_dict().items()}
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     distributed.teardown(ctx)
+
+
+def _adamw(model):
+    from clipft.train.loop import build_optimizer
+    opt = build_optimizer(model, 1e-3, 0.05)
+    assert opt.defaults["fused"]
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), torch.amp.GradScaler("cpu", enabled=False)
 
 
 def test_two_processes_step_equals_one_process_with_the_concatenated_batch(tmp_path):
@@ -293,6 +311,17 @@ def test_two_processes_step_equals_one_process_with_the_concatenated_batch(tmp_p
     assert r0["accum"]["loss"] == pytest.approx(ref_out["loss"], rel=1e-5)
     _assert_same_update(r0["accum_params"], ref.state_dict())
     assert all(torch.equal(r0["accum_params"][k], r1["accum_params"][k]) for k in r0["accum_params"])
+
+    # AdamW under DDP: the NaN step skipped on both ranks (weights untouched), then == one process.
+    ref = _tower().eval()
+    ref_out = step_values(train_step(ref, [(images, texts)], *_adamw(ref), None, 1.0))
+    for r in (r0, r1):
+        assert r["adamw_nan"]["skipped"] and r["adamw_unchanged"] and not r["adamw"]["skipped"]
+        assert r["adamw"]["loss"] == pytest.approx(ref_out["loss"], rel=1e-5)
+    # (Adam's first step is ~lr x g/|g|: a weight whose gradient is ~eps amplifies float rounding, so
+    # the update is compared per tensor, in norm.)
+    _assert_same_update(r0["adamw_params"], ref.state_dict())
+    assert all(torch.equal(r0["adamw_params"][k], r1["adamw_params"][k]) for k in r0["adamw_params"])
 
 
 def _assert_same_update(after: dict, ref_after: dict) -> None:
@@ -421,3 +450,42 @@ def test_unwrap_sees_through_torch_compile():
     m = torch.nn.Linear(2, 2)
     assert distributed.unwrap(torch.compile(m)) is m
     assert distributed.unwrap(m) is m
+
+
+# --------------------------------------------------------------------------- a backbone frozen for an epoch
+
+FREEZE_ARGS = ["--set", "train.freeze_backbone_epochs=1", "--set", "model.learnable_temperature=true",
+               # BatchNorm on running statistics: per-rank batch statistics would differ from the
+               # concatenated batch's (module docstring), everything else must be equal.
+               "--set", "model.freeze_bn_stats=true", "--set", "train.checkpoint_every=0"]
+
+
+def _freeze_worker(rank: int, port: int, data: str, text_dir: str, runs: str) -> None:
+    from clipft.cli.commands import main
+
+    _init_worker(rank, port)
+    code = main(["train", "--data", data, "--out", f"{runs}/ddp", *_train_args(text_dir), *FREEZE_ARGS])
+    Path(runs, f"freeze{rank}.json").write_text(json.dumps(code))
+
+
+def test_two_processes_with_a_frozen_backbone_and_learnable_temperature_equal_one_process(
+        coco_root, tiny_clip_dir, tmp_path, monkeypatch):
+    """train.freeze_backbone_epochs > 0 makes DDP look for unused parameters; the logit scale must
+    then come out of the model's forward, or DDP marks it unused and fails when its gradient arrives
+    ("Expected to mark a variable ready only once"). 2 processes x batch 4 through the real `train`
+    (AdamW, the unfreeze warm-up, both epochs) == 1 process x batch 8."""
+    from clipft.cli.commands import main
+
+    _spawn(_freeze_worker, _free_port(), str(coco_root), str(tiny_clip_dir), str(tmp_path))
+    assert [json.loads((tmp_path / f"freeze{r}.json").read_text()) for r in range(WORLD)] == [0, 0]
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    args = [a if a != "train.batch_size=4" else "train.batch_size=8" for a in _train_args(str(tiny_clip_dir))]
+    assert main(["train", "--data", str(coco_root), "--out", str(tmp_path / "one"), *args, *FREEZE_ARGS]) == 0
+    ddp, one = (torch.load(tmp_path / d / "last.pt", weights_only=False) for d in ("ddp", "one"))
+    assert ddp["step"] == one["step"] == 6 and ddp["epoch"] == one["epoch"] == 2
+    start = _tower().state_dict()  # (only its keys)
+    for k in start:
+        if ddp["model"][k].is_floating_point():
+            torch.testing.assert_close(ddp["model"][k], one["model"][k], rtol=1e-3, atol=1e-5, msg=k)
+    assert not torch.equal(ddp["model"]["logit_scale"], torch.tensor(math.log(1 / 0.07)))  # it learned

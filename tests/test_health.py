@@ -105,7 +105,7 @@ def crafted_run(coco_root, tiny_clip_dir, tmp_path_factory):
     def constant_tower(cfg, embed_dim):
         tower = real_build(cfg, embed_dim)
         # 0 * features keeps the graph (and the optimizer) alive; the output never changes.
-        tower.forward = lambda images: F.normalize(tower.head(tower.backbone(images)) * 0 + 1.0, dim=-1)
+        tower.encode = lambda images: F.normalize(tower.head(tower.backbone(images)) * 0 + 1.0, dim=-1)
         return tower
 
     calls = itertools.count()

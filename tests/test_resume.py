@@ -209,3 +209,17 @@ def test_refusals_are_training_errors_for_python_callers():
     from clipft.train.resume import ResumeError
     from clipft.train.loop import TrainingError
     assert issubclass(ResumeError, TrainingError) and issubclass(CheckpointError, TrainingError)
+
+
+def test_a_metrics_record_with_a_string_epoch_is_one_line_naming_the_file_and_line(finished, coco_root, capsys):
+    """A hand-edited metrics.jsonl ("epoch": "1") once crashed the resume with an unexpected TypeError."""
+    metrics = finished / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    n = next(i for i, line in enumerate(lines) if json.loads(line).get("type") == "epoch")
+    rec = json.loads(lines[n])
+    rec["epoch"] = str(rec["epoch"])
+    lines[n] = json.dumps(rec)
+    metrics.write_text("\n".join(lines) + "\n")
+    assert main(["train", "--data", str(coco_root), "--out", str(finished), "--quiet", "--set", "train.epochs=3"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert f"metrics.jsonl: line {n + 1}" in line and '"epoch"' in line and "unexpected" not in line, line

@@ -340,13 +340,13 @@ def test_nan_step_is_skipped_on_the_device_and_the_next_one_trains():
 
 @pytest.mark.parametrize("chunk", [2, 3])  # 3: uneven chunks (5 = 3 + 2)
 def test_chunked_step_equals_the_plain_step(chunk):
-    """train.embed_chunk with BatchNorm in eval mode (chunking changes train-mode batch statistics,
-    see test_chunked): the same loss and, after SGD (which exposes the gradient; Adam's first step
-    is ~lr x sign(gradient)), the same weights, with 2 accumulated
-    micro-batches; then a chunked step with a NaN image is skipped and leaves the train-mode tower's
-    parameters and BatchNorm buffers exactly as they were."""
+    """train.embed_chunk on a tower in train mode (as the loop runs it) == the unchunked step with
+    BatchNorm on its running statistics (what a chunked step uses, see chunked.py): the same loss and,
+    after SGD (which exposes the gradient; Adam's first step is ~lr x sign(gradient)), the same
+    weights and buffers, with 2 accumulated micro-batches; then a chunked step with a NaN image is
+    skipped and leaves the train-mode tower's parameters and BatchNorm buffers exactly as they were."""
     images, texts = _tiny_batch(8)
-    plain, chunked = _tiny_tower(), _tiny_tower()
+    plain, chunked = _tiny_tower(), _tiny_tower().train()  # plain: eval-mode BatchNorm, one forward per micro-batch
     micro = [(images[:5], texts[:5]), (images[5:], texts[5:])]
     ref = train_mod.step_values(train_mod.train_step(plain, micro, *_sgd_parts(plain), None, 1.0))
     got = train_mod.step_values(train_mod.train_step(chunked, micro, *_sgd_parts(chunked), None, 1.0,

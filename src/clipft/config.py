@@ -138,8 +138,10 @@ class TrainConfig:
     # Also used for caption caching and image embedding. true/false (older configs) read as auto/off.
     amp: Amp = "auto"
     channels_last: bool = True  # NHWC where autocast runs (CUDA, CPU bf16); false keeps NCHW
-    # Images per forward pass: 0 = the whole batch at once; N = the batch's loss computed exactly in
-    # chunks of N images (activations held for one chunk at a time, a second forward pass; chunked.py).
+    # Images per forward pass: 0 = the whole batch at once; N < batch_size = the batch's loss over all its
+    # images with the tower run on N at a time (activations for one chunk, a second forward pass;
+    # chunked.py). Every BatchNorm then uses its running statistics (eval mode, not updated): the gradient
+    # is exactly the unchunked one with BatchNorm in eval mode. Refused with model.head_norm=batchnorm.
     embed_chunk: int = 0
     compile: bool = False  # torch.compile the training model (GPU runs: faster steps after a one-off compile)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -255,6 +257,11 @@ def validate(cfg: Config, source: str = "config") -> Config:
         problems.append(f"eval.ks must be positive integers, got {list(cfg.eval.ks)!r}")
     if len(cfg.data.mean) != 3 or len(cfg.data.std) != 3 or any(not s > 0 for s in cfg.data.std):
         problems.append("data.mean and data.std must hold 3 values each, std > 0")
+    if 0 < cfg.train.embed_chunk < cfg.train.batch_size and cfg.model.head_norm == "batchnorm":
+        # A chunked step runs BatchNorm on running statistics (chunked.py); a new head's are never learned.
+        problems.append(f"train.embed_chunk={cfg.train.embed_chunk} cannot be used with model.head_norm=batchnorm "
+                        "(a chunked step runs BatchNorm on its running statistics, which the new head never "
+                        "learns): use model.head_norm=layernorm or none, or train.embed_chunk=0")
     if problems:
         raise ConfigError(f"{source}: " + "; ".join(problems))
     return cfg

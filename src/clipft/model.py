@@ -194,7 +194,17 @@ class ImageTower(nn.Module):
         x = b.maxpool(b.relu(b.bn1(b.conv1(images))))
         return b.layer4(b.layer3(b.layer2(b.layer1(x))))
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, with_logit_scale: bool = False):
+        """images [B, 3, H, W] -> embeddings [B, D] (inference, evaluation, ONNX export); with
+        with_logit_scale=True (training) -> (embeddings [B, D], 1/tau 0-d fp32): everything the loss
+        uses comes out of the forward, so DDP sees the logit scale's use and reduces its gradient
+        once (used outside the forward, with find_unused_parameters DDP marks it unused and then
+        fails when its gradient arrives)."""
+        emb = self.encode(images)
+        return (emb, self.logit_scale.float().exp()) if with_logit_scale else emb
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """images [B, 3, H, W] -> L2-normalised embeddings [B, D], fp32."""
         if self.pool is None:
             feats = self.backbone(images)  # [B, F] (the ResNet's own average pool)
         else:

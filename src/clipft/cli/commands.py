@@ -173,7 +173,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise
         last = Path(args.out) / "last.pt"
         kept = f"; {last} is intact (rerun with the setting to resume from it)" if last.is_file() else ""
-        raise TrainingError(out_of_memory_advice(cfg.train.batch_size, cfg.train.embed_chunk) + kept) from None
+        raise TrainingError(out_of_memory_advice(cfg.train.batch_size, cfg.train.embed_chunk, cfg.model.head_norm) + kept) from None
     except BaseException:
         _remove_if_empty(Path(args.out) if created and is_main() else None)
         raise

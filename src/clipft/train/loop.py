@@ -35,6 +35,7 @@ from ..config import Config, checkpoint_interval, to_dict, validate
 from ..data import TrainDataset, build_transform, collate_train
 from ..eval.evaluate import EvaluationError, evaluate_split, mean_recall, sharded_embed_images
 from .checkpoint import Checkpointer
+from .chunked import train_mode_batchnorms
 from .health import HealthMonitor
 from ..loss import chance_loss, clip_loss
 from ..model import build_image_tower, count_parameters, parameter_parts, tower_state
@@ -63,7 +64,7 @@ def cosine_with_warmup(step: int, total_steps: int, warmup_steps: int, min_ratio
 
 
 def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,
-                    backbone_lr_ratio: float = 1.0) -> torch.optim.AdamW:
+                    backbone_lr_ratio: float = 1.0, split_backbone: bool = False) -> torch.optim.AdamW:
     """AdamW over the parameters that require grad now; no weight decay on biases, norm weights and
     the logit scale (all 1-d or 0-d).
 
@@ -71,9 +72,10 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,
     head/decay, head/no_decay, logit_scale, backbone/decay, backbone/no_decay (empty ones dropped),
     the backbone's at lr * backbone_lr_ratio. Parameters frozen only for a while (see
     train.freeze_backbone_epochs) must require grad when this is called: AdamW then skips them
-    while their .grad is None (no update, no weight decay).
+    while their .grad is None (no update, no weight decay). split_backbone: the groups per part even
+    at ratio 1 (a backbone unfrozen later gets its own warm-up: `build_scheduler`).
     """
-    if backbone_lr_ratio == 1.0 or not hasattr(model, "backbone"):
+    if (backbone_lr_ratio == 1.0 and not split_backbone) or not hasattr(model, "backbone"):
         decay, no_decay = [], []
         for p in model.parameters():
             if p.requires_grad:
@@ -92,6 +94,36 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,
         groups.append({"name": f"{part}/no_decay", "params": [p for p in params if p.ndim < 2],
                        "lr": part_lr, "weight_decay": 0.0})
     return _adamw([g for g in groups if g["params"]], lr)
+
+
+def unfreeze_warmup(step: int, unfreeze_step: int, warmup_steps: int) -> float:
+    """LR multiplier of a backbone frozen until global step `unfreeze_step` (0-based): linear from
+    1/warmup_steps to 1 over the warmup_steps steps from there (1 before: frozen, it gets no update).
+    Its Adam state is empty when it joins, so without this its first update would move every
+    pretrained weight by about lr x sign(gradient). warmup_steps=0: no warm-up (as for the run)."""
+    if warmup_steps <= 0 or step < unfreeze_step:
+        return 1.0
+    return min(1.0, (step - unfreeze_step + 1) / warmup_steps)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config,
+                    steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up + cosine (`cosine_with_warmup`) for every group; with train.freeze_backbone_epochs
+    the backbone's groups (named backbone/...) warm up again from the step they are unfrozen at
+    (`unfreeze_warmup`, over train.warmup_steps steps). Every epoch but a short last one has
+    steps_per_epoch steps, so that step is freeze_backbone_epochs x steps_per_epoch."""
+    t = cfg.train
+    total_steps = steps_per_epoch * t.epochs
+    unfreeze_step = t.freeze_backbone_epochs * steps_per_epoch
+
+    def base(s: int) -> float:
+        return cosine_with_warmup(s, total_steps, t.warmup_steps, t.min_lr_ratio)
+
+    def backbone(s: int) -> float:
+        return base(s) * unfreeze_warmup(s, unfreeze_step, t.warmup_steps)
+    lambdas = [backbone if t.freeze_backbone_epochs > 0 and str(g.get("name", "")).startswith("backbone/") else base
+               for g in optimizer.param_groups]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
 
 
 def _adamw(groups: list[dict], lr: float) -> torch.optim.AdamW:
@@ -378,11 +410,10 @@ def setup_model(cfg: Config, plan: Plan, rt: Runtime, hooks: TrainHooks) -> Trai
         model = model.to(memory_format=torch.channels_last)  # NHWC convs: ~1.5x on tensor cores and oneDNN bf16
     model = distributed.convert_to_sync_batchnorm(model, rt.ctx, cfg.train.sync_batchnorm)
     # Built before any temporary freeze, so a backbone frozen for the first epochs is in it.
-    optimizer = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.backbone_lr_ratio)
+    optimizer = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.backbone_lr_ratio,
+                                split_backbone=cfg.train.freeze_backbone_epochs > 0)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
-    total_steps = plan.steps_per_epoch * cfg.train.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: cosine_with_warmup(s, total_steps, cfg.train.warmup_steps, cfg.train.min_lr_ratio))
+    scheduler = build_scheduler(optimizer, cfg, plan.steps_per_epoch)
     return TrainState(model, optimizer, scheduler, scaler)
 
 
@@ -427,6 +458,12 @@ def log_plan(cfg: Config, plan: Plan, state: TrainState, rt: Runtime) -> None:
         log.info("train.embed_chunk=%d: each batch of %d is embedded in chunks of %d, twice (activations for %d "
                  "images at a time; the loss still has all %d negatives)", cfg.train.embed_chunk,
                  cfg.train.batch_size, cfg.train.embed_chunk, cfg.train.embed_chunk, plan.global_batch)
+        state.model.set_backbone_trainable(True)  # what the tower is once every freeze is over
+        state.model.train()
+        if train_mode_batchnorms(state.model):  # the chunked step puts them in eval mode (chunked.py)
+            log.warning("train.embed_chunk=%d: every BatchNorm layer runs on its running statistics (eval mode, "
+                        "not updated) so that the chunked loss is exactly the unchunked one; set "
+                        "model.freeze_bn_stats=true to say so in the config", cfg.train.embed_chunk)
 
 
 @dataclass
@@ -470,7 +507,8 @@ def train_one_epoch(state: TrainState, loader: Any, runlog: RunLog, epoch: int, 
         out = loop.hooks.step(state.ddp_model, micro, state.optimizer, state.scheduler, state.scaler, rt.amp_dtype,
                               cfg.train.grad_clip, gather=rt.world > 1,
                               channels_last=rt.precision.channels_last, transform=loop.plan.device_transform,
-                              loss_fn=loop.hooks.loss, embed_chunk=cfg.train.embed_chunk)
+                              loss_fn=loop.hooks.loss,
+                              embed_chunk=cfg.train.embed_chunk if cfg.train.embed_chunk < cfg.train.batch_size else 0)
         state.global_step += 1
         stats.add(out)  # device-side sums: the host does not wait for this step here
         bar.update(1)

@@ -99,6 +99,10 @@ def read_records(path: Path, kind: str | None = None) -> list[dict]:
         if not isinstance(rec, dict):
             raise ConfigError(f"{path}: line {n} is not a JSON record (the file is damaged); remove that line, "
                               "then rerun")
+        for key in ("epoch", "step"):  # compared as numbers by the resume (truncate_logs) and the report
+            if key in rec and (not isinstance(rec[key], int) or isinstance(rec[key], bool)):
+                raise ConfigError(f"{path}: line {n}: \"{key}\" must be a whole number, got {rec[key]!r} (the "
+                                  "file was edited or damaged); fix or remove that line, then rerun")
         if kind is None or rec.get("type") == kind:
             out.append(rec)
     return out

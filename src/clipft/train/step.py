@@ -11,7 +11,7 @@ import logging
 import torch
 
 from .. import distributed
-from .chunked import chunked_clip_backward
+from .chunked import batchnorm_on_running_statistics, chunked_clip_backward
 from .health import pairwise_cosine
 from ..loss import clip_loss
 
@@ -29,9 +29,12 @@ def train_step(model: torch.nn.Module, micro_batches: list[tuple[torch.Tensor, t
     `model` is the ImageTower or its DDP wrapper; gather=True (DDP): the loss uses every process's
     batch as negatives (`clip_loss`), and DDP averages the gradients on the last micro-batch.
     transform: for uint8 batches (prepared cache or JPEG workers), the on-device resize/crop/flip/normalise.
-    embed_chunk: 0 = each micro-batch in one forward pass; N < B = its loss computed exactly over all B
-    images with the tower run on N at a time, twice (`chunked.chunked_clip_backward`: activations for N
-    images, not B; BatchNorm statistics per chunk).
+    embed_chunk: 0 = each micro-batch in one forward pass; N > 0 = a chunked run: a micro-batch of B > N
+    images has its loss over all B computed with the tower run on N at a time, twice
+    (`chunked.chunked_clip_backward`: activations for N images, not B), and every step (B <= N too)
+    runs every BatchNorm on its running statistics (eval mode; per-chunk statistics would be another
+    loss): the gradient equals the unchunked one with BatchNorm in eval mode. The loop passes 0 when
+    train.embed_chunk >= train.batch_size (no chunking: BatchNorm as configured).
     loss_fn: `clip_loss` (a seam: tests poison the loss through it).
 
     Returns 0-d tensors on the device, never read here (the host does not wait for the GPU inside
@@ -78,14 +81,16 @@ def train_step(model: torch.nn.Module, micro_batches: list[tuple[torch.Tensor, t
         # Gradients accumulate locally; DDP all-reduces them only in the last micro-batch's backward.
         no_sync = model.no_sync() if i < k - 1 and hasattr(model, "no_sync") else contextlib.nullcontext()
         with no_sync:
-            logit_scale = tower.logit_scale.exp()  # 1/tau, scalar
-            if 0 < embed_chunk < images.shape[0]:  # the same loss and gradient, N images' activations at a time
-                terms, image_emb = chunked_clip_backward(model, images, texts, logit_scale, embed_chunk, objective,
-                                                         amp_dtype, gather=gather, loss_fn=loss_fn)
+            if 0 < embed_chunk < images.shape[0]:  # N images' activations at a time (chunked.py: when exact)
+                terms, image_emb, logit_scale = chunked_clip_backward(model, images, texts, embed_chunk, objective,
+                                                                      amp_dtype, gather=gather, loss_fn=loss_fn)
             else:
                 # Forward under autocast (bf16/fp16 where supported, else fp32); the loss itself runs in fp32.
-                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                    image_emb = model(images)  # [B, D], L2-normalised fp32
+                # The logit scale comes out of the forward (DDP must see every parameter the loss uses).
+                # A chunked run's batch of <= embed_chunk images: BatchNorm as in its chunked steps.
+                bn = batchnorm_on_running_statistics(tower) if embed_chunk > 0 else contextlib.nullcontext()
+                with bn, torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                    image_emb, logit_scale = model(images, with_logit_scale=True)  # [B, D] fp32; 1/tau 0-d
                 terms = loss_fn(image_emb, texts, logit_scale, gather=gather)
                 objective(terms["loss"]).backward()
         for name, v in terms.items():
