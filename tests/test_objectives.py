@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from clipft.config import ConfigError
 from clipft.loss import clip_loss
 from clipft.objectives import ImageQueue, Recipe, parse_text_negatives, recipe_loss
 
@@ -152,7 +153,7 @@ def test_text_negatives_values():
     assert parse_text_negatives("batch") == 0 and parse_text_negatives("all") == -1
     assert parse_text_negatives("64") == 64 and parse_text_negatives(64) == 64
     for bad in ("0", "-3", "many", "1.5"):
-        with pytest.raises(ValueError, match="train.text_negatives"):
+        with pytest.raises(ConfigError, match="train.text_negatives"):
             parse_text_negatives(bad)
 
 

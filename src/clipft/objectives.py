@@ -30,6 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import distributed
+from .config import parse_text_negatives  # noqa: F401 (re-exported)
 
 SIGLIP_INIT_SCALE = 10.0  # SigLIP: t' = log 10, so 1/tau = exp(t') = 10 at the start
 SIGLIP_INIT_BIAS = -10.0  # b = -10: every pair starts strongly "negative", as most pairs are
@@ -124,19 +125,6 @@ def recipe_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: to
     objective = world * 0.5 * (sum_i2t + sum_t2i) / b_tot
     loss = objective + (0.5 * (loss_i2t + loss_t2i) - objective).detach()
     return {"loss": loss, "loss_i2t": loss_i2t, "loss_t2i": loss_t2i}
-
-
-def parse_text_negatives(value: str) -> int:
-    """train.text_negatives as a number: 0 = batch (in-batch only), -1 = all, N > 0 = N bank captions.
-    ValueError for anything else."""
-    v = str(value).strip().lower()
-    if v == "batch":
-        return 0
-    if v == "all":
-        return -1
-    if v.isdigit() and int(v) > 0:
-        return int(v)
-    raise ValueError(f"train.text_negatives must be batch, all or a positive integer, got {value!r}")
 
 
 def bank_generator(seed: int, epoch: int, step: int, micro: int) -> torch.Generator:
