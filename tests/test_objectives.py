@@ -176,7 +176,7 @@ def test_queue_ring_buffer_and_a_non_finite_push():
     assert q.ids.tolist() == [5, 1, 2, 3, 4] and q.ptr == 1
     bad = torch.full((2, 2), float("nan"))
     q.push(bad, torch.tensor([6, 7]))
-    assert q.ids.tolist() == [5, -1, -1, 3, 4] and torch.isfinite(q.emb).all()  # empty slots, never NaN
+    assert q.ids.tolist() == [5, 1, 2, 3, 4] and torch.isfinite(q.emb).all() and q.ptr == 3  # unchanged, never NaN
     state = q.state_dict()
     q2 = ImageQueue(5, 2, torch.device("cpu"))
     q2.load_state_dict(state)

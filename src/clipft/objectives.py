@@ -147,13 +147,14 @@ class ImageQueue:
     @torch.no_grad()
     def push(self, emb: torch.Tensor, ids: torch.Tensor) -> None:
         """Append emb [G, D] / ids [G] (oldest overwritten). A non-finite batch (a step the NaN guard
-        skips) is written as empty slots, so it never poisons later losses."""
+        skips) leaves the slots as they were (decided on the device, no host sync): it never poisons
+        later losses. The write position advances either way (host bookkeeping, saved and restored)."""
         q = self.emb.shape[0]
         emb, ids = emb.detach().float()[-q:], ids.to(self.ids.device)[-q:]
         ok = torch.isfinite(emb).all()
         pos = (self.ptr + torch.arange(emb.shape[0], device=self.emb.device)) % q
-        self.emb[pos] = torch.where(ok, emb, torch.zeros_like(emb))
-        self.ids[pos] = torch.where(ok, ids, torch.full_like(ids, -1))
+        self.emb[pos] = torch.where(ok, emb, self.emb[pos])
+        self.ids[pos] = torch.where(ok, ids, self.ids[pos])
         self.ptr = (self.ptr + emb.shape[0]) % q
 
     def state_dict(self) -> dict[str, Any]:

@@ -2,8 +2,8 @@
 cached caption embeddings, so the in-batch negatives are semantically close.
 
 Each training image is a point in text space: the normalised mean of its captions' cached
-embeddings [N, D]. k = max(1, N // global batch) clusters by a few seeded Lloyd iterations in torch
-(spherical k-means: cosine assignment, normalised means), computed once and cached beside the
+embeddings [N, D]. k = max(1, N // global batch) clusters by k-means++ seeding and a few Lloyd iterations in torch, all
+seeded (spherical k-means: cosine assignment, normalised means), computed once and cached beside the
 train caption cache (`<text cache>.clusters-k<k>-s<seed>.pt`, keyed by a fingerprint of the points).
 
 The epoch order (`clustered_order`) is a function of (seed, epoch) alone: images shuffled within
@@ -42,7 +42,15 @@ def kmeans(points: torch.Tensor, k: int, seed: int, iterations: int = LLOYD_ITER
     n = points.shape[0]
     k = max(1, min(k, n))
     g = torch.Generator().manual_seed(seed)
-    centres = points[torch.randperm(n, generator=g)[:k]].clone()  # [k, D]
+    # k-means++ seeding (seeded): each next centre drawn with probability ~ squared distance to the nearest.
+    chosen = [int(torch.randint(n, (1,), generator=g))]
+    dist2 = (2 - 2 * points @ points[chosen[0]]).clamp(min=0)  # [N] squared distance on the sphere
+    for _ in range(k - 1):
+        c = int(torch.multinomial(dist2 + 1e-12, 1, generator=g)) if float(dist2.sum()) > 0 else \
+            int(torch.randint(n, (1,), generator=g))
+        chosen.append(c)
+        dist2 = torch.minimum(dist2, (2 - 2 * points @ points[c]).clamp(min=0))
+    centres = points[chosen].clone()  # [k, D]
     assign = torch.zeros(n, dtype=torch.long)
     for _ in range(iterations):
         assign = (points @ centres.T).argmax(1)  # [N]
