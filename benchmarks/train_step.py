@@ -229,6 +229,32 @@ def recipe_table(args, device: torch.device) -> None:
     for name, t in times.items():
         m = statistics.median(t)
         print(f"| {name} | {m / args.steps:.3f} | {m / base:.2f}x | {added[name] / 2**20:.1f} |")
+    # The loss alone (forward + backward on [B, 512] embeddings): what each option adds to the step, with
+    # no ResNet in the measurement (so a shared machine's noise in the tower's time does not hide it).
+    from clipft.loss import clip_loss as plain_loss
+    from clipft.objectives import Recipe
+    g = torch.Generator().manual_seed(3)
+    emb = torch.nn.functional.normalize(torch.randn(args.batch, 512, generator=g), dim=-1).to(device)
+    txt = torch.nn.functional.normalize(torch.randn(args.batch, 512, generator=g), dim=-1).to(device)
+    bank = torch.nn.functional.normalize(torch.randn(args.bank_size, 512, generator=g), dim=-1)
+    ids = torch.arange(args.batch, device=device)
+    scale = torch.tensor(14.0, device=device)
+    print("| option | loss forward + backward (ms, median of 20) |\n|---|---|")
+    for name in args.recipes:
+        negatives, queue, kind, _ = RECIPES[name]
+        r = None if negatives == 0 and queue == 0 and kind == "infonce" else Recipe(
+            negatives=negatives, queue_size=queue, kind=kind, bank=bank if negatives else None,
+            cap2img=(torch.arange(args.bank_size) // 5) if negatives else None, device=device, dim=512)
+        ts = []
+        for i in range(21):
+            x = emb.clone().requires_grad_()
+            sync(device)
+            t0 = time.perf_counter()
+            terms = r(x, txt, scale, image_ids=ids, step=i) if r else plain_loss(x, txt, scale)
+            terms["loss"].backward()
+            sync(device)
+            ts.append(time.perf_counter() - t0)
+        print(f"| {name} | {1000 * statistics.median(ts[1:]):.2f} |")
     g = torch.Generator().manual_seed(2)
     caps = torch.nn.functional.normalize(torch.randn(args.bank_size, 512, generator=g), dim=-1)
     t0 = time.perf_counter()

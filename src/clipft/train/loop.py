@@ -509,6 +509,17 @@ def log_plan(cfg: Config, plan: Plan, state: TrainState, rt: Runtime) -> None:
         log.info("%d process(es) x batch %d = %d negatives per loss; x %d accumulated micro-batches = %d images "
                  "per optimizer step", rt.world, cfg.train.batch_size, plan.global_batch, plan.accum,
                  plan.global_batch * plan.accum)
+    r = state.recipe
+    if r is not None:  # what the recipe levers cost (docs: recipe)
+        n_bank = 0 if r.bank is None else (r.bank.shape[0] if r.negatives < 0 else min(r.negatives, r.bank.shape[0]))
+        log.info("objective: %s; image->text over %d batch + %d bank captions per loss%s%s", cfg.train.loss,
+                 plan.global_batch, n_bank,
+                 "" if r.bank is None else f" (caption bank {r.bank.shape[0]} x {r.bank.shape[1]} "
+                 f"{str(r.bank.dtype).replace('torch.', '')}: {r.bank.nelement() * r.bank.element_size() / 2**20:.0f} MB "
+                 "on the device, every process)",
+                 "" if r.queue is None else f"; text->image also over a queue of {r.queue.emb.shape[0]} images")
+    if state.ema is not None:
+        log.info("train.ema=%g: validation, best.pt and export use the averaged weights", cfg.train.ema)
     if 0 < cfg.train.embed_chunk < cfg.train.batch_size:
         log.info("train.embed_chunk=%d: each batch of %d is embedded in chunks of %d, twice (activations for %d "
                  "images at a time; the loss still has all %d negatives)", cfg.train.embed_chunk,
