@@ -198,3 +198,22 @@ def test_recipe_pushes_after_the_loss():
     want = (torch.logsumexp(torch.cat([s, s.masked_fill(torch.eye(4, dtype=torch.bool), -math.inf)], 1), 1)
             - s.diag()).mean()
     assert torch.allclose(second["loss_t2i"], want, atol=1e-5)
+
+
+def test_chance_reference_of_the_health_check():
+    bank, cap2img = _unit(50, seed=21).float(), torch.arange(50)
+    assert Recipe(negatives=10, bank=bank, cap2img=cap2img).chance(8) == pytest.approx(0.5 * (math.log(18) + math.log(8)))
+    assert Recipe(queue_size=24, dim=6).chance(8) == pytest.approx(0.5 * (math.log(8) + math.log(32)))
+    assert Recipe(kind="siglip").chance(8) == 0.0  # no ln B reference: the "at chance" test is off
+
+
+def test_a_bf16_bank_gives_the_fp32_loss_to_bf16_precision():
+    """The bank is stored in the run's precision (bf16 halves its memory); the loss runs in fp32."""
+    bank, cap2img = _unit(40, seed=22).float(), torch.arange(40) // 4
+    img, txt = _unit(6, seed=23).float(), _unit(6, seed=24).float()
+    ids = torch.tensor([0, 1, 2, 3, 4, 5])
+    a = Recipe(negatives=-1, bank=bank, cap2img=cap2img)(img, txt, torch.tensor(10.0), image_ids=ids)
+    r = Recipe(negatives=-1, bank=bank, cap2img=cap2img, dtype=torch.bfloat16)
+    assert r.bank.dtype == torch.bfloat16
+    b = r(img, txt, torch.tensor(10.0), image_ids=ids)
+    assert b["loss"].dtype == torch.float32 and float(b["loss"]) == pytest.approx(float(a["loss"]), rel=2e-2)

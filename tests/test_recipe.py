@@ -208,7 +208,8 @@ def test_clusters_are_cached_beside_the_text_cache(tmp_path):
 RECIPES = {
     "bank+queue+ema+clustered": ("--set", "train.text_negatives=16", "--set", "train.image_queue=12",
                                  "--set", "train.ema=0.9", "--set", "data.batch_sampler=clustered"),
-    "siglip+all": ("--set", "train.loss=siglip", "--set", "train.text_negatives=all", "--set", "train.ema=0.5"),
+    "siglip+all+chunked": ("--set", "train.loss=siglip", "--set", "train.text_negatives=all", "--set", "train.ema=0.5",
+                           "--set", "train.embed_chunk=3"),
 }
 
 

@@ -221,6 +221,17 @@ class Recipe:
                             distributed.all_gather_cat(image_ids.to(image_emb.device)) if gather else image_ids)
         return terms
 
+    def chance(self, batch: int) -> float:
+        """The loss of a model that scores every pair equally, for the health check's "at chance" test:
+        the mean of ln(columns) over the two directions (a little above the true value when an image has
+        several positives among them). 0 for SigLIP (no such reference: the test is off)."""
+        if self.kind == "siglip":
+            return 0.0
+        n = 0 if self.bank is None else (self.bank.shape[0] if self.negatives < 0 else
+                                         min(self.negatives, self.bank.shape[0]))
+        q = 0 if self.queue is None else self.queue.emb.shape[0]
+        return 0.5 * (math.log(max(1, batch + n)) + math.log(max(1, batch + q)))
+
     def state_dict(self) -> dict[str, Any]:
         return {"queue": self.queue.state_dict()} if self.queue is not None else {}
 

@@ -589,6 +589,8 @@ def train_one_epoch(state: TrainState, loader: Any, runlog: RunLog, epoch: int, 
         now_out, seen = step_values(out), stats.read(state.global_step)
         check_divergence(seen, state, epoch, loop)
         chance = chance_loss(counts["batch"])  # ln(global batch): the loss of a model that guesses
+        if state.recipe is not None:  # more columns than the batch (bank, queue), or SigLIP (no such reference)
+            chance = state.recipe.chance(counts["batch"])
         skipped_so_far = state.totals["skipped_steps"] + int(seen["ep_skipped"])
         bar.set_postfix(loss=f"{now_out['loss']:.3f}", chance=f"{chance:.2f}",
                         scale=f"{now_out['logit_scale']:.1f}", gnorm=f"{now_out['grad_norm']:.2f}",
