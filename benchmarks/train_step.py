@@ -217,15 +217,17 @@ def recipe_step(args, device: torch.device, name: str):
 def recipe_table(args, device: torch.device) -> None:
     from clipft.train import clustered
     steps, added = {}, {}
-    for name in args.recipes:
+    for name in ([] if args.loss_only else args.recipes):
         steps[name], added[name], prec = recipe_step(args, device, name)
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(args.rounds):  # interleaved: a shared machine's slow moments hit every option alike
         for name, step in steps.items():
             times[name].append(seconds(step, args.steps, device))
-    base = statistics.median(times[args.recipes[0]])
-    print(f"precision {prec.name}; bank of {args.bank_size} captions x 512")
-    print("| option | s/step (median of rounds) | vs " + args.recipes[0] + " | device memory added (MB) |\n|---|---|---|---|")
+    base = statistics.median(times[args.recipes[0]]) if steps else 1.0
+    if steps:
+        print(f"precision {prec.name}; bank of {args.bank_size} captions x 512")
+    if steps:
+        print("| option | s/step (median of rounds) | vs " + args.recipes[0] + " | device memory added (MB) |\n|---|---|---|---|")
     for name, t in times.items():
         m = statistics.median(t)
         print(f"| {name} | {m / args.steps:.3f} | {m / base:.2f}x | {added[name] / 2**20:.1f} |")
@@ -278,6 +280,7 @@ def main() -> None:
     p.add_argument("--recipes", type=lambda s: s.split(","), default=None,
                    help=f"compare recipe options side by side, the first is the reference: {','.join(RECIPES)}")
     p.add_argument("--bank-size", type=int, default=10000, help="captions in the bank for --recipes")
+    p.add_argument("--loss-only", action="store_true", help="--recipes: time the loss alone (no tower steps)")
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     args.batch = args.batch or (256 if device.type == "cuda" else 16)
