@@ -172,7 +172,7 @@ class Recipe:
 
     bank [M, D]: every training caption embedding, on the device in `dtype` (the run's precision),
     read-only; cap2img [M]: the image each caption belongs to. The bank costs M x D x bytes(dtype)
-    of device memory (COCO: 591,753 x 512 x 2 B = 606 MB in bf16) on every rank.
+    of device memory (COCO train2014: ~414,000 x 512 x 2 B = ~424 MB in bf16) on every rank.
     Called as loss_fn(image_emb, text_emb, logit_scale, gather=..., image_ids=, epoch=, step=, micro=)
     once per micro-batch (chunked or not); after computing the loss it pushes the (gathered)
     image embeddings into the queue.
