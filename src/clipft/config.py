@@ -33,6 +33,8 @@ OnMismatch = Literal["rebuild", "error"]
 HeadNorm = Literal["none", "batchnorm", "layernorm"]
 Pooling = Literal["avg", "attention"]
 Amp = Literal["auto", "bf16", "fp16", "off"]  # train.amp (runtime.select_precision)
+LossKind = Literal["infonce", "siglip"]  # train.loss (objectives.recipe_loss)
+BatchSampler = Literal["random", "clustered"]  # data.batch_sampler (train.clustered)
 
 
 # model.backbone: the torchvision ResNets model.BACKBONES builds (a test keeps the two lists equal).
@@ -87,6 +89,9 @@ class DataConfig:
     prepared_size: int = 224
     color_jitter: float = 0.0  # train images: brightness/contrast/saturation jitter strength; 0 = off (hue never)
     num_workers: int = 4  # JPEG decoding processes (the prepared cache is read by one thread instead)
+    # random = shuffled batches; clustered = batches drawn from k-means clusters of the cached caption
+    # embeddings (harder in-batch negatives; seeded, cached beside the text cache; train/clustered.py).
+    batch_sampler: BatchSampler = "random"
     # CLIP's own normalisation (the text tower was trained against images normalised like this).
     mean: tuple[float, ...] = (0.48145466, 0.4578275, 0.40821073)
     std: tuple[float, ...] = (0.26862954, 0.26130258, 0.27577711)
@@ -173,6 +178,13 @@ class TrainConfig:
     # A mid-epoch RUN/last.pt this often, so a SIGKILL (or a crash) loses at most this much work:
     # "Nmin" = every N minutes, "N" (or "Nsteps") = every N optimizer steps, "0" = at epoch ends only.
     checkpoint_every: str = "10min"
+    # Recipe levers (objectives.py; all off by default). text_negatives: batch = in-batch captions only;
+    # N = plus N captions drawn from the whole training caption cache each step; all = every training
+    # caption (image->text side; an image's own captions are positives).
+    text_negatives: str = "batch"
+    image_queue: int = 0  # N > 0: the last N image embeddings are extra negatives of each caption (text->image)
+    loss: LossKind = "infonce"  # infonce | siglip (sigmoid loss with a learnable bias)
+    ema: float = 0.0  # EMA decay of the weights (e.g. 0.999); validation, best.pt and export use the EMA; 0 = off
 
 
 @dataclass
@@ -211,6 +223,7 @@ _RANGES: dict[str, tuple[float | None, float | None]] = {
     "train.freeze_backbone_epochs": (0, None), "train.min_lr_ratio": (0.0, 1.0), "train.grad_clip": (0.0, None),
     "train.seed": (0, None), "train.max_bad_steps": (1, None), "train.log_every": (1, None),
     "train.max_steps_per_epoch": (0, None), "train.grad_accum_steps": (1, 4096), "train.embed_chunk": (0, 1 << 20),
+    "train.image_queue": (0, 1 << 24), "train.ema": (0.0, 0.999999),
     "eval.batch_size": (1, 1 << 20), "eval.every": (1, None),
 }
 # Strictly positive (an open lower bound): 0 is as wrong as a negative value.
@@ -241,6 +254,19 @@ def checkpoint_interval(value: str) -> tuple[str, float]:
     if m["steps"] is not None:
         return ("steps", float(m["steps"])) if int(m["steps"]) > 0 else ("off", 0.0)
     return ("minutes", float(m["minutes"])) if float(m["minutes"]) > 0 else ("off", 0.0)
+
+
+def parse_text_negatives(value: Any) -> int:
+    """train.text_negatives as a number: 0 = batch (in-batch only), -1 = all, N > 0 = N bank captions.
+    ConfigError for anything else."""
+    v = str(value).strip().lower()
+    if v == "batch":
+        return 0
+    if v == "all":
+        return -1
+    if v.isdigit() and int(v) > 0:
+        return int(v)
+    raise ConfigError(f"train.text_negatives must be batch, all or a positive integer, got {value!r}")
 
 
 def validate(cfg: Config, source: str = "config") -> Config:
@@ -288,6 +314,13 @@ def validate(cfg: Config, source: str = "config") -> Config:
         problems.append(f"train.embed_chunk={cfg.train.embed_chunk} cannot be used with model.head_norm=batchnorm "
                         "(a chunked step runs BatchNorm on its running statistics, which the new head never "
                         "learns): use model.head_norm=layernorm or none, or train.embed_chunk=0")
+    try:
+        parse_text_negatives(cfg.train.text_negatives)
+    except ConfigError as e:
+        problems.append(str(e))
+    if cfg.train.loss == "siglip" and cfg.train.image_queue > 0:
+        problems.append("train.image_queue is for train.loss=infonce (its text->image softmax); SigLIP's sigmoid "
+                        "loss has no such side: set train.image_queue=0")
     if problems:
         raise ConfigError(f"{source}: " + "; ".join(problems))
     return cfg

@@ -227,7 +227,14 @@ class ImageTower(nn.Module):
         # Created last so the default tower draws the same random init as before these options.
         # CLIP uses 64-wide attention heads (512 -> 8 heads, 2048 -> 32).
         self.pool = AttentionPool2d(feat_dim, max(1, feat_dim // 64)) if cfg.pooling == "attention" else None
+        self.register_parameter("logit_bias", None)  # SigLIP's b (train.loss=siglip: `add_logit_bias`)
         self.set_backbone_trainable(True)
+
+    def add_logit_bias(self, value: float) -> None:
+        """A learnable logit bias (0-d), the b of SigLIP's sigmoid loss (train.loss=siglip): a
+        parameter of the tower, so DDP reduces its gradient and checkpoints hold it. Retrieval
+        ranks by cosine and never reads it."""
+        self.logit_bias = nn.Parameter(torch.tensor(float(value), device=self.logit_scale.device))
 
     def feature_map(self, images: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] -> the last stage's map [B, F, H/32, W/32] (before pooling; timm: forward_features)."""
@@ -246,7 +253,12 @@ class ImageTower(nn.Module):
         once (used outside the forward, with find_unused_parameters DDP marks it unused and then
         fails when its gradient arrives)."""
         emb = self.encode(images)
-        return (emb, self.logit_scale.float().exp()) if with_logit_scale else emb
+        if not with_logit_scale:
+            return emb
+        scale = self.logit_scale.float().exp()
+        if self.logit_bias is not None:  # in the forward's graph (value unchanged): DDP sees the bias used
+            scale = scale + 0.0 * self.logit_bias.float()
+        return emb, scale
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """images [B, 3, H, W] -> L2-normalised embeddings [B, D], fp32."""
@@ -390,6 +402,8 @@ def rebuild_tower(model_config: dict, embed_dim: int, state: dict[str, torch.Ten
     try:
         model = ImageTower(ModelConfig(**{**fields, "image_weights": "none", "image_weights_sha256": "",
                                           "grad_checkpointing": False}), int(embed_dim))
+        if "logit_bias" in state:  # trained with train.loss=siglip
+            model.add_logit_bias(0.0)
         model.load_state_dict(state)
         model.cfg = ModelConfig(**fields)  # keep the record of how it was initialised
     except ModelError as e:  # e.g. a timm name this timm does not know
