@@ -5,10 +5,13 @@
   jpeg      clipft's JPEG fallback as training runs it, same workers: Pillow draft (DCT downscaling
             while decoding) + the centre square resized in one pass (`data.CenterSquareResize`) to
             uint8 in the workers (`data.build_transform(..., output="uint8")`, `TrainDataset`),
-            normalised per batch by `prepare.DeviceTransform`
+            normalised per batch by `device_transform.DeviceTransform`
+  shards    clipft's webdataset shards (`clipft shard`: short side resized to 256 once, JPEG q95),
+            read by index through wids (`data.shards`), in training's shard-windowed order, same
+            workers and decoding as jpeg (the shard members are smaller JPEGs: less to decode)
   prepared  clipft's prepared cache: uint8 memmap rows read per batch by a background thread
-            (`prepare.PreparedLoader`: no worker processes, a batch is one memcpy), resized +
-            normalised per batch by `prepare.DeviceTransform` (on the CPU here; on a GPU in
+            (`prepared_reader.PreparedLoader`: no worker processes, a batch is one memcpy), resized +
+            normalised per batch by `device_transform.DeviceTransform` (on the CPU here; on a GPU in
             training, where only uint8 crosses the bus)
 
 Inputs: synthetic COCO-sized 640x480 JPEGs (smooth random colour fields plus noise, quality 90,
@@ -40,8 +43,11 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
 from clipft.config import DataConfig
-from clipft.data import CaptionedImages, ImageRecord, TrainDataset, build_transform, collate_train
-from clipft.data.prepare import DeviceTransform, PreparedDataset, PreparedImages, PreparedLoader, prepare_images
+from clipft.data import CaptionedImages, ImageRecord, TrainDataset, build_transform, collate_train, load_split
+from clipft.data import shards as shards_mod
+from clipft.data.device_transform import DeviceTransform
+from clipft.data.prepared_reader import PreparedDataset, PreparedImages, PreparedLoader
+from clipft.data.prepare import prepare_images
 
 MEAN, STD = DataConfig().mean, DataConfig().std
 
@@ -118,6 +124,20 @@ def main() -> None:
             prepared[size] = PreparedImages.open(tmp / f"prepared{size}")
             prep_note[size] = f"[one-off prepare-images, {args.workers} processes: {args.images / t_prep:.0f} img/s]"
 
+        t = time.perf_counter()
+        (tmp / "shards").mkdir()
+        shards_mod.write_split_shards(split, tmp / "shards", "train", shard_size=256, image_size=256)
+        shard_note = f"[one-off clipft shard, 1 process: {args.images / (time.perf_counter() - t):.0f} img/s]"
+        shard_split = load_split(tmp / "shards", "train", DataConfig())
+        shard_ds = shards_mod.ShardTrainDataset(shard_split, torch.zeros(len(shard_split), 8),
+                                                build_transform(args.size, MEAN, STD, output="uint8"),
+                                                draft_size=args.size)
+
+        def shard_loader():  # as training reads it: the windowed (seed, epoch) order, map-style workers
+            order = shard_ds.epoch_order(0, 1).tolist()
+            return DataLoader(shard_ds, batch_size=args.batch, sampler=order, num_workers=args.workers,
+                              collate_fn=collate_train)
+
         def prepared_loader(size):
             ds = PreparedDataset(prepared[size], prepared[size].rows_for(split), text, list(range(len(paths) + 1)))
             return PreparedLoader(ds, torch.randperm(len(ds)).tolist(), args.batch)  # as training reads it
@@ -127,6 +147,8 @@ def main() -> None:
                          lambda: throughput(DataLoader(Baseline(paths), **kw), args.images), ""),
             "jpeg": ("draft decode + resize + crop to uint8 in the workers; batch normalise",
                      lambda: throughput(DataLoader(jpeg_ds, collate_fn=collate_train, **kw), args.images, norm), ""),
+            "shards": ("wids indexed tar members, 256 px JPEGs; as jpeg in the workers",
+                       lambda: throughput(shard_loader(), args.images, norm), shard_note),
             "prepared 256 px": ("memmap rows read by a thread; batch resize + normalise",
                                 lambda: throughput(prepared_loader(256), args.images, norm), prep_note[256]),
             f"prepared {args.size} px": ("memmap rows read by a thread; batch normalise only",

@@ -37,6 +37,7 @@ VALIDATED_IN_CODE = {
     "eval.zeroshot_templates": "each holds `{}`",
     "data.mean": "3 values",
     "data.std": "3 values, each > 0",
+    "train.text_negatives": "`batch`, `all` or a positive integer",
 }
 
 

@@ -160,6 +160,15 @@ def test_every_preset_builds_trains_and_changes_what_it_claims(name):
             if "running_" in k or "num_batches" in k:
                 assert not moved, k
         assert changed_backbone["backbone.conv1.weight"]
+    elif name in ("caption_bank", "image_queue", "siglip", "ema", "clustered_batches"):
+        # The recipe levers act in the trainer (tests/test_recipe.py checks each); here: the claim is in the config.
+        from clipft.train.loop import build_recipe
+        t = cfg.train
+        assert {"caption_bank": t.text_negatives == "1024", "image_queue": t.image_queue == 1024,
+                "siglip": t.loss == "siglip" and cfg.model.learnable_temperature, "ema": t.ema == 0.999,
+                "clustered_batches": cfg.data.batch_sampler == "clustered"}[name]
+        if name == "ema" or name == "clustered_batches":
+            assert build_recipe(cfg, None, None, None) is None  # the loss stays clip_loss
     else:  # pragma: no cover - a new preset needs its claim checked here
         pytest.fail(f"no claim check for preset {name!r}")
 

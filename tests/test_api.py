@@ -217,3 +217,20 @@ def test_amp_auto_is_close_to_fp32_and_fingerprinted_apart(trained_run):
     assert (exact.fingerprint != fast.fingerprint) == (fast._encode_pixels.precision.dtype is not None)
     with pytest.raises(ModelError, match="amp must be one of"):
         clipft.load(trained_run / "best.pt", amp="fp8")
+
+
+def test_a_checkpoint_fingerprint_needs_no_text_encoder(trained_run, tmp_path, monkeypatch):
+    """Training records the text encoder's fingerprint, so an image-only use of a checkpoint (clipft
+    index) never loads the encoder, and the fingerprint is the one computed from the loaded encoder
+    (equal to an export's)."""
+    import clipft.text as T
+    from clipft.inference import text_fingerprint
+    from clipft.text import load_text_encoder
+    m = load(trained_run / "best.pt")
+    want = text_fingerprint(load_text_encoder(m.text_encoder_name))
+    calls = []
+    real = T.load_text_encoder
+    monkeypatch.setattr(T, "load_text_encoder", lambda *a, **k: calls.append(a) or real(*a, **k))
+    fresh = load(trained_run / "best.pt")
+    assert fresh.fingerprint == m.fingerprint and fresh._text.fingerprint() == want
+    assert calls == []

@@ -92,8 +92,8 @@ def test_read_only_cache_dir_is_refused_before_the_work(tmp_path, tiny_clip_dir,
     assert err == f"clipft: error: {ro}: cannot write here (read-only or permission denied); set text.cache_dir " \
                   "to a writable folder"
     assert main(["prepare-images", "--data", str(root), "--split", "train", "--workers", "1", "--quiet", *setting]) == 2
-    # prepare-images' default size never upscales: the 40 px images get a 40 px cache.
-    assert capsys.readouterr().err.strip() == f"clipft: error: {ro / 'images' / 'train-40'}: cannot write here " \
+    # prepare-images' default size is what training reads (data.prepared_size, 224), small images included.
+    assert capsys.readouterr().err.strip() == f"clipft: error: {ro / 'images' / 'train-224'}: cannot write here " \
                                               "(read-only or permission denied); set text.cache_dir to a writable folder"
 
 

@@ -30,8 +30,8 @@ def _val_images(coco_root):
 
 def test_export_writes_the_hub_layout_and_prints_sizes(exported):
     out, printed = exported
-    names = ["README.md", "config.json", "image_tower.onnx", "model.safetensors", "open_clip_visual.json",
-             "open_clip_visual.safetensors"]
+    names = ["README.md", "config.json", "image_tower.onnx", "model.safetensors", "open_clip_config.json",
+             "open_clip_model.safetensors"]
     assert sorted(p.name for p in out.iterdir()) == names
     for name in names:
         assert f"wrote {out / name} (" in printed
@@ -155,18 +155,19 @@ def test_open_clip_timm_tower_form_loads_in_open_clip(exported):
 
     from clipft.inference import tower_from_export
     out, printed = exported
-    cfg = json.loads((out / "open_clip_visual.json").read_text())
+    cfg = json.loads((out / "open_clip_config.json").read_text())["model_cfg"]
     v = cfg["vision_cfg"]
     assert v["timm_proj"] == "mlp" and cfg["embed_dim"] == 16  # head_hidden 32 = 2 x 16: it maps
     visual = TimmModel(v["timm_model_name"], cfg["embed_dim"], image_size=v["image_size"], pool=v["timm_pool"],
                        proj=v["timm_proj"], proj_bias=v["timm_proj_bias"], drop=v["timm_drop"])
-    visual.load_state_dict(load_file(str(out / "open_clip_visual.safetensors")))  # strict: every key fits
+    state = load_file(str(out / "open_clip_model.safetensors"))
+    visual.load_state_dict({k[len("visual."):]: t for k, t in state.items() if k.startswith("visual.")})  # strict
     pixels = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         got = torch.nn.functional.normalize(visual.eval()(pixels), dim=-1)
         want = tower_from_export(out)(pixels)
     assert torch.allclose(got, want, atol=1e-5)
-    assert "open_clip_visual.json" in json.loads((out / "config.json").read_text())["files"].values()
+    assert "open_clip_config.json" in json.loads((out / "config.json").read_text())["files"].values()
 
 
 def test_open_clip_form_says_why_a_head_does_not_map(trained_run):

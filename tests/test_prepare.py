@@ -9,9 +9,10 @@ from torch.utils.data import DataLoader
 
 from clipft.data import prepare as prep
 from clipft.config import DataConfig
-from clipft.data import TrainDataset, build_transform, load_coco_captions, load_image, prepared_dir
-from clipft.data.prepare import (DeviceTransform, PreparedDataset, PreparedImages, PreparedLoader, identity_collate,
-                                 prepare_images)
+from clipft.data import DataError, TrainDataset, build_transform, load_coco_captions, load_image, prepared_dir
+from clipft.data.device_transform import DeviceTransform
+from clipft.data.prepared_reader import PreparedDataset, PreparedImages, PreparedLoader, identity_collate
+from clipft.data.prepare import prepare_images
 from clipft.data.shapes import make_shapes_dataset
 
 MEAN, STD = DataConfig().mean, DataConfig().std
@@ -244,7 +245,7 @@ def test_checksums_catch_a_flipped_byte_and_rerun_repairs_only_that_chunk(small_
         f.write(bytes([b[0] ^ 0x01]))
     p = PreparedImages.open(out)  # the sizes are right: only the checksums can tell
     assert p.damaged_chunks() == [1]
-    with pytest.raises(prep.DataError, match=r"images\.u8: 1 of 4 checked chunk\(s\) do not match .*images 3-5"):
+    with pytest.raises(DataError, match=r"images\.u8: 1 of 4 checked chunk\(s\) do not match .*images 3-5"):
         p.verify()
     decoded = []
     info = prepare_images(load_coco_captions(root, "train"), out, size=32, workers=1, progress=False, root=root,
@@ -420,11 +421,18 @@ def test_a_full_disk_is_one_line_before_any_decoding(tmp_path, small_tmpfs, caps
     assert not (array.parent / "done.json").exists()  # no chunk was decoded
 
 
-def test_default_size_never_upscales_small_images(tmp_path):
+def test_default_prepare_of_small_images_is_the_cache_default_training_reads(tmp_path):
+    """Images smaller than data.prepared_size are still prepared at that size (resized as evaluation
+    resizes them), so the next default `clipft train` finds the cache where it looks for it."""
+    from clipft.config import Config
+    from clipft.data import prepared_split_dir
+    from clipft.data.prepared_reader import PreparedImages
     root = make_shapes_dataset(tmp_path / "d", n_train=3, n_val=1, image_size=48)
-    split = load_coco_captions(root, "train")
-    assert prep.default_size(split, cap=256) == 48
-    assert prep.default_size(split, cap=32) == 32
+    cfg = Config()
+    info = prep.prepare_split(root, "train", cfg, workers=1, progress=False)
+    assert info["size"] == cfg.data.prepared_size
+    opened = PreparedImages.open(prepared_split_dir(root, cfg.data.train_split, cfg))
+    assert opened is not None and opened.size == cfg.data.prepared_size
 
 
 def test_training_says_why_a_prepared_cache_of_another_size_is_unused(coco_root, tiny_clip_dir, tmp_path, caplog):

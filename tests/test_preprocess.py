@@ -165,7 +165,9 @@ def test_prepared_cache_gives_the_evaluation_pixels(tmp_path):
     the normalised input within PREPARED_TOLERANCE."""
     from clipft.config import Config
     from clipft.data import build_transform, load_coco_captions, load_image
-    from clipft.data.prepare import DeviceTransform, PreparedImages, prepare_split
+    from clipft.data.device_transform import DeviceTransform
+    from clipft.data.prepared_reader import PreparedImages
+    from clipft.data.prepare import prepare_split
     from clipft.data.shapes import make_shapes_dataset
     root = make_shapes_dataset(tmp_path / "coco", n_train=4, n_val=2, seed=0, image_size=48)
     split = load_coco_captions(root, "train")

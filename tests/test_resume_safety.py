@@ -68,7 +68,7 @@ def test_jpeg_augmentation_is_a_function_of_seed_epoch_and_sample(coco_root):
 
 def test_device_augmentation_is_a_function_of_seed_epoch_and_sample():
     """The prepared-cache path: a sample's crop and flip do not depend on its batch or the RNG."""
-    from clipft.data.prepare import DeviceTransform
+    from clipft.data.device_transform import DeviceTransform
     tf = DeviceTransform(16, (0.5,) * 3, (0.5,) * 3, augment=True)
     images = torch.randint(0, 256, (4, 24, 24, 3), dtype=torch.uint8)
     keys = tf.sample_keys(seed=1, epoch=2, indices=torch.tensor([10, 11, 12, 13]))

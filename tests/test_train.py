@@ -449,7 +449,7 @@ def test_train_step_never_synchronises_cuda():
     """On a GPU, CUDA itself refuses every synchronising call inside the step (bf16 autocast,
     channels_last, uint8 batches augmented on the device, fused AdamW, a NaN micro-batch)."""
     from clipft.config import DataConfig
-    from clipft.data.prepare import DeviceTransform
+    from clipft.data.device_transform import DeviceTransform
     dev = torch.device("cuda")
     model = _tiny_tower().to(dev).to(memory_format=torch.channels_last).train()
     opt, sched, _ = _step_parts(model)

@@ -30,10 +30,11 @@ class ConfigError(ValueError):
 Flip = Literal["plain", "swap", "off"]
 LeakCheck = Literal["error", "warn", "off"]
 OnMismatch = Literal["rebuild", "error"]
-ImageWeights = Literal["imagenet", "none"]
 HeadNorm = Literal["none", "batchnorm", "layernorm"]
 Pooling = Literal["avg", "attention"]
 Amp = Literal["auto", "bf16", "fp16", "off"]  # train.amp (runtime.select_precision)
+LossKind = Literal["infonce", "siglip"]  # train.loss (objectives.recipe_loss)
+BatchSampler = Literal["random", "clustered"]  # data.batch_sampler (train.clustered)
 
 
 # model.backbone: the torchvision ResNets model.BACKBONES builds (a test keeps the two lists equal).
@@ -88,6 +89,9 @@ class DataConfig:
     prepared_size: int = 224
     color_jitter: float = 0.0  # train images: brightness/contrast/saturation jitter strength; 0 = off (hue never)
     num_workers: int = 4  # JPEG decoding processes (the prepared cache is read by one thread instead)
+    # random = shuffled batches; clustered = batches drawn from k-means clusters of the cached caption
+    # embeddings (harder in-batch negatives; seeded, cached beside the text cache; train/clustered.py).
+    batch_sampler: BatchSampler = "random"
     # CLIP's own normalisation (the text tower was trained against images normalised like this).
     mean: tuple[float, ...] = (0.48145466, 0.4578275, 0.40821073)
     std: tuple[float, ...] = (0.26862954, 0.26130258, 0.27577711)
@@ -110,15 +114,18 @@ class TextConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: str = "resnet50"  # resnet18 | resnet34 | resnet50 | resnet101
-    image_weights: ImageWeights = "imagenet"
+    backbone: str = "resnet50"  # resnet18 | resnet34 | resnet50 | resnet101 (torchvision) | timm:NAME (any timm model)
+    # imagenet (torchvision's / timm's default tag) | none | timm:NAME.TAG | a .safetensors/.pth/.pt state dict file
+    image_weights: str = "imagenet"
+    image_weights_sha256: str = ""  # a weights file's sha256: recorded by the trainer (resume identity)
+    grad_checkpointing: bool = False  # timm backbones: recompute activations in the backward (less memory)
     head_hidden: int = 1024
     head_layers: int = 2  # linear layers in the head; hidden widths head_hidden, head_hidden/2, ...
     head_norm: HeadNorm = "none"  # after each hidden linear layer
     head_dropout: float = 0.0  # dropout after each hidden activation; 0 = none
     head_residual: bool = False  # head(x) = MLP(x) + W x (a learned linear shortcut)
     pooling: Pooling = "avg"  # attention: CLIP-style QKV attention pooling over the final feature map
-    trainable_stages: int = -1  # -1 = whole backbone; N = only its last N of (stem, layer1..layer4)
+    trainable_stages: int = -1  # -1 = whole backbone; N = only its last N of (stem, layer1..layer4) / timm's stages
     freeze_bn_stats: bool = False  # backbone BatchNorm layers keep their running statistics (eval mode)
     temperature: float = 0.07
     learnable_temperature: bool = False
@@ -126,6 +133,14 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _check_choices(self, "model")
+        _check_image_weights(self.image_weights)
+
+
+def _check_image_weights(w: str) -> None:
+    """The form of model.image_weights (a file's existence and fit are checked by backbones.py)."""
+    if w not in ("imagenet", "none") and not w.startswith("timm:") and not w.lower().endswith((".safetensors", ".pth", ".pt")):
+        raise ConfigError(f"model.image_weights must be imagenet, none, timm:NAME.TAG or a .safetensors/.pth/.pt "
+                          f"file, got {w!r}")
 
 
 @dataclass
@@ -163,6 +178,13 @@ class TrainConfig:
     # A mid-epoch RUN/last.pt this often, so a SIGKILL (or a crash) loses at most this much work:
     # "Nmin" = every N minutes, "N" (or "Nsteps") = every N optimizer steps, "0" = at epoch ends only.
     checkpoint_every: str = "10min"
+    # Recipe levers (objectives.py; all off by default). text_negatives: batch = in-batch captions only;
+    # N = plus N captions drawn from the whole training caption cache each step; all = every training
+    # caption (image->text side; an image's own captions are positives).
+    text_negatives: str = "batch"
+    image_queue: int = 0  # N > 0: the last N image embeddings are extra negatives of each caption (text->image)
+    loss: LossKind = "infonce"  # infonce | siglip (sigmoid loss with a learnable bias)
+    ema: float = 0.0  # EMA decay of the weights (e.g. 0.999); validation, best.pt and export use the EMA; 0 = off
 
 
 @dataclass
@@ -195,12 +217,13 @@ _RANGES: dict[str, tuple[float | None, float | None]] = {
     "data.color_jitter": (0.0, 1.0), "data.num_workers": (0, 256),
     "text.max_length": (1, 512), "text.batch_size": (1, 1 << 20),
     "model.head_hidden": (1, 1 << 16), "model.head_layers": (1, 16), "model.head_dropout": (0.0, 0.99),
-    "model.trainable_stages": (-1, 5), "model.max_logit_scale": (1.0, 1e4),
+    "model.trainable_stages": (-1, None), "model.max_logit_scale": (1.0, 1e4),
     "train.epochs": (1, 100000), "train.batch_size": (2, 1 << 20), "train.weight_decay": (0.0, 10.0),
     "train.warmup_steps": (0, None), "train.backbone_lr_ratio": (0.0, 100.0),
     "train.freeze_backbone_epochs": (0, None), "train.min_lr_ratio": (0.0, 1.0), "train.grad_clip": (0.0, None),
     "train.seed": (0, None), "train.max_bad_steps": (1, None), "train.log_every": (1, None),
     "train.max_steps_per_epoch": (0, None), "train.grad_accum_steps": (1, 4096), "train.embed_chunk": (0, 1 << 20),
+    "train.image_queue": (0, 1 << 24), "train.ema": (0.0, 0.999999),
     "eval.batch_size": (1, 1 << 20), "eval.every": (1, None),
 }
 # Strictly positive (an open lower bound): 0 is as wrong as a negative value.
@@ -233,6 +256,19 @@ def checkpoint_interval(value: str) -> tuple[str, float]:
     return ("minutes", float(m["minutes"])) if float(m["minutes"]) > 0 else ("off", 0.0)
 
 
+def parse_text_negatives(value: Any) -> int:
+    """train.text_negatives as a number: 0 = batch (in-batch only), -1 = all, N > 0 = N bank captions.
+    ConfigError for anything else."""
+    v = str(value).strip().lower()
+    if v == "batch":
+        return 0
+    if v == "all":
+        return -1
+    if v.isdigit() and int(v) > 0:
+        return int(v)
+    raise ConfigError(f"train.text_negatives must be batch, all or a positive integer, got {value!r}")
+
+
 def validate(cfg: Config, source: str = "config") -> Config:
     """Check every value against its allowed range or choices; raise one ConfigError naming the key."""
     problems = []
@@ -254,8 +290,12 @@ def validate(cfg: Config, source: str = "config") -> Config:
         checkpoint_interval(cfg.train.checkpoint_every)
     except ConfigError as e:
         problems.append(str(e))
-    if cfg.model.backbone not in BACKBONES:
-        problems.append(f"model.backbone: unknown backbone {cfg.model.backbone!r} (choose from {', '.join(BACKBONES)})")
+    # timm names are checked against timm's model list by backbones.check_model_config (before any data
+    # is read); here only their form, so that validating a config never imports torch or timm.
+    timm_name = cfg.model.backbone.startswith("timm:") and len(cfg.model.backbone) > len("timm:")
+    if cfg.model.backbone not in BACKBONES and not timm_name:
+        problems.append(f"model.backbone: unknown backbone {cfg.model.backbone!r} (choose from {', '.join(BACKBONES)}, "
+                        "or any timm model as timm:NAME)")
     if not _DEVICE.fullmatch(cfg.train.device):
         problems.append(f"train.device must be auto, cpu, cuda or cuda:N, got {cfg.train.device!r}")
     if not cfg.eval.zeroshot_templates or any("{}" not in t for t in cfg.eval.zeroshot_templates):
@@ -263,6 +303,10 @@ def validate(cfg: Config, source: str = "config") -> Config:
                         f"{list(cfg.eval.zeroshot_templates)!r}")
     if not cfg.eval.ks or any(k < 1 for k in cfg.eval.ks):
         problems.append(f"eval.ks must be positive integers, got {list(cfg.eval.ks)!r}")
+    try:
+        _check_image_weights(cfg.model.image_weights)
+    except ConfigError as e:
+        problems.append(str(e))
     if len(cfg.data.mean) != 3 or len(cfg.data.std) != 3 or any(not s > 0 for s in cfg.data.std):
         problems.append("data.mean and data.std must hold 3 values each, std > 0")
     if 0 < cfg.train.embed_chunk < cfg.train.batch_size and cfg.model.head_norm == "batchnorm":
@@ -270,6 +314,13 @@ def validate(cfg: Config, source: str = "config") -> Config:
         problems.append(f"train.embed_chunk={cfg.train.embed_chunk} cannot be used with model.head_norm=batchnorm "
                         "(a chunked step runs BatchNorm on its running statistics, which the new head never "
                         "learns): use model.head_norm=layernorm or none, or train.embed_chunk=0")
+    try:
+        parse_text_negatives(cfg.train.text_negatives)
+    except ConfigError as e:
+        problems.append(str(e))
+    if cfg.train.loss == "siglip" and cfg.train.image_queue > 0:
+        problems.append("train.image_queue is for train.loss=infonce (its text->image softmax); SigLIP's sigmoid "
+                        "loss has no such side: set train.image_queue=0")
     if problems:
         raise ConfigError(f"{source}: " + "; ".join(problems))
     return cfg
@@ -437,6 +488,21 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "text": {"encoder": "openai/clip-vit-base-patch32"},
         "model": {"backbone": "resnet50", "image_weights": "imagenet"},
         "train": {"epochs": 15, "batch_size": 128, "lr": 1e-4, "warmup_steps": 500},
+    },
+    # ConvNeXt-Tiny (timm, ImageNet-1k fine-tuned from 22k; 29.1 M tower parameters vs 26.1 M for coco-rn50):
+    # more accurate ImageNet features at about ResNet50's cost. No accuracy measured here.
+    "coco-convnext-tiny": {
+        "data": {"train_images": 0, "val_images": 5000, "num_workers": 8},
+        "text": {"encoder": "openai/clip-vit-base-patch32"},
+        "model": {"backbone": "timm:convnext_tiny", "image_weights": "timm:convnext_tiny.fb_in22k_ft_in1k"},
+        "train": {"epochs": 15, "batch_size": 128, "lr": 1e-4, "warmup_steps": 500},
+    },
+    # EfficientNet-Lite0 (timm, 5.2 M tower parameters): a small, fast tower for modest GPUs and edge export.
+    "coco-effnet-lite0": {
+        "data": {"train_images": 0, "val_images": 5000, "num_workers": 8},
+        "text": {"encoder": "openai/clip-vit-base-patch32"},
+        "model": {"backbone": "timm:tf_efficientnet_lite0", "image_weights": "imagenet"},
+        "train": {"epochs": 15, "batch_size": 256, "lr": 3e-4, "warmup_steps": 500},
     },
     # The embedded demo: synthetic shapes, offline MiniLM text encoder, small tower from scratch, CPU.
     "demo": {

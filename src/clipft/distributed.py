@@ -310,7 +310,7 @@ def micro_batches_per_epoch(n: int, batch_size: int, world_size: int = 1) -> int
 
 
 def shard_train_indices(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0,
-                        world_size: int = 1) -> list[int]:
+                        world_size: int = 1, order: torch.Tensor | None = None) -> list[int]:
     """This rank's item indices for one epoch, in loader order (consecutive runs of batch_size).
 
     Global batch k is order[k*G:(k+1)*G] (G = batch_size * world_size) and rank r takes its r-th
@@ -318,8 +318,10 @@ def shard_train_indices(n: int, batch_size: int, seed: int, epoch: int, rank: in
     choice a function of (seed, epoch, image), the captions) of step k of a single-process run with
     batch G, in the same order once gathered. Every rank gets the same number of batches.
     n <= G: the one global batch is split into near-equal contiguous parts.
+    order: the epoch's permutation [n] when the dataset has its own (webdataset shards: a function
+    of (seed, epoch) too); default `epoch_order`.
     """
-    order = epoch_order(n, seed, epoch)
+    order = epoch_order(n, seed, epoch) if order is None else order
     g = batch_size * world_size
     if n <= g:
         return order[rank * n // world_size:(rank + 1) * n // world_size].tolist()
@@ -363,4 +365,8 @@ def convert_to_sync_batchnorm(model: torch.nn.Module, ctx: DistContext, enabled:
     if ctx.device.type != "cuda":
         raise ConfigError("train.sync_batchnorm=true needs CUDA (torch's SyncBatchNorm has no CPU "
                           "implementation); set it to false for CPU runs")
+    if getattr(model, "is_timm", False):
+        # timm's converter keeps the activation of its fused BatchNormAct2d layers (torch's would drop it)
+        from timm.layers import convert_sync_batchnorm
+        return convert_sync_batchnorm(model)
     return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)

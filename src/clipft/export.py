@@ -5,8 +5,9 @@
     DIR/README.md           a model card generated from the run (clipft.modelcard)
     DIR/image_tower.onnx    with --onnx: pixel_values [B, 3, H, W] float32 (normalised) ->
                             image_embeds [B, D] (L2-normalised), dynamic batch axis
-    DIR/open_clip_visual.*  where the head maps onto open_clip's timm image tower (avg pooling,
-                            2-layer head with hidden = 2 x embedding): that tower's config + weights
+    DIR/open_clip_config.json, open_clip_model.safetensors
+                            the whole model for open_clip where the towers map (clipft.export_open_clip)
+    DIR/image_tower.int8.onnx  with --onnx --quantize int8 (clipft.quantize)
 
 The ONNX file is run with onnxruntime on real images before it is kept and compared with the
 PyTorch tower (max abs difference <= ONNX_TOLERANCE at two batch sizes); an export that fails is
@@ -167,7 +168,25 @@ def _parity_pixels(model, paths: Sequence[Path]) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- open_clip form
 
+# The image-tower-only form earlier versions wrote; an export now removes them (export_open_clip
+# writes the whole model instead).
 OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS = "open_clip_visual.json", "open_clip_visual.safetensors"
+
+
+def _timm_arch(backbone: str) -> str:
+    from .backbones import is_timm, timm_arch
+    return timm_arch(backbone) if is_timm(backbone) else backbone  # torchvision ResNets: timm's keys are the same
+
+
+def _own_pool(tower: ImageTower) -> str:
+    """The backbone's own pooling as timm names it (avg; token for a ViT): open_clip resets the trunk
+    with it, so its pooled features are the tower's."""
+    pool = getattr(tower.backbone, "global_pool", None)
+    pool = getattr(pool, "pool_type", pool)  # SelectAdaptivePool2d (ResNet, EfficientNet) or a ViT's string
+    if pool is None:
+        head_pool = getattr(getattr(tower.backbone, "head", None), "global_pool", None)  # ConvNeXt's NormMlpHead
+        pool = getattr(head_pool, "pool_type", None)
+    return str(pool or "avg")
 
 
 def open_clip_form(tower: ImageTower, config: dict) -> tuple[dict, dict[str, torch.Tensor]] | str:
@@ -187,7 +206,8 @@ def open_clip_form(tower: ImageTower, config: dict) -> tuple[dict, dict[str, tor
     for name, lin in zip(("fc1", "fc2"), linears):
         state[f"head.mlp.{name}.weight"], state[f"head.mlp.{name}.bias"] = lin.weight.detach(), lin.bias.detach()
     cfg = {"embed_dim": d,
-           "vision_cfg": {"timm_model_name": m.backbone, "timm_model_pretrained": False, "timm_pool": "avg",
+           "vision_cfg": {"timm_model_name": _timm_arch(m.backbone), "timm_model_pretrained": False,
+                          "timm_pool": _own_pool(tower),
                           "timm_proj": "mlp", "timm_proj_bias": True, "timm_drop": m.head_dropout,
                           "image_size": config["image_size"]},
            "preprocess_cfg": {"mean": config["mean"], "std": config["std"], "interpolation": "bicubic",
@@ -214,7 +234,10 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def _check_out_dir(out: Path) -> None:
-    known = {CONFIG_FILE, WEIGHTS_FILE, ONNX_FILE, CARD_FILE, OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS}
+    from .export_open_clip import OPEN_CLIP_FILES
+    from .quantize import INT8_ONNX_FILE
+    known = {CONFIG_FILE, WEIGHTS_FILE, ONNX_FILE, CARD_FILE, OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS, INT8_ONNX_FILE,
+             *OPEN_CLIP_FILES}
     if out.is_file():
         raise ModelError(f"{out}: exists and is a file; --out must be a folder")
     if out.is_dir():
@@ -225,14 +248,23 @@ def _check_out_dir(out: Path) -> None:
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, onnx: bool = False,
-                      check_images: str | Path | None = None) -> dict:
+                      check_images: str | Path | None = None, format: str | None = None,
+                      quantize: str | None = None) -> dict:
     """Export a clipft checkpoint to `out` (see the module docstring). Returns {"files": [(path,
     bytes)], "onnx_max_abs_diff": float or None, "open_clip": None if that form was written, else
-    why not}. ModelError (one line) for anything refused."""
+    why not}. format="open_clip" makes the whole open_clip model required (refused in one line
+    when it does not map); quantize="int8" (with onnx) adds image_tower.int8.onnx.
+    ModelError (one line) for anything refused."""
     from safetensors.torch import save_file
+
+    from . import export_open_clip as OC
 
     from .modelcard import write_model_card
     ckpt_path, out = Path(checkpoint), Path(out)
+    if format not in (None, "clipft", "open_clip"):
+        raise ModelError(f"--format must be clipft or open_clip, got {format!r}")
+    if quantize and not onnx:
+        raise ModelError("--quantize int8 needs --onnx: it quantizes the float ONNX image tower")
     ckpt = read_checkpoint(ckpt_path)
     cfg = ckpt.get("config")
     if not isinstance(cfg, dict) or not {"data", "text", "model"} <= set(cfg):
@@ -267,9 +299,23 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, onnx: bool = Fals
         # The file's bytes, checked by `load(..., backend="onnx")`: a file altered after this check is refused.
         config["onnx"] = {"input": "pixel_values", "output": "image_embeds", "max_abs_diff": diff,
                           "checked_images": PARITY_IMAGES, "sha256": file_sha256(tmp)}
-    form = open_clip_form(tower, config)
-    if isinstance(form, tuple):
-        config["files"].update(open_clip_config=OPEN_CLIP_CONFIG, open_clip_weights=OPEN_CLIP_WEIGHTS)
+    # The whole open_clip model (clipft.export_open_clip) and the int8 ONNX file (clipft.quantize) are
+    # staged and checked before anything is written into `out`; a refusal removes every staged file.
+    stage = quant_tmp = None
+    try:
+        stage, config["open_clip"] = OC.prepare_open_clip(out, tower, config, _open_clip_pixels(
+            ckpt_path, cfg, check_images, config["image_size"]), required=format == "open_clip")
+        if stage is not None:
+            config["files"].update(open_clip_config=OC.OPEN_CLIP_CONFIG, open_clip_weights=OC.OPEN_CLIP_WEIGHTS)
+        if quantize:
+            from .quantize import prepare_quantized
+            quant_tmp, config["onnx_int8"] = prepare_quantized(
+                out, ckpt_path, cfg, check_images, quantize, onnx_tmp=out / (ONNX_FILE + ".tmp") if onnx else None)
+            config["files"]["onnx_int8"] = config["onnx_int8"]["file"]
+    except BaseException:
+        OC.discard(stage)
+        (out / (ONNX_FILE + ".tmp")).unlink(missing_ok=True)
+        raise
     state = {k: v.detach().contiguous() for k, v in tower.state_dict().items()}
     _atomic_write(out / WEIGHTS_FILE, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
     _atomic_write(out / CONFIG_FILE, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
@@ -279,16 +325,28 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, onnx: bool = Fals
     else:
         (out / ONNX_FILE).unlink(missing_ok=True)  # an earlier export's file would not match these weights
     names = [WEIGHTS_FILE, CONFIG_FILE, CARD_FILE] + ([ONNX_FILE] if onnx else [])
-    if isinstance(form, tuple):
-        oc_cfg, oc_state = form
-        _atomic_write(out / OPEN_CLIP_WEIGHTS, lambda p: save_file(oc_state, str(p), metadata={"format": "pt"}))
-        _atomic_write(out / OPEN_CLIP_CONFIG, lambda p: p.write_text(json.dumps(oc_cfg, indent=2) + "\n"))
-        names += [OPEN_CLIP_WEIGHTS, OPEN_CLIP_CONFIG]
-    else:
-        for stale in (OPEN_CLIP_WEIGHTS, OPEN_CLIP_CONFIG):
-            (out / stale).unlink(missing_ok=True)
+    staged = OC.commit_open_clip(stage, out)
+    for stale in (OPEN_CLIP_WEIGHTS, OPEN_CLIP_CONFIG):  # the image-tower-only form of earlier versions
+        (out / stale).unlink(missing_ok=True)
+    from .quantize import commit_quantized
+    staged += commit_quantized(quant_tmp, out)
+    for name in staged:
+        os.chmod(out / name, _umask_mode())  # like every other file of the folder
+    names += staged
     return {"files": [(out / n, (out / n).stat().st_size) for n in names], "onnx_max_abs_diff": diff,
-            "open_clip": None if isinstance(form, tuple) else form}
+            "open_clip": None if stage is not None else config["open_clip"]["reason"],
+            "onnx_int8": config.get("onnx_int8")}
+
+
+def _open_clip_pixels(ckpt_path: Path, cfg: dict, check_images, image_size: int) -> torch.Tensor:
+    """Pixels for the open_clip check: real images (as the ONNX check takes them) where available,
+    else a fixed draw of normalised noise [PARITY_IMAGES, 3, S, S]."""
+    try:
+        return _parity_pixels(load(ckpt_path), parity_images(ckpt_path, cfg, check_images))
+    except ModelError:
+        if check_images is not None:
+            raise
+        return torch.randn(PARITY_IMAGES, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
 
 
 def format_size(n: int) -> str:

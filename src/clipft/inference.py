@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 EXPORT_FORMAT = "clipft-image-tower"
 EXPORT_FORMAT_VERSION = 1
 CONFIG_FILE, WEIGHTS_FILE, ONNX_FILE = "config.json", "model.safetensors", "image_tower.onnx"
+INT8_ONNX_FILE = "image_tower.int8.onnx"  # clipft export --onnx --quantize int8 (clipft.quantize)
 BACKENDS = ("torch", "onnx")
 # What `read_export_config` needs in config.json (export.export_config writes more, for people).
 EXPORT_KEYS = ("model_config", "embed_dim", "image_size", "mean", "std", "logit_scale", "text_encoder")
@@ -128,6 +129,7 @@ class ImageTextModel:
         self._text = text
         self.logit_scale = float(logit_scale)
         self.device, self.backend = device, backend
+        self.quantized = False  # True: the int8 ONNX image tower (clipft export --onnx --quantize int8)
         self._image_digest, self._preprocess_id = image_digest, preprocess_id
         self._fingerprint: str | None = None
 
@@ -297,16 +299,42 @@ def _run_dir_error(path: Path) -> ModelError:
 
 
 def load(source: str | Path, device: str | torch.device = "cpu", backend: str = "torch",
-         amp: str = "off") -> ImageTextModel:
+         amp: str = "off", quantized: bool = False, text_encoder: str | None = None) -> ImageTextModel:
     """An ImageTextModel from an export folder (config.json + model.safetensors), a clipft checkpoint
     (best.pt / last.pt), or an HF CLIPModel (hub name or directory) as the original-CLIP baseline.
     backend="onnx" runs an export folder's image_tower.onnx with onnxruntime on CPU.
     amp: "off" (default) embeds in fp32, equal to `clipft evaluate --set train.amp=off` within 1e-5;
     "auto" / "bf16" use `train.amp`'s autocast (faster on CPUs with native bf16, ~1e-3 away), for
     the clipft checkpoints and exports on the torch backend and for the text encoder.
+    quantized=True (with backend="onnx") runs the folder's image_tower.int8.onnx (`clipft export --onnx
+    --quantize int8`); a path to an .onnx file inside an export folder picks that file (backend onnx).
+    text_encoder: a query encoder used for encode_texts instead of the frozen one, accepted only when
+    it declares the frozen encoder's output space (`query_encoder.use_query_encoder`).
     Bad input raises ModelError with one line naming the file and the problem."""
+    model = _load(source, device, backend, amp, quantized)
+    if text_encoder is not None:
+        from .query_encoder import use_query_encoder
+        use_query_encoder(model, text_encoder)
+    return model
+
+
+def _load(source: str | Path, device: str | torch.device = "cpu", backend: str = "torch",
+          amp: str = "off", quantized: bool = False) -> ImageTextModel:
     from .config import ConfigError
     from .runtime import select_precision
+    onnx_file = None
+    path = Path(source).expanduser()
+    if path.suffix == ".onnx":  # one ONNX file of an export folder: that file, on the onnx backend
+        if not path.is_file():
+            raise ModelError(f"{path}: not found")
+        if not (path.parent / CONFIG_FILE).is_file():
+            raise ModelError(f"{path}: an .onnx model must sit in a folder written by clipft export (no "
+                             f"{CONFIG_FILE} beside it)")
+        source, backend, onnx_file = path.parent, "onnx", path.name
+    elif quantized:
+        if backend != "onnx":
+            raise ModelError("quantized=True runs the int8 ONNX image tower: pass backend='onnx'")
+        onnx_file = INT8_ONNX_FILE
     if backend not in BACKENDS:
         raise ModelError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     dev = _device(device)
@@ -317,6 +345,9 @@ def load(source: str | Path, device: str | torch.device = "cpu", backend: str = 
     if backend == "onnx" and dev.type != "cpu":
         raise ModelError(f"backend='onnx' runs on CPU; got device {str(device)!r} (use backend='torch' there)")
     path = Path(source).expanduser()
+    if onnx_file and not path.is_dir():
+        raise ModelError(f"{path}: quantized=True needs an export folder with {INT8_ONNX_FILE} "
+                         f"(clipft export CKPT --out DIR --onnx --quantize int8)")
     if path.is_file():
         if backend == "onnx":
             raise ModelError(f"{path}: the onnx backend needs an export folder with {ONNX_FILE} "
@@ -332,7 +363,7 @@ def load(source: str | Path, device: str | torch.device = "cpu", backend: str = 
                              "directory)")
         cfg = _read_json(cfg_file)
         if cfg.get("format") == EXPORT_FORMAT:
-            return _from_export(path, dev, backend, amp)
+            return _from_export(path, dev, backend, amp, onnx_file)
         if is_run or {"train", "model", "data"} <= set(cfg):
             raise _run_dir_error(path)
         if cfg.get("model_type") == "clip":
@@ -399,14 +430,15 @@ def _from_checkpoint(path: Path, dev: torch.device, amp: str = "off") -> ImageTe
     cfg = ckpt.get("config")
     if not isinstance(cfg, dict) or not {"data", "text"} <= set(cfg):
         raise ModelError(f"{path}: the checkpoint records no training config (data and text settings)")
-    try:
-        tower = tower_from_checkpoint(ckpt)
-    except (RuntimeError, TypeError, KeyError) as e:
-        raise ModelError(f"{path}: the tower's weights do not fit its recorded config "
-                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    tower = tower_from_checkpoint(ckpt, source=str(path))
+    ckpt_text = ckpt.get("text")
     del ckpt  # optimizer state: not needed
     d, t = cfg["data"], cfg["text"]
-    text = _TextSide(t["encoder"], int(t.get("max_length", 77)), dev, tower.embed_dim, amp=amp)
+    # The encoder's fingerprint as training recorded it (runs since 0.2): an image-only use (clipft
+    # index) then never loads the text encoder; older checkpoints load it once to compute it.
+    recorded = [v.get("encoder_fingerprint") for v in (ckpt_text or {}).values() if isinstance(v, dict)]
+    text = _TextSide(t["encoder"], int(t.get("max_length", 77)), dev, tower.embed_dim,
+                     expected_fingerprint=next((f for f in recorded if isinstance(f, str) and f), None), amp=amp)
     state = tower.state_dict()
     return _clipft_model(str(path), tower, state, d["image_size"], d["mean"], d["std"], text, dev, "torch",
                          _torch_tower(tower, dev, amp), amp)
@@ -475,20 +507,12 @@ def read_export_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def tower_from_export(folder: str | Path, cfg: dict | None = None) -> torch.nn.Module:
-    """The ImageTower of an export folder, in eval mode on CPU."""
-    from .config import ModelConfig
-    from .model import ImageTower
+    """The ImageTower of an export folder, in eval mode on CPU (`model.rebuild_tower`, as for a checkpoint)."""
+    from .model import rebuild_tower
     folder = Path(folder)
     cfg = cfg or read_export_config(folder)
     state = read_export_weights(folder)
-    try:
-        fields = dict(cfg["model_config"])
-        tower = ImageTower(ModelConfig(**{**fields, "image_weights": "none"}), int(cfg["embed_dim"]))
-        tower.load_state_dict(state)
-    except (RuntimeError, TypeError, ValueError) as e:
-        raise ModelError(f"{folder / WEIGHTS_FILE}: does not fit the tower in {CONFIG_FILE} "
-                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-    return tower.eval()
+    return rebuild_tower(cfg["model_config"], cfg["embed_dim"], state, source=str(folder / WEIGHTS_FILE))
 
 
 def _onnx_encoder(path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -506,17 +530,28 @@ def _onnx_encoder(path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
         session.run(["image_embeds"], {"pixel_values": pixels.contiguous().numpy()})[0]).float()
 
 
-def _from_export(folder: Path, dev: torch.device, backend: str, amp: str = "off") -> ImageTextModel:
+def _from_export(folder: Path, dev: torch.device, backend: str, amp: str = "off",
+                 onnx_file: str | None = None) -> ImageTextModel:
     cfg = read_export_config(folder)
     tower = tower_from_export(folder, cfg)
     t = cfg["text_encoder"]
     text = _TextSide(t["name"], int(t.get("max_length", 77)), dev, tower.embed_dim,
                      t.get("fingerprint") if amp == "off" else None, amp=amp)
     onnx = backend == "onnx"
-    encode = _onnx_encoder(folder / ONNX_FILE) if onnx else _torch_tower(tower, dev, amp)
-    onnx_sha = _checked_onnx_sha256(folder, cfg) if onnx else None
-    return _clipft_model(folder.name or str(folder), tower, tower.state_dict(), cfg["image_size"], cfg["mean"],
-                         cfg["std"], text, dev, backend, encode, "off" if onnx else amp, onnx_sha256=onnx_sha)
+    onnx_path = folder / (onnx_file or ONNX_FILE)
+    if onnx_file == INT8_ONNX_FILE and not onnx_path.is_file():
+        raise ModelError(f"{onnx_path}: not found (export with: clipft export CKPT --out DIR --onnx --quantize int8)")
+    encode = _onnx_encoder(onnx_path) if onnx else _torch_tower(tower, dev, amp)
+    onnx_sha = _checked_onnx_sha256(folder, cfg, onnx_path.name) if onnx else None
+    model = _clipft_model(folder.name or str(folder), tower, tower.state_dict(), cfg["image_size"], cfg["mean"],
+                          cfg["std"], text, dev, backend, encode, "off" if onnx else amp, onnx_sha256=onnx_sha)
+    if onnx and onnx_path.name != ONNX_FILE:
+        # Not the float tower (int8 embeddings differ by ~1e-2): its file's sha256 is in the fingerprint
+        # (above), so an index built with it is never mixed with the float model's. Outputs re-normalised.
+        model._preprocess_id = {**model._preprocess_id, "onnx_file": onnx_path.name}
+        model._encode_pixels = lambda pixels, f=encode: F.normalize(f(pixels), dim=-1)
+        model.quantized = onnx_path.name == INT8_ONNX_FILE
+    return model
 
 
 def file_sha256(path: Path) -> str:
@@ -527,12 +562,14 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _checked_onnx_sha256(folder: Path, cfg: dict) -> str:
-    """sha256 of the export's ONNX file; ModelError when config.json recorded another one (the file
-    was altered or replaced after `clipft export` checked it against the weights)."""
-    path = folder / ONNX_FILE
+def _checked_onnx_sha256(folder: Path, cfg: dict, name: str = ONNX_FILE) -> str:
+    """sha256 of the export's ONNX file `name` (the float one, or the int8 one recorded under
+    "onnx_int8"); ModelError when config.json recorded another one (the file was altered or replaced
+    after `clipft export` checked it)."""
+    path = folder / name
     got = file_sha256(path)
-    want = (cfg.get("onnx") or {}).get("sha256") if isinstance(cfg.get("onnx"), dict) else None
+    entry = cfg.get("onnx") if name == ONNX_FILE else cfg.get("onnx_int8") if name == INT8_ONNX_FILE else None
+    want = entry.get("sha256") if isinstance(entry, dict) else None
     if want is not None and got != want:
         raise ModelError(f"{path}: its sha256 {got[:12]}... is not the {str(want)[:12]}... {CONFIG_FILE} records: "
                          "altered or replaced after export; export again (clipft export CKPT --out DIR --onnx)")

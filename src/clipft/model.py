@@ -1,4 +1,5 @@
-"""The trainable image tower: torchvision ResNet backbone + MLP projection head + logit scale.
+"""The trainable image tower: backbone (torchvision ResNet, or any timm model: backbones.py) + MLP
+projection head + logit scale.
 
 The tower is self-contained (config + state dict rebuild it), so an exported checkpoint can be
 loaded for inference without the trainer or the text side: `load_image_tower(path)`.
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from . import backbones
 from .config import HeadNorm, ModelConfig, Pooling, choices
 
 # name -> (constructor, ImageNet weights enum member name, pooled feature width)
@@ -42,9 +44,15 @@ def imagenet_weights(backbone: str):
 def ensure_image_weights(backbone: str, weights: str) -> Path | None:
     """Make sure `build_backbone` will find its pretrained weights, before any expensive step
     (caption caching) runs: the cached file, else a download now. ModelError (one line naming the
-    file to place) when neither works; None for image_weights=none."""
+    file to place) when neither works; None for image_weights=none. timm backbones and weight files:
+    backbones.py (a timm tag is fetched into the Hugging Face cache; a file was checked before)."""
+    if backbones.is_timm(backbone):
+        backbones.check_timm_name(backbone)
+        if weights == "imagenet" or weights.startswith(backbones.TIMM_PREFIX):
+            backbones.ensure_timm_weights(backbone, weights)
+        return None
     if backbone not in BACKBONES:  # before any work (and before a run directory records it)
-        raise ModelError(f"unknown backbone {backbone!r} (choose from {', '.join(BACKBONES)})")
+        raise ModelError(f"unknown backbone {backbone!r} (choose from {', '.join(BACKBONES)}, or timm:NAME)")
     if weights != "imagenet":
         return None  # other values fail in build_backbone with their own message
     w = imagenet_weights(backbone)
@@ -60,12 +68,14 @@ def ensure_image_weights(backbone: str, weights: str) -> Path | None:
     return cache
 
 
-def build_backbone(name: str, weights: str) -> tuple[nn.Module, int]:
-    """A torchvision ResNet with its classifier removed; returns (module, pooled feature dim)."""
+def build_backbone(name: str, weights: str, weights_sha256: str = "") -> tuple[nn.Module, int]:
+    """A torchvision ResNet with its classifier removed; returns (module, pooled feature dim).
+    weights: imagenet, none, or a weights file (loaded strictly after fc is removed)."""
     if name not in BACKBONES:
-        raise ModelError(f"unknown backbone {name!r} (choose from {', '.join(BACKBONES)})")
-    if weights not in ("imagenet", "none"):
-        raise ModelError(f"model.image_weights must be 'imagenet' or 'none', got {weights!r}")
+        raise ModelError(f"unknown backbone {name!r} (choose from {', '.join(BACKBONES)}, or timm:NAME)")
+    if weights not in ("imagenet", "none") and not backbones.is_weight_file(weights):
+        raise ModelError(f"model.image_weights must be imagenet, none or a .safetensors/.pth/.pt file for "
+                         f"torchvision {name}, got {weights!r}")
     ctor_name, _, _, feat_dim = BACKBONES[name]
     w = imagenet_weights(name) if weights == "imagenet" else None
     try:
@@ -76,7 +86,29 @@ def build_backbone(name: str, weights: str) -> tuple[nn.Module, int]:
             f"could not load {name} ImageNet weights ({w}): {e.__class__.__name__}. Without network, "
             f"place the file at {cache} or use --set model.image_weights=none") from None
     net.fc = nn.Identity()  # [B, 3, H, W] -> [B, feat_dim] (global average pool kept)
+    if backbones.is_weight_file(weights):
+        backbones.load_weight_file(net, weights, expected_sha256=weights_sha256)
     return net, feat_dim
+
+
+def build_tower_backbone(cfg: ModelConfig) -> tuple[nn.Module, int, dict]:
+    """(backbone, width the head takes, weights info: source and expected normalisation)."""
+    if backbones.is_timm(cfg.backbone):
+        return backbones.build_timm_backbone(cfg)
+    net, dim = build_backbone(cfg.backbone, cfg.image_weights, cfg.image_weights_sha256)
+    if cfg.grad_checkpointing:
+        raise ModelError("model.grad_checkpointing needs a timm backbone (model.backbone=timm:NAME)")
+    return net, dim, backbones.weights_info(cfg)
+
+
+def build_backbone_meta(cfg: ModelConfig) -> tuple[nn.Module, int]:
+    """(the backbone without weights on the meta device: no memory, no download, its stage count)."""
+    with torch.device("meta"):
+        if backbones.is_timm(cfg.backbone):
+            net = backbones._create(backbones.check_timm_name(cfg.backbone))
+            return net, len(backbones.stage_parameter_names(net))
+        net, _ = build_backbone(cfg.backbone, "none")
+    return net, len(STAGES)
 
 
 HEAD_NORMS = choices(HeadNorm)  # model.head_norm, owned by the config schema
@@ -175,11 +207,17 @@ class ImageTower(nn.Module):
 
     def __init__(self, cfg: ModelConfig, embed_dim: int):
         super().__init__()
-        if not -1 <= cfg.trainable_stages <= len(STAGES):
-            raise ModelError(f"model.trainable_stages must be -1 (all) or 0..{len(STAGES)}, got {cfg.trainable_stages}")
         self.cfg = cfg
         self.embed_dim = embed_dim
-        self.backbone, feat_dim = build_backbone(cfg.backbone, cfg.image_weights)
+        self.is_timm = backbones.is_timm(cfg.backbone)
+        if not self.is_timm and not -1 <= cfg.trainable_stages <= len(STAGES):
+            raise ModelError(f"model.trainable_stages must be -1 (all) or 0..{len(STAGES)}, got {cfg.trainable_stages}")
+        # weights_info: where the backbone's weights come from and the mean/std they expect (None: unknown)
+        self.backbone, feat_dim, self.weights_info = build_tower_backbone(cfg)
+        n_stages = len(self.stage_parameters())
+        if not -1 <= cfg.trainable_stages <= n_stages:
+            raise ModelError(f"model.trainable_stages must be -1 (all) or 0..{n_stages} for {cfg.backbone}, "
+                             f"got {cfg.trainable_stages}")
         self.head = ProjectionHead(feat_dim, cfg.head_hidden, embed_dim, layers=cfg.head_layers,
                                    norm=cfg.head_norm, dropout=cfg.head_dropout, residual=cfg.head_residual)
         # Stored as log(1/tau) like CLIP; trainable only when learnable_temperature. The training
@@ -189,10 +227,21 @@ class ImageTower(nn.Module):
         # Created last so the default tower draws the same random init as before these options.
         # CLIP uses 64-wide attention heads (512 -> 8 heads, 2048 -> 32).
         self.pool = AttentionPool2d(feat_dim, max(1, feat_dim // 64)) if cfg.pooling == "attention" else None
+        self.register_parameter("logit_bias", None)  # SigLIP's b (train.loss=siglip: `add_logit_bias`)
         self.set_backbone_trainable(True)
 
+    def add_logit_bias(self, value: float) -> None:
+        """A learnable logit bias (0-d), the b of SigLIP's sigmoid loss (train.loss=siglip): a
+        parameter of the tower, so DDP reduces its gradient and checkpoints hold it. Retrieval
+        ranks by cosine and never reads it."""
+        self.logit_bias = nn.Parameter(torch.tensor(float(value), device=self.logit_scale.device))
+
     def feature_map(self, images: torch.Tensor) -> torch.Tensor:
-        """[B, 3, H, W] -> the last ResNet stage's map [B, F, H/32, W/32] (before pooling)."""
+        """[B, 3, H, W] -> the last stage's map [B, F, H/32, W/32] (before pooling; timm: forward_features)."""
+        if self.is_timm:
+            x = self.backbone.forward_features(images)
+            nhwc = backbones.probe(backbones.timm_arch(self.cfg.backbone))["nhwc"]
+            return x.permute(0, 3, 1, 2) if nhwc else x  # [B, H, W, C] (Swin) -> [B, C, H, W]
         b = self.backbone
         x = b.maxpool(b.relu(b.bn1(b.conv1(images))))
         return b.layer4(b.layer3(b.layer2(b.layer1(x))))
@@ -204,37 +253,49 @@ class ImageTower(nn.Module):
         once (used outside the forward, with find_unused_parameters DDP marks it unused and then
         fails when its gradient arrives)."""
         emb = self.encode(images)
-        return (emb, self.logit_scale.float().exp()) if with_logit_scale else emb
+        if not with_logit_scale:
+            return emb
+        scale = self.logit_scale.float().exp()
+        if self.logit_bias is not None:  # in the forward's graph (value unchanged): DDP sees the bias used
+            scale = scale + 0.0 * self.logit_bias.float()
+        return emb, scale
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """images [B, 3, H, W] -> L2-normalised embeddings [B, D], fp32."""
         if self.pool is None:
-            feats = self.backbone(images)  # [B, F] (the ResNet's own average pool)
+            feats = self.backbone(images)  # [B, F] (the backbone's own pooling: average, or a ViT's token)
         else:
             feats = self.pool(self.feature_map(images))  # [B, F]
         return F.normalize(self.head(feats).float(), dim=-1)  # [B, D], fp32 even under autocast
 
     def backbone_stages(self) -> list[list[nn.Module]]:
-        """The backbone's stages in forward order: [stem (conv1, bn1), layer1, ..., layer4]."""
+        """The torchvision backbone's stages in forward order: [stem (conv1, bn1), layer1, ..., layer4]."""
         return [[getattr(self.backbone, name) for name in names] for names in STAGES]
+
+    def stage_parameters(self) -> list[list[nn.Parameter]]:
+        """The backbone's parameters by stage, in forward order: torchvision's STAGES, or a timm model's
+        coarse `group_matcher` groups (stem, each stage or block, final norm)."""
+        if not self.is_timm:
+            return [[p for m in modules for p in m.parameters()] for modules in self.backbone_stages()]
+        params = dict(self.backbone.named_parameters())
+        return [[params[n] for n in names] for names in backbones.stage_parameter_names(self.backbone)]
 
     def set_backbone_trainable(self, trainable: bool) -> None:
         """trainable=False freezes the whole backbone; True unfreezes the stages that
         `cfg.trainable_stages` allows (all for -1). Frozen BatchNorms go to eval mode at once and
         on every later `train()`."""
-        stages = self.backbone_stages()
+        stages = self.stage_parameters()
         n = len(stages) if self.cfg.trainable_stages < 0 else self.cfg.trainable_stages
-        for i, modules in enumerate(stages):
+        for i, params in enumerate(stages):
             on = trainable and i >= len(stages) - n
-            for m in modules:
-                for p in m.parameters():
-                    p.requires_grad_(on)
+            for p in params:
+                p.requires_grad_(on)
         self.train(self.training)
 
     def frozen_batchnorms(self) -> list[nn.Module]:
         """Backbone BatchNorm layers that must not update their running statistics."""
         return [m for m in self.backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-                and (self.cfg.freeze_bn_stats or not m.weight.requires_grad)]
+                and (self.cfg.freeze_bn_stats or (m.weight is not None and not m.weight.requires_grad))]
 
     def train(self, mode: bool = True) -> "ImageTower":
         super().train(mode)
@@ -332,17 +393,30 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     return ckpt
 
 
-def tower_from_checkpoint(ckpt: dict) -> ImageTower:
-    """Rebuild the tower from a checkpoint dict; backbone weights come from it, never downloaded.
-    ModelError (one line) when its entries do not describe a tower."""
-    fields = dict(ckpt["model_config"])
+def rebuild_tower(model_config: dict, embed_dim: int, state: dict[str, torch.Tensor], source: str = "") -> ImageTower:
+    """The one builder of a saved tower (checkpoint or export folder), in eval mode: the architecture
+    from its recorded ModelConfig with image_weights=none (a timm model is created WITHOUT any
+    pretrained download, a weights file is not read), then the saved state, strictly. ModelError
+    naming `source` when the state does not fit the config."""
+    fields = dict(model_config)
     try:
-        model = ImageTower(ModelConfig(**{**fields, "image_weights": "none"}), ckpt["embed_dim"])
-        model.load_state_dict(ckpt["model"])
-    except (TypeError, KeyError, RuntimeError) as e:  # unknown config fields, missing or misshapen weights
-        raise ModelError(f"the checkpoint's tower does not rebuild ({type(e).__name__}: {_first_sentence(e)})") from None
-    model.cfg = ModelConfig(**fields)  # keep the record of how it was initialised
+        model = ImageTower(ModelConfig(**{**fields, "image_weights": "none", "image_weights_sha256": "",
+                                          "grad_checkpointing": False}), int(embed_dim))
+        if "logit_bias" in state:  # trained with train.loss=siglip
+            model.add_logit_bias(0.0)
+        model.load_state_dict(state)
+        model.cfg = ModelConfig(**fields)  # keep the record of how it was initialised
+    except ModelError as e:  # e.g. a timm name this timm does not know
+        raise ModelError(f"{source}: {e}" if source else str(e)) from None
+    except (RuntimeError, TypeError, ValueError, KeyError) as e:
+        raise ModelError(f"{source or 'checkpoint'}: the tower's weights do not fit its recorded config "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
     return model.eval()
+
+
+def tower_from_checkpoint(ckpt: dict, source: str = "") -> ImageTower:
+    """Rebuild the tower from a checkpoint dict; backbone weights come from it, never downloaded."""
+    return rebuild_tower(ckpt["model_config"], ckpt["embed_dim"], ckpt["model"], source)
 
 
 def load_image_tower(path: str | Path, map_location: str | torch.device = "cpu") -> ImageTower:

@@ -79,7 +79,8 @@ def _setup_rows(ckpt: dict, cfg: dict, config: dict, summary: dict) -> list[tupl
     h = config["head"]
     head = f"{h['layers']}-layer MLP, hidden {h['hidden_size']}, norm {h['norm']}, dropout {h['dropout']}" \
            + (", residual linear shortcut" if h["residual"] else "")
-    rows = [("image backbone", f"torchvision {m['backbone']} (initialised from: {m['image_weights']}), "
+    from .backbones import describe_backbone, describe_weights
+    rows = [("image backbone", f"{describe_backbone(m['backbone'])} (initialised from: {describe_weights(m)}), "
                                f"{m['pooling']} pooling"),
             ("projection head", f"{head} -> {config['embed_dim']}-d, L2-normalised"),
             ("text encoder (frozen, never trained)", f"`{x['encoder']}` (max {x['max_length']} tokens)"),
@@ -184,11 +185,39 @@ def usage_section(config: dict, name: str) -> list[str]:
                   f"{config['image_size']}] (already normalised), output `image_embeds` [B, {config['embed_dim']}] "
                   f"(L2-normalised); B is dynamic. Checked against PyTorch with onnxruntime on real images: max "
                   f"abs difference {config['onnx']['max_abs_diff']:.1e}.", ""]
-    if config.get("files", {}).get("open_clip_config"):
-        lines += ["`open_clip_visual.json` + `open_clip_visual.safetensors`: the same tower as open_clip's timm image "
-                  "tower (`open_clip.timm_model.TimmModel`, `timm_proj: mlp`); image tower only, its text side is "
-                  "the frozen text encoder above.", ""]
-    return lines
+    return lines + loading_section(config, name)
+
+
+def loading_section(config: dict, name: str = "DIR") -> list[str]:
+    """Every way to load this folder, each with the parity measured when it was exported."""
+    files = config.get("files", {})
+    rows = [("clipft (PyTorch)", '`clipft.load("DIR")`', "the reference: the checkpoint's tower and text encoder")]
+    if files.get("onnx"):
+        rows.append(("ONNX (onnxruntime)", '`clipft.load("DIR", backend="onnx")`',
+                     f"image embeddings within {config['onnx']['max_abs_diff']:.1e} (max abs) of PyTorch"))
+    q = config.get("onnx_int8")
+    if files.get("onnx_int8") and q:
+        rows.append(("int8 ONNX", '`clipft.load("DIR", backend="onnx", quantized=True)`, '
+                     "`clipft index FOLDER --model DIR/image_tower.int8.onnx`",
+                     f"mean cosine {q['mean_cosine']:.4f} (min {q['min_cosine']:.4f}) to the float tower, mean R@5 "
+                     f"change {0.0 - q['mean_r5_drop'] + 0.0:+.1f} points on {q['measured_images']} validation images; {q['speedup']:.2f}x the float "
+                     f"file's speed, {q['bytes_int8'] / max(1, q['bytes_float']):.0%} of its size"))
+    oc = config.get("open_clip") or {}
+    if oc.get("written"):
+        rows.append(("open_clip", '`open_clip.create_model_and_transforms("local-dir:DIR")`, '
+                     '`open_clip.get_tokenizer("local-dir:DIR")`',
+                     f"encode_image within {oc['image_max_abs_diff']:.1e} and encode_text within "
+                     f"{oc['text_max_abs_diff']:.1e} (max abs, normalised) of clipft; the same logit scale"))
+        rows.append(("CLIP_benchmark", "`clip_benchmark eval --model_type open_clip --model local-dir:DIR "
+                     "--dataset mscoco_captions --dataset_root COCO --task zeroshot_retrieval --recall_k 1 5 10 "
+                     "--no_amp`", "loads through open_clip as above, so the same parity; its retrieval recall "
+                     "equals `clipft evaluate --set train.amp=off` on the same images and captions"))
+    rows = [(a, b.replace("DIR", name), c) for a, b, c in rows]  # DIR: this folder, under its own name
+    lines = ["## Ways to load this folder", "", "| way | how | measured parity |", "|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    if not oc.get("written") and oc.get("reason"):
+        lines += ["", f"No open_clip form: {oc['reason']}."]
+    return lines + [""]
 
 
 def limits_section(cfg: dict, dataset: str) -> list[str]:

@@ -52,6 +52,15 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")  # L, 1, P, CMYK, YCbCr, ...
 
 
+def _open_image_file(path: str | Path):
+    """The image file, or a webdataset shard member named 'SHARD.tar/KEY.jpg' (`data.shards`)."""
+    if ".tar/" in str(path):
+        from .data.shards import split_member, open_member
+        if split_member(path) is not None:
+            return open_member(path)
+    return open(path, "rb")
+
+
 def decode_image(path: str | Path, draft_size: int | None = None) -> tuple[Image.Image | None, str | None]:
     """(RGB image, None), or (None, reason) for a file that cannot be used ("missing",
     "unreadable: ...", "truncated: ...", "undecodable: ..."). The format is sniffed from the content;
@@ -59,7 +68,7 @@ def decode_image(path: str | Path, draft_size: int | None = None) -> tuple[Image
     stay >= draft_size. Never raises for a bad file and logs nothing: callers count and report."""
     try:
         # Open the file ourselves: closing a PIL-owned handle would also destroy the pixels.
-        with open(path, "rb") as f:
+        with _open_image_file(path) as f:
             im = Image.open(f)
             if draft_size and im.format == "JPEG":
                 im.draft("RGB", (draft_size, draft_size))

@@ -1,6 +1,6 @@
 """How many CPU threads PyTorch gets, decided before torch is imported (no torch import here).
 
-Measured on a 2-core machine shared with CPU-bound processes (docs/notes/front-door.md): with two
+Measured on a 2-core machine shared with CPU-bound processes (docs/measurements.md, "A busy machine"): with two
 OpenMP threads per process, every parallel region waits at its barrier for the thread the scheduler
 has parked, and libgomp's default (active) wait policy spins meanwhile, burning the CPU the others
 need: the training step ran 5x slower and used 5x the CPU time of a single-threaded one. So:

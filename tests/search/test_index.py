@@ -221,3 +221,18 @@ def test_a_tiff_is_indexed(photos, fake_model):
     draw(photos / "scan2.TIFF", "blue", seed=41, fmt="TIFF")
     update_index(photos, fake_model, progress=False)
     assert {"scan.tif", "scan2.TIFF"} <= set(load_index(default_index_dir(photos)).paths)
+
+
+def test_summary_times_the_embedding_apart_from_the_whole_update(photos, fake_model, monkeypatch):
+    """The summary's "embedded N in Xs" is the embedding loop (what the progress bar showed), with the
+    whole update's time (listing, hashing, compaction) beside it, not one figure mixing both."""
+    import clipft.search.index as I
+    real_plan = I._plan
+
+    def slow_plan(*a, **k):  # listing and hashing that take a while, outside the embedding loop
+        time.sleep(0.5)
+        return real_plan(*a, **k)
+    monkeypatch.setattr(I, "_plan", slow_plan)
+    s = update_index(photos, fake_model, progress=False)
+    assert s.embed_seconds < 0.5 <= s.seconds
+    assert f"embedded {s.embedded} in {s.embed_seconds:.1f}s ({s.seconds:.1f}s in all" in s.summary()

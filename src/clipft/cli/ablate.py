@@ -70,6 +70,12 @@ ABLATIONS: dict[str, dict[str, dict[str, Any]]] = {
     "freeze_backbone": {"train": {"freeze_backbone_epochs": 2}},
     "last_stages": {"model": {"trainable_stages": 2}},
     "frozen_bn": {"model": {"freeze_bn_stats": True}},
+    # the contrastive recipe (objectives.py; what the frozen, cached text tower makes cheap)
+    "caption_bank": {"train": {"text_negatives": "1024"}},
+    "image_queue": {"train": {"image_queue": 1024}},
+    "siglip": {"train": {"loss": "siglip"}, "model": {"learnable_temperature": True}},
+    "ema": {"train": {"ema": 0.999}},
+    "clustered_batches": {"data": {"batch_sampler": "clustered"}},
 }
 
 ABLATION_NOTES: dict[str, str] = {
@@ -89,6 +95,11 @@ ABLATION_NOTES: dict[str, str] = {
     "freeze_backbone": "backbone frozen (no gradients, BatchNorm statistics fixed) for the first 2 epochs",
     "last_stages": "only the last 2 backbone stages (layer3, layer4) trainable",
     "frozen_bn": "backbone BatchNorm running statistics frozen (eval mode), affine weights trained",
+    "caption_bank": "image->text softmax over the batch's captions plus 1024 drawn from the whole caption cache each step",
+    "image_queue": "the last 1024 image embeddings are extra negatives of each caption (cross-batch memory)",
+    "siglip": "SigLIP's sigmoid loss (learnable temperature and bias, t' = log 10, b = -10) instead of InfoNCE",
+    "ema": "validation, best.pt and export use an EMA of the weights (decay 0.999, warm-up (1+t)/(10+t))",
+    "clustered_batches": "batches drawn from k-means clusters of the caption embeddings (harder in-batch negatives)",
 }
 
 # --quick: baseline plus two modifications, on a small budget (a smoke check of the whole study).

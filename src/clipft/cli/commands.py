@@ -91,10 +91,18 @@ _MUST_EXIST = {
 }
 
 
+def _names_shards(spec: str) -> bool:
+    """`--data` as a shard URL or brace pattern (`pipe:...`, `file:...`, `DIR/train-{000000..000123}.tar`),
+    not a path that must exist (the same forms as `data.shards.is_pattern`, without importing it)."""
+    return spec.startswith(("pipe:", "file:")) or ("{" in spec and ".." in spec and "}" in spec)
+
+
 def _check_inputs_exist(args: argparse.Namespace) -> None:
     """A missing --data / --checkpoint / folder is one line before torch is imported (seconds)."""
     for attr, line in _MUST_EXIST.get(getattr(args, "command", None), []):
         value = getattr(args, attr, None)
+        if attr == "data" and value and _names_shards(str(value)):
+            continue  # a webdataset pattern or URL: data/shards.py checks what it names
         if value and not Path(value).exists():
             raise ConfigError(line.format(value))
 
@@ -173,12 +181,24 @@ def cmd_prepare_images(args: argparse.Namespace) -> int:
     cfg = _build_config(args)
     for split in args.split:
         info = prepare_split(args.data, split, cfg, size=args.size, workers=args.workers, progress=not args.quiet)
-        if info["size"] != cfg.data.prepared_size:  # training looks for data.prepared_size: say how to point it here
-            print(f"{split}: prepared at {info['size']} px (small images are never upscaled); train with "
-                  f"--set data.prepared_size={info['size']} to read it"
-                  + (f" (and data.image_size <= {info['size']})" if info["size"] < cfg.data.image_size else ""))
+        if info["size"] != cfg.data.prepared_size:  # an explicit --size: training looks for data.prepared_size
+            print(f"{split}: prepared at {info['size']} px; train with --set data.prepared_size={info['size']} "
+                  "to read it" + (f" (and data.image_size <= {info['size']})" if info["size"] < cfg.data.image_size
+                                  else ""))
         print(f"{split}: {info['images']} images ({info['bad']} unreadable, skipped) -> {info['path']} "
               f"in {info['seconds']:.1f}s")
+    return 0
+
+
+def cmd_shard(args: argparse.Namespace) -> int:
+    from ..data.shards import write_shards
+    _val_data_override(args)
+    cfg = _build_config(args)
+    report = write_shards(args.data, cfg.data, args.out, shard_size=args.shard_size, image_size=args.image_size,
+                          splits=args.split, progress=not args.quiet)
+    for split, info in report.items():
+        print(f"{split}: {info['samples']} samples in {len(info['shards'])} shard(s) ({info['bad']} unreadable "
+              f"image(s) skipped) -> {args.out} in {info['seconds']:.1f}s")
     return 0
 
 
@@ -490,12 +510,25 @@ def _add_data_and_train_commands(sub) -> None:
     _add_val_data(s)
     s.add_argument("--split", nargs="+", default=["train", "val"], help="splits to prepare (default: train val)")
     s.add_argument("--size", type=pixels, default=None,
-                   help="stored square side, short side resized, centre kept (default: data.prepared_size, "
-                        "256, or the images' own short side when smaller: small images are never upscaled)")
+                   help="stored square side, centre square resized as evaluation does (default: "
+                        "data.prepared_size, 224: the size training reads, small images included)")
     s.add_argument("--workers", type=positive_int, default=None, help="processes (default: all cores)")
     _add_quiet(s)
     _add_config_args(s)
     s.set_defaults(func=cmd_prepare_images)
+
+    s = sub.add_parser("shard", help="write webdataset shards (train-*.tar, val-*.tar, shards.json, sizes.json) "
+                       "from any dataset clipft reads")
+    s.add_argument("data", help="COCO root, Flickr folder, CSV/TSV/JSONL file, or image folder")
+    s.add_argument("--out", required=True, help="directory for the shards")
+    _add_val_data(s)
+    s.add_argument("--split", nargs="+", default=None, help="splits to write (default: train val)")
+    s.add_argument("--shard-size", type=positive_int, default=1000, help="samples per shard (default 1000)")
+    s.add_argument("--image-size", type=pixels, default=256,
+                   help="short side of the stored JPEGs (default 256; smaller images are kept as they are)")
+    _add_quiet(s)
+    _add_config_args(s)
+    s.set_defaults(func=cmd_shard)
 
     s = sub.add_parser("train", help="train the image tower (resumes a run already in --out)", epilog=TRAIN_EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -686,7 +719,7 @@ def main(argv: list[str] | None = None) -> int:
     # variable at allocation time; DataLoader workers inherit it).
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     # Before torch is imported: threads = the CPUs left idle by the machine's load, and threads that
-    # wait sleep instead of spinning (clipft.threads; measured in docs/notes/front-door.md).
+    # wait sleep instead of spinning (clipft.threads; measured in docs/measurements.md).
     from ..threads import configure_cpu_threads
     configure_cpu_threads()
     code = 1  # an unexpected exception propagates with this status in RUN/commands.txt

@@ -49,7 +49,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         raise ConfigError(f"search: --threshold is a cosine from -1 to 1, got {args.threshold}")
     idx = Q.load_index(args.index, use_ann=False if args.exact else None)
     out = (Q.duplicates_answer(idx, args.threshold) if args.duplicates else
-           Q.answer(idx, Q.load_query_model(idx, args.device), args.k, text=args.query, image=args.image))
+           Q.answer(idx, Q.load_query_model(idx, args.device, args.query_encoder), args.k, text=args.query, image=args.image))
     _absolute_paths(out, Path(idx.root))
     print(json.dumps(out) if args.json else Q.format_answer(out))
     return 0
@@ -71,7 +71,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     warning = host_warning(args.host)
     if warning:
         print(warning, file=sys.stderr, flush=True)
-    served = open_indexes(args.index or [".clipft-index"], device=args.device)
+    served = open_indexes(args.index or [".clipft-index"], device=args.device, query_encoder=args.query_encoder)
     app = create_app(served, loopback_only=is_loopback(args.host))
     names = ", ".join(f"{len(s.idx)} images ({s.idx.model})" for s in served)
     serve(app, args.host, args.port, on_ready=lambda port: print(
@@ -106,6 +106,9 @@ def add_search_commands(sub) -> None:
     s.add_argument("--threshold", type=float, default=0.95, help="cosine for --duplicates (default 0.95)")
     s.add_argument("--exact", action="store_true", help="exact search even where an approximate index exists")
     s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.add_argument("--query-encoder", metavar="NAME_OR_PATH",
+                   help="embed text queries with this encoder (e.g. a multilingual one) instead of the frozen one; "
+                        "it must declare the model's text space (clipft_query_encoder.json)")
     s.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N: where queries are embedded")
     s.set_defaults(func=cmd_search)
 
@@ -114,6 +117,9 @@ def add_search_commands(sub) -> None:
                    help="index directory, repeatable: several side by side (default: ./.clipft-index)")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=int_range(0, 65535), default=8000, help="port (default 8000; 0 picks a free one)")
+    s.add_argument("--query-encoder", metavar="NAME_OR_PATH",
+                   help="embed text queries with this encoder (e.g. a multilingual one) instead of the frozen one; "
+                        "it must declare the model's text space (clipft_query_encoder.json)")
     s.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N: where queries are embedded")
     s.set_defaults(func=cmd_serve)
 
@@ -124,11 +130,12 @@ def cmd_embed(args: argparse.Namespace) -> int:
     if not Path(args.images).is_dir():
         raise ConfigError(f"{args.images}: not a directory")
     from .. import distributed
-    ctx = distributed.setup("cpu" if args.backend == "onnx" else args.device)  # under torchrun: gloo on the CPU
+    onnx = args.backend == "onnx" or str(args.model).endswith(".onnx")  # an .onnx file runs on onnxruntime
+    ctx = distributed.setup("cpu" if onnx else args.device)  # under torchrun: gloo on the CPU
     if ctx.distributed:
         device = str(ctx.device)
     else:
-        device = "cpu" if args.backend == "onnx" and args.device == "auto" else _auto_device(args.device)
+        device = "cpu" if onnx and args.device == "auto" else _auto_device(args.device)
     try:
         model = load(args.model, device=device, backend=args.backend)
         info = embed_folder(model, args.images, args.out, batch_size=args.batch_size, workers=args.workers,
@@ -144,14 +151,18 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from ..export import export_checkpoint, format_size
-    info = export_checkpoint(args.checkpoint, args.out, onnx=args.onnx, check_images=args.check_images)
+    info = export_checkpoint(args.checkpoint, args.out, onnx=args.onnx, check_images=args.check_images,
+                             format=args.format, quantize=args.quantize)
     if info["onnx_max_abs_diff"] is not None:
         print(f"ONNX check: onnxruntime matches PyTorch on real images (max abs difference "
               f"{info['onnx_max_abs_diff']:.1e})")
+    if (q := info.get("onnx_int8")) is not None:
+        print(f"int8 check: mean cosine to the float tower {q['mean_cosine']:.4f}, mean R@5 drop "
+              f"{q['mean_r5_drop']:.1f} points on {q['measured_images']} validation images, {q['speedup']:.2f}x speed")
     for path, size in info["files"]:
         print(f"wrote {path} ({format_size(size)})")
     if info["open_clip"]:
-        print(f"open_clip timm-tower form not written: {info['open_clip']}")
+        print(f"open_clip model not written: {info['open_clip']}")
     return 0
 
 
@@ -169,6 +180,11 @@ def add_model_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--onnx", action="store_true", help="also write image_tower.onnx, checked with onnxruntime")
     s.add_argument("--check-images", metavar="FOLDER",
                    help="real images for the ONNX check (default: the run's validation images)")
+    s.add_argument("--format", choices=["clipft", "open_clip"], default=None,
+                   help="open_clip: require the whole open_clip model (open_clip_config.json + weights; refused "
+                        "with the reason when the towers do not map). Default: written wherever they map")
+    s.add_argument("--quantize", choices=["int8"], default=None,
+                   help="with --onnx: also write image_tower.int8.onnx, measured on the validation images")
     s.set_defaults(func=cmd_export)
     s = sub.add_parser("embed", help="embed every image of a folder (recursive) into a safetensors file")
     s.add_argument("--model", required=True, help="export folder, checkpoint, or HF CLIP model (name or dir)")

@@ -8,6 +8,8 @@
   tabular.py    CSV/TSV (separator sniffed) and JSON Lines: an image column and a caption column
                 (also a directory holding a HuggingFace imagefolder metadata.jsonl / metadata.csv)
   folder.py     a directory of images, each with a same-stem .txt holding one caption per line
+  shards.py     webdataset shards: `clipft shard` writes them, patterns / pipe: URLs / img2dataset
+                output read through wids' indexed tar access (members as 'SHARD.tar/KEY.jpg' paths)
   formats.py    the format registry, detection (`detect_format`) and `load_dataset`
   splits.py     split names -> sources (`split_source`), `load_split` with val_fraction and subsets
   caches.py     where every cache lives (text embeddings, the left/right-swapped captions, prepared images)

@@ -76,7 +76,11 @@ def cache_location(root: str | Path, split: str, cfg: Config) -> tuple[Path, str
     '<file stem>-<part>', part = train / val / all, so two files in one folder never share a cache.
     """
     src = split_source(root, split, cfg.data)
-    if FORMAT_REGISTRY[src.format].has_splits:
+    if src.format == "webdataset":  # shards: beside them (a pattern names no folder of its own)
+        from .shards import is_pattern, shard_home
+        stem = _slug(Path(str(src.path)).name.split("{")[0].rstrip("-_.") or "shards", 40)
+        default_dir, name = shard_home(src.path) / "cache", (f"{stem}-{split}" if is_pattern(src.path) else split)
+    elif FORMAT_REGISTRY[src.format].has_splits:
         default_dir, name = src.path / "cache", split
     else:
         is_dir = src.path.is_dir()
@@ -89,6 +93,9 @@ def data_root(root: str | Path, split: str, cfg: Config) -> Path:
     """The folder a split's image paths are stored relative to in its prepared cache: the dataset
     folder (COCO, image folder) or the folder of the CSV/JSONL file."""
     src = split_source(root, split, cfg.data)
+    if src.format == "webdataset":
+        from .shards import shard_home
+        return shard_home(src.path)
     return src.path if src.path.is_dir() else src.path.parent
 
 

@@ -46,7 +46,7 @@ def epoch_caption_index(offsets: Sequence[int], seed: int, epoch: int, i: int) -
 
 
 class EpochCaptions:
-    """The caption rule the training-style datasets share (TrainDataset, data.prepare.PreparedDataset,
+    """The caption rule the training-style datasets share (TrainDataset, data.prepared_reader.PreparedDataset,
     clipft.CaptionDataset): set_epoch(e), then image i uses caption `caption_index(i)`
     (`epoch_caption_index`), so switching the image source changes no caption. Needs `offsets`,
     `seed` and `epoch` attributes."""

@@ -18,6 +18,8 @@ from .flickr import describe_splits, is_flickr, load_flickr
 from .folder import has_images, load_folder_captions
 from .karpathy import load_coco_split  # train / val, and karpathy-val etc. from dataset_coco.json
 from .records import CaptionedImages, DataError
+from .shards import describe_splits as describe_shard_splits
+from .shards import is_pattern, is_shards, load_shards
 from .tabular import is_csv, is_jsonl, load_csv_captions, load_jsonl_captions
 
 
@@ -39,6 +41,9 @@ FORMAT_REGISTRY: dict[str, DataFormat] = {
                        has_splits=True, title="COCO"),
     "flickr": DataFormat("flickr", lambda path, part, cfg: load_flickr(path, part), is_flickr, has_splits=True,
                          title="Flickr8k/Flickr30k", describe_splits=describe_splits, extra_splits=("test",)),
+    # Before csv/folder: a directory of .tar shards (or a pattern naming them); splits: train / val shard sets.
+    "webdataset": DataFormat("webdataset", load_shards, is_shards, has_splits=True, title="webdataset shard",
+                             describe_splits=describe_shard_splits),
     "csv": DataFormat("csv", lambda path, part, cfg: load_csv_captions(path, cfg), is_csv),
     "jsonl": DataFormat("jsonl", lambda path, part, cfg: load_jsonl_captions(path, cfg), is_jsonl),
     "folder": DataFormat("folder", lambda path, part, cfg: load_folder_captions(path, cfg), has_images),
@@ -48,10 +53,13 @@ _FORMAT_ALIASES = {"tsv": "csv"}
 
 
 def detect_format(path: str | Path) -> str:
-    """The dataset format of `path`: "coco" (a dir with annotations/captions_*2014.json), "flickr" (a
+    """The dataset format of `path`: "webdataset" (a shard pattern DIR/train-{000000..000009}.tar, a
+    .tar, a pipe:/file: URL, or a dir of .tar shards), "coco" (a dir with annotations/captions_*2014.json), "flickr" (a
     Flickr8k/Flickr30k folder, official or Kaggle layout: see `flickr.py`), "jsonl" /
     "csv" (a .jsonl/.ndjson or .csv/.tsv file, or a dir with metadata.jsonl/.csv), "folder" (a dir
     with image files)."""
+    if is_pattern(path):  # a shard pattern or URL: nothing on disk has that name
+        return "webdataset"
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: data path not found")
@@ -74,7 +82,7 @@ def resolve_format(path: str | Path, cfg: DataConfig) -> str:
         return detect_format(path)
     if fmt not in FORMAT_REGISTRY:
         raise DataError(f"{path}: unknown data format {cfg.format!r} (known: auto, {', '.join(FORMATS)}, tsv)")
-    if not Path(path).exists():
+    if not Path(path).exists() and not (fmt == "webdataset" and is_pattern(path)):
         raise DataError(f"{path}: data path not found")
     return fmt
 

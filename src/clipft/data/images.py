@@ -50,7 +50,7 @@ def build_transform(image_size: int, mean: Sequence[float], std: Sequence[float]
                     color_jitter: float = 0.0, output: str = "float") -> T.Compose:
     """PIL RGB image -> normalised float tensor [3, image_size, image_size], or with
     output="uint8" the raw pixels [image_size, image_size, 3] uint8: training then normalises whole
-    batches on the device (`prepare.DeviceTransform`), so workers skip the per-image float work and
+    batches on the device (`device_transform.DeviceTransform`), so workers skip the per-image float work and
     4x fewer bytes cross to the GPU.
 
     eval (and train without augment): the centre square, resized to image_size (bicubic, antialiased),

@@ -1,5 +1,5 @@
-"""Decode every image once into a uint8 memory-mapped cache, and turn uint8 batches into model input
-on the device.
+"""Decode every image once into a uint8 memory-mapped cache (`clipft prepare-images`). Training reads
+the cache with `prepared_reader` and turns uint8 batches into model input with `device_transform`.
 
 JPEG decoding is what starves a GPU training a ResNet on COCO (a 640x480 JPEG costs ~5 ms of CPU).
 `prepare_images` decodes each image once (Pillow with JPEG DCT scaling), resizes its short side to
@@ -20,7 +20,6 @@ decodes the damaged ones again; training checks file sizes and a seeded sample o
 (`PreparedImages.verify`); `clipft validate --deep` hashes them all.
 """
 
-from __future__ import annotations
 
 import ctypes
 import errno
@@ -29,32 +28,27 @@ import json
 import logging
 import math
 import os
-import queue
-import random
 import signal
 import sys
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
 from ..config import Config
 from .caches import data_root, prepared_split_dir
-from .datasets import EpochCaptions
 from .images import CenterSquareResize, load_image
 from ..runtime import atomic_write_text, check_free_space, ensure_writable_dir, storage_error
-from .records import CaptionedImages, DataError
+from .records import CaptionedImages
 from .splits import load_split
 
 log = logging.getLogger(__name__)
+
 
 FORMAT_VERSION = 2  # 2: paths relative to the data root, a checksum per chunk
 CHUNK = 256  # images per work unit: the resume and checksum granularity
@@ -94,24 +88,6 @@ def _chunk_rows(chunk_id: int, chunk: int, n: int) -> tuple[int, int]:
 def _square(img: Image.Image, size: int) -> np.ndarray:
     """Centre square -> size x size (bicubic, antialiased; the eval transform's geometry): [size, size, 3] uint8."""
     return np.asarray(CenterSquareResize(size)(img), dtype=np.uint8)
-
-
-def default_size(split: CaptionedImages, cap: int = 256, sample: int = 500, seed: int = 0) -> int:
-    """`clipft prepare-images`' default side: `cap` (data.prepared_size), or the smallest short side
-    among up to `sample` images of the split (headers only) when that is smaller, so small images
-    are never upscaled into a bigger cache. Unreadable images are skipped (prepare_images counts them)."""
-    rng = np.random.default_rng(seed)
-    paths = [r.path for r in split.images]
-    if len(paths) > sample:
-        paths = [paths[i] for i in sorted(rng.choice(len(paths), sample, replace=False))]
-    sides = []
-    for path in paths:
-        try:
-            with Image.open(path) as img:
-                sides.append(min(img.size))
-        except (OSError, ValueError):
-            continue
-    return min([cap] + sides)
 
 
 def _work(args: tuple) -> tuple[int, list[tuple[int, str | None]], str | None]:
@@ -317,10 +293,11 @@ def _write_index(out: Path, state: dict, rel: list[str], size: int, paths: list[
 def prepare_split(root: str | Path, split: str, cfg: Config, size: int | None = None, workers: int | None = None,
                   progress: bool = True) -> dict:
     """`clipft prepare-images` for one split: load it, and prepare it where training looks for it
-    (`caches.prepared_split_dir`, at `size` px; default: data.prepared_size, or the images' own short
-    side when smaller, `default_size`). Returns `prepare_images`'s dict with "size" added."""
+    (`caches.prepared_split_dir`, at `size` px; default: data.prepared_size, what training reads, even
+    for images smaller than that: they are resized as evaluation resizes them, so the next `clipft
+    train` uses the cache). Returns `prepare_images`'s dict with "size" added."""
     data = load_split(Path(root), split, cfg.data)
-    size = size or default_size(data, cfg.data.prepared_size)
+    size = size or cfg.data.prepared_size
     info = prepare_images(data, prepared_split_dir(root, split, cfg, size), size=size, workers=workers,
                           progress=progress, root=data_root(root, split, cfg))
     return {**info, "size": size}
@@ -331,262 +308,3 @@ def _digest(paths: Sequence[str], size: int) -> str:
     for p in paths:
         h.update(p.encode() + b"\0")
     return h.hexdigest()
-
-
-def _damaged(path: Path, what: str) -> DataError:
-    return DataError(f"{path}: {what}; rerun `clipft prepare-images` to repair it (or set data.prepared=false)")
-
-
-@dataclass
-class PreparedImages:
-    """A finished prepared cache, opened read-only; `rows_for(split)` maps a split's images to rows."""
-    path: Path
-    size: int
-    paths: list[str]  # relative to the data root the cache was prepared with
-    ok: np.ndarray  # [N] bool
-    array: np.ndarray  # memmap [N, size, size, 3] uint8
-    chunk: int = CHUNK
-    checksums: dict = field(default_factory=dict)  # chunk number (str) -> blake2b hex of its bytes
-
-    @classmethod
-    def open(cls, path: str | Path) -> "PreparedImages | None":
-        """None when there is no complete cache at `path` (or one of an older format, with a log
-        line); DataError (one line) when its files do not have the size the index says."""
-        path = Path(path)
-        index_f, array_f = path / "index.json", path / "images.u8"
-        if not index_f.is_file():
-            return None
-        idx = _read_json(index_f)
-        if idx is None or not isinstance(idx.get("paths"), list):
-            raise _damaged(index_f, "not a readable prepared-cache index")
-        if idx.get("version") != FORMAT_VERSION:
-            log.warning("%s was prepared by an older clipft (no checksums): decoding JPEGs instead; rerun "
-                        "`clipft prepare-images` to use it", path)
-            return None
-        n, size = len(idx["paths"]), idx["size"]
-        want = n * size * size * 3
-        have = array_f.stat().st_size if array_f.is_file() else None
-        if have != want:
-            raise _damaged(array_f, "missing" if have is None else
-                           f"{have} bytes where {n} images of {size} px need {want} (truncated or altered)")
-        arr = np.memmap(array_f, dtype=np.uint8, mode="r", shape=(n, size, size, 3))
-        return cls(path, size, idx["paths"], np.asarray(idx["ok"], dtype=bool), arr, idx.get("chunk", CHUNK),
-                   idx.get("checksums", {}))
-
-    @property
-    def num_chunks(self) -> int:
-        return math.ceil(len(self.paths) / self.chunk)
-
-    def damaged_chunks(self, chunks: Iterable[int] | None = None, progress: bool = False) -> list[int]:
-        """Chunks (all by default) whose bytes do not match the checksum stored when they were written."""
-        chunks = list(range(self.num_chunks) if chunks is None else chunks)
-        n, array_f = len(self.paths), self.path / "images.u8"
-        bar = tqdm(chunks, desc="verify", unit="chunk", disable=None if progress else True, leave=False)
-        return [c for c in bar
-                if _range_digest(array_f, *_chunk_rows(c, self.chunk, n), self.size) != self.checksums.get(str(c))]
-
-    def verify(self, sample: int | None = None, seed: int = 0, progress: bool = False) -> None:
-        """Hash every chunk (sample=None) or a seeded sample of `sample` chunks; DataError (one
-        line, naming the first damaged chunk) on a mismatch."""
-        chunks = range(self.num_chunks)
-        if sample is not None and sample < self.num_chunks:
-            chunks = sorted(random.Random(seed).sample(chunks, sample))
-        bad = self.damaged_chunks(chunks, progress)
-        if bad:
-            lo, hi = _chunk_rows(bad[0], self.chunk, len(self.paths))
-            raise _damaged(self.path / "images.u8", f"{len(bad)} of {len(chunks)} checked chunk(s) do not match "
-                                                    f"their checksums (first: images {lo}-{hi - 1}): altered or damaged")
-
-    def rows_for(self, split: CaptionedImages, root: str | Path | None = None) -> np.ndarray | None:
-        """Row of every image of `split` (a subset of the prepared split works), or None if any
-        image is not in the cache (then the caller falls back to JPEG decoding). `root`: the data
-        root the cache was prepared with (default: the cache directory itself)."""
-        where = {p: i for i, p in enumerate(self.paths)}
-        rows = [where.get(p) for p in relative_paths([r.path for r in split.images], root or self.path)]
-        return None if any(r is None for r in rows) else np.asarray(rows, dtype=np.int64)
-
-
-class PreparedDataset(EpochCaptions, torch.utils.data.Dataset):  # captions: the same rule as TrainDataset
-    """uint8 images from a prepared cache: batches are fetched with one fancy-index read.
-
-    Items are (image uint8 [S, S, 3], text_emb [D] or None, image row); `__getitems__` returns the
-    whole batch at once (DataLoader uses it), already collated as
-    (images uint8 [B, S, S, 3], texts [B, D], rows [B], n_skipped).
-    """
-
-    def __init__(self, prepared: PreparedImages, rows: np.ndarray, text_embeds: torch.Tensor | None = None,
-                 offsets: Sequence[int] | None = None, seed: int = 0):
-        self.prepared, self.rows = prepared, rows
-        self.text_embeds, self.offsets, self.seed, self.epoch = text_embeds, offsets, seed, 0
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitems__(self, idx: list[int]):
-        n_asked = len(idx)
-        idx = [i for i in idx if self.prepared.ok[self.rows[i]]]  # unreadable at prepare time
-        n_skipped = n_asked - len(idx)
-        order = np.argsort(self.rows[idx])  # sequential reads are faster on a memmap
-        idx = [idx[j] for j in order]
-        images = torch.from_numpy(np.ascontiguousarray(self.prepared.array[self.rows[idx]]))  # [B, S, S, 3]
-        index = torch.as_tensor(idx, dtype=torch.long)
-        if self.text_embeds is None:
-            return images, index, n_skipped
-        texts = self.text_embeds[[self.caption_index(i) for i in idx]]  # [B, D]
-        return images, texts, index, n_skipped
-
-    def __getitem__(self, i: int):
-        return self.__getitems__([i])
-
-
-class PreparedLoader:
-    """Batches of a PreparedDataset, read by one background thread instead of worker processes.
-
-    A prepared batch is one fancy-index copy out of the page cache (~3 ms for 128 rows of 224 px).
-    Worker processes would add more than that: each batch is copied into shared memory and mapped
-    again by the trainer (measured on the 2-core CI machine: raw uint8 batches at 2,800 images/s
-    through 2 DataLoader workers, 4,600 read in-process). The thread reads (and, for CUDA, pins)
-    batch k+1 while the trainer uses batch k; numpy's fancy-index copy and `pin_memory` release the
-    GIL, so the two overlap.
-
-    Iterating yields what `PreparedDataset.__getitems__` returns, one tuple per `batch_size`
-    consecutive entries of `indices` (the last one may be shorter): the same batches a
-    `DataLoader(ds, batch_size, sampler=indices)` gives, in the same order.
-    """
-
-    def __init__(self, ds: PreparedDataset, indices: Sequence[int], batch_size: int, pin_memory: bool = False,
-                 prefetch: int = 2):
-        self.ds, self.indices, self.batch_size = ds, list(indices), batch_size
-        self.pin_memory, self.prefetch = pin_memory, prefetch
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.indices) / self.batch_size)
-
-    def _read(self, k: int):
-        batch = self.ds.__getitems__(self.indices[k * self.batch_size:(k + 1) * self.batch_size])
-        if self.pin_memory:  # page-locked: the trainer's .to(cuda, non_blocking=True) is a true async copy
-            batch = tuple(x.pin_memory() if isinstance(x, torch.Tensor) else x for x in batch)
-        return batch
-
-    def __iter__(self):
-        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
-        stop = threading.Event()
-
-        def produce() -> None:
-            try:
-                for k in range(len(self)):
-                    item = (self._read(k), None)
-                    while not stop.is_set():
-                        try:
-                            q.put(item, timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
-                    if stop.is_set():
-                        return
-                q.put((None, None))
-            except BaseException as e:  # handed to the consumer, raised there with its traceback
-                q.put((None, e))
-
-        thread = threading.Thread(target=produce, name="clipft-prepared-reader", daemon=True)
-        thread.start()
-        try:
-            while True:
-                batch, err = q.get()
-                if err is not None:
-                    raise err
-                if batch is None:
-                    return
-                yield batch
-        finally:  # also when the consumer stops early (generator closed): let the thread end
-            stop.set()
-            while thread.is_alive():
-                try:
-                    q.get(timeout=0.1)
-                except queue.Empty:
-                    pass
-
-
-def identity_collate(batch):
-    """The dataset already returns collated batches (`__getitems__`)."""
-    return batch
-
-
-class DeviceTransform(torch.nn.Module):
-    """uint8 [B, S, S, 3] (any device) -> normalised float [B, 3, size, size] on that device.
-
-    Eval: resize the square to `size` (bilinear, antialiased). Train with augment: per-sample random
-    resized crop (scale range, aspect 3/4..4/3) and horizontal flip via one batched affine grid_sample.
-    """
-
-    def __init__(self, size: int, mean: Sequence[float], std: Sequence[float], augment: bool = False,
-                 scale: tuple[float, float] = (0.5, 1.0), flip: bool = True):
-        super().__init__()
-        self.size, self.augment, self.scale, self.flip = size, augment, scale, flip
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255.0, persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255.0, persistent=False)
-
-    @staticmethod
-    def sample_keys(seed: int, epoch: int, indices: torch.Tensor | Sequence[int]) -> torch.Tensor:
-        """[B] int64 augmentation seeds of the samples `indices` (dataset rows) in `epoch`:
-        `datasets.sample_seed`, the rule of the JPEG path too."""
-        from .datasets import sample_seed
-        return torch.tensor([sample_seed(seed, epoch, int(i)) for i in indices], dtype=torch.int64)
-
-    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None,
-                keys: torch.Tensor | None = None) -> torch.Tensor:
-        """keys [B] (`sample_keys`): each sample's crop and flip drawn from its own generator, so they
-        depend on (seed, epoch, sample) only, not on the batch it came in or the RNG's state (an
-        exact mid-epoch resume). Without keys: from `generator` (or the global CPU RNG)."""
-        x = images.permute(0, 3, 1, 2)  # [B, 3, S, S] uint8, a channels_last view (no copy)
-        if self.augment:
-            x = self._random_resized_crop(x.float(), generator, keys)
-        elif x.shape[-1] != self.size:
-            # CPU: resize the uint8 batch itself (a vectorised uint8 kernel, ~10x the float one);
-            # CUDA: in float, where the resize is cheap next to the model.
-            x = x if x.device.type == "cpu" else x.float()
-            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
-        return self._normalise(x)
-
-    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, 3, H, W] (uint8 or float, NCHW or channels_last) -> float (x - mean) / std, same layout.
-
-        On a channels_last tensor the channel is the innermost dim (size 3): broadcasting a
-        [1, 3, 1, 1] mean there defeats vectorisation (~5x slower on CPU). So channels_last input is
-        viewed as rows [B, H, W*3] and scaled by the per-channel constants tiled to length W*3."""
-        b, c, h, w = x.shape
-        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-            rows = x.permute(0, 2, 3, 1).float().view(b, h, w * c)  # [B, H, W*3], a fresh copy
-            scale = (1.0 / self.std).view(c).repeat(w).to(rows.device)  # [W*3]: 1/std of each pixel's channel
-            shift = (self.mean / self.std).view(c).repeat(w).to(rows.device)
-            return rows.mul_(scale).sub_(shift).view(b, h, w, c).permute(0, 3, 1, 2)  # channels_last [B, 3, H, W]
-        return x.float().sub_(self.mean.to(x.device)).div_(self.std.to(x.device))  # in place on the fresh copy
-
-    @staticmethod
-    def _draws(b: int, generator: torch.Generator | None, keys: torch.Tensor | None) -> torch.Tensor:
-        """[B, 5] uniforms in [0, 1): area, log-ratio, centre x, centre y, flip of each sample; row k from
-        torch.Generator().manual_seed(keys[k]) when keys are given (B tiny draws: ~10 us a sample)."""
-        if keys is None:
-            return torch.rand(b, 5, generator=generator)
-        return torch.stack([torch.rand(5, generator=torch.Generator().manual_seed(int(k))) for k in keys.tolist()])
-
-    def _random_resized_crop(self, x: torch.Tensor, generator: torch.Generator | None,
-                             keys: torch.Tensor | None = None) -> torch.Tensor:
-        # Crop parameters are drawn on the CPU (5 numbers a sample, tiny) so CPU generators seed them.
-        b = x.shape[0]
-        u = self._draws(b, generator, keys)  # [B, 5]
-        lo, hi = self.scale
-        area = lo + (hi - lo) * u[:, 0]  # crop area / image area
-        ratio = torch.exp(math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * u[:, 1])
-        w = torch.sqrt(area * ratio).clamp(max=1.0)  # crop width / image width
-        h = torch.sqrt(area / ratio).clamp(max=1.0)
-        cx = (u[:, 2] * 2 - 1) * (1 - w)  # centre in [-1+w, 1-w] (normalised coords)
-        cy = (u[:, 3] * 2 - 1) * (1 - h)
-        sign = torch.where(u[:, 4] < 0.5, -1.0, 1.0) if self.flip else torch.ones(b)
-        theta = torch.zeros(b, 2, 3)
-        theta[:, 0, 0], theta[:, 0, 2] = w * sign, cx
-        theta[:, 1, 1], theta[:, 1, 2] = h, cy
-        # CUDA: page-locked + non_blocking, since a plain .to() would wait for the GPU queue.
-        theta = theta.pin_memory().to(x.device, non_blocking=True) if x.device.type == "cuda" else theta.to(x.device)
-        grid = F.affine_grid(theta, [b, 3, self.size, self.size], align_corners=False)
-        return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)

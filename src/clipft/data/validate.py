@@ -35,7 +35,8 @@ from ..runtime import atomic_write_text, ensure_writable_dir, make_parent_dir, w
 from .caches import prepared_split_dirs, user_cache_dir
 from .formats import FORMAT_REGISTRY, resolve_format
 from .images import load_image
-from .prepare import PreparedImages
+from ..preprocess import _open_image_file
+from .prepared_reader import PreparedImages
 from . import tabular
 from .records import CaptionedImages, DataError
 from .splits import load_split, split_source
@@ -66,7 +67,7 @@ def _reasons(dropped: dict[str, int]) -> str:
 def _hash_file(path: Path, limit: int | None = None) -> str:
     """sha256 of the whole file, or of its first `limit` bytes."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with _open_image_file(path) as f:  # a file, or a webdataset shard member
         if limit is not None:
             h.update(f.read(limit))
         else:
@@ -75,11 +76,18 @@ def _hash_file(path: Path, limit: int | None = None) -> str:
     return h.hexdigest()
 
 
+def _member_size(path: Path) -> int:
+    """The size of a webdataset shard member ('SHARD.tar/KEY.jpg'), or of a file of that name."""
+    from .shards import member_size
+    size = member_size(path)
+    return os.stat(path).st_size if size is None else size
+
+
 def _sizes(paths: Iterable[Path]) -> dict[Path, int]:
     out = {}
     for p in paths:
         try:
-            out[p] = os.stat(p).st_size
+            out[p] = os.stat(p).st_size if ".tar/" not in str(p) else _member_size(p)
         except OSError:
             continue  # missing files cannot leak; they are reported elsewhere
     return out
@@ -133,6 +141,14 @@ def _leak_message(val: CaptionedImages, pairs: list[tuple[Path, Path]]) -> str:
 
 # --------------------------------------------------------------------------- preflight (clipft train)
 
+def _image_exists(path: Path) -> bool:
+    """An image file, or a member of a webdataset shard ('SHARD.tar/KEY.jpg')."""
+    if path.is_file():
+        return True
+    from .shards import member_exists
+    return ".tar/" in str(path) and member_exists(path)
+
+
 def preflight(train: CaptionedImages, val: CaptionedImages, cfg: DataConfig) -> list[str]:
     """The fast checks `clipft train` runs before anything trains (file existence, no decoding;
     the leak check hashes only files of equal size). Raises DataError (one line) for a split whose
@@ -140,7 +156,7 @@ def preflight(train: CaptionedImages, val: CaptionedImages, cfg: DataConfig) -> 
     returns (and logs) the warnings."""
     warnings = []
     for ds in (train, val):
-        missing = [r.path for r in ds.images if not r.path.is_file()]
+        missing = [r.path for r in ds.images if not _image_exists(r.path)]
         if missing and len(missing) == len(ds):
             raise DataError(f"{missing[0]}: none of the {len(ds)} image files of {ds.name} exist (this is the "
                             "first); image paths in CSV/JSONL files are relative to the file")
@@ -170,7 +186,7 @@ def inspect_image(path: Path, draft_size: int | None = None) -> dict[str, Any]:
     path = Path(path)
     odd: list[str] = []
     try:
-        with open(path, "rb") as f:
+        with _open_image_file(path) as f:  # a file, or a webdataset shard member
             im = Image.open(f)  # reads the header only
             fmt, mode, size = im.format, im.mode, im.size
             ext = path.suffix.lower()

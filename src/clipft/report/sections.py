@@ -60,12 +60,35 @@ def health_lines(warnings: list[dict]) -> list[str]:
             for w in warnings]
 
 
+def _backbone_row(m: dict, summary: dict) -> str:
+    """The tower named (torchvision / timm architecture), its parameter count and its weights' source."""
+    from ..backbones import describe_backbone, describe_weights
+    total = (summary.get("parameters") or {}).get("total")
+    size = f", {total / 1e6:.1f} M parameters (tower)" if total else ""
+    return (f"{describe_backbone(str(m.get('backbone')))}{size}; init: {describe_weights(m)}; "
+            f"{m.get('pooling', 'avg')} pooling, head hidden {m.get('head_hidden')}")
+
+
+def _recipe(t: dict, d: dict) -> str:
+    """The objective's levers (train.loss, train.text_negatives, train.image_queue, train.ema,
+    data.batch_sampler); older configs without them read as the defaults."""
+    neg = str(t.get("text_negatives", "batch"))
+    parts = ["SigLIP sigmoid loss" if t.get("loss", "infonce") == "siglip" else "symmetric InfoNCE",
+             {"batch": "in-batch captions", "all": "every training caption as negatives"}.get(
+                 neg, f"batch + {neg} bank captions per step")]
+    if t.get("image_queue", 0):
+        parts.append(f"image queue {t['image_queue']}")
+    parts.append(f"EMA {t['ema']}" if t.get("ema", 0) else "no EMA")
+    parts.append(f"{d.get('batch_sampler', 'random')} batches")
+    return ", ".join(parts)
+
+
 def setup_section(run: RunFiles, cfg: dict, summary: dict, epochs: list[dict]) -> list[str]:
     """Hyperparameters, data sizes, hardware, time and parameter counts, as a table."""
     t, m, d, x = cfg.get("train", {}), cfg.get("model", {}), cfg.get("data", {}), cfg.get("text", {})
     lines = ["## Setup", "", "| setting | value |", "|---|---|"]
     rows = [
-        ("image backbone", f"{m.get('backbone')} (init: {m.get('image_weights')}), head hidden {m.get('head_hidden')}"),
+        ("image backbone", _backbone_row(m, summary)),
         ("text encoder (frozen)", f"`{x.get('encoder')}`"),
         ("temperature", f"{m.get('temperature')} ({'learnable' if m.get('learnable_temperature') else 'fixed'}, "
                         f"1/tau <= {m.get('max_logit_scale')})"),
@@ -73,6 +96,7 @@ def setup_section(run: RunFiles, cfg: dict, summary: dict, epochs: list[dict]) -
                       f"cosine with {t.get('warmup_steps')} warmup steps, grad clip {t.get('grad_clip')}"),
         ("epochs x batch size", f"{t.get('epochs')} x {t.get('batch_size')}"),
         ("image size / augmentation", f"{d.get('image_size')} px / {'on' if d.get('augment') else 'off'}"),
+        ("contrastive recipe", _recipe(t, d)),
     ]
     ds = summary.get("dataset", {})
     if ds:

@@ -74,7 +74,8 @@ class UpdateStats:
     touched: int = 0  # size or mtime differ, content hash equal: metadata updated, not re-embedded
     unreadable: int = 0
     embedded: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # the whole update: listing, hashing, embedding, compaction
+    embed_seconds: float = 0.0  # the embedding loop alone (what the progress bar shows)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -82,7 +83,8 @@ class UpdateStats:
     def summary(self) -> str:
         return (f"{self.total} images ({self.added} new, {self.changed} changed, {self.removed} removed, "
                 f"{self.unchanged + self.touched} unchanged, {self.unreadable} unreadable); "
-                f"embedded {self.embedded} in {self.seconds:.1f}s")
+                f"embedded {self.embedded} in {self.embed_seconds:.1f}s ({self.seconds:.1f}s in all, with listing, "
+                f"hashing and compaction)")
 
 
 def default_index_dir(folder: str | Path) -> Path:
@@ -350,6 +352,7 @@ def update_index(folder: str | Path, model, index_dir: str | Path | None = None,
         stats = UpdateStats()
         todo = _plan(conn, folder, list_images(folder, skip_dirs=tuple(skip)), stats)
         bar = tqdm(total=len(todo), desc="index", unit="img", disable=not progress or not todo)
+        t_embed = time.perf_counter()
         for start in range(0, len(todo), chunk_size):
             chunk = todo[start:start + chunk_size]
             ok, bad = _embed_chunk(conn, index_dir, folder, model, chunk, dtype, batch_size, workers)
@@ -357,6 +360,7 @@ def update_index(folder: str | Path, model, index_dir: str | Path | None = None,
             stats.unreadable += bad
             bar.update(len(chunk))
         bar.close()
+        stats.embed_seconds = time.perf_counter() - t_embed
         _compact(conn, index_dir, dtype)
         stats.total = conn.execute("SELECT COUNT(*) FROM files").fetchone()[0]
     conn.close()

@@ -494,7 +494,7 @@ def check_model_source(source: str) -> None:
     `torch.load(weights_only=True)` (tensors, containers, numbers, plain numpy arrays); a folder is
     loaded by `clipft.load` from its config.json and safetensors weights; a hub name is left to it."""
     p = Path(source).expanduser()
-    if not p.is_file():
+    if not p.is_file() or p.suffix == ".onnx":  # an export's .onnx file is read by onnxruntime, never unpickled
         return
     try:
         with torch.serialization.safe_globals(_plain_numpy_globals()):
@@ -506,12 +506,13 @@ def check_model_source(source: str) -> None:
                           f"`clipft export` instead") from None
 
 
-def load_query_model(idx: LoadedIndex, device: str = "cpu"):
-    """The model that built idx (from its recorded source), refused if its fingerprint changed since."""
+def load_query_model(idx: LoadedIndex, device: str = "cpu", query_encoder: str | None = None):
+    """The model that built idx (from its recorded source), refused if its fingerprint changed since.
+    query_encoder: text queries go through this encoder instead (clipft.query_encoder)."""
     from ..inference import load  # the model loader; deferred so index/query stay importable without it
     source = idx.info.get("model_source", "")
     check_model_source(source)  # before anything unpickles it
-    model = load(source, device=device)
+    model = load(source, device=device, text_encoder=query_encoder)
     if model.fingerprint != idx.info.get("fingerprint"):
         raise SearchError(f"{idx.index_dir}: the model at {source} changed since this index was built "
                           f"(fingerprint {model.fingerprint}, index {idx.info.get('fingerprint')}); "

@@ -303,13 +303,14 @@ def create_app(indexes: list[Served], rate: float = 100.0, burst: int = 300, loo
     return app
 
 
-def open_indexes(paths: list[str | Path], device: str = "cpu") -> list[Served]:
-    """Each index with the model that built it (reloaded from its recorded source)."""
+def open_indexes(paths: list[str | Path], device: str = "cpu", query_encoder: str | None = None) -> list[Served]:
+    """Each index with the model that built it (reloaded from its recorded source); text queries go
+    through `query_encoder` where given (clipft.query_encoder)."""
     from .query import load_index, load_query_model
     served = []
     for path in paths:
         idx = load_index(path)
-        served.append(Served(idx, load_query_model(idx, device=device)))
+        served.append(Served(idx, load_query_model(idx, device=device, query_encoder=query_encoder)))
     return served
 
 

@@ -145,7 +145,8 @@ def get_text_embeddings(captions: list[str], encoder_name: str, cache_file: Path
     from other captions or another encoder. Pass `encoder` to reuse a loaded one (its own `amp` then
     applies); amp: train.amp for the encoder loaded here. The precision is part of the fingerprint.
     progress: a captions bar with captions/s and ETA (None: only when stderr is a terminal).
-    Returns (embeds, info) with info keys path, built, seconds, fingerprint, encoder, num_captions, dim."""
+    Returns (embeds, info) with info keys path, built, seconds, fingerprint, encoder, num_captions, dim,
+    encoder_fingerprint."""
     if on_mismatch not in ON_MISMATCH:
         raise TextEncoderError(f"text.on_mismatch must be one of {', '.join(ON_MISMATCH)}, got {on_mismatch!r}")
     t0 = time.perf_counter()
@@ -159,7 +160,9 @@ def get_text_embeddings(captions: list[str], encoder_name: str, cache_file: Path
 
     def info(built: bool, emb: torch.Tensor) -> dict:
         return {"path": str(cache_file), "built": built, "seconds": time.perf_counter() - t0, "fingerprint": fp,
-                "encoder": enc.name, "num_captions": int(emb.shape[0]), "dim": int(emb.shape[1])}
+                "encoder": enc.name, "num_captions": int(emb.shape[0]), "dim": int(emb.shape[1]),
+                # the encoder's own fingerprint (what an export records): a loaded model needs no encoder for it
+                "encoder_fingerprint": hashlib.sha256(enc.identity.encode("utf-8")).hexdigest()}
 
     if cache_file.is_file():
         try:

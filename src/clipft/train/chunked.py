@@ -142,7 +142,10 @@ def _chunked(model, tower, images, texts, chunk, objective, amp_dtype, gather, l
     logit_scale = scale.detach().requires_grad_(tower.logit_scale.requires_grad)  # 0-d leaf
     terms = loss_fn(image_emb, texts, logit_scale, gather=gather)
     wrt = [image_emb, logit_scale] if logit_scale.requires_grad else [image_emb]
-    grads = torch.autograd.grad(objective(terms["loss"]), wrt)
+    # Parameters the loss reads directly (SigLIP's logit bias): their gradient joins the last replay.
+    loss_params = [p for p in (getattr(tower, "logit_bias", None),) if p is not None and p.requires_grad]
+    grads = torch.autograd.grad(objective(terms["loss"]), wrt + loss_params, allow_unused=bool(loss_params))
+    grads, param_grads = grads[:len(wrt)], grads[len(wrt):]
     emb_grad = grads[0]  # [B, D]
 
     # 3. Replays with a graph, one chunk's activations at a time; DDP all-reduces in the last one.
@@ -156,6 +159,10 @@ def _chunked(model, tower, images, texts, chunk, objective, amp_dtype, gather, l
             surrogate = (emb * emb_grad[s:s + chunk]).sum()  # d surrogate / d theta = G_c . d emb_c / d theta
             if last and len(grads) > 1:
                 surrogate = surrogate + scale * grads[1]  # d/d log-scale via the forward's exp
+            if last:
+                for p, g in zip(loss_params, param_grads):
+                    if g is not None:
+                        surrogate = surrogate + (p * g).sum()
             surrogate.backward()
     with torch.no_grad():
         for b, saved in zip(tower.buffers(), buffers):

@@ -19,7 +19,9 @@ from .errors import TrainingError
 from ..data import CaptionedImages, left_right_captions, load_split
 from ..data import prepared_split_dir, swapped_text_cache_file, text_cache_file
 from ..data.caches import data_root as data_root_of, unused_prepared_note
-from ..data.prepare import VERIFY_SAMPLE, DeviceTransform, PreparedDataset, PreparedImages
+from ..data.prepare import VERIFY_SAMPLE
+from ..data.device_transform import DeviceTransform
+from ..data.prepared_reader import PreparedDataset, PreparedImages
 from ..data.validate import preflight
 from ..model import ensure_image_weights
 from ..text import get_text_embeddings, load_text_encoder

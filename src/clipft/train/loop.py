@@ -31,13 +31,14 @@ from tqdm.auto import tqdm
 
 from .. import distributed
 from . import tensorboard as tblog
-from ..config import Config, checkpoint_interval, to_dict, validate
+from ..config import Config, DataConfig, checkpoint_interval, to_dict, validate
 from ..data import TrainDataset, build_transform, collate_train
 from ..eval.evaluate import EvaluationError, evaluate_split, mean_recall, sharded_embed_images
 from .checkpoint import Checkpointer
 from .chunked import train_mode_batchnorms
 from .health import HealthMonitor
 from ..loss import chance_loss, clip_loss
+from ..backbones import check_model_config, fill_weights_sha256
 from ..model import build_image_tower, count_parameters, parameter_parts, tower_state
 from .rundir import RunFiles, RunLog, read_records
 from .preempt import StopFlag, at_step_boundary, between_steps, resume_loader
@@ -45,9 +46,16 @@ from .resume import check_config, check_data, check_world_size
 from .lock import RunLock
 from ..runtime import Precision, atomic_write_text, hardware_info, overriding, rng_state, seed_everything, select_precision, worker_count
 from .step import StepStats, non_finite_state, step_values, train_step
-from ..data.prepare import DeviceTransform, PreparedDataset, PreparedLoader
+from ..data.device_transform import DeviceTransform
+from ..data.prepared_reader import PreparedDataset, PreparedLoader
+from ..data.shards import ShardTrainDataset, is_shard_split
 from .data_setup import PreparedData, open_prepared_train, prepare_data
 from .errors import TrainingError  # noqa: F401 (re-exported for callers of the loop)
+from . import clustered
+from .ema import WeightEMA
+from ..config import parse_text_negatives
+from ..data import text_cache_file
+from ..objectives import SIGLIP_INIT_BIAS, SIGLIP_INIT_SCALE, Recipe
 
 log = logging.getLogger(__name__)
 
@@ -149,8 +157,14 @@ def make_train_loader(ds: TrainDataset | PreparedDataset, cfg: Config, epoch: in
     torchrun this process reads its slice of every global batch (`distributed.shard_train_indices`).
     skip_batches: the loader batches a mid-epoch checkpoint already trained on (never decoded again)."""
     ds.set_epoch(epoch)
-    indices = distributed.shard_train_indices(len(ds), cfg.train.batch_size, cfg.train.seed, epoch,
-                                              distributed.get_rank(), distributed.get_world_size())
+    # Shards: an order that reads a few shards at a time (`ShardTrainDataset.epoch_order`), same rules.
+    order = ds.epoch_order(cfg.train.seed, epoch) if hasattr(ds, "epoch_order") else None
+    if getattr(ds, "clusters", None) is not None:  # data.batch_sampler=clustered (train/clustered.py)
+        indices = clustered.shard_clustered_indices(ds.clusters, cfg.train.batch_size, cfg.train.seed, epoch,
+                                                    distributed.get_rank(), distributed.get_world_size())
+    else:
+        indices = distributed.shard_train_indices(len(ds), cfg.train.batch_size, cfg.train.seed, epoch,
+                                                  distributed.get_rank(), distributed.get_world_size(), order=order)
     indices = indices[skip_batches * cfg.train.batch_size:]  # runs of batch_size: whole batches
     if isinstance(ds, PreparedDataset):
         # A prepared batch is one memcpy: a reader thread beats worker processes (see PreparedLoader).
@@ -159,11 +173,13 @@ def make_train_loader(ds: TrainDataset | PreparedDataset, cfg: Config, epoch: in
                       collate_fn=collate_train, pin_memory=device.type == "cuda")
 
 
-def micro_batch_groups(loader: DataLoader, k: int, counts: dict) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+def micro_batch_groups(loader: DataLoader, k: int, counts: dict,
+                       keep_ids: bool = False) -> Iterator[list[tuple[torch.Tensor, ...]]]:
     """The loader's (images, texts) batches grouped k at a time, one group per optimizer step (the
     last group of an epoch may be shorter). A batch is left out, by every rank alike, when some rank
     holds fewer than 2 readable images (the loss needs negatives). Updates counts (all ranks
-    summed): "skipped_images" (unreadable), "images" (in kept batches), "batch" (last kept global batch)."""
+    summed): "skipped_images" (unreadable), "images" (in kept batches), "batch" (last kept global batch).
+    keep_ids: (images, texts, image ids [B]) triples (the recipe's losses need each row's image)."""
     group = MicroBatches()
     for images, texts, idx, n_skipped in loader:
         per_rank = distributed.all_gather_ints([images.shape[0], n_skipped])  # [[B_r, skipped_r], ...]
@@ -172,7 +188,7 @@ def micro_batch_groups(loader: DataLoader, k: int, counts: dict) -> Iterator[lis
             continue
         counts["batch"] = sum(r[0] for r in per_rank)
         counts["images"] += counts["batch"]
-        group.append((images, texts))
+        group.append((images, texts, idx) if keep_ids else (images, texts))
         group.indices.append(idx)
         if len(group) == k:
             yield group
@@ -274,19 +290,30 @@ class TrainState:
     epoch_steps: int = 0  # optimizer steps of epoch `epoch + 1` done (a mid-epoch checkpoint; else 0)
     resume_rng: dict | None = None  # a mid-epoch checkpoint's RNG state, put back once the loader exists
     t_train: float = field(default_factory=time.time)  # when this invocation's training began
+    recipe: Recipe | None = None  # the caption bank / image queue / SigLIP loss (objectives.py), when on
+    ema: WeightEMA | None = None  # train.ema > 0: the averaged weights (ema.py)
+
+    def eval_model(self) -> torch.nn.Module:
+        """What validation, best.pt and export use: the EMA weights when train.ema is on."""
+        return self.ema.module if self.ema is not None else self.model
 
     def train_seconds(self) -> float:
         return self.prior_seconds + (time.time() - self.t_train)
 
     def state_dict(self, cfg: Config, data: PreparedData) -> dict[str, Any]:
-        return {**tower_state(self.model), "optimizer": self.optimizer.state_dict(),
+        extra: dict[str, Any] = {}
+        if self.recipe is not None:
+            extra["recipe"] = self.recipe.state_dict()  # the image queue
+        if self.ema is not None:  # "model" = the EMA weights (export, clipft.load); the raw ones to resume
+            extra.update(tower_state(self.ema.module), train_model=self.model.state_dict(), ema=self.ema.state_dict())
+        return {**tower_state(self.model), **extra, "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "epoch": self.epoch,
                 "step": self.global_step, "epoch_steps": self.epoch_steps, "config": to_dict(cfg), "best_metric": self.best_metric,
                 "best_epoch": self.best_epoch, "totals": self.totals, "text": data.text_info, "data": data.identity,
                 "train_seconds": self.train_seconds()}
 
     def load_state_dict(self, ckpt: dict[str, Any]) -> None:
-        self.model.load_state_dict(ckpt["model"])
+        self.model.load_state_dict(ckpt["train_model"] if "train_model" in ckpt else ckpt["model"])
         saved_groups = len(ckpt["optimizer"].get("param_groups", []))
         if saved_groups != len(self.optimizer.param_groups):
             # e.g. a run started by clipft 0.1 with train.freeze_backbone_epochs > 0 and
@@ -294,6 +321,13 @@ class TrainState:
             raise TrainingError(f"the checkpoint's optimizer has {saved_groups} parameter groups where this "
                                 f"version builds {len(self.optimizer.param_groups)}: it was written by an older "
                                 "clipft; finish it with that version, or rerun with --no-resume to start over")
+        if self.ema is not None:
+            if "ema" in ckpt:
+                self.ema.load_state_dict(ckpt["model"], ckpt["ema"])
+            else:  # not expected (train.ema is part of the resume check); start the average here
+                self.ema.load_state_dict(self.model.state_dict(), {"updates": 0})
+        if self.recipe is not None:
+            self.recipe.load_state_dict(ckpt.get("recipe") or {})
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         if self.scaler.is_enabled() and ckpt.get("scaler"):
@@ -339,6 +373,7 @@ def train(cfg: Config, data_root: str | Path, out_dir: str | Path, resume: bool 
     and rank 0 alone logs and writes RUN/; the group is left again at the end.
     """
     validate(cfg)  # ranges and choices, before any work (configs built in code skip load_config)
+    fill_weights_sha256(cfg.model)  # a weights file's identity, in the config before a resume compares configs
     ctx = distributed.setup(cfg.train.device)
     try:
         # One writer per run directory (rank 0 writes RUN): taken before anything is written.
@@ -361,6 +396,9 @@ def _train(cfg: Config, data_root: str | Path, run: RunFiles, resume: bool, prog
     if ckpt is not None:  # a rerun continues the same run or is refused, before anything is written
         check_config(run.root, ckpt, checkpointer.resumed_from, cfg)
         check_world_size(run.root, ckpt, checkpointer.resumed_from, ctx.world_size)
+    # The backbone name, pooling, stages and a weights file (checked against the architecture): before
+    # any data is read.
+    check_model_config(cfg.model)
     plan = setup_data(cfg, data_root, rt, None if ckpt is None else
                       lambda identity: check_data(run.root, ckpt, checkpointer.resumed_from, identity))
     state = setup_model(cfg, plan, rt, hooks)
@@ -418,9 +456,15 @@ def setup_data(cfg: Config, data_root: str | Path, rt: Runtime, check: Callable[
         dataset = prepared[0]
     else:
         # draft_size: large JPEGs are DCT-downscaled while decoding (never below image_size).
-        dataset = TrainDataset(data.train, data.train_text, transform, seed=cfg.train.seed,
+        dataset = (ShardTrainDataset if is_shard_split(data.train) else TrainDataset)(
+                               data.train, data.train_text, transform, seed=cfg.train.seed,
                                draft_size=cfg.data.image_size, flip_embeds=data.train_flip_text,
                                flip_rows=data.train_flip_rows)
+    if cfg.data.batch_sampler == "clustered":  # k-means of the caption cache, once (cached beside it)
+        with distributed.main_process_first("caption clusters"):
+            dataset.clusters = clustered.load_or_build_clusters(
+                data.train_text, data.train.caption_offsets(), cfg.train.batch_size * rt.world, cfg.train.seed,
+                text_cache_file(data_root, cfg.data.train_split, cfg))
     if len(dataset) < 2 * rt.world:
         raise TrainingError(f"{data_root}: {len(dataset)} training images cannot feed {rt.world} processes "
                             "(each needs at least 2 per batch)")
@@ -438,12 +482,33 @@ def setup_model(cfg: Config, plan: Plan, rt: Runtime, hooks: TrainHooks) -> Trai
     if rt.precision.channels_last:
         model = model.to(memory_format=torch.channels_last)  # NHWC convs: ~1.5x on tensor cores and oneDNN bf16
     model = distributed.convert_to_sync_batchnorm(model, rt.ctx, cfg.train.sync_batchnorm)
+    if cfg.train.loss == "siglip":  # SigLIP's initialisation: t' = log 10 (1/tau = 10), b = -10
+        with torch.no_grad():
+            model.logit_scale.fill_(math.log(SIGLIP_INIT_SCALE))
+        model.add_logit_bias(SIGLIP_INIT_BIAS)
     # Built before any temporary freeze, so a backbone frozen for the first epochs is in it.
     optimizer = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.backbone_lr_ratio,
                                 split_backbone=cfg.train.freeze_backbone_epochs > 0)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
     scheduler = build_scheduler(optimizer, cfg, plan.steps_per_epoch)
-    return TrainState(model, optimizer, scheduler, scaler)
+    return TrainState(model, optimizer, scheduler, scaler, recipe=build_recipe(cfg, plan, rt, model),
+                      ema=WeightEMA(model, cfg.train.ema) if cfg.train.ema > 0 else None)
+
+
+def build_recipe(cfg: Config, plan: Plan, rt: Runtime, model: torch.nn.Module) -> Recipe | None:
+    """The recipe loss when train.text_negatives / train.image_queue / train.loss ask for it, else None
+    (the default in-batch InfoNCE, `loss.clip_loss`, unchanged). The caption bank is every training
+    caption embedding on the device in the run's precision, with each caption's image index."""
+    t = cfg.train
+    negatives = parse_text_negatives(t.text_negatives)
+    if negatives == 0 and t.image_queue == 0 and t.loss == "infonce":
+        return None
+    data = plan.data
+    offsets = data.train.caption_offsets()
+    cap2img = torch.repeat_interleave(torch.arange(len(offsets) - 1), offsets[1:] - offsets[:-1])  # [M]
+    return Recipe(negatives=negatives, queue_size=t.image_queue, kind=t.loss, seed=t.seed,
+                  bank=data.train_text if negatives else None, cap2img=cap2img if negatives else None,
+                  device=rt.device, dtype=rt.amp_dtype or torch.float32, tower=model, dim=data.train_text.shape[1])
 
 
 def restore(state: TrainState, checkpointer: Checkpointer, cfg: Config, rt: Runtime, resume: bool) -> None:
@@ -480,10 +545,22 @@ def log_plan(cfg: Config, plan: Plan, state: TrainState, rt: Runtime) -> None:
     log.info("image tower %s: %d trainable / %d parameters; %d train / %d val images; device %s",
              cfg.model.backbone, params["trainable"], params["total"], len(plan.data.train), len(plan.data.val),
              rt.device)
+    log_normalisation(cfg, getattr(state.model, "weights_info", None))
     if rt.world > 1 or plan.accum > 1:
         log.info("%d process(es) x batch %d = %d negatives per loss; x %d accumulated micro-batches = %d images "
                  "per optimizer step", rt.world, cfg.train.batch_size, plan.global_batch, plan.accum,
                  plan.global_batch * plan.accum)
+    r = state.recipe
+    if r is not None:  # what the recipe levers cost (docs: recipe)
+        n_bank = 0 if r.bank is None else (r.bank.shape[0] if r.negatives < 0 else min(r.negatives, r.bank.shape[0]))
+        log.info("objective: %s; image->text over %d batch + %d bank captions per loss%s%s", cfg.train.loss,
+                 plan.global_batch, n_bank,
+                 "" if r.bank is None else f" (caption bank {r.bank.shape[0]} x {r.bank.shape[1]} "
+                 f"{str(r.bank.dtype).replace('torch.', '')}: {r.bank.nelement() * r.bank.element_size() / 2**20:.0f} MB "
+                 "on the device, every process)",
+                 "" if r.queue is None else f"; text->image also over a queue of {r.queue.emb.shape[0]} images")
+    if state.ema is not None:
+        log.info("train.ema=%g: validation, best.pt and export use the averaged weights", cfg.train.ema)
     if 0 < cfg.train.embed_chunk < cfg.train.batch_size:
         log.info("train.embed_chunk=%d: each batch of %d is embedded in chunks of %d, twice (activations for %d "
                  "images at a time; the loss still has all %d negatives)", cfg.train.embed_chunk,
@@ -494,6 +571,20 @@ def log_plan(cfg: Config, plan: Plan, state: TrainState, rt: Runtime) -> None:
             log.warning("train.embed_chunk=%d: every BatchNorm layer runs on its running statistics (eval mode, "
                         "not updated) so that the chunked loss is exactly the unchunked one; set "
                         "model.freeze_bn_stats=true to say so in the config", cfg.train.embed_chunk)
+
+
+def log_normalisation(cfg: Config, weights: dict | None) -> None:
+    """Say which mean/std the images get, and the one the backbone's pretrained weights expect."""
+    if not weights:
+        return
+    used = f"mean {list(cfg.data.mean)}, std {list(cfg.data.std)}"
+    clip = tuple(cfg.data.mean) == DataConfig().mean and tuple(cfg.data.std) == DataConfig().std
+    expected = weights.get("mean"), weights.get("std")
+    log.info("image weights: %s; normalisation: %s (%s)", weights["source"], used,
+             "CLIP's, the default" if clip else "data.mean/data.std")
+    if expected[0] and (tuple(expected[0]) != tuple(cfg.data.mean) or tuple(expected[1]) != tuple(cfg.data.std)):
+        log.info("the backbone's pretrained weights were trained with mean %s, std %s (set data.mean/data.std to "
+                 "use theirs)", [round(x, 6) for x in expected[0]], [round(x, 6) for x in expected[1]])
 
 
 @dataclass
@@ -528,18 +619,24 @@ def train_one_epoch(state: TrainState, loader: Any, runlog: RunLog, epoch: int, 
     counts = {"skipped_images": 0, "images": 0, "batch": 0}  # summed over ranks
     t_log, n_img_logged = time.time(), 0
     stats.new_epoch()
-    groups = micro_batch_groups(loader, loop.plan.accum, counts)
+    groups = micro_batch_groups(loader, loop.plan.accum, counts, keep_ids=state.recipe is not None)
     done, state.epoch_steps = state.epoch_steps, 0  # steps of this epoch a mid-epoch checkpoint holds
     bar.update(done)
     # After each step, before the next batch is read: a signal or train.checkpoint_every saves here.
     checked = between_steps(groups, done, lambda n: at_step_boundary(state, epoch, n, loop, groups))
     for micro in itertools.islice(checked, loop.plan.steps_per_epoch - done):  # one group = one attempted step
+        # Each sample's augmentation from (seed, epoch, sample index), whatever the workers (preempt: exact resume).
+        transform = keyed_transform(loop.plan.device_transform, micro, cfg.train.seed, epoch)
+        if state.recipe is not None:  # each micro-batch's loss extras: its image ids, and the bank sample's key
+            micro = [(im, tx, {"image_ids": ids, "epoch": epoch, "step": state.global_step, "micro": j})
+                     for j, (im, tx, ids) in enumerate(micro)]
         out = loop.hooks.step(state.ddp_model, micro, state.optimizer, state.scheduler, state.scaler, rt.amp_dtype,
                               cfg.train.grad_clip, gather=rt.world > 1,
-                              channels_last=rt.precision.channels_last,
-                              transform=keyed_transform(loop.plan.device_transform, micro, cfg.train.seed, epoch),
-                              loss_fn=loop.hooks.loss,
+                              channels_last=rt.precision.channels_last, transform=transform,
+                              loss_fn=state.recipe or loop.hooks.loss,
                               embed_chunk=cfg.train.embed_chunk if cfg.train.embed_chunk < cfg.train.batch_size else 0)
+        if state.ema is not None:
+            state.ema.update(state.model)
         state.global_step += 1
         stats.add(out)  # device-side sums: the host does not wait for this step here
         bar.update(1)
@@ -549,6 +646,8 @@ def train_one_epoch(state: TrainState, loader: Any, runlog: RunLog, epoch: int, 
         now_out, seen = step_values(out), stats.read(state.global_step)
         check_divergence(seen, state, epoch, loop)
         chance = chance_loss(counts["batch"])  # ln(global batch): the loss of a model that guesses
+        if state.recipe is not None:  # more columns than the batch (bank, queue), or SigLIP (no such reference)
+            chance = state.recipe.chance(counts["batch"])
         skipped_so_far = state.totals["skipped_steps"] + int(seen["ep_skipped"])
         bar.set_postfix(loss=f"{now_out['loss']:.3f}", chance=f"{chance:.2f}",
                         scale=f"{now_out['logit_scale']:.1f}", gnorm=f"{now_out['grad_norm']:.2f}",
@@ -593,9 +692,11 @@ def validate_epoch(state: TrainState, ep: EpochStats, cfg: Config, rt: Runtime, 
     """The epoch record with validation recall (every eval.every epochs and the last), and under
     "diverged" why the epoch must not count (non-finite weights, embeddings or validation loss)."""
     record = ep.record(state)
-    model = state.model
+    model = state.eval_model()  # the EMA weights when train.ema is on
     # One set of BatchNorm running statistics (rank 0's) for evaluation and the checkpoint.
-    distributed.broadcast_buffers(model)
+    distributed.broadcast_buffers(state.model)
+    if model is not state.model:
+        distributed.broadcast_buffers(model)
     if rt.main:
         record["diverged"] = non_finite_state(model)  # None when every weight and buffer is finite
     if ep.epoch % cfg.eval.every == 0 or ep.epoch == cfg.train.epochs:

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 RESUMABLE_KEYS = frozenset({
     "train.epochs", "train.log_every", "train.checkpoint_every", "train.device", "train.tensorboard",
     "train.compile", "data.num_workers", "text.batch_size", "text.cache_dir", "eval.batch_size",
+    "model.grad_checkpointing",  # recomputes activations: the same gradients, less memory
 })
 
 HINT = "use another --out, or --no-resume to start over"
@@ -72,6 +73,8 @@ def check_config(run_root: Path, ckpt: dict[str, Any], checkpoint: Path, cfg: Co
         return  # a checkpoint from before configs were saved in it: nothing to compare
     changed = config_differences(saved, cfg)  # "key: old -> new"
     diffs = [c for c in changed if c.split(":", 1)[0] not in RESUMABLE_KEYS]
+    if _same_weights_file(saved, cfg):  # a weights file that only moved (same sha256) is the same init
+        diffs = [c for c in diffs if not c.startswith("model.image_weights:")]
     if diffs:
         raise ResumeError(f"{run_root}: holds a run with another config ({_listing(diffs)}; compared with "
                           f"{checkpoint.name}); only {', '.join(sorted(RESUMABLE_KEYS))} may change on resume: {HINT}")
@@ -80,6 +83,11 @@ def check_config(run_root: Path, ckpt: dict[str, Any], checkpoint: Path, cfg: Co
     if any(c.startswith("train.epochs:") for c in changed):
         log.warning("train.epochs changed on resume: the learning-rate schedule now spans %d epochs, so the "
                     "rate steps to where that schedule is at the resumed step", cfg.train.epochs)
+
+
+def _same_weights_file(saved: dict[str, Any], cfg: Config) -> bool:
+    sha = (saved.get("model") or {}).get("image_weights_sha256") or ""
+    return bool(sha) and sha == cfg.model.image_weights_sha256
 
 
 def check_data(run_root: Path, ckpt: dict[str, Any], checkpoint: Path, now: dict[str, Any]) -> None:

@@ -5,6 +5,7 @@ sums the loop reads every train.log_every steps (`StepStats`). No host synchroni
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 
@@ -71,7 +72,9 @@ def train_step(model: torch.nn.Module, micro_batches: list[tuple[torch.Tensor, t
         poison = torch.where(torch.isfinite(loss.detach()), 1.0, float("nan"))
         return scaler.scale(loss * poison / k)
 
-    for i, (images, texts) in enumerate(micro_batches):
+    for i, (images, texts, *extras) in enumerate(micro_batches):
+        # extras: an optional dict of keyword arguments for the loss (a recipe's image ids, step: objectives.Recipe)
+        loss_of = functools.partial(loss_fn, **extras[0]) if extras else loss_fn
         images = images.to(device, non_blocking=True)
         if transform is not None:
             images = transform(images)  # uint8 [B, S, S, 3] -> normalised float [B, 3, H, W], on device
@@ -83,7 +86,7 @@ def train_step(model: torch.nn.Module, micro_batches: list[tuple[torch.Tensor, t
         with no_sync:
             if 0 < embed_chunk < images.shape[0]:  # N images' activations at a time (chunked.py: when exact)
                 terms, image_emb, logit_scale = chunked_clip_backward(model, images, texts, embed_chunk, objective,
-                                                                      amp_dtype, gather=gather, loss_fn=loss_fn)
+                                                                      amp_dtype, gather=gather, loss_fn=loss_of)
             else:
                 # Forward under autocast (bf16/fp16 where supported, else fp32); the loss itself runs in fp32.
                 # The logit scale comes out of the forward (DDP must see every parameter the loss uses).
@@ -91,7 +94,7 @@ def train_step(model: torch.nn.Module, micro_batches: list[tuple[torch.Tensor, t
                 bn = batchnorm_on_running_statistics(tower) if embed_chunk > 0 else contextlib.nullcontext()
                 with bn, torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                     image_emb, logit_scale = model(images, with_logit_scale=True)  # [B, D] fp32; 1/tau 0-d
-                terms = loss_fn(image_emb, texts, logit_scale, gather=gather)
+                terms = loss_of(image_emb, texts, logit_scale, gather=gather)
                 objective(terms["loss"]).backward()
         for name, v in terms.items():
             terms_sum[name] = terms_sum.get(name, 0.0) + v.detach() / k
