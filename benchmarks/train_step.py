@@ -24,7 +24,7 @@ peak memory (RSS on CPU, allocated on CUDA) and embedding img/s (eval forward un
 batch --batch, the same precision as `clipft embed` on that device).
 
 Recipe levers (--recipes baseline,bank1024,bankall,queue1024,siglip,ema): clipft's step with each
-option of docs/notes/recipe.md against the baseline, taking turns in ONE process (median round), plus
+option of docs/recipe.md against the baseline, taking turns in ONE process (median round), plus
 the device memory each option adds, counted exactly from the tensors it keeps (caption bank, image
 queue, EMA copy; --bank-size captions of 512 dims, default 10,000 ~ the demo's cache), and the one-off
 k-means time of data.batch_sampler=clustered on that bank.

@@ -27,7 +27,7 @@ import torch
 
 PQ_FILE = "ann-pq.faiss"
 PQ_MEMBERS = "ann-pq.members.npy"
-PQ_MIN_ROWS = 5_000_000  # automatic above this (see docs/notes/index-scale.md for the measurements)
+PQ_MIN_ROWS = 5_000_000  # automatic above this (see docs/search-at-scale.md for the measurements)
 PQ_RERANK = 10  # PQ candidates re-ranked exactly per result wanted (top 10 x k)
 PQ_RERANK_MAX = 80  # calibration deepens the re-ranking up to this when all cells are not enough
 PQ_TRAIN_MAX = 65_536  # training sample cap: 64 x 256-centroid k-means on it take ~1 min on 2 cores
@@ -158,8 +158,8 @@ def calibrate_pq(searcher: PQSearcher, queries: torch.Tensor, exact: np.ndarray,
     """Until the re-ranked recall@k reaches `target`: double nprobe while that helps (a doubling that
     gains < 0.005 is undone: the misses are then the codes' error, not unvisited cells), then double
     the re-rank depth (up to PQ_RERANK_MAX), then nprobe again (up to every cell). Returns (recall
-    before re-ranking, after) at the values kept. Measured on 1M synthetic rows (docs/notes/
-    index-scale.md): recall stopped at 0.853 from 512 of 1,024 cells on, so more cells only cost time."""
+    before re-ranking, after) at the values kept. Measured on 1M synthetic rows
+    (docs/search-at-scale.md): recall stopped at 0.853 from 512 of 1,024 cells on, so more cells only cost time."""
     before, after = pq_recall(searcher, queries, exact, k)
     while after < target and searcher.nprobe < searcher.nlist:
         searcher.nprobe = min(searcher.nlist, 2 * searcher.nprobe)
