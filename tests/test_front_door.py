@@ -131,7 +131,9 @@ def test_threads_leave_the_busy_cpus_alone():
     assert plan_cpu_threads(2, 0.1)[0] == 2  # an idle 2-core machine: both
     assert plan_cpu_threads(2, 2.0)[0] == 1  # two busy processes on 2 cores: 1 thread, never 0
     assert plan_cpu_threads(2, 19.0)[0] == 1
-    assert plan_cpu_threads(16, 4.2)[0] == 12
+    assert plan_cpu_threads(16, 4.2)[0] == 16  # a load below the CPU count keeps every CPU
+    assert plan_cpu_threads(2, 1.1)[0] == 2  # e.g. the caller's own test runner: results must not follow it
+    assert plan_cpu_threads(16, 20.0)[0] == 11
     assert plan_cpu_threads(4, None)[0] == 4
 
 

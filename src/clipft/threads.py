@@ -4,8 +4,11 @@ Measured on a 2-core machine shared with CPU-bound processes (docs/measurements.
 OpenMP threads per process, every parallel region waits at its barrier for the thread the scheduler
 has parked, and libgomp's default (active) wait policy spins meanwhile, burning the CPU the others
 need: the training step ran 5x slower and used 5x the CPU time of a single-threaded one. So:
-threads = the CPUs this process may use (affinity mask) minus the load already on them, at least 1,
-and threads that wait sleep (OMP_WAIT_POLICY=PASSIVE) instead of spinning.
+threads = the CPUs this process may use (affinity mask), fewer only on a machine whose load already
+fills every CPU (then one per CPU the load leaves, at least 1), and threads that wait sleep
+(OMP_WAIT_POLICY=PASSIVE) instead of spinning. A load below the CPU count keeps every CPU: the load
+average counts the caller's own recent work (a shell, the test runner), and a thread count that
+followed it would make an idle machine's results depend on what ran a minute before.
 """
 
 from __future__ import annotations
@@ -37,11 +40,11 @@ def load_average() -> float | None:
 
 def plan_cpu_threads(cpus: int, load: float | None) -> tuple[int, str]:
     """(intra-op threads, why) for `cpus` usable CPUs with `load` runnable processes already on them:
-    the CPUs left idle, rounded, between 1 and `cpus`. Unknown load = all CPUs."""
+    every CPU while the load is below `cpus`; on a machine the load already fills, `cpus` less the
+    excess load, rounded down, between 1 and `cpus`. Unknown load = all CPUs."""
     if load is None:
         return cpus, f"{cpus} CPU(s) available, load unknown"
-    idle = int(cpus - load + 0.5)
-    threads = max(1, min(cpus, idle))
+    threads = cpus if load < cpus else max(1, min(cpus, int(cpus - (load - cpus) - 0.5)))
     if threads == cpus:
         return threads, f"{cpus} CPU(s) available, load {load:.1f}"
     return threads, (f"{cpus} CPU(s) available but load {load:.1f}: {threads} thread(s), so that no thread "
