@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .text.encoder import text_fingerprint  # noqa: F401 (part of this module's interface)
 from .config import ConfigError
 from .model import ModelError
 from .preprocess import EvalTransform, ProcessorTransform, pil_from_uint8, preprocess_file, to_rgb
@@ -60,9 +61,6 @@ def state_digest(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def text_fingerprint(encoder: Any) -> str:
-    """sha256 of a loaded TextEncoder's identity (kind, name, config, max_length, weights digest)."""
-    return hashlib.sha256(encoder.identity.encode("utf-8")).hexdigest()
 
 
 def fill_template(template: str, label: str) -> str:

@@ -55,7 +55,7 @@ def to_rgb(im: Image.Image) -> Image.Image:
 def _open_image_file(path: str | Path):
     """The image file, or a webdataset shard member named 'SHARD.tar/KEY.jpg' (`data.shards`)."""
     if ".tar/" in str(path):
-        from .data.shards import split_member, open_member
+        from .shard_members import open_member, split_member
         if split_member(path) is not None:
             return open_member(path)
     return open(path, "rb")

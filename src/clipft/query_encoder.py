@@ -55,7 +55,7 @@ def read_declaration(name: str) -> dict | None:
 def use_query_encoder(model: Any, name: str) -> Any:
     """Make `model` (an inference.ImageTextModel) encode text queries with `name` (hub name or folder);
     ModelError (one line) when its dimension differs or it does not declare the model's text space."""
-    from .inference import text_fingerprint
+    from .text.encoder import text_fingerprint
     from .text import TextEncoderError, load_text_encoder
     frozen = model._text
     try:
@@ -81,11 +81,10 @@ def use_query_encoder(model: Any, name: str) -> Any:
 
 
 def declare_query_encoder(encoder_dir: str | Path, model: Any, note: str = "") -> Path:
-    """Write QUERY_ENCODER_FILE into `encoder_dir`: it maps into `model`'s (an ImageTextModel or its
-    loader's source) frozen text space. The caller vouches for that (e.g. a distilled student)."""
+    """Write QUERY_ENCODER_FILE into `encoder_dir`: it maps into `model`'s (an ImageTextModel, as
+    `clipft.load` gives) frozen text space. The caller vouches for that (e.g. a distilled student)."""
     if not hasattr(model, "fingerprint"):
-        from .inference import load
-        model = load(model)
+        raise TypeError("declare_query_encoder: pass the loaded model, clipft.load(PATH)")
     path = Path(encoder_dir) / QUERY_ENCODER_FILE
     path.write_text(json.dumps({"output_space": model._text.fingerprint(), "output_dim": model.embed_dim,
                                 "text_encoder": model.text_encoder_name, "note": note}, indent=2) + "\n")

@@ -55,7 +55,7 @@ def build_pq(emb: torch.Tensor | np.ndarray, ids: np.ndarray, nlist: int | None 
     """A trained faiss IVF-PQ index (`index_factory`, inner product) holding emb [N, D] under `ids` [N].
     Trained on a seeded sample of at most `train_max` rows; rows are added in float32 blocks so a
     float16 memory map is never widened whole."""
-    from .query import _faiss
+    from .faiss_lib import _faiss
     faiss = _faiss()
     x = emb.numpy() if isinstance(emb, torch.Tensor) else emb
     n, d = x.shape
@@ -105,7 +105,7 @@ class PQSearcher:
     stored rows, so a returned score is the exact cosine (tests/search/test_pq.py)."""
 
     def __init__(self, index, emb, ids: np.ndarray, rerank: int = PQ_RERANK):
-        from .query import _faiss
+        from .faiss_lib import _faiss
         self.index, self.emb, self.ids, self.rerank = index, emb, np.asarray(ids), rerank
         self.ivf = _faiss().downcast_index(_faiss().extract_index_ivf(index))
 
@@ -199,7 +199,7 @@ def sync_pq(index, old: np.ndarray, new: np.ndarray, emb) -> tuple[int, int]:
 
 
 def atomic_write_index(index, path: Path) -> None:
-    from .query import _faiss
+    from .faiss_lib import _faiss
     tmp = path.with_name(f".{path.name}.tmp")
     _faiss().write_index(index, str(tmp))
     os.replace(tmp, path)

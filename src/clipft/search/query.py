@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import logging
 import math
 import os
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .faiss_lib import _faiss
 from .index import SearchError, connect, load_shard, read_info
 
 ANN_FILE = "ann.faiss"
@@ -225,15 +225,6 @@ def duplicate_groups(idx: LoadedIndex, threshold: float = 0.95, chunk: int = DUP
 
 
 # --------------------------------------------------------------------------- approximate (optional)
-
-def _faiss():
-    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # it logs each CPU variant it tries at INFO
-    try:
-        import faiss
-    except ImportError:
-        raise SearchError("the approximate index needs faiss: pip install 'clipft[ann]'") from None
-    return faiss
-
 
 def build_ann(emb: torch.Tensor, nlist: int | None = None, nprobe: int | None = None, seed: int = 0):
     """A faiss IVF-Flat inner-product index over emb [N, D]: k-means into `nlist` cells (default

@@ -415,3 +415,7 @@ def _load_st(name: str, source: str, canonical: str, local: bool, device: torch.
 # --------------------------------------------------------------------------- cache
 
 
+def text_fingerprint(encoder: Any) -> str:
+    """sha256 of a loaded TextEncoder's identity (kind, name, config, max_length, weights digest): what an
+    export records and a query encoder must declare."""
+    return hashlib.sha256(encoder.identity.encode("utf-8")).hexdigest()
