@@ -29,7 +29,7 @@ demo: $(DEMO_STAMP)
 	$(BIN)/clipft demo --out runs/demo
 
 test: setup
-	$(BIN)/python -m pytest -q
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q  # the venv's commands (clipft, clip_benchmark) for tests that run them
 
 # The manual (docs/) as a static site in site/; strict: a broken link or a missing page fails the build.
 docs: setup
