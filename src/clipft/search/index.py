@@ -336,21 +336,9 @@ def update_index(folder: str | Path, model, index_dir: str | Path | None = None,
     if dtype not in DTYPES:
         raise SearchError(f"index dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     index_dir = Path(index_dir) if index_dir is not None else default_index_dir(folder)
-    skip = {INDEX_DIRNAME}
-    if index_dir.resolve().is_relative_to(folder.resolve()) and index_dir.resolve() != folder.resolve():
-        skip.add(index_dir.resolve().relative_to(folder.resolve()).parts[0])  # never index the index's thumbnails
     with _write_lock(index_dir), connect(index_dir) as conn:
-        _check_model(conn, index_dir, folder, model, rebuild)
-        if rebuild:
-            _reset(conn, index_dir)
-        with conn:
-            conn.executemany("INSERT OR REPLACE INTO info VALUES (?, ?)", [
-                ("schema", SCHEMA_VERSION), ("root", str(folder.resolve())), ("model", model.name),
-                ("model_source", model_source or model.name), ("fingerprint", model.fingerprint),
-                ("embed_dim", str(model.embed_dim)), ("dtype", dtype)])
-        _merge_parts(conn, index_dir)  # chunks a killed multi-process run finished
         stats = UpdateStats()
-        todo = _plan(conn, folder, list_images(folder, skip_dirs=tuple(skip)), stats)
+        todo = _prepare(conn, folder, index_dir, model, model_source, rebuild, dtype, stats)
         bar = tqdm(total=len(todo), desc="index", unit="img", disable=not progress or not todo)
         t_embed = time.perf_counter()
         for start in range(0, len(todo), chunk_size):
@@ -382,7 +370,7 @@ def _prepare(conn: sqlite3.Connection, folder: Path, index_dir: Path, model, mod
     _merge_parts(conn, index_dir)
     skip = {INDEX_DIRNAME}
     if index_dir.resolve().is_relative_to(folder.resolve()) and index_dir.resolve() != folder.resolve():
-        skip.add(index_dir.resolve().relative_to(folder.resolve()).parts[0])
+        skip.add(index_dir.resolve().relative_to(folder.resolve()).parts[0])  # never index the index's thumbnails
     return _plan(conn, folder, list_images(folder, skip_dirs=tuple(skip)), stats)
 
 
