@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import os
 import sqlite3
 import time
@@ -41,6 +40,7 @@ from typing import Iterator
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..inference import file_sha256  # the one file hash (export records, index contents)
 from ..embed import embed_paths, list_images
 
 INDEX_DIRNAME = ".clipft-index"
@@ -89,14 +89,6 @@ class UpdateStats:
 
 def default_index_dir(folder: str | Path) -> Path:
     return Path(folder) / INDEX_DIRNAME
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def connect(index_dir: Path, readonly: bool = False) -> sqlite3.Connection:
