@@ -29,6 +29,7 @@ from PIL import Image
 
 from .text.encoder import text_fingerprint  # noqa: F401 (part of this module's interface)
 from .config import ConfigError
+from .backbones import file_sha256  # noqa: F401 (export and quantize import it from here)
 from .model import ModelError
 from .preprocess import EvalTransform, ProcessorTransform, pil_from_uint8, preprocess_file, to_rgb
 
@@ -552,12 +553,6 @@ def _from_export(folder: Path, dev: torch.device, backend: str, amp: str = "off"
     return model
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _checked_onnx_sha256(folder: Path, cfg: dict, name: str = ONNX_FILE) -> str:

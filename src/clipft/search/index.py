@@ -40,7 +40,7 @@ from typing import Iterator
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..inference import file_sha256  # the one file hash (export records, index contents)
+from ..backbones import file_sha256  # the one file hash (weight files, export records, index contents)
 from ..embed import embed_paths, list_images
 
 INDEX_DIRNAME = ".clipft-index"
