@@ -62,8 +62,6 @@ def state_digest(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-
-
 def fill_template(template: str, label: str) -> str:
     """template.format(label), with "a {}" turned into "an {}" before a vowel ("an orange star"): the
     prompt rule of `clipft zeroshot` (which imports it from here; the API imports nothing of data)."""
@@ -551,8 +549,6 @@ def _from_export(folder: Path, dev: torch.device, backend: str, amp: str = "off"
         model._encode_pixels = lambda pixels, f=encode: F.normalize(f(pixels), dim=-1)
         model.quantized = onnx_path.name == INT8_ONNX_FILE
     return model
-
-
 
 
 def _checked_onnx_sha256(folder: Path, cfg: dict, name: str = ONNX_FILE) -> str:
