@@ -261,3 +261,87 @@ def test_zero_shot_plot_without_true_classes_says_no_green_and_names_files(tmp_p
     V.plot_zero_shot([{"path": png, "probs": torch.tensor([0.7, 0.3]), "target": None}], ["cat", "dog"],
                      tmp_path / "z.png")
     assert "green" not in seen["suptitle"] and any("holiday.png" in t for t in seen["titles"])
+
+
+# Round two: other mistakes of the same kinds. Each answers with one line that names the input, before
+# torch is imported: (argv, words the line must hold). The folder holds d/ (an empty data folder), adir/
+# (an empty folder), afile (a file), ck.pt and p.png (binary files) and empty.yaml (an empty file).
+MISTAKES = [
+    (["train", "--config", "p.png", "--data", "d", "--out", "r"], "p.png: not a YAML config file"),
+    (["train", "--config", "ck.pt", "--data", "d", "--out", "r"], "ck.pt: not a YAML config file"),
+    (["train", "--config", "empty.yaml", "--data", "d", "--out", "r"], "empty.yaml: an empty config file"),
+    (["train", "--config", "afile", "--data", "d", "--out", "r"], "afile: not a clipft config"),
+    (["train", "--data", "d", "--out", "r", "--lr", "0.1"], "--set train.lr=0.1"),
+    (["train", "--data", "d", "--out", "r", "--epochs=3"], "--set train.epochs=3"),
+    (["train", "--data", "d", "--out", "afile"], "afile: a file, not a folder"),
+    (["train", "--data", "d", "--out", "afile/run"], "afile: a file, not a folder"),
+    (["make-data", "shapes", "--out", "afile"], "afile: a file, not a folder"),
+    (["shard", "d", "--out", "afile"], "afile: a file, not a folder"),
+    (["ablate", "--out", "afile", "--quick"], "afile: a file, not a folder"),
+    (["demo", "--out", "afile"], "afile: a file, not a folder"),
+    (["export", "ck.pt", "--out", "afile"], "afile: a file, not a folder"),
+    (["index", "adir", "--model", "m", "--index", "afile"], "afile: a file, not a folder"),
+    (["validate", "--data", "d", "--out", "adir"], "adir: a folder, not a file"),
+    (["evaluate", "--checkpoint", "ck.pt", "--data", "d", "--out", "adir"], "adir: a folder, not a file"),
+    (["evaluate", "--checkpoint", "ck.pt", "--data", "d", "--out", "afile/m.json"], "afile: a file, not a folder"),
+    (["inspect-data", "--data", "d", "--out", "adir"], "adir: a folder, not a file"),
+    (["embed", "--model", "m", "--images", "adir", "--out", "adir"], "adir: a folder, not a file"),
+    (["visualize", "heatmap", "--checkpoint", "ck.pt", "--data", "d", "--out", "afile/x.png"],
+     "afile: a file, not a folder"),
+    (["evaluate", "--checkpoint", "ck.pt", "--data", "d", "--device", "gpu"], "--device"),
+    (["index", "adir", "--model", "m", "--device", "gpu"], "--device"),
+    (["search", "cat", "--device", "cuda:x"], "--device"),
+    (["evaluate", "--checkpoint", "adir", "--data", "d"], "adir: a folder, not a checkpoint file"),
+    (["index", "afile", "--model", "m"], "afile: not a folder"),
+    (["embed", "--model", "m", "--images", "afile", "--out", "e.safetensors"], "afile: not a folder"),
+    (["report", "afile"], "afile: not a directory"),
+    (["search", "cat", "--index", "no-such-index"], "no-such-index: no clipft index here"),
+    (["zeroshot", "--checkpoint", "ck.pt", "--image", "no-such.jpg", "--labels", "a", "b"],
+     "no-such.jpg: no such file"),
+    (["zeroshot", "--checkpoint", "ck.pt", "--data", "d", "--labels-from", "shape"], "shapes:shape"),
+]
+
+
+@pytest.mark.parametrize("argv,words", MISTAKES, ids=[f"{i}-{' '.join(a[:1])}" for i, (a, _) in enumerate(MISTAKES)])
+def test_a_mistake_gets_one_true_line_before_torch(argv, words, tmp_path):
+    for d in ("d", "adir"):
+        (tmp_path / d).mkdir()
+    (tmp_path / "afile").write_text("hello\n")
+    (tmp_path / "ck.pt").write_bytes(b"PK\x03\x04\x80\x02\x8a\n\xff\xfe" * 10)
+    (tmp_path / "p.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)))
+    (tmp_path / "empty.yaml").write_text("")
+    r = imports_after(argv, tmp_path)
+    err = r["err"].strip()
+    assert r["rc"] == 2, r
+    assert words in err, err
+    assert r["heavy"] == [], f"{argv}: imported {r['heavy']} before refusing ({err})"
+    assert "unexpected" not in err and "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if not ln.startswith("usage:") and not ln.startswith(" ")]
+    assert len(lines) == 1, err
+    assert not (tmp_path / "afile").is_dir() and not (tmp_path / "adir.tmp").exists()
+
+
+def test_no_cuda_names_the_device_not_train_device(monkeypatch):
+    import torch
+    from clipft.config import ConfigError
+    from clipft.runtime import resolve_device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError) as e:
+        resolve_device("cuda")
+    assert str(e.value).startswith("device 'cuda': CUDA is not available") and "--device cpu" in str(e.value)
+
+
+def test_a_config_file_of_comments_only_is_the_defaults(tmp_path):
+    from clipft.config import Config, load_config
+    f = tmp_path / "c.yaml"
+    f.write_text("# train:\n#   epochs: 3\n")
+    assert load_config(f) == Config()
+
+
+def test_embedding_an_empty_folder_is_refused(tmp_path):
+    from clipft.embed import embed_folder
+    from clipft.config import ConfigError
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="no images"):
+        embed_folder(object(), tmp_path / "empty", tmp_path / "e.safetensors")
+    assert not (tmp_path / "e.safetensors").exists()

@@ -425,7 +425,8 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
 def update_from_dict(cfg: Config, data: dict[str, Any], source: str = "config") -> Config:
     """Merge a nested mapping (e.g. parsed YAML) into cfg, strictly."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: expected a mapping of sections, got {type(data).__name__}")
+        raise ConfigError(f"{source}: not a clipft config (expected YAML sections such as `train: {{epochs: 5}}`, "
+                          f"got a {type(data).__name__})")
     for section, values in data.items():
         if section not in _sections():
             raise ConfigError(f"{source}: unknown config section {section!r}")
@@ -454,7 +455,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{path}: config file not found (--config takes a YAML file or a preset: "
                               f"{', '.join(PRESETS)})")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:  # a checkpoint, an image, a zip: not text at all
+            raise ConfigError(f"{path}: not a YAML config file (binary content); --config takes a YAML file "
+                              f"or a preset: {', '.join(PRESETS)}") from None
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read the config file ({e.strerror or e})") from None
+        if not text.strip():  # a file saved empty by mistake would silently train the defaults (ResNet50 on COCO)
+            raise ConfigError(f"{path}: an empty config file; write the settings that differ from the defaults "
+                              f"(e.g. `train: {{epochs: 5}}`) or use a preset: {', '.join(PRESETS)}")
+        try:
+            data = yaml.safe_load(text) or {}  # a file of comments only: the defaults, as written
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML ({e.__class__.__name__})") from None
         update_from_dict(cfg, data, source=str(path))

@@ -89,7 +89,8 @@ def device_for_rank(name: str, local_rank: int) -> torch.device:
                                   f"{n} processes per node (torchrun --nproc_per_node {n})")
             return torch.device("cuda", local_rank)
         if name == "cuda":
-            raise ConfigError("train.device='cuda' but CUDA is not available on this machine")
+            raise ConfigError("device 'cuda': CUDA is not available on this machine; run on the CPU instead "
+                              "(--device cpu; for train: --set train.device=cpu)")
         return torch.device("cpu")
     raise ConfigError(f"train.device={name!r}: under torchrun use auto, cuda or cpu "
                       "(each process takes the GPU cuda:LOCAL_RANK)")

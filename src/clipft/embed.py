@@ -194,6 +194,10 @@ def embed_folder(model: ImageTextModel, folder: str | Path, out: str | Path, bat
     from . import distributed
     folder, out = Path(folder), Path(out)
     paths = list_images(folder)
+    if not paths:  # a file of 0 embeddings is of no use to anyone: say so instead of writing one
+        from .config import ConfigError
+        raise ConfigError(f"{folder}: no images in this folder or below it "
+                          f"({', '.join(e.lstrip('.') for e in IMAGE_EXTENSIONS)}); nothing to embed")
     t0 = time.perf_counter()
     if distributed.is_distributed():
         paths = distributed.all_gather_objects(paths)[0]  # rank 0's listing, should the folder change meanwhile

@@ -28,7 +28,9 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name!r} but CUDA is not available on this machine")
+        # Every command's --device comes here, not only train's config: name the value, not a config key.
+        raise ConfigError(f"device {name!r}: CUDA is not available on this machine; run on the CPU instead "
+                          "(--device cpu; for train: --set train.device=cpu)")
     return dev
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import PRESETS, Config, ConfigError, config_from_arg
+from ..config import _DEVICE, PRESETS, Config, ConfigError, _field_types, _sections, config_from_arg
 
 
 # --------------------------------------------------------------------------- integer arguments
@@ -33,6 +33,17 @@ non_negative_int = int_range(0)
 pixels = int_range(16, 4096)  # image sides, the range data.image_size / data.prepared_size accept
 
 
+def device_name(text: str) -> str:
+    """An argparse `type` for --device: the forms train.device accepts, checked at parse time (a typo such
+    as `gpu` used to reach torch.device, after the model had loaded, as an unexpected RuntimeError)."""
+    if not _DEVICE.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}")
+    return text
+
+
+device_name.__name__ = "device"
+
+
 # --------------------------------------------------------------------------- shared argument groups
 
 def _add_overrides(p: argparse.ArgumentParser, help: str | None = None) -> None:
@@ -48,7 +59,8 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_device(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
+    p.add_argument("--device", type=device_name, default="auto",
+                   help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
 
 
 def _add_quiet(p: argparse.ArgumentParser, help: str | None = None) -> None:
@@ -61,13 +73,31 @@ def _build_config(args: argparse.Namespace, base: Config | None = None) -> Confi
     return config_from_arg(getattr(args, "config", None), overrides, base=base)
 
 
-def _split_extra(extra: list[str]) -> list[str]:
+def _unrecognised(a: str, following: str | None, command: str | None) -> ConfigError:
+    """The line for an argument no parser knows: `--lr 0.1` names the config key it probably meant
+    (--set train.lr=0.1), anything else points at the command's --help."""
+    name, _, value = a[2:].partition("=") if a.startswith("--") else ("", "", "")
+    if not value and following is not None and not following.startswith("-"):
+        value = following
+    key = name.replace("-", "_")
+    homes = [s for s, cls in _sections().items() if key and key in _field_types(cls)]
+    where = f"clipft {command} --help" if command else "clipft --help"
+    if len(homes) == 1:
+        return ConfigError(f"unrecognised argument {a!r}: config values are set with --set SECTION.KEY=VALUE, "
+                           f"e.g. --set {homes[0]}.{key}={value or 'VALUE'} (options: {where})")
+    if homes:
+        return ConfigError(f"unrecognised argument {a!r}: config values are set with --set SECTION.KEY=VALUE; "
+                           f"{key} is a key of {', '.join(homes)} (e.g. --set {homes[0]}.{key}={value or 'VALUE'})")
+    return ConfigError(f"unrecognised argument {a!r} (see {where})")
+
+
+def _split_extra(extra: list[str], command: str | None = None) -> list[str]:
     """Turn leftover `--section.key=value` / `--section.key value` args into override strings."""
     out, i = [], 0
     while i < len(extra):
         a = extra[i]
         if not a.startswith("--") or "." not in a.split("=", 1)[0]:
-            raise ConfigError(f"unrecognised argument {a!r}")
+            raise _unrecognised(a, extra[i + 1] if i + 1 < len(extra) else None, command)
         if "=" in a:
             out.append(a[2:])
             i += 1

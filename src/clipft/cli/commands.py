@@ -98,13 +98,73 @@ def _names_shards(spec: str) -> bool:
 
 
 def _check_inputs_exist(args: argparse.Namespace) -> None:
-    """A missing --data / --checkpoint / folder is one line before torch is imported (seconds)."""
-    for attr, line in _MUST_EXIST.get(getattr(args, "command", None), []):
+    """A missing --data / --checkpoint / folder is one line before torch is imported (seconds); so is a
+    folder given as the checkpoint file, or a file where a folder of images or a run is expected."""
+    command = getattr(args, "command", None)
+    for attr, line in _MUST_EXIST.get(command, []):
         value = getattr(args, attr, None)
         if attr == "data" and value and _names_shards(str(value)):
             continue  # a webdataset pattern or URL: data/shards.py checks what it names
         if value and not Path(value).exists():
             raise ConfigError(line.format(value))
+        if not value:
+            continue
+        if attr == "checkpoint" and Path(value).is_dir():
+            best = Path(value) / "best.pt"
+            raise ConfigError(f"{value}: a folder, not a checkpoint file" +
+                              (f"; did you mean {best}?" if best.is_file() else
+                               " (give the best.pt or last.pt that clipft train wrote)"))
+        if attr == "run" and not Path(value).is_dir():
+            raise ConfigError(f"{value}: not a directory (give the run directory that `clipft train --out` wrote)")
+        if attr in ("folder", "images") and not Path(value).is_dir():
+            raise ConfigError(f"{value}: not a folder; give the folder of images (searched recursively)")
+    if command == "search" and not Path(args.index).exists():
+        raise ConfigError(f"{args.index}: no clipft index here (build one with `clipft index FOLDER --model MODEL`)")
+    for image in (getattr(args, "image", None) or []) if command == "zeroshot" else []:
+        if not Path(image).is_file():
+            what = "a folder, not an image file" if Path(image).is_dir() else "no such file"
+            raise ConfigError(f"{image}: {what} (--image takes image files)")
+
+
+# Where each command writes, checked before any work: ("dir" | "file", attribute, option, an example file
+# name for a folder given where a file is wanted). A file in the way used to surface after minutes of work
+# as an unexpected FileExistsError / NotADirectoryError (or a stray OUT.tmp).
+_OUTPUTS = {
+    "make-data": [("dir", "out", "--out", "")], "shard": [("dir", "out", "--out", "")],
+    "train": [("dir", "out", "--out", "")], "export": [("dir", "out", "--out", "")],
+    "ablate": [("dir", "out", "--out", "")], "demo": [("dir", "out", "--out", "")],
+    "download": [("dir", "out", "--out", "")], "index": [("dir", "index", "--index", "")],
+    "zeroshot": [("dir", "out", "--out", ""), ("file", "plot", "--plot", "zeroshot.png")],
+    "validate": [("file", "out", "--out", "report.json")],
+    "evaluate": [("file", "out", "--out", "metrics.json"),
+                 ("file", "save_embeddings", "--save-embeddings", "embeddings.safetensors")],
+    "inspect-data": [("file", "out", "--out", "samples.png")],
+    "embed": [("file", "out", "--out", "embeddings.safetensors")],
+    "visualize": [("file", "out", "--out", "picture.png")],
+}
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """An output path that cannot be written for the shape of it (a file where a folder goes, a folder
+    where a file goes, a file among its parents) is one line before any import or work."""
+    command = getattr(args, "command", None)
+    for kind, attr, option, example in _OUTPUTS.get(command, []):
+        value = getattr(args, attr, None)
+        if not value or (attr == "save_embeddings" and value == "auto"):
+            continue
+        if command == "visualize" and args.kind in ("all", "zero-shot"):
+            kind = "dir"  # these write several pictures into the folder --out names
+        path = Path(value)
+        for parent in path.parents:  # the nearest existing parent must be a folder
+            if parent.exists():
+                if not parent.is_dir():
+                    raise ConfigError(f"{parent}: a file, not a folder, so {option} {value} cannot be written; "
+                                      "choose another path")
+                break
+        if kind == "dir" and path.exists() and not path.is_dir():
+            raise ConfigError(f"{value}: a file, not a folder; {option} takes a folder (new, or one clipft wrote)")
+        if kind == "file" and path.is_dir():
+            raise ConfigError(f"{value}: a folder, not a file; {option} takes a file path, e.g. {path / example}")
 
 
 def _add_split_args(p: argparse.ArgumentParser) -> None:
@@ -285,7 +345,16 @@ def _checkpoint_config(args: argparse.Namespace) -> Config | None:
     return cfg
 
 
+def _check_labels_from(spec: str | None) -> None:
+    """--labels-from: a shapes rule or a COCO instances JSON that exists (a typo such as `shape` was read
+    as a file name and failed after the model had loaded)."""
+    if spec and not (spec == "shapes" or spec.startswith("shapes:")) and not Path(spec).is_file():
+        raise ConfigError(f"--labels-from {spec}: neither shapes, shapes:shape, shapes:color nor an existing "
+                          "COCO instances_<split>2014.json file")
+
+
 def cmd_zeroshot(args: argparse.Namespace) -> int:
+    _check_labels_from(args.labels_from)
     from ..eval.zeroshot import zeroshot_dataset, zeroshot_images
     if bool(args.image) == bool(args.data):
         raise ConfigError("zeroshot: give either --image PATH ... or --data ROOT")
@@ -328,6 +397,7 @@ def cmd_visualize(args: argparse.Namespace) -> int:
         return 0
     if not args.checkpoint or not args.data:
         raise ConfigError(f"visualize {args.kind}: needs --checkpoint CKPT and --data ROOT")
+    _check_labels_from(args.labels_from)
     from ..eval.pictures import write_visualization
     written, notes = write_visualization(
         args.kind, args.checkpoint, args.data, split=args.split, cfg=_checkpoint_config(args), device=args.device,
@@ -724,8 +794,9 @@ def main(argv: list[str] | None = None) -> int:
     configure_cpu_threads()
     code = 1  # an unexpected exception propagates with this status in RUN/commands.txt
     try:
-        args.extra_overrides = _split_extra(extra)
+        args.extra_overrides = _split_extra(extra, getattr(args, "command", None))
         _check_inputs_exist(args)
+        _check_outputs(args)
         code = args.func(args)
         return code
     except KeyboardInterrupt:

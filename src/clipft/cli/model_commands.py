@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .args import _add_device, _add_quiet, int_range, non_negative_int, positive_int
+from .args import _add_device, _add_quiet, device_name, int_range, non_negative_int, positive_int
 from ..config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ def add_search_commands(sub) -> None:
                    help="images per committed chunk: the most work a kill can lose (default 512)")
     s.add_argument("--batch-size", type=positive_int, default=64, help="images per forward pass (default 64)")
     s.add_argument("--workers", type=non_negative_int, default=None, help="decoding processes (default: automatic)")
-    s.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    s.add_argument("--device", type=device_name, default="cpu", help="cpu (default), cuda or cuda:N")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_index)
 
@@ -109,7 +109,7 @@ def add_search_commands(sub) -> None:
     s.add_argument("--query-encoder", metavar="NAME_OR_PATH",
                    help="embed text queries with this encoder (e.g. a multilingual one) instead of the frozen one; "
                         "it must declare the model's text space (clipft_query_encoder.json)")
-    s.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N: where queries are embedded")
+    s.add_argument("--device", type=device_name, default="cpu", help="cpu (default), cuda or cuda:N: where queries are embedded")
     s.set_defaults(func=cmd_search)
 
     s = sub.add_parser("serve", help="local web page and JSON API over one or more indexes")
@@ -120,7 +120,7 @@ def add_search_commands(sub) -> None:
     s.add_argument("--query-encoder", metavar="NAME_OR_PATH",
                    help="embed text queries with this encoder (e.g. a multilingual one) instead of the frozen one; "
                         "it must declare the model's text space (clipft_query_encoder.json)")
-    s.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N: where queries are embedded")
+    s.add_argument("--device", type=device_name, default="cpu", help="cpu (default), cuda or cuda:N: where queries are embedded")
     s.set_defaults(func=cmd_serve)
 
 
