@@ -345,3 +345,14 @@ def test_embedding_an_empty_folder_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="no images"):
         embed_folder(object(), tmp_path / "empty", tmp_path / "e.safetensors")
     assert not (tmp_path / "e.safetensors").exists()
+
+
+def test_a_picture_named_without_a_suffix_is_written_and_reported_as_png(tmp_path):
+    import matplotlib.pyplot as plt
+    from clipft.eval.plots import _save
+    fig = plt.figure()
+    written = _save(fig, tmp_path / "samples")  # `clipft inspect-data --out samples` printed "wrote samples"
+    assert written == tmp_path / "samples.png" and written.is_file()
+    fig = plt.figure()
+    assert _save(fig, tmp_path / "run.v1").name == "run.v1.png"  # savefig refused the unknown suffix 'v1'
+    assert _save(plt.figure(), tmp_path / "a.PNG").name == "a.PNG"

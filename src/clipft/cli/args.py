@@ -81,6 +81,7 @@ def _unrecognised(a: str, following: str | None, command: str | None) -> ConfigE
         value = following
     key = name.replace("-", "_")
     homes = [s for s, cls in _sections().items() if key and key in _field_types(cls)]
+    homes.sort(key=lambda s: s != "train")  # batch_size is also text's and eval's: training's is the usual one
     where = f"clipft {command} --help" if command else "clipft --help"
     if len(homes) == 1:
         return ConfigError(f"unrecognised argument {a!r}: config values are set with --set SECTION.KEY=VALUE, "

@@ -414,7 +414,8 @@ def cmd_visualize(args: argparse.Namespace) -> int:
 def cmd_inspect_data(args: argparse.Namespace) -> int:
     from ..eval.pictures import write_data_samples
     out = Path(args.out) if args.out else Path(f"data_samples_{args.split}.png")
-    data, samples = write_data_samples(args.data, args.split, _build_config(args), out, n=args.n, seed=args.seed)
+    data, samples, out = write_data_samples(args.data, args.split, _build_config(args), out, n=args.n,
+                                            seed=args.seed)
     for s in samples:
         print(f"{s['image_id']}: {s['path']}")
         for c in s["captions"]:

@@ -147,15 +147,15 @@ def data_samples(data: CaptionedImages, n: int = 6, seed: int = 0) -> list[dict]
 
 
 def write_data_samples(data_root: str | Path, split: str, cfg, out: str | Path, n: int = 6, seed: int = 0
-                       ) -> tuple[CaptionedImages, list[dict]]:
+                       ) -> tuple[CaptionedImages, list[dict], Path]:
     """`clipft inspect-data`: a picture of n random image-caption pairs of a split at `out`;
-    returns (the split, the samples shown)."""
+    returns (the split, the samples shown, the file written)."""
     from ..data import load_split
     from .plots import plot_data_samples
     data = load_split(Path(data_root), split, cfg.data)
     samples = data_samples(data, n, seed)
-    plot_data_samples(samples, out, title=f"{n} random image-caption pairs of {data.name}")
-    return data, samples
+    written = plot_data_samples(samples, out, title=f"{n} random image-caption pairs of {data.name}")
+    return data, samples, written
 
 
 def embed_queries(cfg, queries: Sequence[str], device: str = "cpu") -> torch.Tensor:

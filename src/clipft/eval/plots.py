@@ -145,7 +145,11 @@ def _top(height_px: int, extra_in: float = 0.0) -> float:
 
 
 def _save(fig, path: str | Path) -> Path:
+    """Write fig; returns the path written. A name without a picture suffix (`--out samples`) gets .png, the
+    file savefig would write anyway, so that the `wrote ...` line names the file that exists."""
     path = Path(path)
+    if path.suffix.lstrip(".").lower() not in fig.canvas.get_supported_filetypes():
+        path = path.with_name(path.name + ".png")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
