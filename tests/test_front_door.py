@@ -356,3 +356,20 @@ def test_a_picture_named_without_a_suffix_is_written_and_reported_as_png(tmp_pat
     fig = plt.figure()
     assert _save(fig, tmp_path / "run.v1").name == "run.v1.png"  # savefig refused the unknown suffix 'v1'
     assert _save(plt.figure(), tmp_path / "a.PNG").name == "a.PNG"
+
+
+def test_api_mistakes_get_one_clear_line():
+    import torch
+    from clipft import load, similarity
+    from clipft.inference import ImageTextModel, ModelError
+    with pytest.raises(ModelError, match="no-such-dir/: not found"):  # was Hugging Face's repo-id message
+        load("no-such-dir/")
+    with pytest.raises(ModelError, match="no-such.pt: not found"):
+        load("runs/no-such.pt")
+    with pytest.raises(ModelError, match="device 'gpu': not a device"):  # was torch's RuntimeError
+        load("no-such.pt", device="gpu")
+    with pytest.raises(ValueError, match="a list of class names"):  # "red" was read as classes r, e, d
+        ImageTextModel.zero_shot(object(), ["a.jpg"], "red")
+    assert torch.allclose(similarity([[1.0, 0.0]], [[2.0, 0.0], [0.0, 3.0]]), torch.tensor([[1.0, 0.0]]))
+    with pytest.raises(TypeError, match="embeddings"):
+        similarity("a cat", "a dog")

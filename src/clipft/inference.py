@@ -46,9 +46,20 @@ EXPORT_KEYS = ("model_config", "embed_dim", "image_size", "mean", "std", "logit_
 
 def similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Cosine similarity of every row of a [Na, D] with every row of b [Nb, D] -> [Na, Nb] float32."""
+    a, b = _as_embeddings(a), _as_embeddings(b)
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
         raise ValueError(f"expected [Na, D] and [Nb, D] embeddings, got {tuple(a.shape)} and {tuple(b.shape)}")
     return F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).T
+
+
+def _as_embeddings(x: Any) -> torch.Tensor:
+    """A tensor as it is; a NumPy array or nested list (embeddings saved elsewhere) as a tensor."""
+    if isinstance(x, torch.Tensor):
+        return x
+    if isinstance(x, (str, bytes)) or not hasattr(x, "__len__"):
+        raise TypeError(f"similarity takes embeddings ([N, D] tensors from encode_images / encode_texts), "
+                        f"got {type(x).__name__}")
+    return torch.as_tensor(x)
 
 
 def state_digest(state: dict[str, torch.Tensor]) -> str:
@@ -238,7 +249,11 @@ class ImageTextModel:
         over `templates` ("{}" = the class name) and renormalised, as `clipft zeroshot` does. The
         default templates are `clipft zeroshot`'s (eval.zeroshot_templates of the default config)."""
         from .config import EvalConfig
+        if isinstance(classnames, str):  # list("red") would be the classes r, e, d
+            raise ValueError(f"zero_shot: classnames must be a list of class names, got the string {classnames!r} "
+                             "(e.g. ['cat', 'dog'])")
         classnames = list(classnames)
+        templates = [templates] if isinstance(templates, str) else templates  # one template, not its characters
         templates = list(EvalConfig().zeroshot_templates if templates is None else templates)
         if not classnames or not templates:
             raise ValueError("zero_shot needs at least one class name and one template")
@@ -274,9 +289,12 @@ def _finish(emb: torch.Tensor, one: bool, normalize: bool, numpy: bool) -> Any:
 # --------------------------------------------------------------------------- loading
 
 def _device(device: str | torch.device) -> torch.device:
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):  # torch's own line lists twenty device types
+        raise ModelError(f"device {str(device)!r}: not a device (expected 'cpu', 'cuda', 'cuda:N' or 'mps')") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ModelError(f"device {str(device)!r}: CUDA is not available on this machine")
+        raise ModelError(f"device {str(device)!r}: CUDA is not available on this machine; use device='cpu'")
     return dev
 
 
@@ -368,7 +386,10 @@ def _load(source: str | Path, device: str | torch.device = "cpu", backend: str =
         raise ModelError(f"{cfg_file}: neither a clipft export (format {EXPORT_FORMAT!r}) nor a CLIPModel config "
                          f"(model_type 'clip'), got model_type {cfg.get('model_type')!r}")
     text = str(source)
-    if text.startswith(("/", ".", "~")) or text.count("/") > 1 or "\\" in text:
+    # A name that can only be a path (a trailing slash, a checkpoint/weights suffix) is not asked of the hub,
+    # whose repo-id message would hide the plain fact that the path does not exist.
+    looks_local = text.endswith("/") or Path(text).suffix.lower() in (".pt", ".pth", ".ckpt", ".safetensors", ".bin")
+    if text.startswith(("/", ".", "~")) or text.count("/") > 1 or "\\" in text or looks_local:
         raise ModelError(f"{source}: not found (expected an export folder, a checkpoint, or an HF CLIP model name)")
     return _from_hf_clip(text, dev, backend, amp)
 
