@@ -299,6 +299,14 @@ MISTAKES = [
     (["zeroshot", "--checkpoint", "ck.pt", "--image", "no-such.jpg", "--labels", "a", "b"],
      "no-such.jpg: no such file"),
     (["zeroshot", "--checkpoint", "ck.pt", "--data", "d", "--labels-from", "shape"], "shapes:shape"),
+    (["export", "ck.pt", "--out", "e", "--quantize", "int8"], "--quantize int8 needs --onnx"),
+    (["report", "adir", "--notes", "nope.md"], "nope.md: notes file not found"),
+    (["report", "adir", "--compare", "adir", "nope"], "nope: no such run directory"),
+    (["report", "adir", "--ablation", "nope"], "nope: no such study directory"),
+    (["ablate", "--list", "--configs-file", "nope.yaml"], "nope.yaml: configurations file not found"),
+    (["evaluate", "--checkpoint", "ck.pt", "--data", "d", "--karpathy", "nope.json"],
+     "nope.json: Karpathy split file not found"),
+    (["search", "--image", "nope.jpg", "--index", "adir"], "nope.jpg: no such image file"),
 ]
 
 

@@ -82,10 +82,18 @@ def _is_expected(error: BaseException) -> bool:
 _DATA = ("data", "{}: no such file or directory")
 _CKPT = ("checkpoint", "{}: checkpoint not found")
 _RUN = ("run", "{}: no such run directory")
+_KARPATHY = ("karpathy", "{}: Karpathy split file not found (`clipft download coco --out DATA --karpathy` fetches "
+                         "dataset_coco.json)")
 _MUST_EXIST = {
     "cache-text": [_DATA], "validate": [_DATA], "prepare-images": [_DATA], "train": [_DATA],
-    "evaluate": [_CKPT, _DATA], "zeroshot": [_CKPT, _DATA], "visualize": [_CKPT, _DATA, _RUN],
-    "inspect-data": [_DATA], "export": [_CKPT], "report": [_RUN], "ablate": [_DATA],
+    "evaluate": [_CKPT, _DATA, _KARPATHY], "zeroshot": [_CKPT, _DATA, _KARPATHY],
+    "visualize": [_CKPT, _DATA, _RUN, _KARPATHY,
+                  ("embeddings", "{}: embeddings file not found (clipft evaluate --save-embeddings writes one)")],
+    "inspect-data": [_DATA], "export": [_CKPT, ("check_images", "{}: not a folder (it does not exist)")],
+    "report": [_RUN, ("notes", "{}: notes file not found"), ("compare", "{}: no such run directory"),
+               ("ablation", "{}: no such study directory (the --out folder of clipft ablate)")],
+    "ablate": [_DATA, ("configs_file", "{}: configurations file not found")],
+    "search": [("image", "{}: no such image file")],
     "index": [("folder", "{}: not a folder (it does not exist)")],
     "embed": [("images", "{}: not a directory (it does not exist)")],
 }
@@ -102,12 +110,14 @@ def _check_inputs_exist(args: argparse.Namespace) -> None:
     folder given as the checkpoint file, or a file where a folder of images or a run is expected."""
     command = getattr(args, "command", None)
     for attr, line in _MUST_EXIST.get(command, []):
-        value = getattr(args, attr, None)
-        if attr == "data" and value and _names_shards(str(value)):
-            continue  # a webdataset pattern or URL: data/shards.py checks what it names
-        if value and not Path(value).exists():
-            raise ConfigError(line.format(value))
-        if not value:
+        values = getattr(args, attr, None)
+        for value in values if isinstance(values, list) else [values]:  # --compare takes several runs
+            if attr == "data" and value and _names_shards(str(value)):
+                continue  # a webdataset pattern or URL: data/shards.py checks what it names
+            if value and not Path(value).exists():
+                raise ConfigError(line.format(value))
+        value = values
+        if not value or isinstance(value, list):
             continue
         if attr == "checkpoint" and Path(value).is_dir():
             best = Path(value) / "best.pt"

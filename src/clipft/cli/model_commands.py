@@ -150,6 +150,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    if args.quantize and not args.onnx:  # before the import: an argument error answers at once
+        raise ConfigError("--quantize int8 needs --onnx: it quantizes the float ONNX image tower")
     from ..export import export_checkpoint, format_size
     info = export_checkpoint(args.checkpoint, args.out, onnx=args.onnx, check_images=args.check_images,
                              format=args.format, quantize=args.quantize)
