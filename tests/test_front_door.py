@@ -307,6 +307,9 @@ MISTAKES = [
     (["evaluate", "--checkpoint", "ck.pt", "--data", "d", "--karpathy", "nope.json"],
      "nope.json: Karpathy split file not found"),
     (["search", "--image", "nope.jpg", "--index", "adir"], "nope.jpg: no such image file"),
+    (["serve", "--index", "adir", "--index", "nope"], "nope: no clipft index here"),
+    (["index", "adir", "--model", "runs/x/best.pt"], "runs/x/best.pt: not found"),
+    (["embed", "--model", "export/", "--images", "adir", "--out", "e.safetensors"], "export/: not found"),
 ]
 
 

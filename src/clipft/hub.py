@@ -48,3 +48,13 @@ def hub_offline(connect: Any = None, timeout: float = 3.0) -> bool:
             log.warning("cannot reach %s:%d (%s): no network, so Hugging Face models load from the local cache "
                         "only (offline mode)", host, port, why)
     return not _HUB["reachable"]
+
+
+def names_local_path(text: str) -> bool:
+    """Whether a model source can only be a path, never a hub name: an absolute, home or dotted
+    relative path, two or more slashes, a backslash, a trailing slash, or a checkpoint/weights suffix.
+    Such a source that does not exist is "not found", without asking the hub (whose repo-id message
+    would hide that) and without importing torch (the CLI checks it before anything loads)."""
+    from pathlib import Path
+    return (text.startswith(("/", ".", "~")) or text.count("/") > 1 or "\\" in text or text.endswith("/")
+            or Path(text).suffix.lower() in (".pt", ".pth", ".ckpt", ".safetensors", ".bin", ".onnx"))

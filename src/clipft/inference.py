@@ -386,10 +386,8 @@ def _load(source: str | Path, device: str | torch.device = "cpu", backend: str =
         raise ModelError(f"{cfg_file}: neither a clipft export (format {EXPORT_FORMAT!r}) nor a CLIPModel config "
                          f"(model_type 'clip'), got model_type {cfg.get('model_type')!r}")
     text = str(source)
-    # A name that can only be a path (a trailing slash, a checkpoint/weights suffix) is not asked of the hub,
-    # whose repo-id message would hide the plain fact that the path does not exist.
-    looks_local = text.endswith("/") or Path(text).suffix.lower() in (".pt", ".pth", ".ckpt", ".safetensors", ".bin")
-    if text.startswith(("/", ".", "~")) or text.count("/") > 1 or "\\" in text or looks_local:
+    from .hub import names_local_path
+    if names_local_path(text):
         raise ModelError(f"{source}: not found (expected an export folder, a checkpoint, or an HF CLIP model name)")
     return _from_hf_clip(text, dev, backend, amp)
 

@@ -128,6 +128,14 @@ def _check_inputs_exist(args: argparse.Namespace) -> None:
             raise ConfigError(f"{value}: not a directory (give the run directory that `clipft train --out` wrote)")
         if attr in ("folder", "images") and not Path(value).is_dir():
             raise ConfigError(f"{value}: not a folder; give the folder of images (searched recursively)")
+    model = getattr(args, "model", None) if command in ("index", "embed") else None
+    if model and not Path(model).expanduser().exists():
+        from ..hub import names_local_path
+        if names_local_path(str(model)):
+            raise ConfigError(f"{model}: not found (expected an export folder, a checkpoint, or an HF CLIP model name)")
+    for index in (getattr(args, "index", None) or []) if command == "serve" else []:
+        if not Path(index).exists():
+            raise ConfigError(f"{index}: no clipft index here (build one with `clipft index FOLDER --model MODEL`)")
     if command == "search" and not Path(args.index).exists():
         raise ConfigError(f"{args.index}: no clipft index here (build one with `clipft index FOLDER --model MODEL`)")
     for image in (getattr(args, "image", None) or []) if command == "zeroshot" else []:
