@@ -308,6 +308,9 @@ MISTAKES = [
      "nope.json: Karpathy split file not found"),
     (["search", "--image", "nope.jpg", "--index", "adir"], "nope.jpg: no such image file"),
     (["serve", "--index", "adir", "--index", "nope"], "nope: no clipft index here"),
+    (["train", "--data", "d", "--val-data", "nope.csv", "--out", "r"], "nope.csv: no such file or directory"),
+    (["demo", "--out", "o", "--data", "afile"], "afile: a file, not a folder"),
+    (["demo", "--out", "o", "--data", "photos"], "photos: not a COCO-layout dataset"),
     (["index", "adir", "--model", "runs/x/best.pt"], "runs/x/best.pt: not found"),
     (["embed", "--model", "export/", "--images", "adir", "--out", "e.safetensors"], "export/: not found"),
 ]
@@ -321,6 +324,8 @@ def test_a_mistake_gets_one_true_line_before_torch(argv, words, tmp_path):
     (tmp_path / "ck.pt").write_bytes(b"PK\x03\x04\x80\x02\x8a\n\xff\xfe" * 10)
     (tmp_path / "p.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)))
     (tmp_path / "empty.yaml").write_text("")
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "holiday.jpg").write_bytes(b"\xff\xd8")
     r = imports_after(argv, tmp_path)
     err = r["err"].strip()
     assert r["rc"] == 2, r
@@ -330,6 +335,7 @@ def test_a_mistake_gets_one_true_line_before_torch(argv, words, tmp_path):
     lines = [ln for ln in err.splitlines() if not ln.startswith("usage:") and not ln.startswith(" ")]
     assert len(lines) == 1, err
     assert not (tmp_path / "afile").is_dir() and not (tmp_path / "adir.tmp").exists()
+    assert [p.name for p in (tmp_path / "photos").iterdir()] == ["holiday.jpg"]  # nothing written into it
 
 
 def test_no_cuda_names_the_device_not_train_device(monkeypatch):

@@ -84,9 +84,10 @@ _CKPT = ("checkpoint", "{}: checkpoint not found")
 _RUN = ("run", "{}: no such run directory")
 _KARPATHY = ("karpathy", "{}: Karpathy split file not found (`clipft download coco --out DATA --karpathy` fetches "
                          "dataset_coco.json)")
+_VAL = ("val_data", "{}: no such file or directory (--val-data)")
 _MUST_EXIST = {
-    "cache-text": [_DATA], "validate": [_DATA], "prepare-images": [_DATA], "train": [_DATA],
-    "evaluate": [_CKPT, _DATA, _KARPATHY], "zeroshot": [_CKPT, _DATA, _KARPATHY],
+    "cache-text": [_DATA, _VAL], "validate": [_DATA, _VAL], "prepare-images": [_DATA, _VAL], "train": [_DATA, _VAL],
+    "shard": [_VAL], "evaluate": [_CKPT, _DATA, _KARPATHY, _VAL], "zeroshot": [_CKPT, _DATA, _KARPATHY],
     "visualize": [_CKPT, _DATA, _RUN, _KARPATHY,
                   ("embeddings", "{}: embeddings file not found (clipft evaluate --save-embeddings writes one)")],
     "inspect-data": [_DATA], "export": [_CKPT, ("check_images", "{}: not a folder (it does not exist)")],

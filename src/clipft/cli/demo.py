@@ -9,11 +9,26 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Sequence
 
-from ..config import PRESETS, preset_config
+from ..config import PRESETS, ConfigError, preset_config
 
 DEMO_TRAIN_IMAGES = PRESETS["demo"]["data"]["train_images"]
 DEMO_VAL_IMAGES = PRESETS["demo"]["data"]["val_images"]
 STEPS = 7  # data, train, evaluate, zero-shot, pictures, report, search: each line says [i/STEPS]
+
+
+def check_demo_data(data: str | Path | None) -> None:
+    """`demo --data`: a COCO-layout dataset to use, or a new or empty folder for the synthetic one. Any other
+    folder is refused: the demo would write train2014/, val2014/ and annotations/ into someone's photos."""
+    if data is None:
+        return
+    p = Path(data)
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"{p}: a file, not a folder; demo --data takes a COCO-layout dataset folder, or a new "
+                          "folder for the synthetic one")
+    if p.is_dir() and not (p / "annotations" / "captions_val2014.json").is_file() and any(p.iterdir()):
+        raise ConfigError(f"{p}: not a COCO-layout dataset (no annotations/captions_val2014.json), and not empty: "
+                          "the demo writes its synthetic dataset only into a new or empty folder; give one, or "
+                          "leave --data out (OUT/data)")
 
 
 def run_demo(out: str | Path, data: str | Path | None = None, train_images: int = DEMO_TRAIN_IMAGES,
@@ -24,6 +39,7 @@ def run_demo(out: str | Path, data: str | Path | None = None, train_images: int 
     absent). A rerun resumes the run already there (resume=False: trains it again from scratch). Returns {"metrics", "zero_shot" (or None), "report"}.
     before_report() runs just before the report is written (the CLI records the command line in
     RUN/commands.txt there, so that the report's Reproduce section lists it)."""
+    check_demo_data(data)  # before the imports: a wrong folder answers at once
     from ..data import load_split
     from ..data.shapes import make_shapes_dataset
     from ..eval.evaluate import checkpoint_embeddings, evaluate_checkpoint, format_recall_table
