@@ -390,3 +390,14 @@ def test_api_mistakes_get_one_clear_line():
     assert torch.allclose(similarity([[1.0, 0.0]], [[2.0, 0.0], [0.0, 3.0]]), torch.tensor([[1.0, 0.0]]))
     with pytest.raises(TypeError, match="embeddings"):
         similarity("a cat", "a dog")
+
+
+def test_a_split_typo_lists_the_splits_the_dataset_has(tmp_path):
+    from clipft.data.records import DataError, read_json
+    ann = tmp_path / "annotations"
+    ann.mkdir()
+    for split in ("train", "val"):
+        (ann / f"captions_{split}2014.json").write_text("{}")
+    with pytest.raises(DataError, match=r"captions_tran2014.json: annotation file not found \(no split 'tran' "
+                                        r"here; splits: train, val\)"):
+        read_json(ann / "captions_tran2014.json")

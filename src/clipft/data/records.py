@@ -223,10 +223,21 @@ def is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def _splits_here(path: Path) -> str:
+    """For a missing COCO captions_<split>2014.json: the splits the folder does have (a --split typo)."""
+    import re
+    m = re.fullmatch(r"captions_(.+)2014\.json", path.name)
+    if not m or not path.parent.is_dir():
+        return ""
+    have = sorted(re.fullmatch(r"captions_(.+)2014\.json", p.name).group(1)
+                  for p in path.parent.glob("captions_*2014.json"))
+    return f" (no split {m.group(1)!r} here; splits: {', '.join(have) or 'none'})"
+
+
 def read_json(path: Path) -> Any:
     """A JSON annotation file, or DataError naming the file (missing, not JSON, not UTF-8, unreadable)."""
     if not path.is_file():
-        raise DataError(f"{path}: annotation file not found")
+        raise DataError(f"{path}: annotation file not found{_splits_here(path)}")
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
