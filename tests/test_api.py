@@ -76,6 +76,8 @@ def test_bad_image_inputs_name_the_problem(ckpt_model, tmp_path):
         ckpt_model.encode_images([torch.zeros(3, 7, 7)])
     with pytest.raises(ValueError, match="cannot embed a int"):
         ckpt_model.encode_images([3])
+    with pytest.raises(ValueError, match="a folder is embedded by `clipft embed"):  # a folder given as one image
+        ckpt_model.encode_images(tmp_path)
 
 
 def test_a_single_input_is_one_item_like_sentence_transformers(ckpt_model, tmp_path):

@@ -45,7 +45,8 @@ EXPORT_KEYS = ("model_config", "embed_dim", "image_size", "mean", "std", "logit_
 
 
 def similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Cosine similarity of every row of a [Na, D] with every row of b [Nb, D] -> [Na, Nb] float32."""
+    """Cosine similarity of every row of a [Na, D] with every row of b [Nb, D] -> [Na, Nb] float32 (tensors,
+    or NumPy arrays / nested lists of embeddings stored elsewhere)."""
     a, b = _as_embeddings(a), _as_embeddings(b)
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
         raise ValueError(f"expected [Na, D] and [Nb, D] embeddings, got {tuple(a.shape)} and {tuple(b.shape)}")
@@ -162,7 +163,9 @@ class ImageTextModel:
         if isinstance(image, (str, Path)):
             pixels, reason = preprocess_file(image, self.preprocess, self.draft_size)  # what embed/index do
             if pixels is None:
-                raise ValueError(f"{image}: cannot use this image ({reason})")
+                hint = ("; a folder is embedded by `clipft embed --images FOLDER` or clipft.embed.embed_folder"
+                        if Path(image).is_dir() else "")
+                raise ValueError(f"{image}: cannot use this image ({reason}){hint}")
             return pixels
         if isinstance(image, Image.Image):
             return self.preprocess(to_rgb(image))
