@@ -401,3 +401,29 @@ def test_a_split_typo_lists_the_splits_the_dataset_has(tmp_path):
     with pytest.raises(DataError, match=r"captions_tran2014.json: annotation file not found \(no split 'tran' "
                                         r"here; splits: train, val\)"):
         read_json(ann / "captions_tran2014.json")
+
+
+def test_cuda_on_a_machine_without_a_gpu_driver_answers_before_torch(tmp_path, monkeypatch):
+    import sys
+    from clipft.cli import args as A
+    from clipft.config import ConfigError
+    real_nodes = A.GPU_NODES
+    monkeypatch.setattr(A, "GPU_NODES", (str(tmp_path / "no-such-node"),))
+    if sys.platform.startswith("linux"):
+        with pytest.raises(ConfigError, match=r"device 'cuda:1': CUDA is not available .*--device cpu"):
+            A.check_cuda_present("cuda:1")
+        with pytest.raises(ConfigError, match="--set train.device=cpu"):
+            A.check_cuda_present("cuda", "train.device")
+    A.check_cuda_present("cpu")
+    A.check_cuda_present("auto")
+    monkeypatch.setattr(A, "GPU_NODES", (str(tmp_path),))  # a driver: torch decides later
+    A.check_cuda_present("cuda")
+    monkeypatch.undo()
+    if not sys.platform.startswith("linux") or any(os.path.exists(p) for p in real_nodes):
+        pytest.skip("this machine has a GPU driver: the CLI check below needs one without")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "ck.pt").write_bytes(b"x")
+    for argv in (["evaluate", "--checkpoint", "ck.pt", "--data", "d", "--device", "cuda"],
+                 ["train", "--data", "d", "--out", "r", "--set", "train.device=cuda"]):
+        r = imports_after(argv, tmp_path)
+        assert r["rc"] == 2 and "CUDA is not available" in r["err"] and r["heavy"] == [], r

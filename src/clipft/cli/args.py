@@ -43,6 +43,23 @@ def device_name(text: str) -> str:
 
 device_name.__name__ = "device"
 
+# Device nodes (and the driver's /proc entry) without which no CUDA device can exist on Linux: NVIDIA's
+# driver, WSL2's GPU bridge and ROCm (which torch also calls "cuda").
+GPU_NODES = ("/proc/driver/nvidia/version", "/dev/nvidiactl", "/dev/nvidia0", "/dev/dxg", "/dev/kfd")
+
+
+def check_cuda_present(device: str | None, option: str = "--device") -> None:
+    """A CUDA device asked for on a Linux machine with no GPU driver at all is refused before torch is
+    imported (torch.cuda.is_available() costs seconds of import to give the same answer). Anything less
+    certain (a driver but a CPU-only torch build, another OS) is left to runtime.resolve_device."""
+    import os
+    import sys
+    if not device or not device.startswith("cuda") or not sys.platform.startswith("linux"):
+        return
+    if not any(os.path.exists(p) for p in GPU_NODES):
+        raise ConfigError(f"device {device!r}: CUDA is not available on this machine (no GPU driver); run on the "
+                          f"CPU instead ({'--set train.device=cpu' if option == 'train.device' else '--device cpu'})")
+
 
 # --------------------------------------------------------------------------- shared argument groups
 

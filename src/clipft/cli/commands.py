@@ -15,7 +15,7 @@ import warnings
 from pathlib import Path
 
 from .args import (_add_config_args, _add_device, _add_overrides, _add_quiet, _build_config, _split_extra,
-                       int_range, non_negative_int, pixels, positive_int)
+                       check_cuda_present, int_range, non_negative_int, pixels, positive_int)
 from .model_commands import add_model_commands, add_search_commands
 from .. import __version__
 from ..config import PRESETS, Config, ConfigError, load_config, preset_config, resolve_config_arg
@@ -291,6 +291,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg_file = value if kind == "file" else None
     cfg = resolve_run_config(args.out, cfg_file, overrides, base=base, resume=args.resume,
                              explicit=args.config is not None)  # a bad config is refused before torch loads
+    check_cuda_present(cfg.train.device, "train.device")
     from ..distributed import is_main
     from ..train.loop import train
     created = not Path(args.out).exists()
@@ -817,6 +818,7 @@ def main(argv: list[str] | None = None) -> int:
         args.extra_overrides = _split_extra(extra, getattr(args, "command", None))
         _check_inputs_exist(args)
         _check_outputs(args)
+        check_cuda_present(getattr(args, "device", None))
         code = args.func(args)
         return code
     except KeyboardInterrupt:
