@@ -312,6 +312,16 @@ MISTAKES = [
     (["demo", "--out", "o", "--data", "afile"], "afile: a file, not a folder"),
     (["demo", "--out", "o", "--data", "photos"], "photos: not a COCO-layout dataset"),
     (["index", "adir", "--model", "runs/x/best.pt"], "runs/x/best.pt: not found"),
+    # a config mistake on a command other than train (train already checked its config first)
+    *[(argv + ["--set", "trian.lr=1"], "unknown config section 'trian'") for argv in (
+        ["validate", "--data", "d"], ["cache-text", "--data", "d"], ["prepare-images", "--data", "d"],
+        ["shard", "d", "--out", "s"], ["inspect-data", "--data", "d"], ["ablate", "--out", "a", "--data", "d"],
+        ["demo", "--out", "o"], ["evaluate", "--checkpoint", "ck.pt", "--data", "d"],
+        ["zeroshot", "--checkpoint", "ck.pt", "--data", "d", "--labels-from", "shapes"],
+        ["visualize", "heatmap", "--checkpoint", "ck.pt", "--data", "d"])],
+    (["validate", "--data", "d", "--config", "p.png"], "p.png: not a YAML config file"),
+    (["demo", "--out", "o", "--set", "train.epochs=0"], "train.epochs must be in [1, 100000], got 0"),
+    (["evaluate", "--checkpoint", "ck.pt", "--data", "d", "--set", "eval.ks=x"], "eval.ks: expected an integer"),
     (["embed", "--model", "export/", "--images", "adir", "--out", "e.safetensors"], "export/: not found"),
 ]
 
@@ -336,6 +346,7 @@ def test_a_mistake_gets_one_true_line_before_torch(argv, words, tmp_path):
     assert len(lines) == 1, err
     assert not (tmp_path / "afile").is_dir() and not (tmp_path / "adir.tmp").exists()
     assert [p.name for p in (tmp_path / "photos").iterdir()] == ["holiday.jpg"]  # nothing written into it
+    assert not (tmp_path / "o").exists()  # the demo wrote its dataset before refusing a bad --set
 
 
 def test_no_cuda_names_the_device_not_train_device(monkeypatch):

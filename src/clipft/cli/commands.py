@@ -18,7 +18,7 @@ from .args import (_add_config_args, _add_device, _add_overrides, _add_quiet, _b
                        check_cuda_present, int_range, non_negative_int, pixels, positive_int)
 from .model_commands import add_model_commands, add_search_commands
 from .. import __version__
-from ..config import PRESETS, Config, ConfigError, load_config, preset_config, resolve_config_arg
+from ..config import PRESETS, Config, ConfigError, apply_overrides, load_config, preset_config, resolve_config_arg
 
 EXIT_USAGE = 2
 EXIT_UNEXPECTED = 1
@@ -143,6 +143,24 @@ def _check_inputs_exist(args: argparse.Namespace) -> None:
         if not Path(image).is_file():
             what = "a folder, not an image file" if Path(image).is_dir() else "no such file"
             raise ConfigError(f"{image}: {what} (--image takes image files)")
+
+
+def _check_config_early(args: argparse.Namespace) -> None:
+    """--config and --set of every command but train (which resolves its config before torch already),
+    checked before any import: a typo used to wait for torch, and `demo` wrote its dataset first.
+    Checkpoint commands and ablate apply --set to a config known only later (the checkpoint's, each
+    study run's): here their keys, sections and types are checked against the defaults."""
+    command = getattr(args, "command", None)
+    overrides = list(getattr(args, "overrides", [])) + list(getattr(args, "extra_overrides", []))
+    if command in ("train", None):
+        return
+    if command in ("evaluate", "zeroshot", "visualize", "ablate"):
+        if overrides:
+            apply_overrides(Config(), overrides)
+    elif command == "demo":
+        load_config(None, overrides, base=preset_config("demo"))
+    elif hasattr(args, "config"):  # validate, cache-text, prepare-images, shard, inspect-data
+        _build_config(args)
 
 
 # Where each command writes, checked before any work: ("dir" | "file", attribute, option, an example file
@@ -819,6 +837,7 @@ def main(argv: list[str] | None = None) -> int:
         _check_inputs_exist(args)
         _check_outputs(args)
         check_cuda_present(getattr(args, "device", None))
+        _check_config_early(args)
         code = args.func(args)
         return code
     except KeyboardInterrupt:
