@@ -393,12 +393,16 @@ def _check_labels_from(spec: str | None) -> None:
 
 def cmd_zeroshot(args: argparse.Namespace) -> int:
     _check_labels_from(args.labels_from)
-    from ..eval.zeroshot import zeroshot_dataset, zeroshot_images
+    # The argument checks come before the import (torch: seconds), so that a mistake answers at once.
     if bool(args.image) == bool(args.data):
         raise ConfigError("zeroshot: give either --image PATH ... or --data ROOT")
+    if args.image and not args.labels:
+        raise ConfigError("zeroshot --image: give the class names with --labels")
+    if not args.image and not args.labels_from:
+        raise ConfigError("zeroshot --data: say where the ground truth comes from with --labels-from "
+                          "(shapes, shapes:shape, shapes:color, or a COCO instances_*.json)")
+    from ..eval.zeroshot import zeroshot_dataset, zeroshot_images
     if args.image:
-        if not args.labels:
-            raise ConfigError("zeroshot --image: give the class names with --labels")
         results = zeroshot_images(args.checkpoint, args.image, args.labels, templates=args.template,
                                   device=args.device, k=args.top_k, plot=args.plot)
         for r in results:
@@ -408,9 +412,6 @@ def cmd_zeroshot(args: argparse.Namespace) -> int:
         if args.plot:
             print(f"wrote {args.plot}")
         return 0
-    if not args.labels_from:
-        raise ConfigError("zeroshot --data: say where the ground truth comes from with --labels-from "
-                          "(shapes, shapes:shape, shapes:color, or a COCO instances_*.json)")
     cfg = _checkpoint_config(args)
     r = zeroshot_dataset(args.checkpoint, args.data, split=args.split, labels_from=args.labels_from,
                          labels=args.labels, templates=args.template, cfg=cfg, device=args.device,
@@ -513,12 +514,12 @@ def _download_kaggle(args: argparse.Namespace) -> int:
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
+    if not args.out and not args.list:  # before the import (torch): an argument mistake answers at once
+        raise ConfigError("ablate: --out DIR is required (unless --list)")
     from .ablate import format_list, load_ablations_file, run_study
     if args.list:
         print(format_list(load_ablations_file(args.configs_file) if args.configs_file else None))
         return 0
-    if not args.out:
-        raise ConfigError("ablate: --out DIR is required (unless --list)")
     study = run_study(args.out, data_root=args.data, names=args.configs, seeds=args.seeds,
                       base_config=args.base_config, overrides=list(args.overrides) + list(args.extra_overrides),
                       configs_file=args.configs_file, quick=args.quick, progress=not args.quiet)

@@ -42,11 +42,11 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 def cmd_search(args: argparse.Namespace) -> int:
     import json
-    from ..search import query as Q
     if sum(map(bool, (args.query, args.image, args.duplicates))) != 1:
         raise ConfigError("search: give one of QUERY, --image PATH or --duplicates")
     if args.duplicates and not -1.0 <= args.threshold <= 1.0:  # also refuses nan (every comparison is False)
         raise ConfigError(f"search: --threshold is a cosine from -1 to 1, got {args.threshold}")
+    from ..search import query as Q  # after the argument checks: it imports torch (seconds)
     idx = Q.load_index(args.index, use_ann=False if args.exact else None)
     out = (Q.duplicates_answer(idx, args.threshold) if args.duplicates else
            Q.answer(idx, Q.load_query_model(idx, args.device, args.query_encoder), args.k, text=args.query, image=args.image))
