@@ -91,7 +91,7 @@ _MUST_EXIST = {
     "visualize": [_CKPT, _DATA, _RUN, _KARPATHY,
                   ("embeddings", "{}: embeddings file not found (clipft evaluate --save-embeddings writes one)")],
     "inspect-data": [_DATA], "export": [_CKPT, ("check_images", "{}: not a folder (it does not exist)")],
-    "report": [_RUN, ("notes", "{}: notes file not found"), ("compare", "{}: no such run directory"),
+    "report": [_RUN, _DATA, ("notes", "{}: notes file not found"), ("compare", "{}: no such run directory"),
                ("ablation", "{}: no such study directory (the --out folder of clipft ablate)")],
     "ablate": [_DATA, ("configs_file", "{}: configurations file not found")],
     "search": [("image", "{}: no such image file")],
@@ -127,7 +127,7 @@ def _check_inputs_exist(args: argparse.Namespace) -> None:
                                " (give the best.pt or last.pt that clipft train wrote)"))
         if attr == "run" and not Path(value).is_dir():
             raise ConfigError(f"{value}: not a directory (give the run directory that `clipft train --out` wrote)")
-        if attr in ("folder", "images") and not Path(value).is_dir():
+        if attr in ("folder", "images", "check_images") and not Path(value).is_dir():
             raise ConfigError(f"{value}: not a folder; give the folder of images (searched recursively)")
     model = getattr(args, "model", None) if command in ("index", "embed") else None
     if model and not Path(model).expanduser().exists():
