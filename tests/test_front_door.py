@@ -446,3 +446,18 @@ def test_cuda_on_a_machine_without_a_gpu_driver_answers_before_torch(tmp_path, m
                  ["train", "--data", "d", "--out", "r", "--set", "train.device=cuda"]):
         r = imports_after(argv, tmp_path)
         assert r["rc"] == 2 and "CUDA is not available" in r["err"] and r["heavy"] == [], r
+
+
+def test_an_unreadable_config_file_is_one_line(tmp_path, monkeypatch):
+    from clipft.config import ConfigError, load_config
+    f = tmp_path / "c.yaml"
+    f.write_text("train: {epochs: 1}\n")
+    real = Path.read_text
+
+    def denied(self, *a, **k):  # chmod 000 does not stop root, who runs many containers
+        if self == f:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, *a, **k)
+    monkeypatch.setattr(Path, "read_text", denied)
+    with pytest.raises(ConfigError, match=r"c.yaml: cannot read the config file \(Permission denied\)"):
+        load_config(f)
