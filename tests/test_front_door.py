@@ -326,6 +326,7 @@ MISTAKES = [
     (["zeroshot", "--checkpoint", "ck.pt", "--image", "p.png"], "give the class names with --labels"),
     (["zeroshot", "--checkpoint", "ck.pt", "--data", "d"], "with --labels-from"),
     (["ablate", "--data", "d"], "ablate: --out DIR is required"),
+    (["train", "--data", "d", "--out", "./d/"], "./d/: the dataset folder (--data)"),
     (["report", "adir", "--data", "nope", "--no-draw"], "nope: no such file or directory"),
     (["export", "ck.pt", "--out", "e", "--onnx", "--check-images", "afile"], "afile: not a folder"),
     (["demo", "--out", "o", "--set", "train.epochs=0"], "train.epochs must be in [1, 100000], got 0"),

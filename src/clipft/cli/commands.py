@@ -185,6 +185,11 @@ def _check_outputs(args: argparse.Namespace) -> None:
     """An output path that cannot be written for the shape of it (a file where a folder goes, a folder
     where a file goes, a file among its parents) is one line before any import or work."""
     command = getattr(args, "command", None)
+    data, out = getattr(args, "data", None), getattr(args, "out", None)
+    if command in ("train", "ablate") and data and out and Path(out).resolve() == Path(data).resolve():
+        # The run's checkpoints, caches and config would mix with the dataset's files (and a report or a
+        # --no-resume would treat the dataset folder as a run).
+        raise ConfigError(f"{out}: the dataset folder (--data); give the run a folder of its own, e.g. runs/NAME")
     for kind, attr, option, example in _OUTPUTS.get(command, []):
         value = getattr(args, attr, None)
         if not value or (attr == "save_embeddings" and value == "auto"):
