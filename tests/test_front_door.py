@@ -410,6 +410,10 @@ def test_api_mistakes_get_one_clear_line():
     assert torch.allclose(similarity([[1.0, 0.0]], [[2.0, 0.0], [0.0, 3.0]]), torch.tensor([[1.0, 0.0]]))
     with pytest.raises(TypeError, match="embeddings"):
         similarity("a cat", "a dog")
+    # encode_texts("a dog") returns one embedding [D]: it is one row, not "expected [Na, D]"
+    assert torch.allclose(similarity(torch.tensor([1.0, 0.0]), [[2.0, 0.0], [0.0, 3.0]]), torch.tensor([[1.0, 0.0]]))
+    with pytest.raises(ValueError, match=r"got \(1, 2\) and \(1, 3\)"):
+        similarity(torch.ones(2), torch.ones(3))
 
 
 def test_a_split_typo_lists_the_splits_the_dataset_has(tmp_path):

@@ -46,8 +46,11 @@ EXPORT_KEYS = ("model_config", "embed_dim", "image_size", "mean", "std", "logit_
 
 def similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Cosine similarity of every row of a [Na, D] with every row of b [Nb, D] -> [Na, Nb] float32 (tensors,
-    or NumPy arrays / nested lists of embeddings stored elsewhere)."""
+    or NumPy arrays / nested lists of embeddings stored elsewhere; a single embedding [D] counts as [1, D])."""
     a, b = _as_embeddings(a), _as_embeddings(b)
+    # One embedding [D] (what encode_texts("a dog") returns) is one row [1, D], as sentence-transformers'
+    # cos_sim takes it: the result stays [Na, Nb].
+    a, b = (x[None] if x.ndim == 1 else x for x in (a, b))
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
         raise ValueError(f"expected [Na, D] and [Nb, D] embeddings, got {tuple(a.shape)} and {tuple(b.shape)}")
     return F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).T
