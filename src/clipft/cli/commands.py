@@ -106,6 +106,22 @@ def _names_shards(spec: str) -> bool:
     return spec.startswith(("pipe:", "file:")) or ("{" in spec and ".." in spec and "}" in spec)
 
 
+# File suffixes that are never a dataset, by what they are: --data given one of these is a mix-up of
+# arguments (a checkpoint for --data, say), answered before torch instead of after the data loader started.
+_NOT_DATA = {**dict.fromkeys((".pt", ".pth", ".ckpt", ".safetensors", ".onnx"), "a model file"),
+             **dict.fromkeys((".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"), "an image"),
+             **dict.fromkeys((".yaml", ".yml"), "a config file"), **dict.fromkeys((".zip", ".gz"), "an archive")}
+
+
+def _check_not_data(value: str, option: str, overrides: list[str]) -> None:
+    """A file whose suffix says it is no dataset (unless data.format is forced with --set)."""
+    what = _NOT_DATA.get(Path(value).suffix.lower())
+    if what and Path(value).is_file() and not any(o.lstrip("-").startswith("data.format") for o in overrides):
+        raise ConfigError(f"{value}: {what}, not a dataset; {option} takes a COCO or Flickr folder, a folder of "
+                          "images with captions, or a CSV/TSV/JSONL file" +
+                          (" (unpack the archive first)" if what == "an archive" else ""))
+
+
 def _check_inputs_exist(args: argparse.Namespace) -> None:
     """A missing --data / --checkpoint / folder is one line before torch is imported (seconds); so is a
     folder given as the checkpoint file, or a file where a folder of images or a run is expected."""
@@ -120,6 +136,9 @@ def _check_inputs_exist(args: argparse.Namespace) -> None:
         value = values
         if not value or isinstance(value, list):
             continue
+        if attr in ("data", "val_data"):
+            _check_not_data(str(value), "--data" if attr == "data" else "--val-data",
+                            list(getattr(args, "overrides", [])) + list(getattr(args, "extra_overrides", [])))
         if attr == "checkpoint" and Path(value).is_dir():
             best = Path(value) / "best.pt"
             raise ConfigError(f"{value}: a folder, not a checkpoint file" +
