@@ -110,7 +110,8 @@ def _names_shards(spec: str) -> bool:
 # arguments (a checkpoint for --data, say), answered before torch instead of after the data loader started.
 _NOT_DATA = {**dict.fromkeys((".pt", ".pth", ".ckpt", ".safetensors", ".onnx"), "a model file"),
              **dict.fromkeys((".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"), "an image"),
-             **dict.fromkeys((".yaml", ".yml"), "a config file"), **dict.fromkeys((".zip",), "an archive")}  # not .gz: shards may be .tar.gz
+             **dict.fromkeys((".yaml", ".yml"), "a config file"),
+             ".zip": "an archive"}  # not .gz: webdataset shards may be .tar.gz
 
 
 def _check_not_data(value: str, option: str, overrides: list[str]) -> None:
