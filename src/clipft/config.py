@@ -290,7 +290,7 @@ def validate(cfg: Config, source: str = "config") -> Config:
         checkpoint_interval(cfg.train.checkpoint_every)
     except ConfigError as e:
         problems.append(str(e))
-    # timm names are checked against timm's model list by backbones.check_model_config (before any data
+    # timm names are checked against timm's model list by model.check_model_config (before any data
     # is read); here only their form, so that validating a config never imports torch or timm.
     timm_name = cfg.model.backbone.startswith("timm:") and len(cfg.model.backbone) > len("timm:")
     if cfg.model.backbone not in BACKBONES and not timm_name:
