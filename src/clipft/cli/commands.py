@@ -547,14 +547,14 @@ def main(argv: list[str] | None = None) -> int:
     # batch is 77 MB, and faulting it in 4 KB pages costs more than normalising it (torch reads the
     # variable at allocation time; DataLoader workers inherit it).
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-    # Before torch is imported: threads = the CPUs left idle by the machine's load, and threads that
-    # wait sleep instead of spinning (clipft.threads; measured in docs/measurements.md).
-    from ..threads import configure_cpu_threads
-    configure_cpu_threads()
     code = 1  # an unexpected exception propagates with this status in RUN/commands.txt
     try:
         args.extra_overrides = _split_extra(extra)
         _check_inputs_exist(args)
+        # After the cheap checks (a mistake answers at once), before torch is imported: threads = the CPUs
+        # other processes leave, threads that wait sleep (clipft.threads; docs/measurements.md).
+        from ..threads import configure_cpu_threads
+        configure_cpu_threads()
         code = args.func(args)
         return code
     except KeyboardInterrupt:
