@@ -44,6 +44,7 @@ from torchvision import transforms as T
 
 from clipft.config import DataConfig
 from clipft.data import CaptionedImages, ImageRecord, TrainDataset, build_transform, collate_train, load_split
+from clipft.data import shard_writer
 from clipft.data import shards as shards_mod
 from clipft.data.device_transform import DeviceTransform
 from clipft.data.prepared_reader import PreparedDataset, PreparedImages, PreparedLoader
@@ -126,7 +127,7 @@ def main() -> None:
 
         t = time.perf_counter()
         (tmp / "shards").mkdir()
-        shards_mod.write_split_shards(split, tmp / "shards", "train", shard_size=256, image_size=256)
+        shard_writer.write_split_shards(split, tmp / "shards", "train", shard_size=256, image_size=256)
         shard_note = f"[one-off clipft shard, 1 process: {args.images / (time.perf_counter() - t):.0f} img/s]"
         shard_split = load_split(tmp / "shards", "train", DataConfig())
         shard_ds = shards_mod.ShardTrainDataset(shard_split, torch.zeros(len(shard_split), 8),

@@ -5,6 +5,9 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One thread count for the whole suite (clipft would otherwise size it to the other work on the machine,
+# command by command), so that runs a test compares bit for bit use the same kernels' work split.
+os.environ.setdefault("CLIPFT_THREADS", str(max(1, len(os.sched_getaffinity(0)))))
 
 import pytest  # noqa: E402
 

@@ -172,7 +172,7 @@ def test_gradient_accumulation_is_the_mean_of_micro_batch_gradients():
 
 
 def test_micro_batch_groups():
-    from clipft.train.loop import micro_batch_groups
+    from clipft.train.batches import micro_batch_groups
 
     def batch(n, skipped=0):  # (images [n,...], texts [n, D], index, n_skipped) like collate_train
         return torch.zeros(n, 3, 2, 2), torch.zeros(n, 4), torch.arange(n), skipped

@@ -170,7 +170,7 @@ def test_train_on_a_full_disk_ends_in_one_line(coco_root, tiny_clip_dir, small_t
     """`clipft train --out` on a 2 MB disk: the first checkpoint does not fit. One line naming the
     file and the space it needed (not two chained tracebacks), and no temp file left."""
     from clipft.cli.commands import main
-    from test_train import small_args
+    from train.test_loop import small_args
     run = small_tmpfs / "run"
     assert main(["train", "--data", str(coco_root), "--out", str(run), *small_args(tiny_clip_dir, 1)]) == 2
     err = capsys.readouterr().err.strip().splitlines()

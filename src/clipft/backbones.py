@@ -7,7 +7,7 @@ pretrained weights from timm's hub tags or from a local file (`model.image_weigh
                          timm:NAME.TAG   one of timm's pretrained tags for that architecture
                          PATH.safetensors | PATH.pth | PATH.pt   a state dict for the chosen architecture
 
-Everything that can be checked without computing is checked by `check_model_config` before any data
+Everything that can be checked without computing is checked by `clipft.model.check_model_config` before any data
 is read: the name (with the closest timm names), the pooling (attention pooling needs a spatial
 feature map), trainable_stages against the model's stage count, and a weights file against the
 architecture (built on the meta device: no memory, no download); the file's sha256 goes into
@@ -45,9 +45,9 @@ _CLASSIFIER = re.compile(r"(^|\.)_?(fc|classifier|head|head\.fc|last_linear)\.(w
 _WRAPPERS = ("state_dict", "model", "state_dict_ema", "model_ema")
 
 
-def _model_error(msg: str) -> Exception:
-    from .model import ModelError
-    return ModelError(msg)
+class ModelError(RuntimeError):
+    """A model that cannot be built or loaded (unknown backbone, weights unavailable offline)."""
+
 
 
 # --------------------------------------------------------------------------- names
@@ -76,13 +76,13 @@ def check_timm_name(backbone: str) -> str:
     import timm
     arch = timm_arch(backbone)
     if "." in arch and timm.is_model(arch.split(".")[0]):
-        raise _model_error(f"model.backbone={backbone!r}: a pretrained tag belongs in model.image_weights "
+        raise ModelError(f"model.backbone={backbone!r}: a pretrained tag belongs in model.image_weights "
                            f"(--set model.backbone=timm:{arch.split('.')[0]} --set model.image_weights=timm:{arch})")
     if not arch or not timm.is_model(arch):
         close = difflib.get_close_matches(arch, _timm_names(), n=5, cutoff=0.6)
         hint = f"; did you mean {', '.join('timm:' + c for c in close)}?" if close else \
             " (timm.list_models() lists the names)"
-        raise _model_error(f"unknown timm model {arch!r} in model.backbone={backbone!r}{hint}")
+        raise ModelError(f"unknown timm model {arch!r} in model.backbone={backbone!r}{hint}")
     return arch
 
 
@@ -94,18 +94,18 @@ def pretrained_name(backbone: str, weights: str) -> str:
     if weights == "imagenet":
         tags = timm.list_pretrained(arch + ".*") or timm.list_pretrained(arch)
         if not tags:
-            raise _model_error(f"timm model {arch!r} has no pretrained weights; use model.image_weights=none or a file")
+            raise ModelError(f"timm model {arch!r} has no pretrained weights; use model.image_weights=none or a file")
         cfg = timm.models.get_pretrained_cfg(arch)
         tag = getattr(cfg, "tag", None) if cfg is not None else None
         return f"{arch}.{tag}" if tag else tags[0]
     name = weights[len(TIMM_PREFIX):]
     if name.split(".")[0] != arch:
-        raise _model_error(f"model.image_weights={weights!r} is for {name.split('.')[0]!r}, but model.backbone is "
+        raise ModelError(f"model.image_weights={weights!r} is for {name.split('.')[0]!r}, but model.backbone is "
                            f"{backbone!r}")
     known = timm.list_pretrained(arch + ".*")
     if name not in known:
         close = difflib.get_close_matches(name, known, n=5, cutoff=0.3) or known[:5]
-        raise _model_error(f"model.image_weights={weights!r}: timm has no such pretrained tag"
+        raise ModelError(f"model.image_weights={weights!r}: timm has no such pretrained tag"
                            + (f" (tags of {arch}: {', '.join(close)})" if close else ""))
     return name
 
@@ -167,7 +167,7 @@ def build_timm_backbone(cfg) -> tuple[nn.Module, int, dict]:
     try:
         net = _create(name, pretrained=pretrained)
     except Exception as e:  # noqa: BLE001 - hub/network/cache errors: one line with what to do
-        raise _model_error(_download_hint(name, e)) from None
+        raise ModelError(_download_hint(name, e)) from None
     weights = weights_info(cfg, net)
     if is_weight_file(cfg.image_weights):
         load_weight_file(net, cfg.image_weights, expected_sha256=cfg.image_weights_sha256)
@@ -179,7 +179,7 @@ def build_timm_backbone(cfg) -> tuple[nn.Module, int, dict]:
 
 def check_pooling(cfg, info: dict) -> None:
     if cfg.pooling == "attention" and not info["spatial"]:
-        raise _model_error(f"model.pooling=attention needs a spatial feature map [B, C, H, W]; {cfg.backbone} gives "
+        raise ModelError(f"model.pooling=attention needs a spatial feature map [B, C, H, W]; {cfg.backbone} gives "
                            "tokens [B, N, C]: use model.pooling=avg (the model's own token pooling)")
 
 
@@ -217,7 +217,7 @@ def ensure_timm_weights(backbone: str, weights: str) -> None:
             warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter")
             _create(name, pretrained=True)
     except Exception as e:  # noqa: BLE001
-        raise _model_error(_download_hint(name, e)) from None
+        raise ModelError(_download_hint(name, e)) from None
 
 
 # --------------------------------------------------------------------------- weight files
@@ -236,13 +236,13 @@ def read_weight_file(path: str | Path) -> dict[str, torch.Tensor]:
     naming the file for a missing, truncated or foreign file."""
     path = Path(path)
     if not path.is_file():
-        raise _model_error(f"{path}: model.image_weights file not found")
+        raise ModelError(f"{path}: model.image_weights file not found")
     if path.suffix.lower() == ".safetensors":
         from safetensors.torch import load_file
         try:
             state: Any = load_file(str(path), device="cpu")
         except Exception as e:  # noqa: BLE001 - safetensors' own error types for garbled files
-            raise _model_error(f"{path}: not a readable safetensors file, corrupt or truncated "
+            raise ModelError(f"{path}: not a readable safetensors file, corrupt or truncated "
                                f"({type(e).__name__})") from None
     else:
         try:
@@ -251,7 +251,7 @@ def read_weight_file(path: str | Path) -> dict[str, torch.Tensor]:
             first = str(e).strip().splitlines()[0][:120] if str(e).strip() else ""
             why = ("holds objects other than tensors (weights_only=True refuses them)"
                    if "weights_only" in str(e) or "Unsupported global" in str(e) else "corrupt or truncated")
-            raise _model_error(f"{path}: not a readable weights file, {why} ({type(e).__name__}: {first})") from None
+            raise ModelError(f"{path}: not a readable weights file, {why} ({type(e).__name__}: {first})") from None
     for _ in range(2):  # {"state_dict": {...}} / {"model": {"state_dict"...}}: at most two levels
         if isinstance(state, dict) and not _is_state(state):
             inner = next((state[k] for k in _WRAPPERS if isinstance(state.get(k), dict)), None)
@@ -260,7 +260,7 @@ def read_weight_file(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not state or not _is_state(state):
         kind = type(state).__name__ if not isinstance(state, dict) else \
             f"a dict of {', '.join(sorted({type(v).__name__ for v in state.values()})[:3]) or 'nothing'}"
-        raise _model_error(f"{path}: not a state dict (found {kind}; expected parameter name -> tensor, or a dict "
+        raise ModelError(f"{path}: not a state dict (found {kind}; expected parameter name -> tensor, or a dict "
                            f"with a {'/'.join(_WRAPPERS[:3])} entry)")
     return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
 
@@ -308,7 +308,7 @@ def fit_state_dict(net: nn.Module, state: dict[str, torch.Tensor], path: str | P
     parts = [f"{len(x)} {what} ({_listing(x)})" for x, what in
              ((missing, "missing"), (unexpected, "unexpected"),
               ([f"{k} {tuple(state[k].shape)} vs {tuple(want[k].shape)}" for k in shaped], "mis-shaped")) if x]
-    raise _model_error(f"{path}: does not fit the architecture ({'; '.join(parts)}); and the tensors do not "
+    raise ModelError(f"{path}: does not fit the architecture ({'; '.join(parts)}); and the tensors do not "
                        f"match by order and shape either ({len(a)} in the file, {len(b)} in the model)")
 
 
@@ -316,7 +316,7 @@ def load_weight_file(net: nn.Module, path: str | Path, expected_sha256: str = ""
     """Load a weights file into `net` (strict: every key); returns "names" or "order". A file
     whose sha256 is not `expected_sha256` (when given) is refused: it changed since it was checked."""
     if expected_sha256 and file_sha256(path) != expected_sha256:
-        raise _model_error(f"{path}: the file changed (sha256 differs from model.image_weights_sha256 "
+        raise ModelError(f"{path}: the file changed (sha256 differs from model.image_weights_sha256 "
                            f"{expected_sha256[:12]}...)")
     classifier = (getattr(net, "pretrained_cfg", None) or {}).get("classifier")
     state, how = fit_state_dict(net, read_weight_file(path), path, classifier)
@@ -331,49 +331,6 @@ def check_weight_file(net: nn.Module, path: str | Path) -> str:
     """What `load_weight_file` would say, without loading (works on a meta-device model)."""
     classifier = (getattr(net, "pretrained_cfg", None) or {}).get("classifier")
     return fit_state_dict(net, read_weight_file(path), path, classifier)[1]
-
-
-# --------------------------------------------------------------------------- early check
-
-def fill_weights_sha256(cfg) -> None:
-    """Record a weights file's sha256 in cfg.image_weights_sha256 when none is recorded yet (what a
-    resume compares); every other check is `check_model_config`'s."""
-    if is_weight_file(cfg.image_weights) and not cfg.image_weights_sha256 and Path(cfg.image_weights).is_file():
-        cfg.image_weights_sha256 = file_sha256(cfg.image_weights)
-
-
-def check_model_config(cfg) -> None:
-    """Everything about model.backbone / image_weights / pooling / trainable_stages that can fail,
-    checked before any data is read. A weights file is checked against the architecture and its
-    sha256 recorded in cfg.image_weights_sha256 (a recorded one that differs is refused)."""
-    from .model import build_backbone_meta
-    if is_timm(cfg.backbone):
-        arch = check_timm_name(cfg.backbone)
-        info = probe(arch)
-        check_pooling(cfg, info)
-        n = info["stages"]
-        if cfg.image_weights.startswith(TIMM_PREFIX):
-            pretrained_name(cfg.backbone, cfg.image_weights)
-    else:
-        n = None
-    if cfg.image_weights.startswith(TIMM_PREFIX) and not is_timm(cfg.backbone):
-        raise _model_error(f"model.image_weights={cfg.image_weights!r} needs a timm backbone (model.backbone=timm:NAME)")
-    net, stages = build_backbone_meta(cfg)
-    n = stages if n is None else n
-    if not -1 <= cfg.trainable_stages <= n:
-        raise _model_error(f"model.trainable_stages must be -1 (all) or 0..{n} for {cfg.backbone}, "
-                           f"got {cfg.trainable_stages}")
-    if is_weight_file(cfg.image_weights):
-        how = check_weight_file(net, cfg.image_weights)
-        digest = file_sha256(cfg.image_weights)
-        if cfg.image_weights_sha256 and cfg.image_weights_sha256 != digest:
-            raise _model_error(f"{cfg.image_weights}: sha256 {digest[:12]}... is not the recorded "
-                               f"model.image_weights_sha256 {cfg.image_weights_sha256[:12]}... (the file changed)")
-        cfg.image_weights_sha256 = digest
-        log.info("image weights: %s (sha256 %s%s)", cfg.image_weights, digest[:12],
-                 ", matched by order and shape" if how == "order" else "")
-    elif cfg.image_weights_sha256:
-        raise _model_error("model.image_weights_sha256 is only for a weights file (model.image_weights=PATH)")
 
 
 # --------------------------------------------------------------------------- descriptions

@@ -290,7 +290,7 @@ def validate(cfg: Config, source: str = "config") -> Config:
         checkpoint_interval(cfg.train.checkpoint_every)
     except ConfigError as e:
         problems.append(str(e))
-    # timm names are checked against timm's model list by backbones.check_model_config (before any data
+    # timm names are checked against timm's model list by model.check_model_config (before any data
     # is read); here only their form, so that validating a config never imports torch or timm.
     timm_name = cfg.model.backbone.startswith("timm:") and len(cfg.model.backbone) > len("timm:")
     if cfg.model.backbone not in BACKBONES and not timm_name:
@@ -351,28 +351,17 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
             return value.strip().lower() in _TRUE
         raise ConfigError(f"{where}: expected true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, str):
-            try:
-                return int(value.strip())
-            except ValueError:
-                pass
-        raise ConfigError(f"{where}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value.strip())
-            except ValueError:
-                pass
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is int or tp is float:  # a bool is neither (True == 1 would slip through), a string is parsed
+        noun, accepted = ("an integer", (int,)) if tp is int else ("a number", (int, float))
+        if not isinstance(value, bool):
+            if isinstance(value, accepted):
+                return tp(value)
+            if isinstance(value, str):
+                try:
+                    return tp(value.strip())
+                except ValueError:
+                    pass
+        raise ConfigError(f"{where}: expected {noun}, got {value!r}")
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)

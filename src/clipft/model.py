@@ -7,6 +7,7 @@ loaded for inference without the trainer or the text side: `load_image_tower(pat
 
 from __future__ import annotations
 
+import logging
 import math
 import pickle
 import re
@@ -20,7 +21,10 @@ import torchvision
 from torch import nn
 
 from . import backbones
+from .backbones import ModelError  # noqa: F401 - clipft.model.ModelError, where users catch it
 from .config import HeadNorm, ModelConfig, Pooling, choices
+
+log = logging.getLogger(__name__)
 
 # name -> (constructor, ImageNet weights enum member name, pooled feature width)
 BACKBONES = {
@@ -30,9 +34,6 @@ BACKBONES = {
     "resnet101": ("resnet101", "ResNet101_Weights", "IMAGENET1K_V2", 2048),
 }
 
-
-class ModelError(RuntimeError):
-    """A model that cannot be built or loaded (unknown backbone, weights unavailable offline)."""
 
 
 def imagenet_weights(backbone: str):
@@ -109,6 +110,46 @@ def build_backbone_meta(cfg: ModelConfig) -> tuple[nn.Module, int]:
             return net, len(backbones.stage_parameter_names(net))
         net, _ = build_backbone(cfg.backbone, "none")
     return net, len(STAGES)
+
+
+def fill_weights_sha256(cfg) -> None:
+    """Record a weights file's sha256 in cfg.image_weights_sha256 when none is recorded yet (what a
+    resume compares); every other check is `check_model_config`'s."""
+    if backbones.is_weight_file(cfg.image_weights) and not cfg.image_weights_sha256 and Path(cfg.image_weights).is_file():
+        cfg.image_weights_sha256 = backbones.file_sha256(cfg.image_weights)
+
+
+def check_model_config(cfg) -> None:
+    """Everything about model.backbone / image_weights / pooling / trainable_stages that can fail,
+    checked before any data is read. A weights file is checked against the architecture and its
+    sha256 recorded in cfg.image_weights_sha256 (a recorded one that differs is refused)."""
+    if backbones.is_timm(cfg.backbone):
+        arch = backbones.check_timm_name(cfg.backbone)
+        info = backbones.probe(arch)
+        backbones.check_pooling(cfg, info)
+        n = info["stages"]
+        if cfg.image_weights.startswith(backbones.TIMM_PREFIX):
+            backbones.pretrained_name(cfg.backbone, cfg.image_weights)
+    else:
+        n = None
+    if cfg.image_weights.startswith(backbones.TIMM_PREFIX) and not backbones.is_timm(cfg.backbone):
+        raise ModelError(f"model.image_weights={cfg.image_weights!r} needs a timm backbone (model.backbone=timm:NAME)")
+    net, stages = build_backbone_meta(cfg)
+    n = stages if n is None else n
+    if not -1 <= cfg.trainable_stages <= n:
+        raise ModelError(f"model.trainable_stages must be -1 (all) or 0..{n} for {cfg.backbone}, "
+                           f"got {cfg.trainable_stages}")
+    if backbones.is_weight_file(cfg.image_weights):
+        how = backbones.check_weight_file(net, cfg.image_weights)
+        digest = backbones.file_sha256(cfg.image_weights)
+        if cfg.image_weights_sha256 and cfg.image_weights_sha256 != digest:
+            raise ModelError(f"{cfg.image_weights}: sha256 {digest[:12]}... is not the recorded "
+                               f"model.image_weights_sha256 {cfg.image_weights_sha256[:12]}... (the file changed)")
+        cfg.image_weights_sha256 = digest
+        log.info("image weights: %s (sha256 %s%s)", cfg.image_weights, digest[:12],
+                 ", matched by order and shape" if how == "order" else "")
+    elif cfg.image_weights_sha256:
+        raise ModelError("model.image_weights_sha256 is only for a weights file (model.image_weights=PATH)")
 
 
 HEAD_NORMS = choices(HeadNorm)  # model.head_norm, owned by the config schema

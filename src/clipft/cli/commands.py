@@ -16,9 +16,11 @@ from pathlib import Path
 
 from .args import (_add_config_args, _add_device, _add_overrides, _add_quiet, _build_config, _split_extra,
                        check_cuda_present, int_range, non_negative_int, pixels, positive_int)
+from .checks import _check_config_early, _check_inputs_exist, _check_labels_from, _check_outputs
 from .model_commands import add_model_commands, add_search_commands
+from .tool_commands import add_tool_commands
 from .. import __version__
-from ..config import PRESETS, Config, ConfigError, apply_overrides, load_config, preset_config, resolve_config_arg
+from ..config import PRESETS, Config, ConfigError, load_config, preset_config, resolve_config_arg
 
 EXIT_USAGE = 2
 EXIT_UNEXPECTED = 1
@@ -75,158 +77,6 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
 
 def _is_expected(error: BaseException) -> bool:
     return isinstance(error, _expected_errors())
-
-
-# Commands whose inputs must exist, checked before any library is imported: (attribute, the line
-# when it is missing; the same words the command's library gives).
-_DATA = ("data", "{}: no such file or directory")
-_CKPT = ("checkpoint", "{}: checkpoint not found")
-_RUN = ("run", "{}: no such run directory")
-_KARPATHY = ("karpathy", "{}: Karpathy split file not found (`clipft download coco --out DATA --karpathy` fetches "
-                         "dataset_coco.json)")
-_VAL = ("val_data", "{}: no such file or directory (--val-data)")
-_MUST_EXIST = {
-    "cache-text": [_DATA, _VAL], "validate": [_DATA, _VAL], "prepare-images": [_DATA, _VAL], "train": [_DATA, _VAL],
-    "shard": [_VAL], "evaluate": [_CKPT, _DATA, _KARPATHY, _VAL], "zeroshot": [_CKPT, _DATA, _KARPATHY],
-    "visualize": [_CKPT, _DATA, _RUN, _KARPATHY,
-                  ("embeddings", "{}: embeddings file not found (clipft evaluate --save-embeddings writes one)")],
-    "inspect-data": [_DATA], "export": [_CKPT, ("check_images", "{}: not a folder (it does not exist)")],
-    "report": [_RUN, _DATA, ("notes", "{}: notes file not found"), ("compare", "{}: no such run directory"),
-               ("ablation", "{}: no such study directory (the --out folder of clipft ablate)")],
-    "ablate": [_DATA, ("configs_file", "{}: configurations file not found")],
-    "search": [("image", "{}: no such image file")],
-    "index": [("folder", "{}: not a folder (it does not exist)")],
-    "embed": [("images", "{}: not a directory (it does not exist)")],
-}
-
-
-def _names_shards(spec: str) -> bool:
-    """`--data` as a shard URL or brace pattern (`pipe:...`, `file:...`, `DIR/train-{000000..000123}.tar`),
-    not a path that must exist (the same forms as `data.shards.is_pattern`, without importing it)."""
-    return spec.startswith(("pipe:", "file:")) or ("{" in spec and ".." in spec and "}" in spec)
-
-
-# File suffixes that are never a dataset, by what they are: --data given one of these is a mix-up of
-# arguments (a checkpoint for --data, say), answered before torch instead of after the data loader started.
-_NOT_DATA = {**dict.fromkeys((".pt", ".pth", ".ckpt", ".safetensors", ".onnx"), "a model file"),
-             **dict.fromkeys((".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"), "an image"),
-             **dict.fromkeys((".yaml", ".yml"), "a config file"),
-             ".zip": "an archive"}  # not .gz: webdataset shards may be .tar.gz
-
-
-def _check_not_data(value: str, option: str, overrides: list[str]) -> None:
-    """A file whose suffix says it is no dataset (unless data.format is forced with --set)."""
-    what = _NOT_DATA.get(Path(value).suffix.lower())
-    if what and Path(value).is_file() and not any(o.lstrip("-").startswith("data.format") for o in overrides):
-        raise ConfigError(f"{value}: {what}, not a dataset; {option} takes a COCO or Flickr folder, a folder of "
-                          "images with captions, or a CSV/TSV/JSONL file" +
-                          (" (unpack the archive first)" if what == "an archive" else ""))
-
-
-def _check_inputs_exist(args: argparse.Namespace) -> None:
-    """A missing --data / --checkpoint / folder is one line before torch is imported (seconds); so is a
-    folder given as the checkpoint file, or a file where a folder of images or a run is expected."""
-    command = getattr(args, "command", None)
-    for attr, line in _MUST_EXIST.get(command, []):
-        values = getattr(args, attr, None)
-        for value in values if isinstance(values, list) else [values]:  # --compare takes several runs
-            if attr == "data" and value and _names_shards(str(value)):
-                continue  # a webdataset pattern or URL: data/shards.py checks what it names
-            if value and not Path(value).exists():
-                raise ConfigError(line.format(value))
-        value = values
-        if not value or isinstance(value, list):
-            continue
-        if attr in ("data", "val_data"):
-            _check_not_data(str(value), "--data" if attr == "data" else "--val-data",
-                            list(getattr(args, "overrides", [])) + list(getattr(args, "extra_overrides", [])))
-        if attr == "checkpoint" and Path(value).is_dir():
-            best = Path(value) / "best.pt"
-            raise ConfigError(f"{value}: a folder, not a checkpoint file" +
-                              (f"; did you mean {best}?" if best.is_file() else
-                               " (give the best.pt or last.pt that clipft train wrote)"))
-        if attr == "run" and not Path(value).is_dir():
-            raise ConfigError(f"{value}: not a directory (give the run directory that `clipft train --out` wrote)")
-        if attr in ("folder", "images", "check_images") and not Path(value).is_dir():
-            raise ConfigError(f"{value}: not a folder; give the folder of images (searched recursively)")
-    model = getattr(args, "model", None) if command in ("index", "embed") else None
-    if model and not Path(model).expanduser().exists():
-        from ..hub import names_local_path
-        if names_local_path(str(model)):
-            raise ConfigError(f"{model}: not found (expected an export folder, a checkpoint, or an HF CLIP model name)")
-    for index in (getattr(args, "index", None) or []) if command == "serve" else []:
-        if not Path(index).exists():
-            raise ConfigError(f"{index}: no clipft index here (build one with `clipft index FOLDER --model MODEL`)")
-    if command == "search" and not Path(args.index).exists():
-        raise ConfigError(f"{args.index}: no clipft index here (build one with `clipft index FOLDER --model MODEL`)")
-    for image in (getattr(args, "image", None) or []) if command == "zeroshot" else []:
-        if not Path(image).is_file():
-            what = "a folder, not an image file" if Path(image).is_dir() else "no such file"
-            raise ConfigError(f"{image}: {what} (--image takes image files)")
-
-
-def _check_config_early(args: argparse.Namespace) -> None:
-    """--config and --set of every command but train (which resolves its config before torch already),
-    checked before any import: a typo used to wait for torch, and `demo` wrote its dataset first.
-    Checkpoint commands and ablate apply --set to a config known only later (the checkpoint's, each
-    study run's): here their keys, sections and types are checked against the defaults."""
-    command = getattr(args, "command", None)
-    overrides = list(getattr(args, "overrides", [])) + list(getattr(args, "extra_overrides", []))
-    if command in ("train", None):
-        return
-    if command in ("evaluate", "zeroshot", "visualize", "ablate"):
-        if overrides:
-            apply_overrides(Config(), overrides)
-    elif command == "demo":
-        load_config(None, overrides, base=preset_config("demo"))
-    elif hasattr(args, "config"):  # validate, cache-text, prepare-images, shard, inspect-data
-        _build_config(args)
-
-
-# Where each command writes, checked before any work: ("dir" | "file", attribute, option, an example file
-# name for a folder given where a file is wanted). A file in the way used to surface after minutes of work
-# as an unexpected FileExistsError / NotADirectoryError (or a stray OUT.tmp).
-_OUTPUTS = {
-    "make-data": [("dir", "out", "--out", "")], "shard": [("dir", "out", "--out", "")],
-    "train": [("dir", "out", "--out", "")], "export": [("dir", "out", "--out", "")],
-    "ablate": [("dir", "out", "--out", "")], "demo": [("dir", "out", "--out", "")],
-    "download": [("dir", "out", "--out", "")], "index": [("dir", "index", "--index", "")],
-    "zeroshot": [("dir", "out", "--out", ""), ("file", "plot", "--plot", "zeroshot.png")],
-    "validate": [("file", "out", "--out", "report.json")],
-    "evaluate": [("file", "out", "--out", "metrics.json"),
-                 ("file", "save_embeddings", "--save-embeddings", "embeddings.safetensors")],
-    "inspect-data": [("file", "out", "--out", "samples.png")],
-    "embed": [("file", "out", "--out", "embeddings.safetensors")],
-    "visualize": [("file", "out", "--out", "picture.png")],
-}
-
-
-def _check_outputs(args: argparse.Namespace) -> None:
-    """An output path that cannot be written for the shape of it (a file where a folder goes, a folder
-    where a file goes, a file among its parents) is one line before any import or work."""
-    command = getattr(args, "command", None)
-    data, out = getattr(args, "data", None), getattr(args, "out", None)
-    if command in ("train", "ablate") and data and out and Path(out).resolve() == Path(data).resolve():
-        # The run's checkpoints, caches and config would mix with the dataset's files (and a report or a
-        # --no-resume would treat the dataset folder as a run).
-        raise ConfigError(f"{out}: the dataset folder (--data); give the run a folder of its own, e.g. runs/NAME")
-    for kind, attr, option, example in _OUTPUTS.get(command, []):
-        value = getattr(args, attr, None)
-        if not value or (attr == "save_embeddings" and value == "auto"):
-            continue
-        if command == "visualize" and args.kind in ("all", "zero-shot"):
-            kind = "dir"  # these write several pictures into the folder --out names
-        path = Path(value)
-        for parent in path.parents:  # the nearest existing parent must be a folder
-            if parent.exists():
-                if not parent.is_dir():
-                    raise ConfigError(f"{parent}: a file, not a folder, so {option} {value} cannot be written; "
-                                      "choose another path")
-                break
-        if kind == "dir" and path.exists() and not path.is_dir():
-            raise ConfigError(f"{value}: a file, not a folder; {option} takes a folder (new, or one clipft wrote)")
-        if kind == "file" and path.is_dir():
-            raise ConfigError(f"{value}: a folder, not a file; {option} takes a file path, e.g. {path / example}")
 
 
 def _add_split_args(p: argparse.ArgumentParser) -> None:
@@ -313,7 +163,7 @@ def cmd_prepare_images(args: argparse.Namespace) -> int:
 
 
 def cmd_shard(args: argparse.Namespace) -> int:
-    from ..data.shards import write_shards
+    from ..data.shard_writer import write_shards
     _val_data_override(args)
     cfg = _build_config(args)
     report = write_shards(args.data, cfg.data, args.out, shard_size=args.shard_size, image_size=args.image_size,
@@ -408,14 +258,6 @@ def _checkpoint_config(args: argparse.Namespace) -> Config | None:
     return cfg
 
 
-def _check_labels_from(spec: str | None) -> None:
-    """--labels-from: a shapes rule or a COCO instances JSON that exists (a typo such as `shape` was read
-    as a file name and failed after the model had loaded)."""
-    if spec and not (spec == "shapes" or spec.startswith("shapes:")) and not Path(spec).is_file():
-        raise ConfigError(f"--labels-from {spec}: neither shapes, shapes:shape, shapes:color nor an existing "
-                          "COCO instances_<split>2014.json file")
-
-
 def cmd_zeroshot(args: argparse.Namespace) -> int:
     _check_labels_from(args.labels_from)
     # The argument checks come before the import (torch: seconds), so that a mistake answers at once.
@@ -475,118 +317,7 @@ def cmd_visualize(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_inspect_data(args: argparse.Namespace) -> int:
-    from ..eval.pictures import write_data_samples
-    out = Path(args.out) if args.out else Path(f"data_samples_{args.split}.png")
-    data, samples, out = write_data_samples(args.data, args.split, _build_config(args), out, n=args.n,
-                                            seed=args.seed)
-    for s in samples:
-        print(f"{s['image_id']}: {s['path']}")
-        for c in s["captions"]:
-            print(f"    {c}")
-    print(f"{len(data)} images, {len(data.caption_ids)} captions; wrote {out}")
-    return 0
-
-
-def cmd_report(args: argparse.Namespace) -> int:
-    from ..report import make_report
-    from ..report import check_run_dir
-    check_run_dir(args.run)  # a dataset folder or a typo: one line, not a report of blanks
-    r = make_report(args.run, data=args.data, notes=args.notes, ablation=args.ablation, compare=args.compare or (),
-                    html=args.html, pdf=args.pdf, complete=not args.no_draw, device=args.device, seed=args.seed,
-                    progress=not args.quiet)
-    if r["drawn"]:
-        print(f"drew {', '.join(r['drawn'])}")
-    for section, how in r["missing"].items():
-        print(f"missing {section}: {how}")
-    for key in ("md", "html", "pdf"):
-        if r[key]:
-            print(f"wrote {r[key]}")
-    return 0
-
-
-def cmd_download(args: argparse.Namespace) -> int:
-    from ..data.download import download_coco, next_steps
-    if args.source == "kaggle" or args.dataset != "coco":
-        return _download_kaggle(args)
-    results = download_coco(args.out, splits=args.splits, karpathy=args.karpathy, mirror=args.mirror,
-                            keep_archives=args.keep_archives, retries=args.retries, progress=not args.quiet)
-    for r in results:
-        print(f"{r['archive']}: {r['status']} -> {', '.join(r['targets'])}")
-    print("\n".join(next_steps(args.out)))
-    return 0
-
-
-def _download_kaggle(args: argparse.Namespace) -> int:
-    """download ... --source kaggle (and Flickr's Karpathy file); the official Flickr images need a form."""
-    from ..data.download import COCO_ARCHIVES, DownloadError, download_coco, karpathy_archive, next_steps
-    from ..data.kaggle import download_kaggle, official_flickr_message
-    if args.source != "kaggle" and not args.karpathy:
-        raise DownloadError(official_flickr_message(args.dataset, args.out))
-    if args.source == "kaggle":
-        r = download_kaggle(args.dataset, args.out)
-        print(f"{r['handle']}: {r['source']} -> {len(r['linked'])} new link(s) in {r['root']}")
-    if args.karpathy:  # Karpathy's split file from caption_datasets.zip: the published train/val/test
-        split_file = "dataset_coco.json" if args.dataset == "coco" else f"dataset_{args.dataset}.json"
-        download_coco(args.out, splits=(), karpathy=True, mirror=args.mirror, retries=args.retries,
-                      progress=not args.quiet, archives={**COCO_ARCHIVES, "karpathy": karpathy_archive(split_file)})
-        print(f"Karpathy split file: {Path(args.out) / split_file}")
-    if args.source != "kaggle":
-        print(official_flickr_message(args.dataset, args.out))
-    print("\n".join(next_steps(args.out)) if args.dataset == "coco" else
-          f"next:\n  clipft validate --data {args.out}\n  clipft train --data {args.out} --out runs/{args.dataset}")
-    return 0
-
-
-def cmd_ablate(args: argparse.Namespace) -> int:
-    if not args.out and not args.list:  # before the import (torch): an argument mistake answers at once
-        raise ConfigError("ablate: --out DIR is required (unless --list)")
-    from .ablate import format_list, load_ablations_file, run_study
-    if args.list:
-        print(format_list(load_ablations_file(args.configs_file) if args.configs_file else None))
-        return 0
-    study = run_study(args.out, data_root=args.data, names=args.configs, seeds=args.seeds,
-                      base_config=args.base_config, overrides=list(args.overrides) + list(args.extra_overrides),
-                      configs_file=args.configs_file, quick=args.quick, progress=not args.quiet)
-    out = Path(args.out)
-    print((out / "ablation.md").read_text().split("\n\nHow to read it:")[0].split("\n\n", 1)[-1])
-    n_ok = sum(r["status"] == "ok" for r in study["runs"])
-    print(f"{n_ok}/{len(study['runs'])} runs ok; wrote {out / 'ablation.md'}, {out / 'ablation.csv'}, "
-          f"{out / 'ablation_recall.png'}, {out / 'ablation_curves.png'}")
-    return 0
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    """The embedded end-to-end demo (see clipft.cli.demo); the library prints its six steps."""
-    from ..train.commandlog import record_command
-    from .demo import run_demo
-
-    def record() -> None:  # before the report, so that its Reproduce section lists this command
-        args.command_recorded = record_command(args.out, args.argv, 0)
-    run_demo(args.out, args.data, train_images=args.train_images, val_images=args.val_images,
-             overrides=list(args.overrides) + list(args.extra_overrides), progress=not args.quiet,
-             resume=args.resume, before_report=record)
-    return 0
-
-
 # --------------------------------------------------------------------------- parser
-
-def _add_report_parser(sub) -> None:
-    s = sub.add_parser("report", help="write RUN/report.md from a run directory, drawing what it lacks")
-    s.add_argument("run", metavar="RUN", help="run directory: the --out folder of clipft train")
-    s.add_argument("--data", help="the run's dataset, when it moved (default: summary.json's data_root, RUN/data)")
-    s.add_argument("--notes", metavar="FILE.md", help="your own section (observations, LLM-usage reflection, "
-                                                       "conversation link), included verbatim")
-    s.add_argument("--ablation", metavar="DIR", help="add a `clipft ablate --out DIR` study: table and bar chart")
-    s.add_argument("--compare", nargs="+", metavar="OTHER_RUN", help="add other runs' Recall@K and curves side by side")
-    s.add_argument("--html", action="store_true", help="also write report.html (self-contained, print-friendly)")
-    s.add_argument("--pdf", action="store_true", help="also write report.pdf (headless Chromium; implies --html)")
-    s.add_argument("--no-draw", action="store_true", help="only the files already in RUN: draw nothing")
-    s.add_argument("--seed", type=non_negative_int, default=0, help="seed of the random examples (default 0)")
-    _add_device(s)
-    _add_quiet(s)
-    s.set_defaults(func=cmd_report)
-
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="clipft", description=DESCRIPTION,
@@ -599,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Four groups, in the order `clipft --help` lists the commands.
     _add_data_and_train_commands(sub)
     _add_checkpoint_commands(sub)
-    _add_tool_commands(sub)
+    add_tool_commands(sub)  # inspect-data, report, download, ablate, demo (tool_commands)
     add_model_commands(sub)  # export, embed (cli_models)
     add_search_commands(sub)  # index, search, serve (cli_models)
     return p
@@ -748,68 +479,6 @@ def _add_checkpoint_commands(sub) -> None:
     s.set_defaults(func=cmd_visualize)
 
 
-def _add_tool_commands(sub) -> None:
-    """inspect-data, report, download, ablate, demo."""
-    s = sub.add_parser("inspect-data", help="picture of random image-caption pairs (integrity check)")
-    s.add_argument("--data", required=True, help="COCO root, CSV/TSV/JSONL file, or image folder")
-    s.add_argument("--split", default="train", help="split to draw from (default train)")
-    s.add_argument("--n", type=int_range(1, 64), default=6, help="image-caption pairs shown (default 6)")
-    s.add_argument("--seed", type=non_negative_int, default=0, help="which pairs are drawn (default 0)")
-    s.add_argument("--out", help="PNG path (default: data_samples_<split>.png in the current folder)")
-    _add_config_args(s)
-    s.set_defaults(func=cmd_inspect_data)
-
-    _add_report_parser(sub)
-
-    s = sub.add_parser("download", help="fetch MS COCO 2014 into the loader's layout (resumable, verified), "
-                                        "or a Kaggle copy of COCO / Flickr8k / Flickr30k (--source kaggle)")
-    s.add_argument("dataset", choices=["coco", "flickr8k", "flickr30k"], help="which dataset to fetch")
-    s.add_argument("--source", choices=["official", "kaggle"], default="official",
-                   help="official hosts (COCO only: the Flickr images need a request form), or the Kaggle copy "
-                        "through kagglehub (pip install -e '.[kaggle]' in the source checkout)")
-    s.add_argument("--out", required=True, help="dataset root (gets train2014/, val2014/, annotations/)")
-    s.add_argument("--splits", nargs="*", choices=["train", "val", "annotations"],
-                   default=["train", "val", "annotations"], help="archives to fetch (default: all three)")
-    s.add_argument("--karpathy", action="store_true", help="also fetch Karpathy's split file -> OUT/dataset_coco.json "
-                   "(flickr8k / flickr30k: OUT/dataset_flickr8k.json / dataset_flickr30k.json)")
-    s.add_argument("--mirror", metavar="URL", help="base URL serving zips/train2014.zip, zips/val2014.zip, "
-                   "annotations/annotations_trainval2014.zip, caption_datasets.zip (default: the official hosts)")
-    s.add_argument("--keep-archives", action="store_true", help="keep the zips in OUT/downloads/ after extracting")
-    s.add_argument("--retries", type=non_negative_int, default=3, help="resume a lost connection this many times (default 3)")
-    _add_quiet(s, "no progress bars")
-    s.set_defaults(func=cmd_download)
-
-    s = sub.add_parser("ablate", help="ablation study: modifications vs the baseline, same data/seeds/budget")
-    s.add_argument("--out", help="study directory (runs, ablation.md/.csv/.png); rerun to resume")
-    s.add_argument("--data", help="dataset root (default: synthetic shapes generated in OUT/data)")
-    s.add_argument("--configs", nargs="+", metavar="NAME",
-                   help="configurations to compare (default: all; --quick: baseline batchnorm learnable_temp); "
-                        "baseline is always included")
-    s.add_argument("--configs-file", metavar="YAML", help="user configurations: name: {section: {key: value}}")
-    s.add_argument("--seeds", nargs="+", type=non_negative_int, default=[0], help="train.seed values (default 0)")
-    s.add_argument("--base-config", default="demo", metavar="FILE_OR_PRESET",
-                   help="config every configuration starts from (default: the demo preset)")
-    s.add_argument("--quick", action="store_true", help="small budget smoke study (baseline + two modifications)")
-    s.add_argument("--list", action="store_true", help="list the configurations and exit")
-    _add_quiet(s, "no progress bars")
-    _add_overrides(s, "override the base config for every run (repeatable)")
-    s.set_defaults(func=cmd_ablate)
-
-    s = sub.add_parser("demo", help="embedded end-to-end demo on synthetic data, CPU, offline")
-    s.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo); a rerun resumes it")
-    s.add_argument("--data", help="dataset dir (default: OUT/data, generated if absent)")
-    s.add_argument("--train-images", type=int_range(2), default=PRESETS["demo"]["data"]["train_images"],
-                   help=f"training images (default {PRESETS['demo']['data']['train_images']})")
-    s.add_argument("--val-images", type=int_range(2), default=PRESETS["demo"]["data"]["val_images"],
-                   help=f"validation images choosing best.pt; as many again are held out for the figures "
-                        f"(default {PRESETS['demo']['data']['val_images']})")
-    s.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
-                   help="continue the run already in OUT (default); --no-resume trains it again from scratch")
-    _add_quiet(s)
-    _add_overrides(s, "override the demo preset (repeatable)")
-    s.set_defaults(func=cmd_demo)
-
-
 def _interrupted_note(args: argparse.Namespace) -> str:
     """What Ctrl-C left behind, for the command that was running."""
     cmd, out = getattr(args, "command", None), getattr(args, "out", None)
@@ -853,10 +522,6 @@ def main(argv: list[str] | None = None) -> int:
     # batch is 77 MB, and faulting it in 4 KB pages costs more than normalising it (torch reads the
     # variable at allocation time; DataLoader workers inherit it).
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-    # Before torch is imported: threads = the CPUs left idle by the machine's load, and threads that
-    # wait sleep instead of spinning (clipft.threads; measured in docs/measurements.md).
-    from ..threads import configure_cpu_threads
-    configure_cpu_threads()
     code = 1  # an unexpected exception propagates with this status in RUN/commands.txt
     try:
         args.extra_overrides = _split_extra(extra, getattr(args, "command", None))
@@ -864,6 +529,10 @@ def main(argv: list[str] | None = None) -> int:
         _check_outputs(args)
         check_cuda_present(getattr(args, "device", None))
         _check_config_early(args)
+        # After the cheap checks (a mistake answers at once), before torch is imported: threads = the CPUs
+        # other processes leave, threads that wait sleep (clipft.threads; docs/measurements.md).
+        from ..threads import configure_cpu_threads
+        configure_cpu_threads()
         code = args.func(args)
         return code
     except KeyboardInterrupt:

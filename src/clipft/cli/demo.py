@@ -50,6 +50,7 @@ def run_demo(out: str | Path, data: str | Path | None = None, train_images: int 
     from ..eval.plots import plot_data_samples
     from ..eval.zeroshot import zeroshot_dataset
 
+    from ..threads import replan
     out = Path(out)
     data = Path(data) if data else out / "data"
     # Twice the validation images: the seeded half (data.val_images) chooses best.pt, the other half
@@ -67,11 +68,13 @@ def run_demo(out: str | Path, data: str | Path | None = None, train_images: int 
     say(f"[2/{STEPS}] training {cfg.model.backbone} against frozen {cfg.text.encoder} for {cfg.train.epochs} epochs "
         f"(best.pt chosen on {cfg.data.val_images} validation images)")
     train(cfg, data, out, resume=resume, progress=progress)
+    replan()  # each step sizes its threads to the machine as it is now
     say(f"[3/{STEPS}] evaluating best.pt on the held-out validation images (not used to choose it)")
     emb, _ = checkpoint_embeddings(out / "best.pt", data, "val-heldout", progress=progress)
     m = evaluate_checkpoint(out / "best.pt", data, split="val-heldout", embeddings=emb)
     say(m["protocol"])
     say(format_recall_table(m))
+    replan()
     say(f"[4/{STEPS}] zero-shot classification of the held-out images (colour + shape of the largest object)")
     z = None
     if (data / "annotations" / f"shapes_labels_{cfg.data.val_split}2014.json").is_file():
@@ -80,6 +83,7 @@ def run_demo(out: str | Path, data: str | Path | None = None, train_images: int 
             f"(chance {z['chance_top1']:.1f}%), {z['num_images']} images")
     else:
         say(f"skipped: {data} has no shapes labels")
+    replan()
     say(f"[5/{STEPS}] retrieval pictures (held-out images)")
     write_pictures(emb, out)
     if before_report is not None:
@@ -89,6 +93,7 @@ def run_demo(out: str | Path, data: str | Path | None = None, train_images: int 
     if (data / "annotations" / f"shapes_labels_{cfg.data.val_split}2014.json").is_file():
         # The loop closed: search the validation images with the model just trained.
         from ..search.quality import demo_search
+        replan()
         say(f"[7/{STEPS}] searching the validation images with the model just trained")
         say(demo_search(out / "best.pt", data, cfg.data.val_split, out / "search-index"))
     return {"metrics": m, "zero_shot": z, "report": report}

@@ -22,7 +22,7 @@ SHARD_WINDOW shards is one window, whose order is exactly `distributed.epoch_ord
 same images have as a folder). Consumers take sample indices, not shards, so there is no minimum
 number of shards per rank or worker.
 
-Writing (`write_shards`, `clipft shard`): any format clipft reads, split by `load_split`, images
+Writing (`shard_writer.write_shards`, `clipft shard`): any format clipft reads, split by `load_split`, images
 resized once (short side to image_size, JPEG; an image already small enough and already a JPEG is
 stored byte for byte), keys = the sample's position in its split, 9 digits, so key order is split order.
 """
@@ -30,13 +30,11 @@ stored byte for byte), keys = the sample's position in its split, 9 digits, so k
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
 import re
 import subprocess
-import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -99,7 +97,7 @@ def shard_home(spec: str | Path) -> Path:
     pattern, or (pipe: URLs) a user cache folder named after the URL."""
     s = _text(spec)
     if s.startswith("pipe:"):
-        from .caches import user_cache_root
+        from .cache_root import user_cache_root
         return user_cache_root() / "shards" / hashlib.sha256(s.encode()).hexdigest()[:16]
     s = s[len("file://"):] if s.startswith("file://") else s[len("file:"):] if s.startswith("file:") else s
     return Path(s) if os.path.isdir(s) else Path(os.path.dirname(s) or ".")
@@ -160,7 +158,7 @@ def localize(url: str) -> Path:
         if not p.is_file():
             raise DataError(f"{p}: shard not found")
         return p
-    from .caches import user_cache_root
+    from .cache_root import user_cache_root
     cmd = url[len("pipe:"):]
     out = user_cache_root() / "shards" / (hashlib.sha256(url.encode()).hexdigest()[:20] + ".tar")
     if out.is_file():
@@ -229,7 +227,7 @@ def scan_shard(tar: Path) -> dict[str, dict]:
 
 
 def _captions_cache(tar: Path) -> Path:
-    from .caches import _usable_dir
+    from .cache_root import _usable_dir
     digest = hashlib.sha256(str(tar.resolve()).encode()).hexdigest()[:10]
     return _usable_dir(tar.parent / "cache") / "shard-captions" / f"{tar.stem}-{digest}.json"
 
@@ -352,87 +350,3 @@ class ShardTrainDataset(TrainDataset):
 
     def epoch_order(self, seed: int, epoch: int) -> torch.Tensor:
         return windowed_order(self.shard_ids, seed, epoch)
-
-
-# --------------------------------------------------------------------------- writing
-
-def _shard_image(path: Path, size: int) -> tuple[bytes | None, str | None]:
-    """JPEG bytes of an image, short side resized to `size` (never upscaled); a JPEG already that
-    small is kept byte for byte. (None, reason) when it cannot be read."""
-    from PIL import Image
-    from .images import load_image
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-        with Image.open(io.BytesIO(raw)) as im:
-            if im.format == "JPEG" and im.mode == "RGB" and min(im.size) <= size:
-                im.load()  # a truncated file fails here, not in training
-                return raw, None
-    except Exception:
-        pass  # load_image below says why
-    img, reason = load_image(path, draft_size=size)
-    if img is None:
-        return None, reason
-    w, h = img.size
-    if min(w, h) > size:
-        scale = size / min(w, h)
-        img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.BICUBIC)
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=95)
-    return buf.getvalue(), None
-
-
-def write_split_shards(split: CaptionedImages, out: Path, prefix: str, shard_size: int = 1000,
-                       image_size: int = 256) -> dict:
-    """One split as OUT/PREFIX-000000.tar... plus its wids index (shards.json for train, shards-val.json
-    for val, shards-PREFIX.json otherwise). {"shards", "counts", "samples", "bad", "seconds"}."""
-    import webdataset as wds
-    for old in out.glob(f"{prefix}-*.tar"):
-        old.unlink()
-    counts: list[int] = []
-    bad = 0
-    t0 = time.time()
-    with wds.ShardWriter(str(out / f"{prefix}-%06d.tar"), maxcount=shard_size, verbose=0) as sink:
-        for i, rec in enumerate(split.images):
-            data, _reason = _shard_image(rec.path, image_size)
-            if data is None:
-                bad += 1
-                continue
-            if not counts or counts[-1] == shard_size:
-                counts.append(0)
-            counts[-1] += 1
-            sink.write({"__key__": f"{i:09d}", "jpg": data, "txt": "\n".join(rec.captions),
-                        "json": {"image_id": rec.image_id, "split": prefix, "source": str(rec.path),
-                                 "caption_ids": rec.caption_ids}})
-    names = [f"{prefix}-{k:06d}.tar" for k in range(len(counts))]
-    index = {"__kind__": "wids-shard-index-v1", "wids_version": 1, "name": prefix,
-             "shardlist": [{"url": n, "nsamples": c, "filesize": (out / n).stat().st_size}
-                           for n, c in zip(names, counts)]}
-    index_name = SHARD_INDEX if prefix == "train" else VAL_INDEX if prefix == "val" else f"shards-{prefix}.json"
-    (out / index_name).write_text(json.dumps(index, indent=1) + "\n")
-    if bad:
-        log.warning("%s: %d unreadable image(s) skipped", split.name, bad)
-    return {"shards": names, "counts": counts, "samples": sum(counts), "bad": bad, "seconds": time.time() - t0}
-
-
-def write_shards(root: str | Path, cfg: DataConfig, out: str | Path, shard_size: int = 1000,
-                 image_size: int = 256, splits: Sequence[str] | None = None, progress: bool = False) -> dict:
-    """Every split of a dataset clipft reads into webdataset shards under `out` (see the module doc).
-    Returns {split: {"shards": [...], "samples": n, "bad": n}}."""
-    from .splits import load_split
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    splits = list(splits or (cfg.train_split, cfg.val_split))
-    loaded = [(name, load_split(root, name, cfg)) for name in splits]  # bad data fails before writing
-    try:  # other shard sets already in `out` keep their entries
-        sizes: dict[str, int] = {k: v for k, v in json.loads((out / SIZES).read_text()).items() if (out / k).is_file()}
-    except (OSError, ValueError, AttributeError):
-        sizes = {}
-    report: dict[str, dict] = {}
-    for name, split in loaded:
-        prefix = "val" if name == cfg.val_split else "train" if name == cfg.train_split else name
-        sizes = {k: v for k, v in sizes.items() if not k.startswith(f"{prefix}-")}
-        report[name] = write_split_shards(split, out, prefix, shard_size, image_size)
-        sizes.update(zip(report[name]["shards"], report[name]["counts"]))
-    (out / SIZES).write_text(json.dumps(sizes, indent=1) + "\n")
-    return report

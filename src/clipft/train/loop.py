@@ -23,13 +23,13 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .. import distributed
+from .. import distributed, threads
 from . import tensorboard as tblog
 from ..config import Config, DataConfig, checkpoint_interval, to_dict, validate
 from ..data import TrainDataset, build_transform, collate_train
@@ -38,13 +38,15 @@ from .checkpoint import Checkpointer
 from .chunked import train_mode_batchnorms
 from .health import HealthMonitor
 from ..loss import chance_loss, clip_loss
-from ..backbones import check_model_config, fill_weights_sha256
-from ..model import build_image_tower, count_parameters, parameter_parts, tower_state
+from ..model import check_model_config, fill_weights_sha256
+from ..model import build_image_tower, count_parameters, tower_state
 from .rundir import RunFiles, RunLog, read_records
 from .preempt import StopFlag, at_step_boundary, between_steps, resume_loader
 from .resume import check_config, check_data, check_world_size
 from .lock import RunLock
 from ..runtime import Precision, atomic_write_text, hardware_info, overriding, rng_state, seed_everything, select_precision, worker_count
+from .batches import keyed_transform, micro_batch_groups
+from .optim import build_optimizer, build_scheduler
 from .step import StepStats, non_finite_state, step_values, train_step
 from ..data.device_transform import DeviceTransform
 from ..data.prepared_reader import PreparedDataset, PreparedLoader
@@ -58,94 +60,6 @@ from ..data import text_cache_file
 from ..objectives import SIGLIP_INIT_BIAS, SIGLIP_INIT_SCALE, Recipe
 
 log = logging.getLogger(__name__)
-
-
-# --------------------------------------------------------------------------- small pieces
-
-def cosine_with_warmup(step: int, total_steps: int, warmup_steps: int, min_ratio: float = 0.0) -> float:
-    """LR multiplier: linear warmup from 0 to 1 over warmup_steps, then cosine to min_ratio."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    decay_steps = max(1, total_steps - warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / decay_steps)
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,
-                    backbone_lr_ratio: float = 1.0, split_backbone: bool = False) -> torch.optim.AdamW:
-    """AdamW over the parameters that require grad now; no weight decay on biases, norm weights and
-    the logit scale (all 1-d or 0-d).
-
-    backbone_lr_ratio == 1: two groups (decay, no_decay). Otherwise groups per part, named
-    head/decay, head/no_decay, logit_scale, backbone/decay, backbone/no_decay (empty ones dropped),
-    the backbone's at lr * backbone_lr_ratio. Parameters frozen only for a while (see
-    train.freeze_backbone_epochs) must require grad when this is called: AdamW then skips them
-    while their .grad is None (no update, no weight decay). split_backbone: the groups per part even
-    at ratio 1 (a backbone unfrozen later gets its own warm-up: `build_scheduler`).
-    """
-    if (backbone_lr_ratio == 1.0 and not split_backbone) or not hasattr(model, "backbone"):
-        decay, no_decay = [], []
-        for p in model.parameters():
-            if p.requires_grad:
-                (decay if p.ndim >= 2 else no_decay).append(p)
-        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        return _adamw([g for g in groups if g["params"]], lr)
-    parts = parameter_parts(model)
-    groups = []
-    for part, part_lr in (("head", lr), ("logit_scale", lr), ("backbone", lr * backbone_lr_ratio)):
-        params = [p for _, p in parts[part] if p.requires_grad]
-        if part == "logit_scale":
-            groups.append({"name": part, "params": params, "lr": part_lr, "weight_decay": 0.0})
-            continue
-        groups.append({"name": f"{part}/decay", "params": [p for p in params if p.ndim >= 2],
-                       "lr": part_lr, "weight_decay": weight_decay})
-        groups.append({"name": f"{part}/no_decay", "params": [p for p in params if p.ndim < 2],
-                       "lr": part_lr, "weight_decay": 0.0})
-    return _adamw([g for g in groups if g["params"]], lr)
-
-
-def unfreeze_warmup(step: int, unfreeze_step: int, warmup_steps: int) -> float:
-    """LR multiplier of a backbone frozen until global step `unfreeze_step` (0-based): linear from
-    1/warmup_steps to 1 over the warmup_steps steps from there (1 before: frozen, it gets no update).
-    Its Adam state is empty when it joins, so without this its first update would move every
-    pretrained weight by about lr x sign(gradient). warmup_steps=0: no warm-up (as for the run)."""
-    if warmup_steps <= 0 or step < unfreeze_step:
-        return 1.0
-    return min(1.0, (step - unfreeze_step + 1) / warmup_steps)
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config,
-                    steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up + cosine (`cosine_with_warmup`) for every group; with train.freeze_backbone_epochs
-    the backbone's groups (named backbone/...) warm up again from the step they are unfrozen at
-    (`unfreeze_warmup`, over train.warmup_steps steps). Every epoch but a short last one has
-    steps_per_epoch steps, so that step is freeze_backbone_epochs x steps_per_epoch."""
-    t = cfg.train
-    total_steps = steps_per_epoch * t.epochs
-    unfreeze_step = t.freeze_backbone_epochs * steps_per_epoch
-
-    def base(s: int) -> float:
-        return cosine_with_warmup(s, total_steps, t.warmup_steps, t.min_lr_ratio)
-
-    def backbone(s: int) -> float:
-        return base(s) * unfreeze_warmup(s, unfreeze_step, t.warmup_steps)
-    lambdas = [backbone if t.freeze_backbone_epochs > 0 and str(g.get("name", "")).startswith("backbone/") else base
-               for g in optimizer.param_groups]
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
-
-
-def _adamw(groups: list[dict], lr: float) -> torch.optim.AdamW:
-    """Fused AdamW where PyTorch has the kernel (CUDA, CPU): one kernel for all parameters, and it
-    honours `found_inf`, which lets `train_step` skip a bad update on the device without a sync."""
-    try:  # private, but the list PyTorch itself checks against: ["cuda", ...], "cpu" from torch 2.4 on
-        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
-        supported = _get_fused_kernels_supported_devices()
-    except ImportError:
-        supported = ["cuda"]
-    params = [p for g in groups for p in g["params"]]
-    if all(p.device.type in supported and p.is_floating_point() for p in params):
-        return torch.optim.AdamW(groups, lr=lr, fused=True)
-    return torch.optim.AdamW(groups, lr=lr)
 
 
 # --------------------------------------------------------------------------- data
@@ -171,50 +85,6 @@ def make_train_loader(ds: TrainDataset | PreparedDataset, cfg: Config, epoch: in
         return PreparedLoader(ds, indices, cfg.train.batch_size, pin_memory=device.type == "cuda")
     return DataLoader(ds, batch_size=cfg.train.batch_size, sampler=indices, num_workers=worker_count(cfg.data.num_workers),
                       collate_fn=collate_train, pin_memory=device.type == "cuda")
-
-
-def micro_batch_groups(loader: DataLoader, k: int, counts: dict,
-                       keep_ids: bool = False) -> Iterator[list[tuple[torch.Tensor, ...]]]:
-    """The loader's (images, texts) batches grouped k at a time, one group per optimizer step (the
-    last group of an epoch may be shorter). A batch is left out, by every rank alike, when some rank
-    holds fewer than 2 readable images (the loss needs negatives). Updates counts (all ranks
-    summed): "skipped_images" (unreadable), "images" (in kept batches), "batch" (last kept global batch).
-    keep_ids: (images, texts, image ids [B]) triples (the recipe's losses need each row's image)."""
-    group = MicroBatches()
-    for images, texts, idx, n_skipped in loader:
-        per_rank = distributed.all_gather_ints([images.shape[0], n_skipped])  # [[B_r, skipped_r], ...]
-        counts["skipped_images"] += sum(r[1] for r in per_rank)
-        if min(r[0] for r in per_rank) < 2:
-            continue
-        counts["batch"] = sum(r[0] for r in per_rank)
-        counts["images"] += counts["batch"]
-        group.append((images, texts, idx) if keep_ids else (images, texts))
-        group.indices.append(idx)
-        if len(group) == k:
-            yield group
-            group = MicroBatches()
-    if group:
-        yield group
-
-
-class MicroBatches(list):
-    """One optimizer step's [(images, texts), ...], with `indices`: each micro-batch's dataset rows [B]
-    (the keys of its on-device augmentation, `keyed_transform`)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.indices: list[torch.Tensor] = []
-
-
-def keyed_transform(transform: Any, micro: list, seed: int, epoch: int) -> Any:
-    """The device transform for one step's micro-batches: with augmentation, each call (train_step
-    makes one per micro-batch, in order) crops and flips its samples by their (seed, epoch, row)
-    (`DeviceTransform.sample_keys`), so a resumed epoch augments exactly as an uninterrupted one."""
-    indices = getattr(micro, "indices", None)
-    if not getattr(transform, "augment", False) or not indices or len(indices) != len(micro):
-        return transform
-    keys = iter([transform.sample_keys(seed, epoch, idx) for idx in indices])
-    return lambda images: transform(images, keys=next(keys))
 
 
 # --------------------------------------------------------------------------- seams
@@ -609,6 +479,8 @@ def train_one_epoch(state: TrainState, loader: Any, runlog: RunLog, epoch: int, 
     """One epoch of optimizer steps: a host read of the step outputs every train.log_every steps (step
     records, health checks, the divergence check), none in between."""
     cfg, rt, stats = loop.cfg, loop.rt, loop.stats
+    if rt.device.type == "cpu":
+        threads.replan()  # other work may have started or stopped since the last epoch (threads.py)
     if cfg.train.freeze_backbone_epochs > 0:  # a pure function of the epoch: resumes exactly
         state.model.set_backbone_trainable(epoch > cfg.train.freeze_backbone_epochs)
     state.ddp_model.train()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from test_flickr import kaggle_8k, kaggle_30k
+from data.test_flickr import kaggle_8k, kaggle_30k
 
 from clipft.cli.commands import main
 from clipft.data import detect_format, load_split
@@ -63,7 +63,7 @@ def test_flickr_copies_are_linked_and_read(tmp_path, dataset, write):
 
 
 def test_coco_copy_laid_out_trains_and_evaluates(coco_root, tiny_clip_dir, tmp_path):
-    from test_formats import small_args
+    from data.test_formats import small_args
     src = coco_copy(coco_root, tmp_path / "kagglehub")
     root = tmp_path / "coco"
     r = download_kaggle("coco", root, fetch=stand_in(src))

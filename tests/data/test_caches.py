@@ -49,7 +49,7 @@ def test_read_only_dataset_caches_go_to_the_user_cache_dir(tmp_path, tiny_clip_d
     from clipft.cli.commands import main
     from clipft.data import caches
     from clipft.data.shapes import make_shapes_dataset
-    from test_train import small_args
+    from train.test_loop import small_args
     root = make_shapes_dataset(tmp_path / "ro", n_train=8, n_val=4, seed=5, image_size=40)
     before = _files(root)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))

@@ -14,7 +14,7 @@ from clipft.cli.commands import main
 from clipft.train.preempt import Preempted, StopFlag
 from clipft.train.rundir import read_records
 
-from test_train import small_args
+from train.test_loop import small_args
 
 # Random crops, flips and head dropout in the main process: the restored RNG state must matter.
 AUGMENT = ["--set", "data.augment=true", "--set", "model.head_dropout=0.2", "--set", "data.prepared=false"]

@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_train import small_args as train_small_args
+from train.test_loop import small_args as train_small_args
 from PIL import Image
 
 from clipft.cli.commands import main

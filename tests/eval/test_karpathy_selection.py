@@ -12,7 +12,7 @@ from clipft.data import load_split
 from clipft.data.shapes import make_shapes_dataset
 from clipft.eval.protocols import resolve_eval_split
 
-PRESET = Path(__file__).resolve().parents[1] / "configs" / "coco-rn50.yaml"
+PRESET = Path(__file__).resolve().parents[2] / "configs" / "coco-rn50.yaml"
 
 
 def _karpathy_file(root: Path, where: Path) -> dict[str, set[str]]:

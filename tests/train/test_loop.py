@@ -12,7 +12,7 @@ from clipft.cli.commands import main
 from clipft.config import Config, ConfigError, apply_overrides, load_config
 from clipft.model import load_image_tower
 from clipft.train.rundir import read_records
-from clipft.train.loop import build_optimizer, cosine_with_warmup
+from clipft.train.optim import build_optimizer, cosine_with_warmup
 
 
 def small_args(text_dir, epochs=2, extra=()):

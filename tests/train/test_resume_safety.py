@@ -15,7 +15,7 @@ import torch
 from clipft.cli.commands import main
 from clipft.train import loop as train_mod
 
-from test_train import small_args
+from train.test_loop import small_args
 
 # JPEG path with 2 decoding workers, random resized crops, flips and colour jitter.
 WORKERS_AUGMENT = ["--set", "data.augment=true", "--set", "data.color_jitter=0.4", "--set", "data.num_workers=2",

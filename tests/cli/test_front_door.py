@@ -11,7 +11,7 @@ import pytest
 
 from clipft.cli.commands import build_parser
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
+SRC = str(Path(__file__).resolve().parents[2] / "src")
 HEAVY = ("torch", "sentence_transformers", "transformers", "torchvision", "matplotlib")
 
 
@@ -126,25 +126,6 @@ def test_a_failed_download_leaves_no_lock_behind(tmp_path, capsys, monkeypatch):
     assert not (root / dl.DOWNLOADS_DIR / ".lock").exists()
 
 
-def test_threads_leave_the_busy_cpus_alone():
-    from clipft.threads import plan_cpu_threads
-    assert plan_cpu_threads(2, 0.1)[0] == 2  # an idle 2-core machine: both
-    assert plan_cpu_threads(2, 2.0)[0] == 1  # two busy processes on 2 cores: 1 thread, never 0
-    assert plan_cpu_threads(2, 19.0)[0] == 1
-    assert plan_cpu_threads(16, 4.2)[0] == 16  # a load below the CPU count keeps every CPU
-    assert plan_cpu_threads(2, 1.1)[0] == 2  # e.g. the caller's own test runner: results must not follow it
-    assert plan_cpu_threads(16, 20.0)[0] == 11
-    assert plan_cpu_threads(4, None)[0] == 4
-
-
-def test_configure_cpu_threads_honours_the_user_and_sleeps_while_waiting():
-    from clipft.threads import configure_cpu_threads
-    env = {"OMP_NUM_THREADS": "3"}
-    assert configure_cpu_threads(env)[0] == 3 and env["OMP_WAIT_POLICY"] == "PASSIVE"
-    env = {"CLIPFT_THREADS": "1", "OMP_WAIT_POLICY": "ACTIVE"}
-    assert configure_cpu_threads(env)[0] == 1 and env["OMP_NUM_THREADS"] == "1" and env["OMP_WAIT_POLICY"] == "ACTIVE"
-
-
 def test_the_report_suggests_the_runs_own_data_path(tmp_path):
     from clipft.report.extras import reproduce_section
     run = tmp_path / "run"
@@ -177,7 +158,7 @@ def test_search_prints_absolute_paths(tmp_path, capsys, monkeypatch):
 def test_make_demo_installs_what_the_demo_needs_and_no_test_tools():
     import re
     import tomllib
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     extras = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert any(d.startswith("flask") for d in extras["demo"])  # the demo ends with a `clipft serve` line
     make = (root / "Makefile").read_text()

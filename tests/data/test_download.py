@@ -20,7 +20,7 @@ from clipft.cli.commands import main
 from clipft.data import load_coco_captions
 from clipft.data.download import (COCO_ARCHIVES, CorruptArchiveError, DiskSpaceError, DownloadError,
                              NetworkError, RemoteFileError, download_coco, fetch, parse_content_range)
-from test_train import small_args
+from train.test_loop import small_args
 
 # The official table without the recorded sizes/checksums (our test zips are not the real ones).
 TEST_ARCHIVES = {k: replace(a, size=None, checksum=None) for k, a in COCO_ARCHIVES.items()}

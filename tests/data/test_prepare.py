@@ -179,7 +179,7 @@ def test_training_reads_the_prepared_cache(coco_root, tiny_clip_dir, tmp_path, c
 
     from clipft.train import loop as train_mod
     from clipft.cli.commands import main
-    from test_train import small_args
+    from train.test_loop import small_args
 
     root = tmp_path / "coco"
     shutil.copytree(coco_root, root, ignore=shutil.ignore_patterns("cache"))
@@ -260,7 +260,7 @@ def test_zeroed_images_are_refused_by_training_and_rebuilt(small_coco, tiny_clip
     """256 zeroed images (here: a chunk's worth, 3) pass every size check; training refuses them with
     one line, `prepare-images` rebuilds them, and training then reads the cache."""
     from clipft.cli.commands import main
-    from test_train import small_args
+    from train.test_loop import small_args
     root, out = small_coco
     with open(out / "images.u8", "r+b") as f:
         f.seek(6 * _row_bytes())
@@ -282,7 +282,7 @@ def test_truncated_cache_is_not_complete_and_training_says_so(small_coco, tiny_c
                                                                  caplog):
     """A truncated images.u8 was once reported complete, then training died in mmap."""
     from clipft.cli.commands import main
-    from test_train import small_args
+    from train.test_loop import small_args
     root, out = small_coco
     pristine = np.array(PreparedImages.open(out).array)
     with open(out / "images.u8", "r+b") as f:
@@ -440,7 +440,7 @@ def test_training_says_why_a_prepared_cache_of_another_size_is_unused(coco_root,
     import shutil
 
     from clipft.cli.commands import main
-    from test_train import small_args
+    from train.test_loop import small_args
     root = tmp_path / "coco"
     shutil.copytree(coco_root, root, ignore=shutil.ignore_patterns("cache"))
     assert main(["prepare-images", "--data", str(root), "--split", "train", "--size", "40", "--quiet"]) == 0

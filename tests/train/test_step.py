@@ -1,5 +1,5 @@
 """clipft.train.step: the device-side sums the loop reads (`StepStats`) and the loss seam of `train_step`.
-The step itself is tested against its contract in tests/test_train.py (NaN guard, no host reads)."""
+The step itself is tested against its contract in tests/train/test_loop.py (NaN guard, no host reads)."""
 
 from __future__ import annotations
 

@@ -15,10 +15,10 @@ timm = pytest.importorskip("timm")
 from clipft import backbones  # noqa: E402
 from clipft.cli.commands import main  # noqa: E402
 from clipft.config import ConfigError, ModelConfig  # noqa: E402
-from clipft.model import ImageTower, ModelError  # noqa: E402
+from clipft.model import ImageTower, ModelError, check_model_config  # noqa: E402
 from clipft.train import loop as train_mod  # noqa: E402
 
-from test_train import small_args  # noqa: E402
+from train.test_loop import small_args  # noqa: E402
 
 
 def timm_args(text_dir, backbone, epochs=1, extra=()):
@@ -202,7 +202,7 @@ def _write(kind: str, state: dict, path: Path) -> Path:
 def test_a_weights_file_loads_into_the_tower(kind, resnet18_state, tmp_path):
     path = _write(kind, resnet18_state, tmp_path / ("w.safetensors" if kind == "safetensors" else "w.pth"))
     cfg = ModelConfig(backbone="timm:resnet18", image_weights=str(path), head_hidden=16)
-    backbones.check_model_config(cfg)
+    check_model_config(cfg)
     assert cfg.image_weights_sha256 == backbones.file_sha256(path)
     t = ImageTower(cfg, 8)
     got = t.backbone.state_dict()
@@ -332,7 +332,7 @@ def test_real_efficientnet_lite0_weights_with_other_names_load_by_order_and_clas
     assert "military uniform" in names, names  # Grace Hopper in uniform
     # As a tower: the backbone without classifier gets the same tensors (`_fc` dropped).
     cfg = ModelConfig(backbone="timm:tf_efficientnet_lite0", image_weights=str(path), head_hidden=16)
-    backbones.check_model_config(cfg)
+    check_model_config(cfg)
     t = ImageTower(cfg, 8).eval()
     with torch.no_grad():
         assert torch.allclose(t.backbone(pixels), full.forward_head(full.forward_features(pixels), pre_logits=True))

@@ -22,7 +22,7 @@ from clipft.config import Config, ConfigError, update_from_dict
 from clipft.data import build_transform
 from clipft.model import AttentionPool2d, build_image_tower
 from clipft.train.rundir import read_records
-from clipft.train.loop import build_optimizer, build_scheduler, cosine_with_warmup
+from clipft.train.optim import build_optimizer, build_scheduler, cosine_with_warmup
 
 TINY = {"model": {"backbone": "resnet18", "image_weights": "none", "head_hidden": 32},
         "data": {"image_size": 32, "num_workers": 0},
@@ -131,7 +131,7 @@ def test_every_preset_builds_trains_and_changes_what_it_claims(name):
         assert model.logit_scale.requires_grad and not torch.equal(before["logit_scale"], after["logit_scale"])
     elif name == "crop_flip":
         assert _train_transform(cfg) == ["RandomResizedCrop", "ToTensor", "Normalize"]  # flip done by the dataset
-        assert cfg.data.flip == "swap"  # caption-aware (tests/test_data.py, tests/test_train.py)
+        assert cfg.data.flip == "swap"  # caption-aware (tests/data/test_data.py, tests/train/test_loop.py)
     elif name == "crop_noflip":
         assert _train_transform(cfg) == ["RandomResizedCrop", "ToTensor", "Normalize"] and cfg.data.flip == "off"
     elif name == "color_jitter":
@@ -161,7 +161,7 @@ def test_every_preset_builds_trains_and_changes_what_it_claims(name):
                 assert not moved, k
         assert changed_backbone["backbone.conv1.weight"]
     elif name in ("caption_bank", "image_queue", "siglip", "ema", "clustered_batches"):
-        # The recipe levers act in the trainer (tests/test_recipe.py checks each); here: the claim is in the config.
+        # The recipe levers act in the trainer (tests/train/test_recipe.py checks each); here: the claim is in the config.
         from clipft.train.loop import build_recipe
         t = cfg.train
         assert {"caption_bank": t.text_negatives == "1024", "image_queue": t.image_queue == 1024,
@@ -375,6 +375,6 @@ def test_an_unfrozen_backbone_warms_up_again():
     # eps): here at most ~lr/10, where the full rate moved weights by lr.
     assert 0.05 * lrs["head/decay"] < float(moved.max()) < 0.2 * lrs["head/decay"]
     # The head's rate is the run's schedule; the backbone's reaches it `warm` steps after unfreezing.
-    from clipft.train.loop import unfreeze_warmup
+    from clipft.train.optim import unfreeze_warmup
     assert [unfreeze_warmup(s, 4, warm) for s in (0, 3, 4, 8, 13, 14)] == [1.0, 1.0, 0.1, 0.5, 1.0, 1.0]
     assert unfreeze_warmup(4, 4, 0) == 1.0  # train.warmup_steps=0: no warm-up at all

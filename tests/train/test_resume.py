@@ -21,7 +21,7 @@ from clipft.train.resume import RESUMABLE_KEYS, config_differences
 from clipft.config import Config
 from clipft.train.rundir import read_records
 
-from test_train import small_args
+from train.test_loop import small_args
 
 KEPT = ("config.json", "metrics.jsonl", "epochs.csv", "last.pt", "last.prev.pt", "best.pt", "summary.json")
 HINT = "use another --out, or --no-resume to start over"

@@ -214,7 +214,7 @@ def test_validate_reports_entries_without_an_image(tmp_path):
     ("kaggle-8k", False, "flickr8k-test (seeded split, seed 0, 2 images x 10 captions)"),
     ("kaggle-30k", False, "flickr30k-test (seeded split, seed 0, 2 images x 10 captions)")])
 def test_validate_train_evaluate_each_layout(tmp_path, tiny_clip_dir, layout, karpathy, protocol):
-    from test_formats import small_args
+    from data.test_formats import small_args
     root = LAYOUTS[layout](tmp_path / "data")
     if karpathy:
         karpathy_file(root, "flickr30k", names_30k(20))

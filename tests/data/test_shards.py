@@ -24,7 +24,7 @@ from clipft.data.images import load_image
 from clipft.train import loop as train_mod
 from clipft.train.rundir import read_records
 
-from test_train import small_args
+from train.test_loop import small_args
 
 
 @pytest.fixture(scope="module")

@@ -218,7 +218,7 @@ def test_resume_mid_epoch_is_exact(name, coco_root, tiny_clip_dir, tmp_path):
     from clipft.cli.commands import main
     from clipft.model import load_image_tower
     from clipft.train import loop as train_mod
-    from test_train import small_args
+    from train.test_loop import small_args
     extra = RECIPES[name]
     full, killed = tmp_path / "full", tmp_path / "killed"
     assert main(["train", "--data", str(coco_root), "--out", str(full), *small_args(tiny_clip_dir, 2, extra)]) == 0
