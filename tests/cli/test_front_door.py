@@ -309,6 +309,8 @@ MISTAKES = [
     (["ablate", "--data", "d"], "ablate: --out DIR is required"),
     (["train", "--data", "d", "--out", "./d/"], "./d/: the dataset folder (--data)"),
     (["train", "--data", "ck.pt", "--out", "r"], "ck.pt: a model file, not a dataset"),
+    (["evaluate", "--checkpoint", "p.png", "--data", "d"], "p.png cannot be read: not a readable checkpoint"),
+    (["export", "afile", "--out", "e"], "afile cannot be read: not a readable checkpoint"),
     (["evaluate", "--checkpoint", "ck.pt", "--data", "ck.pt"], "ck.pt: a model file, not a dataset"),
     (["validate", "--data", "p.png"], "p.png: an image, not a dataset"),
     (["cache-text", "--data", "d", "--val-data", "empty.yaml"], "empty.yaml: a config file, not a dataset"),
@@ -325,7 +327,9 @@ def test_a_mistake_gets_one_true_line_before_torch(argv, words, tmp_path):
     for d in ("d", "adir"):
         (tmp_path / d).mkdir()
     (tmp_path / "afile").write_text("hello\n")
-    (tmp_path / "ck.pt").write_bytes(b"PK\x03\x04\x80\x02\x8a\n\xff\xfe" * 10)
+    import zipfile
+    with zipfile.ZipFile(tmp_path / "ck.pt", "w") as z:  # a zip, as every torch.save file is
+        z.writestr("ck/data.pkl", b"\x80\x02}q\x00.")
     (tmp_path / "p.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)))
     (tmp_path / "empty.yaml").write_text("")
     (tmp_path / "photos").mkdir()

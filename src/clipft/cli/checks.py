@@ -6,6 +6,7 @@ mistake is one ConfigError line naming the path or value and what to give instea
 from __future__ import annotations
 
 import argparse
+import zipfile
 from pathlib import Path
 
 from .args import _build_config
@@ -80,6 +81,9 @@ def _check_inputs_exist(args: argparse.Namespace) -> None:
             raise ConfigError(f"{value}: a folder, not a checkpoint file" +
                               (f"; did you mean {best}?" if best.is_file() else
                                " (give the best.pt or last.pt that clipft train wrote)"))
+        if attr == "checkpoint" and not zipfile.is_zipfile(value):  # every torch.save file is a zip archive
+            raise ConfigError(f"{value} cannot be read: not a readable checkpoint (not a PyTorch file: another "
+                              "kind of file, or one cut short); give the best.pt or last.pt that clipft train wrote")
         if attr == "run" and not Path(value).is_dir():
             raise ConfigError(f"{value}: not a directory (give the run directory that `clipft train --out` wrote)")
         if attr in ("folder", "images", "check_images") and not Path(value).is_dir():
