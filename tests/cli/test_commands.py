@@ -96,7 +96,8 @@ def test_failed_train_leaves_no_run_directory(coco_root, tiny_clip_dir, tmp_path
 def test_unexpected_error_is_one_line_and_debug_keeps_the_traceback(monkeypatch, tmp_path, capsys):
     def boom(args):
         raise ZeroDivisionError("division by zero")
-    monkeypatch.setattr(cli, "cmd_report", boom)
+    from clipft.cli import tool_commands  # report's command lives there; the parser is built inside main
+    monkeypatch.setattr(tool_commands, "cmd_report", boom)
     rc, err = _run(["report", str(tmp_path)], capsys)
     assert rc == cli.EXIT_UNEXPECTED
     assert err == ("clipft: error: report: unexpected ZeroDivisionError: division by zero "
@@ -113,7 +114,9 @@ def test_interrupt_says_what_was_kept(monkeypatch, tmp_path, capsys):
         monkeypatch.setattr(cli, name, interrupt)
     monkeypatch.chdir(tmp_path)  # D and C exist: missing inputs are refused before the command runs
     (tmp_path / "D").mkdir()
-    (tmp_path / "C").write_bytes(b"")
+    import zipfile
+    with zipfile.ZipFile(tmp_path / "C", "w") as z:  # a zip like any torch.save file: an empty C is refused first
+        z.writestr("C/data.pkl", b"")
     out = tmp_path / "run"
     assert main(["train", "--data", "D", "--out", str(out)]) == 130
     assert "no checkpoint yet" in capsys.readouterr().err
