@@ -434,8 +434,10 @@ def test_cuda_on_a_machine_without_a_gpu_driver_answers_before_torch(tmp_path, m
     monkeypatch.undo()
     if not sys.platform.startswith("linux") or any(os.path.exists(p) for p in real_nodes):
         pytest.skip("this machine has a GPU driver: the CLI check below needs one without")
+    import zipfile
     (tmp_path / "d").mkdir()
-    (tmp_path / "ck.pt").write_bytes(b"x")
+    with zipfile.ZipFile(tmp_path / "ck.pt", "w") as z:  # a zip, as every torch.save file is
+        z.writestr("ck/data.pkl", b"")
     for argv in (["evaluate", "--checkpoint", "ck.pt", "--data", "d", "--device", "cuda"],
                  ["train", "--data", "d", "--out", "r", "--set", "train.device=cuda"]):
         r = imports_after(argv, tmp_path)
