@@ -32,7 +32,8 @@ def _synthetic_index(index_dir, n: int = N, shards: int = 1):
     with contextlib.closing(connect(index_dir)) as conn, conn:
         conn.executemany("INSERT INTO info VALUES (?, ?)", [("embed_dim", str(D)), ("dtype", "float16"),
                                                             ("root", str(index_dir)), ("fingerprint", "f")])
-        conn.executemany("INSERT INTO files (id, path, size, mtime_ns, sha256, shard, row) VALUES (?, ?, 1, 1, ?, ?, ?)",
+        conn.executemany("INSERT INTO files (id, path, size, mtime_ns, sha256, shard, row) "
+                         "VALUES (?, ?, 1, 1, ?, ?, ?)",
                          ((int(i), f"album-{r % 97:02d}/photo-{r:09d}-abcdefghijk.jpg", f"{r:064x}",
                            names[r % shards], r // shards) for r, i in enumerate(ids)))
     return ids, emb

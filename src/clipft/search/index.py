@@ -146,7 +146,7 @@ def load_shard(index_dir: Path, name: str) -> np.ndarray:
     return np.load(Path(index_dir) / SHARDS / name, mmap_mode="r")
 
 
-COLUMN_BATCH = 900  # rows per SQLite statement when a column is read in bulk: under the oldest SQLite limit of 999 parameters
+COLUMN_BATCH = 900  # ids per SQLite statement when a column is read in bulk (the oldest SQLite takes 999)
 
 
 class IndexColumn(Sequence):
