@@ -75,3 +75,51 @@ def test_unnormalised_and_float64_inputs():
     got = retrieval_ranks(img.double(), txt * 0.5, t2i, chunk_size=6, col_chunk=9)
     ref = naive_ranks(img, txt * 0.5, t2i)
     assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+
+
+@pytest.mark.parametrize("choice", ["one", "all", "alternate"])
+def test_counting_on_one_thread_or_all_gives_the_same_exact_ranks(monkeypatch, choice):
+    # On a CPU with several threads, retrieval_ranks times a counting pass on one thread and on all
+    # every RETIME_TILES tiles and counts on the faster: whichever it picks, tile by tile, the ranks
+    # are the float64 ones (exact ties, near-ties inside the float32 band included).
+    from clipft.eval import metrics
+    img, txt, t2i = clustered(30, 2, 32, 0.5, 4)
+    img[5] = img[6]
+    img[9] = F.normalize(img[10].double() + 3e-8 * torch.randn(32, dtype=torch.float64), dim=-1).float()
+    txt[0] = txt[1]
+    picks = iter([True, False] * 1000)
+    calls = []
+
+    def pick(*args):
+        calls.append(torch.get_num_threads())
+        return {"one": True, "all": False}.get(choice) if choice != "alternate" else next(picks)
+    monkeypatch.setattr(metrics, "_one_thread_is_faster", pick)
+    monkeypatch.setattr(metrics, "RETIME_TILES", 1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        got = retrieval_ranks(img, txt, t2i, chunk_size=4, col_chunk=5)
+        assert torch.get_num_threads() == 2  # restored after counting on one thread
+    finally:
+        torch.set_num_threads(threads)
+    ref = naive_ranks(img, txt, t2i)
+    assert len(calls) == 8 * 12 and set(calls) == {2}  # every tile decided (RETIME_TILES=1), from all threads
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+
+
+def test_the_timing_probe_leaves_the_thread_count_alone():
+    from clipft.eval.metrics import _one_thread_is_faster
+    threads = torch.get_num_threads()
+    s = torch.randn(64, 128)
+    assert _one_thread_is_faster(s, torch.empty(s.numel()), torch.zeros(64, 1), 2) in (True, False)
+    assert torch.get_num_threads() == threads
+
+
+def test_finite_check_is_exact_when_a_sum_overflows():
+    from clipft.eval.metrics import EvaluationError, check_finite
+    big = torch.full((4, 8), 3e38)  # every value finite, their float32 sum is inf
+    check_finite(big, big)  # not refused
+    bad = big.clone()
+    bad[2, 3] = float("nan")
+    with pytest.raises(EvaluationError, match="1 of 4 image embeddings and 0 of 4 text"):
+        check_finite(bad, big)

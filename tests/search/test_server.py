@@ -4,6 +4,7 @@ queries, writes, foreign Host headers and a flood of requests."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -126,9 +127,11 @@ def test_an_indexed_file_turned_into_a_symlink_out_of_the_folder_is_refused(clie
 
 def test_a_tampered_database_path_cannot_escape(indexed, fake_model, tmp_path):
     draw(tmp_path / "outside.png", "red", seed=98)
-    idx = load_index(default_index_dir(indexed))
-    idx.paths[0] = "../outside.png"
-    idx.paths[1] = str(tmp_path / "outside.png")
+    import sqlite3
+    idx = load_index(default_index_dir(indexed))  # paths are read from the database per request
+    with contextlib.closing(sqlite3.connect(default_index_dir(indexed) / "meta.sqlite")) as db, db:
+        db.execute("UPDATE files SET path = ? WHERE id = ?", ("../outside.png", int(idx.ids[0])))
+        db.execute("UPDATE files SET path = ? WHERE id = ?", (str(tmp_path / "outside.png"), int(idx.ids[1])))
     c = _client(Served(idx, fake_model))
     for rid in idx.ids[:2]:
         assert c.get(f"/image/{rid}").status_code == 404

@@ -224,9 +224,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     save = args.save_embeddings
     if save == "auto":
         save = str(Path(args.checkpoint).parent / f"embeddings_{args.split}.safetensors")
-    m = evaluate_checkpoint(args.checkpoint, args.data, split=args.split, cfg=cfg, out=args.out,
-                            device=args.device, progress=not args.quiet, karpathy=args.karpathy,
-                            compare_zero_shot=args.compare_zero_shot, save_embeddings=save)
+    from .. import distributed
+    # Under torchrun: one process per GPU (gloo on the CPU); each embeds its part of the images and
+    # rank 0 scores all of them and writes the files. Alone: a no-op.
+    ctx = distributed.setup(args.device)
+    try:
+        m = evaluate_checkpoint(args.checkpoint, args.data, split=args.split, cfg=cfg, out=args.out,
+                                device=str(ctx.device) if ctx.distributed else args.device,
+                                progress=not args.quiet, karpathy=args.karpathy,
+                                compare_zero_shot=args.compare_zero_shot, save_embeddings=save)
+    finally:
+        distributed.teardown(ctx)
+    if m is None:  # a rank other than 0: rank 0 reports
+        return 0
     print(f"{m['protocol']}")
     print(format_comparison_table(m) if "zero_shot" in m else format_recall_table(m))
     if "folds" in m:

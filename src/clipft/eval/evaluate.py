@@ -56,18 +56,20 @@ def embed_images(model: ImageTower, split: CaptionedImages, cfg: Config, device:
 
 @torch.inference_mode()
 def sharded_embed_images(model: torch.nn.Module, split: CaptionedImages, cfg: Config, device: torch.device,
-                         amp_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                         amp_dtype: torch.dtype | None = None, progress: bool = False
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """`embed_images` with the images split over the ranks (contiguous chunks) and the results
     gathered to every rank: (emb [N_ok, D] CPU, rows [N_ok]) equal to a single-process
     embed_images, rows ascending. `model` is the bare ImageTower (never the DDP wrapper, whose forward
-    would broadcast buffers a different number of times on ranks with more batches)."""
+    would broadcast buffers a different number of times on ranks with more batches).
+    progress: a bar on rank 0 only (it shows rank 0's chunk)."""
     if not distributed.is_distributed():
-        return embed_images(model, split, cfg, device, amp_dtype)
+        return embed_images(model, split, cfg, device, amp_dtype, progress=progress)
     rank, world, n = distributed.get_rank(), distributed.get_world_size(), len(split)
     start, stop = rank * n // world, (rank + 1) * n // world
     part = CaptionedImages(images=split.images[start:stop], name=f"{split.name}:shard{rank}of{world}")
     if stop > start:
-        emb, rows = embed_images(model, part, cfg, device, amp_dtype)
+        emb, rows = embed_images(model, part, cfg, device, amp_dtype, progress=progress and distributed.is_main())
         rows = rows + start
     else:  # more ranks than images: contribute nothing
         emb, rows = torch.zeros(0, distributed.unwrap(model).embed_dim), torch.zeros(0, dtype=torch.long)
@@ -190,7 +192,11 @@ def checkpoint_embeddings(checkpoint: str | Path, data_root: str | Path, split: 
     """Resolve the protocol `split` (see clipft.eval.protocols), embed its captions with the checkpoint's
     frozen text encoder (cached under the protocol's name) and its images with the trained tower.
     `cfg` defaults to the config saved in the checkpoint. Returns (embeddings, config used).
-    with_text=False skips the captions (text_emb is then None): zero-shot needs images only."""
+    with_text=False skips the captions (text_emb is then None): zero-shot needs images only.
+
+    Under torchrun (a process group is initialised) each rank embeds its own contiguous part of the
+    images and every rank receives all of them, in the single-process order; only rank 0 embeds the
+    captions (it alone scores recall), so text_emb is None on the other ranks."""
     from ..config import from_dict
     from ..model import TOWER_KEYS, ModelError, read_checkpoint, tower_from_checkpoint
     from .protocols import resolve_eval_split
@@ -203,19 +209,24 @@ def checkpoint_embeddings(checkpoint: str | Path, data_root: str | Path, split: 
     cfg = cfg if cfg is not None else from_dict(ckpt["config"])
     del ckpt  # optimizer state is not needed for evaluation
     dev = resolve_device(device if device != "auto" else cfg.train.device)
-    es = resolve_eval_split(data_root, split, cfg, karpathy)
     text_emb = None
-    if with_text:
-        text_emb, _ = get_text_embeddings(es.data.captions, cfg.text.encoder,
-                                          eval_text_cache_file(data_root, es.name, cfg),
-                                          device=dev, batch_size=cfg.text.batch_size, max_length=cfg.text.max_length,
-                                          on_mismatch=cfg.text.on_mismatch, amp=cfg.train.amp,
-                                          progress=None if progress else False)
-    if text_emb is not None and text_emb.shape[1] != model.embed_dim:
-        raise ModelError(f"{checkpoint}: image tower outputs {model.embed_dim}-d embeddings but text encoder "
-                         f"{cfg.text.encoder!r} gives {text_emb.shape[1]}-d")
+    # Rank 0 first: it writes the split's caches (shard captions, caption embeddings); if it fails
+    # (a bad text encoder, a dimension mismatch) the other ranks stop with its error instead of
+    # waiting in the image gather below.
+    with distributed.main_process_first("loading the split and its caption embeddings"):
+        es = resolve_eval_split(data_root, split, cfg, karpathy)
+        if with_text and distributed.is_main():
+            text_emb, _ = get_text_embeddings(es.data.captions, cfg.text.encoder,
+                                              eval_text_cache_file(data_root, es.name, cfg),
+                                              device=dev, batch_size=cfg.text.batch_size,
+                                              max_length=cfg.text.max_length, on_mismatch=cfg.text.on_mismatch,
+                                              amp=cfg.train.amp, progress=None if progress else False)
+        if text_emb is not None and text_emb.shape[1] != model.embed_dim:
+            raise ModelError(f"{checkpoint}: image tower outputs {model.embed_dim}-d embeddings but text encoder "
+                             f"{cfg.text.encoder!r} gives {text_emb.shape[1]}-d")
     model = model.to(dev)
-    emb, rows = embed_images(model, es.data, cfg, dev, amp_dtype_for(dev, cfg.train.amp, cfg.data.image_size), progress=progress)
+    emb, rows = sharded_embed_images(model, es.data, cfg, dev, amp_dtype_for(dev, cfg.train.amp, cfg.data.image_size),
+                                     progress=progress)
     # Every consumer (recall, zero-shot, pictures, report) goes through here: refuse NaN/inf once.
     check_finite(emb, text_emb if text_emb is not None else emb[:0],
                  where=f"{checkpoint} on split {es.name!r}")
@@ -348,7 +359,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data_root: str | Path, split: st
                         cfg: Config | None = None, out: str | Path | None = None,
                         device: str = "auto", progress: bool = True, karpathy: str | Path | None = None,
                         compare_zero_shot: str | None = None, save_embeddings: str | Path | None = None,
-                        embeddings: SplitEmbeddings | None = None) -> dict:
+                        embeddings: SplitEmbeddings | None = None) -> dict | None:
     """Recall@K of a trained checkpoint under a protocol (`split`: val, val-full, karpathy-test, ...).
 
     Writes metrics_<split>.json and metrics_<split>.csv beside the checkpoint (or `out` and
@@ -357,11 +368,16 @@ def evaluate_checkpoint(checkpoint: str | Path, data_root: str | Path, split: st
     HF CLIP model), the same protocol is run on that model's own towers and stored under
     "zero_shot". With `save_embeddings` (a path), the split's embeddings are written as safetensors.
     Pass precomputed `embeddings` to skip embedding (the demo reuses them for its pictures).
+
+    Under torchrun the ranks share out the image embedding (`checkpoint_embeddings`); rank 0 alone
+    scores, runs the zero-shot comparison and writes files. The other ranks return None.
     """
     checkpoint = Path(checkpoint)
     emb = embeddings
     if emb is None:
         emb, cfg = checkpoint_embeddings(checkpoint, data_root, split, cfg, device, karpathy, progress)
+    if not distributed.is_main():
+        return None
     elif cfg is None:
         from ..config import from_dict
         from ..model import TOWER_KEYS, read_checkpoint

@@ -28,10 +28,13 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import os
 import sqlite3
+import threading
 import time
 import uuid
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -141,6 +144,103 @@ def _write_shard(index_dir: Path, emb: np.ndarray) -> str:
 
 def load_shard(index_dir: Path, name: str) -> np.ndarray:
     return np.load(Path(index_dir) / SHARDS / name, mmap_mode="r")
+
+
+COLUMN_BATCH = 900  # ids per SQLite statement when a column is read in bulk (the oldest SQLite takes 999)
+
+
+class IndexColumn(Sequence):
+    """One text column of the files table ("path" or "sha256") seen as a read-only sequence over the
+    rows of a loaded index: item r is the value of the file with id ids[r]. Nothing is held per row:
+    each access asks SQLite by primary key (O(log n)), so loading an index of 100M photos builds no
+    100M Python strings; a query looks up its k hits only (`take`, one statement).
+
+    Ids are never reused and a file keeps its id and path for life, so a lookup after a concurrent
+    `clipft index` still names the same file; a file removed since the load has no value any more
+    (`take` gives None, indexing raises SearchError)."""
+
+    def __init__(self, index_dir: Path, column: str, ids: np.ndarray):
+        if column not in ("path", "sha256"):
+            raise ValueError(f"not a text column of the index: {column!r}")
+        self._db, self._column, self._ids = Path(index_dir) / DB_NAME, column, ids
+        self._local = threading.local()  # one read-only connection per thread (sqlite3's rule)
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None or getattr(self._local, "pid", None) != os.getpid():  # never a connection across fork
+            conn = sqlite3.connect(f"file:{self._db}?mode=ro", uri=True)
+            self._local.conn, self._local.pid = conn, os.getpid()
+        return conn
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def take(self, rows) -> list[str | None]:
+        """The values of `rows` (any order, repeats allowed), None for a file removed since the load."""
+        rows = [int(r) for r in rows]
+        ids = [int(self._ids[r]) for r in rows]
+        found: dict[int, str] = {}
+        for s in range(0, len(ids), COLUMN_BATCH):
+            part = sorted(set(ids[s:s + COLUMN_BATCH]))
+            found.update(self._conn().execute(
+                f"SELECT id, {self._column} FROM files WHERE id IN ({','.join('?' * len(part))})", part))
+        return [found.get(i) for i in ids]
+
+    def __getitem__(self, row):
+        if isinstance(row, slice):
+            return [v for v in self.take(range(*row.indices(len(self))))]
+        if not -len(self) <= row < len(self):
+            raise IndexError(f"row {row} out of range for {len(self)} rows")
+        value = self.take([row % len(self)])[0]
+        if value is None:
+            raise SearchError(f"{self._db.parent}: image id {int(self._ids[row])} was removed from the index "
+                              "after it was loaded; load the index again")
+        return value
+
+    def __iter__(self) -> Iterator[str]:
+        """Every value in row (= id) order, read COLUMN_BATCH rows at a time."""
+        for s in range(0, len(self), COLUMN_BATCH):
+            yield from self[s:s + COLUMN_BATCH]
+
+    def row_of(self, value: str) -> int | None:
+        """The row holding `value` (the first, for a repeated hash), None if none does."""
+        hits = self._conn().execute(f"SELECT id FROM files WHERE {self._column} = ? ORDER BY id", (value,))
+        for (fid,) in hits:
+            r = int(np.searchsorted(self._ids, fid))
+            if r < len(self._ids) and self._ids[r] == fid:
+                return r
+        return None
+
+    def index(self, value, start: int = 0, stop: int | None = None) -> int:
+        r = self.row_of(value)
+        if r is None or r < start or (stop is not None and r >= stop):
+            raise ValueError(f"{value!r} is not in the index")
+        return r
+
+    def __contains__(self, value) -> bool:
+        return isinstance(value, str) and self.row_of(value) is not None
+
+
+def index_rows(conn: sqlite3.Connection) -> tuple[np.ndarray, list[tuple[str, np.ndarray, np.ndarray]]]:
+    """(ids [N] int64 ascending, [(shard, positions [n_s], rows [n_s]), ...]): where the embedding of
+    the file at each position lies, read from SQLite into int64 arrays (16 bytes a row while reading,
+    no Python object per row)."""
+    n = conn.execute("SELECT COUNT(*) FROM files").fetchone()[0]
+    pairs = np.fromiter(itertools.chain.from_iterable(conn.execute("SELECT id, row FROM files ORDER BY id")),
+                        dtype=np.int64, count=2 * n).reshape(n, 2)  # [N, (id, row)]
+    ids = np.ascontiguousarray(pairs[:, 0])
+    shards = [s for (s,) in conn.execute("SELECT DISTINCT shard FROM files")]
+    if len(shards) == 1:
+        return ids, [(shards[0], np.arange(n), np.ascontiguousarray(pairs[:, 1]))]
+    del pairs
+    out = []
+    for shard in shards:  # a killed run's chunks
+        m = conn.execute("SELECT COUNT(*) FROM files WHERE shard = ?", (shard,)).fetchone()[0]
+        part = np.fromiter(itertools.chain.from_iterable(conn.execute(
+            "SELECT id, row FROM files WHERE shard = ? ORDER BY id", (shard,))), dtype=np.int64,
+            count=2 * m).reshape(m, 2)
+        out.append((shard, np.searchsorted(ids, part[:, 0]), part[:, 1]))
+    return ids, out
 
 
 def _check_model(conn: sqlite3.Connection, index_dir: Path, folder: Path, model, rebuild: bool) -> None:

@@ -177,9 +177,9 @@ def calibrate_pq(searcher: PQSearcher, queries: torch.Tensor, exact: np.ndarray,
     return before, after
 
 
-def members_of(ids: np.ndarray, sha256: list[str]) -> np.ndarray:
+def members_of(ids: np.ndarray, sha256) -> np.ndarray:
     """[n, 2] int64 (id, 60 bits of the content hash): what the PQ file holds."""
-    h = np.array([int(s[:15], 16) if s else 0 for s in sha256], dtype=np.int64)
+    h = np.fromiter((int(s[:15], 16) if s else 0 for s in sha256), dtype=np.int64, count=len(sha256))  # streamed
     return np.stack([np.asarray(ids, dtype=np.int64), h], axis=1) if len(h) else np.zeros((0, 2), np.int64)
 
 

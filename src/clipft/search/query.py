@@ -11,6 +11,7 @@ import importlib.util
 import math
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 
 from .faiss_lib import _faiss
-from .index import SearchError, connect, load_shard, read_info
+from .index import IndexColumn, SearchError, connect, index_rows, load_shard, read_info
 
 ANN_FILE = "ann.faiss"
 ANN_INFO = "ann.json"  # its settings and the recall@10 measured when it was built
@@ -55,6 +56,11 @@ class Hit:
 class LoadedIndex:
     """An index in memory: ids [N] (ascending), paths, emb [N, D] L2-normalised in the stored dtype.
 
+    Loaded from disk, `paths` and `sha256` are `IndexColumn`s: sequences that look each value up in
+    the index's SQLite database by id when asked, so memory holds the embeddings and 8 bytes of id
+    per row, never a string per row (an index of 100M photos would need tens of GB for those).
+    Built in memory (tests, benchmarks) they may be plain lists.
+
     float16 (the default storage) halves the bytes one query's product reads (a CPU matrix-vector
     product is bound by memory). Scores are float32 products of the float16 rows (`_exact_scores`),
     so the only error left is the rows' own float16 rounding: within 1e-4 of exact float32 search
@@ -64,14 +70,16 @@ class LoadedIndex:
     root: Path
     info: dict[str, str]
     ids: np.ndarray
-    paths: list[str]
-    sha256: list[str]
+    paths: Sequence[str]
+    sha256: Sequence[str]
     emb: torch.Tensor
     ann: object | None = None
-    _row: dict[int, int] = field(default_factory=dict, repr=False)
+    _order: np.ndarray | None = field(default=None, repr=False)  # argsort of ids when they are not ascending
 
     def __post_init__(self) -> None:
-        self._row = {int(i): r for r, i in enumerate(self.ids)}
+        self.ids = np.asarray(self.ids, dtype=np.int64)
+        if len(self.ids) > 1 and not bool(np.all(self.ids[1:] > self.ids[:-1])):
+            self._order = np.argsort(self.ids, kind="stable")
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -81,14 +89,28 @@ class LoadedIndex:
         return self.info.get("model", "?")
 
     def row_of(self, image_id: int) -> int:
-        """Row of an indexed id; KeyError for an id that is not in the index."""
-        return self._row[image_id]
+        """Row of an indexed id (a binary search of ids); KeyError for an id that is not in the index."""
+        if not isinstance(image_id, (int, np.integer)) or not -2**63 <= int(image_id) < 2**63:
+            raise KeyError(image_id)
+        keys = self.ids if self._order is None else self.ids[self._order]
+        r = int(np.searchsorted(keys, image_id))
+        if r >= len(keys) or keys[r] != image_id:
+            raise KeyError(image_id)
+        return r if self._order is None else int(self._order[r])
 
     def row_of_path(self, path: str) -> int | None:
+        if isinstance(self.paths, IndexColumn):
+            return self.paths.row_of(path)  # one indexed SQLite lookup
         try:
             return self.paths.index(path)
         except ValueError:
             return None
+
+    def paths_of(self, rows) -> list[str | None]:
+        """The paths of `rows` in one lookup; None for a file removed from the index since the load."""
+        if isinstance(self.paths, IndexColumn):
+            return self.paths.take(rows)
+        return [self.paths[int(r)] for r in rows]
 
 
 def load_index(index_dir: str | Path, use_ann: bool | None = None, mmap: bool = False) -> LoadedIndex:
@@ -99,25 +121,26 @@ def load_index(index_dir: str | Path, use_ann: bool | None = None, mmap: bool = 
     conn = connect(index_dir, readonly=True)
     try:
         info = read_info(conn)
-        rows = conn.execute("SELECT id, path, sha256, shard, row FROM files ORDER BY id").fetchall()
+        ids, where = index_rows(conn)  # ids [N]; per shard (name, positions, rows): int64 arrays only
     finally:
         conn.close()
     dim = int(info.get("embed_dim", 0))
-    if rows:
-        shards = {s: load_shard(index_dir, s) for s in {r[3] for r in rows}}
-        if len(shards) == 1 and [r[4] for r in rows] == list(range(len(rows))):
-            only = next(iter(shards.values()))
-            # compacted: one shard in id order; a copy, or under the PQ index (built for collections
-            # beyond RAM) a copy-on-write memory map that re-ranking reads a few rows of per query
-            emb = (np.load(only.filename, mmap_mode="c") if mmap or (ann_info(index_dir).get("kind") == "pq"
-                   and use_ann is not False) else np.array(only))
-        else:  # a killed run's chunks: still a complete, searchable index
-            emb = np.stack([shards[s][r] for _, _, _, s, r in rows])
+    if len(ids) and len(where) == 1 and np.array_equal(where[0][2], np.arange(len(ids))):
+        only = load_shard(index_dir, where[0][0])
+        # compacted: one shard in id order; a copy, or under the PQ index (built for collections
+        # beyond RAM) a copy-on-write memory map that re-ranking reads a few rows of per query
+        emb = (np.load(only.filename, mmap_mode="c") if mmap or (ann_info(index_dir).get("kind") == "pq"
+               and use_ann is not False) else np.array(only))
+    elif len(ids):  # a killed run's chunks: still a complete, searchable index
+        first = load_shard(index_dir, where[0][0])
+        emb = np.empty((len(ids), first.shape[1]), dtype=first.dtype)  # [N, D]
+        for shard, positions, rows in where:
+            emb[positions] = load_shard(index_dir, shard)[rows]
     else:
         emb = np.zeros((0, dim), dtype=info.get("dtype", "float32"))
-    idx = LoadedIndex(index_dir=index_dir.resolve(), root=Path(info.get("root", ".")), info=info,
-                      ids=np.array([r[0] for r in rows], dtype=np.int64), paths=[r[1] for r in rows],
-                      sha256=[r[2] for r in rows],
+    del where
+    idx = LoadedIndex(index_dir=index_dir.resolve(), root=Path(info.get("root", ".")), info=info, ids=ids,
+                      paths=IndexColumn(index_dir, "path", ids), sha256=IndexColumn(index_dir, "sha256", ids),
                       emb=torch.from_numpy(emb if isinstance(emb, np.memmap) else np.ascontiguousarray(emb)))
     if use_ann is not False:
         idx.ann = load_ann(idx, required=bool(use_ann))
@@ -182,8 +205,9 @@ def top_k(idx: LoadedIndex, query: torch.Tensor, k: int, exclude: int | None = N
         # topk's internal order
         keep = scores >= kth
         ranked = _ranked(scores[keep].numpy(), rows[keep].numpy())[:want]
-    hits = [Hit(int(idx.ids[r]), idx.paths[r], s) for s, r in ranked if r >= 0 and r != exclude]
-    return hits[:k]
+    ranked = [(s, r) for s, r in ranked if r >= 0 and r != exclude][:k]
+    paths = idx.paths_of([r for _, r in ranked])  # the k hits' paths only, in one lookup
+    return [Hit(int(idx.ids[r]), p, s) for (s, r), p in zip(ranked, paths) if p is not None]
 
 
 def search_text(idx: LoadedIndex, model, text: str, k: int) -> list[Hit]:
@@ -274,7 +298,7 @@ def _ann_search(ann, query: torch.Tensor, k: int) -> tuple[list[float], list[int
 def ann_state(idx: LoadedIndex) -> str:
     """What the ANN file must match: the rows it was built from (ids and contents)."""
     h = hashlib.sha256(idx.info.get("fingerprint", "").encode() + idx.ids.tobytes())
-    for s in idx.sha256:
+    for s in idx.sha256:  # streamed from the database in id order (IndexColumn): no list of all hashes
         h.update(s.encode())
     return h.hexdigest()[:16]
 
@@ -537,7 +561,7 @@ def results_answer(idx: LoadedIndex, hits: list[Hit], t0: float) -> dict:
 def duplicates_answer(idx: LoadedIndex, threshold: float, groups: list[list[int]] | None = None) -> dict:
     """{"groups": [[{"id", "path"}, ...], ...], "model", "threshold"} (groups: rows, computed if None)."""
     groups = duplicate_groups(idx, threshold) if groups is None else groups
-    return {"groups": [[{"id": int(idx.ids[r]), "path": idx.paths[r]} for r in g] for g in groups],
+    return {"groups": [[{"id": int(idx.ids[r]), "path": p} for r, p in zip(g, idx.paths_of(g))] for g in groups],
             "model": idx.model, "threshold": threshold}
 
 
