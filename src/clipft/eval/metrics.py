@@ -218,11 +218,10 @@ def retrieval_ranks(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_ima
                 c1 = min(m, c0 + col_chunk)
                 s = s_buf[:(r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0)
                 torch.mm(img32[r0:r1], txt32[c0:c1].T, out=s)  # [r, c] float32, every thread
-                # The counting after the product is a dozen memory-bound passes over one cached tile.
-                # On a CPU whose cores are busy with other work, every parallel pass waits for a
-                # parked thread (measured: 12 ms instead of 0.2 ms for one compare of a 512 x 4096
-                # tile), so every RETIME_TILES tiles one pass is timed with all threads and with one,
-                # and the counting runs on the faster; the product always uses every thread.
+                # Counting = a dozen memory-bound passes over the cached tile. On busy cores every
+                # parallel pass waits for a parked thread (12 ms instead of 0.2 ms for one compare of a
+                # 512 x 4096 tile), so every RETIME_TILES tiles one pass is timed with all threads and
+                # with one; the counting runs on the faster, the product always on every thread.
                 if adaptive and tiles % RETIME_TILES == 0:  # the machine's load changes: decide again
                     serial = _one_thread_is_faster(s, c_buf, best_in[r0:r1, None], threads)
                 tiles += 1
