@@ -18,7 +18,7 @@ from clipft.cli import ablate
 from clipft.train import loop as train_mod
 from clipft.cli.ablate import ABLATION_NOTES, ABLATIONS, AblationError
 from clipft.cli.commands import main
-from clipft.config import Config, ConfigError, update_from_dict
+from clipft.config import Config, ConfigError, save_config, update_from_dict
 from clipft.data import build_transform
 from clipft.model import AttentionPool2d, build_image_tower
 from clipft.train.rundir import read_records
@@ -210,6 +210,28 @@ def test_plan_validates_values_before_anything_runs(tmp_path):
         ("baseline", 0, 0), ("baseline", 3, 3), ("dropout", 0, 0), ("dropout", 3, 3)]
     assert runs[3].dir == tmp_path / "runs" / "dropout" / "seed_3" and runs[3].cfg.model.head_dropout == 0.2
     assert runs[0].cfg.model.head_dropout == 0.0
+
+
+def test_a_study_with_a_weights_file_is_resumed_not_refused(tmp_path):
+    """The trainer records the weights file's sha256 in the run's config.json; planning the same study
+    again must record it too, or every rerun (a resume, the next --seeds pass) is refused as
+    'another config'. A file that changed since is still refused."""
+    weights = tmp_path / "w.pth"
+    torch.save({"conv1.weight": torch.zeros(2)}, weights)
+    base = update_from_dict(Config(), copy.deepcopy(TINY))
+    base.model.image_weights = str(weights)
+    (run,) = ablate.plan_study(base, {"baseline": {}}, [0], tmp_path / "study")
+    trained = copy.deepcopy(run.cfg)
+    from clipft.model import fill_weights_sha256
+    fill_weights_sha256(trained.model)  # what the trainer writes into config.json
+    run.dir.mkdir(parents=True)
+    save_config(trained, run.dir / "config.json")
+    (again,) = ablate.plan_study(base, {"baseline": {}}, [0], tmp_path / "study")
+    assert ablate.run_status(again) == "partial"
+    torch.save({"conv1.weight": torch.ones(2)}, weights)  # another file at the same path
+    (changed,) = ablate.plan_study(base, {"baseline": {}}, [0], tmp_path / "study")
+    with pytest.raises(AblationError, match="image_weights_sha256"):
+        ablate.run_status(changed)
 
 
 def test_list_and_cli_errors(capsys, tmp_path):

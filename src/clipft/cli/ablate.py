@@ -34,6 +34,7 @@ import yaml
 from ..train import loop as trainer
 from ..config import (PRESETS, Config, ConfigError, from_dict, load_config, preset_config, save_config, validate,
                      to_dict, update_from_dict)
+from ..model import fill_weights_sha256
 from ..train.resume import config_differences
 from ..train.rundir import RunFiles, read_records
 
@@ -204,6 +205,9 @@ def plan_study(base: Config, configs: dict[str, dict], seeds: Sequence[int], out
         except ConfigError as e:
             raise AblationError(str(e)) from None
         validate_config(cfg0, f"configuration {name}")
+        # The trainer records a weights file's sha256 in the run's config.json; record it here too, so a
+        # rerun of the study compares like with like (and a file changed since is "another config").
+        fill_weights_sha256(cfg0.model)
         for seed in seeds:
             cfg = from_dict(to_dict(cfg0))
             cfg.train.seed = int(seed)
