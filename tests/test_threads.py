@@ -35,7 +35,8 @@ def test_busy_elsewhere_sees_competitors_started_just_before():
     # Two CPU-bound processes that are not our children (double fork: their parent is gone), started
     # 0.5 s before the sample: the 1-minute load average would not show them yet.
     code = "import time; t = time.time() + 20\nwhile time.time() < t: pass"
-    spawn = f"{sys.executable} -c '{code}' & echo $!; {sys.executable} -c '{code}' & echo $!"
+    one = f"{sys.executable} -c '{code}' </dev/null >/dev/null 2>&1 & echo $!"  # no pipe held open: run returns
+    spawn = f"{one}; {one}"
     pids = [int(p) for p in subprocess.run(["sh", "-c", spawn], capture_output=True, text=True).stdout.split()]
     try:
         time.sleep(0.5)
