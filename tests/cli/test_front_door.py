@@ -307,6 +307,7 @@ MISTAKES = [
     (["zeroshot", "--checkpoint", "ck.pt", "--image", "p.png"], "give the class names with --labels"),
     (["zeroshot", "--checkpoint", "ck.pt", "--data", "d"], "with --labels-from"),
     (["ablate", "--data", "d"], "ablate: --out DIR is required"),
+    (["ablate", "--out", "study", "--configs", "bogus"], "unknown configuration(s) 'bogus'"),
     (["train", "--data", "d", "--out", "./d/"], "./d/: the dataset folder (--data)"),
     (["train", "--data", "ck.pt", "--out", "r"], "ck.pt: a model file, not a dataset"),
     (["evaluate", "--checkpoint", "p.png", "--data", "d"], "p.png cannot be read: not a readable checkpoint"),

@@ -76,10 +76,13 @@ def _download_kaggle(args: argparse.Namespace) -> int:
 def cmd_ablate(args: argparse.Namespace) -> int:
     if not args.out and not args.list:  # before the import (torch): an argument mistake answers at once
         raise ConfigError("ablate: --out DIR is required (unless --list)")
-    from .ablate import format_list, load_ablations_file, run_study
+    from .ablations import format_list, load_ablations_file, select_configs  # no torch: mistakes answer at once
+    user = load_ablations_file(args.configs_file) if args.configs_file else None
     if args.list:
-        print(format_list(load_ablations_file(args.configs_file) if args.configs_file else None))
+        print(format_list(user))
         return 0
+    select_configs(args.configs, user, args.quick)  # an unknown name, before the study's imports
+    from .ablate import run_study
     study = run_study(args.out, data_root=args.data, names=args.configs, seeds=args.seeds,
                       base_config=args.base_config, overrides=list(args.overrides) + list(args.extra_overrides),
                       configs_file=args.configs_file, quick=args.quick, progress=not args.quiet)
