@@ -18,7 +18,7 @@ from clipft.cli import ablate
 from clipft.train import loop as train_mod
 from clipft.cli.ablate import ABLATION_NOTES, ABLATIONS, AblationError
 from clipft.cli.commands import main
-from clipft.config import Config, ConfigError, save_config, update_from_dict
+from clipft.config import Config, save_config, update_from_dict
 from clipft.data import build_transform
 from clipft.model import AttentionPool2d, build_image_tower
 from clipft.train.rundir import read_records
@@ -173,29 +173,7 @@ def test_every_preset_builds_trains_and_changes_what_it_claims(name):
         pytest.fail(f"no claim check for preset {name!r}")
 
 
-# --------------------------------------------------------------------------- selection and files
-
-def test_select_configs_puts_baseline_first_and_rejects_unknown():
-    assert list(ablate.select_configs(["dropout"])) == ["baseline", "dropout"]
-    assert list(ablate.select_configs(None, quick=True)) == list(ablate.QUICK_CONFIGS)
-    assert list(ablate.select_configs(None)) == list(ABLATIONS)
-    with pytest.raises(AblationError, match="'nope'"):
-        ablate.select_configs(["nope"])
-
-
-def test_user_configs_file(tmp_path):
-    f = tmp_path / "mine.yaml"
-    f.write_text("wide:\n  model: {head_hidden: 64}\nwide_bn:\n  model: {head_hidden: 64, head_norm: batchnorm}\n")
-    user = ablate.load_ablations_file(f)
-    assert user["wide_bn"] == {"model": {"head_hidden": 64, "head_norm": "batchnorm"}}
-    assert list(ablate.select_configs(["wide_bn"], user)) == ["baseline", "wide_bn"]
-    for text, match in [("x:\n  model: {nope: 1}\n", "unknown config key"), ("[1, 2]\n", "mapping"),
-                        ("batchnorm:\n  model: {head_hidden: 8}\n", "built-in"), ("a: {b: [\n", "YAML")]:
-        f.write_text(text)
-        with pytest.raises(ConfigError, match=match) as e:  # AblationError is a ConfigError
-            ablate.load_ablations_file(f)
-        assert str(f) in str(e.value)
-
+# --------------------------------------------------------------------------- planning
 
 def test_plan_validates_values_before_anything_runs(tmp_path):
     base = update_from_dict(Config(), copy.deepcopy(TINY))

@@ -114,20 +114,23 @@ def test_two_process_embed_equals_the_single_process_file(photos, tmp_path):
     assert not (tmp_path / "two.safetensors.parts").exists()
 
 
-def test_killed_two_process_index_resumes_without_re_embedding_finished_chunks(photos, tmp_path):
-    index_dir = tmp_path / "idx"
-    procs = _start("index", photos, index_dir, delay=0.4)  # 2 images per chunk: ~0.8 s a chunk
-    parts = index_dir / PARTS
-    deadline, done = time.monotonic() + 120, []
-    while time.monotonic() < deadline and all(p.poll() is None for p in procs):
-        done = [line for f in parts.glob("rank*.jsonl") for line in f.read_text().splitlines()] if parts.is_dir() else []
-        if {f.name for f in parts.glob("rank*.jsonl") if f.read_text().strip()} == {"rank0.jsonl", "rank1.jsonl"}:
-            break
+def _kill_when(procs, finished_a_chunk, timeout: float = 120) -> None:
+    """SIGKILL both ranks as soon as `finished_a_chunk()` holds (or one exits, or `timeout` s pass)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and all(p.poll() is None for p in procs) and not finished_a_chunk():
         time.sleep(0.05)
     for p in procs:
         p.send_signal(signal.SIGKILL)
     for p in procs:
         p.wait()
+
+
+def test_killed_two_process_index_resumes_without_re_embedding_finished_chunks(photos, tmp_path):
+    index_dir = tmp_path / "idx"
+    procs = _start("index", photos, index_dir, delay=0.4)  # 2 images per chunk: ~0.8 s a chunk
+    parts = index_dir / PARTS
+    _kill_when(procs, lambda: {f.name for f in parts.glob("rank*.jsonl") if f.read_text().strip()}
+               == {"rank0.jsonl", "rank1.jsonl"})
     finished: set[str] = set()
     for f in parts.glob("rank*.jsonl"):
         for line in f.read_text().splitlines():
@@ -150,16 +153,7 @@ def test_killed_two_process_embed_resumes_from_its_part_files(photos, tmp_path):
     out = tmp_path / "emb.safetensors"
     procs = _start("embed", photos, out, delay=0.4)
     parts = out.with_name(out.name + ".parts")
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and all(p.poll() is None for p in procs):
-        names = {f.name.split("-")[0] for f in parts.glob("*/rank*.safetensors")}
-        if names == {"rank0", "rank1"}:
-            break
-        time.sleep(0.05)
-    for p in procs:
-        p.send_signal(signal.SIGKILL)
-    for p in procs:
-        p.wait()
+    _kill_when(procs, lambda: {f.name.split("-")[0] for f in parts.glob("*/rank*.safetensors")} == {"rank0", "rank1"})
     done = len(list(parts.glob("*/rank*.safetensors")))  # chunks of 2 images
     assert 2 <= done < 6 and not out.exists()
     ranks = _finish(_start("embed", photos, out))
