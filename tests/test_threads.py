@@ -68,16 +68,15 @@ def test_our_own_children_are_not_competitors(monkeypatch):
 def test_replan_follows_the_machine_only_when_clipft_chose(monkeypatch):
     before = torch.get_num_threads()
     monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", str(before)))  # restored after
-    monkeypatch.setattr(threads, "_chosen", threads._chosen)
     monkeypatch.setattr(threads, "available_cpus", lambda: 2)
     try:
-        monkeypatch.setattr(threads, "_planned", True)
+        monkeypatch.setattr(threads, "_chosen", str(before))  # a count clipft planned
         monkeypatch.setattr(threads, "busy_elsewhere", lambda: 2.0)
         assert threads.replan() == 1 and torch.get_num_threads() == 1
         assert threads.replan() is None  # unchanged: nothing to do
         monkeypatch.setattr(threads, "busy_elsewhere", lambda: 0.0)
         assert threads.replan() == 2 and torch.get_num_threads() == 2
-        monkeypatch.setattr(threads, "_planned", False)  # CLIPFT_THREADS / OMP_NUM_THREADS: the user's count stays
+        monkeypatch.setattr(threads, "_chosen", None)  # CLIPFT_THREADS / OMP_NUM_THREADS: the user's count stays
         monkeypatch.setattr(threads, "busy_elsewhere", lambda: 2.0)
         assert threads.replan() is None and torch.get_num_threads() == 2
     finally:

@@ -84,13 +84,9 @@ def plan_cpu_threads(cpus: int, busy: float | None) -> tuple[int, str]:
                      "no thread waits at a barrier for one the scheduler has parked")
 
 
-_planned = False  # True once configure_cpu_threads chose the count itself (replan may change it)
-_chosen: str | None = None  # the OMP_NUM_THREADS value clipft set (a later command re-plans over it)
-
-
-def _remember(value: str) -> None:
-    global _chosen
-    _chosen = value
+# The OMP_NUM_THREADS value clipft planned itself in this process; None while the count is the user's
+# (CLIPFT_THREADS / OMP_NUM_THREADS) or not planned yet. Only a planned count is re-planned (`replan`).
+_chosen: str | None = None
 
 
 def configure_cpu_threads(environ: dict | None = None) -> tuple[int, str]:
@@ -98,26 +94,26 @@ def configure_cpu_threads(environ: dict | None = None) -> tuple[int, str]:
     OMP_WAIT_POLICY=PASSIVE (unless set) for the torch this process imports next; if torch is
     already imported, its intra-op pool is resized too. DataLoader workers inherit the variables
     and PyTorch gives each of them one thread. Returns (threads, why)."""
-    global _planned
+    global _chosen
     env = os.environ if environ is None else environ
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     omp = env.get("OMP_NUM_THREADS", "").strip()
     users_omp = omp and not (environ is None and omp == _chosen)  # not the value an earlier plan here set
-    _planned = False
+    planned = False
     if env.get(THREADS_ENV, "").strip():
         threads, why = max(1, int(env[THREADS_ENV])), f"{THREADS_ENV}={env[THREADS_ENV]}"
     elif users_omp and omp.isdigit():
         threads, why = max(1, int(omp)), f"OMP_NUM_THREADS={omp}"
     else:
         threads, why = plan_cpu_threads(available_cpus(), busy_elsewhere())
-        _planned = environ is None
+        planned = True
     env["OMP_NUM_THREADS"] = str(threads)
     env.setdefault("MKL_NUM_THREADS", str(threads))
-    if _planned:
-        _remember(str(threads))
-    torch = sys.modules.get("torch")
-    if torch is not None and environ is None:
-        torch.set_num_threads(threads)
+    if environ is None:  # this process's own settings (a dict given by a caller changes nothing here)
+        _chosen = str(threads) if planned else None
+        torch = sys.modules.get("torch")
+        if torch is not None:
+            torch.set_num_threads(threads)
     log.debug("CPU threads: %d (%s)", threads, why)
     return threads, why
 
@@ -126,14 +122,14 @@ def replan() -> int | None:
     """Between epochs: the thread count again, for the work running now. Only when clipft chose the
     count (not CLIPFT_THREADS / OMP_NUM_THREADS) and torch is loaded; returns the new count when it
     changed, else None. Costs about 0.1 s."""
+    global _chosen
     torch = sys.modules.get("torch")
-    if not _planned or torch is None:
+    if _chosen is None or torch is None:
         return None
     threads, why = plan_cpu_threads(available_cpus(), busy_elsewhere())
     if threads == torch.get_num_threads():
         return None
     torch.set_num_threads(threads)
-    os.environ["OMP_NUM_THREADS"] = str(threads)  # DataLoader workers started from now on
-    _remember(str(threads))
+    os.environ["OMP_NUM_THREADS"] = _chosen = str(threads)  # and DataLoader workers started from now on
     log.info("CPU threads: %d (%s)", threads, why)
     return threads
